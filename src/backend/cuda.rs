@@ -1,0 +1,1 @@
+//! The CUDA backend (bf16 storage, f32 accumulation).

@@ -1,0 +1,447 @@
+//! The narrow op set the model code calls.
+//!
+//! The Qwen2 layer schedule (`crate::model::qwen2`) is written once over this trait. Two
+//! implementations exist:
+//! - [`cpu::Cpu`]: the readable f32 oracle (plain loops), used for tests, tiny models and demos;
+//! - `cuda::Cuda`: bf16 storage, f32 accumulation, cuBLAS GEMMs and the kernels in `kernels/`.
+//!
+//! Conventions shared by every op:
+//! - All matrices are row-major. A linear weight is `[out, in]` (HF layout).
+//! - Tokens of several sequences are *packed*: `n_tok` rows, sequence `b` owning rows
+//!   `cu_seqlens[b]..cu_seqlens[b+1]`. Attention never crosses a sequence boundary.
+//! - Buffers may be longer than an op needs (allocators round up); an op only touches the
+//!   leading elements its shape arguments describe.
+//! - Parameter gradients (`Self::F`) are always *accumulated* (`+=`) so that micro-batches add
+//!   up; activation gradients are overwritten unless the op says `accumulate`.
+//! - Ops return `Result` so that launch failures surface as values, never panics.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::Result;
+
+/// Storage dtype of a tensor read from or written to a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+/// Hyper-parameters of one AdamW update (already including the schedule's lr for this step).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    /// Multiplier applied to the gradient before the update (grad-norm clipping), 1.0 = none.
+    pub grad_scale: f32,
+}
+
+/// How per-token GRPO losses are reduced to one scalar (verl's `loss_agg_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossAgg {
+    /// sum over all masked tokens / their count (verl default, Tool-N1).
+    TokenMean,
+    /// mean over sequences of the per-sequence masked token sum.
+    SeqMeanTokenSum,
+    /// mean over sequences of the per-sequence masked token mean.
+    SeqMeanTokenMean,
+    /// Dr.GRPO: sum over sequences of token sums / (n_seq * norm_len).
+    SeqMeanTokenSumNorm,
+}
+
+/// KL estimator between policy and reference (facts §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KlKind {
+    /// k1: logp - ref
+    K1,
+    /// abs(logp - ref)
+    Abs,
+    /// k2: 0.5 * (logp - ref)^2
+    K2,
+    /// k3, verl's "low_var_kl": exp(ref - logp) - (ref - logp) - 1, clamped.
+    K3,
+}
+
+/// Scalar settings of the GRPO loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GrpoLossCfg {
+    pub clip_low: f32,
+    pub clip_high: f32,
+    pub kl_coef: f32,
+    pub kl_kind: KlKind,
+    pub agg: LossAgg,
+    /// Only for `SeqMeanTokenSumNorm`: the constant length the token sums are divided by.
+    pub norm_len: f32,
+    /// Divide the final loss (and gradient) by this, e.g. number of micro-batches whose
+    /// gradients are accumulated; 1.0 for none.
+    pub loss_scale_div: f32,
+}
+
+/// Scalars returned by the GRPO loss (all already reduced with the masked token count).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GrpoLossOut {
+    /// pg_loss + kl_coef * kl (aggregated), divided by `loss_scale_div`.
+    pub loss: f32,
+    pub pg_loss: f32,
+    /// Mean KL over masked tokens.
+    pub kl: f32,
+    /// Fraction of masked tokens where the clipped branch was taken.
+    pub clip_frac: f32,
+    /// Mean (ratio) over masked tokens.
+    pub ratio_mean: f32,
+    /// Number of masked tokens.
+    pub n_tokens: f32,
+}
+
+/// The op set. `T` holds weights and activations (f32 on the CPU, bf16 on CUDA); `F` is always
+/// f32 (parameter gradients, optimizer moments, logprobs, normalisation statistics); `I` holds
+/// u32 indices (token ids, positions, sequence offsets).
+pub trait Backend {
+    type T;
+    type F;
+    type I;
+
+    fn name(&self) -> String;
+
+    // ---------------------------------------------------------------- memory
+    /// A buffer of `n` zeros.
+    fn zeros(&self, n: usize) -> Result<Self::T>;
+    fn zeros_f32(&self, n: usize) -> Result<Self::F>;
+    fn upload(&self, data: &[f32]) -> Result<Self::T>;
+    fn upload_f32(&self, data: &[f32]) -> Result<Self::F>;
+    fn upload_u32(&self, data: &[u32]) -> Result<Self::I>;
+    /// A tensor from checkpoint bytes (`n` elements of `dtype`, little endian).
+    fn upload_raw(&self, dtype: DType, bytes: &[u8], n: usize) -> Result<Self::T>;
+    /// The first `n` elements as f32 on the host.
+    fn download(&self, t: &Self::T, n: usize) -> Result<Vec<f32>>;
+    fn download_f32(&self, t: &Self::F, n: usize) -> Result<Vec<f32>>;
+    fn download_u32(&self, t: &Self::I, n: usize) -> Result<Vec<u32>>;
+    /// dst[..n] = src[..n]
+    fn copy(&self, src: &Self::T, dst: &mut Self::T, n: usize) -> Result<()>;
+    /// dst[..n] = src[..n] (f32 buffers)
+    fn copy_f32(&self, src: &Self::F, dst: &mut Self::F, n: usize) -> Result<()>;
+    fn fill_f32(&self, t: &mut Self::F, n: usize, value: f32) -> Result<()>;
+    /// Wait for all queued work (no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+
+    // ---------------------------------------------------------------- elementwise
+    /// a[..n] += b[..n]
+    fn add_inplace(&self, a: &mut Self::T, b: &Self::T, n: usize) -> Result<()>;
+    /// sum of squares of t[..n], in f64 on the host (for the global grad norm).
+    fn sum_squares_f32(&self, t: &Self::F, n: usize) -> Result<f64>;
+
+    // ---------------------------------------------------------------- GEMM
+    /// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        x: &Self::T,
+        w: &Self::T,
+        bias: Option<&Self::T>,
+        y: &mut Self::T,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::linear`]:
+    /// dx[m,k] (=, or += when `accumulate_dx`) dy[m,n] · w[n,k];
+    /// dw[n,k] += dy[m,n]ᵀ · x[m,k]; dbias[n] += Σ_m dy[m,n].
+    /// `dx = None` skips the input gradient, `dw = None` the weight gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        dy: &Self::T,
+        x: &Self::T,
+        w: &Self::T,
+        dx: Option<&mut Self::T>,
+        accumulate_dx: bool,
+        dw: Option<&mut Self::F>,
+        dbias: Option<&mut Self::F>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- embedding
+    /// out[t,:] = table[ids[t],:] for t < n_tok; table is [vocab, dim].
+    fn embedding(
+        &self,
+        ids: &Self::I,
+        table: &Self::T,
+        out: &mut Self::T,
+        n_tok: usize,
+        dim: usize,
+    ) -> Result<()>;
+    /// dtable[ids[t],:] += dout[t,:]
+    fn embedding_bwd(
+        &self,
+        ids: &Self::I,
+        dout: &Self::T,
+        dtable: &mut Self::F,
+        n_tok: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- RMSNorm
+    /// out[r,:] = x[r,:] * rstd[r] * w, rstd[r] = 1/sqrt(mean(x[r,:]²) + eps). `rstd` is saved
+    /// for the backward (f32, one per row).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm(
+        &self,
+        x: &Self::T,
+        w: &Self::T,
+        out: &mut Self::T,
+        rstd: &mut Self::F,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dx[r,:] += ∂L/∂x (accumulates: it is added to the residual stream's gradient);
+    /// dw += Σ_r dout[r,:] * x[r,:] * rstd[r].
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dout: &Self::T,
+        x: &Self::T,
+        w: &Self::T,
+        rstd: &Self::F,
+        dx: &mut Self::T,
+        dw: Option<&mut Self::F>,
+        rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- RoPE
+    /// In-place rotary embedding, half-split layout (HF `rotate_half`), on x viewed as
+    /// [n_tok, n_heads, head_dim], token t at position pos[t]:
+    /// inv_freq_i = theta^(-2i/head_dim), angle = pos * inv_freq_i, for i < head_dim/2:
+    /// (x_i, x_{i+h/2}) <- (x_i cos - x_{i+h/2} sin, x_{i+h/2} cos + x_i sin).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::T,
+        pos: &Self::I,
+        n_tok: usize,
+        n_heads: usize,
+        head_dim: usize,
+        theta: f32,
+    ) -> Result<()>;
+    /// Backward of [`Backend::rope`], in place on the gradient (the inverse rotation).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_bwd(
+        &self,
+        dx: &mut Self::T,
+        pos: &Self::I,
+        n_tok: usize,
+        n_heads: usize,
+        head_dim: usize,
+        theta: f32,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- attention
+    /// Causal GQA attention over packed sequences.
+    /// q: [n_tok, n_heads, head_dim]; k, v: [n_tok, n_kv, head_dim]; out like q;
+    /// lse: [n_heads, n_tok] f32 logsumexp of the scaled scores (saved for the backward).
+    /// `cu_seqlens` (device) and `cu_host` (host copy) hold n_seq+1 offsets; `max_len` is the
+    /// longest sequence. Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &mut Self::T,
+        lse: &mut Self::F,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::attention`]: writes (overwrites) dq, dk, dv.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dout: &Self::T,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &Self::T,
+        lse: &Self::F,
+        dq: &mut Self::T,
+        dk: &mut Self::T,
+        dv: &mut Self::T,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// Write new keys/values into the KV cache: row t of k/v ([n_tok, n_kv*head_dim]) goes to
+    /// cache row dst[t] of k_cache/v_cache ([slots*max_len, n_kv*head_dim]),
+    /// dst[t] = slot * max_len + position.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store(
+        &self,
+        k: &Self::T,
+        v: &Self::T,
+        dst: &Self::I,
+        k_cache: &mut Self::T,
+        v_cache: &mut Self::T,
+        n_tok: usize,
+        kv_dim: usize,
+    ) -> Result<()>;
+    /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
+    /// positions of slot b (the new token's k/v already stored). q/out: [n_seq, n_heads*head_dim];
+    /// caches: [n_seq*max_len, n_kv*head_dim].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        q: &Self::T,
+        k_cache: &Self::T,
+        v_cache: &Self::T,
+        lens: &Self::I,
+        out: &mut Self::T,
+        n_seq: usize,
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- MLP
+    /// out = silu(gate) * up, n elements.
+    fn swiglu(&self, gate: &Self::T, up: &Self::T, out: &mut Self::T, n: usize) -> Result<()>;
+    /// dgate, dup (overwritten) from dout.
+    fn swiglu_bwd(
+        &self,
+        dout: &Self::T,
+        gate: &Self::T,
+        up: &Self::T,
+        dgate: &mut Self::T,
+        dup: &mut Self::T,
+        n: usize,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- vocabulary
+    /// Fused lm_head + log-softmax + gather, never materialising [n_tok, vocab]:
+    /// logits[t,v] = h[t,:]·w[v,:]; lse[t] = logsumexp_v logits[t,v];
+    /// logp[t] = logits[t, targets[t]] - lse[t]. Optionally the entropy of the softmax per token.
+    #[allow(clippy::too_many_arguments)]
+    fn logprobs(
+        &self,
+        h: &Self::T,
+        w: &Self::T,
+        targets: &Self::I,
+        logp: &mut Self::F,
+        lse: &mut Self::F,
+        entropy: Option<&mut Self::F>,
+        n_tok: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::logprobs`] for an upstream gradient dlogp[t]:
+    /// dlogits[t,v] = dlogp[t] * (1[v = target] - softmax[t,v]);
+    /// dh (overwritten) = dlogits · w; dw += dlogitsᵀ · h (skipped when None).
+    #[allow(clippy::too_many_arguments)]
+    fn logprobs_bwd(
+        &self,
+        dlogp: &Self::F,
+        h: &Self::T,
+        w: &Self::T,
+        targets: &Self::I,
+        lse: &Self::F,
+        dh: &mut Self::T,
+        dw: Option<&mut Self::F>,
+        n_tok: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:].
+    #[allow(clippy::too_many_arguments)]
+    fn logits(
+        &self,
+        h: &Self::T,
+        w: &Self::T,
+        out: &mut Self::F,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Sample one token per row of f32 logits [rows, vocab]: greedy when temperature == 0,
+    /// else softmax(logits / temperature) restricted to the smallest top-p nucleus (top_k = 0
+    /// means no top-k cut). Row r uses the counter-based random stream (seed, offset + r), so a
+    /// run is reproducible whatever the batch split.
+    #[allow(clippy::too_many_arguments)]
+    fn sample(
+        &self,
+        logits: &Self::F,
+        out: &mut Self::I,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: usize,
+        seed: u64,
+        offset: u64,
+    ) -> Result<()>;
+
+    // ---------------------------------------------------------------- RL loss and optimiser
+    /// GRPO clipped surrogate + KL per token and its reduction (facts §3).
+    /// Per token t with mask[t] != 0: r = exp(clamp(logp - old, -20, 20));
+    /// pg = max(-A r, -A clip(r, 1-clip_low, 1+clip_high)); kl per `cfg.kl_kind`;
+    /// token loss = pg + kl_coef * kl, aggregated per `cfg.agg` using `seq_id[t]` (0-based
+    /// sequence index, n_seq sequences). Writes dlogp[t] = ∂loss/∂logp[t] (0 where masked out).
+    #[allow(clippy::too_many_arguments)]
+    fn grpo_loss(
+        &self,
+        logp: &Self::F,
+        old_logp: &Self::F,
+        ref_logp: &Self::F,
+        adv: &Self::F,
+        mask: &Self::F,
+        seq_id: &Self::I,
+        dlogp: &mut Self::F,
+        n_tok: usize,
+        n_seq: usize,
+        cfg: &GrpoLossCfg,
+    ) -> Result<GrpoLossOut>;
+    /// One AdamW step on n elements (decoupled weight decay, bias-corrected moments):
+    /// g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
+    /// p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p).
+    /// `master` is an f32 copy of the parameter used where `T` is narrower than f32 (the update
+    /// is applied to the master and rounded into `param`); None where `T` is f32.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        param: &mut Self::T,
+        master: Option<&mut Self::F>,
+        grad: &Self::F,
+        m: &mut Self::F,
+        v: &mut Self::F,
+        n: usize,
+        hp: &AdamWStep,
+    ) -> Result<()>;
+    /// Whether `adamw` needs an f32 master copy (true where `T` is narrower than f32).
+    fn needs_master(&self) -> bool;
+}

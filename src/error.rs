@@ -1,0 +1,68 @@
+//! Errors as values. Every message names the file, field, tensor or line at fault and what was
+//! expected, so that a user can act on it without reading the source.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bad or missing configuration field (`file` may be a path or a section name).
+    #[error("{file}: field `{field}`: {msg}")]
+    Config {
+        file: String,
+        field: String,
+        msg: String,
+    },
+    /// A missing, mis-shaped or unreadable tensor in a checkpoint.
+    #[error("{file}: tensor `{tensor}`: {msg}")]
+    Tensor {
+        file: String,
+        tensor: String,
+        msg: String,
+    },
+    /// A bad record in a line-oriented input file (1-based line number).
+    #[error("{file}:{line}: {msg}")]
+    Line {
+        file: String,
+        line: usize,
+        msg: String,
+    },
+    #[error("no CUDA device: {0}")]
+    NoCuda(String),
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    /// A shape or argument that does not fit an op.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Msg(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn msg(m: impl Into<String>) -> Self {
+        Error::Msg(m.into())
+    }
+}
+
+/// Shorthand for an `Error::Invalid` early return.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !$cond {
+            return Err($crate::Error::Invalid(format!($($arg)+)));
+        }
+    };
+}

@@ -1,0 +1,1 @@
+//! Parser for Python call syntax and literals (ToolACE answers, BFCL outputs).

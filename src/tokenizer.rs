@@ -1,0 +1,1 @@
+//! Tokenizer (HF tokenizer.json, offline) and the chat template renderer.
