@@ -123,7 +123,10 @@ impl<B: Backend> Model<B> {
 
     /// Upload parameters given as host f32 vectors in layout order.
     pub fn from_host(b: &B, cfg: Qwen2Config, host: &[Vec<f32>]) -> Result<Self> {
-        let params = host.iter().map(|p| b.upload(p)).collect::<Result<Vec<_>>>()?;
+        let params = host
+            .iter()
+            .map(|p| b.upload(p))
+            .collect::<Result<Vec<_>>>()?;
         Self::new(cfg, params)
     }
 
@@ -161,6 +164,12 @@ impl<B: Backend> Model<B> {
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let _ = (b, batch, entropy);
         Err(Error::msg("Model::logprobs: not implemented yet"))
+    }
+
+    /// Full f32 logits [n_tok, vocab] of a teacher-forced pass (tests, small vocabularies).
+    pub fn forward_logits(&self, b: &B, batch: &DeviceBatch<B>) -> Result<Vec<f32>> {
+        let _ = (b, batch);
+        Err(Error::msg("Model::forward_logits: not implemented yet"))
     }
 
     /// Training forward: keeps what the backward needs (everything, or only the layer inputs
