@@ -6,6 +6,9 @@
 //! `Error::Invalid` otherwise. Called directly with inconsistent shapes they panic.
 //! Layouts are those of [`crate::backend::Backend`].
 
+// Index loops are kept where they mirror the formulas they implement.
+#![allow(clippy::needless_range_loop)]
+
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 

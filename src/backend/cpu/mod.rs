@@ -274,7 +274,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         need("embedding", "ids", ids.len(), n_tok)?;
         need("embedding", "out", out.len(), n_tok * dim)?;
-        let rows = if dim == 0 { 0 } else { table.len() / dim };
+        let rows = table.len().checked_div(dim).unwrap_or(0);
         ids_below("embedding", "ids", ids, n_tok, rows, "table rows")?;
         math::embedding(ids, table, out, n_tok, dim);
         Ok(())
@@ -290,7 +290,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         need("embedding_bwd", "ids", ids.len(), n_tok)?;
         need("embedding_bwd", "dout", dout.len(), n_tok * dim)?;
-        let rows = if dim == 0 { 0 } else { dtable.len() / dim };
+        let rows = dtable.len().checked_div(dim).unwrap_or(0);
         ids_below("embedding_bwd", "ids", ids, n_tok, rows, "dtable rows")?;
         math::embedding_bwd(ids, dout, dtable, n_tok, dim);
         Ok(())
