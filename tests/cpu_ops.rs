@@ -782,6 +782,37 @@ fn sample_greedy_top_p_and_determinism() {
     }
 }
 
+/// Expected sampling distribution by the documented rule: sort (ties by index), top-k cut,
+/// smallest nucleus with cumulative probability >= top_p, renormalised.
+fn expected_dist(logits: &[f32], temp: f32, top_p: f32, top_k: usize) -> Vec<f64> {
+    let v = logits.len();
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&x, &y| logits[y].partial_cmp(&logits[x]).unwrap().then(x.cmp(&y)));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let z: Vec<f64> = order
+        .iter()
+        .map(|&i| (logits[i] as f64 / temp as f64).exp())
+        .collect();
+    let s: f64 = z.iter().sum();
+    let mut keep = z.len();
+    let mut cum = 0.0;
+    for (i, x) in z.iter().enumerate() {
+        cum += x / s;
+        if cum >= top_p as f64 {
+            keep = i + 1;
+            break;
+        }
+    }
+    let ks: f64 = z[..keep].iter().sum();
+    let mut p = vec![0.0; v];
+    for j in 0..keep {
+        p[order[j]] = z[j] / ks;
+    }
+    p
+}
+
 #[test]
 fn sample_frequencies_match_softmax() {
     let mut r = rng("sample_frequencies_match_softmax");
@@ -789,36 +820,40 @@ fn sample_frequencies_match_softmax() {
     let vocab = 11;
     let temp = 0.8f32;
     let logits: Vec<f32> = (0..vocab).map(|_| r.random_range(-1.5..1.5)).collect();
-    let z: Vec<f64> = logits
-        .iter()
-        .map(|&x| (x as f64 / temp as f64).exp())
-        .collect();
-    let s: f64 = z.iter().sum();
-    let p: Vec<f64> = z.iter().map(|x| x / s).collect();
     let draws = 40_000usize;
     let rows = 1000;
     let batch: Vec<f32> = (0..rows).flat_map(|_| logits.clone()).collect();
-    let seed = r.random::<u64>();
-    let mut counts = vec![0usize; vocab];
-    let mut out = vec![0u32; rows];
-    for off in (0..draws).step_by(rows) {
-        b.sample(
-            &batch, &mut out, rows, vocab, temp, 1.0, 0, seed, off as u64,
-        )
-        .unwrap();
-        for &t in &out {
-            counts[t as usize] += 1;
+    for (top_k, top_p) in [(0usize, 1.0f32), (0, 0.6), (4, 0.9)] {
+        let p = expected_dist(&logits, temp, top_p, top_k);
+        let seed = r.random::<u64>();
+        let mut counts = vec![0usize; vocab];
+        let mut out = vec![0u32; rows];
+        for off in (0..draws).step_by(rows) {
+            b.sample(
+                &batch, &mut out, rows, vocab, temp, top_p, top_k, seed, off as u64,
+            )
+            .unwrap();
+            for &t in &out {
+                counts[t as usize] += 1;
+            }
         }
+        let mut chi2 = 0.0;
+        let mut support = 0usize;
+        for v in 0..vocab {
+            if p[v] == 0.0 {
+                assert_eq!(counts[v], 0, "token {v} outside the nucleus was drawn");
+            } else {
+                support += 1;
+                let e = p[v] * draws as f64;
+                chi2 += (counts[v] as f64 - e).powi(2) / e;
+            }
+        }
+        let dof = (support - 1) as f64;
+        // about a 1e-4 false-alarm rate for these degrees of freedom
+        let limit = dof + 5.0 * (2.0 * dof).sqrt() + 5.0;
+        println!("top_k {top_k} top_p {top_p}: chi2 = {chi2:.2} ({dof} dof, limit {limit:.1})");
+        assert!(chi2 < limit, "chi2 {chi2}: {counts:?} vs {p:?}");
     }
-    let chi2: f64 = (0..vocab)
-        .map(|v| {
-            let e = p[v] * draws as f64;
-            (counts[v] as f64 - e).powi(2) / e
-        })
-        .sum();
-    // 10 degrees of freedom: P(chi2 > 35) ~ 1e-4
-    println!("chi2 = {chi2:.2} (10 dof)");
-    assert!(chi2 < 35.0, "chi2 {chi2}: {counts:?} vs {p:?}");
 }
 
 #[test]
@@ -1037,4 +1072,247 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("dst"), "{e}");
+}
+
+fn to32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// Max |a − b| / max |b| between an f32 backend output and the f64 math.
+fn close(name: &str, a: &[f32], b: &[f64], tol: f64) {
+    assert!(a.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+    let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    assert!(err / scale < tol, "{name}: rel err {:.3e}", err / scale);
+}
+
+/// The f32 backend ops (outputs poisoned with NaN, buffers longer than needed) agree with the
+/// f64 math, and leave everything past the shape untouched.
+#[test]
+fn backend_ops_match_f64_math() {
+    let mut r = rng("backend_ops_match_f64_math");
+    let b = Cpu;
+    let pad = 3;
+    let poisoned = |n: usize| vec![f32::NAN; n + pad];
+    let untouched = |name: &str, v: &[f32], n: usize| {
+        assert!(
+            v[n..].iter().all(|x| x.is_nan()),
+            "{name}: wrote past the shape"
+        );
+    };
+    // linear + linear_bwd
+    let (m, n, k) = (7, 5, 9);
+    let (x, w, bias, dy) = (
+        randv(&mut r, m * k, 1.0),
+        randv(&mut r, n * k, 1.0),
+        randv(&mut r, n, 1.0),
+        randv(&mut r, m * n, 1.0),
+    );
+    let mut y = poisoned(m * n);
+    b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
+        .unwrap();
+    let mut y64 = nan(m * n);
+    math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
+    close("linear", &y[..m * n], &y64, 1e-6);
+    untouched("linear", &y, m * n);
+    let mut dx = poisoned(m * k);
+    let mut dw = vec![0.0f32; n * k];
+    let mut db = vec![0.0f32; n];
+    b.linear_bwd(
+        &to32(&dy),
+        &to32(&x),
+        &to32(&w),
+        Some(&mut dx),
+        false,
+        Some(&mut dw),
+        Some(&mut db),
+        m,
+        n,
+        k,
+    )
+    .unwrap();
+    let (mut dx64, mut dw64, mut db64) = (nan(m * k), vec![0.0; n * k], vec![0.0; n]);
+    math::linear_bwd(
+        &dy,
+        &x,
+        &w,
+        Some(&mut dx64),
+        false,
+        Some(&mut dw64),
+        Some(&mut db64),
+        m,
+        n,
+        k,
+    );
+    close("linear_bwd dx", &dx[..m * k], &dx64, 1e-6);
+    close("linear_bwd dw", &dw, &dw64, 1e-6);
+    close("linear_bwd dbias", &db, &db64, 1e-6);
+    untouched("linear_bwd dx", &dx, m * k);
+    // rmsnorm + bwd
+    let (rows, dim) = (6, 10);
+    let (xr, wr, dr) = (
+        randv(&mut r, rows * dim, 1.0),
+        randv(&mut r, dim, 1.0),
+        randv(&mut r, rows * dim, 1.0),
+    );
+    let (mut o, mut s) = (poisoned(rows * dim), poisoned(rows));
+    b.rmsnorm(&to32(&xr), &to32(&wr), &mut o, &mut s, rows, dim, 1e-6)
+        .unwrap();
+    let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    close("rmsnorm", &o[..rows * dim], &o64, 1e-6);
+    close("rmsnorm rstd", &s[..rows], &s64, 1e-6);
+    untouched("rmsnorm", &o, rows * dim);
+    let mut dxr = vec![0.0f32; rows * dim];
+    let mut dwr = vec![0.0f32; dim];
+    b.rmsnorm_bwd(
+        &to32(&dr),
+        &to32(&xr),
+        &to32(&wr),
+        &s,
+        &mut dxr,
+        Some(&mut dwr),
+        rows,
+        dim,
+    )
+    .unwrap();
+    let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
+    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
+    close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
+    // swiglu + bwd
+    let ns = 29;
+    let (g, u, d) = (
+        randv(&mut r, ns, 3.0),
+        randv(&mut r, ns, 1.0),
+        randv(&mut r, ns, 1.0),
+    );
+    let mut o = poisoned(ns);
+    b.swiglu(&to32(&g), &to32(&u), &mut o, ns).unwrap();
+    let mut o64 = nan(ns);
+    math::swiglu(&g, &u, &mut o64, ns);
+    close("swiglu", &o[..ns], &o64, 1e-6);
+    untouched("swiglu", &o, ns);
+    let (mut dg, mut du) = (poisoned(ns), poisoned(ns));
+    b.swiglu_bwd(&to32(&d), &to32(&g), &to32(&u), &mut dg, &mut du, ns)
+        .unwrap();
+    let (mut dg64, mut du64) = (nan(ns), nan(ns));
+    math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
+    close("swiglu_bwd dgate", &dg[..ns], &dg64, 1e-6);
+    close("swiglu_bwd dup", &du[..ns], &du64, 1e-6);
+    // attention_bwd
+    let (nh, nkv, hd) = (4, 2, 6);
+    let nt = CU[3] as usize;
+    let (q, kk, v, dout) = (
+        randv(&mut r, nt * nh * hd, 1.0),
+        randv(&mut r, nt * nkv * hd, 1.0),
+        randv(&mut r, nt * nkv * hd, 1.0),
+        randv(&mut r, nt * nh * hd, 1.0),
+    );
+    let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
+    math::attention(&q, &kk, &v, &mut o64, &mut l64, &CU, nh, nkv, hd);
+    let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
+    math::attention_bwd(
+        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &CU, nh, nkv, hd,
+    );
+    let (mut dq, mut dk, mut dv) = (poisoned(q.len()), poisoned(kk.len()), poisoned(v.len()));
+    let cu = CU.to_vec();
+    b.attention_bwd(
+        &to32(&dout),
+        &to32(&q),
+        &to32(&kk),
+        &to32(&v),
+        &to32(&o64),
+        &to32(&l64),
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &cu,
+        &cu,
+        7,
+        nh,
+        nkv,
+        hd,
+    )
+    .unwrap();
+    close("attention_bwd dq", &dq[..q.len()], &dq64, 1e-5);
+    close("attention_bwd dk", &dk[..kk.len()], &dk64, 1e-5);
+    close("attention_bwd dv", &dv[..v.len()], &dv64, 1e-5);
+    untouched("attention_bwd dk", &dk, kk.len());
+    // logprobs + bwd, and logits
+    let (nt, dim, vocab) = (9, 7, 37);
+    let (h, wl, dl) = (
+        randv(&mut r, nt * dim, 1.0),
+        randv(&mut r, vocab * dim, 1.0),
+        randv(&mut r, nt, 1.0),
+    );
+    let tg: Vec<u32> = (0..nt).map(|_| r.random_range(0..vocab as u32)).collect();
+    let (mut lp, mut lse, mut ent) = (poisoned(nt), poisoned(nt), poisoned(nt));
+    b.logprobs(
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
+    math::logprobs(
+        &h,
+        &wl,
+        &tg,
+        &mut lp64,
+        &mut lse64,
+        Some(&mut ent64),
+        nt,
+        dim,
+        vocab,
+    );
+    close("logprobs logp", &lp[..nt], &lp64, 1e-6);
+    close("logprobs entropy", &ent[..nt], &ent64, 1e-5);
+    untouched("logprobs logp", &lp, nt);
+    let mut dh = poisoned(nt * dim);
+    let mut dwl = vec![0.0f32; vocab * dim];
+    b.logprobs_bwd(
+        &to32(&dl),
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &lse,
+        &mut dh,
+        Some(&mut dwl),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.0; vocab * dim]);
+    math::logprobs_bwd(
+        &dl,
+        &h,
+        &wl,
+        &tg,
+        &lse64,
+        &mut dh64,
+        Some(&mut dw64),
+        nt,
+        dim,
+        vocab,
+    );
+    close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
+    close("logprobs_bwd dw", &dwl, &dw64, 1e-5);
+    let mut lg = poisoned(nt * vocab);
+    b.logits(&to32(&h), &to32(&wl), &mut lg, nt, dim, vocab)
+        .unwrap();
+    let mut lg64 = nan(nt * vocab);
+    math::matmul_nt(&h, &wl, &mut lg64, nt, vocab, dim, 0.0);
+    close("logits", &lg[..nt * vocab], &lg64, 1e-6);
+    untouched("logits", &lg, nt * vocab);
 }
