@@ -613,6 +613,10 @@ fn grpo_loss_grad_every_mode() {
             lr.push(x);
         }
     }
+    // tokens 1 and 2 always take the clipped branch (A > 0 with r > 1 + eps_high, A < 0 with
+    // r < 1 - eps_low)
+    lr[1] = 0.5;
+    lr[2] = -0.5;
     let lp = randv(&mut r, n, 1.0)
         .iter()
         .map(|v| v - 2.0)
@@ -630,13 +634,17 @@ fn grpo_loss_grad_every_mode() {
             lp[t] + sign * gap
         })
         .collect();
-    let adv: Vec<f64> = (0..n)
+    let mut adv: Vec<f64> = (0..n)
         .map(|_| r.random_range(0.3..2.0) * if r.random_bool(0.5) { 1.0 } else { -1.0 })
         .collect();
     let mut mask: Vec<f64> = (0..n)
         .map(|_| if r.random_bool(0.8) { 1.0 } else { 0.0 })
         .collect();
     mask[0] = 1.0;
+    mask[1] = 1.0;
+    mask[2] = 1.0;
+    adv[1] = adv[1].abs();
+    adv[2] = -adv[2].abs();
     mask[15] = 0.0;
     mask[16] = 0.0; // sequence 3 fully masked out
     let mut any_clip = false;
