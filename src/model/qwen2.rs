@@ -943,7 +943,7 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Prefill slot i with prompts[i] (slots.len() == prompts.len() <= cache.slots); returns f32
+    /// Prefill slot i with `prompts[i]` (`prompts.len() <= cache.slots`); returns f32
     /// logits [prompts.len(), vocab] of each prompt's last token.
     pub fn prefill(&self, b: &B, cache: &mut KvCache<B>, prompts: &[Vec<u32>]) -> Result<B::F> {
         if prompts.is_empty() || prompts.len() > cache.slots {
@@ -1005,7 +1005,7 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    /// Append tokens[i] to slot i at position cache.lens[i] for every slot (a finished slot
+    /// Append `tokens[i]` to slot i at position `cache.lens[i]` for every slot (a finished slot
     /// may be fed any token; its output is ignored by the caller); returns f32 logits
     /// [slots, vocab]. Fewer tokens than slots decode only the leading slots.
     pub fn decode(&self, b: &B, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<B::F> {
