@@ -270,7 +270,48 @@ impl Qwen2Config {
                 format!("must be a positive number, found {rms_norm_eps}"),
             ));
         }
-        let rope_theta = f.f64_or("rope_theta", 10000.0)?;
+        let rope_theta = match (f.get("rope_theta"), f.get("rope_parameters")) {
+            (Some(_), _) | (None, None) => f.f64_or("rope_theta", 10000.0)?,
+            // transformers 5 nests it: "rope_parameters": {"rope_theta": .., "rope_type": ..}
+            (None, Some(rp)) => {
+                let rp_obj = rp.as_object().ok_or_else(|| {
+                    f.err(
+                        "rope_parameters",
+                        format!("expected an object, found {}", short(rp)),
+                    )
+                })?;
+                let inner = Fields { obj: rp_obj, label };
+                let t = inner.f64_or("rope_theta", 10000.0).map_err(|_| {
+                    f.err(
+                        "rope_parameters.rope_theta",
+                        "expected a number".to_string(),
+                    )
+                })?;
+                let rope_type = inner.string_or("rope_type", "default").map_err(|_| {
+                    f.err("rope_parameters.rope_type", "expected a string".to_string())
+                })?;
+                if rope_type != "default" {
+                    return Err(f.err(
+                        "rope_parameters.rope_type",
+                        format!("unsupported RoPE type {rope_type:?}; expected \"default\""),
+                    ));
+                }
+                t
+            }
+        };
+        if let Some(rs) = f.get("rope_scaling") {
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            if kind != "default" {
+                return Err(f.err(
+                    "rope_scaling",
+                    format!("RoPE scaling {kind:?} is not supported; expected none"),
+                ));
+            }
+        }
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             return Err(f.err(
                 "rope_theta",
@@ -416,6 +457,9 @@ impl Qwen2Config {
         set("hidden_act", Value::from(self.hidden_act.clone()));
         if !obj.contains_key("use_sliding_window") {
             obj.insert("use_sliding_window".into(), false.into());
+        }
+        if let Some(Value::Object(rp)) = obj.get_mut("rope_parameters") {
+            rp.insert("rope_theta".into(), self.rope_theta.into());
         }
         if obj.contains_key("dtype") {
             obj.insert("dtype".into(), Value::from(self.torch_dtype.clone()));
