@@ -271,8 +271,11 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
-    /// A model with random parameters (uniform, scaled by fan-in; norm weights near 1), fully
-    /// determined by `seed`: for tests, demos and benchmarks.
+    /// A model with random parameters fully determined by `seed`, for numerical tests: weights
+    /// uniform with unit-variance outputs (scaled by fan-in), embeddings in [-1, 1], norm
+    /// weights in [0.8, 1.2], biases in [-0.1, 0.1]. Unlike [`crate::model::init::random_params`]
+    /// (HF's std-0.02 init, where a tiny model is nearly linear), every nonlinearity, softmax and
+    /// normalisation is far from its small-input regime, so gradient checks exercise them.
     pub fn random(b: &B, cfg: Qwen2Config, seed: u64) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let layout = ParamLayout::new(&cfg);
