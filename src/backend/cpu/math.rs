@@ -808,7 +808,7 @@ pub fn kl_term<R: Real>(kind: KlKind, logp: R, ref_logp: R) -> (R, R) {
 /// - token-mean: Σ m_t L_t / Σ m_t;
 /// - seq-mean-token-sum: Σ_s (Σ_{t∈s} m_t L_t) / n_seq;
 /// - seq-mean-token-mean: mean over sequences with Σ m > 0 of Σ m_t L_t / Σ m_t;
-/// - seq-mean-token-sum-norm: Σ_s Σ_{t∈s} m_t L_t / (n_seq · norm_len).
+/// - seq-mean-token-sum-norm (verl's Dr.GRPO): Σ_s Σ_{t∈s} m_t L_t / norm_len.
 ///
 /// The loss (and gradient) is then divided by `loss_scale_div`. Stats: `pg_loss` is the same
 /// aggregation of pg alone (not divided); `kl`, `clip_frac` and `ratio_mean` are masked token
@@ -849,9 +849,7 @@ pub fn grpo_loss<R: Real>(
             LossAgg::SeqMeanTokenMean => {
                 m / (seq_cnt[seq_id[t] as usize] * R::from_usize(nonempty))
             }
-            LossAgg::SeqMeanTokenSumNorm => {
-                m / (R::from_usize(n_seq) * R::from_f64(cfg.norm_len as f64))
-            }
+            LossAgg::SeqMeanTokenSumNorm => m / R::from_f64(cfg.norm_len as f64),
         }
     };
     let div = R::from_f64(cfg.loss_scale_div as f64);
