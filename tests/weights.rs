@@ -493,7 +493,7 @@ fn init_tiny_model_loads_and_runs_on_a_chat_render() {
         )
         .unwrap();
     let ids = tok.encode(&text).unwrap();
-    let batch = PackedBatch::from_sequences(&[ids.clone()]).unwrap();
+    let batch = PackedBatch::from_sequences(std::slice::from_ref(&ids)).unwrap();
     let db = model.upload_batch(&Cpu, &batch).unwrap();
     let (logp, _) = model.logprobs(&Cpu, &db, false).unwrap();
     assert_eq!(logp.len(), ids.len() - 1);
