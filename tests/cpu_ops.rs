@@ -589,9 +589,7 @@ fn naive_grpo(
                 .collect();
             per.iter().sum::<f64>() / per.len() as f64
         }
-        LossAgg::SeqMeanTokenSumNorm => {
-            sums.iter().sum::<f64>() / (n_seq as f64 * cfg.norm_len as f64)
-        }
+        LossAgg::SeqMeanTokenSumNorm => sums.iter().sum::<f64>() / cfg.norm_len as f64,
     };
     (loss / cfg.loss_scale_div as f64, clipped / total)
 }

@@ -271,8 +271,11 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
-    /// A model with random parameters (uniform, scaled by fan-in; norm weights near 1), fully
-    /// determined by `seed`: for tests, demos and benchmarks.
+    /// A model with random parameters fully determined by `seed`, for numerical tests: weights
+    /// uniform with unit-variance outputs (scaled by fan-in), embeddings in [-1, 1], norm
+    /// weights in [0.8, 1.2], biases in [-0.1, 0.1]. Unlike [`crate::model::init::random_params`]
+    /// (HF's std-0.02 init, where a tiny model is nearly linear), every nonlinearity, softmax and
+    /// normalisation is far from its small-input regime, so gradient checks exercise them.
     pub fn random(b: &B, cfg: Qwen2Config, seed: u64) -> Result<Self> {
         use rand::{Rng, SeedableRng};
         let layout = ParamLayout::new(&cfg);
@@ -943,7 +946,7 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Prefill slot i with prompts[i] (slots.len() == prompts.len() <= cache.slots); returns f32
+    /// Prefill slot i with `prompts[i]` (`prompts.len() <= cache.slots`); returns f32
     /// logits [prompts.len(), vocab] of each prompt's last token.
     pub fn prefill(&self, b: &B, cache: &mut KvCache<B>, prompts: &[Vec<u32>]) -> Result<B::F> {
         if prompts.is_empty() || prompts.len() > cache.slots {
@@ -1005,7 +1008,7 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
-    /// Append tokens[i] to slot i at position cache.lens[i] for every slot (a finished slot
+    /// Append `tokens[i]` to slot i at position `cache.lens[i]` for every slot (a finished slot
     /// may be fed any token; its output is ignored by the caller); returns f32 logits
     /// [slots, vocab]. Fewer tokens than slots decode only the leading slots.
     pub fn decode(&self, b: &B, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<B::F> {

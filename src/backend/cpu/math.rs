@@ -43,7 +43,7 @@ pub trait Real:
     fn powf(self, e: Self) -> Self;
     fn abs(self) -> Self;
     fn neg_infinity() -> Self;
-    /// C[m,n] = alpha · A[m,k] · B[k,n] + beta · C, with arbitrary row/column strides
+    /// `C[m,n] = alpha · A[m,k] · B[k,n] + beta · C`, with arbitrary row/column strides
     /// (beta = 0 overwrites C, whatever it held, NaN included).
     #[allow(clippy::too_many_arguments)]
     fn gemm_raw(g: Gemm, alpha: Self, a: &[Self], b: &[Self], beta: Self, c: &mut [Self]);
@@ -196,7 +196,7 @@ macro_rules! impl_real {
 impl_real!(f32, matrixmultiply::sgemm);
 impl_real!(f64, matrixmultiply::dgemm);
 
-/// y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y
+/// `y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y`
 pub fn matmul_nt<R: Real>(x: &[R], w: &[R], y: &mut [R], m: usize, n: usize, k: usize, beta: R) {
     let g = Gemm {
         m,
@@ -212,7 +212,7 @@ pub fn matmul_nt<R: Real>(x: &[R], w: &[R], y: &mut [R], m: usize, n: usize, k: 
     R::gemm_raw(g, R::one(), x, w, beta, y);
 }
 
-/// dx[m,k] = dy[m,n] · w[n,k] + beta · dx
+/// `dx[m,k] = dy[m,n] · w[n,k] + beta · dx`
 pub fn matmul_nn<R: Real>(dy: &[R], w: &[R], dx: &mut [R], m: usize, n: usize, k: usize, beta: R) {
     let g = Gemm {
         m,
@@ -228,7 +228,7 @@ pub fn matmul_nn<R: Real>(dy: &[R], w: &[R], dx: &mut [R], m: usize, n: usize, k
     R::gemm_raw(g, R::one(), dy, w, beta, dx);
 }
 
-/// dw[n,k] += dy[m,n]ᵀ · x[m,k]
+/// `dw[n,k] += dy[m,n]ᵀ · x[m,k]`
 pub fn matmul_tn_acc<R: Real>(dy: &[R], x: &[R], dw: &mut [R], m: usize, n: usize, k: usize) {
     let g = Gemm {
         m: n,
@@ -246,7 +246,7 @@ pub fn matmul_tn_acc<R: Real>(dy: &[R], x: &[R], dw: &mut [R], m: usize, n: usiz
 
 // ------------------------------------------------------------------------------------ linear
 
-/// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
+/// `y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])`
 pub fn linear<R: Real>(
     x: &[R],
     w: &[R],
@@ -298,7 +298,7 @@ pub fn linear_bwd<R: Real>(
 
 // ------------------------------------------------------------------------------------ embedding
 
-/// out[t,:] = table[ids[t],:]
+/// `out[t,:] = table[ids[t],:]`
 pub fn embedding<R: Real>(ids: &[u32], table: &[R], out: &mut [R], n_tok: usize, dim: usize) {
     for t in 0..n_tok {
         let id = ids[t] as usize;
@@ -306,7 +306,7 @@ pub fn embedding<R: Real>(ids: &[u32], table: &[R], out: &mut [R], n_tok: usize,
     }
 }
 
-/// dtable[ids[t],:] += dout[t,:]
+/// `dtable[ids[t],:] += dout[t,:]`
 pub fn embedding_bwd<R: Real>(ids: &[u32], dout: &[R], dtable: &mut [R], n_tok: usize, dim: usize) {
     for t in 0..n_tok {
         let id = ids[t] as usize;
@@ -535,7 +535,7 @@ pub fn attention_bwd<R: Real>(
     }
 }
 
-/// Copy k/v rows into cache rows dst[t].
+/// Copy k/v rows into cache rows `dst[t]`.
 pub fn kv_store<R: Real>(
     k: &[R],
     v: &[R],
@@ -552,7 +552,7 @@ pub fn kv_store<R: Real>(
     }
 }
 
-/// One query per slot b against cache rows b*max_len .. b*max_len + lens[b].
+/// One query per slot b against cache rows `b*max_len .. b*max_len + lens[b]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode<R: Real>(
     q: &[R],
@@ -804,11 +804,11 @@ pub fn kl_term<R: Real>(kind: KlKind, logp: R, ref_logp: R) -> (R, R) {
 
 /// GRPO clipped surrogate + KL, aggregated per `cfg.agg`; writes dlogp. `mask[t]` weights
 /// token t (0 = excluded; verl's masked sums multiply by the mask, so 0/1 masks are the usual
-/// case). Aggregations, with L_t = pg_t + kl_coef·kl_t and m_t = mask[t]:
+/// case). Aggregations, with `L_t = pg_t + kl_coef·kl_t` and `m_t = mask[t]`:
 /// - token-mean: Σ m_t L_t / Σ m_t;
 /// - seq-mean-token-sum: Σ_s (Σ_{t∈s} m_t L_t) / n_seq;
 /// - seq-mean-token-mean: mean over sequences with Σ m > 0 of Σ m_t L_t / Σ m_t;
-/// - seq-mean-token-sum-norm: Σ_s Σ_{t∈s} m_t L_t / (n_seq · norm_len).
+/// - seq-mean-token-sum-norm (verl's Dr.GRPO): Σ_s Σ_{t∈s} m_t L_t / norm_len.
 ///
 /// The loss (and gradient) is then divided by `loss_scale_div`. Stats: `pg_loss` is the same
 /// aggregation of pg alone (not divided); `kl`, `clip_frac` and `ratio_mean` are masked token
@@ -849,9 +849,7 @@ pub fn grpo_loss<R: Real>(
             LossAgg::SeqMeanTokenMean => {
                 m / (seq_cnt[seq_id[t] as usize] * R::from_usize(nonempty))
             }
-            LossAgg::SeqMeanTokenSumNorm => {
-                m / (R::from_usize(n_seq) * R::from_f64(cfg.norm_len as f64))
-            }
+            LossAgg::SeqMeanTokenSumNorm => m / R::from_f64(cfg.norm_len as f64),
         }
     };
     let div = R::from_f64(cfg.loss_scale_div as f64);
@@ -942,7 +940,7 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The uniform draw of row `r` of a [`sample`] call: the top 24 bits of
+/// The uniform draw of row `r` of a [`sample_row`] call: the top 24 bits of
 /// `splitmix64(seed ^ splitmix64(offset + r))` divided by 2^24, so u ∈ [0, 1) and depends only
 /// on (seed, offset + r). The CUDA sampler reproduces exactly this function.
 pub fn sample_uniform(seed: u64, counter: u64) -> f64 {
