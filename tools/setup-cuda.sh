@@ -6,6 +6,9 @@
 # The parts must be pinned together: a mismatched nvvm makes ptxas fail with
 # "Unsupported .version". The lent GPUs run driver 580 (CUDA 13.0), which matches this toolchain.
 #
+# libnvrtc (same release) comes along so that the NVRTC fallback can be compiled and checked
+# here without a GPU: LD_LIBRARY_PATH=.venv-cuda/lib/python3.*/site-packages/nvidia/cu13/lib.
+#
 # Usage: tools/setup-cuda.sh            (idempotent; prints the nvcc path at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,8 @@ find_nvcc() {
     ls "$VENV"/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc 2>/dev/null | head -n1
 }
 
-if [ -n "$(find_nvcc)" ] && "$(find_nvcc)" --version >/dev/null 2>&1; then
+if [ -n "$(find_nvcc)" ] && "$(find_nvcc)" --version >/dev/null 2>&1 &&
+    ls "$VENV"/lib/python3.*/site-packages/nvidia/cu13/lib/libnvrtc.so.13 >/dev/null 2>&1; then
     echo "setup-cuda: nvcc already installed: $(find_nvcc)"
     exit 0
 fi
@@ -29,7 +33,8 @@ fi
     "nvidia-nvvm==13.0.88" \
     "nvidia-cuda-crt==13.0.88" \
     "nvidia-cuda-runtime==13.0.96" \
-    "nvidia-cuda-cccl==13.0.85"
+    "nvidia-cuda-cccl==13.0.85" \
+    "nvidia-cuda-nvrtc==13.0.88"
 
 NVCC=$(find_nvcc)
 if [ -z "$NVCC" ]; then

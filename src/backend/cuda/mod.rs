@@ -10,7 +10,7 @@
 
 mod runtime;
 
-pub use runtime::{Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT};
+pub use runtime::{nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT};
 
 use runtime::{Args, Gpu};
 

@@ -662,6 +662,21 @@ fn load_module(name: &str, image: &[u8], cc: (i32, i32)) -> Result<sys::CUmodule
     .map_err(|e| drv(&format!("loading kernels/{name}.cu ({})", gen::KIND), e))
 }
 
+/// Compiles every kernel source with NVRTC for compute capability `cc` (no GPU needed, only
+/// libnvrtc): the check that the run-time fallback of a build without nvcc works. Returns the
+/// PTX size per module.
+pub fn nvrtc_check(cc: (i32, i32)) -> Result<Vec<(String, usize)>> {
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    if !present {
+        return Err(no_cuda("libnvrtc.so was not found"));
+    }
+    gen::SOURCES
+        .iter()
+        .map(|(name, src)| compile_nvrtc(name, src, cc).map(|p| (name.to_string(), p.len())))
+        .collect()
+}
+
 fn compile_nvrtc(name: &str, src: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(no_cuda(
@@ -669,12 +684,7 @@ fn compile_nvrtc(name: &str, src: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
         ));
     }
     let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
-    let opts = vec![
-        arch,
-        "-std=c++17".to_string(),
-        "--use_fast_math=false".to_string(),
-        "-lineinfo".to_string(),
-    ];
+    let opts = vec![arch, "-std=c++17".to_string(), "-lineinfo".to_string()];
     let csrc = CString::new(src)
         .map_err(|_| Error::Cuda(format!("kernels/{name}.cu contains a NUL byte")))?;
     let cname = CString::new(format!("{name}.cu")).map_err(|_| Error::Invalid(name.to_string()))?;
