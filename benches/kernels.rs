@@ -262,18 +262,10 @@ fn cuda_benches(c: &mut Criterion) {
             step: 3,
             grad_scale: 1.0,
         };
-        timed(
-            c,
-            &cuda,
-            &grp,
-            "adamw",
-            (n * 32) as f64,
-            0.0,
-            || {
-                cuda.adamw(&mut p, Some(&mut ms), &gr, &mut m1, &mut m2, n, &hp)
-                    .unwrap()
-            },
-        );
+        timed(c, &cuda, &grp, "adamw", (n * 32) as f64, 0.0, || {
+            cuda.adamw(&mut p, Some(&mut ms), &gr, &mut m1, &mut m2, n, &hp)
+                .unwrap()
+        });
     }
 }
 

@@ -3,15 +3,15 @@
 // sample_rows: one block (SMP_THREADS threads) per row r.
 //   temperature == 0: greedy, argmax with the lowest index on ties.
 //   else: z_i = logits_i / temperature, e_i = exp(z_i - max z) (unnormalised probabilities).
-//     Order the vocabulary by e descending, ties by ascending index (the order a stable
-//     descending sort gives). top_k > 0 keeps the first top_k entries of that order; top_p < 1
+//     Order the vocabulary by logit descending, ties by ascending index (the CPU backend's
+//     sort order). top_k > 0 keeps the first top_k entries of that order; top_p < 1
 //     then keeps the shortest prefix whose mass reaches top_p of the kept mass; finally the
-//     token is the first entry of the kept prefix whose inclusive cumulative mass reaches
-//     u * (kept mass), with u = (splitmix64(seed ^ splitmix64(offset + r)) >> 40) / 2^24 and
+//     token is the first entry of the kept prefix whose inclusive cumulative mass exceeds
+//     u * (kept mass) (equal only on a measure-zero boundary), with u = (splitmix64(seed ^ splitmix64(offset + r)) >> 40) / 2^24 and
 //     splitmix64 the standard mixer. No sort is done: each "first entry whose cumulative mass
-//     (or count) reaches a target" is found by a 4-pass radix select over the bit pattern of e
-//     (non-negative floats order like their bits) with 256-bin count/mass histograms in shared
-//     memory, then an index-ordered scan among the entries equal to the selected value.
+//     (or count) reaches a target" is found by a 4-pass radix select over the order-preserving
+//     bit pattern of the logit (sign-flipped float bits) with 256-bin count/mass histograms in
+//     shared memory, then an index-ordered scan among the entries with the selected logit.
 //   Launch: grid (rows), block SMP_THREADS.
 #include "common.cuh"
 
@@ -29,9 +29,19 @@ __device__ __forceinline__ float smp_e(const float* row, int i, float inv_t, flo
     return expf(row[i] * inv_t - zmax);
 }
 
-// Membership in the current prefix of the order: e > bv, or e == bv and i <= bi.
-__device__ __forceinline__ bool smp_in(float e, int i, float bv, int bi) {
-    return e > bv || (e == bv && i <= bi);
+// Membership in the current prefix of the order: x > bx, or x == bx and i <= bi (x = logit).
+__device__ __forceinline__ bool smp_in(float x, int i, float bx, int bi) {
+    return x > bx || (x == bx && i <= bi);
+}
+
+// Order-preserving map of a float to u32 (larger float -> larger key).
+__device__ __forceinline__ u32 smp_key(float x) {
+    const u32 u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float smp_unkey(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 struct SmpSmem {
@@ -66,9 +76,10 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         __syncthreads();
         const u32 prefix = sm.prefix, pmask = sm.pmask;
         for (int i = tid; i < vocab; i += blockDim.x) {
+            const float x = row[i];
+            if (!smp_in(x, i, bv, bi)) continue;
             const float e = smp_e(row, i, inv_t, zmax);
-            if (!smp_in(e, i, bv, bi)) continue;
-            const u32 key = __float_as_uint(e);
+            const u32 key = smp_key(x);
             if ((key & pmask) != prefix) continue;
             const u32 bin = (key >> shift) & 255u;
             atomicAdd(&sm.cnt[bin], 1u);
@@ -107,7 +118,8 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         }
         __syncthreads();
     }
-    const float v = __uint_as_float(sm.prefix);
+    const float xv = smp_unkey(sm.prefix);
+    const float v = expf(xv * inv_t - zmax);  // the e value shared by the tie group
     const int c = sm.chosen_cnt;
     int want;
     if (sm.last || c <= 0) {
@@ -127,8 +139,8 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         const int i = base + tid;
         bool hit = false;
         if (i < vocab) {
-            const float e = smp_e(row, i, inv_t, zmax);
-            hit = e == v && smp_in(e, i, bv, bi);
+            const float x = row[i];
+            hit = x == xv && smp_in(x, i, bv, bi);
         }
         const u32 ballot = __ballot_sync(FULL_MASK, hit);
         if (lane == 0) sm.warp_cnt[warp] = __popc(ballot);
@@ -146,7 +158,7 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         if (sm.found >= 0 || seen >= want) break;
     }
     __syncthreads();
-    *out_v = v;
+    *out_v = xv;
     *out_i = sm.found < 0 ? 0 : sm.found;
     __syncthreads();
 }
@@ -155,8 +167,7 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
 __device__ __forceinline__ float smp_mass(const float* row, int vocab, float inv_t, float zmax, float bv, int bi) {
     float acc = 0.f;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float e = smp_e(row, i, inv_t, zmax);
-        if (smp_in(e, i, bv, bi)) acc += e;
+        if (smp_in(row[i], i, bv, bi)) acc += smp_e(row, i, inv_t, zmax);
     }
     return block_sum(acc);
 }
@@ -211,8 +222,8 @@ sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, i
     float zm = NEG_INF_F;
     for (int i = tid; i < vocab; i += blockDim.x) zm = fmaxf(zm, row[i] * inv_t);
     const float zmax = block_max(zm);
-    float bv = -1.0f;  // the whole vocabulary
-    int bi = 0;
+    float bv = NEG_INF_F;  // the whole vocabulary
+    int bi = 0x7fffffff;
     float sel_v;
     int sel_i;
     if (top_k > 0 && top_k < vocab) {

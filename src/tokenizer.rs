@@ -1,13 +1,27 @@
 //! Tokenizer (HF tokenizer.json, offline) and the chat template renderer.
+//!
+//! [`ChatTemplate::render`] reproduces transformers' `apply_chat_template(..., tokenize=False)`
+//! byte for byte: the template runs in minijinja with `trim_blocks` and `lstrip_blocks` on (as
+//! transformers sets them), loop controls, Python string methods (pycompat), `raise_exception`,
+//! and a `tojson` filter that writes exactly what Python's
+//! `json.dumps(x, ensure_ascii=False)` writes (see [`py_json_dumps`]).
 
 use crate::data::Message;
 use crate::{Error, Result};
+use minijinja::value::{Kwargs, Value as JValue, ValueKind};
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt::Write as _;
 use std::path::Path;
 
 /// Qwen2.5 special token ids (facts §2.3).
 pub const ENDOFTEXT: u32 = 151643;
 pub const IM_START: u32 = 151644;
 pub const IM_END: u32 = 151645;
+/// `<tool_call>` and `</tool_call>` (added tokens, not special: they survive skip-special decode).
+pub const TOOL_CALL_START: u32 = 151657;
+pub const TOOL_CALL_END: u32 = 151658;
 
 /// A loaded `tokenizer.json`.
 pub struct Tokenizer {
@@ -16,9 +30,27 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::msg(format!(
+                "{}: tokenizer file not found (expected an HF tokenizer.json)",
+                path.display()
+            )));
+        }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::msg(format!("{}: cannot load tokenizer: {e}", path.display())))?;
         Ok(Tokenizer { inner })
+    }
+
+    /// A tokenizer from the bytes of a tokenizer.json (`label` names it in errors).
+    pub fn from_bytes(bytes: &[u8], label: &str) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| Error::msg(format!("{label}: cannot load tokenizer: {e}")))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// `tokenizer.json` of a model folder.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::from_file(&dir.join("tokenizer.json"))
     }
 
     /// Encode text; special tokens written in the text (e.g. `<|im_start|>`) map to their ids.
@@ -40,7 +72,117 @@ impl Tokenizer {
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+
+    /// Like [`Tokenizer::token_id`], but a missing token is an error naming it.
+    pub fn require_token(&self, token: &str) -> Result<u32> {
+        self.token_id(token).ok_or_else(|| {
+            Error::msg(format!(
+                "tokenizer: the vocabulary has no token {token:?} (needed by the chat format)"
+            ))
+        })
+    }
+
+    /// The token text of an id, if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of tokens including added tokens (embedding tables may be padded above it).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
 }
+
+/// A chat message as a template sees it: role, content and (assistant) tool calls, each call
+/// `{"type": "function", "function": {"name", "arguments"}}` or `{"name", "arguments"}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+}
+
+impl From<&Message> for ChatMessage {
+    fn from(m: &Message) -> Self {
+        ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+            tool_calls: None,
+        }
+    }
+}
+
+/// Everything a template render takes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderInput {
+    /// Messages as JSON objects (`role`, `content`, optional `tool_calls`, anything else a
+    /// template reads).
+    pub messages: Vec<Value>,
+    /// Tool schemas passed as `tools=`; None or empty means no tools.
+    pub tools: Option<Vec<Value>>,
+    pub add_generation_prompt: bool,
+    /// More template variables (e.g. `bos_token`, `eos_token`).
+    pub extra: Map<String, Value>,
+}
+
+/// The Qwen2.5-Instruct chat template (from its tokenizer_config.json), used when a
+/// tokenizer_config.json carries none.
+pub const QWEN25_CHAT_TEMPLATE: &str = r##"{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"##;
 
 /// A chat template (Jinja, as in `tokenizer_config.json`).
 pub struct ChatTemplate {
@@ -48,6 +190,99 @@ pub struct ChatTemplate {
 }
 
 impl ChatTemplate {
+    /// A template from Jinja source; it is compiled once here so that syntax errors surface
+    /// early.
+    pub fn new(source: impl Into<String>) -> Result<Self> {
+        let t = ChatTemplate {
+            source: source.into(),
+        };
+        let env = t.environment();
+        env.template_from_str(&t.source)
+            .map_err(|e| Error::msg(format!("chat template: {}", describe(&e))))?;
+        Ok(t)
+    }
+
+    /// The built-in Qwen2.5-Instruct template.
+    pub fn qwen25() -> Self {
+        ChatTemplate {
+            source: QWEN25_CHAT_TEMPLATE.to_string(),
+        }
+    }
+
+    /// Read `chat_template` from a tokenizer_config.json: a string, or a list of
+    /// `{name, template}` (the one named "default" is used). Without one, a
+    /// `chat_template.jinja` beside the file is used, then the built-in Qwen2.5 template.
+    pub fn from_tokenizer_config(path: &Path) -> Result<Self> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+            file: label.clone(),
+            field: "<json>".into(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let field_err = |msg: String| Error::Config {
+            file: label.clone(),
+            field: "chat_template".into(),
+            msg,
+        };
+        match v.get("chat_template") {
+            Some(Value::String(s)) => {
+                Self::new(s.clone()).map_err(|e| field_err(format!("does not compile: {e}")))
+            }
+            Some(Value::Array(items)) => {
+                let mut names = Vec::new();
+                for item in items {
+                    let name = item.get("name").and_then(Value::as_str);
+                    let tpl = item.get("template").and_then(Value::as_str);
+                    match (name, tpl) {
+                        (Some("default"), Some(t)) => {
+                            return Self::new(t.to_string())
+                                .map_err(|e| field_err(format!("does not compile: {e}")))
+                        }
+                        (Some(n), Some(_)) => names.push(n.to_string()),
+                        _ => {
+                            return Err(field_err(
+                                "expected a list of {\"name\", \"template\"} objects".into(),
+                            ))
+                        }
+                    }
+                }
+                Err(field_err(format!(
+                    "no template named \"default\" (found {names:?})"
+                )))
+            }
+            Some(Value::Null) | None => {
+                let jinja = path.with_file_name("chat_template.jinja");
+                if jinja.is_file() {
+                    let src = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+                    Self::new(src).map_err(|e| Error::msg(format!("{}: {e}", jinja.display())))
+                } else {
+                    Ok(Self::qwen25())
+                }
+            }
+            Some(other) => Err(field_err(format!(
+                "expected a string or a list of {{name, template}}, found {}",
+                other
+            ))),
+        }
+    }
+
+    fn environment(&self) -> Environment<'static> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson_filter);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<JValue, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env
+    }
+
     /// Render messages (and optional tool schemas passed as `tools=`) exactly as
     /// transformers' `apply_chat_template(..., tokenize=False)` does.
     pub fn render(
@@ -56,7 +291,435 @@ impl ChatTemplate {
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let _ = (messages, tools, add_generation_prompt);
-        Err(Error::msg("ChatTemplate::render: not implemented yet"))
+        let msgs: Vec<ChatMessage> = messages.iter().map(ChatMessage::from).collect();
+        self.render_chat(&msgs, tools, add_generation_prompt)
+    }
+
+    /// Like [`ChatTemplate::render`] for messages that may carry assistant `tool_calls`.
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let messages = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).map_err(|e| Error::msg(format!("message: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
+        self.render_input(&RenderInput {
+            messages,
+            tools: tools.map(<[Value]>::to_vec),
+            add_generation_prompt,
+            extra: Map::new(),
+        })
+    }
+
+    /// Render messages given as JSON objects.
+    pub fn render_json(
+        &self,
+        messages: &[Value],
+        tools: Option<&[Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.render_input(&RenderInput {
+            messages: messages.to_vec(),
+            tools: tools.map(<[Value]>::to_vec),
+            add_generation_prompt,
+            extra: Map::new(),
+        })
+    }
+
+    /// The general render.
+    pub fn render_input(&self, input: &RenderInput) -> Result<String> {
+        for (i, m) in input.messages.iter().enumerate() {
+            if m.get("role").and_then(Value::as_str).is_none() {
+                return Err(Error::Invalid(format!(
+                    "chat template: message {i} has no string `role`"
+                )));
+            }
+        }
+        let env = self.environment();
+        let tpl = env
+            .template_from_str(&self.source)
+            .map_err(|e| Error::msg(format!("chat template: {}", describe(&e))))?;
+        let mut ctx = Map::new();
+        for (k, v) in &input.extra {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(input.messages.clone()));
+        // transformers passes tools=None when none are given.
+        ctx.insert(
+            "tools".into(),
+            match &input.tools {
+                Some(t) => Value::Array(t.clone()),
+                None => Value::Null,
+            },
+        );
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::Bool(input.add_generation_prompt),
+        );
+        tpl.render(JValue::from_serialize(Value::Object(ctx)))
+            .map_err(|e| Error::msg(format!("chat template: {}", describe(&e))))
+    }
+}
+
+/// A minijinja error with its cause chain and line.
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        let _ = write!(s, ": {c}");
+        src = c.source();
+    }
+    s
+}
+
+/// Options of [`py_json_dumps`], mirroring Python's `json.dumps` arguments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyJsonOpts {
+    pub ensure_ascii: bool,
+    /// None: one line; Some(s): newline and `s` repeated per nesting level.
+    pub indent: Option<String>,
+    pub item_sep: String,
+    pub key_sep: String,
+    pub sort_keys: bool,
+}
+
+impl Default for PyJsonOpts {
+    /// `json.dumps(x, ensure_ascii=False)`.
+    fn default() -> Self {
+        PyJsonOpts {
+            ensure_ascii: false,
+            indent: None,
+            item_sep: ", ".into(),
+            key_sep: ": ".into(),
+            sort_keys: false,
+        }
+    }
+}
+
+/// Python's `repr(float)` as json.dumps writes it: shortest round-trip digits, fixed notation
+/// for exponents -4..=15, else `d.ddde+XX`; `NaN`, `Infinity`, `-Infinity`.
+pub fn py_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
+    let sci = format!("{x:e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (sign, mant) = match mant.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mant),
+    };
+    let digits: String = mant.chars().filter(|c| *c != '.').collect();
+    let mut out = String::from(sign);
+    if (-4..16).contains(&exp) {
+        if exp >= 0 {
+            let int_len = exp as usize + 1;
+            if digits.len() <= int_len {
+                out.push_str(&digits);
+                out.extend(std::iter::repeat_n('0', int_len - digits.len()));
+                out.push_str(".0");
+            } else {
+                out.push_str(&digits[..int_len]);
+                out.push('.');
+                out.push_str(&digits[int_len..]);
+            }
+        } else {
+            out.push_str("0.");
+            out.extend(std::iter::repeat_n('0', (-exp - 1) as usize));
+            out.push_str(&digits);
+        }
+    } else {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    out
+}
+
+/// A JSON string literal as Python's json.dumps writes it.
+pub fn py_json_string(s: &str, ensure_ascii: bool, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if ensure_ascii && (c as u32) > 0x7e => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A value that Python's json.dumps can write: the subset of template values that are JSON.
+enum PyJson {
+    Null,
+    Bool(bool),
+    Int(String),
+    Float(f64),
+    Str(String),
+    List(Vec<PyJson>),
+    Dict(Vec<(String, PyJson)>),
+}
+
+fn py_key(k: &JValue) -> std::result::Result<String, minijinja::Error> {
+    // Python converts str, int, float, bool and None keys to strings.
+    match k.kind() {
+        ValueKind::String => Ok(k.as_str().unwrap_or_default().to_string()),
+        ValueKind::Number if k.is_integer() => Ok(k.to_string()),
+        ValueKind::Number => Ok(py_float_repr(f64::try_from(k.clone()).unwrap_or(f64::NAN))),
+        ValueKind::Bool => Ok(if k.is_true() { "true" } else { "false" }.into()),
+        ValueKind::None => Ok("null".into()),
+        other => Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: keys must be str, int, float, bool or None, not {other}"),
+        )),
+    }
+}
+
+fn to_py_json(v: &JValue, depth: usize) -> std::result::Result<PyJson, minijinja::Error> {
+    if depth > 512 {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            "tojson: value nested too deeply",
+        ));
+    }
+    Ok(match v.kind() {
+        ValueKind::None => PyJson::Null,
+        ValueKind::Bool => PyJson::Bool(v.is_true()),
+        ValueKind::Number if v.is_integer() => PyJson::Int(v.to_string()),
+        ValueKind::Number => PyJson::Float(f64::try_from(v.clone()).map_err(|_| {
+            minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: bad number")
+        })?),
+        ValueKind::String => PyJson::Str(v.as_str().unwrap_or_default().to_string()),
+        ValueKind::Seq | ValueKind::Iterable => PyJson::List(
+            v.try_iter()?
+                .map(|x| to_py_json(&x, depth + 1))
+                .collect::<std::result::Result<_, _>>()?,
+        ),
+        ValueKind::Map => {
+            let mut items = Vec::new();
+            for k in v.try_iter()? {
+                let val = v.get_item(&k)?;
+                items.push((py_key(&k)?, to_py_json(&val, depth + 1)?));
+            }
+            PyJson::Dict(items)
+        }
+        ValueKind::Undefined => {
+            return Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "tojson: Object of type Undefined is not JSON serializable",
+            ))
+        }
+        other => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: a {other} value is not JSON serializable"),
+            ))
+        }
+    })
+}
+
+fn write_py_json(v: &PyJson, o: &PyJsonOpts, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(ind) = &o.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(ind);
+            }
+        }
+    };
+    match v {
+        PyJson::Null => out.push_str("null"),
+        PyJson::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        PyJson::Int(s) => out.push_str(s),
+        PyJson::Float(x) => out.push_str(&py_float_repr(*x)),
+        PyJson::Str(s) => py_json_string(s, o.ensure_ascii, out),
+        PyJson::List(items) => {
+            if items.is_empty() {
+                out.push_str("[]");
+                return;
+            }
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, level + 1);
+                write_py_json(x, o, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        PyJson::Dict(items) => {
+            if items.is_empty() {
+                out.push_str("{}");
+                return;
+            }
+            let mut order: Vec<&(String, PyJson)> = items.iter().collect();
+            if o.sort_keys {
+                order.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            out.push('{');
+            for (i, (k, x)) in order.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(&o.item_sep);
+                }
+                newline(out, level + 1);
+                py_json_string(k, o.ensure_ascii, out);
+                out.push_str(&o.key_sep);
+                write_py_json(x, o, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+fn json_to_py(v: &Value) -> PyJson {
+    match v {
+        Value::Null => PyJson::Null,
+        Value::Bool(b) => PyJson::Bool(*b),
+        Value::Number(n) if n.is_f64() => PyJson::Float(n.as_f64().unwrap_or(f64::NAN)),
+        Value::Number(n) => PyJson::Int(n.to_string()),
+        Value::String(s) => PyJson::Str(s.clone()),
+        Value::Array(a) => PyJson::List(a.iter().map(json_to_py).collect()),
+        Value::Object(m) => {
+            PyJson::Dict(m.iter().map(|(k, v)| (k.clone(), json_to_py(v))).collect())
+        }
+    }
+}
+
+/// `json.dumps(v, ...)` byte for byte, for a serde_json value (floats stay floats: `1.0`).
+pub fn py_json_dumps(v: &Value, opts: &PyJsonOpts) -> String {
+    let mut out = String::new();
+    write_py_json(&json_to_py(v), opts, 0, &mut out);
+    out
+}
+
+/// The template filter: `x | tojson`, with HF's optional arguments
+/// `tojson(ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
+fn tojson_filter(
+    value: JValue,
+    ensure_ascii: Option<JValue>,
+    indent: Option<JValue>,
+    kwargs: Kwargs,
+) -> std::result::Result<JValue, minijinja::Error> {
+    let bad = |m: String| minijinja::Error::new(ErrorKind::InvalidOperation, m);
+    let ensure_ascii = match kwargs
+        .get::<Option<JValue>>("ensure_ascii")?
+        .or(ensure_ascii)
+    {
+        Some(v) => v.is_true(),
+        None => false,
+    };
+    let indent = match kwargs.get::<Option<JValue>>("indent")?.or(indent) {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) if v.is_integer() => {
+            let n = i64::try_from(v.clone()).unwrap_or(0).max(0) as usize;
+            Some(" ".repeat(n))
+        }
+        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().into()),
+        Some(v) => {
+            return Err(bad(format!(
+                "tojson: indent must be an int or a str, not {v}"
+            )))
+        }
+    };
+    let (item_sep, key_sep) = match kwargs.get::<Option<JValue>>("separators")? {
+        Some(v) if !v.is_none() && !v.is_undefined() => {
+            let parts: Vec<JValue> = v.try_iter()?.collect();
+            match parts.as_slice() {
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
+                    a.as_str().unwrap_or_default().to_string(),
+                    b.as_str().unwrap_or_default().to_string(),
+                ),
+                _ => return Err(bad("tojson: separators must be two strings".into())),
+            }
+        }
+        // Python's default: ", " one-line, "," when indenting.
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
+    };
+    let sort_keys = kwargs
+        .get::<Option<JValue>>("sort_keys")?
+        .is_some_and(|v| v.is_true());
+    kwargs.assert_all_used()?;
+    let opts = PyJsonOpts {
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
+    let mut out = String::new();
+    write_py_json(&to_py_json(&value, 0)?, &opts, 0, &mut out);
+    Ok(JValue::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_repr_matches_python() {
+        let cases = [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e-5, "1e-05"),
+            (1e-4, "0.0001"),
+            (1e20, "1e+20"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (123456789.0, "123456789.0"),
+            (-2.5e-7, "-2.5e-07"),
+            (1.2345678901234568e16, "1.2345678901234568e+16"),
+            (5e-324, "5e-324"),
+            (1.7976931348623157e308, "1.7976931348623157e+308"),
+            (-0.0, "-0.0"),
+            (123.456, "123.456"),
+            (f64::INFINITY, "Infinity"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(py_float_repr(x), want, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn strings_escape_like_python() {
+        let mut s = String::new();
+        py_json_string("a\"b\\c\n\u{1}é😀\u{7f}", false, &mut s);
+        assert_eq!(s, "\"a\\\"b\\\\c\\n\\u0001é😀\u{7f}\"");
+        let mut s = String::new();
+        py_json_string("é😀", true, &mut s);
+        assert_eq!(s, "\"\\u00e9\\ud83d\\ude00\"");
     }
 }

@@ -61,7 +61,7 @@ pub enum LossAgg {
     SeqMeanTokenSum,
     /// mean over sequences of the per-sequence masked token mean.
     SeqMeanTokenMean,
-    /// Dr.GRPO: sum over sequences of token sums / (n_seq * norm_len).
+    /// Dr.GRPO (verl): sum over sequences of the masked token sums / norm_len (the horizon).
     SeqMeanTokenSumNorm,
 }
 

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod init;
+pub mod memory;
 pub mod qwen2;
 pub mod weights;
 

@@ -85,12 +85,134 @@ pub struct Tape<B: Backend> {
     pub logp: B::F,
     pub entropy: Option<B::F>,
     pub n_tok: usize,
-    #[allow(dead_code)]
-    saved: Vec<B::T>,
-    #[allow(dead_code)]
-    saved_f32: Vec<B::F>,
-    #[allow(dead_code)]
+    /// Residual stream entering each layer, plus the final one (num_layers + 1 buffers).
+    inputs: Vec<B::T>,
+    /// Every layer's activations (empty when recomputing).
+    acts: Vec<LayerActs<B>>,
+    /// Final-norm output, its rstd and the vocabulary logsumexp per token.
+    x_final: B::T,
+    rstd_final: B::F,
+    lse: B::F,
     recompute: bool,
+}
+
+/// Activations of one decoder layer: what its backward reads. `q` and `k` are stored after
+/// RoPE; `h1` is the residual stream after attention.
+struct LayerActs<B: Backend> {
+    xn1: B::T,
+    rstd1: B::F,
+    q: B::T,
+    k: B::T,
+    v: B::T,
+    attn: B::T,
+    lse: B::F,
+    h1: B::T,
+    xn2: B::T,
+    rstd2: B::F,
+    gate: B::T,
+    up: B::T,
+    act: B::T,
+}
+
+/// Activation gradients of one layer's backward (scratch, reused across layers).
+struct LayerGrads<B: Backend> {
+    dact: B::T,
+    dgate: B::T,
+    dup: B::T,
+    dxn2: B::T,
+    dh1: B::T,
+    dattn: B::T,
+    dq: B::T,
+    dk: B::T,
+    dv: B::T,
+    dxn1: B::T,
+}
+
+/// Sizes of one pass over `n` token rows.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    qd: usize,
+    kvd: usize,
+    inter: usize,
+    vocab: usize,
+    eps: f32,
+    theta: f32,
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(b: &B, d: &Dims) -> Result<Self> {
+        let n = d.n;
+        Ok(LayerActs {
+            xn1: b.zeros(n * d.h)?,
+            rstd1: b.zeros_f32(n)?,
+            q: b.zeros(n * d.qd)?,
+            k: b.zeros(n * d.kvd)?,
+            v: b.zeros(n * d.kvd)?,
+            attn: b.zeros(n * d.qd)?,
+            lse: b.zeros_f32(n * d.nh)?,
+            h1: b.zeros(n * d.h)?,
+            xn2: b.zeros(n * d.h)?,
+            rstd2: b.zeros_f32(n)?,
+            gate: b.zeros(n * d.inter)?,
+            up: b.zeros(n * d.inter)?,
+            act: b.zeros(n * d.inter)?,
+        })
+    }
+}
+
+impl<B: Backend> LayerGrads<B> {
+    fn new(b: &B, d: &Dims) -> Result<Self> {
+        let n = d.n;
+        Ok(LayerGrads {
+            dact: b.zeros(n * d.inter)?,
+            dgate: b.zeros(n * d.inter)?,
+            dup: b.zeros(n * d.inter)?,
+            dxn2: b.zeros(n * d.h)?,
+            dh1: b.zeros(n * d.h)?,
+            dattn: b.zeros(n * d.qd)?,
+            dq: b.zeros(n * d.qd)?,
+            dk: b.zeros(n * d.kvd)?,
+            dv: b.zeros(n * d.kvd)?,
+            dxn1: b.zeros(n * d.h)?,
+        })
+    }
+}
+
+/// How a layer attends: over packed sequences (training, scoring, prefill; prefill also writes
+/// the keys/values into the cache), or one new token per slot against the KV cache (decode).
+enum Attn<'a, B: Backend> {
+    Packed {
+        cu: &'a B::I,
+        cu_host: &'a [u32],
+        max_len: usize,
+        /// (cache row of each token, this layer's k cache, v cache)
+        store: Option<(&'a B::I, &'a mut B::T, &'a mut B::T)>,
+    },
+    Decode {
+        dst: &'a B::I,
+        /// Cached length per slot once the new token is stored.
+        lens: &'a B::I,
+        k_cache: &'a mut B::T,
+        v_cache: &'a mut B::T,
+        max_len: usize,
+    },
+}
+
+/// Two distinct elements of a slice, both mutable.
+fn two_mut<T>(s: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert_ne!(i, j, "two_mut: indices must differ");
+    if i < j {
+        let (a, b) = s.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = s.split_at_mut(i);
+        (&mut b[0], &mut a[j])
+    }
 }
 
 /// Per-layer key/value cache for `slots` sequences of at most `max_len` tokens.
@@ -149,9 +271,425 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
+    /// A model with random parameters fully determined by `seed`, for numerical tests: weights
+    /// uniform with unit-variance outputs (scaled by fan-in), embeddings in [-1, 1], norm
+    /// weights in [0.8, 1.2], biases in [-0.1, 0.1]. Unlike [`crate::model::init::random_params`]
+    /// (HF's std-0.02 init, where a tiny model is nearly linear), every nonlinearity, softmax and
+    /// normalisation is far from its small-input regime, so gradient checks exercise them.
+    pub fn random(b: &B, cfg: Qwen2Config, seed: u64) -> Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let layout = ParamLayout::new(&cfg);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut host = Vec::with_capacity(layout.specs.len());
+        for spec in &layout.specs {
+            let n = spec.numel();
+            let v: Vec<f32> = if spec.name.ends_with("norm.weight") {
+                (0..n)
+                    .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+                    .collect()
+            } else if spec.name.ends_with(".bias") {
+                (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect()
+            } else if spec.name == "model.embed_tokens.weight" {
+                (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+            } else {
+                let fan_in = *spec.shape.last().unwrap_or(&1) as f32;
+                let a = (3.0 / fan_in).sqrt();
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            };
+            host.push(v);
+        }
+        Self::from_host(b, cfg, &host)
+    }
+
+    fn dims(&self, n: usize) -> Result<Dims> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if nh == 0 || nkv == 0 || nh % nkv != 0 || hd == 0 || hd % 2 != 0 {
+            return Err(Error::Config {
+                file: "config.json".into(),
+                field: "num_attention_heads".into(),
+                msg: format!(
+                    "{nh} heads, {nkv} kv heads, head_dim {hd}: expected heads a positive \
+                     multiple of kv heads and an even head_dim"
+                ),
+            });
+        }
+        Ok(Dims {
+            n,
+            h: c.hidden_size,
+            nh,
+            nkv,
+            hd,
+            qd: nh * hd,
+            kvd: nkv * hd,
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps as f32,
+            theta: c.rope_theta as f32,
+        })
+    }
+
+    /// Check that every id is a vocabulary row.
+    fn check_ids(&self, what: &str, ids: &[u32]) -> Result<()> {
+        let v = self.cfg.vocab_size;
+        if let Some((i, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            return Err(Error::Invalid(format!(
+                "{what}[{i}] = {id} is not below vocab_size = {v}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn upload_batch(&self, b: &B, batch: &PackedBatch) -> Result<DeviceBatch<B>> {
-        let _ = (b, batch);
-        Err(Error::msg("Model::upload_batch: not implemented yet"))
+        let n = batch.n_tok();
+        if n == 0 {
+            return Err(Error::Invalid("batch: no tokens".into()));
+        }
+        if batch.targets.len() != n || batch.positions.len() != n {
+            return Err(Error::Invalid(format!(
+                "batch: {n} tokens but {} targets and {} positions",
+                batch.targets.len(),
+                batch.positions.len()
+            )));
+        }
+        let cu = &batch.cu_seqlens;
+        if cu.len() < 2 || cu[0] != 0 || *cu.last().unwrap_or(&0) as usize != n {
+            return Err(Error::Invalid(format!(
+                "batch: cu_seqlens must run from 0 to n_tok = {n} with at least one sequence"
+            )));
+        }
+        if let Some(i) = cu.windows(2).position(|w| w[1] < w[0]) {
+            return Err(Error::Invalid(format!(
+                "batch: cu_seqlens decreases at entry {}",
+                i + 1
+            )));
+        }
+        self.check_ids("batch.tokens", &batch.tokens)?;
+        self.check_ids("batch.targets", &batch.targets)?;
+        Ok(DeviceBatch {
+            tokens: b.upload_u32(&batch.tokens)?,
+            targets: b.upload_u32(&batch.targets)?,
+            cu_seqlens: b.upload_u32(cu)?,
+            positions: b.upload_u32(&batch.positions)?,
+            cu_host: cu.clone(),
+            n_tok: n,
+            max_len: batch.max_len(),
+        })
+    }
+
+    fn p(&self, i: usize) -> &B::T {
+        &self.params[i]
+    }
+
+    /// One decoder layer, the single place the layer schedule is written:
+    /// RMSNorm -> q/k/v (+bias) -> RoPE -> attention -> o_proj -> +residual -> RMSNorm ->
+    /// SwiGLU MLP -> +residual. Reads `x`, fills `a`, writes the layer output to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        b: &B,
+        l: usize,
+        d: &Dims,
+        x: &B::T,
+        pos: &B::I,
+        attn: Attn<'_, B>,
+        a: &mut LayerActs<B>,
+        out: &mut B::T,
+    ) -> Result<()> {
+        let p = self.layout.layers[l];
+        let n = d.n;
+        b.rmsnorm(
+            x,
+            self.p(p.input_norm),
+            &mut a.xn1,
+            &mut a.rstd1,
+            n,
+            d.h,
+            d.eps,
+        )?;
+        b.linear(
+            &a.xn1,
+            self.p(p.wq),
+            Some(self.p(p.bq)),
+            &mut a.q,
+            n,
+            d.qd,
+            d.h,
+        )?;
+        b.linear(
+            &a.xn1,
+            self.p(p.wk),
+            Some(self.p(p.bk)),
+            &mut a.k,
+            n,
+            d.kvd,
+            d.h,
+        )?;
+        b.linear(
+            &a.xn1,
+            self.p(p.wv),
+            Some(self.p(p.bv)),
+            &mut a.v,
+            n,
+            d.kvd,
+            d.h,
+        )?;
+        b.rope(&mut a.q, pos, n, d.nh, d.hd, d.theta)?;
+        b.rope(&mut a.k, pos, n, d.nkv, d.hd, d.theta)?;
+        match attn {
+            Attn::Packed {
+                cu,
+                cu_host,
+                max_len,
+                store,
+            } => {
+                if let Some((dst, kc, vc)) = store {
+                    b.kv_store(&a.k, &a.v, dst, kc, vc, n, d.kvd)?;
+                }
+                b.attention(
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    &mut a.attn,
+                    &mut a.lse,
+                    cu,
+                    cu_host,
+                    max_len,
+                    d.nh,
+                    d.nkv,
+                    d.hd,
+                )?;
+            }
+            Attn::Decode {
+                dst,
+                lens,
+                k_cache,
+                v_cache,
+                max_len,
+            } => {
+                b.kv_store(&a.k, &a.v, dst, k_cache, v_cache, n, d.kvd)?;
+                b.attention_decode(
+                    &a.q,
+                    k_cache,
+                    v_cache,
+                    lens,
+                    &mut a.attn,
+                    n,
+                    max_len,
+                    d.nh,
+                    d.nkv,
+                    d.hd,
+                )?;
+            }
+        }
+        b.linear(&a.attn, self.p(p.wo), None, &mut a.h1, n, d.h, d.qd)?;
+        b.add_inplace(&mut a.h1, x, n * d.h)?;
+        b.rmsnorm(
+            &a.h1,
+            self.p(p.post_norm),
+            &mut a.xn2,
+            &mut a.rstd2,
+            n,
+            d.h,
+            d.eps,
+        )?;
+        b.linear(&a.xn2, self.p(p.w_gate), None, &mut a.gate, n, d.inter, d.h)?;
+        b.linear(&a.xn2, self.p(p.w_up), None, &mut a.up, n, d.inter, d.h)?;
+        b.swiglu(&a.gate, &a.up, &mut a.act, n * d.inter)?;
+        b.linear(&a.act, self.p(p.w_down), None, out, n, d.h, d.inter)?;
+        b.add_inplace(out, &a.h1, n * d.h)?;
+        Ok(())
+    }
+
+    /// Backward of [`Model::layer_forward`]: from `dout` (gradient of the layer output) writes
+    /// `dx` (gradient of the layer input) and accumulates the layer's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        b: &B,
+        l: usize,
+        d: &Dims,
+        batch: &DeviceBatch<B>,
+        x: &B::T,
+        a: &LayerActs<B>,
+        dout: &B::T,
+        dx: &mut B::T,
+        g: &mut LayerGrads<B>,
+        grads: &mut [B::F],
+    ) -> Result<()> {
+        let p = self.layout.layers[l];
+        let n = d.n;
+        // MLP: out = h1 + down(silu(gate(xn2)) * up(xn2))
+        b.linear_bwd(
+            dout,
+            &a.act,
+            self.p(p.w_down),
+            Some(&mut g.dact),
+            false,
+            Some(&mut grads[p.w_down]),
+            None,
+            n,
+            d.h,
+            d.inter,
+        )?;
+        b.swiglu_bwd(
+            &g.dact,
+            &a.gate,
+            &a.up,
+            &mut g.dgate,
+            &mut g.dup,
+            n * d.inter,
+        )?;
+        b.linear_bwd(
+            &g.dgate,
+            &a.xn2,
+            self.p(p.w_gate),
+            Some(&mut g.dxn2),
+            false,
+            Some(&mut grads[p.w_gate]),
+            None,
+            n,
+            d.inter,
+            d.h,
+        )?;
+        b.linear_bwd(
+            &g.dup,
+            &a.xn2,
+            self.p(p.w_up),
+            Some(&mut g.dxn2),
+            true,
+            Some(&mut grads[p.w_up]),
+            None,
+            n,
+            d.inter,
+            d.h,
+        )?;
+        b.copy(dout, &mut g.dh1, n * d.h)?;
+        b.rmsnorm_bwd(
+            &g.dxn2,
+            &a.h1,
+            self.p(p.post_norm),
+            &a.rstd2,
+            &mut g.dh1,
+            Some(&mut grads[p.post_norm]),
+            n,
+            d.h,
+        )?;
+        // Attention: h1 = x + o_proj(attn(rope(q), rope(k), v))
+        b.linear_bwd(
+            &g.dh1,
+            &a.attn,
+            self.p(p.wo),
+            Some(&mut g.dattn),
+            false,
+            Some(&mut grads[p.wo]),
+            None,
+            n,
+            d.h,
+            d.qd,
+        )?;
+        b.attention_bwd(
+            &g.dattn,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.attn,
+            &a.lse,
+            &mut g.dq,
+            &mut g.dk,
+            &mut g.dv,
+            &batch.cu_seqlens,
+            &batch.cu_host,
+            batch.max_len,
+            d.nh,
+            d.nkv,
+            d.hd,
+        )?;
+        b.rope_bwd(&mut g.dq, &batch.positions, n, d.nh, d.hd, d.theta)?;
+        b.rope_bwd(&mut g.dk, &batch.positions, n, d.nkv, d.hd, d.theta)?;
+        for (dy, w, bias, rows, first) in [
+            (&g.dq, p.wq, p.bq, d.qd, true),
+            (&g.dk, p.wk, p.bk, d.kvd, false),
+            (&g.dv, p.wv, p.bv, d.kvd, false),
+        ] {
+            let (gw, gb) = two_mut(grads, w, bias);
+            b.linear_bwd(
+                dy,
+                &a.xn1,
+                self.p(w),
+                Some(&mut g.dxn1),
+                !first,
+                Some(gw),
+                Some(gb),
+                n,
+                rows,
+                d.h,
+            )?;
+        }
+        b.copy(&g.dh1, dx, n * d.h)?;
+        b.rmsnorm_bwd(
+            &g.dxn1,
+            x,
+            self.p(p.input_norm),
+            &a.rstd1,
+            dx,
+            Some(&mut grads[p.input_norm]),
+            n,
+            d.h,
+        )?;
+        Ok(())
+    }
+
+    /// Residual stream after the last layer for a packed batch, without saving activations
+    /// (one scratch set reused per layer). With `cache`, every layer's keys/values are also
+    /// written to cache rows `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn hidden_packed(
+        &self,
+        b: &B,
+        d: &Dims,
+        tokens: &B::I,
+        pos: &B::I,
+        cu: &B::I,
+        cu_host: &[u32],
+        max_len: usize,
+        mut cache: Option<(&B::I, &mut KvCache<B>)>,
+    ) -> Result<B::T> {
+        let mut x = b.zeros(d.n * d.h)?;
+        b.embedding(tokens, self.p(self.layout.embed), &mut x, d.n, d.h)?;
+        let mut y = b.zeros(d.n * d.h)?;
+        let mut acts = LayerActs::new(b, d)?;
+        for l in 0..self.layout.layers.len() {
+            let store = match cache.as_mut() {
+                Some((dst, c)) => Some((*dst, &mut c.k[l], &mut c.v[l])),
+                None => None,
+            };
+            let attn = Attn::Packed {
+                cu,
+                cu_host,
+                max_len,
+                store,
+            };
+            self.layer_forward(b, l, d, &x, pos, attn, &mut acts, &mut y)?;
+            std::mem::swap(&mut x, &mut y);
+        }
+        Ok(x)
+    }
+
+    /// Final RMSNorm of `rows` rows: (normed, rstd).
+    fn final_norm(&self, b: &B, x: &B::T, rows: usize, d: &Dims) -> Result<(B::T, B::F)> {
+        let mut xf = b.zeros(rows * d.h)?;
+        let mut rstd = b.zeros_f32(rows)?;
+        b.rmsnorm(
+            x,
+            self.p(self.layout.norm),
+            &mut xf,
+            &mut rstd,
+            rows,
+            d.h,
+            d.eps,
+        )?;
+        Ok((xf, rstd))
     }
 
     /// Teacher-forced log-probabilities without gradient (old/reference logprobs, eval).
@@ -162,14 +700,67 @@ impl<B: Backend> Model<B> {
         batch: &DeviceBatch<B>,
         entropy: bool,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let _ = (b, batch, entropy);
-        Err(Error::msg("Model::logprobs: not implemented yet"))
+        let d = self.dims(batch.n_tok)?;
+        let x = self.hidden_packed(
+            b,
+            &d,
+            &batch.tokens,
+            &batch.positions,
+            &batch.cu_seqlens,
+            &batch.cu_host,
+            batch.max_len,
+            None,
+        )?;
+        let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
+        let mut logp = b.zeros_f32(d.n)?;
+        let mut lse = b.zeros_f32(d.n)?;
+        let mut ent = if entropy {
+            Some(b.zeros_f32(d.n)?)
+        } else {
+            None
+        };
+        b.logprobs(
+            &xf,
+            self.p(self.layout.lm_head),
+            &batch.targets,
+            &mut logp,
+            &mut lse,
+            ent.as_mut(),
+            d.n,
+            d.h,
+            d.vocab,
+        )?;
+        let ent = match ent {
+            Some(e) => Some(b.download_f32(&e, d.n)?),
+            None => None,
+        };
+        Ok((b.download_f32(&logp, d.n)?, ent))
     }
 
     /// Full f32 logits [n_tok, vocab] of a teacher-forced pass (tests, small vocabularies).
     pub fn forward_logits(&self, b: &B, batch: &DeviceBatch<B>) -> Result<Vec<f32>> {
-        let _ = (b, batch);
-        Err(Error::msg("Model::forward_logits: not implemented yet"))
+        let d = self.dims(batch.n_tok)?;
+        let x = self.hidden_packed(
+            b,
+            &d,
+            &batch.tokens,
+            &batch.positions,
+            &batch.cu_seqlens,
+            &batch.cu_host,
+            batch.max_len,
+            None,
+        )?;
+        let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
+        let mut out = b.zeros_f32(d.n * d.vocab)?;
+        b.logits(
+            &xf,
+            self.p(self.layout.lm_head),
+            &mut out,
+            d.n,
+            d.h,
+            d.vocab,
+        )?;
+        b.download_f32(&out, d.n * d.vocab)
     }
 
     /// Training forward: keeps what the backward needs (everything, or only the layer inputs
@@ -181,8 +772,65 @@ impl<B: Backend> Model<B> {
         entropy: bool,
         recompute: bool,
     ) -> Result<Tape<B>> {
-        let _ = (b, batch, entropy, recompute);
-        Err(Error::msg("Model::forward_train: not implemented yet"))
+        let d = self.dims(batch.n_tok)?;
+        let n_layers = self.layout.layers.len();
+        let mut inputs = Vec::with_capacity(n_layers + 1);
+        let mut x0 = b.zeros(d.n * d.h)?;
+        b.embedding(&batch.tokens, self.p(self.layout.embed), &mut x0, d.n, d.h)?;
+        inputs.push(x0);
+        let mut acts = Vec::new();
+        let mut scratch = if recompute {
+            Some(LayerActs::new(b, &d)?)
+        } else {
+            None
+        };
+        for l in 0..n_layers {
+            let mut out = b.zeros(d.n * d.h)?;
+            let mut fresh = None;
+            let a = match scratch.as_mut() {
+                Some(s) => s,
+                None => fresh.insert(LayerActs::new(b, &d)?),
+            };
+            let attn = Attn::Packed {
+                cu: &batch.cu_seqlens,
+                cu_host: &batch.cu_host,
+                max_len: batch.max_len,
+                store: None,
+            };
+            self.layer_forward(b, l, &d, &inputs[l], &batch.positions, attn, a, &mut out)?;
+            acts.extend(fresh);
+            inputs.push(out);
+        }
+        let (x_final, rstd_final) = self.final_norm(b, &inputs[n_layers], d.n, &d)?;
+        let mut logp = b.zeros_f32(d.n)?;
+        let mut lse = b.zeros_f32(d.n)?;
+        let mut ent = if entropy {
+            Some(b.zeros_f32(d.n)?)
+        } else {
+            None
+        };
+        b.logprobs(
+            &x_final,
+            self.p(self.layout.lm_head),
+            &batch.targets,
+            &mut logp,
+            &mut lse,
+            ent.as_mut(),
+            d.n,
+            d.h,
+            d.vocab,
+        )?;
+        Ok(Tape {
+            logp,
+            entropy: ent,
+            n_tok: d.n,
+            inputs,
+            acts,
+            x_final,
+            rstd_final,
+            lse,
+            recompute,
+        })
     }
 
     /// Backward from dL/dlogp (n_tok f32 entries on the backend); accumulates (+=) into
@@ -195,27 +843,219 @@ impl<B: Backend> Model<B> {
         dlogp: &B::F,
         grads: &mut [B::F],
     ) -> Result<()> {
-        let _ = (b, batch, tape, dlogp, grads);
-        Err(Error::msg("Model::backward: not implemented yet"))
+        if grads.len() != self.layout.specs.len() {
+            return Err(Error::Invalid(format!(
+                "backward: {} gradient buffers given, the model has {} parameters",
+                grads.len(),
+                self.layout.specs.len()
+            )));
+        }
+        let n_layers = self.layout.layers.len();
+        if tape.n_tok != batch.n_tok || tape.inputs.len() != n_layers + 1 {
+            return Err(Error::Invalid(format!(
+                "backward: the tape holds {} tokens, the batch {}",
+                tape.n_tok, batch.n_tok
+            )));
+        }
+        let d = self.dims(batch.n_tok)?;
+        // Head: logp = log_softmax(norm(x_L) · lm_headᵀ)[target]
+        let mut dxf = b.zeros(d.n * d.h)?;
+        b.logprobs_bwd(
+            dlogp,
+            &tape.x_final,
+            self.p(self.layout.lm_head),
+            &batch.targets,
+            &tape.lse,
+            &mut dxf,
+            Some(&mut grads[self.layout.lm_head]),
+            d.n,
+            d.h,
+            d.vocab,
+        )?;
+        let mut dx = b.zeros(d.n * d.h)?;
+        b.rmsnorm_bwd(
+            &dxf,
+            &tape.inputs[n_layers],
+            self.p(self.layout.norm),
+            &tape.rstd_final,
+            &mut dx,
+            Some(&mut grads[self.layout.norm]),
+            d.n,
+            d.h,
+        )?;
+        drop(dxf);
+        let mut dx_in = b.zeros(d.n * d.h)?;
+        let mut g = LayerGrads::new(b, &d)?;
+        let mut scratch = if tape.recompute {
+            Some((LayerActs::new(b, &d)?, b.zeros(d.n * d.h)?))
+        } else {
+            None
+        };
+        for l in (0..n_layers).rev() {
+            let a = match scratch.as_mut() {
+                Some((a, out)) => {
+                    let attn = Attn::Packed {
+                        cu: &batch.cu_seqlens,
+                        cu_host: &batch.cu_host,
+                        max_len: batch.max_len,
+                        store: None,
+                    };
+                    self.layer_forward(b, l, &d, &tape.inputs[l], &batch.positions, attn, a, out)?;
+                    &*a
+                }
+                None => &tape.acts[l],
+            };
+            self.layer_backward(
+                b,
+                l,
+                &d,
+                batch,
+                &tape.inputs[l],
+                a,
+                &dx,
+                &mut dx_in,
+                &mut g,
+                grads,
+            )?;
+            std::mem::swap(&mut dx, &mut dx_in);
+        }
+        b.embedding_bwd(&batch.tokens, &dx, &mut grads[self.layout.embed], d.n, d.h)?;
+        Ok(())
     }
 
     pub fn new_cache(&self, b: &B, slots: usize, max_len: usize) -> Result<KvCache<B>> {
-        let _ = (b, slots, max_len);
-        Err(Error::msg("Model::new_cache: not implemented yet"))
+        if slots == 0 || max_len == 0 {
+            return Err(Error::Invalid(format!(
+                "new_cache: slots = {slots} and max_len = {max_len} must both be positive"
+            )));
+        }
+        let kvd = self.cfg.num_key_value_heads * self.cfg.head_dim;
+        let n = slots * max_len * kvd;
+        let mut k = Vec::with_capacity(self.layout.layers.len());
+        let mut v = Vec::with_capacity(self.layout.layers.len());
+        for _ in &self.layout.layers {
+            k.push(b.zeros(n)?);
+            v.push(b.zeros(n)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            lens: vec![0; slots],
+            slots,
+            max_len,
+        })
     }
 
-    /// Prefill slot i with prompts[i] (slots.len() == prompts.len() <= cache.slots); returns f32
+    /// Prefill slot i with `prompts[i]` (`prompts.len() <= cache.slots`); returns f32
     /// logits [prompts.len(), vocab] of each prompt's last token.
     pub fn prefill(&self, b: &B, cache: &mut KvCache<B>, prompts: &[Vec<u32>]) -> Result<B::F> {
-        let _ = (b, cache, prompts);
-        Err(Error::msg("Model::prefill: not implemented yet"))
+        if prompts.is_empty() || prompts.len() > cache.slots {
+            return Err(Error::Invalid(format!(
+                "prefill: {} prompts for a cache of {} slots (expected 1..={})",
+                prompts.len(),
+                cache.slots,
+                cache.slots
+            )));
+        }
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut dst = Vec::new();
+        let mut cu_host = vec![0u32];
+        let mut last = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() || p.len() > cache.max_len {
+                return Err(Error::Invalid(format!(
+                    "prefill: prompt {i} has {} tokens, expected 1..={} (cache max_len)",
+                    p.len(),
+                    cache.max_len
+                )));
+            }
+            self.check_ids(&format!("prefill: prompt {i}"), p)?;
+            tokens.extend_from_slice(p);
+            for t in 0..p.len() {
+                positions.push(t as u32);
+                dst.push((i * cache.max_len + t) as u32);
+            }
+            cu_host.push(tokens.len() as u32);
+            last.push(tokens.len() as u32 - 1);
+        }
+        let max_len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let d = self.dims(tokens.len())?;
+        let tok_d = b.upload_u32(&tokens)?;
+        let pos_d = b.upload_u32(&positions)?;
+        let cu_d = b.upload_u32(&cu_host)?;
+        let dst_d = b.upload_u32(&dst)?;
+        let x = self.hidden_packed(
+            b,
+            &d,
+            &tok_d,
+            &pos_d,
+            &cu_d,
+            &cu_host,
+            max_len,
+            Some((&dst_d, cache)),
+        )?;
+        // Gather each prompt's last row (the embedding op is a row gather).
+        let np = prompts.len();
+        let mut xl = b.zeros(np * d.h)?;
+        b.embedding(&b.upload_u32(&last)?, &x, &mut xl, np, d.h)?;
+        let (xf, _) = self.final_norm(b, &xl, np, &d)?;
+        let mut out = b.zeros_f32(np * d.vocab)?;
+        b.logits(&xf, self.p(self.layout.lm_head), &mut out, np, d.h, d.vocab)?;
+        for (i, p) in prompts.iter().enumerate() {
+            cache.lens[i] = p.len() as u32;
+        }
+        Ok(out)
     }
 
-    /// Append tokens[i] to slot i at position cache.lens[i] for every slot (a finished slot
+    /// Append `tokens[i]` to slot i at position `cache.lens[i]` for every slot (a finished slot
     /// may be fed any token; its output is ignored by the caller); returns f32 logits
-    /// [slots, vocab].
+    /// [slots, vocab]. Fewer tokens than slots decode only the leading slots.
     pub fn decode(&self, b: &B, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<B::F> {
-        let _ = (b, cache, tokens);
-        Err(Error::msg("Model::decode: not implemented yet"))
+        let n = tokens.len();
+        if n == 0 || n > cache.slots {
+            return Err(Error::Invalid(format!(
+                "decode: {n} tokens for a cache of {} slots (expected 1..={})",
+                cache.slots, cache.slots
+            )));
+        }
+        self.check_ids("decode: tokens", tokens)?;
+        let mut dst = Vec::with_capacity(n);
+        let mut after = Vec::with_capacity(n);
+        for (i, &l) in cache.lens[..n].iter().enumerate() {
+            if l as usize >= cache.max_len {
+                return Err(Error::Invalid(format!(
+                    "decode: slot {i} is full ({l} of max_len = {} tokens)",
+                    cache.max_len
+                )));
+            }
+            dst.push((i * cache.max_len) as u32 + l);
+            after.push(l + 1);
+        }
+        let d = self.dims(n)?;
+        let tok_d = b.upload_u32(tokens)?;
+        let pos_d = b.upload_u32(&cache.lens[..n])?;
+        let dst_d = b.upload_u32(&dst)?;
+        let lens_d = b.upload_u32(&after)?;
+        let mut x = b.zeros(n * d.h)?;
+        b.embedding(&tok_d, self.p(self.layout.embed), &mut x, n, d.h)?;
+        let mut y = b.zeros(n * d.h)?;
+        let mut acts = LayerActs::new(b, &d)?;
+        for l in 0..self.layout.layers.len() {
+            let attn = Attn::Decode {
+                dst: &dst_d,
+                lens: &lens_d,
+                k_cache: &mut cache.k[l],
+                v_cache: &mut cache.v[l],
+                max_len: cache.max_len,
+            };
+            self.layer_forward(b, l, &d, &x, &pos_d, attn, &mut acts, &mut y)?;
+            std::mem::swap(&mut x, &mut y);
+        }
+        let (xf, _) = self.final_norm(b, &x, n, &d)?;
+        let mut out = b.zeros_f32(n * d.vocab)?;
+        b.logits(&xf, self.p(self.layout.lm_head), &mut out, n, d.h, d.vocab)?;
+        cache.lens[..n].copy_from_slice(&after);
+        Ok(out)
     }
 }

@@ -1279,7 +1279,10 @@ impl Cuda {
 }
 
 /// Reduces the per-token GRPO rows (tok, pg, kl, clipped, ratio) to the loss scalars in f64 and
-/// returns the per-sequence gradient weight w[s] = d loss / d tok_t for tokens of sequence s.
+/// returns the per-sequence gradient weight w[s] = d loss / d tok_t for tokens of sequence s
+/// (the mask value multiplies it on the device). Same aggregation as the CPU backend:
+/// token-mean Σ m L / Σ m; seq-mean-token-sum Σ_s (Σ m L) / n_seq; seq-mean-token-mean mean over
+/// non-empty sequences of (Σ m L / Σ m); seq-mean-token-sum-norm Σ m L / norm_len.
 fn grpo_reduce(
     st: &[f32],
     mask: &[f32],
@@ -1288,21 +1291,36 @@ fn grpo_reduce(
     n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<(GrpoLossOut, Vec<f32>)> {
+    ensure!(
+        cfg.loss_scale_div.is_finite() && cfg.loss_scale_div > 0.0,
+        "grpo_loss: `loss_scale_div` = {}, expected > 0",
+        cfg.loss_scale_div
+    );
+    ensure!(
+        cfg.agg != LossAgg::SeqMeanTokenSumNorm || (cfg.norm_len.is_finite() && cfg.norm_len > 0.0),
+        "grpo_loss: `norm_len` = {}, expected > 0 for seq-mean-token-sum-norm",
+        cfg.norm_len
+    );
     let row = |k: usize, t: usize| st[k * n + t] as f64;
     let mut cnt_s = vec![0f64; n_seq];
     let mut tok_s = vec![0f64; n_seq];
     let mut pg_s = vec![0f64; n_seq];
     let (mut cnt, mut kl, mut clip, mut ratio) = (0f64, 0f64, 0f64, 0f64);
     for t in 0..n {
+        let s = seq[t] as usize;
+        ensure!(
+            s < n_seq,
+            "grpo_loss: `seq_id[{t}]` = {s}, expected < n_seq = {n_seq}"
+        );
+        ensure!(
+            mask[t].is_finite() && mask[t] >= 0.0,
+            "grpo_loss: `mask[{t}]` = {}, expected a finite weight >= 0",
+            mask[t]
+        );
         let mk = mask[t] as f64;
         if mk == 0.0 {
             continue;
         }
-        let s = seq[t] as usize;
-        ensure!(
-            s < n_seq,
-            "grpo_loss: seq_id[{t}] = {s} but n_seq = {n_seq}"
-        );
         cnt_s[s] += mk;
         tok_s[s] += mk * row(0, t);
         pg_s[s] += mk * row(1, t);
@@ -1311,31 +1329,11 @@ fn grpo_reduce(
         clip += mk * row(3, t);
         ratio += mk * row(4, t);
     }
-    let ns = n_seq.max(1) as f64;
+    let nonempty = cnt_s.iter().filter(|&&c| c != 0.0).count().max(1) as f64;
     let div = cfg.loss_scale_div as f64;
-    let mut w = vec![0f64; n_seq];
-    let agg = |per: &[f64]| -> f64 {
-        match cfg.agg {
-            LossAgg::TokenMean => {
-                if cnt > 0.0 {
-                    per.iter().sum::<f64>() / cnt
-                } else {
-                    0.0
-                }
-            }
-            LossAgg::SeqMeanTokenSum => per.iter().sum::<f64>() / ns,
-            LossAgg::SeqMeanTokenMean => {
-                per.iter()
-                    .zip(&cnt_s)
-                    .map(|(x, c)| if *c > 0.0 { x / c } else { 0.0 })
-                    .sum::<f64>()
-                    / ns
-            }
-            LossAgg::SeqMeanTokenSumNorm => per.iter().sum::<f64>() / (ns * cfg.norm_len as f64),
-        }
-    };
-    for (s, ws) in w.iter_mut().enumerate() {
-        *ws = match cfg.agg {
+    // Weight of one unit of mask of sequence s in the aggregate.
+    let w: Vec<f64> = (0..n_seq)
+        .map(|s| match cfg.agg {
             LossAgg::TokenMean => {
                 if cnt > 0.0 {
                     1.0 / cnt
@@ -1343,17 +1341,18 @@ fn grpo_reduce(
                     0.0
                 }
             }
-            LossAgg::SeqMeanTokenSum => 1.0 / ns,
+            LossAgg::SeqMeanTokenSum => 1.0 / n_seq.max(1) as f64,
             LossAgg::SeqMeanTokenMean => {
                 if cnt_s[s] > 0.0 {
-                    1.0 / (ns * cnt_s[s])
+                    1.0 / (cnt_s[s] * nonempty)
                 } else {
                     0.0
                 }
             }
-            LossAgg::SeqMeanTokenSumNorm => 1.0 / (ns * cfg.norm_len as f64),
-        } / div;
-    }
+            LossAgg::SeqMeanTokenSumNorm => 1.0 / cfg.norm_len as f64,
+        })
+        .collect();
+    let agg = |per: &[f64]| -> f64 { per.iter().zip(&w).map(|(x, ws)| x * ws).sum() };
     let mean = |x: f64| if cnt > 0.0 { x / cnt } else { 0.0 };
     let out = GrpoLossOut {
         loss: (agg(&tok_s) / div) as f32,
@@ -1363,5 +1362,5 @@ fn grpo_reduce(
         ratio_mean: mean(ratio) as f32,
         n_tokens: cnt as f32,
     };
-    Ok((out, w.into_iter().map(|x| x as f32).collect()))
+    Ok((out, w.into_iter().map(|x| (x / div) as f32).collect()))
 }

@@ -1,0 +1,1324 @@
+//! The CPU reference ops: finite-difference checks of every backward in f64 (the same generic
+//! code the f32 backend runs), forward checks against naive implementations, sampling
+//! statistics, AdamW, the KV-cache decode path and argument validation.
+//!
+//! Inputs are random and fresh on every run; the seed is printed (and shown on failure).
+
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tooln1::backend::cpu::{math, Cpu};
+use tooln1::backend::{AdamWStep, Backend, DType, GrpoLossCfg, KlKind, LossAgg};
+
+fn rng(test: &str) -> ChaCha8Rng {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    println!("{test}: seed = {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randv(r: &mut ChaCha8Rng, n: usize, a: f64) -> Vec<f64> {
+    (0..n).map(|_| r.random_range(-a..a)).collect()
+}
+
+fn nan(n: usize) -> Vec<f64> {
+    vec![f64::NAN; n]
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Central differences of `f` at `x`, compared with `analytic`: max |a − n| / max |n|.
+fn fd_check(name: &str, x: &[f64], analytic: &[f64], f: impl Fn(&[f64]) -> f64, tol: f64) {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let mut xp = x.to_vec();
+    let mut num = vec![0.0; x.len()];
+    for i in 0..x.len() {
+        let h = 1e-5 * x[i].abs().max(1.0);
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        num[i] = (fp - fm) / (2.0 * h);
+    }
+    let scale = num.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = analytic
+        .iter()
+        .zip(&num)
+        .fold(0.0f64, |m, (a, n)| m.max((a - n).abs()));
+    assert!(
+        analytic.iter().all(|v| v.is_finite()),
+        "{name}: non-finite gradient"
+    );
+    assert!(
+        scale > 1e-8,
+        "{name}: gradient vanishes, the check would be empty"
+    );
+    let rel = err / scale;
+    println!("{name}: max rel err {rel:.2e} over {} entries", x.len());
+    assert!(rel < tol, "{name}: rel err {rel:.3e} >= {tol:e}");
+}
+
+const CU: [u32; 4] = [0, 1, 6, 13]; // 3 sequences of lengths 1, 5, 7
+
+fn positions(cu: &[u32]) -> Vec<u32> {
+    cu.windows(2).flat_map(|w| 0..w[1] - w[0]).collect()
+}
+
+// ------------------------------------------------------------------------------------ linear
+
+#[test]
+fn linear_grad() {
+    let mut r = rng("linear_grad");
+    let (m, n, k) = (7, 5, 9);
+    let x = randv(&mut r, m * k, 1.0);
+    let w = randv(&mut r, n * k, 1.0);
+    let bias = randv(&mut r, n, 1.0);
+    let c = randv(&mut r, m * n, 1.0);
+    let fwd = |x: &[f64], w: &[f64], b: &[f64]| {
+        let mut y = nan(m * n);
+        math::linear(x, w, Some(b), &mut y, m, n, k);
+        dot(&y, &c)
+    };
+    // forward vs explicit sums
+    let mut y = nan(m * n);
+    math::linear(&x, &w, Some(&bias), &mut y, m, n, k);
+    for i in 0..m {
+        for j in 0..n {
+            let e: f64 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>() + bias[j];
+            assert!((y[i * n + j] - e).abs() < 1e-12);
+        }
+    }
+    let mut dx = nan(m * k);
+    let dw0 = randv(&mut r, n * k, 1.0);
+    let db0 = randv(&mut r, n, 1.0);
+    let (mut dw, mut db) = (dw0.clone(), db0.clone());
+    math::linear_bwd(
+        &c,
+        &x,
+        &w,
+        Some(&mut dx),
+        false,
+        Some(&mut dw),
+        Some(&mut db),
+        m,
+        n,
+        k,
+    );
+    let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    let db: Vec<f64> = db.iter().zip(&db0).map(|(a, b)| a - b).collect();
+    fd_check("linear dx", &x, &dx, |v| fwd(v, &w, &bias), 1e-7);
+    fd_check("linear dw", &w, &dw, |v| fwd(&x, v, &bias), 1e-7);
+    fd_check("linear dbias", &bias, &db, |v| fwd(&x, &w, v), 1e-7);
+    // accumulate_dx adds to what is there
+    let base = randv(&mut r, m * k, 1.0);
+    let mut dx2 = base.clone();
+    math::linear_bwd(&c, &x, &w, Some(&mut dx2), true, None, None, m, n, k);
+    for i in 0..m * k {
+        assert!((dx2[i] - base[i] - dx[i]).abs() < 1e-12);
+    }
+}
+
+// ------------------------------------------------------------------------------------ embedding
+
+#[test]
+fn embedding_grad() {
+    let mut r = rng("embedding_grad");
+    let (vocab, dim, n) = (11, 5, 13);
+    let ids: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+    let table = randv(&mut r, vocab * dim, 1.0);
+    let c = randv(&mut r, n * dim, 1.0);
+    let mut out = nan(n * dim);
+    math::embedding(&ids, &table, &mut out, n, dim);
+    for t in 0..n {
+        assert_eq!(
+            &out[t * dim..(t + 1) * dim],
+            &table[ids[t] as usize * dim..][..dim]
+        );
+    }
+    let mut dt = vec![0.0; vocab * dim];
+    math::embedding_bwd(&ids, &c, &mut dt, n, dim);
+    fd_check(
+        "embedding dtable",
+        &table,
+        &dt,
+        |v| {
+            let mut o = nan(n * dim);
+            math::embedding(&ids, v, &mut o, n, dim);
+            dot(&o, &c)
+        },
+        1e-7,
+    );
+}
+
+// ------------------------------------------------------------------------------------ RMSNorm
+
+#[test]
+fn rmsnorm_grad() {
+    let mut r = rng("rmsnorm_grad");
+    let (rows, dim, eps) = (7, 9, 1e-6);
+    let x = randv(&mut r, rows * dim, 1.0);
+    let w = randv(&mut r, dim, 1.5);
+    let c = randv(&mut r, rows * dim, 1.0);
+    let fwd = |x: &[f64], w: &[f64]| {
+        let mut o = nan(rows * dim);
+        let mut s = nan(rows);
+        math::rmsnorm(x, w, &mut o, &mut s, rows, dim, eps);
+        dot(&o, &c)
+    };
+    let mut o = nan(rows * dim);
+    let mut rstd = nan(rows);
+    math::rmsnorm(&x, &w, &mut o, &mut rstd, rows, dim, eps);
+    for i in 0..rows {
+        let ms: f64 = x[i * dim..(i + 1) * dim].iter().map(|v| v * v).sum::<f64>() / dim as f64;
+        let s = 1.0 / (ms + eps).sqrt();
+        assert!((rstd[i] - s).abs() < 1e-12 * s);
+        for j in 0..dim {
+            assert!((o[i * dim + j] - x[i * dim + j] * s * w[j]).abs() < 1e-12);
+        }
+    }
+    let base = randv(&mut r, rows * dim, 1.0);
+    let mut dx = base.clone();
+    let mut dw = vec![0.0; dim];
+    math::rmsnorm_bwd(&c, &x, &w, &rstd, &mut dx, Some(&mut dw), rows, dim);
+    let dx: Vec<f64> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
+    fd_check("rmsnorm dx", &x, &dx, |v| fwd(v, &w), 1e-6);
+    fd_check("rmsnorm dw", &w, &dw, |v| fwd(&x, v), 1e-6);
+}
+
+// ------------------------------------------------------------------------------------ RoPE
+
+#[test]
+fn rope_grad_and_transpose() {
+    let mut r = rng("rope_grad_and_transpose");
+    let (nh, hd, theta) = (3, 8, 10000.0);
+    let pos: Vec<u32> = (0..7).map(|_| r.random_range(0..5000)).collect();
+    let n = pos.len();
+    let x = randv(&mut r, n * nh * hd, 1.0);
+    let c = randv(&mut r, n * nh * hd, 1.0);
+    // forward vs the formula
+    let mut y = x.clone();
+    math::rope(&mut y, &pos, n, nh, hd, theta, false);
+    for t in 0..n {
+        for h in 0..nh {
+            for i in 0..hd / 2 {
+                let ang = pos[t] as f64 / theta.powf(2.0 * i as f64 / hd as f64);
+                let b = (t * nh + h) * hd;
+                let (a0, a1) = (x[b + i], x[b + i + hd / 2]);
+                assert!((y[b + i] - (a0 * ang.cos() - a1 * ang.sin())).abs() < 1e-9);
+                assert!((y[b + i + hd / 2] - (a1 * ang.cos() + a0 * ang.sin())).abs() < 1e-9);
+            }
+        }
+    }
+    let mut g = c.clone();
+    math::rope(&mut g, &pos, n, nh, hd, theta, true);
+    fd_check(
+        "rope dx",
+        &x,
+        &g,
+        |v| {
+            let mut y = v.to_vec();
+            math::rope(&mut y, &pos, n, nh, hd, theta, false);
+            dot(&y, &c)
+        },
+        1e-7,
+    );
+    // rope_bwd is the exact transpose: <rope(x), c> == <x, rope_bwd(c)>, and in f32 through
+    // the backend too.
+    assert!((dot(&y, &c) - dot(&x, &g)).abs() < 1e-10 * (1.0 + dot(&y, &c).abs()));
+    let b = Cpu;
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let cf: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+    let mut yf = xf.clone();
+    b.rope(&mut yf, &pos, n, nh, hd, theta as f32).unwrap();
+    let mut gf = cf.clone();
+    b.rope_bwd(&mut gf, &pos, n, nh, hd, theta as f32).unwrap();
+    let lhs: f64 = yf.iter().zip(&cf).map(|(a, b)| *a as f64 * *b as f64).sum();
+    let rhs: f64 = xf.iter().zip(&gf).map(|(a, b)| *a as f64 * *b as f64).sum();
+    assert!(
+        (lhs - rhs).abs() < 1e-4 * (1.0 + lhs.abs()),
+        "{lhs} vs {rhs}"
+    );
+}
+
+// ------------------------------------------------------------------------------------ attention
+
+/// Naive causal GQA attention with an explicit masked score matrix per sequence and head.
+fn naive_attention(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    cu: &[u32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = *cu.last().unwrap() as usize;
+    let mut out = vec![0.0; n * nh * hd];
+    let mut lse = vec![0.0; nh * n];
+    for w in cu.windows(2) {
+        let (s0, s1) = (w[0] as usize, w[1] as usize);
+        let l = s1 - s0;
+        for h in 0..nh {
+            let kh = h * nkv / nh;
+            let mut s = vec![vec![f64::NEG_INFINITY; l]; l];
+            for i in 0..l {
+                for j in 0..l {
+                    if j <= i {
+                        let qi = &q[((s0 + i) * nh + h) * hd..][..hd];
+                        let kj = &k[((s0 + j) * nkv + kh) * hd..][..hd];
+                        s[i][j] = dot(qi, kj) / (hd as f64).sqrt();
+                    }
+                }
+                let z: f64 = s[i].iter().map(|x| x.exp()).sum();
+                lse[h * n + s0 + i] = z.ln();
+                for j in 0..l {
+                    let p = s[i][j].exp() / z;
+                    for d in 0..hd {
+                        out[((s0 + i) * nh + h) * hd + d] += p * v[((s0 + j) * nkv + kh) * hd + d];
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+#[test]
+fn attention_forward_and_grad() {
+    let mut r = rng("attention_forward_and_grad");
+    let (nh, nkv, hd) = (4, 2, 6);
+    let n = CU[3] as usize;
+    let q = randv(&mut r, n * nh * hd, 1.5);
+    let k = randv(&mut r, n * nkv * hd, 1.5);
+    let v = randv(&mut r, n * nkv * hd, 1.0);
+    let c = randv(&mut r, n * nh * hd, 1.0);
+    let mut out = nan(n * nh * hd);
+    let mut lse = nan(nh * n);
+    math::attention(&q, &k, &v, &mut out, &mut lse, &CU, nh, nkv, hd);
+    let (o2, l2) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
+    let e1 = out
+        .iter()
+        .zip(&o2)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let e2 = lse
+        .iter()
+        .zip(&l2)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    println!("attention vs naive: out {e1:.2e}, lse {e2:.2e}");
+    assert!(e1 < 1e-12 && e2 < 1e-12);
+    let (mut dq, mut dk, mut dv) = (nan(q.len()), nan(k.len()), nan(v.len()));
+    math::attention_bwd(
+        &c, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &CU, nh, nkv, hd,
+    );
+    let f = |q: &[f64], k: &[f64], v: &[f64]| {
+        let mut o = nan(n * nh * hd);
+        let mut l = nan(nh * n);
+        math::attention(q, k, v, &mut o, &mut l, &CU, nh, nkv, hd);
+        dot(&o, &c)
+    };
+    fd_check("attention dq", &q, &dq, |x| f(x, &k, &v), 1e-6);
+    fd_check("attention dk", &k, &dk, |x| f(&q, x, &v), 1e-6);
+    fd_check("attention dv", &v, &dv, |x| f(&q, &k, x), 1e-6);
+}
+
+#[test]
+fn kv_cache_decode_matches_attention() {
+    let mut r = rng("kv_cache_decode_matches_attention");
+    let b = Cpu;
+    let (nh, nkv, hd, max_len) = (4, 2, 8, 9);
+    let lens = [1usize, 5, 7, 9];
+    let slots = lens.len();
+    let kvd = nkv * hd;
+    let mut k_cache = vec![f32::NAN; slots * max_len * kvd];
+    let mut v_cache = vec![f32::NAN; slots * max_len * kvd];
+    let mut q_last = Vec::new();
+    let mut expect = Vec::new();
+    for (s, &l) in lens.iter().enumerate() {
+        let q: Vec<f32> = (0..l * nh * hd)
+            .map(|_| r.random_range(-1.5..1.5))
+            .collect();
+        let k: Vec<f32> = (0..l * kvd).map(|_| r.random_range(-1.5..1.5)).collect();
+        let v: Vec<f32> = (0..l * kvd).map(|_| r.random_range(-1.0..1.0)).collect();
+        let cu = vec![0, l as u32];
+        let mut out = vec![f32::NAN; l * nh * hd];
+        let mut lse = vec![f32::NAN; nh * l];
+        b.attention(&q, &k, &v, &mut out, &mut lse, &cu, &cu, l, nh, nkv, hd)
+            .unwrap();
+        expect.extend_from_slice(&out[(l - 1) * nh * hd..]);
+        q_last.extend_from_slice(&q[(l - 1) * nh * hd..]);
+        // store all tokens but the last one first, then the last one (as decode does)
+        let dst: Vec<u32> = (0..l).map(|t| (s * max_len + t) as u32).collect();
+        b.kv_store(
+            &k,
+            &v,
+            &dst[..l - 1].to_vec(),
+            &mut k_cache,
+            &mut v_cache,
+            l - 1,
+            kvd,
+        )
+        .unwrap();
+        let tail = (l - 1) * kvd;
+        b.kv_store(
+            &k[tail..].to_vec(),
+            &v[tail..].to_vec(),
+            &vec![dst[l - 1]],
+            &mut k_cache,
+            &mut v_cache,
+            1,
+            kvd,
+        )
+        .unwrap();
+    }
+    let lens_u: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+    let mut out = vec![f32::NAN; slots * nh * hd];
+    b.attention_decode(
+        &q_last, &k_cache, &v_cache, &lens_u, &mut out, slots, max_len, nh, nkv, hd,
+    )
+    .unwrap();
+    let err = out
+        .iter()
+        .zip(&expect)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    println!("decode vs full attention: max abs err {err:.2e}");
+    assert!(err < 1e-5);
+}
+
+// ------------------------------------------------------------------------------------ SwiGLU
+
+#[test]
+fn swiglu_grad() {
+    let mut r = rng("swiglu_grad");
+    let n = 37;
+    let g = randv(&mut r, n, 4.0);
+    let u = randv(&mut r, n, 2.0);
+    let c = randv(&mut r, n, 1.0);
+    let mut o = nan(n);
+    math::swiglu(&g, &u, &mut o, n);
+    for i in 0..n {
+        assert!((o[i] - g[i] / (1.0 + (-g[i]).exp()) * u[i]).abs() < 1e-12);
+    }
+    let (mut dg, mut du) = (nan(n), nan(n));
+    math::swiglu_bwd(&c, &g, &u, &mut dg, &mut du, n);
+    let f = |g: &[f64], u: &[f64]| {
+        let mut o = nan(n);
+        math::swiglu(g, u, &mut o, n);
+        dot(&o, &c)
+    };
+    fd_check("swiglu dgate", &g, &dg, |x| f(x, &u), 1e-7);
+    fd_check("swiglu dup", &u, &du, |x| f(&g, x), 1e-7);
+}
+
+// ------------------------------------------------------------------------------------ logprobs
+
+/// Explicit log-softmax rows: (logp of target, lse, entropy, full log-softmax).
+fn explicit_logprobs(
+    h: &[f64],
+    w: &[f64],
+    tg: &[u32],
+    n: usize,
+    dim: usize,
+    vocab: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut lp, mut lse, mut ent, mut full) = (vec![], vec![], vec![], vec![]);
+    for t in 0..n {
+        let z: Vec<f64> = (0..vocab)
+            .map(|v| dot(&h[t * dim..(t + 1) * dim], &w[v * dim..(v + 1) * dim]))
+            .collect();
+        let l = z.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let ls: Vec<f64> = z.iter().map(|x| x - l).collect();
+        lp.push(ls[tg[t] as usize]);
+        lse.push(l);
+        ent.push(-ls.iter().map(|x| x.exp() * x).sum::<f64>());
+        full.extend(ls);
+    }
+    (lp, lse, ent, full)
+}
+
+#[test]
+fn logprobs_forward_and_grad() {
+    let mut r = rng("logprobs_forward_and_grad");
+    let (n, dim, vocab) = (13, 6, 37);
+    let h = randv(&mut r, n * dim, 1.0);
+    let w = randv(&mut r, vocab * dim, 1.0);
+    let tg: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+    let c = randv(&mut r, n, 1.0);
+    let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
+    math::logprobs(
+        &h,
+        &w,
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        n,
+        dim,
+        vocab,
+    );
+    let (lp2, lse2, ent2, _) = explicit_logprobs(&h, &w, &tg, n, dim, vocab);
+    for t in 0..n {
+        assert!((lp[t] - lp2[t]).abs() < 1e-12, "logp[{t}]");
+        assert!((lse[t] - lse2[t]).abs() < 1e-12, "lse[{t}]");
+        assert!((ent[t] - ent2[t]).abs() < 1e-12, "entropy[{t}]");
+    }
+    let mut dh = nan(n * dim);
+    let dw0 = randv(&mut r, vocab * dim, 1.0);
+    let mut dw = dw0.clone();
+    math::logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, Some(&mut dw), n, dim, vocab);
+    let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    let f = |h: &[f64], w: &[f64]| {
+        let (mut lp, mut lse) = (nan(n), nan(n));
+        math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab);
+        dot(&lp, &c)
+    };
+    fd_check("logprobs dh", &h, &dh, |x| f(x, &w), 1e-6);
+    fd_check("logprobs dw", &w, &dw, |x| f(&h, x), 1e-6);
+}
+
+/// Several row chunks (vocab large enough that a chunk holds fewer rows than n_tok), through
+/// the f32 backend, against the explicit f64 softmax.
+#[test]
+fn logprobs_chunked_large_vocab() {
+    let mut r = rng("logprobs_chunked_large_vocab");
+    let (n, dim, vocab) = (23, 5, 100_003);
+    assert!(math::LOGIT_CHUNK_ELEMS / vocab < n);
+    let h: Vec<f32> = (0..n * dim).map(|_| r.random_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..vocab * dim)
+        .map(|_| r.random_range(-1.0..1.0))
+        .collect();
+    let tg: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+    let b = Cpu;
+    let (mut lp, mut lse, mut ent) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+    b.logprobs(
+        &h,
+        &w,
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        n,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let h64: Vec<f64> = h.iter().map(|&x| x as f64).collect();
+    let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+    let (lp2, _, ent2, full) = explicit_logprobs(&h64, &w64, &tg, n, dim, vocab);
+    for t in 0..n {
+        assert!(
+            (lp[t] as f64 - lp2[t]).abs() < 1e-4,
+            "logp[{t}] {} vs {}",
+            lp[t],
+            lp2[t]
+        );
+        assert!((ent[t] as f64 - ent2[t]).abs() < 1e-3, "entropy[{t}]");
+    }
+    // backward: dh = Σ_v dlogp (1[v=target] − p_v) w_v
+    let c: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
+    let mut dh = vec![f32::NAN; n * dim];
+    b.logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, None, n, dim, vocab)
+        .unwrap();
+    for t in 0..n {
+        for j in 0..dim {
+            let mut e = 0.0;
+            for v in 0..vocab {
+                let ind = if v == tg[t] as usize { 1.0 } else { 0.0 };
+                e += c[t] as f64 * (ind - full[t * vocab + v].exp()) * w64[v * dim + j];
+            }
+            assert!((dh[t * dim + j] as f64 - e).abs() < 1e-4, "dh[{t},{j}]");
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------ GRPO loss
+
+/// Per-token loss written independently of the library (verl's formulas), aggregated per mode.
+fn naive_grpo(
+    lp: &[f64],
+    old: &[f64],
+    rf: &[f64],
+    adv: &[f64],
+    mask: &[f64],
+    sid: &[u32],
+    n_seq: usize,
+    cfg: &GrpoLossCfg,
+) -> (f64, f64) {
+    let n = lp.len();
+    let mut tok = vec![0.0; n];
+    let mut clipped = 0.0;
+    for t in 0..n {
+        let ratio = (lp[t] - old[t]).clamp(-20.0, 20.0).exp();
+        let a = adv[t];
+        let l1 = -a * ratio;
+        let l2 = -a * ratio.clamp(1.0 - cfg.clip_low as f64, 1.0 + cfg.clip_high as f64);
+        if l2 > l1 {
+            clipped += mask[t];
+        }
+        let d = lp[t] - rf[t];
+        let kl = match cfg.kl_kind {
+            KlKind::K1 => d,
+            KlKind::Abs => d.abs(),
+            KlKind::K2 => 0.5 * d * d,
+            KlKind::K3 => {
+                let x = (rf[t] - lp[t]).clamp(-20.0, 20.0);
+                (x.exp() - x - 1.0).clamp(-10.0, 10.0)
+            }
+        };
+        tok[t] = l1.max(l2) + cfg.kl_coef as f64 * kl;
+    }
+    let mut sums = vec![0.0; n_seq];
+    let mut cnts = vec![0.0; n_seq];
+    for t in 0..n {
+        sums[sid[t] as usize] += tok[t] * mask[t];
+        cnts[sid[t] as usize] += mask[t];
+    }
+    let total: f64 = cnts.iter().sum();
+    let loss = match cfg.agg {
+        LossAgg::TokenMean => sums.iter().sum::<f64>() / total,
+        LossAgg::SeqMeanTokenSum => sums.iter().sum::<f64>() / n_seq as f64,
+        LossAgg::SeqMeanTokenMean => {
+            let per: Vec<f64> = (0..n_seq)
+                .filter(|&s| cnts[s] > 0.0)
+                .map(|s| sums[s] / cnts[s])
+                .collect();
+            per.iter().sum::<f64>() / per.len() as f64
+        }
+        LossAgg::SeqMeanTokenSumNorm => sums.iter().sum::<f64>() / cfg.norm_len as f64,
+    };
+    (loss / cfg.loss_scale_div as f64, clipped / total)
+}
+
+#[test]
+fn grpo_loss_grad_every_mode() {
+    let mut r = rng("grpo_loss_grad_every_mode");
+    let n_seq = 4;
+    let sid: Vec<u32> = [0u32, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 3, 3].to_vec();
+    let n = sid.len();
+    // Log-ratios: some inside the clip range, some far outside (clip active both ways),
+    // kept away from the kinks at 1 ± eps.
+    let (cl, ch) = (0.2f64, 0.28f64);
+    let mut lr = Vec::new();
+    while lr.len() < n {
+        let x: f64 = r.random_range(-0.6..0.6);
+        let rt = x.exp();
+        if (rt - (1.0 - cl)).abs() > 0.02 && (rt - (1.0 + ch)).abs() > 0.02 {
+            lr.push(x);
+        }
+    }
+    // tokens 1 and 2 always take the clipped branch (A > 0 with r > 1 + eps_high, A < 0 with
+    // r < 1 - eps_low)
+    lr[1] = 0.5;
+    lr[2] = -0.5;
+    let lp = randv(&mut r, n, 1.0)
+        .iter()
+        .map(|v| v - 2.0)
+        .collect::<Vec<_>>();
+    let old: Vec<f64> = lp.iter().zip(&lr).map(|(a, b)| a - b).collect();
+    // reference: small and large gaps (large ones exercise the k3 clamp at 10), none near 0
+    let rf: Vec<f64> = (0..n)
+        .map(|t| {
+            let gap = if t % 5 == 0 {
+                13.0
+            } else {
+                r.random_range(0.1..1.5)
+            };
+            let sign = if r.random_bool(0.5) { 1.0 } else { -1.0 };
+            lp[t] + sign * gap
+        })
+        .collect();
+    let mut adv: Vec<f64> = (0..n)
+        .map(|_| r.random_range(0.3..2.0) * if r.random_bool(0.5) { 1.0 } else { -1.0 })
+        .collect();
+    let mut mask: Vec<f64> = (0..n)
+        .map(|_| if r.random_bool(0.8) { 1.0 } else { 0.0 })
+        .collect();
+    mask[0] = 1.0;
+    mask[1] = 1.0;
+    mask[2] = 1.0;
+    adv[1] = adv[1].abs();
+    adv[2] = -adv[2].abs();
+    mask[15] = 0.0;
+    mask[16] = 0.0; // sequence 3 fully masked out
+    let mut any_clip = false;
+    for agg in [
+        LossAgg::TokenMean,
+        LossAgg::SeqMeanTokenSum,
+        LossAgg::SeqMeanTokenMean,
+        LossAgg::SeqMeanTokenSumNorm,
+    ] {
+        for kind in [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3] {
+            let cfg = GrpoLossCfg {
+                clip_low: cl as f32,
+                clip_high: ch as f32,
+                kl_coef: 0.37,
+                kl_kind: kind,
+                agg,
+                norm_len: 11.0,
+                loss_scale_div: 3.0,
+            };
+            let mut d = nan(n);
+            let st = math::grpo_loss(&lp, &old, &rf, &adv, &mask, &sid, &mut d, n, n_seq, &cfg);
+            let (want, clipfrac) = naive_grpo(&lp, &old, &rf, &adv, &mask, &sid, n_seq, &cfg);
+            assert!(
+                (st.loss - want).abs() < 1e-12 * (1.0 + want.abs()),
+                "{agg:?}/{kind:?}: loss {} vs {want}",
+                st.loss
+            );
+            assert!((st.clip_frac - clipfrac).abs() < 1e-12);
+            any_clip |= clipfrac > 0.0;
+            for t in 0..n {
+                if mask[t] == 0.0 {
+                    assert_eq!(d[t], 0.0, "masked token {t} has a gradient");
+                }
+            }
+            fd_check(
+                &format!("grpo {agg:?}/{kind:?} dlogp"),
+                &lp,
+                &d,
+                |x| {
+                    let mut dd = nan(n);
+                    math::grpo_loss(x, &old, &rf, &adv, &mask, &sid, &mut dd, n, n_seq, &cfg).loss
+                },
+                1e-6,
+            );
+        }
+    }
+    assert!(any_clip, "no token exercised the clipped branch");
+}
+
+#[test]
+fn grpo_loss_backend_stats() {
+    let b = Cpu;
+    // Two tokens, token-mean: r = e^{0.5} > 1.2 with A = 1 -> clipped; r = 1 with A = -1.
+    let logp = vec![-1.0f32, -2.0];
+    let old = vec![-1.5f32, -2.0];
+    let rf = logp.clone();
+    let adv = vec![1.0f32, -1.0];
+    let mask = vec![1.0f32, 1.0];
+    let sid = vec![0u32, 1];
+    let cfg = GrpoLossCfg {
+        clip_low: 0.2,
+        clip_high: 0.2,
+        kl_coef: 0.001,
+        kl_kind: KlKind::K3,
+        agg: LossAgg::TokenMean,
+        norm_len: 1.0,
+        loss_scale_div: 1.0,
+    };
+    let mut d = vec![f32::NAN; 2];
+    let st = b
+        .grpo_loss(&logp, &old, &rf, &adv, &mask, &sid, &mut d, 2, 2, &cfg)
+        .unwrap();
+    // pg: token 0: max(-e^.5, -1.2) = -1.2 (clipped, grad 0); token 1: max(1, 1) = 1.
+    assert!((st.pg_loss - (-0.1)).abs() < 1e-6, "{st:?}");
+    assert!((st.loss - (-0.1)).abs() < 1e-6);
+    assert_eq!(st.clip_frac, 0.5);
+    assert!((st.ratio_mean - (0.5f32.exp() + 1.0) / 2.0).abs() < 1e-6);
+    assert_eq!(st.n_tokens, 2.0);
+    assert_eq!(d[0], 0.0);
+    assert!((d[1] - 0.5).abs() < 1e-6); // -A r / 2 = 0.5
+}
+
+// ------------------------------------------------------------------------------------ sampling
+
+#[test]
+fn sample_greedy_top_p_and_determinism() {
+    let mut r = rng("sample_greedy_top_p_and_determinism");
+    let b = Cpu;
+    let (rows, vocab) = (6, 37);
+    let mut logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| r.random_range(-3.0..3.0))
+        .collect();
+    // a tie in row 0: the lowest index wins
+    let mx = logits[..vocab].iter().cloned().fold(f32::MIN, f32::max);
+    logits[5] = mx + 1.0;
+    logits[20] = mx + 1.0;
+    let argmax: Vec<u32> = (0..rows)
+        .map(|i| {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max);
+            row.iter().position(|&z| z == m).unwrap() as u32
+        })
+        .collect();
+    assert_eq!(argmax[0], 5);
+    let mut out = vec![u32::MAX; rows];
+    b.sample(&logits, &mut out, rows, vocab, 0.0, 1.0, 0, 1, 0)
+        .unwrap();
+    assert_eq!(out, argmax, "greedy");
+    for seed in 0..20u64 {
+        b.sample(&logits, &mut out, rows, vocab, 0.7, 1e-6, 0, seed, 3)
+            .unwrap();
+        assert_eq!(out, argmax, "top_p tiny");
+        b.sample(&logits, &mut out, rows, vocab, 1.3, 1.0, 1, seed, 3)
+            .unwrap();
+        assert_eq!(out, argmax, "top_k = 1");
+    }
+    // same (seed, offset) -> same token; row r of a batch == a single row at offset + r
+    let seed = r.random::<u64>();
+    let mut a = vec![0u32; rows];
+    let mut c = vec![0u32; rows];
+    b.sample(&logits, &mut a, rows, vocab, 1.0, 0.9, 0, seed, 100)
+        .unwrap();
+    b.sample(&logits, &mut c, rows, vocab, 1.0, 0.9, 0, seed, 100)
+        .unwrap();
+    assert_eq!(a, c);
+    for i in 0..rows {
+        let mut one = vec![0u32];
+        let row = logits[i * vocab..(i + 1) * vocab].to_vec();
+        b.sample(&row, &mut one, 1, vocab, 1.0, 0.9, 0, seed, 100 + i as u64)
+            .unwrap();
+        assert_eq!(one[0], a[i], "row {i} depends on the batch split");
+    }
+    // top_k restricts the support to the k largest
+    let k = 4;
+    let row = logits[vocab..2 * vocab].to_vec();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&x, &y| row[y].partial_cmp(&row[x]).unwrap().then(x.cmp(&y)));
+    for s in 0..200u64 {
+        let mut one = vec![0u32];
+        b.sample(&row, &mut one, 1, vocab, 5.0, 1.0, k, seed, s)
+            .unwrap();
+        assert!(order[..k].contains(&(one[0] as usize)), "top-k escaped");
+    }
+}
+
+/// Expected sampling distribution by the documented rule: sort (ties by index), top-k cut,
+/// smallest nucleus with cumulative probability >= top_p, renormalised.
+fn expected_dist(logits: &[f32], temp: f32, top_p: f32, top_k: usize) -> Vec<f64> {
+    let v = logits.len();
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&x, &y| logits[y].partial_cmp(&logits[x]).unwrap().then(x.cmp(&y)));
+    if top_k > 0 {
+        order.truncate(top_k);
+    }
+    let z: Vec<f64> = order
+        .iter()
+        .map(|&i| (logits[i] as f64 / temp as f64).exp())
+        .collect();
+    let s: f64 = z.iter().sum();
+    let mut keep = z.len();
+    let mut cum = 0.0;
+    for (i, x) in z.iter().enumerate() {
+        cum += x / s;
+        if cum >= top_p as f64 {
+            keep = i + 1;
+            break;
+        }
+    }
+    let ks: f64 = z[..keep].iter().sum();
+    let mut p = vec![0.0; v];
+    for j in 0..keep {
+        p[order[j]] = z[j] / ks;
+    }
+    p
+}
+
+#[test]
+fn sample_frequencies_match_softmax() {
+    let mut r = rng("sample_frequencies_match_softmax");
+    let b = Cpu;
+    let vocab = 11;
+    let temp = 0.8f32;
+    let logits: Vec<f32> = (0..vocab).map(|_| r.random_range(-1.5..1.5)).collect();
+    let draws = 40_000usize;
+    let rows = 1000;
+    let batch: Vec<f32> = (0..rows).flat_map(|_| logits.clone()).collect();
+    for (top_k, top_p) in [(0usize, 1.0f32), (0, 0.6), (4, 0.9)] {
+        let p = expected_dist(&logits, temp, top_p, top_k);
+        let seed = r.random::<u64>();
+        let mut counts = vec![0usize; vocab];
+        let mut out = vec![0u32; rows];
+        for off in (0..draws).step_by(rows) {
+            b.sample(
+                &batch, &mut out, rows, vocab, temp, top_p, top_k, seed, off as u64,
+            )
+            .unwrap();
+            for &t in &out {
+                counts[t as usize] += 1;
+            }
+        }
+        let mut chi2 = 0.0;
+        let mut support = 0usize;
+        for v in 0..vocab {
+            if p[v] == 0.0 {
+                assert_eq!(counts[v], 0, "token {v} outside the nucleus was drawn");
+            } else {
+                support += 1;
+                let e = p[v] * draws as f64;
+                chi2 += (counts[v] as f64 - e).powi(2) / e;
+            }
+        }
+        let dof = (support - 1) as f64;
+        // about a 1e-4 false-alarm rate for these degrees of freedom
+        let limit = dof + 5.0 * (2.0 * dof).sqrt() + 5.0;
+        println!("top_k {top_k} top_p {top_p}: chi2 = {chi2:.2} ({dof} dof, limit {limit:.1})");
+        assert!(chi2 < limit, "chi2 {chi2}: {counts:?} vs {p:?}");
+    }
+}
+
+#[test]
+fn sample_uniform_is_documented_function() {
+    // splitmix64 reference values (seed 0 stream: first output of splitmix64 from state 0).
+    assert_eq!(math::splitmix64(0), 0xE220_A839_7B1D_CDAF);
+    let u = math::sample_uniform(7, 9);
+    let want = (math::splitmix64(7 ^ math::splitmix64(9)) >> 40) as f64 / 16_777_216.0;
+    assert_eq!(u, want);
+    assert!((0.0..1.0).contains(&u));
+}
+
+// ------------------------------------------------------------------------------------ AdamW
+
+#[test]
+fn adamw_hand_computed() {
+    let b = Cpu;
+    // step 1, m = v = 0: m̂ = g, v̂ = g², update = g/(|g| + eps) + wd p
+    let hp = AdamWStep {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        grad_scale: 0.5,
+    };
+    let mut p = vec![1.0f32, -2.0];
+    let g = vec![1.0f32, -4.0]; // scaled: 0.5, -2
+    let mut m = vec![0.0f32; 2];
+    let mut v = vec![0.0f32; 2];
+    b.adamw(&mut p, None, &g, &mut m, &mut v, 2, &hp).unwrap();
+    assert!((m[0] - 0.05).abs() < 1e-7 && (m[1] + 0.2).abs() < 1e-7);
+    // (1 - b2) is 0.00099998713 in f32
+    assert!((v[0] - 0.00025).abs() < 1e-4 * 0.00025 && (v[1] - 0.004).abs() < 1e-4 * 0.004);
+    assert!((p[0] - (1.0 - 0.1 * (1.0 + 0.01))).abs() < 1e-6, "{}", p[0]);
+    assert!(
+        (p[1] - (-2.0 - 0.1 * (-1.0 - 0.02))).abs() < 1e-6,
+        "{}",
+        p[1]
+    );
+    // step 3 from given moments, by the formula
+    let hp3 = AdamWStep {
+        step: 3,
+        grad_scale: 1.0,
+        ..hp
+    };
+    let (p0, g0, m0, v0) = (0.3f64, -0.7f64, 0.2f64, 0.05f64);
+    let (mut p, mut m, mut v) = (vec![p0 as f32], vec![m0 as f32], vec![v0 as f32]);
+    b.adamw(&mut p, None, &vec![g0 as f32], &mut m, &mut v, 1, &hp3)
+        .unwrap();
+    let m1 = 0.9 * m0 + 0.1 * g0;
+    let v1 = 0.999 * v0 + 0.001 * g0 * g0;
+    let mh = m1 / (1.0 - 0.9f64.powi(3));
+    let vh = v1 / (1.0 - 0.999f64.powi(3));
+    let want = p0 - 0.1 * (mh / (vh.sqrt() + 1e-8) + 0.01 * p0);
+    assert!((p[0] as f64 - want).abs() < 1e-6, "{} vs {want}", p[0]);
+    // master copy: honoured when given, refused when too short
+    let mut p = vec![1.0f32; 3];
+    let mut master = vec![1.0f32; 3];
+    let (mut m, mut v) = (vec![0.0f32; 3], vec![0.0f32; 3]);
+    b.adamw(
+        &mut p,
+        Some(&mut master),
+        &vec![1.0; 3],
+        &mut m,
+        &mut v,
+        3,
+        &hp,
+    )
+    .unwrap();
+    assert_eq!(p, master);
+    let mut short = vec![0.0f32; 2];
+    assert!(b
+        .adamw(
+            &mut p,
+            Some(&mut short),
+            &vec![1.0; 3],
+            &mut m,
+            &mut v,
+            3,
+            &hp
+        )
+        .is_err());
+}
+
+// ------------------------------------------------------------------------------------ backend
+
+#[test]
+fn backend_f32_matches_f64_math() {
+    let mut r = rng("backend_f32_matches_f64_math");
+    let b = Cpu;
+    let (nh, nkv, hd) = (4, 2, 8);
+    let n = CU[3] as usize;
+    let q = randv(&mut r, n * nh * hd, 1.0);
+    let k = randv(&mut r, n * nkv * hd, 1.0);
+    let v = randv(&mut r, n * nkv * hd, 1.0);
+    let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let mut out = vec![f32::NAN; n * nh * hd + 5]; // longer than needed is fine
+    let mut lse = vec![f32::NAN; n * nh];
+    let cu = CU.to_vec();
+    b.attention(
+        &f(&q),
+        &f(&k),
+        &f(&v),
+        &mut out,
+        &mut lse,
+        &cu,
+        &cu,
+        7,
+        nh,
+        nkv,
+        hd,
+    )
+    .unwrap();
+    let (o2, _) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
+    let err = o2
+        .iter()
+        .zip(&out)
+        .fold(0.0f64, |m, (a, b)| m.max((a - *b as f64).abs()));
+    assert!(err < 1e-5, "attention f32 vs f64: {err}");
+    assert!(
+        out[n * nh * hd..].iter().all(|x| x.is_nan()),
+        "wrote past the shape"
+    );
+    // positions of the packed layout are what the model uses
+    assert_eq!(positions(&CU), vec![0, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn upload_raw_dtypes() {
+    let b = Cpu;
+    let vals = [1.5f32, -0.25, 3.0];
+    let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(b.upload_raw(DType::F32, &f32b, 3).unwrap(), vals);
+    let f16b: Vec<u8> = vals
+        .iter()
+        .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+        .collect();
+    assert_eq!(b.upload_raw(DType::F16, &f16b, 3).unwrap(), vals);
+    let bf16b: Vec<u8> = vals
+        .iter()
+        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+        .collect();
+    assert_eq!(b.upload_raw(DType::BF16, &bf16b, 3).unwrap(), vals);
+    let e = b
+        .upload_raw(DType::BF16, &bf16b, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upload_raw"), "{e}");
+}
+
+#[test]
+fn bad_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
+    let mut y = vec![0.0f32; 3];
+    let e = b
+        .linear(&x, &x, None, &mut y, 2, 2, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("linear") && e.contains("`y`"), "{e}");
+    let mut out = vec![0.0f32; 10];
+    let e = b
+        .embedding(&vec![7u32], &x, &mut out, 1, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("embedding") && e.contains("ids"), "{e}");
+    let mut lse = vec![0.0f32; 4];
+    let cu = vec![0u32, 3, 2];
+    let e = b
+        .attention(&x, &x, &x, &mut out, &mut lse, &cu, &cu, 3, 2, 1, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("attention"), "{e}");
+    let e = b
+        .attention(
+            &x,
+            &x,
+            &x,
+            &mut out,
+            &mut lse,
+            &vec![0, 2],
+            &[0, 2],
+            2,
+            3,
+            2,
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("n_kv"), "{e}");
+    let mut lp = vec![0.0f32; 2];
+    let mut l2 = vec![0.0f32; 2];
+    let e = b
+        .logprobs(&x, &x, &vec![0, 9], &mut lp, &mut l2, None, 2, 1, 5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("targets[1]"), "{e}");
+    let mut o = vec![0u32; 1];
+    let e = b
+        .sample(&vec![f32::NAN, 0.0], &mut o, 1, 2, 1.0, 1.0, 0, 0, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sample"), "{e}");
+    let mut pos = vec![0.0f32; 6];
+    let e = b
+        .rope(&mut pos, &vec![0], 1, 2, 3, 1e4)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head_dim"), "{e}");
+    let mut kc = vec![0.0f32; 8];
+    let mut vc = vec![0.0f32; 8];
+    let e = b
+        .kv_store(&x, &x, &vec![4], &mut kc, &mut vc, 1, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dst"), "{e}");
+}
+
+fn to32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// Max |a − b| / max |b| between an f32 backend output and the f64 math.
+fn close(name: &str, a: &[f32], b: &[f64], tol: f64) {
+    assert!(a.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+    let scale = b.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()));
+    assert!(err / scale < tol, "{name}: rel err {:.3e}", err / scale);
+}
+
+/// The f32 backend ops (outputs poisoned with NaN, buffers longer than needed) agree with the
+/// f64 math, and leave everything past the shape untouched.
+#[test]
+fn backend_ops_match_f64_math() {
+    let mut r = rng("backend_ops_match_f64_math");
+    let b = Cpu;
+    let pad = 3;
+    let poisoned = |n: usize| vec![f32::NAN; n + pad];
+    let untouched = |name: &str, v: &[f32], n: usize| {
+        assert!(
+            v[n..].iter().all(|x| x.is_nan()),
+            "{name}: wrote past the shape"
+        );
+    };
+    // linear + linear_bwd
+    let (m, n, k) = (7, 5, 9);
+    let (x, w, bias, dy) = (
+        randv(&mut r, m * k, 1.0),
+        randv(&mut r, n * k, 1.0),
+        randv(&mut r, n, 1.0),
+        randv(&mut r, m * n, 1.0),
+    );
+    let mut y = poisoned(m * n);
+    b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
+        .unwrap();
+    let mut y64 = nan(m * n);
+    math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
+    close("linear", &y[..m * n], &y64, 1e-6);
+    untouched("linear", &y, m * n);
+    let mut dx = poisoned(m * k);
+    let mut dw = vec![0.0f32; n * k];
+    let mut db = vec![0.0f32; n];
+    b.linear_bwd(
+        &to32(&dy),
+        &to32(&x),
+        &to32(&w),
+        Some(&mut dx),
+        false,
+        Some(&mut dw),
+        Some(&mut db),
+        m,
+        n,
+        k,
+    )
+    .unwrap();
+    let (mut dx64, mut dw64, mut db64) = (nan(m * k), vec![0.0; n * k], vec![0.0; n]);
+    math::linear_bwd(
+        &dy,
+        &x,
+        &w,
+        Some(&mut dx64),
+        false,
+        Some(&mut dw64),
+        Some(&mut db64),
+        m,
+        n,
+        k,
+    );
+    close("linear_bwd dx", &dx[..m * k], &dx64, 1e-6);
+    close("linear_bwd dw", &dw, &dw64, 1e-6);
+    close("linear_bwd dbias", &db, &db64, 1e-6);
+    untouched("linear_bwd dx", &dx, m * k);
+    // rmsnorm + bwd
+    let (rows, dim) = (6, 10);
+    let (xr, wr, dr) = (
+        randv(&mut r, rows * dim, 1.0),
+        randv(&mut r, dim, 1.0),
+        randv(&mut r, rows * dim, 1.0),
+    );
+    let (mut o, mut s) = (poisoned(rows * dim), poisoned(rows));
+    b.rmsnorm(&to32(&xr), &to32(&wr), &mut o, &mut s, rows, dim, 1e-6)
+        .unwrap();
+    let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    close("rmsnorm", &o[..rows * dim], &o64, 1e-6);
+    close("rmsnorm rstd", &s[..rows], &s64, 1e-6);
+    untouched("rmsnorm", &o, rows * dim);
+    let mut dxr = vec![0.0f32; rows * dim];
+    let mut dwr = vec![0.0f32; dim];
+    b.rmsnorm_bwd(
+        &to32(&dr),
+        &to32(&xr),
+        &to32(&wr),
+        &s,
+        &mut dxr,
+        Some(&mut dwr),
+        rows,
+        dim,
+    )
+    .unwrap();
+    let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
+    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
+    close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
+    // swiglu + bwd
+    let ns = 29;
+    let (g, u, d) = (
+        randv(&mut r, ns, 3.0),
+        randv(&mut r, ns, 1.0),
+        randv(&mut r, ns, 1.0),
+    );
+    let mut o = poisoned(ns);
+    b.swiglu(&to32(&g), &to32(&u), &mut o, ns).unwrap();
+    let mut o64 = nan(ns);
+    math::swiglu(&g, &u, &mut o64, ns);
+    close("swiglu", &o[..ns], &o64, 1e-6);
+    untouched("swiglu", &o, ns);
+    let (mut dg, mut du) = (poisoned(ns), poisoned(ns));
+    b.swiglu_bwd(&to32(&d), &to32(&g), &to32(&u), &mut dg, &mut du, ns)
+        .unwrap();
+    let (mut dg64, mut du64) = (nan(ns), nan(ns));
+    math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
+    close("swiglu_bwd dgate", &dg[..ns], &dg64, 1e-6);
+    close("swiglu_bwd dup", &du[..ns], &du64, 1e-6);
+    // attention_bwd
+    let (nh, nkv, hd) = (4, 2, 6);
+    let nt = CU[3] as usize;
+    let (q, kk, v, dout) = (
+        randv(&mut r, nt * nh * hd, 1.0),
+        randv(&mut r, nt * nkv * hd, 1.0),
+        randv(&mut r, nt * nkv * hd, 1.0),
+        randv(&mut r, nt * nh * hd, 1.0),
+    );
+    let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
+    math::attention(&q, &kk, &v, &mut o64, &mut l64, &CU, nh, nkv, hd);
+    let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
+    math::attention_bwd(
+        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &CU, nh, nkv, hd,
+    );
+    let (mut dq, mut dk, mut dv) = (poisoned(q.len()), poisoned(kk.len()), poisoned(v.len()));
+    let cu = CU.to_vec();
+    b.attention_bwd(
+        &to32(&dout),
+        &to32(&q),
+        &to32(&kk),
+        &to32(&v),
+        &to32(&o64),
+        &to32(&l64),
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &cu,
+        &cu,
+        7,
+        nh,
+        nkv,
+        hd,
+    )
+    .unwrap();
+    close("attention_bwd dq", &dq[..q.len()], &dq64, 1e-5);
+    close("attention_bwd dk", &dk[..kk.len()], &dk64, 1e-5);
+    close("attention_bwd dv", &dv[..v.len()], &dv64, 1e-5);
+    untouched("attention_bwd dk", &dk, kk.len());
+    // logprobs + bwd, and logits
+    let (nt, dim, vocab) = (9, 7, 37);
+    let (h, wl, dl) = (
+        randv(&mut r, nt * dim, 1.0),
+        randv(&mut r, vocab * dim, 1.0),
+        randv(&mut r, nt, 1.0),
+    );
+    let tg: Vec<u32> = (0..nt).map(|_| r.random_range(0..vocab as u32)).collect();
+    let (mut lp, mut lse, mut ent) = (poisoned(nt), poisoned(nt), poisoned(nt));
+    b.logprobs(
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
+    math::logprobs(
+        &h,
+        &wl,
+        &tg,
+        &mut lp64,
+        &mut lse64,
+        Some(&mut ent64),
+        nt,
+        dim,
+        vocab,
+    );
+    close("logprobs logp", &lp[..nt], &lp64, 1e-6);
+    close("logprobs entropy", &ent[..nt], &ent64, 1e-5);
+    untouched("logprobs logp", &lp, nt);
+    let mut dh = poisoned(nt * dim);
+    let mut dwl = vec![0.0f32; vocab * dim];
+    b.logprobs_bwd(
+        &to32(&dl),
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &lse,
+        &mut dh,
+        Some(&mut dwl),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.0; vocab * dim]);
+    math::logprobs_bwd(
+        &dl,
+        &h,
+        &wl,
+        &tg,
+        &lse64,
+        &mut dh64,
+        Some(&mut dw64),
+        nt,
+        dim,
+        vocab,
+    );
+    close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
+    close("logprobs_bwd dw", &dwl, &dw64, 1e-5);
+    let mut lg = poisoned(nt * vocab);
+    b.logits(&to32(&h), &to32(&wl), &mut lg, nt, dim, vocab)
+        .unwrap();
+    let mut lg64 = nan(nt * vocab);
+    math::matmul_nt(&h, &wl, &mut lg64, nt, vocab, dim, 0.0);
+    close("logits", &lg[..nt * vocab], &lg64, 1e-6);
+    untouched("logits", &lg, nt * vocab);
+}
