@@ -83,6 +83,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -1143,7 +1144,7 @@ def main(argv=None) -> int:
             "__version__", "unknown"),
         "dtype": str(dtype).replace("torch.", ""),
         "quick": a.quick,
-        "command": "python3 tools/torch_baselines.py " + " ".join(
+        "command": "python3 tools/torch_baselines.py " + shlex.join(
             sys.argv[1:] if argv is None else argv),
         "wall_s": round(time.monotonic() - t_start, 1),
         "ceilings": ceil,
