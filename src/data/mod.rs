@@ -478,9 +478,11 @@ pub fn convert_toolace(
                 });
             }
             "system" => {}
-            other => return Err(loc.err(format!(
+            other => {
+                return Err(loc.err(format!(
                 "conversations[{t}]: unknown speaker `{other}` (expected user, assistant or tool)"
-            ))),
+            )))
+            }
         }
     }
     Ok(conv)
