@@ -515,6 +515,8 @@ pub struct SourceStats {
     pub dropped: BTreeMap<String, usize>,
     /// Bad records skipped with `skip_bad`.
     pub bad: usize,
+    /// The messages of the first few bad records skipped.
+    pub bad_examples: Vec<String>,
 }
 
 /// Options for [`prepare`].
@@ -578,8 +580,10 @@ pub fn prepare(inputs: &[(Source, PathBuf)], opts: &PrepareOptions) -> Result<Pr
                     all.extend(c.samples);
                 }
                 Err(e) if opts.skip_bad => {
-                    let _ = e;
                     st.bad += 1;
+                    if st.bad_examples.len() < 5 {
+                        st.bad_examples.push(e.to_string());
+                    }
                 }
                 Err(e) => return Err(e),
             }

@@ -599,7 +599,7 @@ mod tests {
     #[test]
     fn java_official_examples() {
         assert_eq!(java("123", "integer", None).unwrap(), PyValue::Int(123));
-        assert_eq!(java("3.14f", "float", None).unwrap(), PyValue::Float(3.14));
+        assert_eq!(java("2.5f", "float", None).unwrap(), PyValue::Float(2.5));
         assert_eq!(
             java("3.14", "float", None).unwrap(),
             PyValue::Str("3.14".into())
