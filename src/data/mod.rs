@@ -359,9 +359,36 @@ pub fn toolace_tools(system: &str) -> std::result::Result<(String, Vec<Value>), 
     Ok((pre[..cut].trim().to_string(), tools))
 }
 
-/// Parse a ToolACE assistant value as Python calls into `[{name, arguments}]`.
-pub fn parse_toolace_calls(text: &str) -> std::result::Result<Vec<Value>, DropReason> {
-    let calls = pycall::parse_calls(text.trim(), ParseOptions::default())
+/// Is `name` a dotted Python identifier (so that the call parser can read it as written)?
+fn is_dotted_ident(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            let mut cs = part.chars();
+            cs.next().is_some_and(|c| c == '_' || c.is_alphabetic())
+                && cs.all(|c| c == '_' || c.is_alphanumeric())
+        })
+}
+
+/// Parse a ToolACE assistant value as Python calls into `[{name, arguments}]`. ToolACE tool names
+/// may contain spaces or other characters (`Market Trends API(...)`); occurrences of such a
+/// known `tool_names` entry directly followed by `(` are read as that name.
+pub fn parse_toolace_calls(
+    text: &str,
+    tool_names: &[String],
+) -> std::result::Result<Vec<Value>, DropReason> {
+    let mut src = text.trim().to_string();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    let mut odd: Vec<&String> = tool_names.iter().filter(|n| !is_dotted_ident(n)).collect();
+    odd.sort_by_key(|n| std::cmp::Reverse(n.len())); // longest first, so no name eats another
+    for (i, name) in odd.into_iter().enumerate() {
+        let pat = format!("{name}(");
+        if src.contains(&pat) {
+            let alias = format!("__tooln1_tool_{i}");
+            src = src.replace(&pat, &format!("{alias}("));
+            aliases.push((alias, name.clone()));
+        }
+    }
+    let calls = pycall::parse_calls(&src, ParseOptions::default())
         .map_err(|_| DropReason::UnparseableCall)?;
     let mut out = Vec::with_capacity(calls.len());
     for c in calls {
@@ -372,8 +399,13 @@ pub fn parse_toolace_calls(text: &str) -> std::result::Result<Vec<Value>, DropRe
         for (k, v) in c.kwargs {
             args.insert(k, v.to_json().map_err(|_| DropReason::UnparseableCall)?);
         }
+        let name = aliases
+            .iter()
+            .find(|(a, _)| *a == c.name)
+            .map(|(_, n)| n.clone())
+            .unwrap_or(c.name);
         let mut m = serde_json::Map::new();
-        m.insert("name".into(), Value::String(c.name));
+        m.insert("name".into(), Value::String(name));
         m.insert("arguments".into(), Value::Object(args));
         out.push(Value::Object(m));
     }
@@ -443,7 +475,7 @@ pub fn convert_toolace(
                 }
                 let this_step = step;
                 step += 1;
-                let calls = match parse_toolace_calls(&value) {
+                let calls = match parse_toolace_calls(&value, &names) {
                     Ok(c) => c,
                     Err(r) => {
                         conv.dropped.push(r);
