@@ -1,0 +1,41 @@
+// embedding.cu: token embedding lookup and its backward.
+//
+// embedding_fwd: out[t, :] = table[ids[t], :]   (bf16 -> bf16, an exact copy)
+//   table [vocab, dim] bf16, ids [n_tok] u32, out [n_tok, dim] bf16.
+//   Launch: grid (n_tok), block 256; each block copies one row.
+//   An id >= vocab sets ERR_EMBED_ID and writes NaN into that row.
+// embedding_bwd: dtable[ids[t], :] += dout[t, :]   (f32 gradient, atomics: rows may repeat)
+//   dout [n_tok, dim] bf16, dtable [vocab, dim] f32.
+//   Launch: grid (n_tok), block 256.
+#include "common.cuh"
+
+extern "C" __global__ void embedding_fwd(const u32* __restrict__ ids, const bf16_t* __restrict__ table,
+                                         bf16_t* __restrict__ out, int n_tok, int dim, u32 vocab,
+                                         u32* err) {
+    const int t = blockIdx.x;
+    if (t >= n_tok) return;
+    const u32 id = ids[t];
+    bf16_t* o = out + (size_t)t * dim;
+    if (id >= vocab) {
+        if (threadIdx.x == 0) atomicOr(err, ERR_EMBED_ID);
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) o[j] = BF16_NAN;
+        return;
+    }
+    const bf16_t* row = table + (size_t)id * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) o[j] = row[j];
+}
+
+extern "C" __global__ void embedding_bwd(const u32* __restrict__ ids, const bf16_t* __restrict__ dout,
+                                         float* __restrict__ dtable, int n_tok, int dim, u32 vocab,
+                                         u32* err) {
+    const int t = blockIdx.x;
+    if (t >= n_tok) return;
+    const u32 id = ids[t];
+    if (id >= vocab) {
+        if (threadIdx.x == 0) atomicOr(err, ERR_EMBED_ID);
+        return;
+    }
+    const bf16_t* g = dout + (size_t)t * dim;
+    float* d = dtable + (size_t)id * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) atomicAdd(d + j, bf2f(g[j]));
+}

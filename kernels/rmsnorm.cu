@@ -1,0 +1,66 @@
+// rmsnorm.cu: RMSNorm forward and backward.
+//
+// rmsnorm_fwd: rstd[r] = 1/sqrt(mean_j x[r,j]^2 + eps); out[r,j] = x[r,j] * rstd[r] * w[j].
+//   x, out [rows, dim] bf16; w [dim] bf16; rstd [rows] f32 (saved for the backward).
+//   Launch: grid (rows), block 256; one block per row, f32 block reduction.
+// rmsnorm_bwd_dx: with g = dout, c[r] = sum_j g[r,j] w[j] x[r,j]:
+//   dx[r,j] += rstd[r] * w[j] * g[r,j] - x[r,j] * rstd[r]^3 * c[r] / dim   (accumulates into the
+//   residual-stream gradient, bf16). Launch: grid (rows), block 256.
+// rmsnorm_bwd_dw: dw[j] += sum_r g[r,j] x[r,j] rstd[r]   (f32 parameter gradient).
+//   Launch: grid (ceil(dim/256), ceil(rows/RMS_DW_ROWS)), block 256; each thread owns one column
+//   over a chunk of rows (coalesced reads) and adds its partial sum with one atomic.
+//
+// The residual add is not fused here: the op interface keeps the residual add (add_inplace)
+// separate from the norm, so the model code stays identical on every backend.
+#include "common.cuh"
+
+#define RMS_DW_ROWS 64
+
+extern "C" __global__ void rmsnorm_fwd(const bf16_t* __restrict__ x, const bf16_t* __restrict__ w,
+                                       bf16_t* __restrict__ out, float* __restrict__ rstd, int rows,
+                                       int dim, float eps) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const bf16_t* xr = x + (size_t)r * dim;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = bf2f(xr[j]);
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float rs = 1.0f / sqrtf(ss / (float)dim + eps);
+    if (threadIdx.x == 0) rstd[r] = rs;
+    bf16_t* o = out + (size_t)r * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) o[j] = f2bf(bf2f(xr[j]) * rs * bf2f(w[j]));
+}
+
+extern "C" __global__ void rmsnorm_bwd_dx(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ x,
+                                          const bf16_t* __restrict__ w, const float* __restrict__ rstd,
+                                          bf16_t* __restrict__ dx, int rows, int dim) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const bf16_t* xr = x + (size_t)r * dim;
+    const bf16_t* gr = dout + (size_t)r * dim;
+    float c = 0.f;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) c += bf2f(gr[j]) * bf2f(w[j]) * bf2f(xr[j]);
+    c = block_sum(c);
+    const float rs = rstd[r];
+    const float k = rs * rs * rs * c / (float)dim;
+    bf16_t* d = dx + (size_t)r * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = rs * bf2f(w[j]) * bf2f(gr[j]) - bf2f(xr[j]) * k;
+        d[j] = f2bf(bf2f(d[j]) + v);
+    }
+}
+
+extern "C" __global__ void rmsnorm_bwd_dw(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ x,
+                                          const float* __restrict__ rstd, float* __restrict__ dw,
+                                          int rows, int dim) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) return;
+    const int r0 = blockIdx.y * RMS_DW_ROWS;
+    const int r1 = min(rows, r0 + RMS_DW_ROWS);
+    float acc = 0.f;
+    for (int r = r0; r < r1; ++r) acc += bf2f(dout[(size_t)r * dim + j]) * bf2f(x[(size_t)r * dim + j]) * rstd[r];
+    atomicAdd(dw + j, acc);
+}

@@ -1,1 +1,0 @@
-//! The CUDA backend (bf16 storage, f32 accumulation).

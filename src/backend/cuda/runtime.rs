@@ -1,0 +1,711 @@
+//! The CUDA runtime under the backend: driver detection without panics, one context and stream,
+//! module loading (embedded fatbins or NVRTC), a caching device allocator, kernel launches with
+//! error checks, cuBLAS handles and CUDA events.
+//!
+//! Everything here talks to the driver API through cudarc's raw `result`/`sys` layers, so the
+//! backend controls every allocation (the caching pool) and every launch (one stream).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{c_void, CString};
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{result as dr, sys};
+
+use crate::{Error, Result};
+
+pub(crate) mod gen {
+    include!(concat!(env!("OUT_DIR"), "/kernels_gen.rs"));
+}
+
+/// How the kernels were embedded at build time: "fatbin" (nvcc) or "nvrtc" (sources).
+pub const KERNEL_KIND: &str = gen::KIND;
+/// The ptxas resource report of this build (empty when the build had no nvcc).
+pub const PTXAS_REPORT: &str = gen::PTXAS_REPORT;
+
+/// Device-side error bits (kernels/common.cuh).
+pub(crate) const ERR_EMBED_ID: u32 = 1;
+pub(crate) const ERR_TARGET_ID: u32 = 2;
+pub(crate) const ERR_KV_ROW: u32 = 4;
+
+pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
+    Error::Cuda(format!("{what}: {e}"))
+}
+
+pub(crate) fn blas(what: &str, e: cudarc::cublas::result::CublasError) -> Error {
+    Error::Cuda(format!("{what}: cuBLAS error {:?}", e.0))
+}
+
+/// Element types a device buffer can hold.
+pub trait Elem: Copy + 'static {
+    const SIZE: usize;
+}
+/// bf16 stored as its 16-bit pattern.
+#[derive(Clone, Copy, Debug)]
+pub struct Bf16;
+impl Elem for Bf16 {
+    const SIZE: usize = 2;
+}
+impl Elem for f32 {
+    const SIZE: usize = 4;
+}
+impl Elem for u32 {
+    const SIZE: usize = 4;
+}
+impl Elem for f64 {
+    const SIZE: usize = 8;
+}
+
+/// The caching device allocator: size classes (powers of two up to 1 MiB, then multiples of
+/// 2 MiB) with a free list each. A dropped buffer returns to its list and is handed out again
+/// to the next request of the same class, so after warm-up a training step allocates nothing
+/// from the driver. Reuse is safe because every kernel runs on the pool's single stream.
+pub struct Pool {
+    ctx: sys::CUcontext,
+    free: Mutex<BTreeMap<usize, Vec<sys::CUdeviceptr>>>,
+    stats: Mutex<PoolStats>,
+}
+
+/// Counters of the caching allocator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Allocations served by the driver (cuMemAlloc).
+    pub driver_allocs: u64,
+    /// Allocations served from a free list.
+    pub reuses: u64,
+    /// Bytes currently held from the driver (in use or cached).
+    pub bytes_held: u64,
+}
+
+// SAFETY: the raw context handle is only used to make it current before freeing; the free
+// lists are behind a mutex.
+unsafe impl Send for Pool {}
+unsafe impl Sync for Pool {}
+
+fn size_class(bytes: usize) -> usize {
+    let b = bytes.max(256);
+    if b <= 1 << 20 {
+        b.next_power_of_two()
+    } else {
+        b.div_ceil(2 << 20) * (2 << 20)
+    }
+}
+
+impl Pool {
+    fn alloc_bytes(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
+        let class = size_class(bytes);
+        if let Some(p) = self
+            .free
+            .lock()
+            .map_err(|_| Error::msg("allocator lock poisoned"))?
+            .get_mut(&class)
+            .and_then(|v| v.pop())
+        {
+            if let Ok(mut s) = self.stats.lock() {
+                s.reuses += 1;
+            }
+            return Ok((p, class));
+        }
+        // SAFETY: the pool's context is current on this thread (set by the caller's bind()).
+        let p = match unsafe { dr::malloc_sync(class) } {
+            Ok(p) => p,
+            Err(_) => {
+                // Out of memory: give the cached blocks back to the driver and try once more.
+                self.trim()?;
+                unsafe { dr::malloc_sync(class) }.map_err(|e| {
+                    Error::Cuda(format!(
+                        "cuMemAlloc of {class} bytes failed: {e} (device memory exhausted?)"
+                    ))
+                })?
+            }
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            s.driver_allocs += 1;
+            s.bytes_held += class as u64;
+        }
+        Ok((p, class))
+    }
+
+    fn release(&self, ptr: sys::CUdeviceptr, class: usize) {
+        if let Ok(mut f) = self.free.lock() {
+            f.entry(class).or_default().push(ptr);
+        }
+    }
+
+    /// Frees every cached (unused) block.
+    pub fn trim(&self) -> Result<()> {
+        let mut f = self
+            .free
+            .lock()
+            .map_err(|_| Error::msg("allocator lock poisoned"))?;
+        unsafe { dr::ctx::set_current(self.ctx) }.map_err(|e| drv("cuCtxSetCurrent", e))?;
+        let mut freed = 0u64;
+        for (class, list) in f.iter_mut() {
+            for p in list.drain(..) {
+                unsafe { dr::free_sync(p) }.map_err(|e| drv("cuMemFree", e))?;
+                freed += *class as u64;
+            }
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.bytes_held -= freed;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let _ = self.trim();
+    }
+}
+
+/// A device buffer of `len` elements of `E`, owned by the caching pool.
+pub struct CudaBuf<E: Elem> {
+    ptr: sys::CUdeviceptr,
+    class: usize,
+    len: usize,
+    pool: Arc<Pool>,
+    _e: PhantomData<E>,
+}
+
+// SAFETY: a device pointer is a plain integer; all access goes through the backend's stream.
+unsafe impl<E: Elem> Send for CudaBuf<E> {}
+unsafe impl<E: Elem> Sync for CudaBuf<E> {}
+
+impl<E: Elem> CudaBuf<E> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Device address of element `i`.
+    pub fn at(&self, i: usize) -> u64 {
+        self.ptr + (i * E::SIZE) as u64
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl<E: Elem> std::fmt::Debug for CudaBuf<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaBuf<{}>[{}] @ {:#x}",
+            std::any::type_name::<E>(),
+            self.len,
+            self.ptr
+        )
+    }
+}
+
+impl<E: Elem> Drop for CudaBuf<E> {
+    fn drop(&mut self) {
+        self.pool.release(self.ptr, self.class);
+    }
+}
+
+/// Kernel arguments, each in an 8-byte slot (the driver reads each parameter's real size).
+#[derive(Default)]
+pub struct Args(Vec<u64>);
+
+impl Args {
+    pub fn new() -> Self {
+        Args(Vec::with_capacity(16))
+    }
+    pub fn p(mut self, ptr: u64) -> Self {
+        self.0.push(ptr);
+        self
+    }
+    pub fn i(mut self, v: i32) -> Self {
+        self.0.push(v as u32 as u64);
+        self
+    }
+    pub fn u(mut self, v: u32) -> Self {
+        self.0.push(v as u64);
+        self
+    }
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits() as u64);
+        self
+    }
+    pub fn l(mut self, v: i64) -> Self {
+        self.0.push(v as u64);
+        self
+    }
+    pub fn q(mut self, v: u64) -> Self {
+        self.0.push(v);
+        self
+    }
+}
+
+/// A CUDA event pair for timing work on the backend's stream.
+pub struct Timer {
+    start: sys::CUevent,
+    stop: sys::CUevent,
+    stream: sys::CUstream,
+}
+
+impl Timer {
+    pub fn start(&self) -> Result<()> {
+        unsafe { dr::event::record(self.start, self.stream) }.map_err(|e| drv("cuEventRecord", e))
+    }
+    /// Records the stop event, waits for it and returns the elapsed milliseconds.
+    pub fn stop_ms(&self) -> Result<f32> {
+        unsafe {
+            dr::event::record(self.stop, self.stream).map_err(|e| drv("cuEventRecord", e))?;
+            dr::event::synchronize(self.stop).map_err(|e| drv("cuEventSynchronize", e))?;
+            dr::event::elapsed(self.start, self.stop).map_err(|e| drv("cuEventElapsedTime", e))
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::event::destroy(self.start);
+            let _ = dr::event::destroy(self.stop);
+        }
+    }
+}
+
+/// Context, stream, modules, cuBLAS handle and allocator of one device.
+pub struct Gpu {
+    pub(crate) ctx: sys::CUcontext,
+    pub(crate) stream: sys::CUstream,
+    pub(crate) blas: Mutex<cublas_sys::cublasHandle_t>,
+    modules: HashMap<String, sys::CUmodule>,
+    funcs: Mutex<HashMap<(String, String), usize>>,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) err_flag: CudaBuf<u32>,
+    pub(crate) sync_each: bool,
+    pub name: String,
+    pub cc: (i32, i32),
+}
+
+// SAFETY: raw handles; kernel lookups and cuBLAS calls are behind mutexes, every op binds the
+// context to the calling thread before touching the driver.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+fn no_cuda(msg: impl Into<String>) -> Error {
+    Error::NoCuda(msg.into())
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Returns `Error::NoCuda` (never panics) when the driver library,
+    /// a device, or cuBLAS is missing.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        // cudarc panics on first use when a library cannot be loaded: probe first, and catch
+        // any panic from the loader as a plain error.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(no_cuda(
+                "the CUDA driver library (libcuda.so) is not installed on this machine",
+            ));
+        }
+        let r = std::panic::catch_unwind(|| Self::open_inner(ordinal));
+        match r {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic while loading CUDA".into());
+                Err(no_cuda(msg))
+            }
+        }
+    }
+
+    fn open_inner(ordinal: usize) -> Result<Gpu> {
+        dr::init().map_err(|e| no_cuda(format!("cuInit failed: {e}")))?;
+        let count =
+            dr::device::get_count().map_err(|e| no_cuda(format!("cuDeviceGetCount: {e}")))?;
+        if count <= 0 {
+            return Err(no_cuda("the driver reports no CUDA device"));
+        }
+        if ordinal as i32 >= count {
+            return Err(no_cuda(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        if !unsafe { cublas_sys::is_culib_present() } {
+            return Err(no_cuda(
+                "libcublas.so was not found (set LD_LIBRARY_PATH to the CUDA 13 libraries)",
+            ));
+        }
+        let dev = dr::device::get(ordinal as i32).map_err(|e| drv("cuDeviceGet", e))?;
+        let name = dr::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
+        let cc = unsafe {
+            let major = dr::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .map_err(|e| drv("cuDeviceGetAttribute", e))?;
+            let minor = dr::device::get_attribute(
+                dev,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            )
+            .map_err(|e| drv("cuDeviceGetAttribute", e))?;
+            (major, minor)
+        };
+        let ctx = unsafe { dr::primary_ctx::retain(dev) }
+            .map_err(|e| drv("cuDevicePrimaryCtxRetain", e))?;
+        unsafe { dr::ctx::set_current(ctx) }.map_err(|e| drv("cuCtxSetCurrent", e))?;
+        let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
+            .map_err(|e| drv("cuStreamCreate", e))?;
+        let handle =
+            cudarc::cublas::result::create_handle().map_err(|e| blas("cublasCreate", e))?;
+        unsafe { cudarc::cublas::result::set_stream(handle, stream as _) }
+            .map_err(|e| blas("cublasSetStream", e))?;
+
+        let mut modules = HashMap::new();
+        for (name, image) in gen::MODULES {
+            let m = load_module(name, image, cc)?;
+            modules.insert(name.to_string(), m);
+        }
+        let pool = Arc::new(Pool {
+            ctx,
+            free: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(PoolStats::default()),
+        });
+        let (p, class) = pool.alloc_bytes(4)?;
+        unsafe { dr::memset_d8_async(p, 0, 4, stream) }.map_err(|e| drv("cuMemsetD8Async", e))?;
+        let err_flag = CudaBuf {
+            ptr: p,
+            class,
+            len: 1,
+            pool: pool.clone(),
+            _e: PhantomData,
+        };
+        let sync_each =
+            cfg!(debug_assertions) || std::env::var("TOOLN1_CUDA_SYNC").is_ok_and(|v| v == "1");
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas: Mutex::new(handle),
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            pool,
+            err_flag,
+            sync_each,
+            name,
+            cc,
+        })
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        unsafe { dr::ctx::set_current(self.ctx) }.map_err(|e| drv("cuCtxSetCurrent", e))
+    }
+
+    pub fn alloc<E: Elem>(&self, len: usize) -> Result<CudaBuf<E>> {
+        self.bind()?;
+        let (ptr, class) = self.pool.alloc_bytes(len.max(1) * E::SIZE)?;
+        Ok(CudaBuf {
+            ptr,
+            class,
+            len,
+            pool: self.pool.clone(),
+            _e: PhantomData,
+        })
+    }
+
+    pub fn alloc_zeros<E: Elem>(&self, len: usize) -> Result<CudaBuf<E>> {
+        let b = self.alloc::<E>(len)?;
+        self.memset_zero(b.ptr, len * E::SIZE)?;
+        Ok(b)
+    }
+
+    pub fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe { dr::memset_d8_async(ptr, 0, bytes, self.stream) }
+            .map_err(|e| drv("cuMemsetD8Async", e))
+    }
+
+    pub fn htod<E: Elem, H: Copy>(&self, data: &[H]) -> Result<CudaBuf<E>> {
+        debug_assert_eq!(std::mem::size_of::<H>(), E::SIZE);
+        let b = self.alloc::<E>(data.len())?;
+        if !data.is_empty() {
+            unsafe { dr::memcpy_htod_async(b.ptr, data, self.stream) }
+                .map_err(|e| drv("cuMemcpyHtoDAsync", e))?;
+        }
+        Ok(b)
+    }
+
+    /// Copies `n` elements from device address `src` to the host (waits for the stream).
+    pub fn dtoh<H: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<H>> {
+        self.bind()?;
+        let mut v = vec![H::default(); n];
+        if n > 0 {
+            unsafe { dr::memcpy_dtoh_async(&mut v[..], src, self.stream) }
+                .map_err(|e| drv("cuMemcpyDtoHAsync", e))?;
+        }
+        self.sync()?;
+        Ok(v)
+    }
+
+    pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        unsafe { dr::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(|e| drv("cuMemcpyDtoDAsync", e))
+    }
+
+    /// Waits for the stream, then reports any device-side error flag (and clears it).
+    pub fn sync(&self) -> Result<()> {
+        unsafe { dr::stream::synchronize(self.stream) }
+            .map_err(|e| drv("kernel execution (cuStreamSynchronize)", e))?;
+        let mut flag = [0u32; 1];
+        unsafe { dr::memcpy_dtoh_async(&mut flag[..], self.err_flag.ptr, self.stream) }
+            .map_err(|e| drv("cuMemcpyDtoHAsync", e))?;
+        unsafe { dr::stream::synchronize(self.stream) }
+            .map_err(|e| drv("cuStreamSynchronize", e))?;
+        if flag[0] != 0 {
+            self.memset_zero(self.err_flag.ptr, 4)?;
+            let mut what = Vec::new();
+            if flag[0] & ERR_EMBED_ID != 0 {
+                what.push("a token id >= vocab_size reached the embedding");
+            }
+            if flag[0] & ERR_TARGET_ID != 0 {
+                what.push("a target id >= vocab_size reached logprobs");
+            }
+            if flag[0] & ERR_KV_ROW != 0 {
+                what.push("a kv_store destination row is outside the KV cache");
+            }
+            return Err(Error::Invalid(what.join("; ")));
+        }
+        Ok(())
+    }
+
+    fn function(&self, module: &str, name: &str) -> Result<sys::CUfunction> {
+        let mut f = self
+            .funcs
+            .lock()
+            .map_err(|_| Error::msg("kernel table lock poisoned"))?;
+        if let Some(p) = f.get(&(module.to_string(), name.to_string())) {
+            return Ok(*p as sys::CUfunction);
+        }
+        let m = *self.modules.get(module).ok_or_else(|| {
+            Error::Cuda(format!(
+                "kernel module `{module}` is not embedded (kernels/{module}.cu)"
+            ))
+        })?;
+        let cname =
+            CString::new(name).map_err(|_| Error::Invalid(format!("kernel name {name:?}")))?;
+        let func = unsafe { dr::module::get_function(m, cname) }
+            .map_err(|e| drv(&format!("kernel `{name}` in kernels/{module}.cu"), e))?;
+        f.insert((module.to_string(), name.to_string()), func as usize);
+        Ok(func)
+    }
+
+    /// Launches `module::name` on the stream; checks the launch, and in debug builds (or with
+    /// TOOLN1_CUDA_SYNC=1) waits for it so that a fault is reported at the kernel that caused it.
+    pub fn launch(
+        &self,
+        module: &str,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: Args,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let f = self.function(module, name)?;
+        let mut slots = args.0;
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        unsafe { dr::launch_kernel(f, grid, block, smem, self.stream, &mut ptrs) }.map_err(
+            |e| {
+                drv(
+                    &format!("launch of `{name}` (grid {grid:?}, block {block:?})"),
+                    e,
+                )
+            },
+        )?;
+        if self.sync_each {
+            self.sync()
+                .map_err(|e| Error::Cuda(format!("after `{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// A pair of CUDA events on this stream.
+    pub fn timer(&self) -> Result<Timer> {
+        self.bind()?;
+        let start = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| drv("cuEventCreate", e))?;
+        let stop = dr::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map_err(|e| drv("cuEventCreate", e))?;
+        Ok(Timer {
+            start,
+            stop,
+            stream: self.stream,
+        })
+    }
+
+    /// cublasGemmEx in column-major terms: C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C, with A and
+    /// B bf16, C bf16 (`c_f32` false) or f32, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+        c_f32: bool,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let to_i = |x: usize, what: &str| -> Result<i32> {
+            i32::try_from(x).map_err(|_| Error::Invalid(format!("GEMM {what} = {x} exceeds i32")))
+        };
+        use cublas_sys::{cublasComputeType_t as Ct, cublasOperation_t as Op, cudaDataType as Dt};
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let alpha = 1.0f32;
+        self.bind()?;
+        let h = self
+            .blas
+            .lock()
+            .map_err(|_| Error::msg("cuBLAS lock poisoned"))?;
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *h,
+                op(ta),
+                op(tb),
+                to_i(m, "m")?,
+                to_i(n, "n")?,
+                to_i(k, "k")?,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                Dt::CUDA_R_16BF,
+                to_i(lda, "lda")?,
+                b as *const c_void,
+                Dt::CUDA_R_16BF,
+                to_i(ldb, "ldb")?,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                if c_f32 {
+                    Dt::CUDA_R_32F
+                } else {
+                    Dt::CUDA_R_16BF
+                },
+                to_i(ldc, "ldc")?,
+                Ct::CUBLAS_COMPUTE_32F,
+                cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas("cublasGemmEx", e))?;
+        drop(h);
+        if self.sync_each {
+            self.sync()
+                .map_err(|e| Error::Cuda(format!("after cublasGemmEx: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::ctx::set_current(self.ctx);
+            let _ = dr::stream::synchronize(self.stream);
+            if let Ok(h) = self.blas.lock() {
+                let _ = cudarc::cublas::result::destroy_handle(*h);
+            }
+            for (_, m) in self.modules.drain() {
+                let _ = dr::module::unload(m);
+            }
+            let _ = dr::stream::destroy(self.stream);
+        }
+    }
+}
+
+fn load_module(name: &str, image: &[u8], cc: (i32, i32)) -> Result<sys::CUmodule> {
+    let mut data: Vec<u8> = if gen::KIND == "nvrtc" {
+        let src = std::str::from_utf8(image)
+            .map_err(|_| Error::Cuda(format!("kernels/{name}.cu is not UTF-8")))?;
+        compile_nvrtc(name, src, cc)?
+    } else {
+        image.to_vec()
+    };
+    data.push(0);
+    // cuModuleLoadData wants an aligned image: copy into u64 storage.
+    let mut aligned = vec![0u64; data.len().div_ceil(8)];
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), aligned.as_mut_ptr() as *mut u8, data.len());
+        dr::module::load_data(aligned.as_ptr() as *const c_void)
+    }
+    .map_err(|e| drv(&format!("loading kernels/{name}.cu ({})", gen::KIND), e))
+}
+
+/// Compiles every kernel source with NVRTC for compute capability `cc` (no GPU needed, only
+/// libnvrtc): the check that the run-time fallback of a build without nvcc works. Returns the
+/// PTX size per module.
+pub fn nvrtc_check(cc: (i32, i32)) -> Result<Vec<(String, usize)>> {
+    let present = std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() })
+        .unwrap_or(false);
+    if !present {
+        return Err(no_cuda("libnvrtc.so was not found"));
+    }
+    gen::SOURCES
+        .iter()
+        .map(|(name, src)| compile_nvrtc(name, src, cc).map(|p| (name.to_string(), p.len())))
+        .collect()
+}
+
+fn compile_nvrtc(name: &str, src: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(no_cuda(
+            "this build embeds kernel sources (no nvcc at build time) and libnvrtc.so was not found to compile them",
+        ));
+    }
+    let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
+    let opts = vec![arch, "-std=c++17".to_string(), "-lineinfo".to_string()];
+    let csrc = CString::new(src)
+        .map_err(|_| Error::Cuda(format!("kernels/{name}.cu contains a NUL byte")))?;
+    let cname = CString::new(format!("{name}.cu")).map_err(|_| Error::Invalid(name.to_string()))?;
+    let prog = cudarc::nvrtc::result::create_program(&csrc, Some(&cname))
+        .map_err(|e| Error::Cuda(format!("nvrtcCreateProgram({name}): {e:?}")))?;
+    let res = unsafe { cudarc::nvrtc::result::compile_program(prog, &opts) };
+    if res.is_err() {
+        let log = unsafe { cudarc::nvrtc::result::get_program_log(prog) }
+            .map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>())
+            .unwrap_or_default();
+        let _ = unsafe { cudarc::nvrtc::result::destroy_program(prog) };
+        return Err(Error::Cuda(format!(
+            "NVRTC failed on kernels/{name}.cu:\n{log}"
+        )));
+    }
+    let ptx = unsafe { cudarc::nvrtc::result::get_ptx(prog) }
+        .map_err(|e| Error::Cuda(format!("nvrtcGetPTX({name}): {e:?}")))?;
+    let _ = unsafe { cudarc::nvrtc::result::destroy_program(prog) };
+    let mut bytes: Vec<u8> = ptx.iter().map(|&c| c as u8).collect();
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds the release test and bench binaries here (with nvcc-compiled kernels), copies them
+# stripped into the git-ignored `.gpu/` folder together with `run-all.sh`, and prints the one
+# command that runs them all on the lent GPU machine (which has CUDA 13 libraries but no Rust).
+#
+# Usage: tools/gpu-test.sh            then give the device tool the printed command with
+#                                     carry [".gpu"]; logs come back under $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LIMIT=$((64 * 1024 * 1024))
+
+tools/setup-cuda.sh >/dev/null
+export TOOLN1_REQUIRE_NVCC=1
+
+list_exes() { # cargo JSON messages on stdin -> "kind<TAB>path" lines
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kinds = m["target"]["kind"]
+    kind = "bench" if "bench" in kinds else "test"
+    print(kind + "\t" + m["target"]["name"] + "\t" + m["executable"])
+'
+}
+
+echo "gpu-test: building release test binaries" >&2
+cargo test --release --no-run --message-format=json 2>/dev/null | list_exes >target/gpu-exes.tsv
+echo "gpu-test: building bench binaries" >&2
+cargo bench --no-run --message-format=json 2>/dev/null | list_exes >>target/gpu-exes.tsv
+
+rm -rf .gpu
+mkdir -p .gpu/bin
+# CUDA tests first so that they are kept if the size limit forces a cut.
+sort -t$'\t' -k2,2 target/gpu-exes.tsv | awk -F'\t' '{p = ($2 ~ /cuda|kernels/) ? 0 : 1; print p "\t" $0}' | sort -s -k1,1n |
+while IFS=$'\t' read -r _ kind name exe; do
+    dst=".gpu/bin/$kind-$name"
+    [ -e "$dst" ] && continue
+    cp "$exe" "$dst"
+    strip "$dst" 2>/dev/null || true
+    total=$(du -cb .gpu/bin | tail -n1 | cut -f1)
+    if [ "$total" -gt "$LIMIT" ]; then
+        rm -f "$dst"
+        echo "gpu-test: skipped $name (would exceed 64 MiB)" >&2
+    fi
+done
+
+cat >.gpu/run-all.sh <<'RUN'
+#!/usr/bin/env bash
+# Runs every carried test binary and bench on the GPU machine; logs go under $OUT.
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${OUT:-$HERE/logs}
+mkdir -p "$OUT"
+LOG="$OUT/gpu-test.log"
+# Find the CUDA 13 user-space libraries (cuBLAS, cuBLASLt, NVRTC).
+LIBDIRS=""
+for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
+    d=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l {print $NF; exit}' | xargs -r dirname)
+    [ -z "$d" ] && d=$(ls -d /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib 2>/dev/null | while read -r x; do [ -e "$x/$lib" ] && echo "$x" && break; done)
+    [ -z "$d" ] && d=$(find / -xdev -name "$lib" -path '*nvidia*' 2>/dev/null | head -n1 | xargs -r dirname)
+    [ -n "$d" ] && case ":$LIBDIRS:" in *":$d:"*) ;; *) LIBDIRS="$LIBDIRS:$d" ;; esac
+done
+export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export TOOLN1_CUDA_SYNC=1
+{
+    echo "# GPU test run"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | sed 's/^/device: /'
+    echo "LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
+} | tee "$LOG"
+pass=0
+fail=0
+for t in "$HERE"/bin/test-*; do
+    [ -e "$t" ] || continue
+    echo "== $(basename "$t")" | tee -a "$LOG"
+    if "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$LOG"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAILED: $(basename "$t")" | tee -a "$LOG"; fi
+done
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    for b in "$HERE"/bin/bench-*; do
+        [ -e "$b" ] || continue
+        echo "== $(basename "$b")" | tee -a "$LOG"
+        "$b" --bench --warm-up-time 0.3 --measurement-time 1 2>&1 | tee "$OUT/$(basename "$b").log" | tee -a "$LOG" >/dev/null ||
+            echo "FAILED: $(basename "$b")" | tee -a "$LOG"
+    done
+fi
+echo "test binaries: $pass passed, $fail failed" | tee -a "$LOG"
+[ "$fail" -eq 0 ]
+RUN
+chmod +x .gpu/run-all.sh
+
+du -sh .gpu >&2
+ls -l .gpu/bin >&2
+echo "Run on the GPU machine (device tool, carry [\".gpu\"]):"
+echo "  bash .gpu/run-all.sh"
