@@ -321,16 +321,16 @@ impl Default for DemoConfig {
             seed: 7,
             train_prompts: 512,
             heldout_prompts: 64,
-            sft_noise: 0.4,
+            sft_noise: 0.3,
             sft_samples: 512,
-            sft_steps: 150,
+            sft_steps: 500,
             sft_batch: 32,
             sft_lr: 3e-3,
-            grpo_steps: 30,
+            grpo_steps: 60,
             prompts_per_step: 16,
             n: 8,
-            grpo_lr: 5e-4,
-            temperature: 1.0,
+            grpo_lr: 3e-4,
+            temperature: 0.8,
             max_new_tokens: 48,
             eval_n: 4,
             hidden: 64,
@@ -349,7 +349,7 @@ impl DemoConfig {
     /// A shorter run for the learning test (same task and model, fewer steps).
     pub fn test() -> Self {
         DemoConfig {
-            sft_steps: 400,
+            sft_steps: 500,
             grpo_steps: 40,
             ..DemoConfig::default()
         }
