@@ -1,11 +1,13 @@
 //! Criterion benches of every CUDA kernel, forward and backward, at Qwen2.5-1.5B and 7B shapes,
 //! timed with CUDA events (`iter_custom`). Each bench also prints its achieved GB/s (memory-bound
 //! kernels, counting each input read once and each output written once) or TFLOP/s (GEMM-bound
-//! ones). Without a GPU the CUDA groups print "skipped: no CUDA device".
+//! ones). Without a GPU the CUDA groups print "skipped: no CUDA device"; the CPU-backend groups
+//! (small shapes, wall-clock timing) run everywhere.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::{AdamWStep, Backend};
 
@@ -278,5 +280,63 @@ impl BenchExt for Cuda {
     }
 }
 
-criterion_group!(benches, cuda_benches);
+/// The CPU reference backend at small shapes (runs on every machine).
+fn cpu_benches(c: &mut Criterion) {
+    let b = Cpu;
+    let mut g = c.benchmark_group("cpu-small");
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_millis(300));
+    g.measurement_time(Duration::from_secs(1));
+    let (tok, h, it, nh, nkv, hd, voc) = (
+        128usize, 256usize, 512usize, 4usize, 2usize, 64usize, 2048usize,
+    );
+    let x = b.upload(&rnd(tok * h, 1.0)).unwrap();
+    let w = b.upload(&rnd(h, 1.0)).unwrap();
+    let mut out = b.zeros(tok * h).unwrap();
+    let mut rstd = b.zeros_f32(tok).unwrap();
+    g.bench_function("rmsnorm_fwd", |z| {
+        z.iter(|| {
+            b.rmsnorm(&x, &w, &mut out, &mut rstd, tok, h, 1e-6)
+                .unwrap()
+        })
+    });
+    let gt = b.upload(&rnd(tok * it, 2.0)).unwrap();
+    let up = b.upload(&rnd(tok * it, 2.0)).unwrap();
+    let mut a = b.zeros(tok * it).unwrap();
+    g.bench_function("swiglu_fwd", |z| {
+        z.iter(|| b.swiglu(&gt, &up, &mut a, tok * it).unwrap())
+    });
+    let wl = b.upload(&rnd(it * h, 0.05)).unwrap();
+    let mut y = b.zeros(tok * it).unwrap();
+    g.bench_function("linear_fwd", |z| {
+        z.iter(|| b.linear(&x, &wl, None, &mut y, tok, it, h).unwrap())
+    });
+    let cu = vec![0u32, 50, tok as u32];
+    let cud = b.upload_u32(&cu).unwrap();
+    let q = b.upload(&rnd(tok * nh * hd, 1.0)).unwrap();
+    let k = b.upload(&rnd(tok * nkv * hd, 1.0)).unwrap();
+    let v = b.upload(&rnd(tok * nkv * hd, 1.0)).unwrap();
+    let mut o = b.zeros(tok * nh * hd).unwrap();
+    let mut lse = b.zeros_f32(nh * tok).unwrap();
+    g.bench_function("attention_fwd", |z| {
+        z.iter(|| {
+            b.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, 78, nh, nkv, hd)
+                .unwrap()
+        })
+    });
+    let wv = b.upload(&rnd(voc * h, 0.05)).unwrap();
+    let tg = b
+        .upload_u32(&(0..tok).map(|t| (t * 31 % voc) as u32).collect::<Vec<_>>())
+        .unwrap();
+    let (mut lp, mut ls) = (b.zeros_f32(tok).unwrap(), b.zeros_f32(tok).unwrap());
+    g.bench_function("logprobs_fwd", |z| {
+        z.iter(|| {
+            b.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, tok, h, voc)
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, cpu_benches, cuda_benches);
 criterion_main!(benches);
