@@ -274,6 +274,13 @@ impl ChatTemplate {
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson_filter);
+        env.add_function("strftime_now", |fmt: String| {
+            let secs = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            strftime_utc(&fmt, secs)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<JValue, minijinja::Error> {
@@ -362,6 +369,120 @@ impl ChatTemplate {
         tpl.render(JValue::from_serialize(Value::Object(ctx)))
             .map_err(|e| Error::msg(format!("chat template: {}", describe(&e))))
     }
+}
+
+/// Special-token strings of a tokenizer_config.json (`bos_token`, `eos_token`, `pad_token`,
+/// `unk_token`; each a string or an `{"content": ...}` object), as template variables the way
+/// transformers passes them to `apply_chat_template`. Absent or null tokens are left out.
+pub fn special_tokens_from_config(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        file: path.display().to_string(),
+        field: "<json>".into(),
+        msg: format!("not valid JSON: {e}"),
+    })?;
+    let mut out = Map::new();
+    for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+        let tok = match v.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(String::from),
+            Some(Value::Null) | None => None,
+            Some(other) => {
+                return Err(Error::Config {
+                    file: path.display().to_string(),
+                    field: key.into(),
+                    msg: format!("expected a token string or {{\"content\": ...}}, found {other}"),
+                })
+            }
+        };
+        if let Some(t) = tok {
+            out.insert(key.into(), Value::String(t));
+        }
+    }
+    Ok(out)
+}
+
+/// `strftime` over a UTC Unix time for the directives chat templates use:
+/// %Y %y %m %d %e %j %b %B %a %A %H %M %S %p %I %%.
+pub fn strftime_utc(fmt: &str, unix_secs: i64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let sod = unix_secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let day = doy_mar - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let cum = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334];
+    let yday = cum[(month - 1) as usize] + day + i64::from(leap && month > 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let month_name = MONTHS[(month - 1) as usize];
+        match chars.next() {
+            Some('Y') => write!(out, "{year}"),
+            Some('y') => write!(out, "{:02}", year.rem_euclid(100)),
+            Some('m') => write!(out, "{month:02}"),
+            Some('d') => write!(out, "{day:02}"),
+            Some('e') => write!(out, "{day:>2}"),
+            Some('j') => write!(out, "{yday:03}"),
+            Some('b') => write!(out, "{}", &month_name[..3]),
+            Some('B') => write!(out, "{month_name}"),
+            Some('a') => write!(out, "{}", &DAYS[weekday][..3]),
+            Some('A') => write!(out, "{}", DAYS[weekday]),
+            Some('H') => write!(out, "{hh:02}"),
+            Some('I') => write!(out, "{:02}", if hh % 12 == 0 { 12 } else { hh % 12 }),
+            Some('p') => write!(out, "{}", if hh < 12 { "AM" } else { "PM" }),
+            Some('M') => write!(out, "{mm:02}"),
+            Some('S') => write!(out, "{ss:02}"),
+            Some('%') => write!(out, "%"),
+            other => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!(
+                        "strftime_now: unsupported directive %{}",
+                        other.unwrap_or(' ')
+                    ),
+                ))
+            }
+        }
+        .map_err(|_| minijinja::Error::new(ErrorKind::InvalidOperation, "strftime_now"))?;
+    }
+    Ok(out)
 }
 
 /// A minijinja error with its cause chain and line.
@@ -711,6 +832,22 @@ mod tests {
         for (x, want) in cases {
             assert_eq!(py_float_repr(x), want, "{x:e}");
         }
+    }
+
+    #[test]
+    fn strftime_matches_known_dates() {
+        // 2024-02-29 13:05:09 UTC was a Thursday, day 60 of a leap year.
+        let t = 1_709_211_909;
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %H:%M:%S %j %a %A %b %B %y %I%p %%", t).unwrap(),
+            "2024-02-29 13:05:09 060 Thu Thursday Feb February 24 01PM %"
+        );
+        assert_eq!(strftime_utc("%d %b %Y", 0).unwrap(), "01 Jan 1970");
+        assert_eq!(
+            strftime_utc("%Y-%m-%d %A", 951_782_400).unwrap(),
+            "2000-02-29 Tuesday"
+        );
+        assert!(strftime_utc("%Q", 0).is_err());
     }
 
     #[test]

@@ -295,3 +295,28 @@ fn fixture_bpe_tokenizer_has_the_chat_tokens() {
     assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
     assert_eq!(t.decode(&ids, false).unwrap(), text);
 }
+
+#[test]
+fn special_tokens_reach_the_template() {
+    let toks =
+        tokenizer::special_tokens_from_config(&fixture("qwen2.5/tokenizer_config.json")).unwrap();
+    assert_eq!(toks["eos_token"], json!("<|im_end|>"));
+    assert_eq!(toks["pad_token"], json!("<|endoftext|>"));
+    assert!(!toks.contains_key("bos_token"), "null bos is left out");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tokenizer_config.json");
+    std::fs::write(&p, r#"{"bos_token": {"content": "<s>", "lstrip": false}}"#).unwrap();
+    let toks = tokenizer::special_tokens_from_config(&p).unwrap();
+    let t = ChatTemplate::new("{{ bos_token }}{{ strftime_now('%Y')|length }}").unwrap();
+    let input = RenderInput {
+        messages: vec![json!({"role": "user", "content": "x"})],
+        extra: toks,
+        ..Default::default()
+    };
+    assert_eq!(t.render_input(&input).unwrap(), "<s>4");
+    std::fs::write(&p, r#"{"eos_token": 5}"#).unwrap();
+    let e = tokenizer::special_tokens_from_config(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("eos_token"), "{e}");
+}

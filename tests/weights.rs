@@ -411,3 +411,91 @@ fn fixture_models_have_every_layout_tensor() {
         assert!(host.iter().flatten().all(|x| x.is_finite()));
     }
 }
+
+#[test]
+fn save_model_and_load_model_through_the_cpu_backend() {
+    use tooln1::backend::cpu::Cpu;
+    use tooln1::model::weights::{load_model, save_model};
+    use tooln1::model::Model;
+    let seed = clock_seed();
+    for tied in [false, true] {
+        let cfg = odd_cfg(tied);
+        let p = params(&cfg, seed);
+        let model = Model::from_host(&Cpu, cfg.clone(), &p).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (dtype, shard) in [
+            (DType::F32, u64::MAX),
+            (DType::BF16, 2500),
+            (DType::F16, 1 << 30),
+        ] {
+            let out = dir.path().join(format!("{dtype:?}"));
+            let opts = SaveOptions {
+                dtype,
+                max_shard_bytes: shard,
+                ..Default::default()
+            };
+            save_model(&out, &model, &Cpu, &opts).unwrap();
+            let back = load_model(&out, &Cpu).unwrap();
+            assert_eq!(back.cfg.tie_word_embeddings, tied);
+            let host = back.to_host(&Cpu).unwrap();
+            for (a, b) in p.iter().zip(&host) {
+                for (&x, &y) in a.iter().zip(b) {
+                    let want = match dtype {
+                        DType::F32 => x,
+                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                        DType::F16 => half::f16::from_f32(x).to_f32(),
+                    };
+                    assert_eq!(y, want, "{dtype:?} tied={tied}");
+                }
+            }
+        }
+    }
+    // Errors from load_model name the tensor too.
+    let cfg = odd_cfg(false);
+    let dir = saved(&cfg, seed);
+    let m = dir.path().join("m");
+    rewrite(&m, |t| {
+        t.retain(|x| x.0 != "model.layers.0.self_attn.q_proj.bias")
+    });
+    let e = err_of(load_model(&m, &Cpu));
+    assert!(e.contains("model.layers.0.self_attn.q_proj.bias"), "{e}");
+}
+
+#[test]
+fn init_tiny_model_loads_and_runs_on_a_chat_render() {
+    use tooln1::backend::cpu::Cpu;
+    use tooln1::model::init::{write_tiny_model, TinyOptions};
+    use tooln1::model::weights::load_model;
+    use tooln1::model::PackedBatch;
+    use tooln1::tokenizer::{ChatTemplate, Tokenizer};
+    let seed = clock_seed();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let o = TinyOptions {
+        seed,
+        hidden: 48,
+        heads: 6,
+        kv_heads: 3,
+        layers: 2,
+        intermediate: 72,
+        ..Default::default()
+    };
+    write_tiny_model(&out, &o).unwrap();
+    let model = load_model(&out, &Cpu).unwrap();
+    let tok = Tokenizer::from_dir(&out).unwrap();
+    assert!(tok.vocab_size() <= model.cfg.vocab_size);
+    let tpl = ChatTemplate::from_tokenizer_config(&out.join("tokenizer_config.json")).unwrap();
+    let text = tpl
+        .render_json(
+            &[json!({"role": "user", "content": "Weather in Paris?"})],
+            None,
+            true,
+        )
+        .unwrap();
+    let ids = tok.encode(&text).unwrap();
+    let batch = PackedBatch::from_sequences(std::slice::from_ref(&ids)).unwrap();
+    let db = model.upload_batch(&Cpu, &batch).unwrap();
+    let (logp, _) = model.logprobs(&Cpu, &db, false).unwrap();
+    assert_eq!(logp.len(), ids.len() - 1);
+    assert!(logp.iter().all(|x| x.is_finite() && *x < 0.0));
+}

@@ -20,3 +20,14 @@ pub fn sft(_a: SftArgs) -> anyhow::Result<()> {
 pub fn demo(_a: DemoArgs) -> anyhow::Result<()> {
     anyhow::bail!("demo: not implemented yet")
 }
+
+#[derive(clap::Args, Debug)]
+pub struct EvalRunArgs {}
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalKind {
+    Bfcl,
+    ApiBank,
+}
+pub fn eval_run(_kind: EvalKind, _a: EvalRunArgs) -> anyhow::Result<()> {
+    anyhow::bail!("eval run: not implemented yet")
+}

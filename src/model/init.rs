@@ -5,9 +5,14 @@
 //! zeros so that tests exercise the bias paths. The stream is ChaCha8 seeded by `seed`, so a
 //! seed always gives the same model.
 
+use crate::backend::DType;
+use crate::model::weights::{save_params, SaveOptions};
 use crate::model::{ParamLayout, Qwen2Config};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::path::Path;
 
 /// Standard deviation of the normal init (HF `initializer_range`).
 pub const INIT_STD: f32 = 0.02;
@@ -88,6 +93,83 @@ pub fn tiny_config(
     }
 }
 
+/// The small byte-level BPE tokenizer of the golden fixtures (302 tokens, with
+/// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<tool_call>`, `</tool_call>`).
+pub const TINY_TOKENIZER_JSON: &[u8] =
+    include_bytes!("../../tests/fixtures/golden/tokenizer/tokenizer.json");
+/// Its tokenizer_config.json (eos `<|im_end|>`, pad `<|endoftext|>`, the Qwen2.5 chat template).
+pub const TINY_TOKENIZER_CONFIG_JSON: &[u8] =
+    include_bytes!("../../tests/fixtures/golden/tokenizer/tokenizer_config.json");
+
+/// Shape and seed of a tiny model written by [`write_tiny_model`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyOptions {
+    pub seed: u64,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub tied: bool,
+    pub dtype: DType,
+}
+
+impl Default for TinyOptions {
+    fn default() -> Self {
+        TinyOptions {
+            seed: 0,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 96,
+            tied: false,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// Write a tiny random Qwen2 model folder (config.json, model.safetensors, tokenizer.json,
+/// tokenizer_config.json) loadable by [`crate::model::weights::load_model`]. The tokenizer is
+/// [`TINY_TOKENIZER_JSON`]; `vocab_size` is its size rounded up to a multiple of 64.
+pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
+    let tok = Tokenizer::from_bytes(TINY_TOKENIZER_JSON, "built-in tiny tokenizer")?;
+    let vocab = tok.vocab_size().div_ceil(64) * 64;
+    let mut cfg = tiny_config(
+        o.hidden,
+        o.layers,
+        o.heads,
+        o.kv_heads,
+        o.intermediate,
+        vocab,
+        o.tied,
+    );
+    if o.heads > 0 && o.hidden % o.heads != 0 {
+        return Err(Error::Config {
+            file: "init-tiny".into(),
+            field: "hidden".into(),
+            msg: format!("{} is not divisible by heads {}", o.hidden, o.heads),
+        });
+    }
+    cfg.bos_token_id = tok.token_id("<|endoftext|>");
+    cfg.eos_token_id = tok.token_id("<|im_end|>").into_iter().collect();
+    cfg.validate("init-tiny")?;
+    let params = random_params(&cfg, o.seed);
+    let opts = SaveOptions {
+        dtype: o.dtype,
+        extra_files: vec![
+            ("tokenizer.json".into(), TINY_TOKENIZER_JSON.to_vec()),
+            (
+                "tokenizer_config.json".into(),
+                TINY_TOKENIZER_CONFIG_JSON.to_vec(),
+            ),
+        ],
+        ..Default::default()
+    };
+    save_params(dir, &cfg, &params, &opts)?;
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +207,36 @@ mod tests {
         }
         assert_eq!(p, random_params(&cfg, 3));
         assert_ne!(p, random_params(&cfg, 4));
+    }
+
+    #[test]
+    fn tiny_model_folder_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tiny");
+        let o = TinyOptions {
+            seed: 11,
+            layers: 3,
+            tied: true,
+            ..Default::default()
+        };
+        let cfg = write_tiny_model(&out, &o).unwrap();
+        assert_eq!(cfg.vocab_size, 320);
+        assert_eq!(cfg.eos_token_id, vec![2]);
+        let ck = crate::model::weights::Checkpoint::open(&out).unwrap();
+        assert_eq!(ck.cfg, cfg);
+        assert_eq!(ck.load_host().unwrap(), random_params(&cfg, 11));
+        let tok = Tokenizer::from_dir(&out).unwrap();
+        assert_eq!(tok.vocab_size(), 302);
+        let tpl = crate::tokenizer::ChatTemplate::from_tokenizer_config(
+            &out.join("tokenizer_config.json"),
+        )
+        .unwrap();
+        assert_eq!(tpl.source, crate::tokenizer::QWEN25_CHAT_TEMPLATE);
+        let bad = TinyOptions {
+            hidden: 30,
+            heads: 4,
+            ..Default::default()
+        };
+        assert!(write_tiny_model(&dir.path().join("bad"), &bad).is_err());
     }
 }

@@ -174,16 +174,27 @@ impl MemoryEstimate {
     }
 }
 
-/// Bytes as GiB with two decimals.
-pub fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// Bytes in the largest binary unit that keeps the figure at or above 1 (two decimals).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = bytes as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{x:.2} {}", UNITS[u])
+    }
 }
 
 impl fmt::Display for MemoryEstimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.inputs;
         let row = |f: &mut fmt::Formatter<'_>, what: &str, bytes: u64| {
-            writeln!(f, "  {what:<58} {:>12}", gib(bytes))
+            writeln!(f, "  {what:<58} {:>12}", human_bytes(bytes))
         };
         writeln!(
             f,
@@ -260,6 +271,8 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("KV cache"), "{text}");
         assert!(text.contains("7615616512"), "{text}");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 29), "1.50 GiB");
     }
 
     #[test]

@@ -365,6 +365,8 @@ pub struct SaveOptions {
     /// A folder whose tokenizer files (tokenizer.json, tokenizer_config.json, ...) are copied,
     /// and whose config.json supplies the fields the engine does not model.
     pub source_dir: Option<PathBuf>,
+    /// More files written into the folder: (file name, bytes), e.g. a generated tokenizer.
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for SaveOptions {
@@ -373,6 +375,7 @@ impl Default for SaveOptions {
             dtype: DType::BF16,
             max_shard_bytes: 5_000_000_000,
             source_dir: None,
+            extra_files: Vec::new(),
         }
     }
 }
@@ -564,6 +567,15 @@ fn write_folder(
         cfg.to_json_string(base_config).as_bytes(),
     )?;
 
+    for (name, bytes) in &opts.extra_files {
+        let p = Path::new(name);
+        if p.components().count() != 1 || name.is_empty() {
+            return Err(Error::Invalid(format!(
+                "save: extra file {name:?} is not a plain file name"
+            )));
+        }
+        write_file(&tmp.join(name), bytes)?;
+    }
     if let Some(src) = &opts.source_dir {
         for f in TOKENIZER_FILES {
             let from = src.join(f);

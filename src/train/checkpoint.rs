@@ -1,0 +1,307 @@
+//! Checkpoints: an HF-layout model folder (loadable by transformers) plus the trainer state —
+//! AdamW moments and master copy (`optimizer.safetensors`, f32, streamed tensor by tensor),
+//! step, optimizer update count, sampling-stream offset and data position (`trainer.json`).
+//!
+//! A checkpoint is assembled in a hidden temporary folder and renamed into place, so a crash
+//! never leaves a half-written `step-*` folder. The model is saved in f32 where the backend
+//! holds f32 parameters (bit-exact resume) and in bf16 otherwise (the f32 master copy in the
+//! optimizer state keeps the exact values).
+
+use crate::backend::{Backend, DType};
+use crate::model::weights::{load_model, save_model, SaveOptions};
+use crate::model::{Model, ParamLayout};
+use crate::train::optim::AdamW;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Counters that make a resumed run continue exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format version of this file.
+    pub version: u32,
+    /// "grpo" or "sft".
+    pub kind: String,
+    /// Completed steps.
+    pub step: u64,
+    /// Completed optimizer updates (AdamW bias-correction step).
+    pub updates: u64,
+    /// Next offset into the rollout sampling stream.
+    pub sample_offset: u64,
+    /// Next position in the endless (epoch-shuffled) stream of data items.
+    pub data_pos: u64,
+    pub seed: u64,
+    /// Items in the data set the position refers to (checked on resume).
+    pub data_len: usize,
+    /// Folder of the frozen reference model (the starting weights), when known.
+    pub reference: Option<PathBuf>,
+    /// The resolved configuration of the run.
+    pub config: serde_json::Value,
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Name of the folder of the checkpoint after `step` steps.
+pub fn step_dir(out: &Path, step: u64) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// The most recent `step-*` checkpoint under `<out>/checkpoints`, if any.
+pub fn latest(out: &Path) -> Option<PathBuf> {
+    let dir = out.join("checkpoints");
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if e.path().join("trainer.json").exists() && best.as_ref().is_none_or(|b| n > b.0) {
+                best = Some((n, e.path()));
+            }
+        }
+    }
+    best.map(|b| b.1)
+}
+
+/// Resolve what `--resume` names: a checkpoint folder, or a run folder (its latest checkpoint).
+pub fn resolve_resume(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    latest(path).ok_or_else(|| {
+        Error::msg(format!(
+            "{}: no checkpoint here (expected trainer.json, or checkpoints/step-*/trainer.json)",
+            path.display()
+        ))
+    })
+}
+
+/// Remove all but the newest `keep` step checkpoints (0 = keep all).
+pub fn prune(out: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let dir = out.join("checkpoints");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let mut steps: Vec<(u64, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|n| (n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let n = steps.len();
+    for (_, p) in steps.into_iter().take(n.saturating_sub(keep)) {
+        std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Save model + optimizer + state into `dir` atomically. `source_dir` supplies tokenizer files
+/// and extra config fields for the model folder.
+pub fn save<B: Backend>(
+    dir: &Path,
+    b: &B,
+    model: &Model<B>,
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    source_dir: Option<&Path>,
+) -> Result<()> {
+    let parent = dir
+        .parent()
+        .ok_or_else(|| Error::msg(format!("{}: checkpoint path has no parent", dir.display())))?;
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = tmp_path(dir);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let opts = SaveOptions {
+        dtype: if b.needs_master() {
+            DType::BF16
+        } else {
+            DType::F32
+        },
+        source_dir: source_dir.map(|p| p.to_path_buf()),
+        ..SaveOptions::default()
+    };
+    save_model(&tmp.join("model"), model, b, &opts)?;
+    save_optimizer(&tmp.join("optimizer.safetensors"), b, &model.layout, opt)?;
+    let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(&tmp.join("trainer.json"), &json)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Read `trainer.json` of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join("trainer.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Line {
+        file: p.display().to_string(),
+        line: e.line(),
+        msg: format!("not a trainer state: {e}"),
+    })
+}
+
+/// Load the policy and optimizer of a checkpoint into backend `b`.
+pub fn load<B: Backend>(
+    dir: &Path,
+    b: &B,
+    optim_cfg: crate::train::config::OptimConfig,
+) -> Result<(Model<B>, AdamW<B>, TrainerState)> {
+    let state = read_state(dir)?;
+    let model = load_model(&dir.join("model"), b)?;
+    let mut opt = AdamW::new(b, &model, optim_cfg)?;
+    load_optimizer(
+        &dir.join("optimizer.safetensors"),
+        b,
+        &model.layout,
+        &mut opt,
+    )?;
+    opt.updates = state.updates;
+    Ok((model, opt, state))
+}
+
+fn tensor_groups<B: Backend>(opt: &AdamW<B>) -> Vec<(&'static str, &Vec<B::F>)> {
+    let mut g = vec![("m", &opt.m), ("v", &opt.v)];
+    if let Some(ms) = &opt.master {
+        g.push(("master", ms));
+    }
+    g
+}
+
+/// Stream the optimizer tensors into a safetensors file (f32), one tensor in host memory at a
+/// time.
+fn save_optimizer<B: Backend>(
+    path: &Path,
+    b: &B,
+    layout: &ParamLayout,
+    opt: &AdamW<B>,
+) -> Result<()> {
+    let groups = tensor_groups(opt);
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (prefix, _) in &groups {
+        for s in &layout.specs {
+            let n = s.numel() * 4;
+            header.insert(
+                format!("{prefix}.{}", s.name),
+                serde_json::json!({"dtype": "F32", "shape": s.shape, "data_offsets": [offset, offset + n]}),
+            );
+            offset += n;
+        }
+    }
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "tooln1-adamw".into());
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut hbytes = serde_json::to_vec(&header).map_err(|e| Error::msg(e.to_string()))?;
+    while hbytes.len() % 8 != 0 {
+        hbytes.push(b' ');
+    }
+    let tmp = tmp_path(path);
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(file);
+    let io = |e| Error::io(&tmp, e);
+    w.write_all(&(hbytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&hbytes).map_err(io)?;
+    for (_, bufs) in &groups {
+        for (s, t) in layout.specs.iter().zip(bufs.iter()) {
+            let host = b.download_f32(t, s.numel())?;
+            w.write_all(bytemuck::cast_slice(&host)).map_err(io)?;
+        }
+    }
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn load_optimizer<B: Backend>(
+    path: &Path,
+    b: &B,
+    layout: &ParamLayout,
+    opt: &mut AdamW<B>,
+) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is only read while mapped; checkpoints are not modified in place.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| Error::Tensor {
+        file: path.display().to_string(),
+        tensor: "(header)".into(),
+        msg: e.to_string(),
+    })?;
+    let has_master = opt.master.is_some();
+    let mut groups: Vec<(&str, &mut Vec<B::F>)> = vec![("m", &mut opt.m), ("v", &mut opt.v)];
+    if let Some(ms) = opt.master.as_mut() {
+        groups.push(("master", ms));
+    }
+    for (prefix, bufs) in groups {
+        for (s, t) in layout.specs.iter().zip(bufs.iter_mut()) {
+            let name = format!("{prefix}.{}", s.name);
+            if prefix == "master" && !st.names().iter().any(|n| *n == name) {
+                // Written by a backend without a master copy: keep the one derived from the
+                // loaded (f32-saved) parameters.
+                continue;
+            }
+            let view = st.tensor(&name).map_err(|e| Error::Tensor {
+                file: path.display().to_string(),
+                tensor: name.clone(),
+                msg: format!("missing from the optimizer state: {e}"),
+            })?;
+            if view.dtype() != safetensors::Dtype::F32 || view.shape() != s.shape.as_slice() {
+                return Err(Error::Tensor {
+                    file: path.display().to_string(),
+                    tensor: name,
+                    msg: format!(
+                        "expected F32 {:?}, found {:?} {:?}",
+                        s.shape,
+                        view.dtype(),
+                        view.shape()
+                    ),
+                });
+            }
+            let host: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            *t = b.upload_f32(&host)?;
+        }
+    }
+    if !has_master && st.names().iter().any(|n| n.starts_with("master.")) {
+        return Err(Error::msg(format!(
+            "{}: this optimizer state was written by a backend with bf16 parameters; resume it \
+             on the same backend",
+            path.display()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,536 @@
+//! Training configuration: a TOML file plus `section.key=value` overrides from the command line.
+//!
+//! Every default is Tool-N1's recipe (facts §1.4) on top of verl's GRPO (facts §3): n = 5
+//! rollouts per prompt, 1024 prompts per step in mini-batches of 256, temperature 0.7, clip 0.2,
+//! k3 KL as a loss term with coefficient 1e-3, entropy coefficient 0, token-mean aggregation,
+//! grad-norm clip 1.0, AdamW with a constant lr of 1e-6, activation recomputation on.
+
+use crate::backend::{KlKind, LossAgg};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Which backend runs the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// CUDA when a device is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceKind::Auto),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            _ => Err(format!("unknown device `{s}`; expected auto, cpu or cuda")),
+        }
+    }
+}
+
+/// How group scores become advantages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdvantageKind {
+    /// (s - mean) / (std + 1e-6), unbiased std (verl GRPO).
+    #[default]
+    Grpo,
+    /// s - mean (Dr.GRPO).
+    DrGrpo,
+}
+
+/// Learning-rate schedule over optimizer updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Linear warm-up (if any) then constant.
+    #[default]
+    Constant,
+    /// Linear warm-up then cosine decay to `min_lr_ratio * lr`.
+    Cosine,
+}
+
+/// Rollout sampling.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Responses sampled per prompt (the GRPO group size).
+    pub n: usize,
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = no top-k cut.
+    pub top_k: usize,
+    /// Prompts longer than this are left out of the data (counted and reported).
+    pub max_prompt_tokens: usize,
+    pub max_new_tokens: usize,
+    /// At most this many sequences share one KV cache at a time (bounds rollout memory).
+    pub max_slots: usize,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            n: 5,
+            temperature: 0.7,
+            top_p: 1.0,
+            top_k: 0,
+            max_prompt_tokens: 4096,
+            max_new_tokens: 8192,
+            max_slots: 256,
+        }
+    }
+}
+
+/// The GRPO update.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpoConfig {
+    /// Prompts per rollout batch (one training step).
+    pub prompts_per_step: usize,
+    /// Prompts per mini-batch (each mini-batch is one optimizer update).
+    pub mini_batch_prompts: usize,
+    /// Passes over each rollout batch.
+    pub ppo_epochs: usize,
+    pub clip_low: f32,
+    pub clip_high: f32,
+    pub kl_coef: f32,
+    pub kl_kind: KlKind,
+    /// Entropy bonus coefficient (loss -= coef * entropy). Its gradient is the score-function
+    /// estimate (logp + H) at the sampled tokens, unbiased for on-policy samples.
+    pub entropy_coef: f32,
+    pub loss_agg: LossAgg,
+    /// Only for `seq-mean-token-sum-norm`; 0 = max_new_tokens.
+    pub norm_len: f32,
+    pub advantage: AdvantageKind,
+    /// Token budget of one micro-batch (gradients of micro-batches are accumulated).
+    pub micro_batch_tokens: usize,
+    /// Per-layer activation recomputation in the backward.
+    pub recompute: bool,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            prompts_per_step: 1024,
+            mini_batch_prompts: 256,
+            ppo_epochs: 1,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            kl_coef: 1e-3,
+            kl_kind: KlKind::K3,
+            entropy_coef: 0.0,
+            loss_agg: LossAgg::TokenMean,
+            norm_len: 0.0,
+            advantage: AdvantageKind::Grpo,
+            micro_batch_tokens: 16384,
+            recompute: true,
+        }
+    }
+}
+
+/// AdamW and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f32,
+    pub schedule: LrSchedule,
+    pub warmup_steps: u64,
+    /// Floor of the cosine schedule as a fraction of `lr`.
+    pub min_lr_ratio: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Global gradient-norm clip; 0 = none.
+    pub grad_clip: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-6,
+            schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            min_lr_ratio: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// A whole `tooln1 train` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// HF model folder to start from (also the frozen reference).
+    pub model: Option<PathBuf>,
+    /// Prepared training JSONL (one `Sample` per line).
+    pub data: Option<PathBuf>,
+    /// Output folder: metrics.jsonl, checkpoints/, final/.
+    pub out: PathBuf,
+    pub device: DeviceKind,
+    pub seed: u64,
+    /// Passes over the data (used when `steps` is 0).
+    pub epochs: u64,
+    /// Total training steps; 0 = epochs * (prompts / prompts_per_step).
+    pub steps: u64,
+    /// Checkpoint every this many steps (0 = only at the end).
+    pub save_every: u64,
+    /// Keep at most this many step checkpoints (0 = all).
+    pub keep_checkpoints: usize,
+    pub rollout: RolloutConfig,
+    pub grpo: GrpoConfig,
+    pub optim: OptimConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            data: None,
+            out: PathBuf::from("runs/train"),
+            device: DeviceKind::Auto,
+            seed: 1,
+            epochs: 7,
+            steps: 0,
+            save_every: 50,
+            keep_checkpoints: 3,
+            rollout: RolloutConfig::default(),
+            grpo: GrpoConfig::default(),
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+/// Settings of `tooln1 sft`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SftConfig {
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub device: DeviceKind,
+    pub seed: u64,
+    pub epochs: u64,
+    /// Total steps; 0 = epochs * (samples / batch_size).
+    pub steps: u64,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    pub micro_batch_tokens: usize,
+    pub max_seq_tokens: usize,
+    pub recompute: bool,
+    pub save_every: u64,
+    pub optim: OptimConfig,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig {
+            model: None,
+            data: None,
+            out: PathBuf::from("runs/sft"),
+            device: DeviceKind::Auto,
+            seed: 1,
+            epochs: 3,
+            steps: 0,
+            batch_size: 64,
+            micro_batch_tokens: 16384,
+            max_seq_tokens: 8192,
+            recompute: true,
+            save_every: 0,
+            optim: OptimConfig {
+                lr: 1e-5,
+                schedule: LrSchedule::Cosine,
+                warmup_steps: 10,
+                ..OptimConfig::default()
+            },
+        }
+    }
+}
+
+/// Parse a TOML config (`text` labelled `label` in errors) and apply `key=value` overrides,
+/// where key is a dotted path (`grpo.kl_coef=0.01`) and value a TOML literal (a bare word that is
+/// not valid TOML is taken as a string).
+pub fn parse_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    label: &str,
+    overrides: &[String],
+) -> Result<T> {
+    let mut root: toml::Table = toml::from_str(text).map_err(|e| Error::Config {
+        file: label.to_string(),
+        field: "(syntax)".into(),
+        msg: e.to_string(),
+    })?;
+    for ov in overrides {
+        apply_override(&mut root, ov)?;
+    }
+    T::deserialize(toml::Value::Table(root)).map_err(|e| {
+        let msg = e.to_string();
+        Error::Config {
+            file: label.to_string(),
+            field: field_of(&msg),
+            msg: msg.trim().to_string(),
+        }
+    })
+}
+
+/// Read a config file (or the defaults when `path` is None) with overrides.
+pub fn load_config<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+) -> Result<T> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            parse_config(&text, &p.display().to_string(), overrides)
+        }
+        None => parse_config("", "(defaults)", overrides),
+    }
+}
+
+fn field_of(msg: &str) -> String {
+    // toml's messages name the field as "unknown field `x`" or "missing field `x`".
+    if let Some(start) = msg.find('`') {
+        if let Some(len) = msg[start + 1..].find('`') {
+            return msg[start + 1..start + 1 + len].to_string();
+        }
+    }
+    "(value)".into()
+}
+
+fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
+    let (key, value) = ov.split_once('=').ok_or_else(|| Error::Config {
+        file: "--set".into(),
+        field: ov.to_string(),
+        msg: "expected section.key=value".into(),
+    })?;
+    let key = key.trim();
+    let value = value.trim();
+    let parsed: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(value.to_string())),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(Error::Config {
+            file: "--set".into(),
+            field: key.to_string(),
+            msg: "empty component in the key".into(),
+        });
+    }
+    let mut table = root;
+    for p in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| Error::Config {
+            file: "--set".into(),
+            field: key.to_string(),
+            msg: format!("`{p}` is a value, not a section"),
+        })?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Check the values that would otherwise fail deep inside a run.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Error::Config {
+            file: "train config".into(),
+            field: field.into(),
+            msg,
+        };
+        if self.rollout.n == 0 {
+            return Err(bad("rollout.n", "must be at least 1".into()));
+        }
+        if self.rollout.max_new_tokens == 0 {
+            return Err(bad("rollout.max_new_tokens", "must be at least 1".into()));
+        }
+        if self.rollout.temperature.is_nan() || self.rollout.temperature < 0.0 {
+            return Err(bad("rollout.temperature", "must be >= 0".into()));
+        }
+        if !(self.rollout.top_p > 0.0 && self.rollout.top_p <= 1.0) {
+            return Err(bad("rollout.top_p", "must be in (0, 1]".into()));
+        }
+        if self.rollout.max_slots == 0 {
+            return Err(bad("rollout.max_slots", "must be at least 1".into()));
+        }
+        if self.grpo.prompts_per_step == 0 {
+            return Err(bad("grpo.prompts_per_step", "must be at least 1".into()));
+        }
+        if self.grpo.mini_batch_prompts == 0
+            || self.grpo.mini_batch_prompts > self.grpo.prompts_per_step
+        {
+            return Err(bad(
+                "grpo.mini_batch_prompts",
+                format!(
+                    "must be in 1..={} (grpo.prompts_per_step)",
+                    self.grpo.prompts_per_step
+                ),
+            ));
+        }
+        if self.grpo.ppo_epochs == 0 {
+            return Err(bad("grpo.ppo_epochs", "must be at least 1".into()));
+        }
+        if self.grpo.micro_batch_tokens == 0 {
+            return Err(bad("grpo.micro_batch_tokens", "must be at least 1".into()));
+        }
+        if !(self.grpo.clip_low >= 0.0 && self.grpo.clip_high >= 0.0) {
+            return Err(bad("grpo.clip_low", "clip ratios must be >= 0".into()));
+        }
+        self.optim.validate()
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: &str| Error::Config {
+            file: "optim config".into(),
+            field: field.into(),
+            msg: msg.into(),
+        };
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(bad("optim.lr", "must be a finite value >= 0"));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(bad("optim.beta1", "betas must be in [0, 1)"));
+        }
+        if self.eps.is_nan() || self.eps <= 0.0 {
+            return Err(bad("optim.eps", "must be > 0"));
+        }
+        if self.grad_clip.is_nan() || self.grad_clip < 0.0 {
+            return Err(bad("optim.grad_clip", "must be >= 0"));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(bad("optim.min_lr_ratio", "must be in [0, 1]"));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of optimizer update `update` (0-based) out of `total`.
+    pub fn lr_at(&self, update: u64, total: u64) -> f32 {
+        let base = self.lr;
+        if self.warmup_steps > 0 && update < self.warmup_steps {
+            return base * (update + 1) as f32 / self.warmup_steps as f32;
+        }
+        match self.schedule {
+            LrSchedule::Constant => base,
+            LrSchedule::Cosine => {
+                let span = total.saturating_sub(self.warmup_steps).max(1);
+                let t = (update.saturating_sub(self.warmup_steps)).min(span) as f64 / span as f64;
+                let min = (base * self.min_lr_ratio) as f64;
+                (min + (base as f64 - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())) as f32
+            }
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: &str| Error::Config {
+            file: "sft config".into(),
+            field: field.into(),
+            msg: msg.into(),
+        };
+        if self.batch_size == 0 {
+            return Err(bad("batch_size", "must be at least 1"));
+        }
+        if self.micro_batch_tokens == 0 {
+            return Err(bad("micro_batch_tokens", "must be at least 1"));
+        }
+        if self.max_seq_tokens < 2 {
+            return Err(bad("max_seq_tokens", "must be at least 2"));
+        }
+        self.optim.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_tool_n1() {
+        let c: TrainConfig = parse_config("", "t", &[]).unwrap();
+        assert_eq!(c.rollout.n, 5);
+        assert_eq!(c.grpo.prompts_per_step, 1024);
+        assert_eq!(c.grpo.mini_batch_prompts, 256);
+        assert_eq!(c.grpo.kl_kind, KlKind::K3);
+        assert_eq!(c.grpo.loss_agg, LossAgg::TokenMean);
+        assert_eq!(c.optim.lr, 1e-6);
+        assert_eq!(c.rollout.temperature, 0.7);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn file_and_overrides() {
+        let text = "seed = 3\n[grpo]\nkl_coef = 0.5\nloss_agg = \"seq-mean-token-mean\"\n";
+        let c: TrainConfig = parse_config(
+            text,
+            "x.toml",
+            &[
+                "grpo.kl_coef=0.25".into(),
+                "rollout.n=8".into(),
+                "out=runs/abc".into(),
+                "device=cpu".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.seed, 3);
+        assert_eq!(c.grpo.kl_coef, 0.25);
+        assert_eq!(c.grpo.loss_agg, LossAgg::SeqMeanTokenMean);
+        assert_eq!(c.rollout.n, 8);
+        assert_eq!(c.out, PathBuf::from("runs/abc"));
+        assert_eq!(c.device, DeviceKind::Cpu);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = parse_config::<TrainConfig>("[grpo]\nkl_cof = 1\n", "x.toml", &[]).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("x.toml") && s.contains("kl_cof"), "{s}");
+        let e = parse_config::<TrainConfig>("", "x.toml", &["rollout.nn=3".into()]).unwrap_err();
+        assert!(e.to_string().contains("nn"), "{e}");
+        let e = parse_config::<TrainConfig>("", "x.toml", &["rollout.n".into()]).unwrap_err();
+        assert!(e.to_string().contains("rollout.n"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_field() {
+        let c: TrainConfig =
+            parse_config("", "t", &["grpo.mini_batch_prompts=2000".into()]).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("grpo.mini_batch_prompts"), "{e}");
+    }
+
+    #[test]
+    fn schedules() {
+        let mut o = OptimConfig {
+            lr: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(o.lr_at(0, 10), 1.0);
+        assert_eq!(o.lr_at(9, 10), 1.0);
+        o.warmup_steps = 4;
+        assert_eq!(o.lr_at(0, 10), 0.25);
+        assert_eq!(o.lr_at(3, 10), 1.0);
+        o.schedule = LrSchedule::Cosine;
+        o.min_lr_ratio = 0.1;
+        assert!((o.lr_at(4, 10) - 1.0).abs() < 1e-6);
+        assert!((o.lr_at(10, 10) - 0.1).abs() < 1e-6);
+        let mid = o.lr_at(7, 10);
+        assert!((mid - 0.55).abs() < 1e-6, "{mid}");
+    }
+}

@@ -1,0 +1,327 @@
+//! The GRPO update (facts §3): group-normalised advantages, old and reference logprobs, and
+//! mini-batch updates through micro-batches packed by a token budget with gradient accumulation.
+
+use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut};
+use crate::model::{Model, PackedBatch};
+use crate::train::config::AdvantageKind;
+use crate::Result;
+use std::ops::Range;
+
+/// Advantages of `scores` laid out in groups of `n` consecutive responses of one prompt.
+/// GRPO: (s - mean) / (std + 1e-6) with the unbiased std; a group of one has mean 0 and std 1
+/// (verl). Dr.GRPO: s - mean.
+pub fn group_advantages(scores: &[f32], n: usize, kind: AdvantageKind) -> Vec<f32> {
+    let mut adv = Vec::with_capacity(scores.len());
+    for group in scores.chunks(n.max(1)) {
+        let (mean, std) = if group.len() == 1 {
+            (0.0f64, 1.0f64)
+        } else {
+            let k = group.len() as f64;
+            let mean = group.iter().map(|&s| s as f64).sum::<f64>() / k;
+            let var = group
+                .iter()
+                .map(|&s| (s as f64 - mean).powi(2))
+                .sum::<f64>()
+                / (k - 1.0);
+            (mean, var.sqrt())
+        };
+        for &s in group {
+            let a = match kind {
+                AdvantageKind::Grpo => (s as f64 - mean) / (std + 1e-6),
+                AdvantageKind::DrGrpo => s as f64 - mean,
+            };
+            adv.push(a as f32);
+        }
+    }
+    adv
+}
+
+/// One prompt + response sequence of a rollout batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSeq {
+    /// Prompt ids followed by the response ids.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// The sequence's advantage (broadcast to its response tokens).
+    pub adv: f32,
+}
+
+impl TrainSeq {
+    /// Teacher-forced positions (tokens - 1).
+    pub fn n_pos(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
+    /// Positions whose target is a response token.
+    pub fn n_response(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// Split sequences into contiguous runs whose positions fit `budget` (a sequence longer than
+/// the budget gets a run of its own).
+pub fn micro_batches(lens: &[usize], budget: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    for (i, &l) in lens.iter().enumerate() {
+        if i > start && used + l > budget {
+            out.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += l;
+    }
+    if start < lens.len() {
+        out.push(start..lens.len());
+    }
+    out
+}
+
+/// Host-side tensors of one micro-batch.
+pub struct MicroBatch {
+    pub packed: PackedBatch,
+    /// 1 where the target is a response token.
+    pub mask: Vec<f32>,
+    pub adv: Vec<f32>,
+    pub seq_id: Vec<u32>,
+    pub n_seq: usize,
+}
+
+impl MicroBatch {
+    pub fn new(seqs: &[TrainSeq]) -> Result<Self> {
+        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
+        let packed = PackedBatch::from_sequences(&toks)?;
+        let mut mask = Vec::with_capacity(packed.n_tok());
+        let mut adv = Vec::with_capacity(packed.n_tok());
+        let mut seq_id = Vec::with_capacity(packed.n_tok());
+        for (i, s) in seqs.iter().enumerate() {
+            crate::ensure!(
+                s.prompt_len >= 1 && s.prompt_len < s.tokens.len(),
+                "sequence {i}: prompt length {} must be in 1..{} (the response is empty)",
+                s.prompt_len,
+                s.tokens.len()
+            );
+            for t in 0..s.n_pos() {
+                let m = if t + 1 >= s.prompt_len { 1.0 } else { 0.0 };
+                mask.push(m);
+                adv.push(s.adv * m);
+                seq_id.push(i as u32);
+            }
+        }
+        Ok(MicroBatch {
+            packed,
+            mask,
+            adv,
+            seq_id,
+            n_seq: seqs.len(),
+        })
+    }
+}
+
+/// Per-sequence teacher-forced logprobs (one entry per position) of `model` without gradient,
+/// computed in micro-batches of at most `budget` positions.
+pub fn seq_logprobs<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    seqs: &[TrainSeq],
+    budget: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
+    let mut out = Vec::with_capacity(seqs.len());
+    for r in micro_batches(&lens, budget) {
+        let toks: Vec<Vec<u32>> = seqs[r.clone()].iter().map(|s| s.tokens.clone()).collect();
+        let packed = PackedBatch::from_sequences(&toks)?;
+        let db = model.upload_batch(b, &packed)?;
+        let (lp, _) = model.logprobs(b, &db, false)?;
+        let mut at = 0;
+        for l in &lens[r] {
+            out.push(lp[at..at + l].to_vec());
+            at += l;
+        }
+    }
+    Ok(out)
+}
+
+/// Sums over the micro-batches of one optimizer update.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpdateSums {
+    /// Aggregated loss of the mini-batch (micro-batch contributions add up to it).
+    pub loss: f64,
+    pub pg_loss: f64,
+    /// Token-weighted sums (divide by `tokens`).
+    pub kl_sum: f64,
+    pub clip_sum: f64,
+    pub ratio_sum: f64,
+    pub entropy_sum: f64,
+    pub tokens: f64,
+    pub micro_batches: usize,
+}
+
+impl UpdateSums {
+    pub fn add(&mut self, o: &UpdateSums) {
+        self.loss += o.loss;
+        self.pg_loss += o.pg_loss;
+        self.kl_sum += o.kl_sum;
+        self.clip_sum += o.clip_sum;
+        self.ratio_sum += o.ratio_sum;
+        self.entropy_sum += o.entropy_sum;
+        self.tokens += o.tokens;
+        self.micro_batches += o.micro_batches;
+    }
+}
+
+/// Forward, GRPO loss and backward over every micro-batch of one mini-batch, accumulating into
+/// `grads`. `old` and `reference` hold per-sequence logprobs (as from [`seq_logprobs`]). The
+/// micro-batch losses are scaled so that their sum is the loss the aggregation mode defines over
+/// the whole mini-batch, whatever the split.
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_minibatch<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    seqs: &[TrainSeq],
+    old: &[Vec<f32>],
+    reference: &[Vec<f32>],
+    loss_cfg: &GrpoLossCfg,
+    entropy_coef: f32,
+    budget: usize,
+    recompute: bool,
+    grads: &mut [B::F],
+) -> Result<UpdateSums> {
+    use crate::backend::LossAgg;
+    let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
+    let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();
+    let total_seqs = seqs.len();
+    let mut sums = UpdateSums::default();
+    for r in micro_batches(&lens, budget) {
+        let mb = MicroBatch::new(&seqs[r.clone()])?;
+        let n_tok = mb.packed.n_tok();
+        let resp: usize = seqs[r.clone()].iter().map(|s| s.n_response()).sum();
+        let div = match loss_cfg.agg {
+            LossAgg::TokenMean => total_resp as f32 / resp as f32,
+            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => {
+                total_seqs as f32 / mb.n_seq as f32
+            }
+            // A plain sum over sequences (divided by the constant horizon): parts add up.
+            LossAgg::SeqMeanTokenSumNorm => 1.0,
+        };
+        let cfg = GrpoLossCfg {
+            loss_scale_div: loss_cfg.loss_scale_div * div,
+            ..*loss_cfg
+        };
+        let old_flat: Vec<f32> = old[r.clone()].iter().flatten().copied().collect();
+        let ref_flat: Vec<f32> = reference[r.clone()].iter().flatten().copied().collect();
+        crate::ensure!(
+            old_flat.len() == n_tok && ref_flat.len() == n_tok,
+            "GRPO: old/reference logprobs have {}/{} entries for {n_tok} positions",
+            old_flat.len(),
+            ref_flat.len()
+        );
+        let db = model.upload_batch(b, &mb.packed)?;
+        let tape = model.forward_train(b, &db, true, recompute)?;
+        let d_old = b.upload_f32(&old_flat)?;
+        let d_ref = b.upload_f32(&ref_flat)?;
+        let d_adv = b.upload_f32(&mb.adv)?;
+        let d_mask = b.upload_f32(&mb.mask)?;
+        let d_seq = b.upload_u32(&mb.seq_id)?;
+        let mut dlogp = b.zeros_f32(n_tok)?;
+        let out: GrpoLossOut = b.grpo_loss(
+            &tape.logp, &d_old, &d_ref, &d_adv, &d_mask, &d_seq, &mut dlogp, n_tok, mb.n_seq, &cfg,
+        )?;
+        let mut ent_sum = 0.0f64;
+        if let Some(e) = &tape.entropy {
+            let ent = b.download_f32(e, n_tok)?;
+            ent_sum = ent
+                .iter()
+                .zip(&mb.mask)
+                .map(|(h, m)| (*h * *m) as f64)
+                .sum();
+            if entropy_coef != 0.0 {
+                // loss -= coef * token-mean entropy; score-function gradient at the sampled
+                // targets: d(-coef H)/dlogp(y) ~= coef * (logp(y) + H).
+                let lp = b.download_f32(&tape.logp, n_tok)?;
+                let mut d = b.download_f32(&dlogp, n_tok)?;
+                let w = entropy_coef / total_resp as f32;
+                for t in 0..n_tok {
+                    d[t] += w * mb.mask[t] * (lp[t] + ent[t]);
+                }
+                dlogp = b.upload_f32(&d)?;
+            }
+        }
+        model.backward(b, &db, tape, &dlogp, grads)?;
+        let k = out.n_tokens as f64;
+        sums.add(&UpdateSums {
+            loss: out.loss as f64,
+            pg_loss: out.pg_loss as f64 / div as f64,
+            kl_sum: out.kl as f64 * k,
+            clip_sum: out.clip_frac as f64 * k,
+            ratio_sum: out.ratio_mean as f64 * k,
+            entropy_sum: ent_sum,
+            tokens: k,
+            micro_batches: 1,
+        });
+    }
+    Ok(sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advantages_match_verl() {
+        let a = group_advantages(
+            &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0],
+            4,
+            AdvantageKind::Grpo,
+        );
+        // group 1: mean 0.5, unbiased std sqrt(1/3)
+        let s = (1.0f64 / 3.0).sqrt();
+        assert!((a[0] as f64 - 0.5 / (s + 1e-6)).abs() < 1e-6);
+        assert!((a[1] as f64 + 0.5 / (s + 1e-6)).abs() < 1e-6);
+        // group 2: mean 0.5, values 1,1,0,0
+        assert!((a[4] as f64 - 0.5 / (s + 1e-6)).abs() < 1e-6);
+        // all-equal group -> 0
+        let z = group_advantages(&[1.0, 1.0, 1.0], 3, AdvantageKind::Grpo);
+        assert!(z.iter().all(|x| *x == 0.0));
+        // singleton group: mean 0, std 1
+        let one = group_advantages(&[0.7], 1, AdvantageKind::Grpo);
+        assert!((one[0] - 0.7 / (1.0 + 1e-6)).abs() < 1e-6);
+        let dr = group_advantages(&[1.0, 0.0], 2, AdvantageKind::DrGrpo);
+        assert_eq!(dr, vec![0.5, -0.5]);
+    }
+
+    #[test]
+    fn micro_batches_respect_budget() {
+        let lens = [3, 4, 10, 1, 1, 2];
+        let mb = micro_batches(&lens, 7);
+        assert_eq!(mb, vec![0..2, 2..3, 3..6]);
+        assert_eq!(micro_batches(&[], 5), Vec::<Range<usize>>::new());
+        let all = micro_batches(&lens, 1000);
+        assert_eq!(all, vec![0..6]);
+    }
+
+    #[test]
+    fn micro_batch_masks_response_only() {
+        let s = TrainSeq {
+            tokens: vec![1, 2, 3, 4, 5],
+            prompt_len: 3,
+            adv: 2.0,
+        };
+        let t = TrainSeq {
+            tokens: vec![7, 8],
+            prompt_len: 1,
+            adv: -1.0,
+        };
+        let mb = MicroBatch::new(&[s, t]).unwrap();
+        // positions of s: targets 2,3,4,5 -> response targets are 4,5 (positions 2,3)
+        assert_eq!(mb.mask, vec![0.0, 0.0, 1.0, 1.0, 1.0]);
+        assert_eq!(mb.adv, vec![0.0, 0.0, 2.0, 2.0, -1.0]);
+        assert_eq!(mb.seq_id, vec![0, 0, 0, 0, 1]);
+        let bad = TrainSeq {
+            tokens: vec![1, 2],
+            prompt_len: 2,
+            adv: 0.0,
+        };
+        assert!(MicroBatch::new(&[bad]).is_err());
+    }
+}

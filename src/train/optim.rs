@@ -1,0 +1,139 @@
+//! AdamW over a model's parameters on the backend: f32 moments, an f32 master copy where the
+//! backend stores parameters narrower than f32 (`Backend::needs_master`), the global gradient
+//! norm (`sum_squares_f32`) and its clip.
+
+use crate::backend::{AdamWStep, Backend};
+use crate::model::Model;
+use crate::train::config::OptimConfig;
+use crate::{Error, Result};
+
+/// Optimizer state, one entry per parameter tensor in layout order.
+pub struct AdamW<B: Backend> {
+    pub m: Vec<B::F>,
+    pub v: Vec<B::F>,
+    /// f32 master copies (only where the backend needs them).
+    pub master: Option<Vec<B::F>>,
+    /// Updates taken so far (the bias-correction step is `updates + 1` for the next one).
+    pub updates: u64,
+    pub cfg: OptimConfig,
+}
+
+/// What one optimizer update did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpdateStats {
+    /// Global L2 norm of the gradient before clipping.
+    pub grad_norm: f64,
+    pub lr: f32,
+    /// Factor the gradient was scaled by (1.0 = not clipped).
+    pub grad_scale: f32,
+}
+
+impl<B: Backend> AdamW<B> {
+    /// Fresh state: zero moments and, where needed, a master copy of the current parameters.
+    pub fn new(b: &B, model: &Model<B>, cfg: OptimConfig) -> Result<Self> {
+        let specs = &model.layout.specs;
+        let m = specs
+            .iter()
+            .map(|s| b.zeros_f32(s.numel()))
+            .collect::<Result<Vec<_>>>()?;
+        let v = specs
+            .iter()
+            .map(|s| b.zeros_f32(s.numel()))
+            .collect::<Result<Vec<_>>>()?;
+        let master = if b.needs_master() {
+            let mut ms = Vec::with_capacity(specs.len());
+            for (s, p) in specs.iter().zip(&model.params) {
+                let host = b.download(p, s.numel())?;
+                ms.push(b.upload_f32(&host)?);
+            }
+            Some(ms)
+        } else {
+            None
+        };
+        Ok(AdamW {
+            m,
+            v,
+            master,
+            updates: 0,
+            cfg,
+        })
+    }
+
+    /// Global gradient L2 norm over every parameter.
+    pub fn grad_norm(b: &B, model: &Model<B>, grads: &[B::F]) -> Result<f64> {
+        let mut total = 0.0f64;
+        for (s, g) in model.layout.specs.iter().zip(grads) {
+            total += b.sum_squares_f32(g, s.numel())?;
+        }
+        Ok(total.sqrt())
+    }
+
+    /// Clip by global norm, then one AdamW step on every parameter. `total_updates` sizes the
+    /// learning-rate schedule. A non-finite gradient norm is an error (the update is skipped).
+    pub fn step(
+        &mut self,
+        b: &B,
+        model: &mut Model<B>,
+        grads: &[B::F],
+        total_updates: u64,
+    ) -> Result<UpdateStats> {
+        if grads.len() != model.params.len() {
+            return Err(Error::Invalid(format!(
+                "AdamW: {} gradients for {} parameters",
+                grads.len(),
+                model.params.len()
+            )));
+        }
+        let grad_norm = Self::grad_norm(b, model, grads)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::msg(format!(
+                "gradient norm is {grad_norm} at optimizer update {}; the update was skipped \
+                 (lower optim.lr or check the data)",
+                self.updates + 1
+            )));
+        }
+        let clip = self.cfg.grad_clip as f64;
+        let grad_scale = if clip > 0.0 && grad_norm > clip {
+            (clip / (grad_norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        let lr = self.cfg.lr_at(self.updates, total_updates);
+        let hp = AdamWStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step: self.updates + 1,
+            grad_scale,
+        };
+        for i in 0..model.params.len() {
+            let n = model.layout.specs[i].numel();
+            let master = self.master.as_mut().map(|ms| &mut ms[i]);
+            b.adamw(
+                &mut model.params[i],
+                master,
+                &grads[i],
+                &mut self.m[i],
+                &mut self.v[i],
+                n,
+                &hp,
+            )?;
+        }
+        self.updates += 1;
+        Ok(UpdateStats {
+            grad_norm,
+            lr,
+            grad_scale,
+        })
+    }
+}
+
+/// Zero every gradient buffer.
+pub fn zero_grads<B: Backend>(b: &B, model: &Model<B>, grads: &mut [B::F]) -> Result<()> {
+    for (s, g) in model.layout.specs.iter().zip(grads.iter_mut()) {
+        b.fill_f32(g, s.numel(), 0.0)?;
+    }
+    Ok(())
+}

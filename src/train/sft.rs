@@ -1,0 +1,332 @@
+//! Supervised fine-tuning: cross-entropy on the assistant tokens only (the prompt's tokens are
+//! context, not targets), for the paper's SFT / RL / SFT-then-RL comparison and the demo's warm
+//! start.
+
+use crate::backend::Backend;
+use crate::data::{Message, Sample};
+use crate::model::{Model, PackedBatch};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::SftConfig;
+use crate::train::grpo::micro_batches;
+use crate::train::metrics::{self, MetricsWriter};
+use crate::train::optim::{self, AdamW};
+use crate::train::runner::DataOrder;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One SFT sequence: prompt ids then the assistant's ids (ending with `<|im_end|>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SftItem {
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+/// JSON the way Python's `json.dumps` writes it (", " and ": " separators), which is how the
+/// Tool-N1 prompt shows calls.
+pub fn python_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(python_json).collect();
+            format!("[{}]", items.join(", "))
+        }
+        Value::Object(o) => {
+            let items: Vec<String> = o
+                .iter()
+                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), python_json(v)))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The Tool-N1-format answer for a ground-truth call list: an (empty) think block and the calls.
+pub fn tooln1_answer(ground_truth: &serde_json::Value) -> String {
+    format!(
+        "<think></think>\n<tool_call>{}</tool_call>",
+        python_json(ground_truth)
+    )
+}
+
+/// Split a sample into prompt messages and the assistant target: a final assistant message is
+/// the target; otherwise the target is [`tooln1_answer`] of the ground truth.
+pub fn sft_target(s: &Sample) -> (Vec<Message>, String) {
+    match s.messages.last() {
+        Some(m) if m.role == "assistant" => (
+            s.messages[..s.messages.len() - 1].to_vec(),
+            m.content.clone(),
+        ),
+        _ => (s.messages.clone(), tooln1_answer(&s.ground_truth)),
+    }
+}
+
+/// Tokenize samples for SFT: prompt rendered with the generation prompt, then the target and
+/// `<|im_end|>` (the tokens a rollout would produce). Sequences longer than `max_tokens` are
+/// left out and counted.
+pub fn prepare_sft(
+    samples: &[Sample],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    max_tokens: usize,
+) -> Result<(Vec<SftItem>, usize)> {
+    let im_end = tok
+        .token_id("<|im_end|>")
+        .ok_or_else(|| Error::msg("the tokenizer has no <|im_end|> token; SFT targets need it"))?;
+    let mut out = Vec::with_capacity(samples.len());
+    let mut dropped = 0;
+    for s in samples {
+        let (prompt, target) = sft_target(s);
+        let text = template
+            .render(&prompt, None, true)
+            .map_err(|e| Error::msg(format!("sample {}: cannot render the prompt: {e}", s.id)))?;
+        let mut tokens = tok.encode(&text)?;
+        let prompt_len = tokens.len();
+        tokens.extend(tok.encode(&target)?);
+        tokens.push(im_end);
+        if tokens.len() > max_tokens || prompt_len == 0 {
+            dropped += 1;
+            continue;
+        }
+        out.push(SftItem { tokens, prompt_len });
+    }
+    Ok((out, dropped))
+}
+
+/// One SFT step's numbers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SftMetrics {
+    pub step: u64,
+    pub lr: f32,
+    /// Mean cross-entropy per assistant token.
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub target_tokens: usize,
+    pub time_s: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Forward + backward of the token-mean cross-entropy over `items`, accumulated into `grads`;
+/// returns (loss, target tokens).
+pub fn accumulate_ce<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    items: &[SftItem],
+    budget: usize,
+    recompute: bool,
+    grads: &mut [B::F],
+) -> Result<(f64, usize)> {
+    let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
+    let total: usize = items.iter().map(|s| s.tokens.len() - s.prompt_len).sum();
+    crate::ensure!(total > 0, "SFT batch has no target tokens");
+    let mut loss = 0.0f64;
+    for r in micro_batches(&lens, budget) {
+        let toks: Vec<Vec<u32>> = items[r.clone()].iter().map(|s| s.tokens.clone()).collect();
+        let packed = PackedBatch::from_sequences(&toks)?;
+        let mut d = Vec::with_capacity(packed.n_tok());
+        for s in &items[r.clone()] {
+            for t in 0..s.tokens.len() - 1 {
+                d.push(if t + 1 >= s.prompt_len {
+                    -1.0 / total as f32
+                } else {
+                    0.0
+                });
+            }
+        }
+        let db = model.upload_batch(b, &packed)?;
+        let tape = model.forward_train(b, &db, false, recompute)?;
+        let lp = b.download_f32(&tape.logp, packed.n_tok())?;
+        loss += lp
+            .iter()
+            .zip(&d)
+            .map(|(l, w)| (*l as f64) * (*w as f64))
+            .sum::<f64>();
+        let dlogp = b.upload_f32(&d)?;
+        model.backward(b, &db, tape, &dlogp, grads)?;
+    }
+    Ok((loss, total))
+}
+
+/// An SFT run.
+pub struct SftTrainer<B: Backend> {
+    pub b: B,
+    pub model: Model<B>,
+    pub opt: AdamW<B>,
+    grads: Vec<B::F>,
+    pub items: Vec<SftItem>,
+    pub cfg: SftConfig,
+    order: DataOrder,
+    pub step: u64,
+    pub data_pos: u64,
+    pub source_dir: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+impl<B: Backend> SftTrainer<B> {
+    pub fn new(b: B, model: Model<B>, items: Vec<SftItem>, cfg: SftConfig) -> Result<Self> {
+        cfg.validate()?;
+        if items.is_empty() {
+            return Err(Error::msg("no SFT samples"));
+        }
+        let opt = AdamW::new(&b, &model, cfg.optim.clone())?;
+        let grads = model.zero_grads(&b)?;
+        let order = DataOrder::new(cfg.seed, items.len());
+        Ok(SftTrainer {
+            b,
+            model,
+            opt,
+            grads,
+            items,
+            cfg,
+            order,
+            step: 0,
+            data_pos: 0,
+            source_dir: None,
+            quiet: false,
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        if self.cfg.steps > 0 {
+            self.cfg.steps
+        } else {
+            (self.cfg.epochs.max(1) * self.items.len() as u64)
+                .div_ceil(self.cfg.batch_size as u64)
+                .max(1)
+        }
+    }
+
+    /// One optimizer step on the next `batch_size` items.
+    pub fn step(&mut self) -> Result<SftMetrics> {
+        let t = Instant::now();
+        let batch: Vec<SftItem> = (0..self.cfg.batch_size)
+            .map(|k| self.items[self.order.at(self.data_pos + k as u64).0].clone())
+            .collect();
+        optim::zero_grads(&self.b, &self.model, &mut self.grads)?;
+        let (loss, target_tokens) = accumulate_ce(
+            &self.b,
+            &self.model,
+            &batch,
+            self.cfg.micro_batch_tokens,
+            self.cfg.recompute,
+            &mut self.grads,
+        )?;
+        let total = self.total_steps();
+        let u = self
+            .opt
+            .step(&self.b, &mut self.model, &self.grads, total)?;
+        self.data_pos += self.cfg.batch_size as u64;
+        self.step += 1;
+        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let time = t.elapsed().as_secs_f64();
+        Ok(SftMetrics {
+            step: self.step,
+            lr: u.lr,
+            loss,
+            grad_norm: u.grad_norm,
+            tokens,
+            target_tokens,
+            time_s: time,
+            tokens_per_s: tokens as f64 / time.max(1e-9),
+        })
+    }
+
+    pub fn state(&self) -> TrainerState {
+        TrainerState {
+            version: 1,
+            kind: "sft".into(),
+            step: self.step,
+            updates: self.opt.updates,
+            sample_offset: 0,
+            data_pos: self.data_pos,
+            seed: self.cfg.seed,
+            data_len: self.items.len(),
+            reference: None,
+            config: serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    /// Train to `total_steps`, logging `<out>/metrics.jsonl` (when `out` is given) and saving
+    /// checkpoints every `save_every` steps and at the end.
+    pub fn run(&mut self, out: Option<&Path>) -> Result<Vec<SftMetrics>> {
+        let total = self.total_steps();
+        let mut writer = match out {
+            Some(o) => Some(MetricsWriter::open(
+                &o.join("metrics.jsonl"),
+                self.step + 1,
+            )?),
+            None => None,
+        };
+        let pb = metrics::progress_bar(total, self.quiet, "sft ");
+        let mut all = Vec::new();
+        while self.step < total {
+            let m = self.step()?;
+            if let Some(w) = writer.as_mut() {
+                w.write(&m)?;
+            }
+            pb.set_position(self.step);
+            pb.set_message(format!("loss {:.4}", m.loss));
+            all.push(m);
+            if let Some(o) = out {
+                let every = self.cfg.save_every;
+                if (every > 0 && self.step % every == 0) || self.step == total {
+                    checkpoint::save(
+                        &checkpoint::step_dir(o, self.step),
+                        &self.b,
+                        &self.model,
+                        &self.opt,
+                        &self.state(),
+                        self.source_dir.as_deref(),
+                    )?;
+                }
+            }
+        }
+        pb.finish_and_clear();
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_style_json() {
+        let v: serde_json::Value =
+            serde_json::from_str(r#"[{"name":"f","arguments":{"a":1,"b":[1,2],"c":"x\"y"}}]"#)
+                .unwrap();
+        assert_eq!(
+            python_json(&v),
+            r#"[{"name": "f", "arguments": {"a": 1, "b": [1, 2], "c": "x\"y"}}]"#
+        );
+    }
+
+    #[test]
+    fn target_from_last_assistant_or_ground_truth() {
+        let m = |r: &str, c: &str| Message {
+            role: r.into(),
+            content: c.into(),
+        };
+        let mut s = Sample {
+            id: "1".into(),
+            source: "t".into(),
+            messages: vec![m("system", "s"), m("user", "u"), m("assistant", "A")],
+            tools: vec![],
+            ground_truth: serde_json::json!([{"name": "f", "arguments": {}}]),
+        };
+        let (p, t) = sft_target(&s);
+        assert_eq!(p.len(), 2);
+        assert_eq!(t, "A");
+        s.messages.pop();
+        let (p, t) = sft_target(&s);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            t,
+            "<think></think>\n<tool_call>[{\"name\": \"f\", \"arguments\": {}}]</tool_call>"
+        );
+    }
+}

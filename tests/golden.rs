@@ -1,0 +1,189 @@
+//! The CPU model against HF transformers: the golden fixtures written by
+//! tools/make_fixtures.py (tiny tied and untied Qwen2ForCausalLM, expected values computed in
+//! float64). Each model is loaded with `load_model`, a batch of three sequences of different
+//! lengths is packed, and logits, next-token logprobs and the gradient of
+//! L = Σ_t w_t·logp_t for every parameter are compared by relative-norm error.
+
+use safetensors::SafeTensors;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tooln1::backend::cpu::Cpu;
+use tooln1::backend::Backend;
+use tooln1::model::weights::load_model;
+use tooln1::model::PackedBatch;
+
+const TOL: f64 = 1e-4;
+
+fn golden(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(p)
+}
+
+struct Expected {
+    bytes: Vec<u8>,
+}
+
+impl Expected {
+    fn load(name: &str) -> Self {
+        let path = golden(&format!("{name}_expected.safetensors"));
+        Expected {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    fn get(&self, key: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st
+            .tensor(key)
+            .unwrap_or_else(|e| panic!("expected tensor {key}: {e}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F32, "{key}");
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
+/// ‖got − want‖ / ‖want‖ in f64; NaN anywhere gives infinity.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(1e-300)).sqrt()
+}
+
+struct Batch {
+    seqs: Vec<Vec<u32>>,
+    weights: Vec<f32>,
+}
+
+fn batch() -> Batch {
+    let text = std::fs::read_to_string(golden("batch.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let seqs: Vec<Vec<u32>> = serde_json::from_value(v["sequences"].clone()).unwrap();
+    let w: Vec<Vec<f32>> = serde_json::from_value(v["weights"].clone()).unwrap();
+    for (s, ws) in seqs.iter().zip(&w) {
+        assert_eq!(ws.len(), s.len() - 1);
+    }
+    assert!(
+        w.iter().flatten().any(|&x| x == 0.0),
+        "some tokens are masked"
+    );
+    Batch {
+        seqs,
+        weights: w.into_iter().flatten().collect(),
+    }
+}
+
+/// Compare every quantity for one fixture model; returns (worst error, what).
+fn check_model(name: &str) {
+    let b = Cpu;
+    let data = batch();
+    let exp = Expected::load(name);
+    let model = load_model(&golden(name), &b).unwrap();
+    let vocab = model.cfg.vocab_size;
+    let packed = PackedBatch::from_sequences(&data.seqs).unwrap();
+    let db = model.upload_batch(&b, &packed).unwrap();
+    let n_tok = packed.n_tok();
+    assert_eq!(n_tok, data.weights.len());
+
+    let mut results: Vec<(f64, String)> = Vec::new();
+
+    // Logits and logprobs, per sequence.
+    let logits = model.forward_logits(&b, &db).unwrap();
+    assert_eq!(logits.len(), n_tok * vocab);
+    let (logp, _) = model.logprobs(&b, &db, false).unwrap();
+    for s in 0..data.seqs.len() {
+        let (lo, hi) = (
+            packed.cu_seqlens[s] as usize,
+            packed.cu_seqlens[s + 1] as usize,
+        );
+        let want = exp.get(&format!("logits.{s}"));
+        results.push((
+            rel_err(&logits[lo * vocab..hi * vocab], &want),
+            format!("logits.{s}"),
+        ));
+        let want = exp.get(&format!("logprobs.{s}"));
+        results.push((rel_err(&logp[lo..hi], &want), format!("logprobs.{s}")));
+    }
+    let loss: f64 = logp
+        .iter()
+        .zip(&data.weights)
+        .map(|(&l, &w)| l as f64 * w as f64)
+        .sum();
+    let want_loss = exp.get("loss")[0] as f64;
+    results.push((
+        ((loss - want_loss) / want_loss).abs(),
+        "loss Σ w·logp".into(),
+    ));
+
+    // Gradients of L = Σ w_t logp_t, with and without per-layer recomputation.
+    for recompute in [false, true] {
+        let tape = model.forward_train(&b, &db, false, recompute).unwrap();
+        let tape_logp = b.download_f32(&tape.logp, n_tok).unwrap();
+        results.push((
+            rel_err(&tape_logp, &logp),
+            format!("training logprobs (recompute={recompute})"),
+        ));
+        let dlogp = b.upload_f32(&data.weights).unwrap();
+        let mut grads = model.zero_grads(&b).unwrap();
+        model.backward(&b, &db, tape, &dlogp, &mut grads).unwrap();
+        for (spec, g) in model.layout.specs.iter().zip(&grads) {
+            let got = b.download_f32(g, spec.numel()).unwrap();
+            let want = exp.get(&format!("grad.{}", spec.name));
+            results.push((
+                rel_err(&got, &want),
+                format!("grad {} (recompute={recompute})", spec.name),
+            ));
+        }
+    }
+
+    results.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "{name}: {} comparisons; worst {:.3e} at {}; median {:.3e}",
+        results.len(),
+        results[0].0,
+        results[0].1,
+        results[results.len() / 2].0
+    );
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r.0.is_nan() || r.0 >= TOL)
+        .map(|r| format!("{}: {:.3e}", r.1, r.0))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{name}: relative-norm errors at or above {TOL}:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn tied_model_matches_transformers() {
+    check_model("tied");
+}
+
+#[test]
+fn untied_model_matches_transformers() {
+    check_model("untied");
+}
+
+#[test]
+fn every_parameter_has_an_expected_gradient() {
+    // The fixture covers the whole layout: no parameter escapes the comparison.
+    for name in ["tied", "untied"] {
+        let exp = Expected::load(name);
+        let st = SafeTensors::deserialize(&exp.bytes).unwrap();
+        let model = load_model(&golden(name), &Cpu).unwrap();
+        let n_grads = st.names().iter().filter(|n| n.starts_with("grad.")).count();
+        assert_eq!(n_grads, model.layout.specs.len(), "{name}");
+    }
+}

@@ -1,0 +1,249 @@
+//! The GRPO loop through the library API with a user-supplied reward: 4 steps straight equal
+//! 2 steps + checkpoint + resume + 2 steps, bit for bit on the CPU backend; the checkpoint's
+//! model folder loads back; metrics lines are written per step.
+
+use std::path::{Path, PathBuf};
+use tooln1::backend::cpu::Cpu;
+use tooln1::model::weights::load_model;
+use tooln1::model::{init, Model, Qwen2Config};
+use tooln1::reward::{Reward, RewardOutput};
+use tooln1::tokenizer::Tokenizer;
+use tooln1::train::checkpoint;
+use tooln1::train::{PromptItem, TrainConfig, Trainer};
+
+/// A reward a library user might write: likes responses that contain the letter `e` and are
+/// short.
+struct LikesE;
+
+impl Reward for LikesE {
+    fn score(&self, response: &str, _gt: &serde_json::Value) -> RewardOutput {
+        let e = response.matches('e').count() as f32;
+        let r = (e / (1.0 + response.len() as f32 / 8.0)).min(1.0);
+        RewardOutput {
+            reward: r,
+            format_ok: !response.is_empty(),
+            calls_ok: r >= 0.5,
+            reason: "ok".into(),
+        }
+    }
+}
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_file(&fixture("golden/tokenizer/tokenizer.json")).unwrap()
+}
+
+fn setup() -> (Qwen2Config, Vec<Vec<f32>>, Vec<PromptItem>) {
+    let tok = tokenizer();
+    let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
+    let mut cfg = init::tiny_config(32, 2, 4, 2, 48, vocab, true);
+    cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
+    let host = init::random_params(&cfg, 11);
+    let texts = [
+        "the tree",
+        "set a timer",
+        "weather here",
+        "one",
+        "green see",
+        "call me",
+    ];
+    let prompts = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| PromptItem {
+            id: format!("p{i}"),
+            tokens: tok
+                .encode(&format!(
+                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                ))
+                .unwrap(),
+            ground_truth: serde_json::Value::Null,
+        })
+        .collect();
+    (cfg, host, prompts)
+}
+
+fn config(out: &Path, steps: u64) -> TrainConfig {
+    let mut c = TrainConfig {
+        out: out.to_path_buf(),
+        steps,
+        save_every: 2,
+        seed: 5,
+        ..TrainConfig::default()
+    };
+    c.rollout.n = 3;
+    c.rollout.max_new_tokens = 6;
+    c.rollout.temperature = 1.0;
+    c.rollout.max_slots = 4;
+    c.grpo.prompts_per_step = 2;
+    c.grpo.mini_batch_prompts = 1;
+    c.grpo.micro_batch_tokens = 24;
+    c.grpo.kl_coef = 0.05;
+    c.grpo.entropy_coef = 0.01;
+    c.optim.lr = 2e-3;
+    c
+}
+
+fn trainer(
+    cfg: &Qwen2Config,
+    host: &[Vec<f32>],
+    prompts: &[PromptItem],
+    tc: TrainConfig,
+) -> Trainer<Cpu> {
+    let policy = Model::from_host(&Cpu, cfg.clone(), host).unwrap();
+    let reference = Model::from_host(&Cpu, cfg.clone(), host).unwrap();
+    let mut t = Trainer::new(
+        Cpu,
+        policy,
+        reference,
+        tokenizer(),
+        prompts.to_vec(),
+        Box::new(LikesE),
+        tc,
+    )
+    .unwrap();
+    t.quiet = true;
+    t
+}
+
+fn strip_times(line: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let o = v.as_object_mut().unwrap();
+    o.retain(|k, _| !k.starts_with("time_") && k != "tokens_per_s" && k != "peak_host_mib");
+    v
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, host, prompts) = setup();
+
+    // 4 steps straight.
+    let out_a = tmp.path().join("a");
+    let mut a = trainer(&cfg, &host, &prompts, config(&out_a, 4));
+    let ma = a.run().unwrap();
+    assert_eq!(ma.len(), 4);
+    assert!(ma.iter().all(|m| m.updates == 2 && m.loss.is_finite()));
+    let pa = a.policy.to_host(&Cpu).unwrap();
+    assert_ne!(pa, host, "training did not change the parameters");
+
+    // 2 steps, then resume from the step-2 checkpoint for 2 more.
+    let out_b = tmp.path().join("b");
+    let mut b1 = trainer(&cfg, &host, &prompts, config(&out_b, 2));
+    b1.run().unwrap();
+    drop(b1);
+    let ck = checkpoint::resolve_resume(&out_b).unwrap();
+    assert!(ck.ends_with("step-00000002"), "{}", ck.display());
+    let reference = Model::from_host(&Cpu, cfg.clone(), &host).unwrap();
+    let mut b2 = Trainer::resume(
+        Cpu,
+        &ck,
+        reference,
+        tokenizer(),
+        prompts.clone(),
+        Box::new(LikesE),
+        config(&out_b, 4),
+    )
+    .unwrap();
+    b2.quiet = true;
+    assert_eq!(b2.step, 2);
+    let mb = b2.run().unwrap();
+    assert_eq!(mb.len(), 2);
+    let pb = b2.policy.to_host(&Cpu).unwrap();
+    for (i, (x, y)) in pa.iter().zip(&pb).enumerate() {
+        let same = x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits());
+        assert!(same, "parameter tensor {i} differs after resume");
+    }
+    // Optimizer moments are identical too.
+    for (x, y) in a.opt.m.iter().zip(&b2.opt.m) {
+        assert!(x.iter().zip(y).all(|(u, v)| u.to_bits() == v.to_bits()));
+    }
+    // The metrics of steps 3 and 4 agree (timings aside), and each run's file has one line per
+    // step.
+    let la: Vec<String> = std::fs::read_to_string(out_a.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let lb: Vec<String> = std::fs::read_to_string(out_b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(la.len(), 4);
+    assert_eq!(lb.len(), 4);
+    for k in 0..4 {
+        assert_eq!(strip_times(&la[k]), strip_times(&lb[k]), "metrics line {k}");
+    }
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "format_ok_rate",
+        "exact_match_rate",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "response_len_mean",
+        "response_len_max",
+        "prompt_tokens",
+        "response_tokens",
+        "time_rollout_s",
+        "time_reference_s",
+        "time_old_logprobs_s",
+        "time_update_s",
+        "tokens_per_s",
+        "peak_host_mib",
+    ] {
+        let v: serde_json::Value = serde_json::from_str(&la[0]).unwrap();
+        assert!(v.get(key).is_some(), "metrics line lacks {key}");
+    }
+}
+
+#[test]
+fn checkpoint_model_folder_loads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, host, prompts) = setup();
+    let out = tmp.path().join("run");
+    let mut t = trainer(&cfg, &host, &prompts, config(&out, 1));
+    t.run().unwrap();
+    let ck = checkpoint::latest(&out).unwrap();
+    assert!(ck.join("model/config.json").exists());
+    assert!(ck.join("optimizer.safetensors").exists());
+    let state = checkpoint::read_state(&ck).unwrap();
+    assert_eq!(state.step, 1);
+    assert_eq!(state.updates, 2);
+    assert_eq!(state.data_pos, 2);
+    assert_eq!(state.kind, "grpo");
+    let loaded = load_model(&ck.join("model"), &Cpu).unwrap();
+    assert_eq!(loaded.cfg, t.policy.cfg);
+    assert_eq!(
+        loaded.to_host(&Cpu).unwrap(),
+        t.policy.to_host(&Cpu).unwrap()
+    );
+    // No temporary folder is left behind.
+    let names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["step-00000001".to_string()]);
+    // Resuming a checkpoint with different data is refused with a message naming it.
+    let reference = Model::from_host(&Cpu, cfg.clone(), &host).unwrap();
+    let err = Trainer::resume(
+        Cpu,
+        &ck,
+        reference,
+        tokenizer(),
+        prompts[..3].to_vec(),
+        Box::new(LikesE),
+        config(&out, 2),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("prompts"), "{err}");
+}
