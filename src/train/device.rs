@@ -4,7 +4,7 @@
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::train::config::DeviceKind;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Work that runs on any backend.
 pub trait BackendJob {
@@ -47,8 +47,6 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     }
 }
 
-fn run_cuda<J: BackendJob>(_job: J) -> Result<J::Output> {
-    Err(Error::NoCuda(
-        "this build's CUDA backend does not implement the op set yet; use --device cpu".into(),
-    ))
+fn run_cuda<J: BackendJob>(job: J) -> Result<J::Output> {
+    job.run(crate::backend::cuda::Cuda::new()?)
 }
