@@ -1,33 +1,626 @@
 //! `tooln1 train`, `tooln1 sft`, `tooln1 demo`, and the generation half of `tooln1 eval ... run`.
 
-#[derive(clap::Args, Debug)]
-pub struct TrainArgs {}
+use crate::backend::Backend;
+use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
+use crate::model::weights::load_model;
+use crate::model::Qwen2Config;
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::train::checkpoint;
+use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
+use crate::train::demo::{run_demo, DemoConfig};
+use crate::train::device::{run_on, BackendJob};
+use crate::train::evalgen::{generate_outputs, write_outputs, GenConfig, GenPrompt};
+use crate::train::metrics::summarize;
+use crate::train::runner::{prepare_prompts, read_samples, stop_tokens, Trainer};
+use crate::train::sft::{prepare_sft, SftTrainer};
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
 
-#[derive(clap::Args, Debug)]
-pub struct SftArgs {}
-
-#[derive(clap::Args, Debug)]
-pub struct DemoArgs {}
-
-pub fn train(_a: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("train: not implemented yet")
+#[derive(clap::Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML config (Tool-N1 defaults for everything it leaves out).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config value, e.g. `--set grpo.kl_coef=0.01` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// HF model folder to start from (also the frozen reference).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prepared training JSONL (from `tooln1 data prepare`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder (metrics.jsonl, checkpoints/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// auto (CUDA when present, else CPU), cpu or cuda.
+    #[arg(long)]
+    pub device: Option<DeviceKind>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Reward variant: v0 (binary with think, the default), v2, v3, v4.
+    #[arg(long, default_value = "v0")]
+    pub reward: String,
+    /// Continue from a checkpoint folder, or from the latest checkpoint of a run folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Print the resolved config and the memory estimate, then stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
-pub fn sft(_a: SftArgs) -> anyhow::Result<()> {
-    anyhow::bail!("sft: not implemented yet")
-}
-
-pub fn demo(_a: DemoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("demo: not implemented yet")
+#[derive(clap::Args, Debug, Default)]
+pub struct SftArgs {
+    /// TOML config with the fields of the SFT settings.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one config value, e.g. `--set optim.lr=2e-5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prepared JSONL; a final assistant message is the target, else the ground-truth calls in
+    /// the Tool-N1 format.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub device: Option<DeviceKind>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct EvalRunArgs {}
+pub struct DemoArgs {
+    /// auto (CUDA when present, else CPU), cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceKind,
+    /// Output folder (tokenizer, SFT and GRPO metrics and checkpoints).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub sft_steps: Option<u64>,
+    #[arg(long)]
+    pub grpo_steps: Option<u64>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Default for DemoArgs {
+    fn default() -> Self {
+        DemoArgs {
+            device: DeviceKind::Auto,
+            out: PathBuf::from("runs/demo"),
+            seed: None,
+            sft_steps: None,
+            grpo_steps: None,
+            quiet: false,
+        }
+    }
+}
+
+/// Which benchmark `eval ... run` generates for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvalKind {
     Bfcl,
     ApiBank,
 }
-pub fn eval_run(_kind: EvalKind, _a: EvalRunArgs) -> anyhow::Result<()> {
-    anyhow::bail!("eval run: not implemented yet")
+
+#[derive(clap::Args, Debug)]
+pub struct EvalRunArgs {
+    /// HF model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// BFCL: the data folder (BFCL_v4_*.json + possible_answer/). API-Bank: the level-1 JSON
+    /// file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the generations are written ({"id", "output"} per line).
+    #[arg(long, default_value = "generations.jsonl")]
+    pub out: PathBuf,
+    /// BFCL categories, comma separated (default: the eleven of the Tool-N1 table).
+    #[arg(long, value_delimiter = ',')]
+    pub categories: Vec<String>,
+    /// Only the first N records (quick checks).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Base system text placed before the tool section.
+    #[arg(long, default_value = "")]
+    pub system: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub max_prompt_tokens: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceKind,
+}
+
+fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
+    let p = dir.join("tokenizer_config.json");
+    if p.exists() {
+        ChatTemplate::from_tokenizer_config(&p)
+    } else {
+        Ok(ChatTemplate::qwen25())
+    }
+}
+
+/// Available memory of the machine the CPU backend runs on (bytes), from /proc/meminfo.
+fn host_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Print the memory estimate; refuse the run when it cannot fit.
+fn check_memory(
+    model_cfg: &Qwen2Config,
+    inputs: MemoryInputs,
+    recompute: bool,
+    device: DeviceKind,
+) -> anyhow::Result<()> {
+    let est = MemoryEstimate::new(model_cfg, inputs);
+    eprintln!("memory estimate (CUDA numerics: bf16 weights, f32 gradients and AdamW):\n{est}");
+    let cuda = crate::train::device::cuda_memory();
+    let use_cuda = match device {
+        DeviceKind::Cuda => true,
+        DeviceKind::Cpu => false,
+        DeviceKind::Auto => cuda.is_some(),
+    };
+    if use_cuda {
+        if let Some((free, total)) = cuda {
+            let need = est.peak(recompute);
+            eprintln!(
+                "GPU memory: {} free of {}; this run needs about {}",
+                gib(free),
+                gib(total),
+                gib(need)
+            );
+            if need > free {
+                bail!(
+                    "this run does not fit in GPU memory: it needs about {} and {} are free \
+                     (lower grpo.micro_batch_tokens or rollout.max_slots, turn grpo.recompute on, \
+                     or use a smaller model)",
+                    gib(need),
+                    gib(free)
+                );
+            }
+        }
+    } else {
+        // The CPU backend keeps weights, activations and the KV cache in f32 and needs no
+        // master copy.
+        let need = est.peak(recompute) - est.master
+            + est.weights
+            + est.reference
+            + est.kv_cache
+            + if recompute {
+                est.activations_recompute
+            } else {
+                est.activations_full
+            };
+        if let Some(avail) = host_available() {
+            eprintln!(
+                "host memory: {} available; this run needs about {} on the CPU backend",
+                gib(avail),
+                gib(need)
+            );
+            if need > avail {
+                bail!(
+                    "this run does not fit in host memory: it needs about {} and {} are \
+                     available (lower grpo.micro_batch_tokens or rollout.max_slots, or use a \
+                     smaller model)",
+                    gib(need),
+                    gib(avail)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_config<T: serde::Serialize>(what: &str, cfg: &T) {
+    match toml::to_string_pretty(cfg) {
+        Ok(s) => eprintln!("resolved {what} config:\n{s}"),
+        Err(e) => eprintln!("resolved {what} config: (cannot print: {e})"),
+    }
+}
+
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    if a.config.is_none() && a.model.is_none() && a.data.is_none() && a.resume.is_none() {
+        eprintln!("no --model/--data/--config given: running the built-in demo (tooln1 demo)");
+        return demo(DemoArgs {
+            device: a.device.unwrap_or_default(),
+            seed: a.seed,
+            quiet: a.quiet,
+            ..DemoArgs::default()
+        });
+    }
+    let resume = match &a.resume {
+        Some(p) => Some(checkpoint::resolve_resume(p)?),
+        None => None,
+    };
+    let mut cfg: TrainConfig = match (&a.config, &resume) {
+        (None, Some(ck)) => {
+            // Resume with the run's own settings unless a config file is given.
+            let state = checkpoint::read_state(ck)?;
+            let saved: TrainConfig = serde_json::from_value(state.config)
+                .with_context(|| format!("{}: the saved config does not parse", ck.display()))?;
+            let text = toml::to_string(&saved)?;
+            crate::train::config::parse_config(&text, &ck.display().to_string(), &a.set)?
+        }
+        _ => load_config(a.config.as_deref(), &a.set)?,
+    };
+    if let Some(m) = a.model {
+        cfg.model = Some(m);
+    }
+    if let Some(d) = a.data {
+        cfg.data = Some(d);
+    }
+    if let Some(o) = a.out {
+        cfg.out = o;
+    }
+    if let Some(d) = a.device {
+        cfg.device = d;
+    }
+    if let Some(s) = a.steps {
+        cfg.steps = s;
+    }
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    cfg.validate()?;
+    let Some(model_dir) = cfg.model.clone() else {
+        bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
+    };
+    let Some(data) = cfg.data.clone() else {
+        bail!("no training data: give --data FILE.jsonl or `data = \"FILE\"` in the config");
+    };
+    print_config("training", &cfg);
+    let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
+    let inputs = MemoryInputs {
+        micro_batch_tokens: cfg.grpo.micro_batch_tokens as u64,
+        rollout_seqs: cfg
+            .rollout
+            .max_slots
+            .min(cfg.grpo.prompts_per_step * cfg.rollout.n) as u64,
+        max_len: (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64,
+        ..MemoryInputs::default()
+    };
+    check_memory(&model_cfg, inputs, cfg.grpo.recompute, cfg.device)?;
+    if a.dry_run {
+        return Ok(());
+    }
+    let reward = crate::reward::reward_by_name(&a.reward)?;
+    struct Job {
+        cfg: TrainConfig,
+        model_dir: PathBuf,
+        data: PathBuf,
+        resume: Option<PathBuf>,
+        reward: Box<dyn crate::reward::Reward>,
+        quiet: bool,
+    }
+    impl BackendJob for Job {
+        type Output = ();
+        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
+            eprintln!("backend: {}", b.name());
+            let tok = Tokenizer::from_dir(&self.model_dir)?;
+            let template = template_for(&self.model_dir)?;
+            let samples = read_samples(&self.data)?;
+            let (prompts, dropped) = prepare_prompts(
+                &samples,
+                &tok,
+                &template,
+                self.cfg.rollout.max_prompt_tokens,
+            )?;
+            eprintln!(
+                "{}: {} samples, {} prompts kept, {} longer than rollout.max_prompt_tokens = {} \
+                 left out",
+                self.data.display(),
+                samples.len(),
+                prompts.len(),
+                dropped,
+                self.cfg.rollout.max_prompt_tokens
+            );
+            let reference = load_model(&self.model_dir, &b)?;
+            let mut t = match &self.resume {
+                Some(ck) => Trainer::resume(b, ck, reference, tok, prompts, self.reward, self.cfg)?,
+                None => {
+                    let policy = load_model(&self.model_dir, &b)?;
+                    Trainer::new(b, policy, reference, tok, prompts, self.reward, self.cfg)?
+                }
+            };
+            t.reference_dir = Some(self.model_dir.clone());
+            t.source_dir = Some(self.model_dir.clone());
+            t.quiet = self.quiet;
+            eprintln!(
+                "training {} steps from step {} ({} prompts x {} samples per step)",
+                t.total_steps(),
+                t.step,
+                t.cfg.grpo.prompts_per_step,
+                t.cfg.rollout.n
+            );
+            let steps = t.run()?;
+            eprintln!("{}", summarize(&steps));
+            eprintln!(
+                "metrics: {}\nlast checkpoint: {}",
+                t.cfg.out.join("metrics.jsonl").display(),
+                checkpoint::step_dir(&t.cfg.out, t.step).display()
+            );
+            Ok(())
+        }
+    }
+    let device = cfg.device;
+    run_on(
+        device,
+        Job {
+            cfg,
+            model_dir,
+            data,
+            resume,
+            reward,
+            quiet: a.quiet,
+        },
+    )?;
+    Ok(())
+}
+
+pub fn sft(a: SftArgs) -> anyhow::Result<()> {
+    let mut cfg: SftConfig = load_config(a.config.as_deref(), &a.set)?;
+    if let Some(m) = a.model {
+        cfg.model = Some(m);
+    }
+    if let Some(d) = a.data {
+        cfg.data = Some(d);
+    }
+    if let Some(o) = a.out {
+        cfg.out = o;
+    }
+    if let Some(d) = a.device {
+        cfg.device = d;
+    }
+    if let Some(s) = a.steps {
+        cfg.steps = s;
+    }
+    cfg.validate()?;
+    let Some(model_dir) = cfg.model.clone() else {
+        bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
+    };
+    let Some(data) = cfg.data.clone() else {
+        bail!("no data: give --data FILE.jsonl or `data = \"FILE\"` in the config");
+    };
+    print_config("SFT", &cfg);
+    let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
+    let inputs = MemoryInputs {
+        micro_batch_tokens: cfg.micro_batch_tokens as u64,
+        rollout_seqs: 0,
+        max_len: cfg.max_seq_tokens as u64,
+        ..MemoryInputs::default()
+    };
+    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device)?;
+    struct Job {
+        cfg: SftConfig,
+        model_dir: PathBuf,
+        data: PathBuf,
+        quiet: bool,
+    }
+    impl BackendJob for Job {
+        type Output = ();
+        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
+            eprintln!("backend: {}", b.name());
+            let tok = Tokenizer::from_dir(&self.model_dir)?;
+            let template = template_for(&self.model_dir)?;
+            let samples = read_samples(&self.data)?;
+            let (items, dropped) = prepare_sft(&samples, &tok, &template, self.cfg.max_seq_tokens)?;
+            eprintln!(
+                "{}: {} samples, {} kept, {} longer than max_seq_tokens left out",
+                self.data.display(),
+                samples.len(),
+                items.len(),
+                dropped
+            );
+            let model = load_model(&self.model_dir, &b)?;
+            let out = self.cfg.out.clone();
+            let mut t = SftTrainer::new(b, model, items, self.cfg)?;
+            t.source_dir = Some(self.model_dir.clone());
+            t.quiet = self.quiet;
+            let m = t.run(Some(&out))?;
+            if let (Some(f), Some(l)) = (m.first(), m.last()) {
+                eprintln!(
+                    "SFT: {} steps, loss {:.4} -> {:.4}; model: {}",
+                    m.len(),
+                    f.loss,
+                    l.loss,
+                    checkpoint::step_dir(&out, t.step).join("model").display()
+                );
+            }
+            Ok(())
+        }
+    }
+    let device = cfg.device;
+    run_on(
+        device,
+        Job {
+            cfg,
+            model_dir,
+            data,
+            quiet: a.quiet,
+        },
+    )?;
+    Ok(())
+}
+
+pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let mut cfg = DemoConfig {
+        out: Some(a.out.clone()),
+        quiet: a.quiet,
+        ..DemoConfig::default()
+    };
+    if let Some(s) = a.seed {
+        cfg.seed = s;
+    }
+    if let Some(s) = a.sft_steps {
+        cfg.sft_steps = s;
+    }
+    if let Some(s) = a.grpo_steps {
+        cfg.grpo_steps = s;
+    }
+    struct Job(DemoConfig);
+    impl BackendJob for Job {
+        type Output = crate::train::demo::DemoReport;
+        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
+            run_demo(b, &self.0)
+        }
+    }
+    let r = run_on(a.device, Job(cfg))?;
+    println!(
+        "held-out reward: random model {:.3} -> after SFT {:.3} -> after GRPO {:.3} (sampled); \
+         greedy {:.3} -> {:.3}",
+        r.heldout_before_sft.0,
+        r.heldout_after_sft.0,
+        r.heldout_after_grpo.0,
+        r.greedy_after_sft,
+        r.greedy_after_grpo
+    );
+    println!(
+        "SFT {:.1} s, GRPO {:.1} s; metrics in {}",
+        r.time_sft_s,
+        r.time_grpo_s,
+        a.out.join("grpo/metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
+    use crate::eval::{apibank, bfcl};
+    // Prompts and the scorer's records.
+    let (prompts, bfcl_records, api_records) = match kind {
+        EvalKind::Bfcl => {
+            let cats: Vec<bfcl::Category> = if a.categories.is_empty() {
+                bfcl::Category::TOOLN1.to_vec()
+            } else {
+                a.categories
+                    .iter()
+                    .map(|c| {
+                        bfcl::Category::from_name(c.trim())
+                            .with_context(|| format!("--categories: unknown BFCL category `{c}`"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let mut recs = bfcl::load_dir(&a.data, &cats)?;
+            if let Some(n) = a.limit {
+                recs.truncate(n);
+            }
+            let prompts: Vec<GenPrompt> = recs
+                .iter()
+                .map(|r| {
+                    let p = bfcl::eval_prompt(r, &a.system);
+                    GenPrompt {
+                        id: p.id,
+                        messages: p.messages,
+                    }
+                })
+                .collect();
+            (prompts, recs, Vec::new())
+        }
+        EvalKind::ApiBank => {
+            let mut recs = apibank::load(&a.data)?;
+            if let Some(n) = a.limit {
+                recs.truncate(n);
+            }
+            let prompts: Vec<GenPrompt> = recs
+                .iter()
+                .map(|r| {
+                    let p = apibank::eval_prompt(r, &a.system);
+                    GenPrompt {
+                        id: p.id,
+                        messages: p.messages,
+                    }
+                })
+                .collect();
+            (prompts, Vec::new(), recs)
+        }
+    };
+    eprintln!("{} prompts from {}", prompts.len(), a.data.display());
+    let gen = GenConfig {
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        max_prompt_tokens: a.max_prompt_tokens,
+    };
+    struct Job {
+        model_dir: PathBuf,
+        prompts: Vec<GenPrompt>,
+        gen: GenConfig,
+    }
+    impl BackendJob for Job {
+        type Output = Vec<(String, String)>;
+        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
+            eprintln!("backend: {}", b.name());
+            let tok = Tokenizer::from_dir(&self.model_dir)?;
+            let template = template_for(&self.model_dir)?;
+            let model = load_model(&self.model_dir, &b)?;
+            let stop = stop_tokens(&tok, &model.cfg);
+            let pb =
+                crate::train::metrics::progress_bar(self.prompts.len() as u64, false, "generate");
+            let (outs, stats) = generate_outputs(
+                &b,
+                &model,
+                &tok,
+                &template,
+                &self.prompts,
+                &stop,
+                &self.gen,
+                |done, _| pb.set_position(done as u64),
+            )?;
+            pb.finish_and_clear();
+            eprintln!(
+                "generated {} tokens for {} prompts in {:.1} s ({} prompts too long, {} outputs \
+                 cut at max_new_tokens)",
+                stats.generated_tokens,
+                stats.prompts,
+                stats.seconds,
+                stats.too_long,
+                stats.truncated
+            );
+            Ok(outs)
+        }
+    }
+    let outs = run_on(
+        a.device,
+        Job {
+            model_dir: a.model.clone(),
+            prompts,
+            gen,
+        },
+    )?;
+    write_outputs(&a.out, &outs)?;
+    eprintln!("generations: {}", a.out.display());
+    match kind {
+        EvalKind::Bfcl => {
+            let report = bfcl::score(&bfcl_records, &outs);
+            println!("{}", report.table());
+        }
+        EvalKind::ApiBank => {
+            let report = apibank::score(&api_records, &outs);
+            println!(
+                "API-Bank level-1 call accuracy: {:.2}% ({} / {})\n{}",
+                report.accuracy(),
+                report.correct,
+                report.total,
+                report.note
+            );
+        }
+    }
+    Ok(())
 }

@@ -2,14 +2,15 @@
 //! A job is written once, generic over the backend, as a [`BackendJob`].
 
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
 use crate::train::config::DeviceKind;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Work that runs on any backend.
 pub trait BackendJob {
     type Output;
-    fn run<B: Backend + Clone + 'static>(self, b: B) -> Result<Self::Output>;
+    fn run<B: Backend + 'static>(self, b: B) -> Result<Self::Output>;
 }
 
 /// Whether the CUDA driver library can be loaded and device 0 opened.
@@ -37,16 +38,17 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     match kind {
         DeviceKind::Cpu => job.run(Cpu),
         DeviceKind::Cuda => run_cuda(job),
-        DeviceKind::Auto => {
-            if cuda_present() {
-                run_cuda(job)
-            } else {
-                job.run(Cpu)
-            }
-        }
+        DeviceKind::Auto => match Cuda::new() {
+            Ok(c) => job.run(c),
+            Err(_) => job.run(Cpu),
+        },
     }
 }
 
 fn run_cuda<J: BackendJob>(job: J) -> Result<J::Output> {
-    job.run(crate::backend::cuda::Cuda::new()?)
+    let c = Cuda::new().map_err(|e| match e {
+        Error::NoCuda(m) => Error::NoCuda(format!("{m} (use --device cpu or auto)")),
+        other => other,
+    })?;
+    job.run(c)
 }

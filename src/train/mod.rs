@@ -10,11 +10,12 @@
 //! - [`checkpoint`]: HF model folder + optimizer/trainer state, atomic, exact resume.
 //! - [`metrics`]: JSONL metrics, progress bar, summary.
 //! - [`device`]: backend selection (`auto | cpu | cuda`).
-
+//! - [`demo`]: a tiny model that learns a synthetic tool-calling task in minutes on a CPU.
 //! - [`evalgen`]: greedy generation for BFCL / API-Bank evaluation.
 
 pub mod checkpoint;
 pub mod config;
+pub mod demo;
 pub mod device;
 pub mod evalgen;
 pub mod grpo;

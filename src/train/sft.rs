@@ -190,6 +190,11 @@ impl<B: Backend> SftTrainer<B> {
         })
     }
 
+    /// The backend and the trained model.
+    pub fn into_parts(self) -> (B, Model<B>) {
+        (self.b, self.model)
+    }
+
     pub fn total_steps(&self) -> u64 {
         if self.cfg.steps > 0 {
             self.cfg.steps
