@@ -15,12 +15,13 @@ use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
 use tooln1::model::{Model, PackedBatch, Qwen2Config};
+use tooln1::tooln1_skip;
 
 fn gpu() -> Option<Cuda> {
     match Cuda::new() {
         Ok(c) => Some(c),
         Err(e) => {
-            println!("skipped: no CUDA device ({e})");
+            tooln1_skip!("skipped: {e}");
             None
         }
     }
