@@ -1,13 +1,15 @@
 //! Criterion benches of every CUDA kernel, forward and backward, at Qwen2.5-1.5B and 7B shapes,
 //! timed with CUDA events (`iter_custom`). Each bench also prints its achieved GB/s (memory-bound
 //! kernels, counting each input read once and each output written once) or TFLOP/s (GEMM-bound
-//! ones). Without a GPU the CUDA groups print "skipped: no CUDA device".
+//! ones). Without a GPU the CUDA groups print "skipped: no CUDA device"; the CPU-backend groups
+//! (small shapes, wall-clock timing) run everywhere.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
-use tooln1::backend::{AdamWStep, Backend};
+use tooln1::backend::{AdamWStep, Backend, GrpoLossCfg, KlKind, LossAgg};
 
 struct Shape {
     name: &'static str,
@@ -41,7 +43,6 @@ const SHAPES: &[Shape] = &[
 ];
 
 const TOK: usize = 4096; // 4 sequences of 1024 tokens
-const SEQ: usize = 1024;
 
 fn rnd(n: usize, scale: f32) -> Vec<f32> {
     let mut s = 0x2545F4914F6CDD1Du64;
@@ -55,20 +56,54 @@ fn rnd(n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Times `f` with CUDA events over the iterations criterion asks for and prints the rate.
+/// Appends one measurement to $TOOLN1_BENCH_JSONL (default target/tooln1-bench.jsonl), the
+/// contract of tools/bench_report.py.
+fn record(
+    name: &str,
+    shape: &str,
+    median_ms: f64,
+    flops: f64,
+    bytes: f64,
+    crit: &str,
+    device: &str,
+) {
+    use std::io::Write;
+    let path = std::env::var("TOOLN1_BENCH_JSONL").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/tooln1-bench.jsonl").to_string()
+    });
+    let line = serde_json::json!({
+        "name": name, "shape": shape, "median_ms": median_ms, "flops": flops, "bytes": bytes,
+        "criterion": crit, "device": device,
+    });
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            let _ = writeln!(f, "{line}");
+        }
+        Err(e) => eprintln!("{path}: {e}"),
+    }
+}
+
+/// Times `f` with CUDA events over the iterations criterion asks for, prints the rate (GB/s
+/// when `flops` is 0, else TFLOP/s) and records the median per-call time.
+#[allow(clippy::too_many_arguments)]
 fn timed(
     c: &mut Criterion,
     cuda: &Cuda,
     group: &str,
-    id: &str,
+    name: &str,
+    shape: &str,
     bytes: f64,
     flops: f64,
     mut f: impl FnMut(),
 ) {
     let mut g = c.benchmark_group(group);
     g.sample_size(10);
-    let mut best = f64::INFINITY;
-    g.bench_function(id, |b| {
+    let mut per_call: Vec<f64> = Vec::new();
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let t = cuda.timer().expect("cuda events");
             t.start().expect("event record");
@@ -76,21 +111,37 @@ fn timed(
                 f();
             }
             let ms = t.stop_ms().expect("event elapsed") as f64;
-            best = best.min(ms / iters as f64);
+            per_call.push(ms / iters as f64);
             Duration::from_secs_f64(ms / 1e3)
         })
     });
     g.finish();
-    let s = best / 1e3;
+    if per_call.is_empty() {
+        return;
+    }
+    per_call.sort_by(|a, b| a.total_cmp(b));
+    let med = per_call[per_call.len() / 2];
+    let s = med / 1e3;
     if flops > 0.0 {
         println!(
-            "{group}/{id}: {:.3} ms, {:.1} TFLOP/s",
-            best,
+            "{group}/{name} [{shape}]: {med:.3} ms, {:.1} TFLOP/s",
             flops / s / 1e12
         );
     } else {
-        println!("{group}/{id}: {:.3} ms, {:.0} GB/s", best, bytes / s / 1e9);
+        println!(
+            "{group}/{name} [{shape}]: {med:.3} ms, {:.0} GB/s",
+            bytes / s / 1e9
+        );
     }
+    record(
+        name,
+        shape,
+        med,
+        flops,
+        bytes,
+        &format!("{group}/{name}"),
+        &cuda.device(),
+    );
 }
 
 fn cuda_benches(c: &mut Criterion) {
@@ -103,20 +154,22 @@ fn cuda_benches(c: &mut Criterion) {
     };
     println!("device: {}", cuda.device());
     for sh in SHAPES {
-        let grp = format!("cuda-{}", sh.name);
+        let md = sh.name.to_lowercase();
+        let grp = format!("cuda-{md}");
         let (h, it) = (sh.hidden, sh.inter);
         let x = cuda.upload(&rnd(TOK * h, 1.0)).unwrap();
         let w = cuda.upload(&rnd(h, 1.0)).unwrap();
         let mut out = cuda.zeros(TOK * h).unwrap();
         let mut rstd = cuda.zeros_f32(TOK).unwrap();
         let bx = (TOK * h * 2) as f64;
-        timed(c, &cuda, &grp, "rmsnorm_fwd", 2.0 * bx, 0.0, || {
+        let shp = format!("model={md},tokens={TOK},hidden={h}");
+        timed(c, &cuda, &grp, "rmsnorm_fwd", &shp, 2.0 * bx, 0.0, || {
             cuda.rmsnorm(&x, &w, &mut out, &mut rstd, TOK, h, 1e-6)
                 .unwrap()
         });
         let mut dx = cuda.zeros(TOK * h).unwrap();
         let mut dw = cuda.zeros_f32(h).unwrap();
-        timed(c, &cuda, &grp, "rmsnorm_bwd", 4.0 * bx, 0.0, || {
+        timed(c, &cuda, &grp, "rmsnorm_bwd", &shp, 4.0 * bx, 0.0, || {
             cuda.rmsnorm_bwd(&out, &x, &w, &rstd, &mut dx, Some(&mut dw), TOK, h)
                 .unwrap()
         });
@@ -126,11 +179,12 @@ fn cuda_benches(c: &mut Criterion) {
         let mut a = cuda.zeros(TOK * it).unwrap();
         let mut b2 = cuda.zeros(TOK * it).unwrap();
         let bi = (TOK * it * 2) as f64;
-        timed(c, &cuda, &grp, "swiglu_fwd", 3.0 * bi, 0.0, || {
+        let shp = format!("model={md},tokens={TOK},inter={it}");
+        timed(c, &cuda, &grp, "swiglu_fwd", &shp, 3.0 * bi, 0.0, || {
             cuda.swiglu(&g, &u, &mut a, TOK * it).unwrap()
         });
         let mut dg = cuda.zeros(TOK * it).unwrap();
-        timed(c, &cuda, &grp, "swiglu_bwd", 5.0 * bi, 0.0, || {
+        timed(c, &cuda, &grp, "swiglu_bwd", &shp, 5.0 * bi, 0.0, || {
             cuda.swiglu_bwd(&a, &g, &u, &mut dg, &mut b2, TOK * it)
                 .unwrap()
         });
@@ -138,11 +192,12 @@ fn cuda_benches(c: &mut Criterion) {
         let wl = cuda.upload(&rnd(it * h, 0.05)).unwrap();
         let mut y = cuda.zeros(TOK * it).unwrap();
         let fl = 2.0 * (TOK * it * h) as f64;
-        timed(c, &cuda, &grp, "linear_fwd", 0.0, fl, || {
+        let shp = format!("model={md},tokens={TOK},out={it},in={h}");
+        timed(c, &cuda, &grp, "linear_fwd", &shp, 0.0, fl, || {
             cuda.linear(&x, &wl, None, &mut y, TOK, it, h).unwrap()
         });
         let mut dwl = cuda.zeros_f32(it * h).unwrap();
-        timed(c, &cuda, &grp, "linear_bwd", 0.0, 2.0 * fl, || {
+        timed(c, &cuda, &grp, "linear_bwd", &shp, 0.0, 2.0 * fl, || {
             cuda.linear_bwd(
                 &y,
                 &x,
@@ -159,40 +214,62 @@ fn cuda_benches(c: &mut Criterion) {
         });
 
         let (nh, nkv, hd) = (sh.heads, sh.kv, sh.hd);
-        let cu: Vec<u32> = (0..=TOK / SEQ).map(|i| (i * SEQ) as u32).collect();
-        let cud = cuda.upload_u32(&cu).unwrap();
-        let pos: Vec<u32> = (0..TOK).map(|t| (t % SEQ) as u32).collect();
+        let pos: Vec<u32> = (0..TOK).map(|t| (t % 1024) as u32).collect();
         let posd = cuda.upload_u32(&pos).unwrap();
-        let mut q = cuda.upload(&rnd(TOK * nh * hd, 1.0)).unwrap();
-        let k = cuda.upload(&rnd(TOK * nkv * hd, 1.0)).unwrap();
-        let v = cuda.upload(&rnd(TOK * nkv * hd, 1.0)).unwrap();
-        timed(
-            c,
-            &cuda,
-            &grp,
-            "rope_fwd",
-            2.0 * (TOK * nh * hd * 2) as f64,
-            0.0,
-            || cuda.rope(&mut q, &posd, TOK, nh, hd, 1e6).unwrap(),
-        );
-        let mut o = cuda.zeros(TOK * nh * hd).unwrap();
-        let mut lse = cuda.zeros_f32(nh * TOK).unwrap();
-        let afl = (TOK / SEQ) as f64 * 4.0 * (SEQ * SEQ * hd * nh) as f64 / 2.0;
-        timed(c, &cuda, &grp, "attention_fwd", 0.0, afl, || {
-            cuda.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, SEQ, nh, nkv, hd)
-                .unwrap()
+        let mut qr = cuda.upload(&rnd(TOK * nh * hd, 1.0)).unwrap();
+        let mut kr = cuda.upload(&rnd(TOK * nkv * hd, 1.0)).unwrap();
+        let shp = format!("model={md},tokens={TOK},heads={nh},kv_heads={nkv},head_dim={hd}");
+        let rb = 2.0 * (TOK * (nh + nkv) * hd * 2) as f64;
+        timed(c, &cuda, &grp, "rope_fwd", &shp, rb, 0.0, || {
+            cuda.rope(&mut qr, &posd, TOK, nh, hd, 1e6).unwrap();
+            cuda.rope(&mut kr, &posd, TOK, nkv, hd, 1e6).unwrap();
         });
-        let (mut dq, mut dk, mut dv) = (
-            cuda.zeros(TOK * nh * hd).unwrap(),
-            cuda.zeros(TOK * nkv * hd).unwrap(),
-            cuda.zeros(TOK * nkv * hd).unwrap(),
-        );
-        timed(c, &cuda, &grp, "attention_bwd", 0.0, 2.5 * afl, || {
-            cuda.attention_bwd(
-                &o, &q, &k, &v, &o, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, SEQ, nh, nkv, hd,
-            )
-            .unwrap()
+        timed(c, &cuda, &grp, "rope_bwd", &shp, rb, 0.0, || {
+            cuda.rope_bwd(&mut qr, &posd, TOK, nh, hd, 1e6).unwrap();
+            cuda.rope_bwd(&mut kr, &posd, TOK, nkv, hd, 1e6).unwrap();
         });
+
+        // Attention: 8192 tokens per batch, sequences of 1k and 4k.
+        for seq in [1024usize, 4096] {
+            let n = 8192usize;
+            let batch = n / seq;
+            let cu: Vec<u32> = (0..=batch).map(|i| (i * seq) as u32).collect();
+            let cud = cuda.upload_u32(&cu).unwrap();
+            let q = cuda.upload(&rnd(n * nh * hd, 1.0)).unwrap();
+            let k = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
+            let v = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
+            let mut o = cuda.zeros(n * nh * hd).unwrap();
+            let mut lse = cuda.zeros_f32(nh * n).unwrap();
+            let afl = batch as f64 * 4.0 * (seq * seq * hd * nh) as f64 / 2.0;
+            let shp = format!(
+                "model={md},batch={batch},seq={seq},heads={nh},kv_heads={nkv},head_dim={hd}"
+            );
+            timed(c, &cuda, &grp, "attention_fwd", &shp, 0.0, afl, || {
+                cuda.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, seq, nh, nkv, hd)
+                    .unwrap()
+            });
+            let (mut dq, mut dk, mut dv) = (
+                cuda.zeros(n * nh * hd).unwrap(),
+                cuda.zeros(n * nkv * hd).unwrap(),
+                cuda.zeros(n * nkv * hd).unwrap(),
+            );
+            timed(
+                c,
+                &cuda,
+                &grp,
+                "attention_bwd",
+                &shp,
+                0.0,
+                2.5 * afl,
+                || {
+                    cuda.attention_bwd(
+                        &o, &q, &k, &v, &o, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, seq, nh,
+                        nkv, hd,
+                    )
+                    .unwrap()
+                },
+            );
+        }
 
         let (slots, clen) = (64usize, 2048usize);
         let kc = cuda.upload(&rnd(slots * clen * nkv * hd, 1.0)).unwrap();
@@ -200,13 +277,17 @@ fn cuda_benches(c: &mut Criterion) {
         let lens = cuda.upload_u32(&vec![clen as u32; slots]).unwrap();
         let qd = cuda.upload(&rnd(slots * nh * hd, 1.0)).unwrap();
         let mut od = cuda.zeros(slots * nh * hd).unwrap();
+        let shp =
+            format!("model={md},batch={slots},ctx={clen},heads={nh},kv_heads={nkv},head_dim={hd}");
+        let dfl = 4.0 * (slots * clen * nh * hd) as f64;
         timed(
             c,
             &cuda,
             &grp,
             "attention_decode",
+            &shp,
             2.0 * (slots * clen * nkv * hd * 2) as f64,
-            0.0,
+            dfl,
             || {
                 cuda.attention_decode(&qd, &kc, &vc, &lens, &mut od, slots, clen, nh, nkv, hd)
                     .unwrap()
@@ -221,25 +302,28 @@ fn cuda_benches(c: &mut Criterion) {
             .unwrap();
         let (mut lp, mut ls) = (cuda.zeros_f32(nt).unwrap(), cuda.zeros_f32(nt).unwrap());
         let lfl = 2.0 * (nt * voc * h) as f64;
-        timed(c, &cuda, &grp, "logprobs_fwd", 0.0, lfl, || {
+        let shp = format!("model={md},tokens={nt},hidden={h},vocab={voc}");
+        timed(c, &cuda, &grp, "logprobs_fwd", &shp, 0.0, lfl, || {
             cuda.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, nt, h, voc)
                 .unwrap()
         });
         let dlp = cuda.upload_f32(&rnd(nt, 1.0)).unwrap();
         let mut dh = cuda.zeros(nt * h).unwrap();
         let mut dwv = cuda.zeros_f32(voc * h).unwrap();
-        timed(c, &cuda, &grp, "logprobs_bwd", 0.0, 3.0 * lfl, || {
+        timed(c, &cuda, &grp, "logprobs_bwd", &shp, 0.0, 3.0 * lfl, || {
             cuda.logprobs_bwd(&dlp, &x, &wv, &tg, &ls, &mut dh, Some(&mut dwv), nt, h, voc)
                 .unwrap()
         });
         let mut lg = cuda.zeros_f32(64 * voc).unwrap();
         cuda.logits(&x, &wv, &mut lg, 64, h, voc).unwrap();
-        let mut smp = cuda.zeros_u32_for_bench(64);
+        let mut smp = cuda.upload_u32(&[0u32; 64]).unwrap();
+        let shp = format!("batch=64,vocab={voc}");
         timed(
             c,
             &cuda,
             &grp,
             "sample_top_p",
+            &shp,
             (64 * voc * 4) as f64,
             0.0,
             || {
@@ -247,36 +331,128 @@ fn cuda_benches(c: &mut Criterion) {
                     .unwrap()
             },
         );
+    }
 
-        let n = 64 << 20;
-        let mut p = cuda.zeros(n).unwrap();
-        let mut ms = cuda.zeros_f32(n).unwrap();
-        let gr = cuda.upload_f32(&rnd(n, 0.01)).unwrap();
-        let (mut m1, mut m2) = (cuda.zeros_f32(n).unwrap(), cuda.zeros_f32(n).unwrap());
-        let hp = AdamWStep {
-            lr: 1e-6,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-            step: 3,
-            grad_scale: 1.0,
-        };
-        timed(c, &cuda, &grp, "adamw", (n * 32) as f64, 0.0, || {
+    // Shape-independent ops, once.
+    let grp = "cuda";
+    let (n, n_seq) = (65536usize, 256usize);
+    let lp = cuda.upload_f32(&rnd(n, 1.0)).unwrap();
+    let old = cuda.upload_f32(&rnd(n, 1.0)).unwrap();
+    let rf = cuda.upload_f32(&rnd(n, 1.0)).unwrap();
+    let adv = cuda.upload_f32(&rnd(n, 1.0)).unwrap();
+    let mask = cuda.upload_f32(&vec![1.0; n]).unwrap();
+    let sid = cuda
+        .upload_u32(&(0..n).map(|t| (t * n_seq / n) as u32).collect::<Vec<_>>())
+        .unwrap();
+    let mut dl = cuda.zeros_f32(n).unwrap();
+    let cfg = GrpoLossCfg {
+        clip_low: 0.2,
+        clip_high: 0.2,
+        kl_coef: 0.001,
+        kl_kind: KlKind::K3,
+        agg: LossAgg::TokenMean,
+        norm_len: 1.0,
+        loss_scale_div: 1.0,
+    };
+    timed(
+        c,
+        &cuda,
+        grp,
+        "grpo_loss",
+        &format!("tokens={n},seqs={n_seq}"),
+        (n * 4 * 7) as f64,
+        0.0,
+        || {
+            cuda.grpo_loss(&lp, &old, &rf, &adv, &mask, &sid, &mut dl, n, n_seq, &cfg)
+                .unwrap();
+        },
+    );
+    let n = 64 << 20;
+    let mut p = cuda.zeros(n).unwrap();
+    let mut ms = cuda.zeros_f32(n).unwrap();
+    let gr = cuda.upload_f32(&rnd(n, 0.01)).unwrap();
+    let (mut m1, mut m2) = (cuda.zeros_f32(n).unwrap(), cuda.zeros_f32(n).unwrap());
+    let hp = AdamWStep {
+        lr: 1e-6,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        grad_scale: 1.0,
+    };
+    timed(
+        c,
+        &cuda,
+        grp,
+        "adamw",
+        &format!("params={n}"),
+        (n * 32) as f64,
+        0.0,
+        || {
             cuda.adamw(&mut p, Some(&mut ms), &gr, &mut m1, &mut m2, n, &hp)
                 .unwrap()
-        });
-    }
+        },
+    );
 }
 
-trait BenchExt {
-    fn zeros_u32_for_bench(&self, n: usize) -> <Cuda as Backend>::I;
-}
-impl BenchExt for Cuda {
-    fn zeros_u32_for_bench(&self, n: usize) -> <Cuda as Backend>::I {
-        self.upload_u32(&vec![0u32; n]).unwrap()
-    }
+/// The CPU reference backend at small shapes (runs on every machine).
+fn cpu_benches(c: &mut Criterion) {
+    let b = Cpu;
+    let mut g = c.benchmark_group("cpu-small");
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_millis(300));
+    g.measurement_time(Duration::from_secs(1));
+    let (tok, h, it, nh, nkv, hd, voc) = (
+        128usize, 256usize, 512usize, 4usize, 2usize, 64usize, 2048usize,
+    );
+    let x = b.upload(&rnd(tok * h, 1.0)).unwrap();
+    let w = b.upload(&rnd(h, 1.0)).unwrap();
+    let mut out = b.zeros(tok * h).unwrap();
+    let mut rstd = b.zeros_f32(tok).unwrap();
+    g.bench_function("rmsnorm_fwd", |z| {
+        z.iter(|| {
+            b.rmsnorm(&x, &w, &mut out, &mut rstd, tok, h, 1e-6)
+                .unwrap()
+        })
+    });
+    let gt = b.upload(&rnd(tok * it, 2.0)).unwrap();
+    let up = b.upload(&rnd(tok * it, 2.0)).unwrap();
+    let mut a = b.zeros(tok * it).unwrap();
+    g.bench_function("swiglu_fwd", |z| {
+        z.iter(|| b.swiglu(&gt, &up, &mut a, tok * it).unwrap())
+    });
+    let wl = b.upload(&rnd(it * h, 0.05)).unwrap();
+    let mut y = b.zeros(tok * it).unwrap();
+    g.bench_function("linear_fwd", |z| {
+        z.iter(|| b.linear(&x, &wl, None, &mut y, tok, it, h).unwrap())
+    });
+    let cu = vec![0u32, 50, tok as u32];
+    let cud = b.upload_u32(&cu).unwrap();
+    let q = b.upload(&rnd(tok * nh * hd, 1.0)).unwrap();
+    let k = b.upload(&rnd(tok * nkv * hd, 1.0)).unwrap();
+    let v = b.upload(&rnd(tok * nkv * hd, 1.0)).unwrap();
+    let mut o = b.zeros(tok * nh * hd).unwrap();
+    let mut lse = b.zeros_f32(nh * tok).unwrap();
+    g.bench_function("attention_fwd", |z| {
+        z.iter(|| {
+            b.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, 78, nh, nkv, hd)
+                .unwrap()
+        })
+    });
+    let wv = b.upload(&rnd(voc * h, 0.05)).unwrap();
+    let tg = b
+        .upload_u32(&(0..tok).map(|t| (t * 31 % voc) as u32).collect::<Vec<_>>())
+        .unwrap();
+    let (mut lp, mut ls) = (b.zeros_f32(tok).unwrap(), b.zeros_f32(tok).unwrap());
+    g.bench_function("logprobs_fwd", |z| {
+        z.iter(|| {
+            b.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, tok, h, voc)
+                .unwrap()
+        })
+    });
+    g.finish();
 }
 
-criterion_group!(benches, cuda_benches);
+criterion_group!(benches, cpu_benches, cuda_benches);
 criterion_main!(benches);

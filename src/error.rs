@@ -66,3 +66,14 @@ macro_rules! ensure {
         }
     };
 }
+
+/// Print a note (e.g. why a test is skipped) straight to the process's stderr. Unlike
+/// `println!`, this is not captured by the test harness, so the note shows in `cargo test`
+/// output even when the test passes.
+#[macro_export]
+macro_rules! tooln1_skip {
+    ($($arg:tt)+) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)+);
+    }};
+}

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use tooln1::eval::bfcl::{self, Category};
+use tooln1::tooln1_skip;
 
 const KNOWN_IMPOSSIBLE: [&str; 5] = [
     "live_multiple_507-149-4",
@@ -29,7 +30,7 @@ fn data_dir() -> Option<PathBuf> {
 #[test]
 fn ground_truth_fed_back_passes_all_but_known_impossible() {
     let Some(dir) = data_dir() else {
-        println!("skipped: no BFCL data (run tools/fetch-bfcl.sh)");
+        tooln1_skip!("skipped: no BFCL data (run tools/fetch-bfcl.sh)");
         return;
     };
     let records = bfcl::load_dir(&dir, &Category::ALL).expect("load BFCL data");

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use tooln1::eval::bfcl::{self, Category, Record};
+use tooln1::tooln1_skip;
 
 fn data_dir() -> Option<PathBuf> {
     let d = std::env::var_os("TOOLN1_BFCL_DIR")
@@ -89,7 +90,7 @@ impl Dump {
 #[test]
 fn wrong_outputs_get_the_official_verdicts() {
     let Some(dir) = data_dir() else {
-        println!("skipped: no BFCL data (run tools/fetch-bfcl.sh)");
+        tooln1_skip!("skipped: no BFCL data (run tools/fetch-bfcl.sh)");
         return;
     };
     let mut dump =

@@ -6,12 +6,13 @@
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::{AdamWStep, Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::tooln1_skip;
 
 fn gpu() -> Option<Cuda> {
     match Cuda::new() {
         Ok(c) => Some(c),
         Err(e) => {
-            println!("skipped: no CUDA device ({e})");
+            tooln1_skip!("skipped: {e}");
             None
         }
     }
@@ -828,7 +829,7 @@ fn nvrtc_compiles_every_kernel() {
             println!("NVRTC compiled {} modules: {m:?}", m.len());
             assert!(m.iter().all(|(_, n)| *n > 0));
         }
-        Err(tooln1::Error::NoCuda(e)) => println!("skipped: no NVRTC ({e})"),
+        Err(tooln1::Error::NoCuda(e)) => tooln1_skip!("skipped: no NVRTC ({e})"),
         Err(e) => panic!("{e}"),
     }
 }
@@ -839,7 +840,7 @@ fn nvrtc_compiles_every_kernel() {
 fn ptxas_report_has_no_spills_in_hot_kernels() {
     let rep = tooln1::backend::cuda::PTXAS_REPORT;
     if rep.is_empty() {
-        println!("skipped: built without nvcc (no ptxas report)");
+        tooln1_skip!("skipped: built without nvcc (no ptxas report)");
         return;
     }
     let mut seen = 0;

@@ -15,13 +15,19 @@ fn call_lists_and_single_calls() {
     let c = calls(r#"[get_weather(city="Paris", unit='celsius'), f2(x=1)]"#);
     assert_eq!(c.len(), 2);
     assert_eq!(c[0].name, "get_weather");
-    assert_eq!(c[0].kwargs, vec![("city".into(), s("Paris")), ("unit".into(), s("celsius"))]);
+    assert_eq!(
+        c[0].kwargs,
+        vec![("city".into(), s("Paris")), ("unit".into(), s("celsius"))]
+    );
     assert_eq!(c[1].kwargs, vec![("x".into(), PyValue::Int(1))]);
     assert_eq!(calls("f()")[0].kwargs, vec![]);
     assert!(calls("[]").is_empty());
     assert_eq!(calls("[a.b.c(x=1,),]")[0].name, "a.b.c");
     assert_eq!(calls("( f(x=1), g(y=2) )").len(), 2);
-    assert_eq!(calls("[f(1, 'two', k=3)]")[0].args, vec![PyValue::Int(1), s("two")]);
+    assert_eq!(
+        calls("[f(1, 'two', k=3)]")[0].args,
+        vec![PyValue::Int(1), s("two")]
+    );
 }
 
 #[test]
@@ -30,11 +36,23 @@ fn strings_quotes_and_escapes() {
     assert_eq!(parse_literal(r#"'say "hi"'"#).unwrap(), s("say \"hi\""));
     assert_eq!(parse_literal(r#"'a\'b'"#).unwrap(), s("a'b"));
     assert_eq!(parse_literal(r#""a\"b\\c""#).unwrap(), s("a\"b\\c"));
-    assert_eq!(parse_literal(r#""tab\there\nnl""#).unwrap(), s("tab\there\nnl"));
-    assert_eq!(parse_literal(r#""\x41\u00e9\U0001F600\101""#).unwrap(), s("Aé😀A"));
+    assert_eq!(
+        parse_literal(r#""tab\there\nnl""#).unwrap(),
+        s("tab\there\nnl")
+    );
+    assert_eq!(
+        parse_literal(r#""\x41\u00e9\U0001F600\101""#).unwrap(),
+        s("Aé😀A")
+    );
     assert_eq!(parse_literal(r#"r"raw\n""#).unwrap(), s("raw\\n"));
-    assert_eq!(parse_literal(r#"'''multi
-line'''"#).unwrap(), s("multi\nline"));
+    assert_eq!(
+        parse_literal(
+            r#"'''multi
+line'''"#
+        )
+        .unwrap(),
+        s("multi\nline")
+    );
     assert_eq!(parse_literal(r#""ab" 'cd'"#).unwrap(), s("abcd"));
     assert_eq!(parse_literal(r#""東京""#).unwrap(), s("東京"));
     assert!(parse_literal(r#""unterminated"#).is_err());
@@ -85,10 +103,17 @@ fn constants_and_containers() {
         PyValue::Tuple(vec![PyValue::Int(1), PyValue::Tuple(vec![PyValue::Int(2)])])
     );
     let d = parse_literal("{'a': 1, \"b\": {'c': [True]}, 3: 'x', 'a': 2}").unwrap();
-    assert_eq!(d.get("a"), Some(&PyValue::Int(2)), "later duplicate key wins");
+    assert_eq!(
+        d.get("a"),
+        Some(&PyValue::Int(2)),
+        "later duplicate key wins"
+    );
     assert_eq!(
         d.get("b"),
-        Some(&PyValue::Dict(vec![(s("c"), PyValue::List(vec![PyValue::Bool(true)]))]))
+        Some(&PyValue::Dict(vec![(
+            s("c"),
+            PyValue::List(vec![PyValue::Bool(true)])
+        )]))
     );
     assert!(parse_literal("{[1]: 2}").is_err());
     assert!(parse_literal("{'a' 1}").is_err());
@@ -97,14 +122,19 @@ fn constants_and_containers() {
 
 #[test]
 fn nested_calls_in_toolace_style_answers() {
-    let c = calls(r#"[search(query="a, b", filters={"tags": ["x", 'y'], "limit": 10, "exact": False}, range=(1, -2.5))]"#);
+    let c = calls(
+        r#"[search(query="a, b", filters={"tags": ["x", 'y'], "limit": 10, "exact": False}, range=(1, -2.5))]"#,
+    );
     let k = &c[0].kwargs;
     assert_eq!(k[0], ("query".into(), s("a, b")));
     let f = &k[1].1;
     assert_eq!(f.get("tags"), Some(&PyValue::List(vec![s("x"), s("y")])));
     assert_eq!(f.get("limit"), Some(&PyValue::Int(10)));
     assert_eq!(f.get("exact"), Some(&PyValue::Bool(false)));
-    assert_eq!(k[2].1, PyValue::Tuple(vec![PyValue::Int(1), PyValue::Float(-2.5)]));
+    assert_eq!(
+        k[2].1,
+        PyValue::Tuple(vec![PyValue::Int(1), PyValue::Float(-2.5)])
+    );
     // to JSON: tuples become lists, the types stay
     let j = k[2].1.to_json().unwrap();
     assert_eq!(j, serde_json::json!([1, -2.5]));
@@ -113,11 +143,18 @@ fn nested_calls_in_toolace_style_answers() {
 #[test]
 fn bare_names_only_when_asked() {
     assert!(parse_calls("[f(x=y)]", ParseOptions::default()).is_err());
-    let c = parse_calls("[f(x=y, z=g(a=1), w=h(2))]", ParseOptions { bare_names: true }).unwrap();
+    let c = parse_calls(
+        "[f(x=y, z=g(a=1), w=h(2))]",
+        ParseOptions { bare_names: true },
+    )
+    .unwrap();
     assert_eq!(c[0].kwargs[0].1, s("y"));
     assert_eq!(
         c[0].kwargs[1].1,
-        PyValue::Dict(vec![(s("g"), PyValue::Dict(vec![(s("a"), PyValue::Int(1))]))])
+        PyValue::Dict(vec![(
+            s("g"),
+            PyValue::Dict(vec![(s("a"), PyValue::Int(1))])
+        )])
     );
     assert_eq!(c[0].kwargs[2].1, s("h(2)"));
 }

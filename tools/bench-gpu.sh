@@ -9,29 +9,36 @@
 # with `tools/gpu-test.sh` (it fills the git-ignored .gpu/ folder) and bring .gpu/ along.
 # Liger kernels are measured too when a wheel is found in .whl/ (liger_kernel-*.whl).
 #
-# Usage: bash tools/bench-gpu.sh [all|ours|torch]      (default all)
-# Output folder: $OUT, or .gpu/out when OUT is unset. It receives bench-gpu.log,
-# tooln1-bench.jsonl, torch-baselines.json, performance.md and criterion.tar.gz; copy
-# performance.md to docs/performance.md (or re-run bench_report.py on the JSON files).
+# Usage: bash tools/bench-gpu.sh [MODE]
+#   all            (default) everything below in one go, as far as BENCH_BUDGET_S allows
+#   ours           tooln1's benches only
+#   torch          the PyTorch side only
+#   torch-kernels  the PyTorch side, kernels only (RMSNorm ... sampling)
+#   torch-model    the PyTorch side, model level only (decode, policy, loss, optimizer, step)
+# When one call cannot hold everything, run ours, torch-kernels and torch-model as three calls
+# on the same machine and write the report from their files (docs/performance.md shows how).
+# Output folder: $OUT, or .gpu/out when OUT is unset. It receives bench-gpu-MODE.log,
+# tooln1-bench.jsonl, torch-*.json, performance.md and criterion.tar.gz; copy performance.md
+# to docs/performance.md (or re-run bench_report.py on the JSON files).
 # Environment: BENCH_BUDGET_S   seconds for the whole run (default 540)
 #              TORCH_SHAPES     Qwen2.5 sizes for the PyTorch side (default 0.5b,1.5b,7b)
 #              TORCH_ARGS       extra arguments for torch_baselines.py (e.g. --no-compile)
 #              CRITERION_ARGS   criterion options (default: short warm-up and measurement)
 #              TORCH_DEVICE     cuda (default); cpu only to smoke-test this script elsewhere
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 MODE=${1:-all}
 case "$MODE" in
-all | ours | torch) ;;
+all | ours | torch | torch-kernels | torch-model) ;;
 *)
-    echo "bench-gpu: unknown mode '$MODE' (expected all, ours or torch)" >&2
+    echo "bench-gpu: unknown mode '$MODE' (expected all, ours, torch, torch-kernels or torch-model)" >&2
     exit 2
     ;;
 esac
 OUT=${OUT:-$ROOT/.gpu/out}
 mkdir -p "$OUT"
-LOG="$OUT/bench-gpu.log"
+LOG="$OUT/bench-gpu-$MODE.log"
 BUDGET=${BENCH_BUDGET_S:-540}
 START=$(date +%s)
 PY=${PYTHON:-python3}
@@ -41,6 +48,13 @@ export CRITERION_HOME="$ROOT/.gpu/criterion"
 CRITERION_ARGS=${CRITERION_ARGS:---warm-up-time 0.5 --measurement-time 1}
 TORCH_SHAPES=${TORCH_SHAPES:-0.5b,1.5b,7b}
 TORCH_DEVICE=${TORCH_DEVICE:-cuda}
+KERNEL_OPS=rmsnorm,rope,swiglu,linear,attention,logprobs,grpo_loss,adamw,sample
+MODEL_OPS=decode,policy,logprob_loss,optimizer,grpo_step
+case "$MODE" in
+torch-kernels) TORCH_OPS=$KERNEL_OPS TORCH_JSON=torch-kernels.json ;;
+torch-model) TORCH_OPS=$MODEL_OPS TORCH_JSON=torch-model.json ;;
+*) TORCH_OPS=$KERNEL_OPS,$MODEL_OPS TORCH_JSON=torch-baselines.json ;;
+esac
 
 log() { echo "bench-gpu: $*" | tee -a "$LOG" >&2; }
 elapsed() { echo $(($(date +%s) - START)); }
@@ -64,7 +78,8 @@ for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
             [ -e "$x/$lib" ] && d=$x && break
         done
     fi
-    [ -z "$d" ] && d=$(find / -xdev -name "$lib" -path '*nvidia*' 2>/dev/null | head -n1 | xargs -r dirname)
+    [ -z "$d" ] && d=$(find /opt /usr /root /home -xdev -name "$lib" -path '*nvidia*' 2>/dev/null |
+        head -n1 | xargs -r dirname)
     if [ -n "$d" ]; then
         case ":$libdirs:" in *":$d:"*) ;; *) libdirs="$libdirs:$d" ;; esac
     else
@@ -76,7 +91,7 @@ echo "LD_LIBRARY_PATH: $LD_LIBRARY_PATH" >>"$LOG"
 
 status=0
 ours_cmds=()
-if [ "$MODE" != torch ]; then
+if [ "$MODE" = all ] || [ "$MODE" = ours ]; then
     rm -f "$TOOLN1_BENCH_JSONL"
     rm -rf "$CRITERION_HOME"
     found=0
@@ -106,7 +121,6 @@ if [ "$MODE" != torch ]; then
     fi
 fi
 
-torch_cmd=""
 if [ "$MODE" != ours ]; then
     if compgen -G ".whl/liger_kernel-*.whl" >/dev/null; then
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -122,29 +136,31 @@ if [ "$MODE" != ours ]; then
         log "only ${left}s of the budget left: PyTorch baselines not run (use mode 'torch')"
         status=1
     else
-        # shellcheck disable=SC2086 # TORCH_ARGS is a list of options
-        torch_cmd="python3 tools/torch_baselines.py --device $TORCH_DEVICE --shapes $TORCH_SHAPES --budget-s $left ${TORCH_ARGS:-} --out torch-baselines.json"
-        log "running $torch_cmd ($(elapsed)s elapsed)"
+        log "running tools/torch_baselines.py --ops $TORCH_OPS ($(elapsed)s elapsed)"
         # shellcheck disable=SC2086
         if ! "$PY" tools/torch_baselines.py --device "$TORCH_DEVICE" --shapes "$TORCH_SHAPES" \
-            --budget-s "$left" ${TORCH_ARGS:-} --out "$OUT/torch-baselines.json" 2>&1 | tee -a "$LOG"; then
+            --ops "$TORCH_OPS" --budget-s "$left" ${TORCH_ARGS:-} --out "$OUT/$TORCH_JSON" 2>&1 |
+            tee -a "$LOG"; then
             log "FAILED: torch_baselines.py"
             status=1
         fi
     fi
 fi
 
-if [ -s "$OUT/torch-baselines.json" ]; then
-    args=(--torch "$OUT/torch-baselines.json" --criterion "$CRITERION_HOME" --out "$OUT/performance.md"
+torch_files=()
+for f in "$OUT"/torch-baselines.json "$OUT"/torch-kernels.json "$OUT"/torch-model.json; do
+    [ -s "$f" ] && torch_files+=(--torch "$f")
+done
+if [ "${#torch_files[@]}" -gt 0 ]; then
+    args=("${torch_files[@]}" --criterion "$CRITERION_HOME" --out "$OUT/performance.md"
         --command "bash tools/bench-gpu.sh $MODE   # on the GPU machine, .gpu/ built by tools/gpu-test.sh")
     [ -s "$TOOLN1_BENCH_JSONL" ] && args+=(--ours "$TOOLN1_BENCH_JSONL")
     for c in "${ours_cmds[@]}"; do args+=(--command "$c"); done
-    [ -n "$torch_cmd" ] && args+=(--command "$torch_cmd")
     if ! "$PY" tools/bench_report.py "${args[@]}" 2>&1 | tee -a "$LOG"; then
         log "FAILED: bench_report.py"
         status=1
     fi
 fi
 log "done in $(elapsed)s, status $status; files in $OUT:"
-ls -l "$OUT" | tee -a "$LOG" >&2
+find "$OUT" -maxdepth 1 -type f -printf '%s\t%f\n' | tee -a "$LOG" >&2
 exit "$status"

@@ -204,6 +204,30 @@ def read_torch(path: str) -> dict:
     return doc
 
 
+def merge_torch(docs: list[dict], paths: list[str]) -> dict:
+    """Several torch_baselines files of one device (say kernels and model level measured in two
+    calls) as one: the first file's ceilings and header; a variant skipped in one file but
+    measured in another counts as measured."""
+    first = docs[0]
+    for d, p in zip(docs[1:], paths[1:]):
+        if d["device"] != first["device"] or d["device_kind"] != first["device_kind"]:
+            raise InputError(f"{p}: measured on {d['device']!r}, but {paths[0]} on "
+                             f"{first['device']!r}; a report compares one device")
+    if len(docs) == 1:
+        return first
+    out = dict(first)
+    out["groups"] = {}
+    for d in docs:
+        for k, rows in d["groups"].items():
+            out["groups"].setdefault(k, []).extend(rows)
+    done = {(n, sh, r["variant"]) for (n, sh), rows in out["groups"].items() for r in rows}
+    out["skipped_rows"] = [s for d in docs for s in d["skipped_rows"]
+                           if (s["name"], s["shape"], s["variant"]) not in done]
+    out["extra_runs"] = [{"path": p, "date": d["date"], "ceilings": d["ceilings"],
+                          "command": d.get("command")} for d, p in zip(docs[1:], paths[1:])]
+    return out
+
+
 def read_criterion(root: str) -> list[dict]:
     """Every criterion benchmark under root: id, median and 95% interval in ms."""
     out = []
@@ -339,6 +363,11 @@ def build(torch_doc: dict | None, ours: dict, ours_notes: list[str], crit: list[
           f"**{c['copy_gbps']:.0f} GB/s** ({fmt_bytes(c.get('copy_bytes'))} read + written), "
           f"{c.get('gemm_dtype', 'bf16')} GEMM {c.get('gemm_n', '?')}³ through torch.matmul "
           f"**{c['gemm_tflops']:.1f} TFLOP/s** (random data)")
+        for x in torch_doc.get("extra_runs", []):
+            xc = x["ceilings"]
+            w(f"- Also merged: {os.path.basename(x['path'])} measured {x['date']} on the same "
+              f"device (its ceilings: copy {xc['copy_gbps']:.0f} GB/s, GEMM "
+              f"{xc['gemm_tflops']:.1f} TFLOP/s; the table uses the first run's)")
         devs = sorted({r["device"] for r in ours.values() if r.get("device")})
         if devs:
             w(f"- tooln1 benches ran on: {', '.join(devs)}")
@@ -520,6 +549,7 @@ def write_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -606,9 +636,43 @@ def self_test() -> int:
         rows, notes = read_ours(jl)
         md = build(read_torch(tj), rows, notes, [], ["cmd"])
         want = f"{t_ms / o_ms:.2f}x"
-        expect(want in md and "boom" in md, f"report lacks speedup {want} or the skip reason")
+        table = md.split("## Whole step")[1].split("## Aims")[0]
+        row = [x for x in table.splitlines() if x.startswith("| grpo_step |")]
+        expect(len(row) == 1 and f"| {want} |" in row[0] and
+               f"{fmt_ms(t_ms)} (transformers-eager)" in row[0],
+               f"whole-step row lacks speedup {want}: {row}")
+        expect("boom" in md, "report lacks the skip reason")
+        # Criterion's layout: <id>/new/benchmark.json + estimates.json (median in ns).
+        cd = os.path.join(d, "criterion", "g", "f", "new")
+        os.makedirs(cd)
+        ns = rng.uniform(1e3, 1e7)
+        with open(os.path.join(cd, "benchmark.json"), "w") as fh:
+            json.dump({"full_id": "g/f"}, fh)
+        with open(os.path.join(cd, "estimates.json"), "w") as fh:
+            json.dump({"median": {"point_estimate": ns, "confidence_interval": {
+                "lower_bound": ns / 2, "upper_bound": ns * 2}}}, fh)
+        cr = read_criterion(os.path.join(d, "criterion"))
+        expect(len(cr) == 1 and cr[0]["id"] == "g/f" and
+               abs(cr[0]["median_ms"] - ns / 1e6) < 1e-12, f"read_criterion: {cr}")
         expect(("met" if t_ms / o_ms >= 2 else "missed") in md.split("## Aims")[1],
                "aims verdict")
+        # Merging: a variant skipped in the first file but measured in the second counts.
+        tj2 = os.path.join(d, "t2.json")
+        doc2 = dict(doc, results=[{"name": "x", "shape": {}, "variant": "compile",
+                                   "median_ms": 1.0}], skipped=[])
+        with open(tj2, "w") as fh:
+            json.dump(doc2, fh)
+        m = merge_torch([read_torch(tj), read_torch(tj2)], [tj, tj2])
+        expect(("x", "") in m["groups"] and not m["skipped_rows"] and
+               len(m["groups"][("grpo_step", "model=7b")]) == 2, f"merge_torch: {m['groups']}")
+        doc3 = dict(doc, device="Other GPU")
+        with open(tj2, "w") as fh:
+            json.dump(doc3, fh)
+        try:
+            merge_torch([read_torch(tj), read_torch(tj2)], [tj, tj2])
+            fails.append("merge_torch accepted two devices")
+        except InputError:
+            pass
     if fails:
         print(f"bench_report self-test (seed {seed}): {len(fails)} failure(s)")
         for f_ in fails:
@@ -622,7 +686,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="The input contract is in this script's header.")
-    ap.add_argument("--torch", help="JSON from tools/torch_baselines.py")
+    ap.add_argument("--torch", action="append", default=[],
+                    help="JSON from tools/torch_baselines.py (repeatable: files from one device "
+                         "are merged)")
     ap.add_argument("--ours", default=None,
                     help="tooln1 JSON Lines (default: $TOOLN1_BENCH_JSONL or "
                          "target/tooln1-bench.jsonl, when present)")
@@ -635,7 +701,7 @@ def main(argv=None) -> int:
     if a.self_test:
         return self_test()
     try:
-        torch_doc = read_torch(a.torch) if a.torch else None
+        torch_doc = merge_torch([read_torch(p) for p in a.torch], a.torch) if a.torch else None
         ours_path = a.ours or os.environ.get("TOOLN1_BENCH_JSONL") or "target/tooln1-bench.jsonl"
         if a.ours and not os.path.exists(a.ours):
             raise InputError(f"{a.ours}: no such file (expected tooln1's bench JSON Lines)")
@@ -645,10 +711,20 @@ def main(argv=None) -> int:
         print(f"bench_report: {e}", file=sys.stderr)
         return 2
     cmds = list(a.command)
-    if torch_doc is not None and not any("torch_baselines" in c for c in cmds):
-        cmds.append(torch_doc.get("command", "python3 tools/torch_baselines.py"))
-    cmds.append("python3 tools/bench_report.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv))
+    if torch_doc is not None:  # each PyTorch file's own command line, as it recorded it
+        for c in [torch_doc.get("command")] + [x.get("command")
+                                              for x in torch_doc.get("extra_runs", [])]:
+            if c and c not in cmds:
+                cmds.append(c)
+    own = list(sys.argv[1:] if argv is None else argv)
+    shown = []  # this script's own command, without the --command texts listed above it
+    while own:
+        arg = own.pop(0)
+        if arg == "--command" and own:
+            own.pop(0)
+        elif not arg.startswith("--command="):
+            shown.append(arg)
+    cmds.append("python3 tools/bench_report.py " + shlex.join(shown))
     md = build(torch_doc, ours, notes, crit, cmds)
     write_atomic(a.out, md)
     print(f"bench_report: {len(ours)} tooln1 rows, "

@@ -25,7 +25,10 @@ for line in sys.stdin:
         continue
     kinds = m["target"]["kind"]
     kind = "bench" if "bench" in kinds else "test"
-    print(kind + "\t" + m["target"]["name"] + "\t" + m["executable"])
+    name = m["target"]["name"]
+    if kinds[0] in ("lib", "bin"):
+        name = kinds[0] + "-" + name
+    print(kind + "\t" + name + "\t" + m["executable"])
 '
 }
 
@@ -50,11 +53,18 @@ while IFS=$'\t' read -r _ kind name exe; do
     fi
 done
 
-cat >.gpu/run-all.sh <<'RUN'
-#!/usr/bin/env bash
-# Runs every carried test binary and bench on the GPU machine; logs go under $OUT.
+{
+echo '#!/usr/bin/env bash'
+echo '# Runs every carried test binary and bench on the GPU machine; logs go under $OUT.'
+echo "BUILD_ROOT='$ROOT'"
+cat <<'RUN'
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
+# Tests find their fixtures under the build machine's checkout path (CARGO_MANIFEST_DIR, fixed
+# at compile time): point that path at this checkout when it does not exist here.
+if [ ! -e "$BUILD_ROOT/Cargo.toml" ] && [ -e "$HERE/../Cargo.toml" ]; then
+    mkdir -p "$(dirname "$BUILD_ROOT")" && ln -sfn "$(cd "$HERE/.." && pwd)" "$BUILD_ROOT"
+fi
 OUT=${OUT:-$HERE/logs}
 mkdir -p "$OUT"
 LOG="$OUT/gpu-test.log"
@@ -92,6 +102,7 @@ fi
 echo "test binaries: $pass passed, $fail failed" | tee -a "$LOG"
 [ "$fail" -eq 0 ]
 RUN
+} >.gpu/run-all.sh
 chmod +x .gpu/run-all.sh
 
 du -sh .gpu >&2

@@ -79,6 +79,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -143,8 +144,9 @@ class Plan:
             self.adamw_params = 64 << 20
             self.decode_batches, self.prompt_len, self.new_tokens = [1, 64, 256], 128, 128
             self.train_batch, self.train_seq = 4, 1024
-            self.step_prompts, self.step_group, self.step_prompt, self.step_response = 4, 8, 256, 256
-            self.step_micro = 8
+            self.step_prompts, self.step_group = 4, 8
+            self.step_prompt, self.step_response = 256, 256
+            self.step_micro = 4
             self.loss_tokens = 4096
             self.copy_bytes, self.gemm_n = 1 << 30, 8192
             self.warmup_ms, self.rep_ms, self.min_reps, self.max_reps = 25.0, 200.0, 10, 1000
@@ -185,10 +187,11 @@ class Bench:
         return int(min(16, math.ceil(4 * self.l2 / set_bytes)))
 
     def time_calls(self, run, setup=None, warmup_ms=None, rep_ms=None, min_reps=None,
-                   max_reps=None):
+                   max_reps=None, warm_calls=2):
         """Median, min and max milliseconds of `run(i)` over repetitions i = 0, 1, ...
 
-        `setup(i)`, when given, runs before each repetition outside the timed region."""
+        `setup(i)`, when given, runs before each repetition outside the timed region. The
+        warm-up is at least `warm_calls` calls and lasts at least `warmup_ms`."""
         p = self.plan
         warmup_ms = p.warmup_ms if warmup_ms is None else warmup_ms
         rep_ms = p.rep_ms if rep_ms is None else rep_ms
@@ -212,15 +215,15 @@ class Bench:
         def ms(m):
             return m[0].elapsed_time(m[1]) if self.cuda else m * 1e3
 
-        # Warm-up: at least two calls, then until warmup_ms have passed.
+        # Warm-up: at least warm_calls calls, then until warmup_ms have passed.
         i = 0
         t0 = time.perf_counter()
         warm = []
-        while i < 2 or (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        while i < warm_calls or (time.perf_counter() - t0) * 1e3 < warmup_ms:
             warm.append(one(i))
             i += 1
             self.sync()
-        est = statistics.median(ms(m) for m in warm[1:])
+        est = statistics.median(ms(m) for m in (warm[1:] or warm))
         reps = int(max(min_reps, min(max_reps, rep_ms / max(est, 1e-4))))
         marks = [one(i + r) for r in range(reps)]
         self.sync()
@@ -389,8 +392,8 @@ def liger_modules():
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
     except Exception as e:  # noqa: BLE001
         return None, f"liger_kernel not importable ({type(e).__name__}: {e})"
-    return dict(rmsnorm=LigerRMSNormFunction, swiglu=LigerSiLUMulFunction, rope=liger_rotary_pos_emb,
-                flce=LigerFusedLinearCrossEntropyLoss), None
+    return dict(rmsnorm=LigerRMSNormFunction, swiglu=LigerSiLUMulFunction,
+                rope=liger_rotary_pos_emb, flce=LigerFusedLinearCrossEntropyLoss), None
 
 
 def compiled(fn):
@@ -517,7 +520,7 @@ def kernel_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, liger):
                      "head_dim": D}
             mk = lambda i, nb=nb, S=S: (r((nb, H, S, D)), r((nb, Hk, S, D)),  # noqa: E731
                                         r((nb, Hk, S, D)))
-            var = attention_variants(B)
+            var = attention_variants(B, H, Hk, D, dtype)
             fl = 4 * nb * S * S * H * D / 2
             fwd_b = nb * S * (2 * H + 2 * Hk) * D * es + 4 * nb * H * S
             bwd_b = nb * S * (3 * H + 4 * Hk) * D * es + 4 * nb * H * S
@@ -552,8 +555,11 @@ def kernel_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, liger):
         # d/dh and d/dW; the weight is shared by every set (it is the lm_head).
         mk_b = lambda i: (r((N, h)), w.detach().requires_grad_(True),  # noqa: E731
                           tg[i % len(tg)])
+        # Liger's fused linear cross-entropy computes its gradients inside the forward, so its
+        # backward alone would look free: it is timed in the forward only.
+        var_b = {k: v for k, v in var.items() if not k.startswith("liger")}
         bench_bwd(B, "logprobs_bwd", shape, 4 * N * V * h, (2 * N * h + 2 * V * h) * es + 12 * N,
-                  mk_b, 0, var, n_grad=2)
+                  mk_b, 0, var_b, n_grad=2)
 
     if "grpo_loss" in ops:
         N, ns = P.grpo_tokens, P.grpo_seqs
@@ -582,21 +588,46 @@ def kernel_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, liger):
             B.variant("grpo_loss", shape, label, body, is_compile=is_c)
 
 
-def attention_variants(B: Bench):
+def attention_variants(B: Bench, H: int, Hk: int, D: int, dtype):
+    """Causal SDPA per backend. Where a backend refuses GQA (enable_gqa), k and v are expanded
+    to every query head inside the timed call (what transformers' repeat_kv does) and the
+    variant's label says so."""
     if not B.cuda:
         return {"sdpa-auto": (lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True), False)}
     from torch.nn.attention import SDPBackend, sdpa_kernel
     out = {}
+    g = H // Hk
     for label, be in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                       ("sdpa-cudnn", getattr(SDPBackend, "CUDNN_ATTENTION", None))):
         if be is None:
             continue
 
-        def fn(q, k, v, be=be):
+        def gqa(q, k, v, be=be):
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        out[label] = (fn, False)
+
+        def expanded(q, k, v, be=be):
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        probe = (rand((1, H, 128, D), B.dev, dtype), rand((1, Hk, 128, D), B.dev, dtype),
+                 rand((1, Hk, 128, D), B.dev, dtype))
+        chosen = None
+        for lab, fn in ((label, gqa), (label + "+repeat_kv", expanded)):
+            try:
+                fn(*probe)
+                chosen = (lab, fn)
+                break
+            except Exception as e:  # noqa: BLE001 - the backend refuses this input; try the next
+                print(f"attention {lab}: refused ({type(e).__name__}); trying the next form",
+                      flush=True)
+        if chosen is None:
+            B.skip("attention_fwd", {"heads": H, "kv_heads": Hk, "head_dim": D}, label,
+                   "backend refused both GQA and expanded k/v inputs")
+            continue
+        out[chosen[0]] = (chosen[1], False)
     return out
 
 
@@ -625,7 +656,7 @@ def global_benches(B: Bench, dtype, ops: set):
             shape = {"batch": bs, "vocab": V}
             lg = [rand((bs, V), dev, torch.float32, 8.0, gen) for _ in range(B.n_sets(4 * bs * V))]
 
-            def body(lg=lg, shape=shape, V=V):
+            def body(lg=lg, shape=shape, V=V, bs=bs):
                 t = B.time_calls(lambda i: sample_top_p(lg[i % len(lg)], gen=gen))
                 B.record("sample_top_p", shape, "eager", t, 6 * bs * V, 4 * bs * V)
             B.variant("sample_top_p", shape, "eager", body)
@@ -765,7 +796,6 @@ def model_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, compile_mode
             B.skip(op, {"model": mname}, "transformers-eager",
                    f"model build failed: {type(e).__name__}: {e}"[:300])
         return
-    mm = matmul_params(cfg)
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     label = f"hf-generate (transformers {transformers.__version__})"
 
@@ -785,7 +815,8 @@ def model_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, compile_mode
                             min_new_tokens=P.new_tokens, pad_token_id=0)
                     if out.shape[1] != P.prompt_len + P.new_tokens:
                         raise RuntimeError(f"generate returned {out.shape[1]} tokens")
-                t = B.time_calls(run, warmup_ms=0, rep_ms=0, min_reps=P.model_reps, max_reps=1)
+                t = B.time_calls(run, warmup_ms=0, rep_ms=0, min_reps=P.model_reps, max_reps=1,
+                                 warm_calls=1)
                 ntok = bs * P.new_tokens
                 B.record("decode", shape, label, t,
                          fwd_flops(cfg, bs * (P.prompt_len + P.new_tokens), P.prompt_len),
@@ -812,7 +843,7 @@ def model_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, compile_mode
                     loss = mod(input_ids=x, labels=x).loss
                     loss.backward()
                 t = B.time_calls(run, warmup_ms=0, rep_ms=0, min_reps=P.model_reps + 2,
-                                 max_reps=1)
+                                 max_reps=1, warm_calls=1)
                 model.zero_grad(set_to_none=True)
                 B.record("policy_fwd_bwd", shape, vlabel, t, fl, 3 * wbytes, tokens=bs * S,
                          peak=B.peak_since(base))
@@ -869,14 +900,18 @@ def model_benches(B: Bench, mname: str, cfg: dict, dtype, ops: set, compile_mode
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             try:
-                t = B.time_calls(run, warmup_ms=0, rep_ms=0, min_reps=P.model_reps, max_reps=1)
+                t = B.time_calls(run, warmup_ms=0, rep_ms=0, min_reps=P.model_reps, max_reps=1,
+                                 warm_calls=1)
                 B.record("grpo_step", shape, "transformers-eager", t, fl, None, tokens=ntok,
                          note=f"micro-batch {mb} sequences; AdamW fused on bf16 params")
             finally:
                 del ref, opt
                 model.zero_grad(set_to_none=True)
         B.variant("grpo_step", shape, "transformers-eager", body)
-    del model
+    model = None  # drops the last reference before the next size is built
+    gc.collect()
+    if B.cuda:
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- ceilings
@@ -892,7 +927,7 @@ def ceilings(B: Bench) -> dict:
     out["copy_bytes"] = 2 * n * 4
     out["copy_ms"] = t[0]
     out["copy_gbps"] = 2 * n * 4 / (t[0] * 1e-3) / 1e9
-    del src, dst
+    src = dst = None  # frees the copy buffers before the GEMM
     N = P.gemm_n
     gdt = torch.bfloat16 if B.cuda else torch.float32
     a = rand((N, N), dev, gdt)
@@ -1039,6 +1074,7 @@ def write_json_atomic(path: str, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -1060,6 +1096,9 @@ def parse_args(argv):
     ap.add_argument("--compile-model", action="store_true",
                     help="also torch.compile the whole transformers model (slow to compile)")
     ap.add_argument("--no-liger", action="store_true", help="skip Liger kernels even if present")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for torch (default: torch's choice; 1 with --quick on a "
+                         "CPU, where spinning threads on a shared machine distort tiny timings)")
     ap.add_argument("--budget-s", type=float, default=1e9,
                     help="stop starting new measurements after this many seconds")
     ap.add_argument("--check", action="store_true",
@@ -1090,6 +1129,9 @@ def main(argv=None) -> int:
               "(use --device cpu for a smoke run)", file=sys.stderr)
         return 2
     dev = torch.device(a.device)
+    threads = a.threads if a.threads else (1 if a.quick and a.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     compile_ok = not a.no_compile
     for attr in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, attr):

@@ -44,9 +44,10 @@ fn i32_of(x: usize, what: &str) -> Result<i32> {
     i32::try_from(x).map_err(|_| Error::Invalid(format!("{what} = {x} does not fit in i32")))
 }
 
-/// The CUDA backend on one device.
+/// The CUDA backend on one device. Clones share the device context, stream and allocator.
+#[derive(Clone)]
 pub struct Cuda {
-    gpu: Gpu,
+    gpu: std::sync::Arc<Gpu>,
     tok_chunk: usize,
     vocab_chunk: usize,
 }
@@ -68,7 +69,7 @@ impl Cuda {
     }
 
     pub fn with_device(ordinal: usize) -> Result<Cuda> {
-        let gpu = Gpu::open(ordinal)?;
+        let gpu = std::sync::Arc::new(Gpu::open(ordinal)?);
         Ok(Cuda {
             gpu,
             tok_chunk: 1024,
