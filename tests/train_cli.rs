@@ -162,3 +162,39 @@ fn bad_input_is_named() {
     assert!(!ok);
     assert!(text.contains("--data"), "{text}");
 }
+
+#[test]
+fn eval_run_generates_and_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = setup(tmp.path());
+    let gens = tmp.path().join("gen/apibank.jsonl");
+    let (ok, text) = tooln1(&[
+        "eval",
+        "apibank",
+        "run",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        fixture("apibank/level-1-sample.json").to_str().unwrap(),
+        "--out",
+        gens.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("API-Bank"), "{text}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&gens)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["id"], serde_json::json!(i.to_string()));
+        assert!(l["output"].is_string());
+    }
+}
