@@ -389,7 +389,12 @@ fn show_examples<B: Backend>(
     tok: &Tokenizer,
     prompts: &[PromptItem],
     sp: &SamplingParams,
+    label: &str,
 ) -> Result<()> {
+    eprintln!(
+        "greedy answers {label} on {} held-out prompts:",
+        prompts.len()
+    );
     let toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
     let gens = crate::train::rollout::generate(b, model, &toks, 1, sp, 0, 0)?;
     for (p, g) in prompts.iter().zip(&gens) {
@@ -587,6 +592,7 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
             &tok,
             &held_prompts[..2.min(held_prompts.len())],
             &greedy,
+            "after SFT",
         )?;
     }
     let after_sft = eval(&b, &policy, &tok, &sampled, cfg.eval_n)?;
@@ -656,6 +662,7 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
             tok,
             &held_prompts[..2.min(held_prompts.len())],
             &greedy,
+            "after GRPO",
         )?;
     }
     let after = eval_with(&trainer.b, &trainer.policy, tok, &sampled, cfg.eval_n)?;
