@@ -656,8 +656,9 @@ pub fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Read prepared samples back.
-pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
+/// Read a JSON Lines file into `T`s, skipping blank lines; a bad line is an error naming the
+/// file, the 1-based line and `what` was expected there.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -667,8 +668,18 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
         out.push(serde_json::from_str(line).map_err(|e| Error::Line {
             file: path.display().to_string(),
             line: i + 1,
-            msg: format!("not a sample {{id, source, messages, tools, ground_truth}}: {e}"),
+            msg: format!("not {what}: {e}"),
         })?);
+    }
+    Ok(out)
+}
+
+/// Read prepared samples back (one `Sample` per line); an empty file is an error.
+pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
+    let out: Vec<Sample> =
+        read_jsonl(path, "a sample {id, source, messages, tools, ground_truth}")?;
+    if out.is_empty() {
+        return Err(Error::msg(format!("{}: no samples", path.display())));
     }
     Ok(out)
 }

@@ -59,26 +59,7 @@ pub fn prepare_prompts(
     Ok((out, dropped))
 }
 
-/// Read a prepared JSONL file (one `Sample` per line); bad lines name the file and line.
-pub fn read_samples(path: &Path) -> Result<Vec<Sample>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let s: Sample = serde_json::from_str(line).map_err(|e| Error::Line {
-            file: path.display().to_string(),
-            line: i + 1,
-            msg: format!("not a sample ({{id, source, messages, tools, ground_truth}}): {e}"),
-        })?;
-        out.push(s);
-    }
-    if out.is_empty() {
-        return Err(Error::msg(format!("{}: no samples", path.display())));
-    }
-    Ok(out)
-}
+pub use crate::data::read_samples;
 
 /// The ids that end a response: `<|im_end|>` and `<|endoftext|>` of `tok`, plus the config's
 /// eos ids.

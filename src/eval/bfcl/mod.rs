@@ -160,19 +160,7 @@ pub struct Record {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(serde_json::from_str(line).map_err(|e| Error::Line {
-            file: path.display().to_string(),
-            line: i + 1,
-            msg: format!("invalid JSON: {e}"),
-        })?);
-    }
-    Ok(out)
+    crate::data::read_jsonl(path, "valid JSON")
 }
 
 /// Load one category from a BFCL data folder (the folder holding `BFCL_v4_*.json` and
