@@ -581,6 +581,9 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
     };
     let mut sft = SftTrainer::new(b, model, sft_items, sft_cfg)?;
     sft.quiet = cfg.quiet;
+    // Checkpoints copy the demo's tokenizer from the output folder, so each one is a complete
+    // model folder (usable by `tooln1 eval ... run --model` and by transformers).
+    sft.source_dir = cfg.out.clone();
     let sft_out = cfg.out.as_ref().map(|o| o.join("sft"));
     let sft_metrics = sft.run(sft_out.as_deref())?;
     let time_sft = t.elapsed().as_secs_f64();
@@ -644,6 +647,7 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
         tcfg,
     )?;
     trainer.quiet = cfg.quiet;
+    trainer.source_dir = cfg.out.clone();
     let steps = if cfg.out.is_some() {
         trainer.run()?
     } else {
