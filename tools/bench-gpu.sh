@@ -108,7 +108,7 @@ if [ "$MODE" = all ] || [ "$MODE" = ours ]; then
         fi
     done
     if [ "$found" = 0 ]; then
-        log "no bench binaries in .gpu/bin (build them with tools/gpu-test.sh and carry .gpu)"
+        log "no bench binaries in .gpu/bin (build them with tools/gpu-test.sh and copy .gpu/ here)"
         status=1
     fi
     if [ -s "$TOOLN1_BENCH_JSONL" ]; then

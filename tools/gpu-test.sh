@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the release test and bench binaries here (with nvcc-compiled kernels), copies them
 # stripped into the git-ignored `.gpu/` folder together with `run-all.sh`, and prints the one
-# command that runs them all on the lent GPU machine (which has CUDA 13 libraries but no Rust).
+# command that runs them all on a GPU machine (which has CUDA 13 libraries but no Rust).
 #
-# Usage: tools/gpu-test.sh            then give the device tool the printed command with
-#                                     carry [".gpu"]; logs come back under $OUT.
+# Usage: tools/gpu-test.sh            then copy .gpu/ to the GPU machine and run the printed
+#                                     command there; logs go under $OUT (default .gpu/logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -55,7 +55,7 @@ done
 
 {
 echo '#!/usr/bin/env bash'
-echo '# Runs every carried test binary and bench on the GPU machine; logs go under $OUT.'
+echo '# Runs every packed test binary and bench on the GPU machine; logs go under $OUT.'
 echo "BUILD_ROOT='$ROOT'"
 cat <<'RUN'
 set -u
@@ -107,5 +107,5 @@ chmod +x .gpu/run-all.sh
 
 du -sh .gpu >&2
 ls -l .gpu/bin >&2
-echo "Run on the GPU machine (device tool, carry [\".gpu\"]):"
+echo "Copy .gpu/ to the GPU machine and run there:"
 echo "  bash .gpu/run-all.sh"

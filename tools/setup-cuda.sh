@@ -4,7 +4,7 @@
 # build.rs finds `.venv-cuda/lib/python3.*/site-packages/nvidia/cu13/bin/nvcc` there.
 #
 # The parts must be pinned together: a mismatched nvvm makes ptxas fail with
-# "Unsupported .version". The lent GPUs run driver 580 (CUDA 13.0), which matches this toolchain.
+# "Unsupported .version". The target GPU machines run driver 580 (CUDA 13.0), which matches this toolchain.
 #
 # libnvrtc (same release) comes along so that the NVRTC fallback can be compiled and checked
 # here without a GPU: LD_LIBRARY_PATH=.venv-cuda/lib/python3.*/site-packages/nvidia/cu13/lib.
