@@ -270,6 +270,7 @@ fn timed(
     g.measurement_time(Duration::from_millis(10));
     let mut per_call: Vec<f64> = Vec::new();
     let mut failed: Option<tooln1::Error> = None;
+    let mut warmed = false;
     g.bench_function(id, |b| {
         b.iter_custom(|iters| {
             if failed.is_some() {
@@ -296,7 +297,12 @@ fn timed(
             };
             match run(&mut f) {
                 Ok(ms) => {
-                    per_call.push(ms / iters as f64);
+                    // The first routine call is criterion's warm-up (first-use compilation and
+                    // allocation); it is timed for criterion but left out of the median.
+                    if warmed {
+                        per_call.push(ms / iters as f64);
+                    }
+                    warmed = true;
                     Duration::from_secs_f64(ms / 1e3)
                 }
                 Err(e) => {
