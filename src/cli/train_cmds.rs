@@ -262,31 +262,19 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
         _ => load_config(a.config.as_deref(), &a.set)?,
     };
-    if let Some(m) = a.model {
-        cfg.model = Some(m);
-    }
-    if let Some(d) = a.data {
-        cfg.data = Some(d);
-    }
-    if let Some(o) = a.out {
-        cfg.out = o;
-    }
-    if let Some(d) = a.device {
-        cfg.device = d;
-    }
-    if let Some(s) = a.steps {
-        cfg.steps = s;
-    }
+    let run = RunFields {
+        model: &mut cfg.model,
+        data: &mut cfg.data,
+        out: &mut cfg.out,
+        device: &mut cfg.device,
+        steps: &mut cfg.steps,
+    };
+    let (model_dir, data) =
+        run.apply(a.model, a.data, a.out, a.device, a.steps, "training data")?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
     cfg.validate()?;
-    let Some(model_dir) = cfg.model.clone() else {
-        bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
-    };
-    let Some(data) = cfg.data.clone() else {
-        bail!("no training data: give --data FILE.jsonl or `data = \"FILE\"` in the config");
-    };
     print_config("training", &cfg);
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
@@ -376,30 +364,63 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The fields that `train` and `sft` configs share and that command-line flags override.
+struct RunFields<'a> {
+    model: &'a mut Option<PathBuf>,
+    data: &'a mut Option<PathBuf>,
+    out: &'a mut PathBuf,
+    device: &'a mut DeviceKind,
+    steps: &'a mut u64,
+}
+
+impl RunFields<'_> {
+    /// Apply the flags that were given over the config's values, then require a model folder
+    /// and a data file (from either place); `what_data` names the data in the error.
+    fn apply(
+        self,
+        model: Option<PathBuf>,
+        data: Option<PathBuf>,
+        out: Option<PathBuf>,
+        device: Option<DeviceKind>,
+        steps: Option<u64>,
+        what_data: &str,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        if model.is_some() {
+            *self.model = model;
+        }
+        if data.is_some() {
+            *self.data = data;
+        }
+        if let Some(o) = out {
+            *self.out = o;
+        }
+        if let Some(d) = device {
+            *self.device = d;
+        }
+        if let Some(s) = steps {
+            *self.steps = s;
+        }
+        let Some(model_dir) = self.model.clone() else {
+            bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
+        };
+        let Some(data) = self.data.clone() else {
+            bail!("no {what_data}: give --data FILE.jsonl or `data = \"FILE\"` in the config");
+        };
+        Ok((model_dir, data))
+    }
+}
+
 pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     let mut cfg: SftConfig = load_config(a.config.as_deref(), &a.set)?;
-    if let Some(m) = a.model {
-        cfg.model = Some(m);
-    }
-    if let Some(d) = a.data {
-        cfg.data = Some(d);
-    }
-    if let Some(o) = a.out {
-        cfg.out = o;
-    }
-    if let Some(d) = a.device {
-        cfg.device = d;
-    }
-    if let Some(s) = a.steps {
-        cfg.steps = s;
-    }
+    let run = RunFields {
+        model: &mut cfg.model,
+        data: &mut cfg.data,
+        out: &mut cfg.out,
+        device: &mut cfg.device,
+        steps: &mut cfg.steps,
+    };
+    let (model_dir, data) = run.apply(a.model, a.data, a.out, a.device, a.steps, "data")?;
     cfg.validate()?;
-    let Some(model_dir) = cfg.model.clone() else {
-        bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
-    };
-    let Some(data) = cfg.data.clone() else {
-        bail!("no data: give --data FILE.jsonl or `data = \"FILE\"` in the config");
-    };
     print_config("SFT", &cfg);
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
