@@ -12,6 +12,7 @@
 // CUBLAS_STATUS_NOT_SUPPORTED. Products accumulate in f32 in k order.
 // Every operand's extent must lie inside one live device allocation (checked at the call, as a
 // bad pointer would fault on the device); the product runs on the handle's stream in order.
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -311,7 +312,15 @@ static cublasStatus_t gemm_common(const char* api, Handle* h, int ta, int tb, in
     }
     if (!extent_ok(api, "C", C, ct, m, n, ldc, sc, batch)) return CUBLAS_STATUS_EXECUTION_FAILED;
     if (k == 0) g.alpha = 0.f;
-    vgpu::enqueue(h->stream, [g] { run_gemm(g); }, api);
+    vgpu::enqueue(
+        h->stream,
+        [g, api] {
+            const auto t = std::chrono::steady_clock::now();
+            run_gemm(g);
+            vgpu::profile_add(api, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count(),
+                              (uint64_t)g.batch);
+        },
+        api);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -3,18 +3,21 @@
 // blocks in parallel. Test-only: never linked into tooln1.
 //
 // Each CUDA thread is a fiber with its own stack (64 KiB, a guard page below it); a small
-// hand-written x86-64 context switch saves the callee-saved registers, MXCSR and the x87
-// control word. The scheduler of a block runs every runnable fiber once per round, in the
+// hand-written x86-64 context switch saves the callee-saved registers (kernels never change
+// the floating-point control words, so MXCSR and the x87 control word are not switched). The scheduler of a block runs every runnable fiber once per round, in the
 // configured order (TOOLN1_VGPU_ORDER = forward | reverse | random, TOOLN1_VGPU_SEED), then
 // releases barriers whose participants have all arrived. When no fiber can run and nothing
 // can be released the block is deadlocked: the report says which threads wait where.
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <type_traits>
 
@@ -49,12 +52,8 @@ vgpu_ctx_switch:
     pushq %r14
     pushq %r15
     subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
     addq $8, %rsp
     popq %r15
     popq %r14
@@ -77,9 +76,6 @@ vgpu_fiber_start:
 
 namespace vgpu {
 
-thread_local ThreadState* cur = nullptr;
-thread_local uint3v cur_block_idx, cur_block_dim, cur_grid_dim;
-thread_local unsigned char* cur_dyn_smem = nullptr;
 
 void report(const char* fmt, ...) {
     char buf[4096];
@@ -170,10 +166,12 @@ void set_kernel_resources(const char* name, int regs, int smem) {
 // ---- fibers -------------------------------------------------------------------------------------
 enum State : int { Runnable, AtBarrier, AtWarp, Done };
 
-constexpr std::size_t kStack = 64 * 1024;
+// Usable stack of a fiber: its slot less the guard page and the ThreadState at the bottom.
+constexpr std::size_t kStateBytes = (sizeof(ThreadState) + 63) / 64 * 64;
+constexpr std::size_t kStack = kSlot - kGuard - kStateBytes;
 
 struct Fiber {
-    ThreadState ts;
+    ThreadState* ts;  // at the bottom of the fiber's stack slot
     void* sp;
     State state;
     const char* wkind;
@@ -199,6 +197,7 @@ struct Worker {
     const void* sched_bottom = nullptr;
     std::size_t sched_size = 0;
     std::vector<unsigned char> dyn;
+    BlockCtx blk{};
     const Launch* launch = nullptr;
     uint64_t rng = 0;
     std::vector<int> order;
@@ -222,17 +221,25 @@ static uint64_t splitmix(uint64_t& s) {
 
 static void ensure_stacks(Worker& w, std::size_t n) {
     if (w.nstacks >= n) return;
-    const std::size_t page = (std::size_t)sysconf(_SC_PAGESIZE);
-    const std::size_t slot = kStack + page;
-    if (w.stacks) munmap(w.stacks, w.nstacks * slot);
-    void* m = mmap(nullptr, n * slot, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if ((std::size_t)sysconf(_SC_PAGESIZE) != kGuard) {
+        report("the virtual GPU assumes 4 KiB pages");
+        abort();
+    }
+    if (w.stacks) munmap(w.stacks, w.nstacks * kSlot);
+    // Over-map by one slot so the slots can start on a kSlot boundary.
+    const std::size_t len = (n + 1) * kSlot;
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) {
         report("cannot map %zu fiber stacks", n);
         abort();
     }
-    w.stacks = (unsigned char*)m;
+    uintptr_t base = ((uintptr_t)m + kSlot - 1) & ~(kSlot - 1);
+    if (base > (uintptr_t)m) munmap(m, base - (uintptr_t)m);
+    const uintptr_t end = (uintptr_t)m + len, used_end = base + n * kSlot;
+    if (end > used_end) munmap((void*)used_end, end - used_end);
+    w.stacks = (unsigned char*)base;
     w.nstacks = n;
-    for (std::size_t i = 0; i < n; ++i) mprotect(w.stacks + i * slot, page, PROT_NONE);  // guard page
+    for (std::size_t i = 0; i < n; ++i) mprotect(w.stacks + i * kSlot, kGuard, PROT_NONE);  // guard page
 }
 
 static const char* cur_kernel_name() {
@@ -242,11 +249,9 @@ static const char* cur_kernel_name() {
 
 [[noreturn]] void kernel_error(const char* file, int line, const char* what) {
     Worker& w = worker();
-    const ThreadState* t = cur;
+    const ThreadState* t = w.running ? w.running->ts : nullptr;
     report("kernel `%s` (%s:%d), block (%u,%u,%u), thread (%u,%u,%u): %s", cur_kernel_name(), file, line,
-           cur_block_idx.x, cur_block_idx.y, cur_block_idx.z, t ? t->tid.x : 0, t ? t->tid.y : 0, t ? t->tid.z : 0,
-           what);
-    (void)w;
+           w.blk.idx.x, w.blk.idx.y, w.blk.idx.z, t ? t->tid.x : 0, t ? t->tid.y : 0, t ? t->tid.z : 0, what);
     abort();
 }
 
@@ -270,7 +275,7 @@ static void fiber_main(Fiber* f) {
     std::vector<void*> args(l.k->nparams);
     for (int i = 0; i < l.k->nparams; ++i) args[i] = (void*)(l.blob.data() + l.offsets[i]);
     l.k->invoke(l.k->fn, args.data());
-    if (f->ts.n_async > 0) kernel_error(l.k->file, 0, "the thread exited with cp.async copies it never waited for");
+    if (f->ts->n_async > 0) kernel_error(l.k->file, 0, "the thread exited with cp.async copies it never waited for");
     args.clear();
     args.shrink_to_fit();
     f->state = Done;
@@ -302,19 +307,19 @@ void syncthreads(const char* file, int line) {
 }
 
 static void release_warp_if_complete(Worker& w, Fiber* f, int phase) {
-    WarpBuf& wb = w.warps[f->ts.warp];
+    WarpBuf& wb = w.warps[f->ts->warp];
     const unsigned mask = f->wmask;
     if ((wb.arrived[phase] & mask) != mask) return;
-    const unsigned base = f->ts.warp * 32;
+    const unsigned base = f->ts->warp * 32;
     for (unsigned l = 0; l < 32; ++l) {
         if (!(mask >> l & 1u)) continue;
         Fiber& o = w.fibers[base + l];
-        if (strcmp(o.wkind, f->wkind) != 0 || o.wmask != mask) {
+        if ((o.wkind != f->wkind && strcmp(o.wkind, f->wkind) != 0) || o.wmask != mask) {
             char msg[512];
             snprintf(msg, sizeof msg,
                      "lanes of warp %u disagree at a warp operation: lane %u at %s (mask %08x, %s:%d), lane %u at %s "
                      "(mask %08x, %s:%d)",
-                     f->ts.warp, f->ts.lane, f->wkind, mask, f->wfile, f->wline, l, o.wkind, o.wmask, o.wfile, o.wline);
+                     f->ts->warp, f->ts->lane, f->wkind, mask, f->wfile, f->wline, l, o.wkind, o.wmask, o.wfile, o.wline);
             kernel_error(f->wfile, f->wline, msg);
         }
         o.state = Runnable;
@@ -322,29 +327,30 @@ static void release_warp_if_complete(Worker& w, Fiber* f, int phase) {
     wb.arrived[phase] &= ~mask;
 }
 
-void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* kind, const char* file,
-                   int line) {
+const unsigned char* warp_exchange_view(unsigned mask, const void* mine, unsigned bytes, const char* kind,
+                                        const char* file, int line) {
     Fiber* f = self_fiber();
     if (!f) {
         report("%s outside a kernel (%s:%d)", kind, file, line);
         abort();
     }
     Worker& w = worker();
-    const unsigned lane = f->ts.lane;
+    const unsigned lane = f->ts->lane;
     if (bytes > kExchangeBytes) kernel_error(file, line, "warp exchange of more than kExchangeBytes per lane");
     if (!(mask >> lane & 1u)) kernel_error(file, line, "the calling lane is not in the mask of a warp intrinsic");
     const std::size_t n = w.fibers.size();
-    const unsigned base = f->ts.warp * 32;
-    for (unsigned l = 0; l < 32; ++l)
-        if ((mask >> l & 1u) && base + l >= n) {
-            char msg[256];
-            snprintf(msg, sizeof msg, "%s mask %08x names lane %u, which does not exist (block of %zu threads)", kind,
-                     mask, l, n);
-            kernel_error(file, line, msg);
-        }
+    const unsigned base = f->ts->warp * 32;
+    if (base + 32 > n)
+        for (unsigned l = 0; l < 32; ++l)
+            if ((mask >> l & 1u) && base + l >= n) {
+                char msg[256];
+                snprintf(msg, sizeof msg, "%s mask %08x names lane %u, which does not exist (block of %zu threads)",
+                         kind, mask, l, n);
+                kernel_error(file, line, msg);
+            }
     const int phase = f->phase;
     f->phase ^= 1;
-    WarpBuf& wb = w.warps[f->ts.warp];
+    WarpBuf& wb = w.warps[f->ts->warp];
     std::memcpy(wb.buf[phase][lane], mine, bytes);
     f->state = AtWarp;
     f->wkind = kind;
@@ -354,8 +360,14 @@ void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, c
     wb.arrived[phase] |= 1u << lane;
     release_warp_if_complete(w, f, phase);
     yield_to_scheduler(f);
+    return &wb.buf[phase][0][0];
+}
+
+void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* kind, const char* file,
+                   int line) {
+    const unsigned char* v = warp_exchange_view(mask, mine, bytes, kind, file, line);
     unsigned char* out = (unsigned char*)all;
-    for (unsigned l = 0; l < 32; ++l) std::memcpy(out + l * bytes, wb.buf[phase][l], bytes);
+    for (unsigned l = 0; l < 32; ++l) std::memcpy(out + l * bytes, v + l * kExchangeBytes, bytes);
 }
 
 void syncwarp(const char* file, int line, unsigned mask) {
@@ -397,8 +409,8 @@ static std::string thread_ranges(const std::vector<int>& ids) {
     }
     std::string msg;
     for (auto& g : groups) msg += "\n    threads " + thread_ranges(g.second) + ": " + g.first;
-    report("kernel `%s`, block (%u,%u,%u): %s%s", cur_kernel_name(), cur_block_idx.x, cur_block_idx.y,
-           cur_block_idx.z, why, msg.c_str());
+    report("kernel `%s`, block (%u,%u,%u): %s%s", cur_kernel_name(), w.blk.idx.x, w.blk.idx.y, w.blk.idx.z, why,
+           msg.c_str());
     abort();
 }
 
@@ -424,12 +436,12 @@ static bool resolve(Worker& w) {
     // A warp operation can never complete when a lane it names has exited.
     for (auto& f : w.fibers) {
         if (f.state != AtWarp) continue;
-        const unsigned base = f.ts.warp * 32;
+        const unsigned base = f.ts->warp * 32;
         for (unsigned l = 0; l < 32; ++l)
             if ((f.wmask >> l & 1u) && w.fibers[base + l].state == Done) {
                 char b[256];
                 snprintf(b, sizeof b, "%s at %s:%d names lane %u of warp %u, which has exited", f.wkind, f.wfile,
-                         f.wline, l, f.ts.warp);
+                         f.wline, l, f.ts->warp);
                 deadlock(w, b);
             }
     }
@@ -441,17 +453,19 @@ static void run_block(Worker& w, const Launch& l, Dim3 bidx) {
     const std::size_t n = (std::size_t)nx * ny * nz;
     ensure_stacks(w, n);
     w.fibers.resize(n);
-    w.warps.assign((n + 31) / 32, WarpBuf{});
-    const std::size_t page = (std::size_t)sysconf(_SC_PAGESIZE);
-    const std::size_t slot = kStack + page;
+    w.warps.resize((n + 31) / 32);
+    for (auto& wb : w.warps) wb.arrived[0] = wb.arrived[1] = 0;
     for (std::size_t i = 0; i < n; ++i) {
         Fiber& f = w.fibers[i];
-        f.ts.tid = {(unsigned)(i % nx), (unsigned)((i / nx) % ny), (unsigned)(i / ((std::size_t)nx * ny))};
-        f.ts.linear = (unsigned)i;
-        f.ts.lane = (unsigned)(i & 31);
-        f.ts.warp = (unsigned)(i >> 5);
-        f.ts.n_async = 0;
-        f.ts.open_group = 0;
+        unsigned char* slot = w.stacks + i * kSlot;
+        f.ts = new (slot + kGuard) ThreadState;  // default-initialised: the copy list is not cleared
+        f.ts->blk = &w.blk;
+        f.ts->tid = {(unsigned)(i % nx), (unsigned)((i / nx) % ny), (unsigned)(i / ((std::size_t)nx * ny))};
+        f.ts->linear = (unsigned)i;
+        f.ts->lane = (unsigned)(i & 31);
+        f.ts->warp = (unsigned)(i >> 5);
+        f.ts->n_async = 0;
+        f.ts->open_group = 0;
         f.state = Runnable;
         f.wkind = "";
         f.wfile = "";
@@ -459,14 +473,11 @@ static void run_block(Worker& w, const Launch& l, Dim3 bidx) {
         f.wmask = 0;
         f.phase = 0;
         f.fake = nullptr;
-        f.stack_lo = w.stacks + i * slot + page;
-        // Initial frame popped by vgpu_ctx_switch: [mxcsr|fpucw] r15 r14 r13 r12 rbx rbp ret.
+        f.stack_lo = slot + kGuard + kStateBytes;
+        // Initial frame popped by vgpu_ctx_switch: [pad] r15 r14 r13 r12 rbx rbp ret.
         uint64_t* top = (uint64_t*)(((uintptr_t)(f.stack_lo + kStack)) & ~(uintptr_t)15);
         uint64_t* sp = top - 16;
-        uint32_t mx = 0x1F80;
-        uint16_t cw = 0x037F;
-        std::memcpy(&sp[0], &mx, 4);
-        std::memcpy((char*)&sp[0] + 4, &cw, 2);
+        sp[0] = 0;
         sp[1] = 0;                                 // r15
         sp[2] = 0;                                 // r14
         sp[3] = (uint64_t)(uintptr_t)&fiber_main;  // r13
@@ -477,12 +488,12 @@ static void run_block(Worker& w, const Launch& l, Dim3 bidx) {
         f.sp = sp;
     }
     w.live = n;
-    cur_block_idx = {bidx.x, bidx.y, bidx.z};
+    w.blk.idx = {bidx.x, bidx.y, bidx.z};
     if (l.smem) {
         w.dyn.assign(l.smem, 0xFF);  // NaN pattern: dynamic shared memory starts undefined
-        cur_dyn_smem = w.dyn.data();
+        w.blk.dyn_smem = w.dyn.data();
     } else {
-        cur_dyn_smem = nullptr;
+        w.blk.dyn_smem = nullptr;
     }
     w.order.resize(n);
     const Order ord = options().order;
@@ -495,7 +506,6 @@ static void run_block(Worker& w, const Launch& l, Dim3 bidx) {
             Fiber& f = w.fibers[w.order[oi]];
             if (f.state != Runnable) continue;
             ran = true;
-            cur = &f.ts;
             w.running = &f;
 #if VGPU_ASAN
             void* fake = nullptr;
@@ -506,7 +516,6 @@ static void run_block(Worker& w, const Launch& l, Dim3 bidx) {
             __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
             w.running = nullptr;
-            cur = nullptr;
         }
         if (w.live == 0) break;
         bool any_runnable = false;
@@ -540,8 +549,8 @@ static Pool& pool() {
 static void run_blocks(const Launch& l, uint64_t total) {
     Worker& w = worker();
     w.launch = &l;
-    cur_block_dim = {l.block.x, l.block.y, l.block.z};
-    cur_grid_dim = {l.grid.x, l.grid.y, l.grid.z};
+    w.blk.dim = {l.block.x, l.block.y, l.block.z};
+    w.blk.grid = {l.grid.x, l.grid.y, l.grid.z};
     const bool rev = options().order == Order::Reverse;
     Pool& p = pool();
     for (;;) {
@@ -586,8 +595,52 @@ static void worker_loop() {
 // Blocks the SIGSEGV report needs to name.
 static void install_fault_handler();
 
+// TOOLN1_VGPU_PROFILE=1: wall time and launch count per kernel, printed at exit.
+struct ProfileRow {
+    double ms = 0;
+    uint64_t launches = 0, blocks = 0;
+};
+static std::mutex prof_mu;
+static std::map<std::string, ProfileRow>* prof = nullptr;
+
+static void print_profile() {
+    std::lock_guard<std::mutex> g(prof_mu);
+    if (!prof) return;
+    std::vector<std::pair<std::string, ProfileRow>> rows(prof->begin(), prof->end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.ms > b.second.ms; });
+    fprintf(stderr, "[virtual GPU] profile: kernel, launches, blocks, total ms\n");
+    for (auto& r : rows)
+        fprintf(stderr, "[virtual GPU]   %-28s %8llu %10llu %10.1f\n", r.first.c_str(),
+                (unsigned long long)r.second.launches, (unsigned long long)r.second.blocks, r.second.ms);
+}
+
+void profile_add(const char* name, double ms, uint64_t blocks) {
+    static const bool on = [] {
+        const char* p = getenv("TOOLN1_VGPU_PROFILE");
+        if (p && !strcmp(p, "1")) atexit(print_profile);
+        return p && !strcmp(p, "1");
+    }();
+    if (!on) return;
+    std::lock_guard<std::mutex> g(prof_mu);
+    if (!prof) prof = new std::map<std::string, ProfileRow>();
+    ProfileRow& r = (*prof)[name];
+    r.ms += ms;
+    r.launches++;
+    r.blocks += blocks;
+}
+
 void run_launch(const Launch& l) {
     install_fault_handler();
+    const auto t_start = std::chrono::steady_clock::now();
+    struct Done {
+        const Launch& l;
+        std::chrono::steady_clock::time_point t;
+        ~Done() {
+            profile_add(l.k->name,
+                        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count(),
+                        (uint64_t)l.grid.x * l.grid.y * l.grid.z);
+        }
+    } done{l, t_start};
     const uint64_t total = (uint64_t)l.grid.x * l.grid.y * l.grid.z;
     Pool& p = pool();
     static std::mutex launch_mutex;  // one kernel at a time (streams are executed in order)
@@ -624,14 +677,13 @@ static void on_fault(int sig, siginfo_t* si, void*) {
     Worker* w = tw;
     std::string what = describe_address(a);
     if (w && w->stacks) {
-        const std::size_t page = (std::size_t)sysconf(_SC_PAGESIZE);
-        const std::size_t slot = kStack + page;
-        if (a >= (uint64_t)(uintptr_t)w->stacks && a < (uint64_t)(uintptr_t)(w->stacks + w->nstacks * slot))
-            what = "a thread's stack overflowed its 64 KiB";
+        if (a >= (uint64_t)(uintptr_t)w->stacks && a < (uint64_t)(uintptr_t)(w->stacks + w->nstacks * kSlot))
+            what = "a thread's stack overflowed its slot";
     }
-    if (w && w->launch && cur) {
+    if (w && w->launch && w->running) {
+        const ThreadState* t = w->running->ts;
         report("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u): illegal %s at address 0x%llx: %s", w->launch->k->name,
-               cur_block_idx.x, cur_block_idx.y, cur_block_idx.z, cur->tid.x, cur->tid.y, cur->tid.z,
+               w->blk.idx.x, w->blk.idx.y, w->blk.idx.z, t->tid.x, t->tid.y, t->tid.z,
                sig == SIGBUS ? "access (bus error)" : "memory access", (unsigned long long)a, what.c_str());
     } else {
         report("illegal memory access at address 0x%llx outside a kernel: %s", (unsigned long long)a, what.c_str());

@@ -52,8 +52,15 @@ struct AsyncCopy {
 };
 constexpr unsigned kMaxAsync = 128;
 
+// The block a worker is running (shared by its threads).
+struct BlockCtx {
+    uint3v idx, dim, grid;
+    unsigned char* dyn_smem;
+};
+
 struct ThreadState {
     uint3v tid;
+    const BlockCtx* blk;
     unsigned linear;  // linear thread index in the block
     unsigned lane, warp;
     unsigned n_async;     // pending cp.async copies
@@ -61,9 +68,15 @@ struct ThreadState {
     AsyncCopy async[kMaxAsync];
 };
 
-extern thread_local ThreadState* cur;
-extern thread_local uint3v cur_block_idx, cur_block_dim, cur_grid_dim;
-extern thread_local unsigned char* cur_dyn_smem;
+// Every fiber's stack lives in its own kSlot-aligned slot: [guard page][ThreadState][stack...].
+// The running thread's state is found from the stack pointer, with no thread-local lookup.
+constexpr uintptr_t kSlot = (uintptr_t)1 << 17;
+constexpr uintptr_t kGuard = 4096;
+inline ThreadState* self() {
+    uintptr_t sp;
+    asm("movq %%rsp, %0" : "=r"(sp));
+    return reinterpret_cast<ThreadState*>((sp & ~(kSlot - 1)) + kGuard);
+}
 
 // Scheduling points (runtime.cpp).
 void syncthreads(const char* file, int line);
@@ -72,6 +85,10 @@ void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu);
 // `all` holds the 32 lanes' contributions (lane-major, `bytes` each, at most kExchangeBytes;
 // lanes outside the mask hold garbage). `kind` names the intrinsic, so lanes at different intrinsics are reported.
 constexpr unsigned kExchangeBytes = 64;
+// The same exchange without a copy: returns the warp's buffer (lane l's bytes at l *
+// kExchangeBytes), valid until the calling lane's next-but-one warp operation.
+const unsigned char* warp_exchange_view(unsigned mask, const void* mine, unsigned bytes, const char* kind,
+                                        const char* file, int line);
 void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* kind,
                    const char* file, int line);
 [[noreturn]] void kernel_error(const char* file, int line, const char* what);
@@ -79,28 +96,26 @@ void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, c
 template <class T>
 inline T shfl_idx(unsigned mask, T v, int src, const char* kind, const char* file, int line, int width = 32) {
     static_assert(sizeof(T) <= 8, "shuffle of a value over 8 bytes");
-    unsigned char all[32 * 8];
-    warp_exchange(mask, &v, sizeof(T), all, kind, file, line);
+    const unsigned char* all = warp_exchange_view(mask, &v, sizeof(T), kind, file, line);
     if (width <= 0 || width > 32 || (width & (width - 1)) != 0) kernel_error(file, line, "shuffle width must be a power of two <= 32");
-    const unsigned lane = cur->lane;
+    const unsigned lane = self()->lane;
     const unsigned base = lane & ~(unsigned)(width - 1);
     const unsigned s = base + ((unsigned)src & (unsigned)(width - 1));
     if (!(mask >> s & 1u)) kernel_error(file, line, "shuffle reads a lane outside the mask");
     T out;
-    std::memcpy(&out, all + s * sizeof(T), sizeof(T));
+    std::memcpy(&out, all + s * kExchangeBytes, sizeof(T));
     return out;
 }
 
 template <class T>
 inline T shfl_xor(unsigned mask, T v, int lane_mask, const char* file, int line, int width = 32) {
-    const unsigned lane = cur->lane;
+    const unsigned lane = self()->lane;
     const int src = (int)(lane ^ (unsigned)lane_mask);
     // A source outside the width segment returns the caller's own value (CUDA semantics).
     const unsigned seg = lane & ~(unsigned)(width - 1);
     const unsigned s = (unsigned)src;
     if (s < seg || s >= seg + (unsigned)width) {
-        unsigned char all[32 * 8];
-        warp_exchange(mask, &v, sizeof(T), all, "__shfl_xor_sync", file, line);
+        warp_exchange_view(mask, &v, sizeof(T), "__shfl_xor_sync", file, line);
         return v;
     }
     return shfl_idx(mask, v, src - (int)seg, "__shfl_xor_sync", file, line, width);
@@ -108,37 +123,34 @@ inline T shfl_xor(unsigned mask, T v, int lane_mask, const char* file, int line,
 
 template <class T>
 inline T shfl_down(unsigned mask, T v, unsigned delta, const char* file, int line, int width = 32) {
-    unsigned char all[32 * 8];
-    warp_exchange(mask, &v, sizeof(T), all, "__shfl_down_sync", file, line);
-    const unsigned lane = cur->lane, seg = lane & ~(unsigned)(width - 1);
+    const unsigned char* all = warp_exchange_view(mask, &v, sizeof(T), "__shfl_down_sync", file, line);
+    const unsigned lane = self()->lane, seg = lane & ~(unsigned)(width - 1);
     const unsigned s = lane + delta;
     if (s >= seg + (unsigned)width) return v;
     if (!(mask >> s & 1u)) kernel_error(file, line, "shuffle reads a lane outside the mask");
     T out;
-    std::memcpy(&out, all + s * sizeof(T), sizeof(T));
+    std::memcpy(&out, all + s * kExchangeBytes, sizeof(T));
     return out;
 }
 
 template <class T>
 inline T shfl_up(unsigned mask, T v, unsigned delta, const char* file, int line, int width = 32) {
-    unsigned char all[32 * 8];
-    warp_exchange(mask, &v, sizeof(T), all, "__shfl_up_sync", file, line);
-    const unsigned lane = cur->lane, seg = lane & ~(unsigned)(width - 1);
+    const unsigned char* all = warp_exchange_view(mask, &v, sizeof(T), "__shfl_up_sync", file, line);
+    const unsigned lane = self()->lane, seg = lane & ~(unsigned)(width - 1);
     if (lane < seg + delta) return v;
     const unsigned s = lane - delta;
     if (!(mask >> s & 1u)) kernel_error(file, line, "shuffle reads a lane outside the mask");
     T out;
-    std::memcpy(&out, all + s * sizeof(T), sizeof(T));
+    std::memcpy(&out, all + s * kExchangeBytes, sizeof(T));
     return out;
 }
 
 inline unsigned ballot(unsigned mask, int pred, const char* kind, const char* file, int line) {
-    unsigned char all[32];
     unsigned char mine = pred ? 1 : 0;
-    warp_exchange(mask, &mine, 1, all, kind, file, line);
+    const unsigned char* all = warp_exchange_view(mask, &mine, 1, kind, file, line);
     unsigned r = 0;
     for (unsigned l = 0; l < 32; ++l)
-        if ((mask >> l & 1u) && all[l]) r |= 1u << l;
+        if ((mask >> l & 1u) && all[l * kExchangeBytes]) r |= 1u << l;
     return r;
 }
 
@@ -152,10 +164,10 @@ inline T bitcast(const void* p) {
 }  // namespace vgpu
 
 // ---- built-in variables -------------------------------------------------------------------------
-#define threadIdx (vgpu::cur->tid)
-#define blockIdx (vgpu::cur_block_idx)
-#define blockDim (vgpu::cur_block_dim)
-#define gridDim (vgpu::cur_grid_dim)
+#define threadIdx (vgpu::self()->tid)
+#define blockIdx (vgpu::self()->blk->idx)
+#define blockDim (vgpu::self()->blk->dim)
+#define gridDim (vgpu::self()->blk->grid)
 #define warpSize 32
 
 // ---- barriers and warp intrinsics --------------------------------------------------------------
@@ -269,7 +281,7 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // Dynamic shared memory of the current block (see DYN_SMEM in kernels/common.cuh).
-#define VGPU_DYN_SMEM(type, name) type* name = reinterpret_cast<type*>(vgpu::cur_dyn_smem)
+#define VGPU_DYN_SMEM(type, name) type* name = reinterpret_cast<type*>(vgpu::self()->blk->dyn_smem)
 
 // ---- tensor-core and async-copy instructions (host versions of kernels/common.cuh's helpers) ----
 // Each follows the PTX ISA's definition exactly: "Warp-level matrix fragments for mma.m16n8k16"
@@ -308,7 +320,7 @@ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[
         B[2 * t + 8][g] = bf16_lo(rb[1]);
         B[2 * t + 9][g] = bf16_hi(rb[1]);
     }
-    const int l = (int)cur->lane, g = l >> 2, t = l & 3;
+    const int l = (int)self()->lane, g = l >> 2, t = l & 3;
     for (int i = 0; i < 4; ++i) {
         const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
         float acc = c[i];
@@ -321,7 +333,7 @@ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[
 inline void ldmatrix(uint32_t* r, int n, bool trans, const void* row_addr, const char* file, int line) {
     const void* all[32];
     warp_exchange(0xffffffffu, &row_addr, sizeof row_addr, all, trans ? "ldmatrix.trans" : "ldmatrix", file, line);
-    const int l = (int)cur->lane;
+    const int l = (int)self()->lane;
     for (int i = 0; i < n; ++i) {
         uint16_t lo, hi;
         if (!trans) {
@@ -339,18 +351,18 @@ inline void ldmatrix(uint32_t* r, int n, bool trans, const void* row_addr, const
 }
 
 inline void cp_async(void* dst, const void* src, unsigned bytes, const char* file, int line) {
-    ThreadState* t = cur;
+    ThreadState* t = self();
     if (bytes != 4 && bytes != 8 && bytes != 16) kernel_error(file, line, "cp.async size must be 4, 8 or 16 bytes");
     if (((uintptr_t)dst | (uintptr_t)src) % bytes) kernel_error(file, line, "cp.async address not aligned to its size");
     if (t->n_async == kMaxAsync) kernel_error(file, line, "too many cp.async copies in flight");
     t->async[t->n_async++] = AsyncCopy{dst, src, bytes, t->open_group};
 }
 
-inline void cp_async_commit() { cur->open_group++; }
+inline void cp_async_commit() { self()->open_group++; }
 
 // Completes every copy except those of the newest `keep` committed groups (and of the open one).
 inline void cp_async_wait(unsigned keep) {
-    ThreadState* t = cur;
+    ThreadState* t = self();
     const unsigned limit = t->open_group >= keep ? t->open_group - keep : 0;
     unsigned w = 0;
     for (unsigned i = 0; i < t->n_async; ++i) {

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The CUDA test suite on the virtual GPU (CI runs it after `cargo test`):
+#   1. builds the stand-in libcuda/libcublas from this checkout's kernels (tools/vgpu/build.sh);
+#   2. runs every tests/cuda_*.rs binary with thread order forward, then reverse (a missing
+#      __syncthreads shows in one of them), and cuda_ops once more in random order, with
+#      TOOLN1_REQUIRE_CUDA=1 so that no test can skip;
+#   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
+#      finish its steps and write finite losses.
+# Usage: tools/vgpu/test.sh [--quick]   (--quick: forward order only, no CLI run)
+# Logs the time of each part; exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+t0=$(date +%s)
+LIB=$(bash tools/vgpu/build.sh | tail -n1)
+echo "vgpu-test: stand-ins in $LIB ($(( $(date +%s) - t0 )) s)"
+
+TESTS=()
+for f in tests/cuda_*.rs; do TESTS+=(--test "$(basename "$f" .rs)"); done
+cargo test --no-run "${TESTS[@]}" --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"] + "\t" + m["executable"])
+' | sort >target/vgpu-tests.tsv
+[ -s target/vgpu-tests.tsv ] || { echo "vgpu-test: no CUDA test binaries were built" >&2; exit 1; }
+
+export LD_LIBRARY_PATH="$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export TOOLN1_REQUIRE_CUDA=1
+ORDERS=(forward reverse)
+[ "$QUICK" = 1 ] && ORDERS=(forward)
+for order in "${ORDERS[@]}"; do
+    while IFS=$'\t' read -r name exe; do
+        t=$(date +%s)
+        echo "vgpu-test: $name, thread order $order"
+        TOOLN1_VGPU_ORDER=$order "$exe" --test-threads 2
+        echo "vgpu-test: $name ($order) passed in $(( $(date +%s) - t )) s"
+    done <target/vgpu-tests.tsv
+done
+if [ "$QUICK" = 0 ]; then
+    exe=$(awk -F'\t' '$1 == "cuda_ops" {print $2}' target/vgpu-tests.tsv)
+    seed=$(( $(date +%s) % 100000 ))
+    echo "vgpu-test: cuda_ops, thread order random (TOOLN1_VGPU_SEED=$seed)"
+    TOOLN1_VGPU_ORDER=random TOOLN1_VGPU_SEED=$seed "$exe" --test-threads 2
+
+    # A short GRPO run of the CLI on the virtual GPU.
+    t=$(date +%s)
+    cargo build --bin tooln1 2>/dev/null
+    RUN=$(mktemp -d "$ROOT/target/vgpu-train.XXXXXX")
+    target/debug/tooln1 init-tiny "$RUN/model" --hidden 128 --layers 2 --heads 2 --kv-heads 1 \
+        --intermediate 256 --seed 5 >/dev/null
+    python3 - "$RUN/train.jsonl" <<'PY'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i, city in enumerate(["Paris", "Lima", "Oslo", "Rome"]):
+        f.write(json.dumps({
+            "id": f"s{i}", "source": "vgpu-test",
+            "messages": [{"role": "system", "content": "You call tools."},
+                         {"role": "user", "content": f"weather in {city}"}],
+            "tools": [{"name": "get_weather", "description": "w", "parameters": {}}],
+            "ground_truth": [{"name": "get_weather", "arguments": {"city": city}}]}) + "\n")
+PY
+    target/debug/tooln1 train --model "$RUN/model" --data "$RUN/train.jsonl" --out "$RUN/run" \
+        --device cuda --steps 3 --quiet --set grpo.prompts_per_step=2 --set grpo.mini_batch_prompts=1 \
+        --set rollout.n=3 --set rollout.max_new_tokens=8 --set save_every=3
+    python3 - "$RUN/run/metrics.jsonl" <<'PY'
+import json, math, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+assert len(rows) == 3, f"expected 3 metric lines, got {len(rows)}"
+for r in rows:
+    for k, v in r.items():
+        if isinstance(v, float):
+            assert math.isfinite(v), f"step {r.get('step')}: {k} = {v}"
+print("vgpu-test: GRPO on --device cuda: " + "; ".join(
+    f"step {r.get('step')} loss {r.get('loss')}" for r in rows))
+PY
+    rm -rf "$RUN"
+    echo "vgpu-test: CLI GRPO run passed in $(( $(date +%s) - t )) s"
+fi
+echo "vgpu-test: all CUDA tests passed on the virtual GPU in $(( $(date +%s) - t0 )) s"
