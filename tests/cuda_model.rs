@@ -3,38 +3,23 @@
 //! the same packed batch of sequences of different lengths; logprobs and entropy, every
 //! parameter gradient, and prefill + decode logits through the KV cache.
 //!
-//! Shapes: a Qwen2.5-0.5B-shaped model (hidden 896, 14 heads / 2 kv heads of 64, MLP 4864, the
-//! full 151,936 vocabulary, tied embeddings) cut to 2 layers, and a head_dim-128 model with
-//! untied lm_head. (The golden fixtures' tiny model has head_dim 16, which the CUDA attention
-//! kernels, built for Qwen2.5's 64 and 128, do not take; the CPU oracle carries that check.)
+//! Shapes are small enough for a CPU-simulated device but keep what the kernels must get
+//! right: grouped-query heads of 64 (4 query / 2 kv heads, tied embeddings) and of 128 (untied
+//! lm_head), odd sequence lengths, a one-token sequence and one longer than three 32-row key
+//! tiles, an odd vocabulary. (The golden fixtures' tiny model has head_dim 16, which the CUDA
+//! attention kernels, built for Qwen2.5's 64 and 128, do not take; the CPU oracle carries that
+//! check.) `PackedBatch::from_sequences` turns a sequence of L tokens into L - 1 positions.
 //! Bounds: relative-norm error < 3e-2 for model-level results, which pass bf16 rounding through
-//! every layer (the per-op bound of 1e-2 is checked in cuda_ops.rs). Without a GPU every test
-//! prints "skipped: no CUDA device".
+//! every layer (the per-op bound of 1e-2 is checked in cuda_ops.rs), and the elementwise bound
+//! of tests/common/mod.rs beside it. Without a GPU every test prints
+//! "skipped: no CUDA device (...)"; TOOLN1_REQUIRE_CUDA=1 makes that a failure.
 
+mod common;
+
+use common::{check32 as check, gpu, seed};
 use tooln1::backend::cpu::Cpu;
-use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
 use tooln1::model::{Model, PackedBatch, Qwen2Config};
-use tooln1::tooln1_skip;
-
-fn gpu() -> Option<Cuda> {
-    match Cuda::new() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tooln1_skip!("skipped: {e}");
-            None
-        }
-    }
-}
-
-fn seed(tag: &str) -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    println!("{tag}: seed {s}");
-    s
-}
 
 #[allow(clippy::too_many_arguments)]
 fn cfg(
@@ -65,25 +50,6 @@ fn cfg(
         torch_dtype: "bfloat16".into(),
         hidden_act: "silu".into(),
     }
-}
-
-fn rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        if !g.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn check(name: &str, got: &[f32], want: &[f32], bound: f64) {
-    let e = rel(got, want);
-    println!("{name}: rel err {e:.3e} (bound {bound:.0e})");
-    assert!(e < bound, "{name}: relative error {e} >= {bound}");
 }
 
 struct Lcg(u64);
@@ -187,11 +153,12 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
 }
 
 #[test]
-fn qwen25_05b_shaped_two_layers_matches_cpu() {
+fn gqa_head_dim_64_tied_matches_cpu() {
+    // Packed lengths 37, 5 and 101 (more than three key tiles).
     compare(
-        "0.5B-shaped",
-        cfg(896, 4864, 2, 14, 2, 64, 151936, true),
-        &[37, 5, 70],
+        "hd64-gqa",
+        cfg(256, 704, 2, 4, 2, 64, 3001, true),
+        &[38, 6, 102],
     );
 }
 
@@ -199,7 +166,8 @@ fn qwen25_05b_shaped_two_layers_matches_cpu() {
 fn head_dim_128_untied_matches_cpu() {
     compare(
         "hd128",
-        cfg(256, 512, 3, 4, 2, 128, 1999, false),
-        &[33, 1, 65, 17],
+        // Packed lengths 33, 1 (a single token), 101 and 17.
+        cfg(256, 512, 2, 4, 2, 128, 1999, false),
+        &[34, 2, 102, 18],
     );
 }
