@@ -171,3 +171,178 @@ fn head_dim_128_untied_matches_cpu() {
         &[34, 2, 102, 18],
     );
 }
+
+mod trainer {
+    use super::common::{check32, gpu, seed};
+    use std::path::Path;
+    use tooln1::backend::cpu::Cpu;
+    use tooln1::backend::cuda::Cuda;
+    use tooln1::backend::Backend;
+    use tooln1::model::{init, Model};
+    use tooln1::reward::{Reward, RewardOutput};
+    use tooln1::tokenizer::Tokenizer;
+    use tooln1::train::checkpoint;
+    use tooln1::train::metrics::StepMetrics;
+    use tooln1::train::{PromptItem, TrainConfig, Trainer};
+
+    /// Likes responses with the letter `e`.
+    struct LikesE;
+    impl Reward for LikesE {
+        fn score(&self, response: &str, _gt: &serde_json::Value) -> RewardOutput {
+            let r = (response.matches('e').count() as f32 / 2.0).min(1.0);
+            RewardOutput {
+                reward: r,
+                format_ok: !response.is_empty(),
+                calls_ok: r >= 0.5,
+                reason: "ok".into(),
+            }
+        }
+    }
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/golden/tokenizer/tokenizer.json"),
+        )
+        .unwrap()
+    }
+
+    fn step_on<B: Backend>(
+        b: B,
+        cfg: &tooln1::model::Qwen2Config,
+        host: &[Vec<f32>],
+        prompts: &[PromptItem],
+        tc: TrainConfig,
+    ) -> (Trainer<B>, StepMetrics) {
+        let policy = Model::from_host(&b, cfg.clone(), host).unwrap();
+        let reference = Model::from_host(&b, cfg.clone(), host).unwrap();
+        let mut t = Trainer::new(
+            b,
+            policy,
+            reference,
+            tokenizer(),
+            prompts.to_vec(),
+            Box::new(LikesE),
+            tc,
+        )
+        .unwrap();
+        t.quiet = true;
+        let m = t.step().unwrap();
+        (t, m)
+    }
+
+    /// One whole `Trainer::step` (greedy rollout, reference and old logprobs, GRPO loss with
+    /// the entropy term, backward, AdamW) on CUDA against the CPU backend on the same bf16
+    /// model; then a checkpoint written from CUDA loads back on both backends unchanged.
+    /// Greedy decoding keeps the rollouts of both backends the same tokens unless bf16
+    /// rounding flips an argmax (then the step metrics below name the difference).
+    #[test]
+    fn trainer_step_and_checkpoint_match_cpu() {
+        let Some(cuda) = gpu() else { return };
+        let s = seed("trainer step");
+        let tok = tokenizer();
+        let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
+        // head_dim 64 (the CUDA attention kernels take 64 and 128).
+        let mut cfg = init::tiny_config(128, 1, 2, 1, 96, vocab, true);
+        cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
+        let host: Vec<Vec<f32>> = init::random_params(&cfg, s)
+            .iter()
+            .map(|t| super::common::bf16_round(t))
+            .collect();
+        let prompts: Vec<PromptItem> = ["the tree", "set a timer", "weather here"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PromptItem {
+                id: format!("p{i}"),
+                tokens: tok
+                    .encode(&format!(
+                        "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                    ))
+                    .unwrap(),
+                ground_truth: serde_json::Value::Null,
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tc = TrainConfig {
+            out: tmp.path().join("run"),
+            steps: 1,
+            save_every: 0,
+            seed: s,
+            ..TrainConfig::default()
+        };
+        tc.rollout.n = 2;
+        tc.rollout.max_new_tokens = 3;
+        tc.rollout.temperature = 0.0;
+        tc.rollout.max_slots = 4;
+        tc.grpo.prompts_per_step = 2;
+        tc.grpo.mini_batch_prompts = 2;
+        tc.grpo.micro_batch_tokens = 64;
+        tc.grpo.kl_coef = 0.05;
+        tc.grpo.entropy_coef = 0.01;
+        tc.optim.lr = 1e-3;
+        let (tcpu, mc) = step_on(Cpu, &cfg, &host, &prompts, tc.clone());
+        let (tg, mg) = step_on(cuda.clone(), &cfg, &host, &prompts, tc.clone());
+        println!("cpu  {mc:?}\ncuda {mg:?}");
+        assert_eq!(mg.updates, mc.updates);
+        assert_eq!(
+            (mg.response_tokens, mg.response_len_max, mg.reward_mean),
+            (mc.response_tokens, mc.response_len_max, mc.reward_mean),
+            "the greedy rollouts differ"
+        );
+        for (what, g, c) in [
+            ("loss", mg.loss, mc.loss),
+            ("entropy", mg.entropy, mc.entropy),
+            ("grad_norm", mg.grad_norm, mc.grad_norm),
+        ] {
+            println!("{what}: cuda {g} cpu {c}");
+            assert!(g.is_finite(), "{what} is {g} on CUDA");
+            assert!(
+                (g - c).abs() <= 3e-2 * c.abs().max(1e-3),
+                "{what}: cuda {g} vs cpu {c}"
+            );
+        }
+        assert!(
+            mg.kl.is_finite() && mg.kl.abs() < 1e-2,
+            "kl {} after one step",
+            mg.kl
+        );
+        let pg = tg.policy.to_host(&cuda).unwrap();
+        let pc = tcpu.policy.to_host(&Cpu).unwrap();
+        assert_ne!(pg, host, "the CUDA step did not change the parameters");
+        for (i, (g, c)) in pg.iter().zip(&pc).enumerate() {
+            check32(&format!("parameter {i} after the step"), g, c, 1e-2);
+        }
+
+        // Checkpoint from CUDA: the bf16 parameters and f32 moments load back bit for bit.
+        let dir = tmp.path().join("ck");
+        tg.save_checkpoint(&dir).unwrap();
+        let m_cuda: Vec<Vec<f32>> = tg
+            .opt
+            .m
+            .iter()
+            .zip(&tg.policy.layout.specs)
+            .map(|(b, sp)| cuda.download_f32(b, sp.numel()).unwrap())
+            .collect();
+        let (mcpu, ocpu, st) = checkpoint::load(&dir, &Cpu, tc.optim.clone()).unwrap();
+        assert_eq!(st.step, 1);
+        assert_eq!(
+            mcpu.to_host(&Cpu).unwrap(),
+            pg,
+            "parameters loaded on the CPU"
+        );
+        for (i, (a, b)) in ocpu.m.iter().zip(&m_cuda).enumerate() {
+            assert_eq!(
+                &a[..b.len()],
+                &b[..],
+                "moment m of tensor {i} loaded on the CPU"
+            );
+        }
+        let (mcu, ocu, _): (Model<Cuda>, _, _) =
+            checkpoint::load(&dir, &cuda, tc.optim.clone()).unwrap();
+        assert_eq!(mcu.to_host(&cuda).unwrap(), pg, "parameters loaded on CUDA");
+        for (i, (a, sp)) in ocu.m.iter().zip(&mcu.layout.specs).enumerate() {
+            let got = cuda.download_f32(a, sp.numel()).unwrap();
+            assert_eq!(got, m_cuda[i], "moment m of tensor {i} loaded on CUDA");
+        }
+    }
+}
