@@ -1261,15 +1261,16 @@ impl Cuda {
             .rope_tables
             .lock()
             .map_err(|_| Error::msg("rope table lock poisoned"))?;
-        let key = (theta.to_bits(), head_dim);
-        if !tables.contains_key(&key) {
-            let inv = super::cpu::math::rope_inv_freq(head_dim, theta);
-            let buf = self.gpu.htod::<f32, f32>(&inv)?;
-            // The upload reads `inv` (freed at the end of this block) asynchronously.
-            self.gpu.sync()?;
-            tables.insert(key, buf);
-        }
-        let inv_freq = tables[&key].ptr();
+        let inv_freq = match tables.entry((theta.to_bits(), head_dim)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().ptr(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let inv = super::cpu::math::rope_inv_freq(head_dim, theta);
+                let buf = self.gpu.htod::<f32, f32>(&inv)?;
+                // The upload reads `inv` (freed at the end of this block) asynchronously.
+                self.gpu.sync()?;
+                e.insert(buf).ptr()
+            }
+        };
         drop(tables);
         self.gpu.launch(
             "rope",
