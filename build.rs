@@ -124,7 +124,87 @@ fn main() {
         }
     }
     gen.push_str(&srcs);
+    gen.push_str(&signatures(&sources));
     fs::write(out.join("kernels_gen.rs"), gen).expect("write kernels_gen.rs");
+}
+
+/// The parameter kinds of every `extern "C" __global__` entry point, read from the sources, so
+/// that every launch is checked against the kernel's real signature (count and kinds).
+fn signatures(sources: &[PathBuf]) -> String {
+    let mut out = String::from(
+        "/// (module, kernel, parameter kinds) of every `extern \"C\" __global__` entry point.\n\
+         pub const SIGNATURES: &[(&str, &str, &[super::ArgKind])] = &[\n",
+    );
+    for s in sources {
+        let module = stem(s);
+        let src = fs::read_to_string(s).unwrap_or_else(|e| panic!("{}: {e}", s.display()));
+        let mut rest = src.as_str();
+        while let Some(i) = rest.find("extern \"C\"") {
+            rest = &rest[i + "extern \"C\"".len()..];
+            let head = rest.trim_start();
+            let Some(after) = head.strip_prefix("__global__") else {
+                continue;
+            };
+            let Some(open) = after.find('(') else { break };
+            let mut before = after[..open].trim();
+            let mut args_from = open;
+            if before.ends_with("__launch_bounds__") {
+                // skip the bounds' own parentheses
+                let close = after[open..]
+                    .find(')')
+                    .map(|c| open + c + 1)
+                    .unwrap_or(open);
+                let Some(o2) = after[close..].find('(') else {
+                    break;
+                };
+                before = after[..close + o2].trim();
+                args_from = close + o2;
+            }
+            let name = before
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .rfind(|w| !w.is_empty())
+                .unwrap_or_else(|| panic!("{}: kernel without a name", s.display()))
+                .to_string();
+            let close = after[args_from..].find(')').unwrap_or_else(|| {
+                panic!("{}: kernel {name}: unclosed parameter list", s.display())
+            });
+            let params = &after[args_from + 1..args_from + close];
+            let kinds: Vec<String> = params
+                .split(',')
+                .map(|p| p.trim())
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let ty = p
+                        .trim_end_matches(|c: char| c.is_alphanumeric() || c == '_')
+                        .replace("__restrict__", "")
+                        .replace("const", "");
+                    let ty = ty.split_whitespace().collect::<Vec<_>>().join(" ");
+                    let kind = if ty.contains('*') {
+                        "Ptr"
+                    } else {
+                        match ty.as_str() {
+                            "int" => "I32",
+                            "u32" | "unsigned" | "unsigned int" => "U32",
+                            "float" => "F32",
+                            "long long" | "long" | "int64_t" => "I64",
+                            "u64" | "unsigned long long" | "uint64_t" => "U64",
+                            other => panic!(
+                                "{}: kernel {name}: parameter type `{other}` has no launch argument kind (build.rs)",
+                                s.display()
+                            ),
+                        }
+                    };
+                    format!("super::ArgKind::{kind}")
+                })
+                .collect();
+            out.push_str(&format!(
+                "    ({module:?}, {name:?}, &[{}]),\n",
+                kinds.join(", ")
+            ));
+        }
+    }
+    out.push_str("];\n");
+    out
 }
 
 fn stem(p: &Path) -> String {

@@ -9,10 +9,12 @@
 //! - Sampling reproduces the CPU backend's counter-based random stream.
 
 mod runtime;
+mod selftest;
 
 pub use runtime::{
     device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT,
 };
+pub use selftest::TensorCoreCheck;
 
 use runtime::{Args, Gpu};
 

@@ -226,38 +226,57 @@ impl<E: Elem> Drop for CudaBuf<E> {
     }
 }
 
-/// Kernel arguments, each in an 8-byte slot (the driver reads each parameter's real size).
+/// The kind of one kernel parameter, as declared in its `extern "C" __global__` signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    Ptr,
+    I32,
+    U32,
+    F32,
+    I64,
+    U64,
+}
+
+/// Kernel arguments, each in an 8-byte slot (the driver reads each parameter's real size), with
+/// their kinds, which every launch checks against the kernel's signature.
 #[derive(Default)]
-pub struct Args(Vec<u64>);
+pub struct Args(Vec<u64>, Vec<ArgKind>);
 
 impl Args {
     pub fn new() -> Self {
-        Args(Vec::with_capacity(16))
+        Args(Vec::with_capacity(16), Vec::with_capacity(16))
     }
-    pub fn p(mut self, ptr: u64) -> Self {
-        self.0.push(ptr);
-        self
-    }
-    pub fn i(mut self, v: i32) -> Self {
-        self.0.push(v as u32 as u64);
-        self
-    }
-    pub fn u(mut self, v: u32) -> Self {
-        self.0.push(v as u64);
-        self
-    }
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits() as u64);
-        self
-    }
-    pub fn l(mut self, v: i64) -> Self {
-        self.0.push(v as u64);
-        self
-    }
-    pub fn q(mut self, v: u64) -> Self {
+    fn push(mut self, v: u64, k: ArgKind) -> Self {
         self.0.push(v);
+        self.1.push(k);
         self
     }
+    pub fn p(self, ptr: u64) -> Self {
+        self.push(ptr, ArgKind::Ptr)
+    }
+    pub fn i(self, v: i32) -> Self {
+        self.push(v as u32 as u64, ArgKind::I32)
+    }
+    pub fn u(self, v: u32) -> Self {
+        self.push(v as u64, ArgKind::U32)
+    }
+    pub fn f(self, v: f32) -> Self {
+        self.push(v.to_bits() as u64, ArgKind::F32)
+    }
+    pub fn l(self, v: i64) -> Self {
+        self.push(v as u64, ArgKind::I64)
+    }
+    pub fn q(self, v: u64) -> Self {
+        self.push(v, ArgKind::U64)
+    }
+}
+
+/// The declared parameter kinds of `module::name`, from the kernel sources (build.rs).
+pub(crate) fn signature(module: &str, name: &str) -> Option<&'static [ArgKind]> {
+    gen::SIGNATURES
+        .iter()
+        .find(|(m, n, _)| *m == module && *n == name)
+        .map(|(_, _, k)| *k)
 }
 
 /// A CUDA event pair for timing work on the backend's stream.
@@ -290,13 +309,16 @@ impl Drop for Timer {
     }
 }
 
+/// A loaded kernel: its function handle and its declared parameter kinds.
+type KernelEntry = (usize, &'static [ArgKind]);
+
 /// Context, stream, modules, cuBLAS handle and allocator of one device.
 pub struct Gpu {
     pub(crate) ctx: sys::CUcontext,
     pub(crate) stream: sys::CUstream,
     pub(crate) blas: Mutex<cublas_sys::cublasHandle_t>,
     modules: HashMap<String, sys::CUmodule>,
-    funcs: Mutex<HashMap<(String, String), usize>>,
+    funcs: Mutex<HashMap<(String, String), KernelEntry>>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) err_flag: CudaBuf<u32>,
     pub(crate) sync_each: bool,
@@ -550,14 +572,19 @@ impl Gpu {
         Ok(())
     }
 
-    fn function(&self, module: &str, name: &str) -> Result<sys::CUfunction> {
+    fn function(&self, module: &str, name: &str) -> Result<(sys::CUfunction, &'static [ArgKind])> {
         let mut f = self
             .funcs
             .lock()
             .map_err(|_| Error::msg("kernel table lock poisoned"))?;
-        if let Some(p) = f.get(&(module.to_string(), name.to_string())) {
-            return Ok(*p as sys::CUfunction);
+        if let Some((p, sig)) = f.get(&(module.to_string(), name.to_string())) {
+            return Ok((*p as sys::CUfunction, sig));
         }
+        let sig = signature(module, name).ok_or_else(|| {
+            Error::Cuda(format!(
+                "kernel `{name}` is not declared in kernels/{module}.cu"
+            ))
+        })?;
         let m = *self.modules.get(module).ok_or_else(|| {
             Error::Cuda(format!(
                 "kernel module `{module}` is not embedded (kernels/{module}.cu)"
@@ -567,8 +594,8 @@ impl Gpu {
             CString::new(name).map_err(|_| Error::Invalid(format!("kernel name {name:?}")))?;
         let func = unsafe { dr::module::get_function(m, cname) }
             .map_err(|e| drv(&format!("kernel `{name}` in kernels/{module}.cu"), e))?;
-        f.insert((module.to_string(), name.to_string()), func as usize);
-        Ok(func)
+        f.insert((module.to_string(), name.to_string()), (func as usize, sig));
+        Ok((func, sig))
     }
 
     /// Launches `module::name` on the stream; checks the launch, and in debug builds (or with
@@ -586,7 +613,13 @@ impl Gpu {
             return Ok(());
         }
         self.bind()?;
-        let f = self.function(module, name)?;
+        let (f, sig) = self.function(module, name)?;
+        if args.1 != sig {
+            return Err(Error::Cuda(format!(
+                "launch of `{name}` (kernels/{module}.cu): arguments {:?} do not match the kernel's parameters {sig:?}",
+                args.1
+            )));
+        }
         let mut slots = args.0;
         let mut ptrs: Vec<*mut c_void> = slots
             .iter_mut()
