@@ -173,7 +173,7 @@ fn head_dim_128_untied_matches_cpu() {
 }
 
 mod trainer {
-    use super::common::{check32, gpu, seed};
+    use super::common::{gpu, seed};
     use std::path::Path;
     use tooln1::backend::cpu::Cpu;
     use tooln1::backend::cuda::Cuda;
@@ -309,8 +309,18 @@ mod trainer {
         let pg = tg.policy.to_host(&cuda).unwrap();
         let pc = tcpu.policy.to_host(&Cpu).unwrap();
         assert_ne!(pg, host, "the CUDA step did not change the parameters");
+        // AdamW's first step moves every parameter by about ±lr (m̂/√v̂ = sign g), so a
+        // gradient near 0 whose sign differs between bf16 and f32 leaves the two 2·lr apart;
+        // beyond that only bf16 rounding of the parameter (2^-8 relative) may differ.
+        let lr = tc.optim.lr as f64;
         for (i, (g, c)) in pg.iter().zip(&pc).enumerate() {
-            check32(&format!("parameter {i} after the step"), g, c, 1e-2);
+            for (j, (&a, &b)) in g.iter().zip(c).enumerate() {
+                let tol = 2.5 * lr + (b as f64).abs() / 256.0;
+                assert!(
+                    a.is_finite() && ((a - b) as f64).abs() <= tol,
+                    "parameter {i}[{j}] after the step: cuda {a} vs cpu {b} (bound {tol:.2e})"
+                );
+            }
         }
 
         // Checkpoint from CUDA: the bf16 parameters and f32 moments load back bit for bit.
@@ -323,20 +333,15 @@ mod trainer {
             .zip(&tg.policy.layout.specs)
             .map(|(b, sp)| cuda.download_f32(b, sp.numel()).unwrap())
             .collect();
-        let (mcpu, ocpu, st) = checkpoint::load(&dir, &Cpu, tc.optim.clone()).unwrap();
-        assert_eq!(st.step, 1);
+        // The model folder loads on the CPU (the optimizer state, with its bf16 master copy,
+        // resumes only on a bf16 backend, which checkpoint::load checks).
+        let mcpu = tooln1::model::weights::load_model(&dir.join("model"), &Cpu).unwrap();
         assert_eq!(
             mcpu.to_host(&Cpu).unwrap(),
             pg,
             "parameters loaded on the CPU"
         );
-        for (i, (a, b)) in ocpu.m.iter().zip(&m_cuda).enumerate() {
-            assert_eq!(
-                &a[..b.len()],
-                &b[..],
-                "moment m of tensor {i} loaded on the CPU"
-            );
-        }
+        assert!(checkpoint::load(&dir, &Cpu, tc.optim.clone()).is_err());
         let (mcu, ocu, _): (Model<Cuda>, _, _) =
             checkpoint::load(&dir, &cuda, tc.optim.clone()).unwrap();
         assert_eq!(mcu.to_host(&cuda).unwrap(), pg, "parameters loaded on CUDA");
