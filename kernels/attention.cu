@@ -27,7 +27,9 @@
 // attn_decode_d{64,128}: one query per slot b against cache rows b*max_len + j, j < lens[b];
 //   q/out [n_seq, n_heads*D], caches [n_seq*max_len, n_kv*D]. Four warps split the keys
 //   (each with its own online softmax) and are merged through shared memory at the end.
-//   Launch: grid (n_heads, n_seq), block 128. lens[b] == 0 writes zeros.
+//   Launch: grid (n_heads, n_seq), block 128. lens[b] must be in 1..=max_len (the new token's
+//   key is already stored); any other length sets ERR_DECODE_LEN and writes NaN to the row, as
+//   the CPU backend rejects it.
 // kv_store: k_cache[dst[t], :] = k[t, :], v_cache likewise, rows of kv_dim; a dst row >=
 //   cache_rows sets ERR_KV_ROW. Launch: grid (n_tok), block 256.
 #include "common.cuh"
@@ -358,14 +360,21 @@ template <int D>
 __device__ __forceinline__ void attn_decode_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ kc,
                                                  const bf16_t* __restrict__ vc, const u32* __restrict__ lens,
                                                  bf16_t* __restrict__ out, int max_len, int n_heads,
-                                                 int n_kv) {
+                                                 int n_kv, u32* __restrict__ err) {
     constexpr int C = D / 32;
     __shared__ float qs[D];
     __shared__ float wm[ATT_WARPS], wl[ATT_WARPS];
     __shared__ float wo[ATT_WARPS][D];
     const int h = blockIdx.x, b = blockIdx.y;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int len = min((int)lens[b], max_len);
+    const u32 len_raw = lens[b];
+    if (len_raw == 0u || len_raw > (u32)max_len) {  // uniform over the block
+        if (tid == 0) atomicOr(err, ERR_DECODE_LEN);
+        bf16_t* orow = out + ((size_t)b * n_heads + h) * D;
+        for (int d = tid; d < D; d += ATT_THREADS) orow[d] = BF16_NAN;
+        return;
+    }
+    const int len = (int)len_raw;
     const int kvh = h / (n_heads / n_kv);
     const size_t kstride = (size_t)n_kv * D;
     const float scale = rsqrtf((float)D);
@@ -429,13 +438,13 @@ __device__ __forceinline__ void attn_decode_impl(const bf16_t* __restrict__ q, c
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_decode_d64(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* lens, bf16_t* out, int max_len,
-                int n_heads, int n_kv) {
-    attn_decode_impl<64>(q, kc, vc, lens, out, max_len, n_heads, n_kv);
+                int n_heads, int n_kv, u32* err) {
+    attn_decode_impl<64>(q, kc, vc, lens, out, max_len, n_heads, n_kv, err);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_decode_d128(const bf16_t* q, const bf16_t* kc, const bf16_t* vc, const u32* lens, bf16_t* out, int max_len,
-                 int n_heads, int n_kv) {
-    attn_decode_impl<128>(q, kc, vc, lens, out, max_len, n_heads, n_kv);
+                 int n_heads, int n_kv, u32* err) {
+    attn_decode_impl<128>(q, kc, vc, lens, out, max_len, n_heads, n_kv, err);
 }
 
 extern "C" __global__ void kv_store(const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,

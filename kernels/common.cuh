@@ -20,10 +20,12 @@ typedef unsigned long long u64;
 #define NEG_INF_F (__int_as_float(0xff800000))
 #define BF16_NAN ((bf16_t)0x7fc0)
 
-// Error bits (mirrored in src/backend/cuda/mod.rs).
+// Error bits (mirrored in src/backend/cuda/runtime.rs).
 #define ERR_EMBED_ID 1u
 #define ERR_TARGET_ID 2u
 #define ERR_KV_ROW 4u
+#define ERR_DECODE_LEN 8u
+#define ERR_SAMPLE_LOGIT 16u
 
 __device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 

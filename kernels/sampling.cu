@@ -1,17 +1,27 @@
 // sampling.cu: one token per row of f32 logits [rows, vocab], seeded and reproducible.
 //
 // sample_rows: one block (SMP_THREADS threads) per row r.
+//   Rejected like the CPU backend rejects them: a row holding NaN or +inf, or (temperature > 0)
+//   a row that is all -inf, sets ERR_SAMPLE_LOGIT and leaves out[r] unwritten.
 //   temperature == 0: greedy, argmax with the lowest index on ties.
 //   else: z_i = logits_i / temperature, e_i = exp(z_i - max z) (unnormalised probabilities).
 //     Order the vocabulary by logit descending, ties by ascending index (the CPU backend's
 //     sort order). top_k > 0 keeps the first top_k entries of that order; top_p < 1
 //     then keeps the shortest prefix whose mass reaches top_p of the kept mass; finally the
 //     token is the first entry of the kept prefix whose inclusive cumulative mass exceeds
-//     u * (kept mass) (equal only on a measure-zero boundary), with u = (splitmix64(seed ^ splitmix64(offset + r)) >> 40) / 2^24 and
+//     u * (kept mass), with u = (splitmix64(seed ^ splitmix64(offset + r)) >> 40) / 2^24 and
 //     splitmix64 the standard mixer. No sort is done: each "first entry whose cumulative mass
 //     (or count) reaches a target" is found by a 4-pass radix select over the order-preserving
 //     bit pattern of the logit (sign-flipped float bits) with 256-bin count/mass histograms in
 //     shared memory, then an index-ordered scan among the entries with the selected logit.
+//   Determinism: masses are fixed-point integers, e_i -> round(e_i * 2^40) (e_i <= 1, so a
+//     row of up to 2^24 entries sums without overflow in 64 bits). Integer addition is
+//     associative, so the histograms built with atomics, the block sums and therefore the
+//     chosen token are identical from run to run whatever order the threads add in (float
+//     atomics would round differently with the order). Resolution 2^-40 of the largest
+//     probability, finer than the f32 rounding of e_i itself. The comparisons are exact: the
+//     nucleus target is ceil(top_p * mass) with "reaches" (>=), and "exceeds u * mass" is
+//     "reaches floor(u * mass) + 1", computed exactly in integers (u has 24 bits).
 //   Launch: grid (rows), block SMP_THREADS.
 #include "common.cuh"
 
@@ -24,9 +34,14 @@ __device__ __forceinline__ u64 splitmix64(u64 z) {
     return z ^ (z >> 31);
 }
 
-// The same expression everywhere, so every pass sees bit-identical e values.
-__device__ __forceinline__ float smp_e(const float* row, int i, float inv_t, float zmax) {
-    return expf(row[i] * inv_t - zmax);
+// 2^40: the fixed-point scale of the masses.
+#define SMP_FX 1099511627776.0
+
+// The fixed-point mass of logit x. The same expression everywhere, so every pass (and the tie
+// group's value in smp_select) sees bit-identical values.
+__device__ __forceinline__ u64 smp_fx(float x, float inv_t, float zmax) {
+    const float e = expf(x * inv_t - zmax);
+    return (u64)((double)e * SMP_FX + 0.5);
 }
 
 // Membership in the current prefix of the order: x > bx, or x == bx and i <= bi (x = logit).
@@ -45,14 +60,16 @@ __device__ __forceinline__ float smp_unkey(u32 k) {
 }
 
 struct SmpSmem {
-    float mass[256];
+    u64 mass[256];
     u32 cnt[256];
     u32 prefix, pmask;
-    float rem;
+    u64 rem;
     int last;
     int chosen_cnt;
     u32 warp_cnt[SMP_THREADS / 32];
     int found;
+    u64 total;
+    int bad;
 };
 
 // Finds the first entry (in the order above, restricted to the prefix (bv, bi)) whose inclusive
@@ -60,7 +77,7 @@ struct SmpSmem {
 // total, the last entry of the prefix. Returns its value and index through out_v / out_i
 // (valid in every thread).
 __device__ __forceinline__ void smp_select(const float* row, int vocab, float inv_t, float zmax, float bv, int bi,
-                           bool by_count, float target, SmpSmem& sm, float* out_v, int* out_i) {
+                           bool by_count, u64 target, SmpSmem& sm, float* out_v, int* out_i) {
     const int tid = threadIdx.x;
     if (tid == 0) {
         sm.prefix = 0;
@@ -70,7 +87,7 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
     }
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int j = tid; j < 256; j += blockDim.x) {
-            sm.mass[j] = 0.f;
+            sm.mass[j] = 0ull;
             sm.cnt[j] = 0;
         }
         __syncthreads();
@@ -78,22 +95,21 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         for (int i = tid; i < vocab; i += blockDim.x) {
             const float x = row[i];
             if (!smp_in(x, i, bv, bi)) continue;
-            const float e = smp_e(row, i, inv_t, zmax);
             const u32 key = smp_key(x);
             if ((key & pmask) != prefix) continue;
             const u32 bin = (key >> shift) & 255u;
             atomicAdd(&sm.cnt[bin], 1u);
-            atomicAdd(&sm.mass[bin], e);
+            if (!by_count) atomicAdd(&sm.mass[bin], smp_fx(x, inv_t, zmax));
         }
         __syncthreads();
         if (tid == 0) {
             int chosen = -1, lowest = -1;
-            float cum = 0.f;
-            const float rem = sm.rem;
+            u64 cum = 0;
+            const u64 rem = sm.rem;
             if (!sm.last) {
                 for (int bin = 255; bin >= 0; --bin) {
                     if (sm.cnt[bin] == 0) continue;
-                    const float val = by_count ? (float)sm.cnt[bin] : sm.mass[bin];
+                    const u64 val = by_count ? (u64)sm.cnt[bin] : sm.mass[bin];
                     if (cum + val >= rem) {
                         chosen = bin;
                         break;
@@ -119,17 +135,21 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
         __syncthreads();
     }
     const float xv = smp_unkey(sm.prefix);
-    const float v = expf(xv * inv_t - zmax);  // the e value shared by the tie group
+    const u64 v = smp_fx(xv, inv_t, zmax);  // the mass shared by the tie group
     const int c = sm.chosen_cnt;
-    int want;
+    const u64 cmax = (u64)max(c, 1);
+    const u64 rem = sm.rem;
+    u64 w;
     if (sm.last || c <= 0) {
-        want = c > 0 ? c : 1;
+        w = cmax;
+    } else if (rem == 0) {
+        w = 1;
     } else if (by_count) {
-        want = (int)ceilf(sm.rem);
+        w = rem;
     } else {
-        want = v > 0.f ? (int)ceilf(sm.rem / v) : c;
+        w = v > 0 ? (rem + v - 1) / v : cmax;  // ceil(rem / v) entries of mass v
     }
-    want = max(1, min(want, max(c, 1)));
+    const int want = (int)(w < 1 ? 1 : (w > cmax ? cmax : w));
     // The want-th (1-based) index, ascending, among prefix entries equal to v.
     const int lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     int seen = 0;
@@ -163,18 +183,26 @@ __device__ __forceinline__ void smp_select(const float* row, int vocab, float in
     __syncthreads();
 }
 
-// Sum of e over the prefix (bv, bi).
-__device__ __forceinline__ float smp_mass(const float* row, int vocab, float inv_t, float zmax, float bv, int bi) {
-    float acc = 0.f;
+// Fixed-point mass of the prefix (bv, bi); every thread gets it.
+__device__ __forceinline__ u64 smp_mass(const float* row, int vocab, float inv_t, float zmax, float bv, int bi,
+                                        SmpSmem& sm) {
+    if (threadIdx.x == 0) sm.total = 0;
+    __syncthreads();
+    u64 acc = 0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (smp_in(row[i], i, bv, bi)) acc += smp_e(row, i, inv_t, zmax);
+        const float x = row[i];
+        if (smp_in(x, i, bv, bi)) acc += smp_fx(x, inv_t, zmax);
     }
-    return block_sum(acc);
+    if (acc != 0) atomicAdd(&sm.total, acc);
+    __syncthreads();
+    const u64 t = sm.total;
+    __syncthreads();
+    return t;
 }
 
 extern "C" __global__ void __launch_bounds__(SMP_THREADS)
 sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, int vocab, float temperature,
-            float top_p, int top_k, u64 seed, u64 offset) {
+            float top_p, int top_k, u64 seed, u64 offset, u32* __restrict__ err) {
     __shared__ SmpSmem sm;
     __shared__ float bvs[32];
     __shared__ int bis[32];
@@ -182,6 +210,19 @@ sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, i
     if (r >= rows) return;
     const float* row = logits + (size_t)r * vocab;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    if (tid == 0) sm.bad = 0;
+    __syncthreads();
+    bool bad = false;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const float x = row[i];
+        bad |= x != x || x == __int_as_float(0x7f800000);  // NaN or +inf
+    }
+    if (bad) atomicOr(&sm.bad, 1);
+    __syncthreads();
+    if (sm.bad) {  // uniform over the block
+        if (tid == 0) atomicOr(err, ERR_SAMPLE_LOGIT);
+        return;
+    }
     if (temperature <= 0.f) {
         float bv = NEG_INF_F;
         int bi = 0x7fffffff;
@@ -222,24 +263,30 @@ sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, i
     float zm = NEG_INF_F;
     for (int i = tid; i < vocab; i += blockDim.x) zm = fmaxf(zm, row[i] * inv_t);
     const float zmax = block_max(zm);
+    if (zmax == NEG_INF_F) {  // all -inf: no distribution to sample from (uniform)
+        if (tid == 0) atomicOr(err, ERR_SAMPLE_LOGIT);
+        return;
+    }
     float bv = NEG_INF_F;  // the whole vocabulary
     int bi = 0x7fffffff;
     float sel_v;
     int sel_i;
     if (top_k > 0 && top_k < vocab) {
-        smp_select(row, vocab, inv_t, zmax, bv, bi, true, (float)top_k, sm, &sel_v, &sel_i);
+        smp_select(row, vocab, inv_t, zmax, bv, bi, true, (u64)top_k, sm, &sel_v, &sel_i);
         bv = sel_v;
         bi = sel_i;
     }
-    float mass = smp_mass(row, vocab, inv_t, zmax, bv, bi);
+    u64 mass = smp_mass(row, vocab, inv_t, zmax, bv, bi, sm);
     if (top_p < 1.0f) {
-        smp_select(row, vocab, inv_t, zmax, bv, bi, false, top_p * mass, sm, &sel_v, &sel_i);
+        const u64 target = (u64)ceil((double)top_p * (double)mass);
+        smp_select(row, vocab, inv_t, zmax, bv, bi, false, target, sm, &sel_v, &sel_i);
         bv = sel_v;
         bi = sel_i;
-        mass = smp_mass(row, vocab, inv_t, zmax, bv, bi);
+        mass = smp_mass(row, vocab, inv_t, zmax, bv, bi, sm);
     }
-    const u64 h = splitmix64(seed ^ splitmix64(offset + (u64)r));
-    const float u = (float)(h >> 40) * (1.0f / 16777216.0f);
-    smp_select(row, vocab, inv_t, zmax, bv, bi, false, u * mass, sm, &sel_v, &sel_i);
+    // u = ub / 2^24; floor(u * mass) exactly: mass = hi * 2^24 + lo.
+    const u64 ub = splitmix64(seed ^ splitmix64(offset + (u64)r)) >> 40;
+    const u64 below = (mass >> 24) * ub + (((mass & 0xffffffull) * ub) >> 24);
+    smp_select(row, vocab, inv_t, zmax, bv, bi, false, below + 1, sm, &sel_v, &sel_i);
     if (tid == 0) out[r] = (u32)sel_i;
 }

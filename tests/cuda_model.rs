@@ -3,38 +3,23 @@
 //! the same packed batch of sequences of different lengths; logprobs and entropy, every
 //! parameter gradient, and prefill + decode logits through the KV cache.
 //!
-//! Shapes: a Qwen2.5-0.5B-shaped model (hidden 896, 14 heads / 2 kv heads of 64, MLP 4864, the
-//! full 151,936 vocabulary, tied embeddings) cut to 2 layers, and a head_dim-128 model with
-//! untied lm_head. (The golden fixtures' tiny model has head_dim 16, which the CUDA attention
-//! kernels, built for Qwen2.5's 64 and 128, do not take; the CPU oracle carries that check.)
+//! Shapes are small enough for a CPU-simulated device but keep what the kernels must get
+//! right: grouped-query heads of 64 (4 query / 2 kv heads, tied embeddings) and of 128 (untied
+//! lm_head), odd sequence lengths, a one-token sequence and one longer than three 32-row key
+//! tiles, an odd vocabulary. (The golden fixtures' tiny model has head_dim 16, which the CUDA
+//! attention kernels, built for Qwen2.5's 64 and 128, do not take; the CPU oracle carries that
+//! check.) `PackedBatch::from_sequences` turns a sequence of L tokens into L - 1 positions.
 //! Bounds: relative-norm error < 3e-2 for model-level results, which pass bf16 rounding through
-//! every layer (the per-op bound of 1e-2 is checked in cuda_ops.rs). Without a GPU every test
-//! prints "skipped: no CUDA device".
+//! every layer (the per-op bound of 1e-2 is checked in cuda_ops.rs), and the elementwise bound
+//! of tests/common/mod.rs beside it. Without a GPU every test prints
+//! "skipped: no CUDA device (...)"; TOOLN1_REQUIRE_CUDA=1 makes that a failure.
 
+mod common;
+
+use common::{check32 as check, gpu, seed};
 use tooln1::backend::cpu::Cpu;
-use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
 use tooln1::model::{Model, PackedBatch, Qwen2Config};
-use tooln1::tooln1_skip;
-
-fn gpu() -> Option<Cuda> {
-    match Cuda::new() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tooln1_skip!("skipped: {e}");
-            None
-        }
-    }
-}
-
-fn seed(tag: &str) -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
-    println!("{tag}: seed {s}");
-    s
-}
 
 #[allow(clippy::too_many_arguments)]
 fn cfg(
@@ -65,25 +50,6 @@ fn cfg(
         torch_dtype: "bfloat16".into(),
         hidden_act: "silu".into(),
     }
-}
-
-fn rel(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (g, w) in got.iter().zip(want) {
-        if !g.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn check(name: &str, got: &[f32], want: &[f32], bound: f64) {
-    let e = rel(got, want);
-    println!("{name}: rel err {e:.3e} (bound {bound:.0e})");
-    assert!(e < bound, "{name}: relative error {e} >= {bound}");
 }
 
 struct Lcg(u64);
@@ -187,11 +153,12 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
 }
 
 #[test]
-fn qwen25_05b_shaped_two_layers_matches_cpu() {
+fn gqa_head_dim_64_tied_matches_cpu() {
+    // Packed lengths 37, 5 and 101 (more than three key tiles).
     compare(
-        "0.5B-shaped",
-        cfg(896, 4864, 2, 14, 2, 64, 151936, true),
-        &[37, 5, 70],
+        "hd64-gqa",
+        cfg(256, 704, 2, 4, 2, 64, 3001, true),
+        &[38, 6, 102],
     );
 }
 
@@ -199,7 +166,188 @@ fn qwen25_05b_shaped_two_layers_matches_cpu() {
 fn head_dim_128_untied_matches_cpu() {
     compare(
         "hd128",
-        cfg(256, 512, 3, 4, 2, 128, 1999, false),
-        &[33, 1, 65, 17],
+        // Packed lengths 33, 1 (a single token), 101 and 17.
+        cfg(256, 512, 2, 4, 2, 128, 1999, false),
+        &[34, 2, 102, 18],
     );
+}
+
+mod trainer {
+    use super::common::{gpu, seed};
+    use std::path::Path;
+    use tooln1::backend::cpu::Cpu;
+    use tooln1::backend::cuda::Cuda;
+    use tooln1::backend::Backend;
+    use tooln1::model::{init, Model};
+    use tooln1::reward::{Reward, RewardOutput};
+    use tooln1::tokenizer::Tokenizer;
+    use tooln1::train::checkpoint;
+    use tooln1::train::metrics::StepMetrics;
+    use tooln1::train::{PromptItem, TrainConfig, Trainer};
+
+    /// Likes responses with the letter `e`.
+    struct LikesE;
+    impl Reward for LikesE {
+        fn score(&self, response: &str, _gt: &serde_json::Value) -> RewardOutput {
+            let r = (response.matches('e').count() as f32 / 2.0).min(1.0);
+            RewardOutput {
+                reward: r,
+                format_ok: !response.is_empty(),
+                calls_ok: r >= 0.5,
+                reason: "ok".into(),
+            }
+        }
+    }
+
+    fn tokenizer() -> Tokenizer {
+        Tokenizer::from_file(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/golden/tokenizer/tokenizer.json"),
+        )
+        .unwrap()
+    }
+
+    fn step_on<B: Backend>(
+        b: B,
+        cfg: &tooln1::model::Qwen2Config,
+        host: &[Vec<f32>],
+        prompts: &[PromptItem],
+        tc: TrainConfig,
+    ) -> (Trainer<B>, StepMetrics) {
+        let policy = Model::from_host(&b, cfg.clone(), host).unwrap();
+        let reference = Model::from_host(&b, cfg.clone(), host).unwrap();
+        let mut t = Trainer::new(
+            b,
+            policy,
+            reference,
+            tokenizer(),
+            prompts.to_vec(),
+            Box::new(LikesE),
+            tc,
+        )
+        .unwrap();
+        t.quiet = true;
+        let m = t.step().unwrap();
+        (t, m)
+    }
+
+    /// One whole `Trainer::step` (greedy rollout, reference and old logprobs, GRPO loss with
+    /// the entropy term, backward, AdamW) on CUDA against the CPU backend on the same bf16
+    /// model; then a checkpoint written from CUDA loads back on both backends unchanged.
+    /// Greedy decoding keeps the rollouts of both backends the same tokens unless bf16
+    /// rounding flips an argmax (then the step metrics below name the difference).
+    #[test]
+    fn trainer_step_and_checkpoint_match_cpu() {
+        let Some(cuda) = gpu() else { return };
+        let s = seed("trainer step");
+        let tok = tokenizer();
+        let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
+        // head_dim 64 (the CUDA attention kernels take 64 and 128).
+        let mut cfg = init::tiny_config(128, 1, 2, 1, 96, vocab, true);
+        cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
+        let host: Vec<Vec<f32>> = init::random_params(&cfg, s)
+            .iter()
+            .map(|t| super::common::bf16_round(t))
+            .collect();
+        let prompts: Vec<PromptItem> = ["the tree", "set a timer", "weather here"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PromptItem {
+                id: format!("p{i}"),
+                tokens: tok
+                    .encode(&format!(
+                        "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                    ))
+                    .unwrap(),
+                ground_truth: serde_json::Value::Null,
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut tc = TrainConfig {
+            out: tmp.path().join("run"),
+            steps: 1,
+            save_every: 0,
+            seed: s,
+            ..TrainConfig::default()
+        };
+        tc.rollout.n = 2;
+        tc.rollout.max_new_tokens = 3;
+        tc.rollout.temperature = 0.0;
+        tc.rollout.max_slots = 4;
+        tc.grpo.prompts_per_step = 2;
+        tc.grpo.mini_batch_prompts = 2;
+        tc.grpo.micro_batch_tokens = 64;
+        tc.grpo.kl_coef = 0.05;
+        tc.grpo.entropy_coef = 0.01;
+        tc.optim.lr = 1e-3;
+        let (tcpu, mc) = step_on(Cpu, &cfg, &host, &prompts, tc.clone());
+        let (tg, mg) = step_on(cuda.clone(), &cfg, &host, &prompts, tc.clone());
+        println!("cpu  {mc:?}\ncuda {mg:?}");
+        assert_eq!(mg.updates, mc.updates);
+        assert_eq!(
+            (mg.response_tokens, mg.response_len_max, mg.reward_mean),
+            (mc.response_tokens, mc.response_len_max, mc.reward_mean),
+            "the greedy rollouts differ"
+        );
+        for (what, g, c) in [
+            ("loss", mg.loss, mc.loss),
+            ("entropy", mg.entropy, mc.entropy),
+            ("grad_norm", mg.grad_norm, mc.grad_norm),
+        ] {
+            println!("{what}: cuda {g} cpu {c}");
+            assert!(g.is_finite(), "{what} is {g} on CUDA");
+            assert!(
+                (g - c).abs() <= 3e-2 * c.abs().max(1e-3),
+                "{what}: cuda {g} vs cpu {c}"
+            );
+        }
+        assert!(
+            mg.kl.is_finite() && mg.kl.abs() < 1e-2,
+            "kl {} after one step",
+            mg.kl
+        );
+        let pg = tg.policy.to_host(&cuda).unwrap();
+        let pc = tcpu.policy.to_host(&Cpu).unwrap();
+        assert_ne!(pg, host, "the CUDA step did not change the parameters");
+        // AdamW's first step moves every parameter by about ±lr (m̂/√v̂ = sign g), so a
+        // gradient near 0 whose sign differs between bf16 and f32 leaves the two 2·lr apart;
+        // beyond that only bf16 rounding of the parameter (2^-8 relative) may differ.
+        let lr = tc.optim.lr as f64;
+        for (i, (g, c)) in pg.iter().zip(&pc).enumerate() {
+            for (j, (&a, &b)) in g.iter().zip(c).enumerate() {
+                let tol = 2.5 * lr + (b as f64).abs() / 256.0;
+                assert!(
+                    a.is_finite() && ((a - b) as f64).abs() <= tol,
+                    "parameter {i}[{j}] after the step: cuda {a} vs cpu {b} (bound {tol:.2e})"
+                );
+            }
+        }
+
+        // Checkpoint from CUDA: the bf16 parameters and f32 moments load back bit for bit.
+        let dir = tmp.path().join("ck");
+        tg.save_checkpoint(&dir).unwrap();
+        let m_cuda: Vec<Vec<f32>> = tg
+            .opt
+            .m
+            .iter()
+            .zip(&tg.policy.layout.specs)
+            .map(|(b, sp)| cuda.download_f32(b, sp.numel()).unwrap())
+            .collect();
+        // The model folder loads on the CPU (the optimizer state, with its bf16 master copy,
+        // resumes only on a bf16 backend, which checkpoint::load checks).
+        let mcpu = tooln1::model::weights::load_model(&dir.join("model"), &Cpu).unwrap();
+        assert_eq!(
+            mcpu.to_host(&Cpu).unwrap(),
+            pg,
+            "parameters loaded on the CPU"
+        );
+        assert!(checkpoint::load(&dir, &Cpu, tc.optim.clone()).is_err());
+        let (mcu, ocu, _): (Model<Cuda>, _, _) =
+            checkpoint::load(&dir, &cuda, tc.optim.clone()).unwrap();
+        assert_eq!(mcu.to_host(&cuda).unwrap(), pg, "parameters loaded on CUDA");
+        for (i, (a, sp)) in ocu.m.iter().zip(&mcu.layout.specs).enumerate() {
+            let got = cuda.download_f32(a, sp.numel()).unwrap();
+            assert_eq!(got, m_cuda[i], "moment m of tensor {i} loaded on CUDA");
+        }
+    }
 }

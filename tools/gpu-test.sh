@@ -77,7 +77,8 @@ for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
     [ -n "$d" ] && case ":$LIBDIRS:" in *":$d:"*) ;; *) LIBDIRS="$LIBDIRS:$d" ;; esac
 done
 export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export TOOLN1_CUDA_SYNC=1
+# On the GPU machine a CUDA test that finds no device is a failure, not a skip.
+export TOOLN1_REQUIRE_CUDA=1
 {
     echo "# GPU test run"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -89,9 +90,17 @@ fail=0
 for t in "$HERE"/bin/test-*; do
     [ -e "$t" ] || continue
     echo "== $(basename "$t")" | tee -a "$LOG"
-    if "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$LOG"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAILED: $(basename "$t")" | tee -a "$LOG"; fi
+    # Tests synchronise after every kernel so that a fault is reported at the kernel that
+    # caused it (benches do not: it would inflate their times).
+    if TOOLN1_CUDA_SYNC=1 "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$LOG"; then pass=$((pass + 1)); else fail=$((fail + 1)); echo "FAILED: $(basename "$t")" | tee -a "$LOG"; fi
 done
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
+    # The benches' default outputs live under the build machine's target/ (fixed at compile
+    # time), which need not exist here: write them under $OUT.
+    unset TOOLN1_CUDA_SYNC
+    export TOOLN1_BENCH_JSONL="$OUT/tooln1-bench.jsonl"
+    export CRITERION_HOME="$OUT/criterion"
+    mkdir -p "$OUT/criterion"
     for b in "$HERE"/bin/bench-*; do
         [ -e "$b" ] || continue
         echo "== $(basename "$b")" | tee -a "$LOG"

@@ -313,7 +313,8 @@ pub trait Backend {
     ) -> Result<()>;
     /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
     /// positions of slot b (the new token's k/v already stored). q/out: [n_seq, n_heads*head_dim];
-    /// caches: [n_seq*max_len, n_kv*head_dim].
+    /// caches: [n_seq*max_len, n_kv*head_dim]. Every lens[b] must be in 1..=max_len (an error;
+    /// where `lens` lives on the device it is reported at the next synchronisation).
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -390,8 +391,11 @@ pub trait Backend {
     ) -> Result<()>;
     /// Sample one token per row of f32 logits [rows, vocab]: greedy when temperature == 0,
     /// else softmax(logits / temperature) restricted to the smallest top-p nucleus (top_k = 0
-    /// means no top-k cut). Row r uses the counter-based random stream (seed, offset + r), so a
-    /// run is reproducible whatever the batch split.
+    /// means no top-k cut; top_k >= vocab likewise; top_p = 0 keeps the single most likely
+    /// token). Row r uses the counter-based random stream (seed, offset + r), so a run is
+    /// reproducible whatever the batch split. Logits must be finite or -inf, and not all -inf
+    /// when temperature > 0: anything else is an error (on a device, reported at the next
+    /// synchronisation, the row's output left unwritten).
     #[allow(clippy::too_many_arguments)]
     fn sample(
         &self,

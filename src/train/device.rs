@@ -18,30 +18,40 @@ pub fn cuda_present() -> bool {
     cuda_memory().is_some()
 }
 
-/// (free, total) bytes of CUDA device 0, or None when there is no usable device.
+/// (free, total) bytes of CUDA device 0, or None when there is no usable device. Probes the
+/// driver exactly as the CUDA backend does when it opens the device.
 pub fn cuda_memory() -> Option<(u64, u64)> {
-    // SAFETY: only probes whether the driver library can be loaded.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return None;
-    }
-    std::panic::catch_unwind(|| {
-        let ctx = cudarc::driver::CudaContext::new(0).ok()?;
-        ctx.mem_get_info().ok()
-    })
-    .ok()
-    .flatten()
-    .map(|(f, t)| (f as u64, t as u64))
+    crate::backend::cuda::device_memory(0).ok()
 }
 
-/// Run `job` on the backend `kind` selects.
+/// Run `job` on the backend `kind` selects. `cuda` never falls back; `auto` falls back to the
+/// CPU only when there is no CUDA device (`Error::NoCuda`), and says so on stderr. Any other
+/// CUDA failure (a kernel module that does not load, cuBLAS missing next to a working driver)
+/// is an error under `auto` too: a broken GPU setup must not silently train on the CPU.
 pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     match kind {
         DeviceKind::Cpu => job.run(Cpu),
         DeviceKind::Cuda => run_cuda(job),
-        DeviceKind::Auto => match Cuda::new() {
-            Ok(c) => job.run(c),
-            Err(_) => job.run(Cpu),
+        DeviceKind::Auto => match auto_backend()? {
+            Some(c) => job.run(c),
+            None => job.run(Cpu),
         },
+    }
+}
+
+/// The CUDA backend for `--device auto`, or None (after a one-line notice on stderr) when this
+/// machine has no CUDA device.
+pub fn auto_backend() -> Result<Option<Cuda>> {
+    match Cuda::new() {
+        Ok(c) => Ok(Some(c)),
+        Err(Error::NoCuda(why)) => {
+            eprintln!("--device auto: no CUDA device ({why}); running on the CPU backend");
+            Ok(None)
+        }
+        Err(e) => Err(Error::Cuda(format!(
+            "--device auto found a CUDA driver but could not open the device: {e} \
+             (fix the CUDA setup, or pass --device cpu)"
+        ))),
     }
 }
 

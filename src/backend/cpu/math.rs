@@ -385,6 +385,15 @@ pub fn rmsnorm_bwd<R: Real>(
 
 // ------------------------------------------------------------------------------------ RoPE
 
+/// The rotary inverse frequencies inv_freq_i = 1 / theta^(2i/head_dim), i < head_dim/2,
+/// computed in R like HF computes them in f32. The CUDA backend uploads this very table (f32),
+/// so both backends rotate by bit-identical angles `pos as f32 * inv_freq_i`.
+pub fn rope_inv_freq<R: Real>(head_dim: usize, theta: R) -> Vec<R> {
+    (0..head_dim / 2)
+        .map(|i| R::one() / theta.powf(R::from_usize(2 * i) / R::from_usize(head_dim)))
+        .collect()
+}
+
 /// Rotary embedding in place (half-split layout); `inverse` rotates by −angle, which is both
 /// the inverse and the transpose of the forward rotation (so it is the backward).
 #[allow(clippy::too_many_arguments)]
@@ -398,10 +407,7 @@ pub fn rope<R: Real>(
     inverse: bool,
 ) {
     let half = head_dim / 2;
-    // inv_freq_i = 1 / theta^(2i/head_dim), computed in R like HF computes it in f32.
-    let inv_freq: Vec<R> = (0..half)
-        .map(|i| R::one() / theta.powf(R::from_usize(2 * i) / R::from_usize(head_dim)))
-        .collect();
+    let inv_freq = rope_inv_freq(head_dim, theta);
     let mut cs = vec![(R::zero(), R::zero()); half];
     for t in 0..n_tok {
         let p = R::from_f64(pos[t] as f64);

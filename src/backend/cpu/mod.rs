@@ -95,9 +95,9 @@ fn check_rope(
 ) -> Result<()> {
     need(op, "x", x, n_tok * n_heads * head_dim)?;
     need(op, "pos", pos, n_tok)?;
-    if head_dim % 2 != 0 {
+    if head_dim % 2 != 0 || head_dim == 0 {
         return Err(Error::Invalid(format!(
-            "{op}: `head_dim` = {head_dim} must be even"
+            "{op}: `head_dim` = {head_dim} must be even and positive"
         )));
     }
     if !(theta.is_finite() && theta > 0.0) {
@@ -274,6 +274,9 @@ impl Backend for Cpu {
     ) -> Result<()> {
         need("embedding", "ids", ids.len(), n_tok)?;
         need("embedding", "out", out.len(), n_tok * dim)?;
+        if dim == 0 {
+            return Err(Error::Invalid("embedding: `dim` must be positive".into()));
+        }
         let rows = table.len().checked_div(dim).unwrap_or(0);
         ids_below("embedding", "ids", ids, n_tok, rows, "table rows")?;
         math::embedding(ids, table, out, n_tok, dim);
@@ -290,6 +293,11 @@ impl Backend for Cpu {
     ) -> Result<()> {
         need("embedding_bwd", "ids", ids.len(), n_tok)?;
         need("embedding_bwd", "dout", dout.len(), n_tok * dim)?;
+        if dim == 0 {
+            return Err(Error::Invalid(
+                "embedding_bwd: `dim` must be positive".into(),
+            ));
+        }
         let rows = dtable.len().checked_div(dim).unwrap_or(0);
         ids_below("embedding_bwd", "ids", ids, n_tok, rows, "dtable rows")?;
         math::embedding_bwd(ids, dout, dtable, n_tok, dim);
@@ -569,8 +577,10 @@ impl Backend for Cpu {
         if let Some(e) = &entropy {
             need(op, "entropy", e.len(), n_tok)?;
         }
-        if vocab == 0 {
-            return Err(Error::Invalid(format!("{op}: `vocab` must be positive")));
+        if vocab == 0 || dim == 0 {
+            return Err(Error::Invalid(format!(
+                "{op}: `vocab` and `dim` must be positive"
+            )));
         }
         ids_below(op, "targets", targets, n_tok, vocab, "vocab")?;
         math::logprobs(
@@ -610,8 +620,10 @@ impl Backend for Cpu {
         if let Some(d) = &dw {
             need(op, "dw", d.len(), vocab * dim)?;
         }
-        if vocab == 0 {
-            return Err(Error::Invalid(format!("{op}: `vocab` must be positive")));
+        if vocab == 0 || dim == 0 {
+            return Err(Error::Invalid(format!(
+                "{op}: `vocab` and `dim` must be positive"
+            )));
         }
         ids_below(op, "targets", targets, n_tok, vocab, "vocab")?;
         math::logprobs_bwd(

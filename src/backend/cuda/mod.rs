@@ -11,7 +11,9 @@
 mod runtime;
 mod selftest;
 
-pub use runtime::{nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT};
+pub use runtime::{
+    device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT,
+};
 pub use selftest::TensorCoreCheck;
 
 use runtime::{Args, Gpu};
@@ -52,7 +54,12 @@ pub struct Cuda {
     gpu: std::sync::Arc<Gpu>,
     tok_chunk: usize,
     vocab_chunk: usize,
+    /// RoPE inverse-frequency tables by (theta bits, head_dim), uploaded once.
+    rope_tables: RopeTables,
 }
+
+type RopeTables =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(u32, usize), CudaBuf<f32>>>>;
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,7 +83,14 @@ impl Cuda {
             gpu,
             tok_chunk: 1024,
             vocab_chunk: 32768,
+            rope_tables: Default::default(),
         })
+    }
+
+    /// Whether every kernel is followed by a synchronisation and the device-side argument
+    /// checks (debug builds, or TOOLN1_CUDA_SYNC=1).
+    pub fn syncs_each_op(&self) -> bool {
+        self.gpu.sync_each
     }
 
     /// Token and vocabulary chunk sizes of the fused logprobs (workspace = tok x vocab f32 +
@@ -449,6 +463,7 @@ impl Backend for Cuda {
         need(w, dim, "rmsnorm w")?;
         need(out, rows * dim, "rmsnorm out")?;
         need(rstd, rows, "rmsnorm rstd")?;
+        ensure!(dim > 0, "rmsnorm: dim must be > 0");
         self.gpu.launch(
             "rmsnorm",
             "rmsnorm_fwd",
@@ -553,13 +568,12 @@ impl Backend for Cuda {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let n_tok = self.check_attn(cu_host, max_len, n_heads, n_kv, head_dim)?;
+        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
         need(q, n_tok * n_heads * head_dim, "attention q")?;
         need(k, n_tok * n_kv * head_dim, "attention k")?;
         need(v, n_tok * n_kv * head_dim, "attention v")?;
         need(out, n_tok * n_heads * head_dim, "attention out")?;
         need(lse, n_heads * n_tok, "attention lse")?;
-        need(cu_seqlens, cu_host.len(), "attention cu_seqlens")?;
         let n_seq = cu_host.len() - 1;
         self.gpu.launch(
             "attention",
@@ -598,7 +612,7 @@ impl Backend for Cuda {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let n_tok = self.check_attn(cu_host, max_len, n_heads, n_kv, head_dim)?;
+        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
         let qn = n_tok * n_heads * head_dim;
         let kn = n_tok * n_kv * head_dim;
         need(dout, qn, "attention_bwd dout")?;
@@ -610,7 +624,6 @@ impl Backend for Cuda {
         need(dk, kn, "attention_bwd dk")?;
         need(dv, kn, "attention_bwd dv")?;
         need(lse, n_heads * n_tok, "attention_bwd lse")?;
-        need(cu_seqlens, cu_host.len(), "attention_bwd cu_seqlens")?;
         let n_seq = cu_host.len() - 1;
         let dot = self.gpu.alloc::<f32>(n_heads * n_tok)?;
         self.gpu.launch(
@@ -682,6 +695,12 @@ impl Backend for Cuda {
         need(v, n_tok * kv_dim, "kv_store v")?;
         need(dst, n_tok, "kv_store dst")?;
         ensure!(kv_dim > 0, "kv_store: kv_dim must be > 0");
+        ensure!(
+            k_cache.len() == v_cache.len(),
+            "kv_store: k_cache holds {} elements but v_cache {}",
+            k_cache.len(),
+            v_cache.len()
+        );
         let rows = (k_cache.len().min(v_cache.len()) / kv_dim) as u32;
         self.gpu.launch(
             "attention",
@@ -720,8 +739,12 @@ impl Backend for Cuda {
             "attention_decode: head_dim {head_dim} unsupported (64 or 128)"
         );
         ensure!(
-            n_kv > 0 && n_heads % n_kv == 0,
-            "attention_decode: n_heads {n_heads} is not a multiple of n_kv {n_kv}"
+            n_kv > 0 && n_heads > 0 && n_heads % n_kv == 0,
+            "attention_decode: n_heads {n_heads} must be a positive multiple of n_kv {n_kv}"
+        );
+        ensure!(
+            n_seq <= 65535 && n_heads <= 65535,
+            "attention_decode: {n_seq} slots x {n_heads} heads exceed the launch grid (65535 each)"
         );
         need(q, n_seq * n_heads * head_dim, "attention_decode q")?;
         need(out, n_seq * n_heads * head_dim, "attention_decode out")?;
@@ -750,7 +773,8 @@ impl Backend for Cuda {
                 .p(out.ptr())
                 .i(i32_of(max_len, "max_len")?)
                 .i(n_heads as i32)
-                .i(n_kv as i32),
+                .i(n_kv as i32)
+                .p(self.gpu.err_flag.ptr()),
         )
     }
 
@@ -819,6 +843,9 @@ impl Backend for Cuda {
         need(logp, n_tok, "logprobs logp")?;
         need(lse, n_tok, "logprobs lse")?;
         ensure!(vocab > 0 && dim > 0, "logprobs: vocab and dim must be > 0");
+        if let Some(e) = &entropy {
+            need(e, n_tok, "logprobs entropy")?;
+        }
         if n_tok == 0 {
             return Ok(());
         }
@@ -1060,9 +1087,13 @@ impl Backend for Cuda {
             "sample: temperature {temperature} must be finite and >= 0"
         );
         ensure!(
-            top_p > 0.0 && top_p <= 1.0,
-            "sample: top_p {top_p} must be in (0, 1]"
+            (0.0..=1.0).contains(&top_p),
+            "sample: top_p {top_p} must be in [0, 1]"
         );
+        // The kernel's fixed-point masses sum up to 2^24 entries of at most 2^40 in 64 bits.
+        ensure!(vocab < 1 << 24, "sample: vocab {vocab} must be below 2^24");
+        // top_k >= vocab keeps everything, like top_k = 0.
+        let top_k = if top_k >= vocab { 0 } else { top_k };
         self.gpu.launch(
             "sampling",
             "sample_rows",
@@ -1078,7 +1109,8 @@ impl Backend for Cuda {
                 .f(top_p)
                 .i(i32_of(top_k, "top_k")?)
                 .q(seed)
-                .q(offset),
+                .q(offset)
+                .p(self.gpu.err_flag.ptr()),
         )
     }
 
@@ -1106,6 +1138,7 @@ impl Backend for Cuda {
         }
         need(seq_id, n_tok, "grpo_loss seq_id")?;
         need(dlogp, n_tok, "grpo_loss dlogp")?;
+        check_grpo_cfg(cfg)?;
         if n_tok == 0 {
             return Ok(GrpoLossOut::default());
         }
@@ -1218,10 +1251,29 @@ impl Cuda {
     ) -> Result<()> {
         ensure!(
             head_dim % 2 == 0 && head_dim > 0,
-            "rope: head_dim {head_dim} must be even"
+            "rope: head_dim {head_dim} must be even and positive"
+        );
+        ensure!(
+            theta.is_finite() && theta > 0.0,
+            "rope: theta {theta} must be positive"
         );
         need(x, n_tok * n_heads * head_dim, "rope x")?;
         need(pos, n_tok, "rope pos")?;
+        let mut tables = self
+            .rope_tables
+            .lock()
+            .map_err(|_| Error::msg("rope table lock poisoned"))?;
+        let inv_freq = match tables.entry((theta.to_bits(), head_dim)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.get().ptr(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let inv = super::cpu::math::rope_inv_freq(head_dim, theta);
+                let buf = self.gpu.htod::<f32, f32>(&inv)?;
+                // The upload reads `inv` (freed at the end of this block) asynchronously.
+                self.gpu.sync()?;
+                e.insert(buf).ptr()
+            }
+        };
+        drop(tables);
         self.gpu.launch(
             "rope",
             kernel,
@@ -1234,12 +1286,17 @@ impl Cuda {
                 .i(i32_of(n_tok, "n_tok")?)
                 .i(n_heads as i32)
                 .i(head_dim as i32)
-                .f(theta),
+                .p(inv_freq),
         )
     }
 
+    /// Checks the attention arguments like the CPU backend and returns the token count. The
+    /// kernels read the device offsets `cu_dev`; the host copy drives the checks and the
+    /// launch grid, so the two must agree: in debug builds and with TOOLN1_CUDA_SYNC=1 the
+    /// device copy is downloaded and compared (a synchronisation, hence not on by default).
     fn check_attn(
         &self,
+        cu_dev: &CudaBuf<u32>,
         cu_host: &[u32],
         max_len: usize,
         n_heads: usize,
@@ -1251,13 +1308,17 @@ impl Cuda {
             "attention: head_dim {head_dim} unsupported (the kernels are built for 64 and 128)"
         );
         ensure!(
-            n_kv > 0 && n_heads % n_kv == 0,
-            "attention: n_heads {n_heads} is not a multiple of n_kv {n_kv}"
+            n_kv > 0 && n_heads > 0 && n_heads % n_kv == 0,
+            "attention: n_heads {n_heads} must be a positive multiple of n_kv {n_kv}"
         );
         ensure!(
-            cu_host.len() >= 2,
-            "attention: cu_seqlens needs n_seq + 1 >= 2 offsets, got {}",
-            cu_host.len()
+            !cu_host.is_empty(),
+            "attention: cu_host must hold n_seq + 1 offsets starting with 0, got none"
+        );
+        ensure!(
+            cu_host.len() - 1 <= 65535 && n_heads <= 65535,
+            "attention: {} sequences x {n_heads} heads exceed the launch grid (65535 each)",
+            cu_host.len() - 1
         );
         ensure!(
             cu_host[0] == 0,
@@ -1277,8 +1338,33 @@ impl Cuda {
                 w[1] - w[0]
             );
         }
+        need(cu_dev, cu_host.len(), "attention cu_seqlens")?;
+        if self.gpu.sync_each {
+            let dev: Vec<u32> = self.gpu.dtoh(cu_dev.ptr(), cu_host.len())?;
+            if let Some(i) = (0..cu_host.len()).find(|&i| dev[i] != cu_host[i]) {
+                return Err(Error::Invalid(format!(
+                    "attention: `cu_seqlens` (device) and `cu_host` differ at entry {i} ({} vs {})",
+                    dev[i], cu_host[i]
+                )));
+            }
+        }
         Ok(*cu_host.last().unwrap_or(&0) as usize)
     }
+}
+
+/// The scalar settings both backends reject (checked before any work, even for 0 tokens).
+fn check_grpo_cfg(cfg: &GrpoLossCfg) -> Result<()> {
+    ensure!(
+        cfg.loss_scale_div.is_finite() && cfg.loss_scale_div > 0.0,
+        "grpo_loss: `loss_scale_div` = {}, expected > 0",
+        cfg.loss_scale_div
+    );
+    ensure!(
+        cfg.agg != LossAgg::SeqMeanTokenSumNorm || (cfg.norm_len.is_finite() && cfg.norm_len > 0.0),
+        "grpo_loss: `norm_len` = {}, expected > 0 for seq-mean-token-sum-norm",
+        cfg.norm_len
+    );
+    Ok(())
 }
 
 /// Reduces the per-token GRPO rows (tok, pg, kl, clipped, ratio) to the loss scalars in f64 and
@@ -1294,16 +1380,7 @@ fn grpo_reduce(
     n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<(GrpoLossOut, Vec<f32>)> {
-    ensure!(
-        cfg.loss_scale_div.is_finite() && cfg.loss_scale_div > 0.0,
-        "grpo_loss: `loss_scale_div` = {}, expected > 0",
-        cfg.loss_scale_div
-    );
-    ensure!(
-        cfg.agg != LossAgg::SeqMeanTokenSumNorm || (cfg.norm_len.is_finite() && cfg.norm_len > 0.0),
-        "grpo_loss: `norm_len` = {}, expected > 0 for seq-mean-token-sum-norm",
-        cfg.norm_len
-    );
+    check_grpo_cfg(cfg)?;
     let row = |k: usize, t: usize| st[k * n + t] as f64;
     let mut cnt_s = vec![0f64; n_seq];
     let mut tok_s = vec![0f64; n_seq];

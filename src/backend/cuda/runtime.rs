@@ -28,6 +28,8 @@ pub const PTXAS_REPORT: &str = gen::PTXAS_REPORT;
 pub(crate) const ERR_EMBED_ID: u32 = 1;
 pub(crate) const ERR_TARGET_ID: u32 = 2;
 pub(crate) const ERR_KV_ROW: u32 = 4;
+pub(crate) const ERR_DECODE_LEN: u32 = 8;
+pub(crate) const ERR_SAMPLE_LOGIT: u32 = 16;
 
 pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
@@ -60,9 +62,14 @@ impl Elem for f64 {
 /// The caching device allocator: size classes (powers of two up to 1 MiB, then multiples of
 /// 2 MiB) with a free list each. A dropped buffer returns to its list and is handed out again
 /// to the next request of the same class, so after warm-up a training step allocates nothing
-/// from the driver. Reuse is safe because every kernel runs on the pool's single stream.
+/// from the driver. Reuse is safe because every kernel runs on the pool's single stream: work
+/// queued after the reuse runs after the work queued before it. Freeing a block back to the
+/// driver is not ordered by the stream, so [`Pool::trim`] waits for the stream first (work
+/// still queued may read or write a cached block). The pool owns the stream and destroys it
+/// last, after every buffer (each holds the pool) is gone.
 pub struct Pool {
     ctx: sys::CUcontext,
+    stream: sys::CUstream,
     free: Mutex<BTreeMap<usize, Vec<sys::CUdeviceptr>>>,
     stats: Mutex<PoolStats>,
 }
@@ -111,7 +118,8 @@ impl Pool {
         let p = match unsafe { dr::malloc_sync(class) } {
             Ok(p) => p,
             Err(_) => {
-                // Out of memory: give the cached blocks back to the driver and try once more.
+                // Out of memory: give the cached blocks back to the driver (after the queued
+                // work that may still use them) and try once more.
                 self.trim()?;
                 unsafe { dr::malloc_sync(class) }.map_err(|e| {
                     Error::Cuda(format!(
@@ -133,13 +141,16 @@ impl Pool {
         }
     }
 
-    /// Frees every cached (unused) block.
+    /// Frees every cached (unused) block, after waiting for the work queued on the stream (a
+    /// block returned to the pool may still be read or written by it).
     pub fn trim(&self) -> Result<()> {
         let mut f = self
             .free
             .lock()
             .map_err(|_| Error::msg("allocator lock poisoned"))?;
         unsafe { dr::ctx::set_current(self.ctx) }.map_err(|e| drv("cuCtxSetCurrent", e))?;
+        unsafe { dr::stream::synchronize(self.stream) }
+            .map_err(|e| drv("cuStreamSynchronize (before freeing cached blocks)", e))?;
         let mut freed = 0u64;
         for (class, list) in f.iter_mut() {
             for p in list.drain(..) {
@@ -161,6 +172,10 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.trim();
+        // SAFETY: the last user of the stream is gone (every buffer and the Gpu hold the pool).
+        unsafe {
+            let _ = dr::stream::destroy(self.stream);
+        }
     }
 }
 
@@ -320,48 +335,85 @@ fn no_cuda(msg: impl Into<String>) -> Error {
     Error::NoCuda(msg.into())
 }
 
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    let msg = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("the CUDA driver library failed while loading: {msg}")
+}
+
+/// Whether device `ordinal` exists: `Error::NoCuda` when the driver library is absent or the
+/// driver reports no device (cuInit's CUDA_ERROR_NO_DEVICE, the toolkit's stub library, a
+/// device count of 0); `Error::Cuda` for any other driver failure; `Error::Invalid` for an
+/// ordinal beyond the devices present. Call inside `catch_unwind` (cudarc panics when an entry
+/// point is missing from the library).
+fn probe(ordinal: usize) -> Result<()> {
+    // cudarc panics on first use when the library cannot be loaded: check for it first.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(no_cuda(
+            "the CUDA driver library (libcuda.so) is not installed on this machine",
+        ));
+    }
+    dr::init().map_err(|e| match e.0 {
+        sys::CUresult::CUDA_ERROR_NO_DEVICE | sys::CUresult::CUDA_ERROR_STUB_LIBRARY => {
+            no_cuda(format!("cuInit: {e}"))
+        }
+        _ => drv("cuInit", e),
+    })?;
+    let count = dr::device::get_count().map_err(|e| drv("cuDeviceGetCount", e))?;
+    if count <= 0 {
+        return Err(no_cuda("the driver reports no CUDA device"));
+    }
+    if ordinal >= count as usize {
+        return Err(Error::Invalid(format!(
+            "CUDA device {ordinal} requested, {count} present"
+        )));
+    }
+    Ok(())
+}
+
+/// (free, total) bytes of device `ordinal`, probed the same way as [`Gpu::open`] (so the same
+/// `Error::NoCuda` / `Error::Cuda` split) through its primary context.
+pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
+    std::panic::catch_unwind(|| -> Result<(u64, u64)> {
+        probe(ordinal)?;
+        let dev = dr::device::get(ordinal as i32).map_err(|e| drv("cuDeviceGet", e))?;
+        let ctx = unsafe { dr::primary_ctx::retain(dev) }
+            .map_err(|e| drv("cuDevicePrimaryCtxRetain", e))?;
+        let info = unsafe { dr::ctx::set_current(ctx) }
+            .map_err(|e| drv("cuCtxSetCurrent", e))
+            .and_then(|_| dr::mem_get_info().map_err(|e| drv("cuMemGetInfo", e)));
+        // Balance the retain (a Cuda backend on this device holds its own reference).
+        let _ = std::panic::catch_unwind(|| unsafe { dr::primary_ctx::release(dev) });
+        info.map(|(f, t)| (f as u64, t as u64))
+    })
+    .unwrap_or_else(|p| Err(Error::Cuda(panic_text(p.as_ref()))))
+}
+
 impl Gpu {
-    /// Opens device `ordinal`. Returns `Error::NoCuda` (never panics) when the driver library,
-    /// a device, or cuBLAS is missing.
+    /// Opens device `ordinal`. Never panics. `Error::NoCuda` means exactly "this machine has
+    /// no CUDA device": the driver library is absent, or the driver reports no device. Anything
+    /// else that goes wrong next to a working driver (a too-old driver missing an entry point,
+    /// cuBLAS not found, a kernel module that does not load) is `Error::Cuda`, so that a broken
+    /// GPU setup is never mistaken for a machine without a GPU.
     pub fn open(ordinal: usize) -> Result<Gpu> {
-        // cudarc panics on first use when a library cannot be loaded: probe first, and catch
-        // any panic from the loader as a plain error.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(no_cuda(
-                "the CUDA driver library (libcuda.so) is not installed on this machine",
-            ));
-        }
-        let r = std::panic::catch_unwind(|| Self::open_inner(ordinal));
-        match r {
-            Ok(r) => r,
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic while loading CUDA".into());
-                Err(no_cuda(msg))
+        std::panic::catch_unwind(|| {
+            probe(ordinal)?;
+            if !unsafe { cublas_sys::is_culib_present() } {
+                return Err(Error::Cuda(
+                    "libcublas.so was not found next to a working CUDA driver (set \
+                     LD_LIBRARY_PATH to the CUDA 13 libraries)"
+                        .into(),
+                ));
             }
-        }
+            Self::open_inner(ordinal)
+        })
+        .unwrap_or_else(|p| Err(Error::Cuda(panic_text(p.as_ref()))))
     }
 
     fn open_inner(ordinal: usize) -> Result<Gpu> {
-        dr::init().map_err(|e| no_cuda(format!("cuInit failed: {e}")))?;
-        let count =
-            dr::device::get_count().map_err(|e| no_cuda(format!("cuDeviceGetCount: {e}")))?;
-        if count <= 0 {
-            return Err(no_cuda("the driver reports no CUDA device"));
-        }
-        if ordinal as i32 >= count {
-            return Err(no_cuda(format!(
-                "device {ordinal} requested, {count} present"
-            )));
-        }
-        if !unsafe { cublas_sys::is_culib_present() } {
-            return Err(no_cuda(
-                "libcublas.so was not found (set LD_LIBRARY_PATH to the CUDA 13 libraries)",
-            ));
-        }
         let dev = dr::device::get(ordinal as i32).map_err(|e| drv("cuDeviceGet", e))?;
         let name = dr::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
         let cc = unsafe {
@@ -382,6 +434,13 @@ impl Gpu {
         unsafe { dr::ctx::set_current(ctx) }.map_err(|e| drv("cuCtxSetCurrent", e))?;
         let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
             .map_err(|e| drv("cuStreamCreate", e))?;
+        // From here on the pool owns the stream (and destroys it, also on an early return).
+        let pool = Arc::new(Pool {
+            ctx,
+            stream,
+            free: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(PoolStats::default()),
+        });
         let handle =
             cudarc::cublas::result::create_handle().map_err(|e| blas("cublasCreate", e))?;
         unsafe { cudarc::cublas::result::set_stream(handle, stream as _) }
@@ -392,11 +451,6 @@ impl Gpu {
             let m = load_module(name, image, cc)?;
             modules.insert(name.to_string(), m);
         }
-        let pool = Arc::new(Pool {
-            ctx,
-            free: Mutex::new(BTreeMap::new()),
-            stats: Mutex::new(PoolStats::default()),
-        });
         let (p, class) = pool.alloc_bytes(4)?;
         unsafe { dr::memset_d8_async(p, 0, 4, stream) }.map_err(|e| drv("cuMemsetD8Async", e))?;
         let err_flag = CudaBuf {
@@ -503,6 +557,15 @@ impl Gpu {
             }
             if flag[0] & ERR_KV_ROW != 0 {
                 what.push("a kv_store destination row is outside the KV cache");
+            }
+            if flag[0] & ERR_DECODE_LEN != 0 {
+                what.push("attention_decode: a length in `lens` is 0 or above `max_len`");
+            }
+            if flag[0] & ERR_SAMPLE_LOGIT != 0 {
+                what.push(
+                    "sample: a row of `logits` holds NaN or +inf, or is all -inf with \
+                     temperature > 0",
+                );
             }
             return Err(Error::Invalid(what.join("; ")));
         }
@@ -672,7 +735,7 @@ impl Drop for Gpu {
             for (_, m) in self.modules.drain() {
                 let _ = dr::module::unload(m);
             }
-            let _ = dr::stream::destroy(self.stream);
+            // The stream is destroyed by the pool, after the last buffer is gone.
         }
     }
 }
