@@ -812,8 +812,9 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream s) {
         return bad(CUDA_ERROR_INVALID_HANDLE, "cuStreamDestroy: invalid stream %p", (void*)s);
     flush((Stream*)s);  // queued work still completes
     std::lock_guard<std::recursive_mutex> g(mu);
+    // Unlisted but not freed: another thread's cuCtxSynchronize or cuMemFree may still be
+    // draining it (stream objects are small; a test process makes few).
     streams.erase((Stream*)s);
-    delete (Stream*)s;
     return CUDA_SUCCESS;
 }
 

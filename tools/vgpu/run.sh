@@ -29,7 +29,7 @@ export TOOLN1_VGPU_ORDER=$ORDER
 export TOOLN1_REQUIRE_CUDA=1
 if [ ${#ASAN[@]} -gt 0 ]; then
     export LD_PRELOAD="$("${CXX:-g++}" -print-file-name=libasan.so)${LD_PRELOAD:+:$LD_PRELOAD}"
-    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1}
+    export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:use_sigaltstack=0}
 fi
 echo "virtual GPU: $LIB (thread order $ORDER${ASAN:+, AddressSanitizer})" >&2
 exec "$@"

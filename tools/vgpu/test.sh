@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA test suite on the virtual GPU (CI runs it after `cargo test`):
 #   1. builds the stand-in libcuda/libcublas from this checkout's kernels (tools/vgpu/build.sh);
-#   2. runs every tests/cuda_*.rs binary with thread order forward, then reverse (a missing
-#      __syncthreads shows in one of them), and cuda_ops once more in random order, with
-#      TOOLN1_REQUIRE_CUDA=1 so that no test can skip;
+#   2. runs every tests/cuda_*.rs binary with thread order forward (cached allocator), then
+#      reverse with exact-size uncached buffers (TOOLN1_CUDA_POOL=exact, so a read or write past
+#      a buffer's end reaches the guard page after its allocation), with TOOLN1_REQUIRE_CUDA=1 so
+#      that no test can skip; the allocator's out-of-memory path on a 256 MiB device; cuda_ops in
+#      random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
+#      out-of-bounds or use-after-free access is reported with its kernels/*.cu line);
 #   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
 #      finish its steps and write finite losses.
 # Usage: tools/vgpu/test.sh [--quick]   (--quick: forward order only, no CLI run)
@@ -34,21 +37,33 @@ for line in sys.stdin:
 
 export LD_LIBRARY_PATH="$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export TOOLN1_REQUIRE_CUDA=1
-ORDERS=(forward reverse)
-[ "$QUICK" = 1 ] && ORDERS=(forward)
-for order in "${ORDERS[@]}"; do
+PASSES=("forward cached" "reverse exact")
+[ "$QUICK" = 1 ] && PASSES=("forward cached")
+for pass in "${PASSES[@]}"; do
+    read -r order pool <<<"$pass"
     while IFS=$'\t' read -r name exe; do
         t=$(date +%s)
-        echo "vgpu-test: $name, thread order $order"
-        TOOLN1_VGPU_ORDER=$order "$exe" --test-threads 2
-        echo "vgpu-test: $name ($order) passed in $(( $(date +%s) - t )) s"
+        echo "vgpu-test: $name, thread order $order, $pool buffers"
+        TOOLN1_VGPU_ORDER=$order TOOLN1_CUDA_POOL=$pool "$exe" --test-threads 2
+        echo "vgpu-test: $name ($order, $pool) passed in $(( $(date +%s) - t )) s"
     done <target/vgpu-tests.tsv
 done
+exe=$(awk -F'\t' '$1 == "cuda_ops" {print $2}' target/vgpu-tests.tsv)
+# The allocator's out-of-memory -> trim -> retry path, on a device of 256 MiB.
+echo "vgpu-test: cuda_ops allocator out-of-memory path (TOOLN1_VGPU_MEM_BYTES=268435456)"
+TOOLN1_VGPU_MEM_BYTES=268435456 "$exe" --exact allocator_out_of_memory_trims_and_retries
 if [ "$QUICK" = 0 ]; then
-    exe=$(awk -F'\t' '$1 == "cuda_ops" {print $2}' target/vgpu-tests.tsv)
     seed=$(( $(date +%s) % 100000 ))
     echo "vgpu-test: cuda_ops, thread order random (TOOLN1_VGPU_SEED=$seed)"
     TOOLN1_VGPU_ORDER=random TOOLN1_VGPU_SEED=$seed "$exe" --test-threads 2
+
+    t=$(date +%s)
+    ASAN_LIB=$(bash tools/vgpu/build.sh --asan | tail -n1)
+    echo "vgpu-test: cuda_ops on the AddressSanitizer build (exact buffers)"
+    LD_LIBRARY_PATH="$ASAN_LIB:$LD_LIBRARY_PATH" LD_PRELOAD="$("${CXX:-g++}" -print-file-name=libasan.so)" \
+        ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:use_sigaltstack=0 TOOLN1_CUDA_POOL=exact \
+        "$exe" --test-threads 2
+    echo "vgpu-test: cuda_ops under AddressSanitizer passed in $(( $(date +%s) - t )) s"
 
     # A short GRPO run of the CLI on the virtual GPU.
     t=$(date +%s)

@@ -110,6 +110,12 @@ impl Cuda {
         self.gpu.pool.stats()
     }
 
+    /// Whether the allocator hands out exact-size, uncached buffers (`TOOLN1_CUDA_POOL=exact`,
+    /// for memory checkers) instead of cached size classes.
+    pub fn pool_is_exact(&self) -> bool {
+        self.gpu.pool.is_exact()
+    }
+
     /// CUDA events for timing work queued on this backend.
     pub fn timer(&self) -> Result<Timer> {
         self.gpu.timer()

@@ -72,6 +72,11 @@ pub struct Pool {
     stream: sys::CUstream,
     free: Mutex<BTreeMap<usize, Vec<sys::CUdeviceptr>>>,
     stats: Mutex<PoolStats>,
+    /// `TOOLN1_CUDA_POOL=exact`: every buffer is its own driver allocation of exactly the
+    /// requested size, freed when dropped (no size classes, no caching), so that an access past
+    /// a buffer's end reaches the end of its allocation, where a memory checker (the virtual
+    /// GPU's guard pages or AddressSanitizer build, compute-sanitizer on a GPU) reports it.
+    exact: bool,
 }
 
 /// Counters of the caching allocator.
@@ -101,7 +106,24 @@ fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     fn alloc_bytes(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
-        let class = size_class(bytes);
+        let class = if self.exact {
+            bytes.max(1)
+        } else {
+            size_class(bytes)
+        };
+        if self.exact {
+            // Nothing cached to trim: the driver's answer is final.
+            let p = unsafe { dr::malloc_sync(class) }.map_err(|e| {
+                Error::Cuda(format!(
+                    "cuMemAlloc of {class} bytes failed: {e} (device memory exhausted?)"
+                ))
+            })?;
+            if let Ok(mut s) = self.stats.lock() {
+                s.driver_allocs += 1;
+                s.bytes_held += class as u64;
+            }
+            return Ok((p, class));
+        }
         if let Some(p) = self
             .free
             .lock()
@@ -136,6 +158,17 @@ impl Pool {
     }
 
     fn release(&self, ptr: sys::CUdeviceptr, class: usize) {
+        if self.exact {
+            // cuMemFree waits for the work that may still use the buffer.
+            unsafe {
+                if dr::ctx::set_current(self.ctx).is_ok() && dr::free_sync(ptr).is_ok() {
+                    if let Ok(mut s) = self.stats.lock() {
+                        s.bytes_held -= class as u64;
+                    }
+                }
+            }
+            return;
+        }
         if let Ok(mut f) = self.free.lock() {
             f.entry(class).or_default().push(ptr);
         }
@@ -162,6 +195,11 @@ impl Pool {
             s.bytes_held -= freed;
         }
         Ok(())
+    }
+
+    /// Whether buffers are exact-size driver allocations (`TOOLN1_CUDA_POOL=exact`).
+    pub fn is_exact(&self) -> bool {
+        self.exact
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -440,6 +478,7 @@ impl Gpu {
             stream,
             free: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(PoolStats::default()),
+            exact: std::env::var("TOOLN1_CUDA_POOL").is_ok_and(|v| v == "exact"),
         });
         let handle =
             cudarc::cublas::result::create_handle().map_err(|e| blas("cublasCreate", e))?;
