@@ -43,9 +43,15 @@ pub struct TrainArgs {
     /// Reward variant: v0 (binary with think, the default), v2, v3, v4.
     #[arg(long, default_value = "v0")]
     pub reward: String,
-    /// Continue from a checkpoint folder, or from the latest checkpoint of a run folder.
+    /// Continue from a checkpoint folder, or from the latest checkpoint of a run folder. New
+    /// checkpoints and metrics go to that run folder (the one holding `checkpoints/`), or to
+    /// --out when given.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Delete checkpoints in the output folder that are later than the starting step (resuming
+    /// from an older checkpoint, or reusing a folder) instead of refusing to start.
+    #[arg(long)]
+    pub discard_later_checkpoints: bool,
     /// Print the resolved config and the memory estimate, then stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -74,6 +80,9 @@ pub struct SftArgs {
     pub device: Option<DeviceKind>,
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Delete checkpoints already in the output folder instead of refusing to start.
+    #[arg(long)]
+    pub discard_later_checkpoints: bool,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -156,13 +165,7 @@ fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
     }
 }
 
-/// Available memory of the machine the CPU backend runs on (bytes), from /proc/meminfo.
-fn host_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+use crate::safefs::host_available;
 
 /// Print the memory estimate; refuse the run when it cannot fit.
 fn check_memory(
@@ -170,8 +173,26 @@ fn check_memory(
     inputs: MemoryInputs,
     recompute: bool,
     device: DeviceKind,
+    host_extra: u64,
 ) -> anyhow::Result<()> {
     let est = MemoryEstimate::new(model_cfg, inputs);
+    if host_extra > 0 {
+        eprintln!(
+            "host memory for one step's sequences, logprobs and advantages: {}",
+            gib(host_extra)
+        );
+        if let Some(avail) = host_available() {
+            if host_extra > avail {
+                bail!(
+                    "this run does not fit in host memory: one step's sequences need about {} \
+                     and {} are available (lower grpo.prompts_per_step, rollout.n or the token \
+                     limits)",
+                    gib(host_extra),
+                    gib(avail)
+                );
+            }
+        }
+    }
     eprintln!("memory estimate (CUDA numerics: bf16 weights, f32 gradients and AdamW):\n{est}");
     let cuda = crate::train::device::cuda_memory();
     let use_cuda = match device {
@@ -199,17 +220,7 @@ fn check_memory(
             }
         }
     } else {
-        // The CPU backend keeps weights, activations and the KV cache in f32 and needs no
-        // master copy.
-        let need = est.peak(recompute) - est.master
-            + est.weights
-            + est.reference
-            + est.kv_cache
-            + if recompute {
-                est.activations_recompute
-            } else {
-                est.activations_full
-            };
+        let need = est.cpu_peak(recompute).saturating_add(host_extra);
         if let Some(avail) = host_available() {
             eprintln!(
                 "host memory: {} available; this run needs about {} on the CPU backend",
@@ -262,6 +273,20 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
         _ => load_config(a.config.as_deref(), &a.set)?,
     };
+    // A resumed run writes where the user points: --out, else the run folder the checkpoint
+    // belongs to, never the output path recorded in the checkpoint (which names the original
+    // folder when a run was copied or moved).
+    let out_flag = match (&a.out, &resume) {
+        (Some(o), _) => Some(o.clone()),
+        (None, Some(ck)) => Some(checkpoint::run_dir_of(ck).with_context(|| {
+            format!(
+                "{}: not inside a run folder (RUN/checkpoints/step-N); give --out for the new \
+                 checkpoints and metrics",
+                ck.display()
+            )
+        })?),
+        (None, None) => None,
+    };
     let run = RunFields {
         model: &mut cfg.model,
         data: &mut cfg.data,
@@ -270,7 +295,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         steps: &mut cfg.steps,
     };
     let (model_dir, data) =
-        run.apply(a.model, a.data, a.out, a.device, a.steps, "training data")?;
+        run.apply(a.model, a.data, out_flag, a.device, a.steps, "training data")?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -282,11 +307,20 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         rollout_seqs: cfg
             .rollout
             .max_slots
-            .min(cfg.grpo.prompts_per_step * cfg.rollout.n) as u64,
-        max_len: (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64,
+            .min(cfg.grpo.prompts_per_step.saturating_mul(cfg.rollout.n)) as u64,
+        max_len: cfg
+            .rollout
+            .max_prompt_tokens
+            .saturating_add(cfg.rollout.max_new_tokens) as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.grpo.recompute, cfg.device)?;
+    check_memory(
+        &model_cfg,
+        inputs,
+        cfg.grpo.recompute,
+        cfg.device,
+        cfg.step_host_bytes(),
+    )?;
     if a.dry_run {
         return Ok(());
     }
@@ -298,6 +332,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         resume: Option<PathBuf>,
         reward: Box<dyn crate::reward::Reward>,
         quiet: bool,
+        discard_later: bool,
     }
     impl BackendJob for Job {
         type Output = ();
@@ -332,6 +367,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             t.reference_dir = Some(self.model_dir.clone());
             t.source_dir = Some(self.model_dir.clone());
             t.quiet = self.quiet;
+            t.discard_later = self.discard_later;
             eprintln!(
                 "training {} steps from step {} ({} prompts x {} samples per step)",
                 t.total_steps(),
@@ -359,6 +395,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             resume,
             reward,
             quiet: a.quiet,
+            discard_later: a.discard_later_checkpoints,
         },
     )?;
     Ok(())
@@ -429,12 +466,13 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         max_len: cfg.max_seq_tokens as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device)?;
+    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device, 0)?;
     struct Job {
         cfg: SftConfig,
         model_dir: PathBuf,
         data: PathBuf,
         quiet: bool,
+        discard_later: bool,
     }
     impl BackendJob for Job {
         type Output = ();
@@ -456,6 +494,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
             let mut t = SftTrainer::new(b, model, items, self.cfg)?;
             t.source_dir = Some(self.model_dir.clone());
             t.quiet = self.quiet;
+            t.discard_later = self.discard_later;
             let m = t.run(Some(&out))?;
             if let (Some(f), Some(l)) = (m.first(), m.last()) {
                 eprintln!(
@@ -477,6 +516,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
             model_dir,
             data,
             quiet: a.quiet,
+            discard_later: a.discard_later_checkpoints,
         },
     )?;
     Ok(())
