@@ -101,7 +101,16 @@ impl RunLock {
     /// Take the lock of `dir` (created if missing).
     pub fn acquire(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(LOCK_FILE);
+        Self::acquire_at(&dir.join(LOCK_FILE), dir)
+    }
+
+    /// Take the lock file `path` guarding `what` (a folder or file named in the error).
+    pub fn acquire_at(path: &Path, what: &Path) -> Result<Self> {
+        let path = path.to_path_buf();
+        let dir = what;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
         let host = host_name();
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -9,7 +9,9 @@ use crate::train::checkpoint;
 use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
 use crate::train::demo::{run_demo, DemoConfig};
 use crate::train::device::{run_on, BackendJob};
-use crate::train::evalgen::{generate_outputs, write_outputs, GenConfig, GenPrompt};
+use crate::train::evalgen::{
+    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
+};
 use crate::train::metrics::summarize;
 use crate::train::runner::{prepare_prompts, read_samples, stop_tokens, Trainer};
 use crate::train::sft::{prepare_sft, SftTrainer};
@@ -619,14 +621,42 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
         max_new_tokens: a.max_new_tokens,
         max_prompt_tokens: a.max_prompt_tokens,
     };
+    // Before any generation: --out must be writable, and generations are saved batch by batch
+    // beside it so that an interrupted run keeps them and a rerun continues.
+    let settings = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "data": a.data.display().to_string(),
+        "system": a.system,
+        "max_new_tokens": a.max_new_tokens,
+        "max_prompt_tokens": a.max_prompt_tokens,
+    });
+    let _lock = crate::safefs::RunLock::acquire_at(
+        &partial_path(&a.out).with_extension("lock"),
+        &a.out,
+    )?;
+    let partial = PartialOutputs::open(&a.out, &settings)?;
+    let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
+    if !earlier.is_empty() {
+        eprintln!(
+            "continuing: {} generations kept from an interrupted run ({})",
+            earlier.len(),
+            partial_path(&a.out).display()
+        );
+    }
+    let all_ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+    let prompts: Vec<GenPrompt> = prompts
+        .into_iter()
+        .filter(|p| !earlier.contains_key(&p.id))
+        .collect();
     struct Job {
         model_dir: PathBuf,
         prompts: Vec<GenPrompt>,
         gen: GenConfig,
+        partial: PartialOutputs,
     }
     impl BackendJob for Job {
-        type Output = Vec<(String, String)>;
-        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
+        type Output = (Vec<(String, String)>, PartialOutputs);
+        fn run<B: Backend + 'static>(mut self, b: B) -> crate::Result<Self::Output> {
             eprintln!("backend: {}", b.name());
             let tok = Tokenizer::from_dir(&self.model_dir)?;
             let template = template_for(&self.model_dir)?;
@@ -642,7 +672,10 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
                 &self.prompts,
                 &stop,
                 &self.gen,
-                |done, _| pb.set_position(done as u64),
+                |done, _, batch| {
+                    pb.set_position(done as u64);
+                    self.partial.append(batch)
+                },
             )?;
             pb.finish_and_clear();
             eprintln!(
@@ -654,18 +687,29 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
                 stats.too_long,
                 stats.truncated
             );
-            Ok(outs)
+            Ok((outs, self.partial))
         }
     }
-    let outs = run_on(
+    let (new_outs, partial) = run_on(
         a.device,
         Job {
             model_dir: a.model.clone(),
             prompts,
             gen,
+            partial,
         },
     )?;
+    let mut by_id = earlier;
+    by_id.extend(new_outs);
+    let outs: Vec<(String, String)> = all_ids
+        .into_iter()
+        .map(|id| {
+            let o = by_id.get(&id).cloned().unwrap_or_default();
+            (id, o)
+        })
+        .collect();
     write_outputs(&a.out, &outs)?;
+    partial.finish()?;
     eprintln!("generations: {}", a.out.display());
     match kind {
         EvalKind::Bfcl => {
