@@ -222,6 +222,12 @@ pub fn save<B: Backend>(
         .parent()
         .ok_or_else(|| Error::msg(format!("{}: checkpoint path has no parent", dir.display())))?;
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    if dir.exists() && !dir.join("trainer.json").is_file() {
+        return Err(Error::msg(format!(
+            "{}: exists and is not a checkpoint of this tool; refusing to replace it",
+            dir.display()
+        )));
+    }
     // Non-finite values are refused before anything is written, so a diverged run never
     // produces a checkpoint and the last good one stays the latest.
     let host = model.to_host(b)?;
