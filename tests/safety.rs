@@ -556,3 +556,25 @@ fn file_system_errors_print_the_os_text_once_with_the_path() {
     assert!(text.contains("/no/such/folder/config.json"), "{text}");
     assert_eq!(text.matches("os error 2").count(), 1, "{text}");
 }
+
+#[test]
+fn a_chat_template_that_loops_forever_is_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("tokenizer_config.json");
+    let tpl = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+    std::fs::write(&p, serde_json::json!({ "chat_template": tpl }).to_string()).unwrap();
+    let t = tooln1::tokenizer::ChatTemplate::from_tokenizer_config(&p).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let msgs = [tooln1::data::Message {
+            role: "user".into(),
+            content: "hi".into(),
+        }];
+        let _ = tx.send(t.render(&msgs, None, true).map(|s| s.len()));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("rendering a 10^10-step template did not stop");
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("template instructions"), "{e}");
+}
