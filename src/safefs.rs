@@ -207,7 +207,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = read_to_string(dir.path()).unwrap_err().to_string();
         assert!(e.contains("is a folder"), "{e}");
-        let e = read_to_string(&dir.path().join("missing")).unwrap_err().to_string();
+        let e = read_to_string(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("missing"), "{e}");
         assert!(check_host_memory(None, "x").is_err());
         assert!(check_host_memory(Some(u64::MAX), "x").is_err() || host_available().is_none());

@@ -52,9 +52,10 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf) {
     };
     save_params(&model, &cfg, &host, &opts).unwrap();
     let data = dir.join("train.jsonl");
-    write_samples(&data, |city| {
-        serde_json::json!([{"name": "get_weather", "arguments": {"city": city}}])
-    });
+    write_samples(
+        &data,
+        |city| serde_json::json!([{"name": "get_weather", "arguments": {"city": city}}]),
+    );
     (model, data)
 }
 
@@ -162,7 +163,9 @@ fn resume_writes_where_it_is_pointed_and_keeps_later_checkpoints() {
     // Resuming the copy writes into the copy, not into the run recorded in its state.
     let (ok, _, text) = tooln1(&["train", "--resume", s(&run_b), "--steps", "3", "--quiet"]);
     assert!(ok, "{text}");
-    assert!(run_b.join("checkpoints/step-00000003/trainer.json").exists());
+    assert!(run_b
+        .join("checkpoints/step-00000003/trainer.json")
+        .exists());
     assert!(!run_a.join("checkpoints/step-00000003").exists(), "{text}");
     assert_eq!(
         std::fs::read_to_string(run_a.join("metrics.jsonl")).unwrap(),
@@ -318,7 +321,12 @@ fn weights_that_stop_being_finite_stop_the_run_and_the_last_good_checkpoint_stay
 #[test]
 fn huge_sizes_are_errors_with_the_estimate_not_aborts() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ok, normal, text) = tooln1(&["init-tiny", s(&tmp.path().join("h")), "--hidden", "1000000000"]);
+    let (ok, normal, text) = tooln1(&[
+        "init-tiny",
+        s(&tmp.path().join("h")),
+        "--hidden",
+        "1000000000",
+    ]);
     assert!(!ok && normal, "{text}");
     assert!(text.contains("parameters"), "{text}");
     // Large but not absurd: refused against the machine's memory, with the figure.
@@ -333,12 +341,14 @@ fn huge_sizes_are_errors_with_the_estimate_not_aborts() {
         "2",
     ]);
     assert!(!ok && normal, "{text}");
-    assert!(text.contains("memory") || text.contains("parameters"), "{text}");
+    assert!(
+        text.contains("memory") || text.contains("parameters"),
+        "{text}"
+    );
     let cfg = tmp.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("qwen2.5/config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen2.5/config.json")).unwrap())
+            .unwrap();
     v["num_hidden_layers"] = serde_json::json!(1_000_000_000u64);
     std::fs::write(&cfg, v.to_string()).unwrap();
     let (ok, normal, text) = tooln1(&["inspect", s(&cfg)]);

@@ -296,8 +296,14 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         device: &mut cfg.device,
         steps: &mut cfg.steps,
     };
-    let (model_dir, data) =
-        run.apply(a.model, a.data, out_flag, a.device, a.steps, "training data")?;
+    let (model_dir, data) = run.apply(
+        a.model,
+        a.data,
+        out_flag,
+        a.device,
+        a.steps,
+        "training data",
+    )?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -309,7 +315,8 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         rollout_seqs: cfg
             .rollout
             .max_slots
-            .min(cfg.grpo.prompts_per_step.saturating_mul(cfg.rollout.n)) as u64,
+            .min(cfg.grpo.prompts_per_step.saturating_mul(cfg.rollout.n))
+            as u64,
         max_len: cfg
             .rollout
             .max_prompt_tokens
@@ -630,10 +637,8 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
         "max_new_tokens": a.max_new_tokens,
         "max_prompt_tokens": a.max_prompt_tokens,
     });
-    let _lock = crate::safefs::RunLock::acquire_at(
-        &partial_path(&a.out).with_extension("lock"),
-        &a.out,
-    )?;
+    let _lock =
+        crate::safefs::RunLock::acquire_at(&partial_path(&a.out).with_extension("lock"), &a.out)?;
     let partial = PartialOutputs::open(&a.out, &settings)?;
     let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
     if !earlier.is_empty() {

@@ -687,8 +687,8 @@ fn write_jsonl_to<T: Serialize>(tmp: &Path, path: &Path, items: &[T]) -> Result<
     let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
     let mut w = std::io::BufWriter::new(f);
     for it in items {
-        let line =
-            serde_json::to_string(it).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let line = serde_json::to_string(it)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         writeln!(w, "{line}").map_err(|e| Error::io(tmp, e))?;
     }
     let f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;

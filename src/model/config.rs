@@ -468,7 +468,10 @@ impl Qwen2Config {
         let layers = c(self.num_hidden_layers)?.checked_mul(per_layer)?;
         let embed = vocab.checked_mul(h)?;
         let heads = if self.tie_word_embeddings { 1 } else { 2 };
-        embed.checked_mul(heads)?.checked_add(layers)?.checked_add(h)
+        embed
+            .checked_mul(heads)?
+            .checked_add(layers)?
+            .checked_add(h)
     }
 
     /// The config as a JSON object in the HF layout. Fields of `base` (an original config.json

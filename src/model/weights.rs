@@ -485,7 +485,9 @@ fn is_model_folder_file(name: &str, opts: &SaveOptions) -> bool {
         .and_then(|r| r.strip_suffix(".safetensors"))
         .is_some_and(|r| {
             let b = r.as_bytes();
-            b.len() == 14 && &r[5..9] == "-of-" && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
+            b.len() == 14
+                && &r[5..9] == "-of-"
+                && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
         });
     shard
         || name == "config.json"

@@ -149,11 +149,7 @@ fn is_own_temp(name: &str) -> bool {
 /// - refuses when the folder already holds checkpoints after `step` (from a later point of the
 ///   same run, or from another run), since continuing would overwrite them; with
 ///   `discard_later` they are deleted first instead.
-pub fn claim_run_dir(
-    out: &Path,
-    step: u64,
-    discard_later: bool,
-) -> Result<crate::safefs::RunLock> {
+pub fn claim_run_dir(out: &Path, step: u64, discard_later: bool) -> Result<crate::safefs::RunLock> {
     let lock = crate::safefs::RunLock::acquire(out)?;
     let ck = out.join("checkpoints");
     if let Ok(rd) = std::fs::read_dir(&ck) {
@@ -161,7 +157,10 @@ pub fn claim_run_dir(
             let name = e.file_name().to_string_lossy().to_string();
             if is_own_temp(&name) && e.path().is_dir() {
                 let p = e.path();
-                eprintln!("note: removing {}, left by an interrupted checkpoint", p.display());
+                eprintln!(
+                    "note: removing {}, left by an interrupted checkpoint",
+                    p.display()
+                );
                 std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
             }
         }
@@ -188,7 +187,10 @@ pub fn claim_run_dir(
             )));
         }
         for (_, p) in &later {
-            eprintln!("note: deleting later checkpoint {} (--discard-later-checkpoints)", p.display());
+            eprintln!(
+                "note: deleting later checkpoint {} (--discard-later-checkpoints)",
+                p.display()
+            );
             std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
         }
     }
