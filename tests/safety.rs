@@ -375,6 +375,27 @@ fn huge_sizes_are_errors_with_the_estimate_not_aborts() {
     assert!(!ok && normal, "{text}");
     assert!(text.contains("grpo.prompts_per_step"), "{text}");
     assert!(!text.contains(" 0 B"), "{text}");
+
+    // Generation settings size the KV cache: checked before it is allocated.
+    let (ok, normal, text) = tooln1(&[
+        "eval",
+        "apibank",
+        "run",
+        "--model",
+        s(&model),
+        "--data",
+        s(&fixture("apibank/level-1-sample.json")),
+        "--out",
+        s(&tmp.path().join("g.jsonl")),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "1000000000000000",
+        "--batch-size",
+        "1000000000000",
+    ]);
+    assert!(!ok && normal, "{text}");
+    assert!(text.contains("KV cache"), "{text}");
 }
 
 #[test]

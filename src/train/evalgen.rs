@@ -161,7 +161,7 @@ impl PartialOutputs {
         }
         let path = partial_path(out);
         let mut done = Vec::new();
-        let fresh = !path.exists();
+        let mut fresh = !path.exists();
         if !fresh {
             let text = crate::safefs::read_to_string(&path)?;
             let mut lines = text.lines();
@@ -169,14 +169,6 @@ impl PartialOutputs {
                 .next()
                 .and_then(|l| serde_json::from_str(l).ok())
                 .unwrap_or(serde_json::Value::Null);
-            if first.get("settings") != Some(header) {
-                return Err(Error::msg(format!(
-                    "{}: holds generations of an interrupted run with other settings ({}); \
-                     delete it to start over, or rerun with those settings to continue",
-                    path.display(),
-                    first.get("settings").unwrap_or(&serde_json::Value::Null)
-                )));
-            }
             for l in lines {
                 // A line cut by a kill is incomplete JSON: that output is generated again.
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
@@ -188,6 +180,20 @@ impl PartialOutputs {
                 ) {
                     done.push((id.to_string(), o.to_string()));
                 }
+            }
+            if first.get("settings") != Some(header) {
+                if !done.is_empty() {
+                    return Err(Error::msg(format!(
+                        "{}: holds {} generations of an interrupted run with other settings \
+                         ({}); delete it to start over, or rerun with those settings to continue",
+                        path.display(),
+                        done.len(),
+                        first.get("settings").unwrap_or(&serde_json::Value::Null)
+                    )));
+                }
+                // No generation in it yet: nothing to keep.
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                fresh = true;
             }
         }
         let mut file = std::fs::OpenOptions::new()
