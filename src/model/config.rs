@@ -40,8 +40,9 @@ pub const MODEL_TYPE: &str = "qwen2";
 /// Largest parameter count a config may imply (10 trillion: far above any published Qwen2, and
 /// small enough that every byte count derived from it fits in 64 bits).
 pub const MAX_PARAMS: u64 = 10_000_000_000_000;
-/// Layer count above which a too-large config is reported against `num_hidden_layers`.
-const MAX_LAYERS: usize = 100_000;
+/// Most decoder layers a config may have (the largest Qwen2.5 has 80). The tensor list alone
+/// takes memory per layer, so this is checked before any list is built.
+pub const MAX_LAYERS: usize = 100_000;
 
 /// Field reader over one JSON object that names the file and field in every error.
 struct Fields<'a> {
@@ -419,16 +420,20 @@ impl Qwen2Config {
                 ),
             ));
         }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(err(
+                "num_hidden_layers",
+                format!(
+                    "{} is above the supported maximum of {MAX_LAYERS}",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
         match self.checked_num_params() {
             Some(n) if n <= MAX_PARAMS => {}
             n => {
-                let field = if self.num_hidden_layers > MAX_LAYERS {
-                    "num_hidden_layers"
-                } else {
-                    "hidden_size"
-                };
                 return Err(err(
-                    field,
+                    "hidden_size",
                     format!(
                         "the shapes imply {} parameters (hidden {}, intermediate {}, {} layers, \
                          vocab {}), above the supported maximum of {MAX_PARAMS}",
