@@ -89,7 +89,8 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether process `pid` exists on this host (true when that cannot be told).
+pub fn pid_alive(pid: u32) -> bool {
     if !Path::new("/proc/self").exists() {
         // No procfs: assume the holder is alive rather than take a lock that may be held.
         return true;

@@ -199,6 +199,20 @@ fn replaces_only_its_own_kind_of_folder_and_copies_tokenizer_and_config_fields()
     save_params(&out, &cfg, &p2, &opts).unwrap();
     assert_eq!(Checkpoint::open(&out).unwrap().load_host().unwrap(), p2);
     // Wrong number of tensors is refused before anything is written.
+    // What a killed save leaves: its temporary (deleted) and, killed between its two renames,
+    // the old folder moved aside with the target missing (put back).
+    let dead = "4000000000-17";
+    std::fs::create_dir(dir.path().join(format!(".ckpt.tmp-{dead}"))).unwrap();
+    std::fs::rename(&out, dir.path().join(format!(".ckpt.old-{dead}"))).unwrap();
+    let e = err_of(save_params(&out, &cfg, &p2, &SaveOptions::default()));
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(Checkpoint::open(&out).unwrap().load_host().unwrap(), p2);
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let e = err_of(save_params(&dir.path().join("bad"), &cfg, &p2[1..], &opts));
     assert!(e.contains("parameter tensors"), "{e}");
     assert!(!dir.path().join("bad").exists());

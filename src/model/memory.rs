@@ -320,6 +320,14 @@ mod tests {
         assert!(text.contains("KV cache"), "{text}");
         assert!(text.contains("7615616512"), "{text}");
         assert_eq!(cfg.checked_num_params(), Some(e.num_params));
+        for tied in [false, true] {
+            let c = crate::model::init::tiny_config(24, 3, 4, 2, 40, 50, tied);
+            assert_eq!(
+                c.checked_num_params(),
+                Some(ParamLayout::new(&c).num_params()),
+                "tied {tied}"
+            );
+        }
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 << 29), "1.50 GiB");
     }

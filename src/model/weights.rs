@@ -456,17 +456,18 @@ pub fn save_params(
         None => None,
     };
 
-    check_target(dir, opts)?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let name = dir
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("save: {} has no folder name", dir.display())))?
         .to_string_lossy()
         .to_string();
+    recover_stale(dir, &parent, &name)?;
+    check_target(dir, opts)?;
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let stamp = unique_stamp();
     let tmp = parent.join(format!(".{name}.tmp-{stamp}"));
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -476,6 +477,49 @@ pub fn save_params(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Clean up after an earlier save of `dir` whose process was killed: its temporary folders
+/// (`.NAME.tmp-PID-NANOS`) are deleted, and a folder it had moved aside
+/// (`.NAME.old-PID-NANOS`) is put back when `dir` is missing (the kill fell between the two
+/// renames), else deleted (the new folder was already in place). Only names of this form whose
+/// process no longer exists are touched.
+fn recover_stale(dir: &Path, parent: &Path, name: &str) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let stale_pid = |rest: &str| -> bool {
+        let mut it = rest.splitn(2, '-');
+        match (it.next().and_then(|p| p.parse::<u32>().ok()), it.next()) {
+            (Some(pid), Some(n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
+                pid != std::process::id() && !crate::safefs::pid_alive(pid)
+            }
+            _ => false,
+        }
+    };
+    let (tmp_prefix, old_prefix) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
+    for e in rd.flatten() {
+        let fname = e.file_name().to_string_lossy().to_string();
+        let p = e.path();
+        if !p.is_dir() {
+            continue;
+        }
+        if fname.strip_prefix(&tmp_prefix).is_some_and(stale_pid) {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        } else if fname.strip_prefix(&old_prefix).is_some_and(stale_pid) {
+            if dir.exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            } else {
+                eprintln!(
+                    "note: restoring {} from {}, left by an interrupted save",
+                    dir.display(),
+                    p.display()
+                );
+                std::fs::rename(&p, dir).map_err(|e| Error::io(dir, e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether `name` is a file that a model-folder save writes (and may therefore replace).

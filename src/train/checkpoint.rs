@@ -471,3 +471,26 @@ fn load_optimizer<B: Backend>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_folders_and_own_temporaries() {
+        assert_eq!(
+            run_dir_of(Path::new("runs/a/checkpoints/step-00000003")),
+            Some(PathBuf::from("runs/a"))
+        );
+        assert_eq!(
+            run_dir_of(Path::new("checkpoints/step-00000003")),
+            Some(PathBuf::from("."))
+        );
+        assert_eq!(run_dir_of(Path::new("elsewhere/step-00000003")), None);
+        assert!(is_own_temp(".step-00000003.tmp"));
+        assert!(is_own_temp(".step-00000003.old"));
+        assert!(!is_own_temp(".step-.tmp"));
+        assert!(!is_own_temp("step-00000003"));
+        assert!(!is_own_temp(".notes.tmp"));
+    }
+}
