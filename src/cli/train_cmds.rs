@@ -4,6 +4,7 @@ use crate::backend::Backend;
 use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
 use crate::model::weights::load_model;
 use crate::model::Qwen2Config;
+use crate::safefs::host_available;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint;
 use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
@@ -166,8 +167,6 @@ fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
         Ok(ChatTemplate::qwen25())
     }
 }
-
-use crate::safefs::host_available;
 
 /// Print the memory estimate; refuse the run when it cannot fit.
 fn check_memory(
