@@ -5,12 +5,11 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file-system error. The OS text is part of this message and is deliberately not also
+    /// exposed as the error's `source()`: a reporter that prints the whole chain (anyhow's
+    /// `{:#}`) would otherwise print it twice. The underlying error stays reachable as `err`.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A bad or missing configuration field (`file` may be a path or a section name).
     #[error("{file}: field `{field}`: {msg}")]
     Config {
@@ -49,7 +48,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     pub fn msg(m: impl Into<String>) -> Self {

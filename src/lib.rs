@@ -9,6 +9,7 @@ pub mod eval;
 pub mod model;
 pub mod pycall;
 pub mod reward;
+pub mod safefs;
 pub mod tokenizer;
 pub mod train;
 

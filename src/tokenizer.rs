@@ -10,6 +10,11 @@ use crate::data::Message;
 use crate::{Error, Result};
 use minijinja::value::{Kwargs, Value as JValue, ValueKind};
 use minijinja::{Environment, ErrorKind};
+
+/// Most template instructions one render may run. Rendering the Qwen2.5 template for a long
+/// conversation with a dozen tools takes well under 10^5; nested loops of 10^5 x 10^5 would
+/// take 10^10 and are stopped after about a second.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
@@ -214,7 +219,7 @@ impl ChatTemplate {
     /// `chat_template.jinja` beside the file is used, then the built-in Qwen2.5 template.
     pub fn from_tokenizer_config(path: &Path) -> Result<Self> {
         let label = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::safefs::read_to_string(path)?;
         let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
             file: label.clone(),
             field: "<json>".into(),
@@ -254,7 +259,7 @@ impl ChatTemplate {
             Some(Value::Null) | None => {
                 let jinja = path.with_file_name("chat_template.jinja");
                 if jinja.is_file() {
-                    let src = std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?;
+                    let src = crate::safefs::read_to_string(&jinja)?;
                     Self::new(src).map_err(|e| Error::msg(format!("{}: {e}", jinja.display())))
                 } else {
                     Ok(Self::qwen25())
@@ -269,6 +274,9 @@ impl ChatTemplate {
 
     fn environment(&self) -> Environment<'static> {
         let mut env = Environment::new();
+        // A chat template comes from a downloaded tokenizer_config.json and is untrusted: bound
+        // the work of one render (minijinja charges one unit of fuel per instruction).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
@@ -375,7 +383,7 @@ impl ChatTemplate {
 /// `unk_token`; each a string or an `{"content": ...}` object), as template variables the way
 /// transformers passes them to `apply_chat_template`. Absent or null tokens are left out.
 pub fn special_tokens_from_config(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         file: path.display().to_string(),
         field: "<json>".into(),
@@ -487,6 +495,13 @@ pub fn strftime_utc(fmt: &str, unix_secs: i64) -> std::result::Result<String, mi
 
 /// A minijinja error with its cause chain and line.
 fn describe(e: &minijinja::Error) -> String {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return format!(
+            "rendering stopped after {TEMPLATE_FUEL} template instructions (the template loops \
+             far more than a chat template needs; is tokenizer_config.json's chat_template \
+             corrupt or hostile?)"
+        );
+    }
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);
     while let Some(c) = src {

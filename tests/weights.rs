@@ -135,14 +135,18 @@ fn bf16_save_rounds_to_nearest_even() {
     let mut q = p.clone();
     q[0][0] = 1.0 + 1.0 / 256.0;
     q[0][1] = 1.0 + 3.0 / 256.0;
-    save_params(&out, &cfg, &q, &SaveOptions::default()).unwrap();
+    let over = SaveOptions {
+        overwrite: true,
+        ..SaveOptions::default()
+    };
+    save_params(&out, &cfg, &q, &over).unwrap();
     let back = Checkpoint::open(&out).unwrap().load_host().unwrap();
     assert_eq!(back[0][0], 1.0);
     assert_eq!(back[0][1], 1.0 + 4.0 / 256.0);
 }
 
 #[test]
-fn replaces_an_old_folder_and_copies_tokenizer_and_config_fields() {
+fn replaces_only_its_own_kind_of_folder_and_copies_tokenizer_and_config_fields() {
     let seed = clock_seed();
     let cfg = odd_cfg(true);
     let dir = tempfile::tempdir().unwrap();
@@ -159,12 +163,20 @@ fn replaces_an_old_folder_and_copies_tokenizer_and_config_fields() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("stale.txt"), b"old").unwrap();
     let p = params(&cfg, seed);
-    let opts = SaveOptions {
+    let mut opts = SaveOptions {
         source_dir: Some(src.clone()),
         ..f32_opts()
     };
+    // A non-empty folder is refused; with `overwrite`, still refused while it holds a file
+    // that is not part of a model folder (it would be deleted).
+    let e = err_of(save_params(&out, &cfg, &p, &opts));
+    assert!(e.contains("not empty"), "{e}");
+    opts.overwrite = true;
+    let e = err_of(save_params(&out, &cfg, &p, &opts));
+    assert!(e.contains("stale.txt"), "{e}");
+    assert_eq!(std::fs::read(out.join("stale.txt")).unwrap(), b"old");
+    std::fs::remove_file(out.join("stale.txt")).unwrap();
     save_params(&out, &cfg, &p, &opts).unwrap();
-    assert!(!out.join("stale.txt").exists(), "old folder replaced");
     assert_eq!(
         std::fs::read(out.join("tokenizer.json")).unwrap(),
         b"{\"tok\": 1}"
@@ -187,6 +199,20 @@ fn replaces_an_old_folder_and_copies_tokenizer_and_config_fields() {
     save_params(&out, &cfg, &p2, &opts).unwrap();
     assert_eq!(Checkpoint::open(&out).unwrap().load_host().unwrap(), p2);
     // Wrong number of tensors is refused before anything is written.
+    // What a killed save leaves: its temporary (deleted) and, killed between its two renames,
+    // the old folder moved aside with the target missing (put back).
+    let dead = "4000000000-17";
+    std::fs::create_dir(dir.path().join(format!(".ckpt.tmp-{dead}"))).unwrap();
+    std::fs::rename(&out, dir.path().join(format!(".ckpt.old-{dead}"))).unwrap();
+    let e = err_of(save_params(&out, &cfg, &p2, &SaveOptions::default()));
+    assert!(e.contains("not empty"), "{e}");
+    assert_eq!(Checkpoint::open(&out).unwrap().load_host().unwrap(), p2);
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     let e = err_of(save_params(&dir.path().join("bad"), &cfg, &p2[1..], &opts));
     assert!(e.contains("parameter tensors"), "{e}");
     assert!(!dir.path().join("bad").exists());

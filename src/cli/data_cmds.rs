@@ -63,8 +63,8 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     if let Some(p) = &a.system_prompt_file {
-        opts.base_system = std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read the system prompt file", p.display()))?
+        opts.base_system = crate::safefs::read_to_string(p)
+            .context("cannot read the system prompt file")?
             .trim_end()
             .to_string();
     }
@@ -77,8 +77,12 @@ fn prepare(a: PrepareArgs) -> anyhow::Result<()> {
     let prep = data::prepare(&inputs, &opts)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create", a.out.display()))?;
-    data::write_jsonl(&a.out.join("train.jsonl"), &prep.train)?;
-    data::write_jsonl(&a.out.join("test.jsonl"), &prep.test)?;
+    // Both files or neither: a new train file beside an old test file would leak test samples
+    // into training.
+    data::write_jsonl_all(&[
+        (&a.out.join("train.jsonl"), &prep.train[..]),
+        (&a.out.join("test.jsonl"), &prep.test[..]),
+    ])?;
     for (src, st) in &prep.stats {
         println!("{src}: read {} records, kept {} samples", st.read, st.kept);
         for (why, n) in &st.dropped {

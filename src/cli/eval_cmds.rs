@@ -121,8 +121,8 @@ fn parse_categories(names: &[String]) -> anyhow::Result<Option<Vec<bfcl::Categor
 
 fn base_system(p: &Option<PathBuf>) -> anyhow::Result<String> {
     match p {
-        Some(p) => Ok(std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read the system prompt file", p.display()))?
+        Some(p) => Ok(crate::safefs::read_to_string(p)
+            .context("cannot read the system prompt file")?
             .trim_end()
             .to_string()),
         None => Ok(DEFAULT_BASE_SYSTEM.to_string()),

@@ -49,6 +49,10 @@ pub struct InitTinyArgs {
     /// Store the weights in bf16 instead of f32.
     #[arg(long)]
     pub bf16: bool,
+    /// Replace DIR if it already holds a model folder (only model files; any other file in it
+    /// is never deleted and makes this an error).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The config and, for a folder with weights, the stored tensors' summary.
@@ -162,6 +166,7 @@ pub fn init_tiny(a: InitTinyArgs) -> anyhow::Result<()> {
         intermediate: a.intermediate,
         tied: a.tied,
         dtype: if a.bf16 { DType::BF16 } else { DType::F32 },
+        overwrite: a.force,
     };
     let cfg = write_tiny_model(&a.dir, &o)?;
     println!(

@@ -77,13 +77,8 @@ fn score(a: ScoreArgs) -> anyhow::Result<()> {
     }
     match &a.output {
         Some(p) => {
-            let tmp = p.with_extension("tmp");
-            std::fs::write(
-                &tmp,
-                lines_out.join("\n") + if lines_out.is_empty() { "" } else { "\n" },
-            )
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
-            std::fs::rename(&tmp, p).with_context(|| format!("{}: cannot write", p.display()))?;
+            let body = lines_out.join("\n") + if lines_out.is_empty() { "" } else { "\n" };
+            crate::train::checkpoint::write_atomic(p, body.as_bytes())?;
         }
         None => {
             let mut so = std::io::stdout().lock();

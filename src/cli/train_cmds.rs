@@ -4,12 +4,15 @@ use crate::backend::Backend;
 use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
 use crate::model::weights::load_model;
 use crate::model::Qwen2Config;
+use crate::safefs::host_available;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint;
 use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
 use crate::train::demo::{run_demo, DemoConfig};
 use crate::train::device::{run_on, BackendJob};
-use crate::train::evalgen::{generate_outputs, write_outputs, GenConfig, GenPrompt};
+use crate::train::evalgen::{
+    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
+};
 use crate::train::metrics::summarize;
 use crate::train::runner::{prepare_prompts, read_samples, stop_tokens, Trainer};
 use crate::train::sft::{prepare_sft, SftTrainer};
@@ -43,9 +46,15 @@ pub struct TrainArgs {
     /// Reward variant: v0 (binary with think, the default), v2, v3, v4.
     #[arg(long, default_value = "v0")]
     pub reward: String,
-    /// Continue from a checkpoint folder, or from the latest checkpoint of a run folder.
+    /// Continue from a checkpoint folder, or from the latest checkpoint of a run folder. New
+    /// checkpoints and metrics go to that run folder (the one holding `checkpoints/`), or to
+    /// --out when given.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Delete checkpoints in the output folder that are later than the starting step (resuming
+    /// from an older checkpoint, or reusing a folder) instead of refusing to start.
+    #[arg(long)]
+    pub discard_later_checkpoints: bool,
     /// Print the resolved config and the memory estimate, then stop.
     #[arg(long)]
     pub dry_run: bool,
@@ -74,6 +83,9 @@ pub struct SftArgs {
     pub device: Option<DeviceKind>,
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Delete checkpoints already in the output folder instead of refusing to start.
+    #[arg(long)]
+    pub discard_later_checkpoints: bool,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -156,22 +168,32 @@ fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
     }
 }
 
-/// Available memory of the machine the CPU backend runs on (bytes), from /proc/meminfo.
-fn host_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Print the memory estimate; refuse the run when it cannot fit.
 fn check_memory(
     model_cfg: &Qwen2Config,
     inputs: MemoryInputs,
     recompute: bool,
     device: DeviceKind,
+    host_extra: u64,
 ) -> anyhow::Result<()> {
     let est = MemoryEstimate::new(model_cfg, inputs);
+    if host_extra > 0 {
+        eprintln!(
+            "host memory for one step's sequences, logprobs and advantages: {}",
+            gib(host_extra)
+        );
+        if let Some(avail) = host_available() {
+            if host_extra > avail {
+                bail!(
+                    "this run does not fit in host memory: one step's sequences need about {} \
+                     and {} are available (lower grpo.prompts_per_step, rollout.n or the token \
+                     limits)",
+                    gib(host_extra),
+                    gib(avail)
+                );
+            }
+        }
+    }
     eprintln!("memory estimate (CUDA numerics: bf16 weights, f32 gradients and AdamW):\n{est}");
     let cuda = crate::train::device::cuda_memory();
     let use_cuda = match device {
@@ -199,17 +221,7 @@ fn check_memory(
             }
         }
     } else {
-        // The CPU backend keeps weights, activations and the KV cache in f32 and needs no
-        // master copy.
-        let need = est.peak(recompute) - est.master
-            + est.weights
-            + est.reference
-            + est.kv_cache
-            + if recompute {
-                est.activations_recompute
-            } else {
-                est.activations_full
-            };
+        let need = est.cpu_peak(recompute).saturating_add(host_extra);
         if let Some(avail) = host_available() {
             eprintln!(
                 "host memory: {} available; this run needs about {} on the CPU backend",
@@ -262,6 +274,20 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         }
         _ => load_config(a.config.as_deref(), &a.set)?,
     };
+    // A resumed run writes where the user points: --out, else the run folder the checkpoint
+    // belongs to, never the output path recorded in the checkpoint (which names the original
+    // folder when a run was copied or moved).
+    let out_flag = match (&a.out, &resume) {
+        (Some(o), _) => Some(o.clone()),
+        (None, Some(ck)) => Some(checkpoint::run_dir_of(ck).with_context(|| {
+            format!(
+                "{}: not inside a run folder (RUN/checkpoints/step-N); give --out for the new \
+                 checkpoints and metrics",
+                ck.display()
+            )
+        })?),
+        (None, None) => None,
+    };
     let run = RunFields {
         model: &mut cfg.model,
         data: &mut cfg.data,
@@ -269,8 +295,14 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         device: &mut cfg.device,
         steps: &mut cfg.steps,
     };
-    let (model_dir, data) =
-        run.apply(a.model, a.data, a.out, a.device, a.steps, "training data")?;
+    let (model_dir, data) = run.apply(
+        a.model,
+        a.data,
+        out_flag,
+        a.device,
+        a.steps,
+        "training data",
+    )?;
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
@@ -282,11 +314,21 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         rollout_seqs: cfg
             .rollout
             .max_slots
-            .min(cfg.grpo.prompts_per_step * cfg.rollout.n) as u64,
-        max_len: (cfg.rollout.max_prompt_tokens + cfg.rollout.max_new_tokens) as u64,
+            .min(cfg.grpo.prompts_per_step.saturating_mul(cfg.rollout.n))
+            as u64,
+        max_len: cfg
+            .rollout
+            .max_prompt_tokens
+            .saturating_add(cfg.rollout.max_new_tokens) as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.grpo.recompute, cfg.device)?;
+    check_memory(
+        &model_cfg,
+        inputs,
+        cfg.grpo.recompute,
+        cfg.device,
+        cfg.step_host_bytes(),
+    )?;
     if a.dry_run {
         return Ok(());
     }
@@ -298,6 +340,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         resume: Option<PathBuf>,
         reward: Box<dyn crate::reward::Reward>,
         quiet: bool,
+        discard_later: bool,
     }
     impl BackendJob for Job {
         type Output = ();
@@ -332,6 +375,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             t.reference_dir = Some(self.model_dir.clone());
             t.source_dir = Some(self.model_dir.clone());
             t.quiet = self.quiet;
+            t.discard_later = self.discard_later;
             eprintln!(
                 "training {} steps from step {} ({} prompts x {} samples per step)",
                 t.total_steps(),
@@ -359,6 +403,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             resume,
             reward,
             quiet: a.quiet,
+            discard_later: a.discard_later_checkpoints,
         },
     )?;
     Ok(())
@@ -429,12 +474,13 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         max_len: cfg.max_seq_tokens as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device)?;
+    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device, 0)?;
     struct Job {
         cfg: SftConfig,
         model_dir: PathBuf,
         data: PathBuf,
         quiet: bool,
+        discard_later: bool,
     }
     impl BackendJob for Job {
         type Output = ();
@@ -456,6 +502,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
             let mut t = SftTrainer::new(b, model, items, self.cfg)?;
             t.source_dir = Some(self.model_dir.clone());
             t.quiet = self.quiet;
+            t.discard_later = self.discard_later;
             let m = t.run(Some(&out))?;
             if let (Some(f), Some(l)) = (m.first(), m.last()) {
                 eprintln!(
@@ -477,6 +524,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
             model_dir,
             data,
             quiet: a.quiet,
+            discard_later: a.discard_later_checkpoints,
         },
     )?;
     Ok(())
@@ -579,14 +627,40 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
         max_new_tokens: a.max_new_tokens,
         max_prompt_tokens: a.max_prompt_tokens,
     };
+    // Before any generation: --out must be writable, and generations are saved batch by batch
+    // beside it so that an interrupted run keeps them and a rerun continues.
+    let settings = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "data": a.data.display().to_string(),
+        "system": a.system,
+        "max_new_tokens": a.max_new_tokens,
+        "max_prompt_tokens": a.max_prompt_tokens,
+    });
+    let _lock =
+        crate::safefs::RunLock::acquire_at(&partial_path(&a.out).with_extension("lock"), &a.out)?;
+    let partial = PartialOutputs::open(&a.out, &settings)?;
+    let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
+    if !earlier.is_empty() {
+        eprintln!(
+            "continuing: {} generations kept from an interrupted run ({})",
+            earlier.len(),
+            partial_path(&a.out).display()
+        );
+    }
+    let all_ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+    let prompts: Vec<GenPrompt> = prompts
+        .into_iter()
+        .filter(|p| !earlier.contains_key(&p.id))
+        .collect();
     struct Job {
         model_dir: PathBuf,
         prompts: Vec<GenPrompt>,
         gen: GenConfig,
+        partial: PartialOutputs,
     }
     impl BackendJob for Job {
-        type Output = Vec<(String, String)>;
-        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
+        type Output = (Vec<(String, String)>, PartialOutputs);
+        fn run<B: Backend + 'static>(mut self, b: B) -> crate::Result<Self::Output> {
             eprintln!("backend: {}", b.name());
             let tok = Tokenizer::from_dir(&self.model_dir)?;
             let template = template_for(&self.model_dir)?;
@@ -602,7 +676,10 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
                 &self.prompts,
                 &stop,
                 &self.gen,
-                |done, _| pb.set_position(done as u64),
+                |done, _, batch| {
+                    pb.set_position(done as u64);
+                    self.partial.append(batch)
+                },
             )?;
             pb.finish_and_clear();
             eprintln!(
@@ -614,18 +691,29 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
                 stats.too_long,
                 stats.truncated
             );
-            Ok(outs)
+            Ok((outs, self.partial))
         }
     }
-    let outs = run_on(
+    let (new_outs, partial) = run_on(
         a.device,
         Job {
             model_dir: a.model.clone(),
             prompts,
             gen,
+            partial,
         },
     )?;
+    let mut by_id = earlier;
+    by_id.extend(new_outs);
+    let outs: Vec<(String, String)> = all_ids
+        .into_iter()
+        .map(|id| {
+            let o = by_id.get(&id).cloned().unwrap_or_default();
+            (id, o)
+        })
+        .collect();
     write_outputs(&a.out, &outs)?;
+    partial.finish()?;
     eprintln!("generations: {}", a.out.display());
     match kind {
         EvalKind::Bfcl => {

@@ -142,7 +142,7 @@ impl RecordLoc {
 /// or a parse error located at its file and line. For a JSON array, the "line" is the 1-based
 /// element index (the error says so).
 pub fn read_records(path: &Path) -> Result<Vec<(RecordLoc, Result<Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let file = path.display().to_string();
     let trimmed = text.trim_start_matches('\u{feff}').trim_start();
     let mut out = Vec::new();
@@ -640,26 +640,65 @@ pub fn split_train_test(
     (train, samples)
 }
 
-/// Write samples as JSON Lines, write-then-rename.
+/// Write samples as JSON Lines, write-then-rename (see [`write_jsonl_all`]).
 pub fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut w = std::io::BufWriter::new(f);
-        for it in items {
-            let line = serde_json::to_string(it)
-                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-            writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))?;
+    write_jsonl_all(&[(path, items)])
+}
+
+/// Write several JSON Lines files as one commit: each target is checked first (an existing one
+/// must be a regular file), every file is written in full to a temporary beside its target,
+/// and only when all are written are they renamed into place. A failure before the renames
+/// (a bad target, a full disk) removes the temporaries and leaves every target as it was, so
+/// a new train file never sits beside an old test file.
+pub fn write_jsonl_all<T: Serialize>(files: &[(&Path, &[T])]) -> Result<()> {
+    for (path, _) in files {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.is_file() {
+                return Err(Error::msg(format!(
+                    "{}: exists and is not a regular file; nothing was written",
+                    path.display()
+                )));
+            }
         }
-        w.flush().map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let mut tmps: Vec<PathBuf> = Vec::new();
+    let written = files.iter().try_for_each(|(path, items)| {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        tmps.push(tmp.clone());
+        write_jsonl_to(&tmp, path, items)
+    });
+    if let Err(e) = written {
+        for t in &tmps {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    for ((path, _), tmp) in files.iter().zip(&tmps) {
+        std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+fn write_jsonl_to<T: Serialize>(tmp: &Path, path: &Path, items: &[T]) -> Result<()> {
+    let f = std::fs::File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    for it in items {
+        let line = serde_json::to_string(it)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        writeln!(w, "{line}").map_err(|e| Error::io(tmp, e))?;
+    }
+    let f = w.into_inner().map_err(|e| Error::io(tmp, e.into_error()))?;
+    f.sync_all().map_err(|e| Error::io(tmp, e))
 }
 
 /// Read a JSON Lines file into `T`s, skipping blank lines; a bad line is an error naming the
 /// file, the 1-based line and `what` was expected there.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

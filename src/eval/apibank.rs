@@ -71,7 +71,7 @@ pub fn parse_api_request(text: &str) -> Option<(String, BTreeMap<String, String>
 
 /// Load `level-1-api.json` (or any file of the same shape).
 pub fn load(path: &Path) -> Result<Vec<ApiBankRecord>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Line {
         file: path.display().to_string(),
         line: e.line(),

@@ -37,6 +37,13 @@ pub const ARCHITECTURE: &str = "Qwen2ForCausalLM";
 /// The `model_type` written into saved configs.
 pub const MODEL_TYPE: &str = "qwen2";
 
+/// Largest parameter count a config may imply (10 trillion: far above any published Qwen2, and
+/// small enough that every byte count derived from it fits in 64 bits).
+pub const MAX_PARAMS: u64 = 10_000_000_000_000;
+/// Most decoder layers a config may have (the largest Qwen2.5 has 80). The tensor list alone
+/// takes memory per layer, so this is checked before any list is built.
+pub const MAX_LAYERS: usize = 100_000;
+
 /// Field reader over one JSON object that names the file and field in every error.
 struct Fields<'a> {
     obj: &'a Map<String, Value>,
@@ -139,7 +146,7 @@ fn short(v: &Value) -> String {
 impl Qwen2Config {
     /// Read and check a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::safefs::read_to_string(path)?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
@@ -413,7 +420,63 @@ impl Qwen2Config {
                 ),
             ));
         }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(err(
+                "num_hidden_layers",
+                format!(
+                    "{} is above the supported maximum of {MAX_LAYERS}",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        match self.checked_num_params() {
+            Some(n) if n <= MAX_PARAMS => {}
+            n => {
+                return Err(err(
+                    "hidden_size",
+                    format!(
+                        "the shapes imply {} parameters (hidden {}, intermediate {}, {} layers, \
+                         vocab {}), above the supported maximum of {MAX_PARAMS}",
+                        n.map(|n| n.to_string())
+                            .unwrap_or_else(|| "more than 2^64".into()),
+                        self.hidden_size,
+                        self.intermediate_size,
+                        self.num_hidden_layers,
+                        self.vocab_size
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Parameter count implied by the shapes, with overflow-checked arithmetic (`None` when it
+    /// does not fit in 64 bits). Same total as `ParamLayout::num_params`, computed without
+    /// building the layout.
+    pub fn checked_num_params(&self) -> Option<u64> {
+        let c = |v: usize| u64::try_from(v).ok();
+        let h = c(self.hidden_size)?;
+        let i = c(self.intermediate_size)?;
+        let q = c(self.num_attention_heads)?.checked_mul(c(self.head_dim)?)?;
+        let kv = c(self.num_key_value_heads)?.checked_mul(c(self.head_dim)?)?;
+        let vocab = c(self.vocab_size)?;
+        // Two norms, q/k/v projections with biases, o projection, gate/up/down.
+        let per_layer = [
+            2u64.checked_mul(h)?,
+            h.checked_mul(q)?.checked_add(q)?,
+            2u64.checked_mul(h.checked_mul(kv)?.checked_add(kv)?)?,
+            q.checked_mul(h)?,
+            3u64.checked_mul(h.checked_mul(i)?)?,
+        ]
+        .iter()
+        .try_fold(0u64, |a, &x| a.checked_add(x))?;
+        let layers = c(self.num_hidden_layers)?.checked_mul(per_layer)?;
+        let embed = vocab.checked_mul(h)?;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        embed
+            .checked_mul(heads)?
+            .checked_add(layers)?
+            .checked_add(h)
     }
 
     /// The config as a JSON object in the HF layout. Fields of `base` (an original config.json

@@ -112,6 +112,8 @@ pub struct TinyOptions {
     pub intermediate: usize,
     pub tied: bool,
     pub dtype: DType,
+    /// Replace an existing folder of model files (see [`SaveOptions::overwrite`]).
+    pub overwrite: bool,
 }
 
 impl Default for TinyOptions {
@@ -125,6 +127,7 @@ impl Default for TinyOptions {
             intermediate: 96,
             tied: false,
             dtype: DType::F32,
+            overwrite: false,
         }
     }
 }
@@ -154,6 +157,16 @@ pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
     cfg.bos_token_id = tok.token_id("<|endoftext|>");
     cfg.eos_token_id = tok.token_id("<|im_end|>").into_iter().collect();
     cfg.validate("init-tiny")?;
+    // The parameters are built in host memory as f32 before they are written.
+    let need = cfg.checked_num_params().and_then(|n| n.checked_mul(4));
+    crate::safefs::check_host_memory(
+        need,
+        &format!(
+            "init-tiny {}: {} parameters",
+            dir.display(),
+            cfg.checked_num_params().unwrap_or(u64::MAX)
+        ),
+    )?;
     let params = random_params(&cfg, o.seed);
     let opts = SaveOptions {
         dtype: o.dtype,
@@ -164,6 +177,7 @@ pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
                 TINY_TOKENIZER_CONFIG_JSON.to_vec(),
             ),
         ],
+        overwrite: o.overwrite,
         ..Default::default()
     };
     save_params(dir, &cfg, &params, &opts)?;

@@ -66,28 +66,46 @@ pub struct MemoryEstimate {
     pub vocab_buffers: u64,
 }
 
+/// Saturating product: every figure here is a product of user-given sizes, and a size that
+/// does not fit in 64 bits must read as "too large", never wrap to a small number.
+fn mul(xs: &[u64]) -> u64 {
+    xs.iter().fold(1u64, |a, &x| a.saturating_mul(x))
+}
+
+/// Saturating sum (see [`mul`]).
+fn add(xs: &[u64]) -> u64 {
+    xs.iter().fold(0u64, |a, &x| a.saturating_add(x))
+}
+
+fn to64(v: usize) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
 /// bf16 elements one decoder layer saves per token for its backward, and f32 statistics.
 fn layer_saved_per_token(cfg: &Qwen2Config) -> (u64, u64) {
-    let h = cfg.hidden_size as u64;
-    let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
-    let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
-    let i = cfg.intermediate_size as u64;
+    let h = to64(cfg.hidden_size);
+    let q = mul(&[to64(cfg.num_attention_heads), to64(cfg.head_dim)]);
+    let kv = mul(&[to64(cfg.num_key_value_heads), to64(cfg.head_dim)]);
+    let i = to64(cfg.intermediate_size);
     // layer input, normed input, q, k, v, attention output, residual after attention, normed
     // residual, gate, up, silu(gate)*up.
-    let bf16_elems = h + h + q + 2 * kv + q + h + h + 3 * i;
+    let bf16_elems = add(&[h, h, q, mul(&[2, kv]), q, h, h, mul(&[3, i])]);
     // two RMSNorm rstd values and one attention logsumexp per head.
-    let f32_elems = 2 + cfg.num_attention_heads as u64;
+    let f32_elems = add(&[2, to64(cfg.num_attention_heads)]);
     (bf16_elems, f32_elems)
 }
 
 impl MemoryEstimate {
+    /// The estimate for `cfg` (a validated config, see `Qwen2Config::validate`). All arithmetic
+    /// saturates at `u64::MAX`, so an absurd run shape gives an absurd figure that fails every
+    /// fit check instead of a wrapped one that passes.
     pub fn new(cfg: &Qwen2Config, inputs: MemoryInputs) -> Self {
         let layout = ParamLayout::new(cfg);
         let p = layout.num_params();
-        let layers = cfg.num_hidden_layers as u64;
-        let h = cfg.hidden_size as u64;
-        let vocab = cfg.vocab_size as u64;
-        let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+        let layers = to64(cfg.num_hidden_layers);
+        let h = to64(cfg.hidden_size);
+        let vocab = to64(cfg.vocab_size);
+        let kv = mul(&[to64(cfg.num_key_value_heads), to64(cfg.head_dim)]);
         let t = inputs.micro_batch_tokens;
 
         let per_layer_params: u64 = layout
@@ -115,33 +133,38 @@ impl MemoryEstimate {
             .unwrap_or(0);
         let reference = if inputs.offload_reference {
             // Double-buffered layer streaming plus the embedding, final norm and lm_head.
-            let resident = p - layers * per_layer_params;
-            (2 * per_layer_params + resident) * BF16
+            let resident = p.saturating_sub(mul(&[layers, per_layer_params]));
+            mul(&[add(&[mul(&[2, per_layer_params]), resident]), BF16])
         } else {
-            p * BF16
+            mul(&[p, BF16])
         };
 
         let (saved_bf16, saved_f32) = layer_saved_per_token(cfg);
-        let per_layer_act = t * (saved_bf16 * BF16 + saved_f32 * F32);
+        let per_layer_act = mul(&[t, add(&[mul(&[saved_bf16, BF16]), mul(&[saved_f32, F32])])]);
         // Gradient buffers of the residual stream and of one layer's intermediates while its
         // backward runs.
-        let backward_work = per_layer_act + 2 * t * h * BF16;
-        let activations_full = layers * per_layer_act + backward_work;
-        let activations_recompute = layers * t * h * BF16 + per_layer_act + backward_work;
+        let backward_work = add(&[per_layer_act, mul(&[2, t, h, BF16])]);
+        let activations_full = add(&[mul(&[layers, per_layer_act]), backward_work]);
+        let activations_recompute =
+            add(&[mul(&[layers, t, h, BF16]), per_layer_act, backward_work]);
 
         let tile = inputs.vocab_tile_rows.min(t.max(1));
-        let vocab_buffers = tile * vocab * F32 + 4 * t * F32 + 2 * t * h * BF16;
+        let vocab_buffers = add(&[
+            mul(&[tile, vocab, F32]),
+            mul(&[4, t, F32]),
+            mul(&[2, t, h, BF16]),
+        ]);
 
         MemoryEstimate {
             inputs,
             num_params: p,
-            weights: p * BF16,
-            grads: p * F32,
-            adam: 2 * p * F32,
-            master: p * F32,
+            weights: mul(&[p, BF16]),
+            grads: mul(&[p, F32]),
+            adam: mul(&[2, p, F32]),
+            master: mul(&[p, F32]),
             reference,
-            kv_cache: inputs.rollout_seqs * inputs.max_len * layers * 2 * kv * BF16,
-            rollout_logits: inputs.rollout_seqs * vocab * F32,
+            kv_cache: mul(&[inputs.rollout_seqs, inputs.max_len, layers, 2, kv, BF16]),
+            rollout_logits: mul(&[inputs.rollout_seqs, vocab, F32]),
             activations_full,
             activations_recompute,
             vocab_buffers,
@@ -150,12 +173,18 @@ impl MemoryEstimate {
 
     /// Weights, gradients, optimizer state, master copy and reference model: held all run.
     pub fn resident(&self) -> u64 {
-        self.weights + self.grads + self.adam + self.master + self.reference
+        add(&[
+            self.weights,
+            self.grads,
+            self.adam,
+            self.master,
+            self.reference,
+        ])
     }
 
     /// Peak during rollout (resident + KV cache + decode logits).
     pub fn rollout_peak(&self) -> u64 {
-        self.resident() + self.kv_cache + self.rollout_logits
+        add(&[self.resident(), self.kv_cache, self.rollout_logits])
     }
 
     /// Peak during a training micro-batch, with or without per-layer recomputation.
@@ -165,12 +194,29 @@ impl MemoryEstimate {
         } else {
             self.activations_full
         };
-        self.resident() + act + self.vocab_buffers
+        add(&[self.resident(), act, self.vocab_buffers])
     }
 
     /// The larger of the rollout and training peaks.
     pub fn peak(&self, recompute: bool) -> u64 {
         self.rollout_peak().max(self.train_peak(recompute))
+    }
+
+    /// Peak on the CPU backend, which keeps weights, activations and the KV cache in f32 (twice
+    /// the bf16 figures) and needs no master copy.
+    pub fn cpu_peak(&self, recompute: bool) -> u64 {
+        let act = if recompute {
+            self.activations_recompute
+        } else {
+            self.activations_full
+        };
+        add(&[
+            self.peak(recompute).saturating_sub(self.master),
+            self.weights,
+            self.reference,
+            self.kv_cache,
+            act,
+        ])
     }
 }
 
@@ -183,7 +229,9 @@ pub fn human_bytes(bytes: u64) -> String {
         x /= 1024.0;
         u += 1;
     }
-    if u == 0 {
+    if bytes == u64::MAX {
+        "more than 16 EiB (the size overflows)".to_string()
+    } else if u == 0 {
         format!("{bytes} B")
     } else {
         format!("{x:.2} {}", UNITS[u])
@@ -271,6 +319,15 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("KV cache"), "{text}");
         assert!(text.contains("7615616512"), "{text}");
+        assert_eq!(cfg.checked_num_params(), Some(e.num_params));
+        for tied in [false, true] {
+            let c = crate::model::init::tiny_config(24, 3, 4, 2, 40, 50, tied);
+            assert_eq!(
+                c.checked_num_params(),
+                Some(ParamLayout::new(&c).num_params()),
+                "tied {tied}"
+            );
+        }
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(3 << 29), "1.50 GiB");
     }
@@ -294,5 +351,24 @@ mod tests {
         );
         assert_eq!(b.activations_full, 2 * a.activations_full);
         assert_eq!(b.activations_recompute, 2 * a.activations_recompute);
+    }
+
+    #[test]
+    fn huge_run_shapes_saturate_instead_of_wrapping() {
+        // 2^55 sequences x 2^20 tokens wrapped the KV-cache figure to 0 B with plain u64 math.
+        let cfg = cfg_7b();
+        let e = MemoryEstimate::new(
+            &cfg,
+            MemoryInputs {
+                rollout_seqs: 1 << 55,
+                max_len: 1 << 20,
+                micro_batch_tokens: u64::MAX / 3,
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.kv_cache, u64::MAX);
+        assert_eq!(e.peak(true), u64::MAX);
+        assert_eq!(e.cpu_peak(true), u64::MAX);
+        assert!(human_bytes(e.peak(true)).contains("overflows"));
     }
 }

@@ -930,7 +930,28 @@ impl<B: Backend> Model<B> {
             )));
         }
         let kvd = self.cfg.num_key_value_heads * self.cfg.head_dim;
-        let n = slots * max_len * kvd;
+        let n = slots
+            .checked_mul(max_len)
+            .and_then(|x| x.checked_mul(kvd))
+            .filter(|&n| n <= isize::MAX as usize / 4);
+        // Backends without a master copy keep f32 tensors in host memory (the CPU backend):
+        // check that the cache fits before allocating it, since a failed host allocation
+        // aborts the process.
+        let bytes = n.and_then(|n| {
+            (n as u64)
+                .checked_mul(8)
+                .and_then(|x| x.checked_mul(self.layout.layers.len() as u64))
+        });
+        if !b.needs_master() || bytes.is_none() {
+            crate::safefs::check_host_memory(
+                bytes,
+                &format!(
+                    "KV cache of {slots} sequences x {max_len} tokens x {} layers",
+                    self.layout.layers.len()
+                ),
+            )?;
+        }
+        let n = n.unwrap_or(0);
         let mut k = Vec::with_capacity(self.layout.layers.len());
         let mut v = Vec::with_capacity(self.layout.layers.len());
         for _ in &self.layout.layers {

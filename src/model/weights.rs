@@ -42,6 +42,8 @@ struct MappedFile {
 
 impl MappedFile {
     fn open(path: &Path) -> Result<Self> {
+        // A FIFO or device would block the open or never end; refuse it first.
+        crate::safefs::regular_file(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len < 8 {
@@ -136,7 +138,7 @@ impl Checkpoint {
                 dir.display()
             )));
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let text = crate::safefs::read_to_string(&config_path)?;
         let label = config_path.display().to_string();
         let config_json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
             file: label.clone(),
@@ -295,7 +297,7 @@ impl Checkpoint {
 /// Read `weight_map` from a shard index: tensor name -> shard file name (sorted by tensor).
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let label = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         file: label.clone(),
         field: "<json>".into(),
@@ -367,6 +369,11 @@ pub struct SaveOptions {
     pub source_dir: Option<PathBuf>,
     /// More files written into the folder: (file name, bytes), e.g. a generated tokenizer.
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Replace an existing non-empty folder. Even then only a folder holding nothing but
+    /// model-folder files (config, safetensors, index, tokenizer files, `extra_files`) is
+    /// replaced; any other file in it makes the save an error, so nothing the save did not
+    /// write is ever deleted. Without it, a non-empty folder is refused.
+    pub overwrite: bool,
 }
 
 impl Default for SaveOptions {
@@ -376,6 +383,7 @@ impl Default for SaveOptions {
             max_shard_bytes: 5_000_000_000,
             source_dir: None,
             extra_files: Vec::new(),
+            overwrite: false,
         }
     }
 }
@@ -393,8 +401,10 @@ pub fn save_model<B: Backend>(
 
 /// Save host parameters (layout order) into `dir`: config.json, `model.safetensors` or shards
 /// plus an index, and tokenizer files from `opts.source_dir`. Everything is written into a
-/// temporary folder beside `dir`, then renamed into place; an existing `dir` is renamed away
-/// first and deleted after the new one is in place.
+/// temporary folder beside `dir`, then renamed into place. A missing or empty `dir` is simply
+/// written; a non-empty one only with `opts.overwrite` and only when it holds nothing but
+/// model-folder files (see [`SaveOptions::overwrite`]): it is renamed away first and deleted
+/// after the new one is in place.
 pub fn save_params(
     dir: &Path,
     cfg: &Qwen2Config,
@@ -431,7 +441,7 @@ pub fn save_params(
         Some(src) => {
             let p = src.join("config.json");
             if p.is_file() {
-                let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+                let text = crate::safefs::read_to_string(&p)?;
                 Some(
                     serde_json::from_str::<Value>(&text).map_err(|e| Error::Config {
                         file: p.display().to_string(),
@@ -450,12 +460,14 @@ pub fn save_params(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let name = dir
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("save: {} has no folder name", dir.display())))?
         .to_string_lossy()
         .to_string();
+    recover_stale(dir, &parent, &name)?;
+    check_target(dir, opts)?;
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let stamp = unique_stamp();
     let tmp = parent.join(format!(".{name}.tmp-{stamp}"));
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -465,6 +477,118 @@ pub fn save_params(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Clean up after an earlier save of `dir` whose process was killed: its temporary folders
+/// (`.NAME.tmp-PID-NANOS`) are deleted, and a folder it had moved aside
+/// (`.NAME.old-PID-NANOS`) is put back when `dir` is missing (the kill fell between the two
+/// renames), else deleted (the new folder was already in place). Only names of this form whose
+/// process no longer exists are touched.
+fn recover_stale(dir: &Path, parent: &Path, name: &str) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return Ok(());
+    };
+    let stale_pid = |rest: &str| -> bool {
+        let mut it = rest.splitn(2, '-');
+        match (it.next().and_then(|p| p.parse::<u32>().ok()), it.next()) {
+            (Some(pid), Some(n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
+                pid != std::process::id() && !crate::safefs::pid_alive(pid)
+            }
+            _ => false,
+        }
+    };
+    let (tmp_prefix, old_prefix) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
+    for e in rd.flatten() {
+        let fname = e.file_name().to_string_lossy().to_string();
+        let p = e.path();
+        if !p.is_dir() {
+            continue;
+        }
+        if fname.strip_prefix(&tmp_prefix).is_some_and(stale_pid) {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+        } else if fname.strip_prefix(&old_prefix).is_some_and(stale_pid) {
+            if dir.exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            } else {
+                eprintln!(
+                    "note: restoring {} from {}, left by an interrupted save",
+                    dir.display(),
+                    p.display()
+                );
+                std::fs::rename(&p, dir).map_err(|e| Error::io(dir, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a file that a model-folder save writes (and may therefore replace).
+fn is_model_folder_file(name: &str, opts: &SaveOptions) -> bool {
+    let shard = name
+        .strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .is_some_and(|r| {
+            let b = r.as_bytes();
+            b.len() == 14
+                && &r[5..9] == "-of-"
+                && b[..5].iter().chain(&b[9..]).all(u8::is_ascii_digit)
+        });
+    shard
+        || name == "config.json"
+        || name == SINGLE_FILE
+        || name == INDEX_FILE
+        || TOKENIZER_FILES.contains(&name)
+        || opts.extra_files.iter().any(|(n, _)| n == name)
+}
+
+/// Refuse to save over anything but a missing folder, an empty one, or (with
+/// `opts.overwrite`) a folder of model files only.
+fn check_target(dir: &Path, opts: &SaveOptions) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::msg(format!(
+            "{}: exists and is not a folder; refusing to replace it with a model folder",
+            dir.display()
+        )));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| {
+            e.map(|e| e.file_name().to_string_lossy().to_string())
+                .map_err(|err| Error::io(dir, err))
+        })
+        .collect::<Result<_>>()?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    if !opts.overwrite {
+        return Err(Error::msg(format!(
+            "{}: folder exists and is not empty ({} entries, e.g. {}); choose a new or empty \
+             folder, or pass --force to replace a model folder",
+            dir.display(),
+            names.len(),
+            names[0]
+        )));
+    }
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|n| !is_model_folder_file(n, opts))
+        .collect();
+    if let Some(first) = foreign.first() {
+        return Err(Error::msg(format!(
+            "{}: holds {} file(s) that are not part of a model folder (e.g. {first}); refusing \
+             to replace it, since that would delete them (move them away or choose another \
+             folder)",
+            dir.display(),
+            foreign.len()
+        )));
+    }
+    Ok(())
 }
 
 fn unique_stamp() -> String {

@@ -33,7 +33,17 @@ pub struct RewardOutput {
 /// A reward function over a decoded response and the sample's ground truth (for Tool-N1, a JSON
 /// list of `{name, arguments}`).
 pub trait Reward: Send + Sync {
+    /// Score one response. The reward must be finite: the trainer stops with an error naming
+    /// the sample when it is NaN or infinite.
     fn score(&self, response: &str, ground_truth: &serde_json::Value) -> RewardOutput;
+
+    /// Whether a sample's ground truth can ever be matched (`Err` says why not). The trainer
+    /// counts the samples that fail it before training and refuses data where none passes, since
+    /// every reward would then be 0 and nothing could be learned. The default accepts anything.
+    fn check_ground_truth(&self, ground_truth: &serde_json::Value) -> Result<(), String> {
+        let _ = ground_truth;
+        Ok(())
+    }
 }
 
 /// The Tool-N1 reward variants.
@@ -199,6 +209,18 @@ pub fn ground_truth_calls(gt: &Value) -> Result<Vec<Value>, String> {
 }
 
 impl Reward for ToolN1Reward {
+    fn check_ground_truth(&self, ground_truth: &Value) -> Result<(), String> {
+        let calls = ground_truth_calls(ground_truth)?;
+        for (i, c) in calls.iter().enumerate() {
+            if call_key(c).is_none() {
+                return Err(format!(
+                    "ground-truth call {i} is not an object with `name` and `arguments`"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn score(&self, response: &str, ground_truth: &Value) -> RewardOutput {
         let v = self.variant;
         let think = response.contains("<think>") && response.contains("</think>");

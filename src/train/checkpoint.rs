@@ -8,7 +8,7 @@
 //! optimizer state keeps the exact values).
 
 use crate::backend::{Backend, DType};
-use crate::model::weights::{load_model, save_model, SaveOptions};
+use crate::model::weights::{load_model, save_params, SaveOptions};
 use crate::model::{Model, ParamLayout};
 use crate::train::optim::AdamW;
 use crate::{Error, Result};
@@ -43,11 +43,14 @@ pub struct TrainerState {
 /// Write `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        // A failed write (e.g. a full disk) leaves no temporary behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -96,16 +99,26 @@ pub fn resolve_resume(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// Remove all but the newest `keep` step checkpoints (0 = keep all).
-pub fn prune(out: &Path, keep: usize) -> Result<()> {
-    if keep == 0 {
-        return Ok(());
+/// The run folder a checkpoint folder belongs to: `RUN` for `RUN/checkpoints/step-N`.
+pub fn run_dir_of(ckpt: &Path) -> Option<PathBuf> {
+    let parent = ckpt.parent()?;
+    if parent.file_name()? != "checkpoints" {
+        return None;
     }
-    let dir = out.join("checkpoints");
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return Ok(());
+    let run = parent.parent()?;
+    Some(if run.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        run.to_path_buf()
+    })
+}
+
+/// Step numbers and folders of the `step-*` checkpoints under `<out>/checkpoints`, sorted.
+fn step_dirs(out: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
+        return Vec::new();
     };
-    let mut steps: Vec<(u64, PathBuf)> = rd
+    let mut v: Vec<(u64, PathBuf)> = rd
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
@@ -114,7 +127,85 @@ pub fn prune(out: &Path, keep: usize) -> Result<()> {
                 .map(|n| (n, e.path()))
         })
         .collect();
-    steps.sort();
+    v.sort();
+    v
+}
+
+/// Whether `name` is a temporary this module writes beside a checkpoint (`.step-N.tmp`,
+/// `.step-N.old`) or beside a file (`.NAME.tmp`).
+fn is_own_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(".step-") else {
+        return false;
+    };
+    let digits = rest
+        .strip_suffix(".tmp")
+        .or_else(|| rest.strip_suffix(".old"));
+    digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// Claim `out` for a run that continues after `step` completed steps (0 for a new run) and
+/// will write `checkpoints/step-*` and `metrics.jsonl` there:
+/// - takes the folder's lock (see [`crate::safefs::RunLock`]), so two runs never write one
+///   folder;
+/// - removes temporaries of checkpoints that an earlier run of this tool left when it was
+///   killed or ran out of disk (`checkpoints/.step-N.tmp`, `.step-N.old`, `.metrics.jsonl.tmp`);
+/// - refuses when the folder already holds checkpoints after `step` (from a later point of the
+///   same run, or from another run), since continuing would overwrite them; with
+///   `discard_later` they are deleted first instead.
+pub fn claim_run_dir(out: &Path, step: u64, discard_later: bool) -> Result<crate::safefs::RunLock> {
+    let lock = crate::safefs::RunLock::acquire(out)?;
+    let ck = out.join("checkpoints");
+    if let Ok(rd) = std::fs::read_dir(&ck) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if is_own_temp(&name) && e.path().is_dir() {
+                let p = e.path();
+                eprintln!(
+                    "note: removing {}, left by an interrupted checkpoint",
+                    p.display()
+                );
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+    }
+    let mtmp = tmp_path(&out.join("metrics.jsonl"));
+    if mtmp.is_file() {
+        std::fs::remove_file(&mtmp).map_err(|e| Error::io(&mtmp, e))?;
+    }
+    let later: Vec<(u64, PathBuf)> = step_dirs(out)
+        .into_iter()
+        .filter(|(n, _)| *n > step)
+        .collect();
+    if let (Some(first), Some(last)) = (later.first(), later.last()) {
+        if !discard_later {
+            return Err(Error::msg(format!(
+                "{}: already holds {} checkpoint(s) after step {step} ({} to {}); continuing \
+                 here would overwrite them. Resume from the latest one (--resume {}), write to \
+                 another folder (--out), or pass --discard-later-checkpoints to delete them",
+                out.display(),
+                later.len(),
+                first.1.display(),
+                last.1.display(),
+                out.display()
+            )));
+        }
+        for (_, p) in &later {
+            eprintln!(
+                "note: deleting later checkpoint {} (--discard-later-checkpoints)",
+                p.display()
+            );
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+    }
+    Ok(lock)
+}
+
+/// Remove all but the newest `keep` step checkpoints (0 = keep all).
+pub fn prune(out: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        return Ok(());
+    }
+    let steps = step_dirs(out);
     let n = steps.len();
     for (_, p) in steps.into_iter().take(n.saturating_sub(keep)) {
         std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
@@ -136,11 +227,52 @@ pub fn save<B: Backend>(
         .parent()
         .ok_or_else(|| Error::msg(format!("{}: checkpoint path has no parent", dir.display())))?;
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    if dir.exists() && !dir.join("trainer.json").is_file() {
+        return Err(Error::msg(format!(
+            "{}: exists and is not a checkpoint of this tool; refusing to replace it",
+            dir.display()
+        )));
+    }
+    // Non-finite values are refused before anything is written, so a diverged run never
+    // produces a checkpoint and the last good one stays the latest.
+    let host = model.to_host(b)?;
+    for (s, v) in model.layout.specs.iter().zip(&host) {
+        if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Tensor {
+                file: dir.display().to_string(),
+                tensor: s.name.clone(),
+                msg: format!(
+                    "element {j} is {}; refusing to save a diverged model (lower optim.lr or \
+                     check optim.weight_decay)",
+                    v[j]
+                ),
+            });
+        }
+    }
     let tmp = tmp_path(dir);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_checkpoint(&tmp, dir, b, model, &host, opt, state, source_dir);
+    if result.is_err() {
+        // A failed write (e.g. a full disk) leaves no partial folder behind.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_checkpoint<B: Backend>(
+    tmp: &Path,
+    dir: &Path,
+    b: &B,
+    model: &Model<B>,
+    host: &[Vec<f32>],
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    source_dir: Option<&Path>,
+) -> Result<()> {
     let opts = SaveOptions {
         dtype: if b.needs_master() {
             DType::BF16
@@ -150,20 +282,40 @@ pub fn save<B: Backend>(
         source_dir: source_dir.map(|p| p.to_path_buf()),
         ..SaveOptions::default()
     };
-    save_model(&tmp.join("model"), model, b, &opts)?;
+    save_params(&tmp.join("model"), &model.cfg, host, &opts)?;
     save_optimizer(&tmp.join("optimizer.safetensors"), b, &model.layout, opt)?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
     write_atomic(&tmp.join("trainer.json"), &json)?;
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // Move the old checkpoint of this step aside, put the new one in place, then delete the
+        // old one: at every moment one complete checkpoint exists under some name.
+        let old = old_path(dir);
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        if let Err(e) = std::fs::rename(tmp, dir) {
+            let _ = std::fs::rename(&old, dir);
+            return Err(Error::io(dir, e));
+        }
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))
+    } else {
+        std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+fn old_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.old"))
 }
 
 /// Read `trainer.json` of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let p = dir.join("trainer.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let text = crate::safefs::read_to_string(&p)?;
     serde_json::from_str(&text).map_err(|e| Error::Line {
         file: p.display().to_string(),
         line: e.line(),
@@ -233,9 +385,22 @@ fn save_optimizer<B: Backend>(
     w.write_all(&(hbytes.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&hbytes).map_err(io)?;
-    for (_, bufs) in &groups {
+    for (prefix, bufs) in &groups {
         for (s, t) in layout.specs.iter().zip(bufs.iter()) {
             let host = b.download_f32(t, s.numel())?;
+            if let Some(j) = host.iter().position(|x| !x.is_finite()) {
+                drop(w);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::Tensor {
+                    file: path.display().to_string(),
+                    tensor: format!("{prefix}.{}", s.name),
+                    msg: format!(
+                        "element {j} of the optimizer state is {}; refusing to save a diverged \
+                         run (lower optim.lr, raise optim.eps, or check the data)",
+                        host[j]
+                    ),
+                });
+            }
             w.write_all(bytemuck::cast_slice(&host)).map_err(io)?;
         }
     }
@@ -250,6 +415,7 @@ fn load_optimizer<B: Backend>(
     layout: &ParamLayout,
     opt: &mut AdamW<B>,
 ) -> Result<()> {
+    crate::safefs::regular_file(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the file is only read while mapped; checkpoints are not modified in place.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -304,4 +470,27 @@ fn load_optimizer<B: Backend>(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_folders_and_own_temporaries() {
+        assert_eq!(
+            run_dir_of(Path::new("runs/a/checkpoints/step-00000003")),
+            Some(PathBuf::from("runs/a"))
+        );
+        assert_eq!(
+            run_dir_of(Path::new("checkpoints/step-00000003")),
+            Some(PathBuf::from("."))
+        );
+        assert_eq!(run_dir_of(Path::new("elsewhere/step-00000003")), None);
+        assert!(is_own_temp(".step-00000003.tmp"));
+        assert!(is_own_temp(".step-00000003.old"));
+        assert!(!is_own_temp(".step-.tmp"));
+        assert!(!is_own_temp("step-00000003"));
+        assert!(!is_own_temp(".notes.tmp"));
+    }
 }

@@ -290,7 +290,7 @@ pub fn load_config<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let text = crate::safefs::read_to_string(p)?;
             parse_config(&text, &p.display().to_string(), overrides)
         }
         None => parse_config("", "(defaults)", overrides),
@@ -345,6 +345,17 @@ fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
 }
 
 impl TrainConfig {
+    /// Host bytes one GRPO step holds for its sequences: per token of prompt + response, the
+    /// token id (u32) and the old, reference and new logprobs (f32), for every one of
+    /// `prompts_per_step x rollout.n` sequences; saturates at `u64::MAX` (see
+    /// [`crate::safefs::check_host_memory`]).
+    pub fn step_host_bytes(&self) -> u64 {
+        let seqs = (self.grpo.prompts_per_step as u64).saturating_mul(self.rollout.n as u64);
+        let tokens = (self.rollout.max_prompt_tokens as u64)
+            .saturating_add(self.rollout.max_new_tokens as u64);
+        seqs.saturating_mul(tokens).saturating_mul(16)
+    }
+
     /// Check the values that would otherwise fail deep inside a run.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Error::Config {
@@ -369,6 +380,34 @@ impl TrainConfig {
         }
         if self.grpo.prompts_per_step == 0 {
             return Err(bad("grpo.prompts_per_step", "must be at least 1".into()));
+        }
+        if self.step_host_bytes() == u64::MAX {
+            return Err(bad(
+                "grpo.prompts_per_step",
+                format!(
+                    "{} prompts x rollout.n = {} samples x {} tokens overflows 64-bit sizes",
+                    self.grpo.prompts_per_step,
+                    self.rollout.n,
+                    self.rollout
+                        .max_prompt_tokens
+                        .saturating_add(self.rollout.max_new_tokens)
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("rollout.temperature", self.rollout.temperature),
+            ("grpo.clip_low", self.grpo.clip_low),
+            ("grpo.clip_high", self.grpo.clip_high),
+            ("grpo.kl_coef", self.grpo.kl_coef),
+            ("grpo.entropy_coef", self.grpo.entropy_coef),
+            ("grpo.norm_len", self.grpo.norm_len),
+        ] {
+            if !v.is_finite() {
+                return Err(bad(field, format!("must be a finite number, got {v}")));
+            }
+        }
+        if self.grpo.kl_coef < 0.0 {
+            return Err(bad("grpo.kl_coef", "must be >= 0".into()));
         }
         if self.grpo.mini_batch_prompts == 0
             || self.grpo.mini_batch_prompts > self.grpo.prompts_per_step
@@ -403,6 +442,24 @@ impl OptimConfig {
         };
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
             return Err(bad("optim.lr", "must be a finite value >= 0"));
+        }
+        // AdamW moves every weight by about lr per update whatever the gradient's scale
+        // (Kingma & Ba 2015, section 2.1: the effective step is bounded by the step size), so a
+        // learning rate above 1 moves weights of magnitude ~0.02 by more than 50x their size
+        // per update and diverges.
+        if self.lr > 1.0 {
+            return Err(bad(
+                "optim.lr",
+                "must be at most 1 (AdamW steps each weight by about lr per update; fine-tuning \
+                 uses 1e-6 to 1e-4)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return Err(bad(
+                "optim.weight_decay",
+                "must be a finite value in [0, 1] (decoupled decay multiplies each weight by \
+                 1 - lr * weight_decay)",
+            ));
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             return Err(bad("optim.beta1", "betas must be in [0, 1)"));

@@ -581,6 +581,9 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
     };
     let mut sft = SftTrainer::new(b, model, sft_items, sft_cfg)?;
     sft.quiet = cfg.quiet;
+    // The demo starts over each time: it replaces the checkpoints of an earlier demo run in
+    // its own output folder (and only those).
+    sft.discard_later = true;
     // Checkpoints copy the demo's tokenizer from the output folder, so each one is a complete
     // model folder (usable by `tooln1 eval ... run --model` and by transformers).
     sft.source_dir = cfg.out.clone();
@@ -647,6 +650,7 @@ pub fn run_demo<B: Backend>(b: B, cfg: &DemoConfig) -> Result<DemoReport> {
         tcfg,
     )?;
     trainer.quiet = cfg.quiet;
+    trainer.discard_later = true;
     trainer.source_dir = cfg.out.clone();
     let steps = if cfg.out.is_some() {
         trainer.run()?

@@ -8,6 +8,7 @@ use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::write_atomic;
 use crate::train::rollout::{generate, SamplingParams};
 use crate::{Error, Result};
+use std::io::Write;
 use std::path::Path;
 
 /// A prompt to answer: an id and its chat messages.
@@ -48,7 +49,9 @@ pub struct GenStats {
 }
 
 /// Greedy outputs for every prompt, in the prompts' order: (id, decoded text without the stop
-/// token). Prompts are batched by similar length. `on_batch(done, total)` reports progress.
+/// token). Prompts are batched by similar length. After each batch, `on_batch(done, total,
+/// outputs)` gets the progress and that batch's (id, output) pairs (e.g. to save them as they
+/// come); an error from it stops the generation.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_outputs<B: Backend>(
     b: &B,
@@ -58,7 +61,7 @@ pub fn generate_outputs<B: Backend>(
     prompts: &[GenPrompt],
     stop: &[u32],
     cfg: &GenConfig,
-    mut on_batch: impl FnMut(usize, usize),
+    mut on_batch: impl FnMut(usize, usize, &[(String, String)]) -> Result<()>,
 ) -> Result<(Vec<(String, String)>, GenStats)> {
     crate::ensure!(
         cfg.batch_size >= 1,
@@ -98,13 +101,15 @@ pub fn generate_outputs<B: Backend>(
             .map(|&i| encoded[i].clone().unwrap_or_default())
             .collect();
         let gens = generate(b, model, &batch, 1, &sp, 0, 0)?;
+        let mut finished = Vec::with_capacity(chunk.len());
         for (g, &i) in gens.iter().zip(chunk) {
             stats.generated_tokens += g.tokens.len();
             stats.truncated += (!g.stopped) as usize;
             outputs[i] = tok.decode(g.content(), false)?;
+            finished.push((prompts[i].id.clone(), outputs[i].clone()));
         }
         done += chunk.len();
-        on_batch(done, order.len());
+        on_batch(done, order.len(), &finished)?;
     }
     stats.seconds = t.elapsed().as_secs_f64();
     Ok((
@@ -115,6 +120,115 @@ pub fn generate_outputs<B: Backend>(
             .collect(),
         stats,
     ))
+}
+
+/// The file beside `out` that [`PartialOutputs`] appends to: `.NAME.partial`.
+pub fn partial_path(out: &Path) -> std::path::PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    out.with_file_name(format!(".{name}.partial"))
+}
+
+/// Generations saved as they are made, so that an interrupted `eval ... run` keeps them and a
+/// rerun with the same settings continues where it stopped. The first line records the
+/// settings (`header`); a rerun with other settings is refused rather than mixing outputs of
+/// two models.
+pub struct PartialOutputs {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// (id, output) pairs already saved by an earlier, interrupted run.
+    pub done: Vec<(String, String)>,
+}
+
+impl PartialOutputs {
+    /// Open (or continue) the partial file of `out`. Also checks, before any generation, that
+    /// `out` can be written: its folder is created and the partial file opened in it.
+    pub fn open(out: &Path, header: &serde_json::Value) -> Result<Self> {
+        if let Ok(m) = std::fs::symlink_metadata(out) {
+            if !m.is_file() {
+                return Err(Error::msg(format!(
+                    "{}: exists and is not a regular file; choose another --out",
+                    out.display()
+                )));
+            }
+        }
+        if let Some(dir) = out.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+        }
+        let path = partial_path(out);
+        let mut done = Vec::new();
+        let mut fresh = !path.exists();
+        if !fresh {
+            let text = crate::safefs::read_to_string(&path)?;
+            let mut lines = text.lines();
+            let first: serde_json::Value = lines
+                .next()
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or(serde_json::Value::Null);
+            for l in lines {
+                // A line cut by a kill is incomplete JSON: that output is generated again.
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+                    continue;
+                };
+                if let (Some(id), Some(o)) = (
+                    v.get("id").and_then(|x| x.as_str()),
+                    v.get("output").and_then(|x| x.as_str()),
+                ) {
+                    done.push((id.to_string(), o.to_string()));
+                }
+            }
+            if first.get("settings") != Some(header) {
+                if !done.is_empty() {
+                    return Err(Error::msg(format!(
+                        "{}: holds {} generations of an interrupted run with other settings \
+                         ({}); delete it to start over, or rerun with those settings to continue",
+                        path.display(),
+                        done.len(),
+                        first.get("settings").unwrap_or(&serde_json::Value::Null)
+                    )));
+                }
+                // No generation in it yet: nothing to keep.
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                fresh = true;
+            }
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        if fresh {
+            let line = serde_json::json!({ "settings": header }).to_string();
+            writeln!(file, "{line}").map_err(|e| Error::io(&path, e))?;
+        } else {
+            // Start on a fresh line in case the last one was cut.
+            writeln!(file).map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(PartialOutputs { path, file, done })
+    }
+
+    /// Append one batch of outputs and flush it to disk.
+    pub fn append(&mut self, batch: &[(String, String)]) -> Result<()> {
+        let mut body = String::new();
+        for (id, out) in batch {
+            body.push_str(&serde_json::json!({"id": id, "output": out}).to_string());
+            body.push('\n');
+        }
+        self.file
+            .write_all(body.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Remove the partial file once the complete output is written.
+    pub fn finish(self) -> Result<()> {
+        drop(self.file);
+        std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))
+    }
 }
 
 /// Write `{"id", "output"}` lines (write-then-rename).

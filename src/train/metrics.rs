@@ -58,7 +58,7 @@ impl MetricsWriter {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = crate::safefs::read_to_string(path)?;
             let kept: Vec<&str> = text
                 .lines()
                 .filter(|l| {

@@ -59,6 +59,25 @@ impl<B: Backend> AdamW<B> {
         })
     }
 
+    /// Sum of squares of every parameter (f64): a NaN or Inf anywhere makes it non-finite. It
+    /// reads the f32 master copy where there is one (one reduction pass, cheaper than the
+    /// AdamW update that precedes it); otherwise the parameters themselves, which are f32 on
+    /// such a backend, through a download.
+    pub fn param_sum_squares(&self, b: &B, model: &Model<B>) -> Result<f64> {
+        let mut total = 0.0f64;
+        for (i, s) in model.layout.specs.iter().enumerate() {
+            total += match &self.master {
+                Some(ms) => b.sum_squares_f32(&ms[i], s.numel())?,
+                None => b
+                    .download(&model.params[i], s.numel())?
+                    .iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>(),
+            };
+        }
+        Ok(total)
+    }
+
     /// Global gradient L2 norm over every parameter.
     pub fn grad_norm(b: &B, model: &Model<B>, grads: &[B::F]) -> Result<f64> {
         let mut total = 0.0f64;
@@ -122,6 +141,17 @@ impl<B: Backend> AdamW<B> {
             )?;
         }
         self.updates += 1;
+        let sq = self.param_sum_squares(b, model)?;
+        if !sq.is_finite() {
+            return Err(Error::msg(format!(
+                "the weights are no longer finite after optimizer update {} (sum of squares \
+                 {sq}; gradient norm before it {grad_norm:.4e}, learning rate {lr:e}); the run \
+                 stopped before saving them. Likely cause: optim.lr = {:e} or optim.weight_decay \
+                 = {:e} is too large, or optim.eps = {:e} too small. The last checkpoint \
+                 written is still the latest",
+                self.updates, self.cfg.lr, self.cfg.weight_decay, self.cfg.eps
+            )));
+        }
         Ok(UpdateStats {
             grad_norm,
             lr,

@@ -96,11 +96,11 @@ pub fn generate<B: Backend>(
     let pad = sp.stop.first().copied().unwrap_or(0);
     let mut start = 0;
     while start < total {
-        let end = (start + sp.max_slots).min(total);
+        let end = start.saturating_add(sp.max_slots).min(total);
         let rows = end - start;
         let chunk: Vec<Vec<u32>> = (start..end).map(|i| prompts[i / n].clone()).collect();
         let max_prompt = chunk.iter().map(|p| p.len()).max().unwrap_or(0);
-        let mut cache = model.new_cache(b, rows, max_prompt + sp.max_new_tokens)?;
+        let mut cache = model.new_cache(b, rows, max_prompt.saturating_add(sp.max_new_tokens))?;
         let mut sampled = b.upload_u32(&vec![0u32; rows])?;
         let mut logits = model.prefill(b, &mut cache, &chunk)?;
         let mut done = vec![false; rows];

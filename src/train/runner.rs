@@ -141,6 +141,9 @@ pub struct Trainer<B: Backend> {
     pub source_dir: Option<PathBuf>,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Delete checkpoints in the output folder after the current step instead of refusing to
+    /// start (see [`checkpoint::claim_run_dir`]).
+    pub discard_later: bool,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -155,8 +158,43 @@ impl<B: Backend> Trainer<B> {
         cfg: TrainConfig,
     ) -> Result<Self> {
         cfg.validate()?;
+        crate::safefs::check_host_memory(
+            Some(cfg.step_host_bytes()),
+            &format!(
+                "one GRPO step ({} prompts x {} samples x up to {} tokens)",
+                cfg.grpo.prompts_per_step,
+                cfg.rollout.n,
+                cfg.rollout
+                    .max_prompt_tokens
+                    .saturating_add(cfg.rollout.max_new_tokens)
+            ),
+        )?;
         if prompts.is_empty() {
             return Err(Error::msg("no training prompts"));
+        }
+        let unusable: Vec<(&str, String)> = prompts
+            .iter()
+            .filter_map(|p| {
+                reward
+                    .check_ground_truth(&p.ground_truth)
+                    .err()
+                    .map(|e| (p.id.as_str(), e))
+            })
+            .collect();
+        if let Some((id, why)) = unusable.first() {
+            if unusable.len() == prompts.len() {
+                return Err(Error::msg(format!(
+                    "none of the {} training prompts has a usable ground truth (e.g. sample \
+                     {id}: {why}); every reward would be 0 and nothing could be learned",
+                    prompts.len()
+                )));
+            }
+            eprintln!(
+                "warning: {} of {} training prompts have an unusable ground truth and always \
+                 score 0 (e.g. sample {id}: {why})",
+                unusable.len(),
+                prompts.len()
+            );
         }
         if policy.cfg != reference.cfg {
             return Err(Error::msg(
@@ -191,6 +229,7 @@ impl<B: Backend> Trainer<B> {
             reference_dir: None,
             source_dir: None,
             quiet: false,
+            discard_later: false,
         })
     }
 
@@ -304,9 +343,9 @@ impl<B: Backend> Trainer<B> {
         let (mut fmt_ok, mut exact) = (0usize, 0usize);
         for g in &gens {
             let text = self.tokenizer.decode(g.content(), false)?;
-            let r = self
-                .reward
-                .score(&text, &self.prompts[idx[g.prompt]].ground_truth);
+            let item = &self.prompts[idx[g.prompt]];
+            let r = self.reward.score(&text, &item.ground_truth);
+            check_reward(r.reward, &item.id)?;
             fmt_ok += r.format_ok as usize;
             exact += r.calls_ok as usize;
             scores.push(r.reward);
@@ -480,6 +519,7 @@ impl<B: Backend> Trainer<B> {
     pub fn run(&mut self) -> Result<Vec<StepMetrics>> {
         let total = self.total_steps();
         let out = self.cfg.out.clone();
+        let _lock = checkpoint::claim_run_dir(&out, self.step, self.discard_later)?;
         let mut writer = MetricsWriter::open(&out.join("metrics.jsonl"), self.step + 1)?;
         let pb = metrics::progress_bar(total, self.quiet, "grpo");
         pb.set_position(self.step);
@@ -504,6 +544,18 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
+/// A reward must be finite: a NaN or Inf would turn the whole group's advantages into NaN.
+fn check_reward(r: f32, sample: &str) -> Result<()> {
+    if r.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "the reward function returned {r} for a response to sample {sample}; rewards must be \
+             finite numbers"
+        )))
+    }
+}
+
 /// Mean reward of `n` responses per prompt (sampled with `sp`) over `prompts`, with the
 /// format-ok and exact-match rates: (reward, format_ok, exact).
 #[allow(clippy::too_many_arguments)]
@@ -523,6 +575,7 @@ pub fn evaluate_reward<B: Backend>(
     for g in &gens {
         let text = tok.decode(g.content(), false)?;
         let o = reward.score(&text, &prompts[g.prompt].ground_truth);
+        check_reward(o.reward, &prompts[g.prompt].id)?;
         r += o.reward as f64;
         f += o.format_ok as usize;
         e += o.calls_ok as usize;

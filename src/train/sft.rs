@@ -164,6 +164,9 @@ pub struct SftTrainer<B: Backend> {
     pub data_pos: u64,
     pub source_dir: Option<PathBuf>,
     pub quiet: bool,
+    /// Delete checkpoints in the output folder after the current step instead of refusing to
+    /// start (see [`checkpoint::claim_run_dir`]).
+    pub discard_later: bool,
 }
 
 impl<B: Backend> SftTrainer<B> {
@@ -187,6 +190,7 @@ impl<B: Backend> SftTrainer<B> {
             data_pos: 0,
             source_dir: None,
             quiet: false,
+            discard_later: false,
         })
     }
 
@@ -259,6 +263,10 @@ impl<B: Backend> SftTrainer<B> {
     /// checkpoints every `save_every` steps and at the end.
     pub fn run(&mut self, out: Option<&Path>) -> Result<Vec<SftMetrics>> {
         let total = self.total_steps();
+        let _lock = match out {
+            Some(o) => Some(checkpoint::claim_run_dir(o, self.step, self.discard_later)?),
+            None => None,
+        };
         let mut writer = match out {
             Some(o) => Some(MetricsWriter::open(
                 &o.join("metrics.jsonl"),

@@ -1411,7 +1411,7 @@ pub fn score(records: &[Record], outputs: &[(String, String)]) -> Report {
 /// Read an outputs file: JSON Lines of `{"id": ..., "output": "<raw text>"}` (`result` is
 /// accepted as a synonym of `output`, as in BFCL's result files).
 pub fn read_outputs(path: &Path) -> Result<Vec<(String, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::safefs::read_to_string(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
