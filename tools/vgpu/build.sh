@@ -89,6 +89,9 @@ LINK=(-shared -pthread)
     "$OUT"/obj/k_*.o "$OUT/obj/resources.o" "$OUT/obj/runtime.o" "$OUT/obj/driver.o"
 "$CXX" "${LINK[@]}" -Wl,-soname,libcublas.so.13 -o "$OUT/lib/libcublas.so" "$OUT/obj/cublas.o" \
     -L"$OUT/lib" -l:libcuda.so -Wl,-rpath,'$ORIGIN'
+# The virtual GPU's own self-test (planted bugs and limit violations it must catch).
+"$CXX" "${FLAGS[@]}" -include "$HERE/simt.h" -I "$HERE" -I "$INC" "$HERE/selftest.cpp" -o "$OUT/selftest" \
+    -L"$OUT/lib" -l:libcuda.so -Wl,-rpath,"$OUT/lib" $([ "$ASAN" = 1 ] && echo -fsanitize=address)
 ln -sf libcuda.so "$OUT/lib/libcuda.so.1"
 ln -sf libcublas.so "$OUT/lib/libcublas.so.13"
 echo "$STAMP" >"$OUT/stamp"

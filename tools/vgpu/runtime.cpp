@@ -135,6 +135,16 @@ const Options& options() {
     return o;
 }
 
+}  // namespace vgpu
+
+// Test extension: the thread order of later launches (0 forward, 1 reverse, 2 random).
+extern "C" __attribute__((visibility("default"))) void vgpuSetThreadOrder(int order) {
+    vgpu::Options& o = const_cast<vgpu::Options&>(vgpu::options());
+    o.order = order == 1 ? vgpu::Order::Reverse : (order == 2 ? vgpu::Order::Random : vgpu::Order::Forward);
+}
+
+namespace vgpu {
+
 // ---- kernel registry ----------------------------------------------------------------------------
 static std::map<std::string, KernelInfo*>& registry() {
     static std::map<std::string, KernelInfo*> r;

@@ -79,19 +79,19 @@ inline ThreadState* self() {
 }
 
 // Scheduling points (runtime.cpp).
-void syncthreads(const char* file, int line);
-void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu);
+__attribute__((visibility("default"))) void syncthreads(const char* file, int line);
+__attribute__((visibility("default"))) void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu);
 // Warp exchange: every lane in `mask` contributes `bytes` (<= 32) from `mine`; after the call
 // `all` holds the 32 lanes' contributions (lane-major, `bytes` each, at most kExchangeBytes;
 // lanes outside the mask hold garbage). `kind` names the intrinsic, so lanes at different intrinsics are reported.
 constexpr unsigned kExchangeBytes = 64;
 // The same exchange without a copy: returns the warp's buffer (lane l's bytes at l *
 // kExchangeBytes), valid until the calling lane's next-but-one warp operation.
-const unsigned char* warp_exchange_view(unsigned mask, const void* mine, unsigned bytes, const char* kind,
+__attribute__((visibility("default"))) const unsigned char* warp_exchange_view(unsigned mask, const void* mine, unsigned bytes, const char* kind,
                                         const char* file, int line);
-void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* kind,
+__attribute__((visibility("default"))) void warp_exchange(unsigned mask, const void* mine, unsigned bytes, void* all, const char* kind,
                    const char* file, int line);
-[[noreturn]] void kernel_error(const char* file, int line, const char* what);
+[[noreturn]] __attribute__((visibility("default"))) void kernel_error(const char* file, int line, const char* what);
 
 template <class T>
 inline T shfl_idx(unsigned mask, T v, int src, const char* kind, const char* file, int line, int width = 32) {

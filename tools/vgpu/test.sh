@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA test suite on the virtual GPU (CI runs it after `cargo test`):
-#   1. builds the stand-in libcuda/libcublas from this checkout's kernels (tools/vgpu/build.sh);
+#   1. builds the stand-in libcuda/libcublas from this checkout's kernels (tools/vgpu/build.sh)
+#      and runs its self-test (tools/vgpu/selftest.cpp: planted bugs it must report);
 #   2. runs every tests/cuda_*.rs binary with thread order forward (cached allocator), then
 #      reverse with exact-size uncached buffers (TOOLN1_CUDA_POOL=exact, so a read or write past
 #      a buffer's end reaches the guard page after its allocation), with TOOLN1_REQUIRE_CUDA=1 so
@@ -19,6 +20,9 @@ QUICK=0
 t0=$(date +%s)
 LIB=$(bash tools/vgpu/build.sh | tail -n1)
 echo "vgpu-test: stand-ins in $LIB ($(( $(date +%s) - t0 )) s)"
+# The virtual GPU's own checks: planted bugs and limit violations it must report.
+echo "vgpu-test: self-test of the virtual GPU"
+"$(dirname "$LIB")/selftest" 2>/dev/null
 
 TESTS=()
 for f in tests/cuda_*.rs; do TESTS+=(--test "$(basename "$f" .rs)"); done

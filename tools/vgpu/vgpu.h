@@ -32,7 +32,7 @@ struct KernelInfo {
     int static_smem;  // static shared memory bytes from the ptxas report (-1: unknown)
 };
 
-void register_kernel(KernelInfo* k);
+VGPU_API void register_kernel(KernelInfo* k);
 KernelInfo* find_kernel(const char* name);
 void set_kernel_resources(const char* name, int regs, int smem);
 
