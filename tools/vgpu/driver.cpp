@@ -337,6 +337,7 @@ EXPORT CUresult cuGetErrorString(CUresult error, const char** pStr) {
 EXPORT CUresult cuInit(unsigned int flags) {
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::recursive_mutex> g(mu);
+    install_fault_handler();  // also this thread's signal stack
     if (!inited) {
         inited = true;
         (void)options();

@@ -21,6 +21,7 @@
 #include <thread>
 #include <type_traits>
 
+#include <execinfo.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -602,8 +603,8 @@ static void worker_loop() {
     }
 }
 
-// Blocks the SIGSEGV report needs to name.
-static void install_fault_handler();
+// The fault report (installed at cuInit and again, per thread, at each launch).
+void install_fault_handler();
 
 // TOOLN1_VGPU_PROFILE=1: wall time and launch count per kernel, printed at exit.
 struct ProfileRow {
@@ -682,22 +683,36 @@ void run_launch(const Launch& l) {
 }
 
 // ---- faults -------------------------------------------------------------------------------------
+// Runs on the faulting thread's alternate signal stack: formats into a static buffer and writes
+// it with write(2), so that a fault while the C library is busy is still reported.
 static void on_fault(int sig, siginfo_t* si, void*) {
+    static char buf[1024];
     const uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
     Worker* w = tw;
-    std::string what = describe_address(a);
-    if (w && w->stacks) {
-        if (a >= (uint64_t)(uintptr_t)w->stacks && a < (uint64_t)(uintptr_t)(w->stacks + w->nstacks * kSlot))
-            what = "a thread's stack overflowed its slot";
-    }
+    std::string what = "?";
+    bool in_stacks = false;
+    if (w && w->stacks)
+        in_stacks = a >= (uint64_t)(uintptr_t)w->stacks && a < (uint64_t)(uintptr_t)(w->stacks + w->nstacks * kSlot);
+    if (in_stacks) what = "a thread's stack overflowed its slot";
+    else what = describe_address(a);
+    int n;
     if (w && w->launch && w->running) {
         const ThreadState* t = w->running->ts;
-        report("kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u): illegal %s at address 0x%llx: %s", w->launch->k->name,
-               w->blk.idx.x, w->blk.idx.y, w->blk.idx.z, t->tid.x, t->tid.y, t->tid.z,
-               sig == SIGBUS ? "access (bus error)" : "memory access", (unsigned long long)a, what.c_str());
+        n = snprintf(buf, sizeof buf,
+                     "[virtual GPU] kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u): illegal %s at address 0x%llx: %s\n",
+                     w->launch->k->name, w->blk.idx.x, w->blk.idx.y, w->blk.idx.z, t->tid.x, t->tid.y, t->tid.z,
+                     sig == SIGBUS ? "access (bus error)" : "memory access", (unsigned long long)a, what.c_str());
     } else {
-        report("illegal memory access at address 0x%llx outside a kernel: %s", (unsigned long long)a, what.c_str());
+        n = snprintf(buf, sizeof buf, "[virtual GPU] illegal memory access at address 0x%llx outside a kernel: %s\n",
+                     (unsigned long long)a, what.c_str());
     }
+    if (n > 0) {
+        ssize_t ignored = write(2, buf, (size_t)(n < (int)sizeof buf ? n : (int)sizeof buf - 1));
+        (void)ignored;
+    }
+    void* frames[48];
+    const int nf = backtrace(frames, 48);
+    backtrace_symbols_fd(frames, nf, 2);
     signal(SIGABRT, SIG_DFL);
     abort();
 }
@@ -713,7 +728,7 @@ static void setup_altstack() {
     sigaltstack(&ss, nullptr);
 }
 
-static void install_fault_handler() {
+void install_fault_handler() {
     setup_altstack();
     static std::once_flag once;
     std::call_once(once, [] {

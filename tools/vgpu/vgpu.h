@@ -95,6 +95,9 @@ struct Launch {
 // block as fibers). Aborts the process with a report on a kernel fault.
 void run_launch(const Launch& l);
 
+// Installs the SIGSEGV/SIGBUS report (once per process) and this thread's signal stack.
+VGPU_API void install_fault_handler();
+
 // Adds one timed operation to the TOOLN1_VGPU_PROFILE=1 table.
 VGPU_API void profile_add(const char* name, double ms, uint64_t blocks);
 
