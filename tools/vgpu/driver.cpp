@@ -346,6 +346,12 @@ EXPORT CUresult cuInit(unsigned int flags) {
     return CUDA_SUCCESS;
 }
 
+// NVRTC opens libcuda.so.1 and asks it for internal export tables; the stand-in has none.
+EXPORT CUresult cuGetExportTable(const void** table, const CUuuid*) {
+    if (table) *table = nullptr;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
 EXPORT CUresult cuDriverGetVersion(int* v) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
     *v = 13000;
