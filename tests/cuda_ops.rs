@@ -335,70 +335,100 @@ fn attn_ref(
     (o, lse, dq, dk, dv)
 }
 
+/// What [`attention_case`] leaves for the decode check.
+struct AttnCase {
+    cu: Vec<u32>,
+    n: usize,
+    qh: Vec<f32>,
+    k: <Cuda as Backend>::T,
+    v: <Cuda as Backend>::T,
+    or: Vec<f64>,
+}
+
+/// Attention forward and backward over packed sequences of `lens` (random q, k, v, dout;
+/// poisoned outputs) against the f64 reference: out and dv 1e-2, lse 1e-5, dq and dk 2e-2.
+#[allow(clippy::too_many_arguments)]
+fn attention_case(
+    c: &Cuda,
+    r: &mut Rng,
+    d: usize,
+    nh: usize,
+    nkv: usize,
+    lens: &[u32],
+    max_len: usize,
+    tag: &str,
+) -> AttnCase {
+    let mut cu = vec![0u32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l);
+    }
+    let n = *cu.last().unwrap() as usize;
+    let (q, qh) = up(c, &r.vec(n * nh * d, 1.0));
+    let (k, kh) = up(c, &r.vec(n * nkv * d, 1.0));
+    let (v, vh) = up(c, &r.vec(n * nkv * d, 1.0));
+    let (g, gh) = up(c, &r.vec(n * nh * d, 1.0));
+    let cud = c.upload_u32(&cu).unwrap();
+    let mut out = poison(c, n * nh * d);
+    let mut lse = poison_f32(c, nh * n);
+    c.attention(
+        &q, &k, &v, &mut out, &mut lse, &cud, &cu, max_len, nh, nkv, d,
+    )
+    .unwrap();
+    let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
+    check(
+        &format!("attention out {tag}"),
+        &c.download(&out, n * nh * d).unwrap(),
+        &or,
+        1e-2,
+    );
+    check(
+        &format!("attention lse {tag}"),
+        &c.download_f32(&lse, nh * n).unwrap(),
+        &lr,
+        1e-5,
+    );
+    let (mut dq, mut dk, mut dv) = (
+        poison(c, n * nh * d),
+        poison(c, n * nkv * d),
+        poison(c, n * nkv * d),
+    );
+    c.attention_bwd(
+        &g, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, max_len, nh, nkv, d,
+    )
+    .unwrap();
+    for (what, got, want, bound) in [
+        ("dq", c.download(&dq, n * nh * d).unwrap(), &dqr, 2e-2),
+        ("dk", c.download(&dk, n * nkv * d).unwrap(), &dkr, 2e-2),
+        ("dv", c.download(&dv, n * nkv * d).unwrap(), &dvr, 1e-2),
+    ] {
+        check(&format!("attention {what} {tag}"), &got, want, bound);
+    }
+    AttnCase {
+        cu,
+        n,
+        qh,
+        k,
+        v,
+        or,
+    }
+}
+
 #[test]
 fn attention_fwd_bwd_and_decode() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("attention");
     for (d, nh, nkv) in [(64usize, 6usize, 2usize), (128, 4, 4), (128, 7, 1)] {
         let lens = [37u32, 5, 70, 1];
-        let mut cu = vec![0u32];
-        for l in lens {
-            cu.push(cu.last().unwrap() + l);
-        }
-        let n = *cu.last().unwrap() as usize;
         let max_len = *lens.iter().max().unwrap() as usize;
-        let (q, qh) = up(&c, &r.vec(n * nh * d, 1.0));
-        let (k, kh) = up(&c, &r.vec(n * nkv * d, 1.0));
-        let (v, vh) = up(&c, &r.vec(n * nkv * d, 1.0));
-        let (g, gh) = up(&c, &r.vec(n * nh * d, 1.0));
-        let cud = c.upload_u32(&cu).unwrap();
-        let mut out = poison(&c, n * nh * d);
-        let mut lse = poison_f32(&c, nh * n);
-        c.attention(
-            &q, &k, &v, &mut out, &mut lse, &cud, &cu, max_len, nh, nkv, d,
-        )
-        .unwrap();
-        let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
         let tag = format!("d{d} h{nh} kv{nkv}");
-        check(
-            &format!("attention out {tag}"),
-            &c.download(&out, n * nh * d).unwrap(),
-            &or,
-            1e-2,
-        );
-        check(
-            &format!("attention lse {tag}"),
-            &c.download_f32(&lse, nh * n).unwrap(),
-            &lr,
-            1e-5,
-        );
-        let (mut dq, mut dk, mut dv) = (
-            poison(&c, n * nh * d),
-            poison(&c, n * nkv * d),
-            poison(&c, n * nkv * d),
-        );
-        c.attention_bwd(
-            &g, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, max_len, nh, nkv, d,
-        )
-        .unwrap();
-        check(
-            &format!("attention dq {tag}"),
-            &c.download(&dq, n * nh * d).unwrap(),
-            &dqr,
-            2e-2,
-        );
-        check(
-            &format!("attention dk {tag}"),
-            &c.download(&dk, n * nkv * d).unwrap(),
-            &dkr,
-            2e-2,
-        );
-        check(
-            &format!("attention dv {tag}"),
-            &c.download(&dv, n * nkv * d).unwrap(),
-            &dvr,
-            1e-2,
-        );
+        let AttnCase {
+            cu,
+            n,
+            qh,
+            k,
+            v,
+            or,
+        } = attention_case(&c, &mut r, d, nh, nkv, &lens, max_len, &tag);
 
         // Decode: the last token of each sequence against its cached keys/values.
         let n_seq = lens.len();
@@ -952,53 +982,8 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
     let mut r = Rng::new("attention edges");
     for (d, nh, nkv) in [(64usize, 4usize, 2usize), (128, 3, 1)] {
         let lens = [0u32, 37, 0, 101, 1, 0];
-        let mut cu = vec![0u32];
-        for l in lens {
-            cu.push(cu.last().unwrap() + l);
-        }
-        let n = *cu.last().unwrap() as usize;
-        let max_len = 101 + 40;
-        let (q, qh) = up(&c, &r.vec(n * nh * d, 1.0));
-        let (k, kh) = up(&c, &r.vec(n * nkv * d, 1.0));
-        let (v, vh) = up(&c, &r.vec(n * nkv * d, 1.0));
-        let (g, gh) = up(&c, &r.vec(n * nh * d, 1.0));
-        let cud = c.upload_u32(&cu).unwrap();
-        let mut out = poison(&c, n * nh * d);
-        let mut lse = poison_f32(&c, nh * n);
-        c.attention(
-            &q, &k, &v, &mut out, &mut lse, &cud, &cu, max_len, nh, nkv, d,
-        )
-        .unwrap();
-        let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
         let tag = format!("d{d} h{nh} kv{nkv} with empty sequences");
-        check(
-            &format!("attention out {tag}"),
-            &c.download(&out, n * nh * d).unwrap(),
-            &or,
-            1e-2,
-        );
-        check(
-            &format!("attention lse {tag}"),
-            &c.download_f32(&lse, nh * n).unwrap(),
-            &lr,
-            1e-5,
-        );
-        let (mut dq, mut dk, mut dv) = (
-            poison(&c, n * nh * d),
-            poison(&c, n * nkv * d),
-            poison(&c, n * nkv * d),
-        );
-        c.attention_bwd(
-            &g, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, max_len, nh, nkv, d,
-        )
-        .unwrap();
-        for (what, got, want, bound) in [
-            ("dq", c.download(&dq, n * nh * d).unwrap(), &dqr, 2e-2),
-            ("dk", c.download(&dk, n * nkv * d).unwrap(), &dkr, 2e-2),
-            ("dv", c.download(&dv, n * nkv * d).unwrap(), &dvr, 1e-2),
-        ] {
-            check(&format!("attention {what} {tag}"), &got, want, bound);
-        }
+        attention_case(&c, &mut r, d, nh, nkv, &lens, 101 + 40, &tag);
     }
     // A batch of only empty sequences is a no-op on both backends.
     let cu = [0u32, 0, 0];

@@ -13,24 +13,10 @@ LIMIT=$((64 * 1024 * 1024))
 tools/setup-cuda.sh >/dev/null
 export TOOLN1_REQUIRE_NVCC=1
 
-list_exes() { # cargo JSON messages on stdin -> "kind<TAB>path" lines
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
-        continue
-    kinds = m["target"]["kind"]
-    kind = "bench" if "bench" in kinds else "test"
-    name = m["target"]["name"]
-    if kinds[0] in ("lib", "bin"):
-        name = kinds[0] + "-" + name
-    print(kind + "\t" + name + "\t" + m["executable"])
-'
+list_exes() { # cargo JSON messages on stdin -> "kind<TAB>name<TAB>path" lines
+    python3 tools/list_test_exes.py
 }
+
 
 echo "gpu-test: building release test binaries" >&2
 cargo test --release --no-run --message-format=json 2>/dev/null | list_exes >target/gpu-exes.tsv

@@ -27,16 +27,7 @@ echo "vgpu-test: self-test of the virtual GPU"
 TESTS=()
 for f in tests/cuda_*.rs; do TESTS+=(--test "$(basename "$f" .rs)"); done
 cargo test --no-run "${TESTS[@]}" --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        print(m["target"]["name"] + "\t" + m["executable"])
-' | sort >target/vgpu-tests.tsv
+    python3 tools/list_test_exes.py | awk -F'\t' '$1 == "test" && $2 ~ /^cuda_/ {print $2 "\t" $3}' | sort >target/vgpu-tests.tsv
 [ -s target/vgpu-tests.tsv ] || { echo "vgpu-test: no CUDA test binaries were built" >&2; exit 1; }
 
 export LD_LIBRARY_PATH="$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
