@@ -1322,3 +1322,311 @@ fn backend_ops_match_f64_math() {
     close("logits", &lg[..nt * vocab], &lg64, 1e-6);
     untouched("logits", &lg, nt * vocab);
 }
+
+/// Every output of the fast f32 ops at sizes that span several tiles (GEMM blocks split over
+/// rows and over columns, vocabulary tiles and row blocks with ragged ends, attention blocks
+/// with a one-token sequence), in a fixed order.
+fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    // linear, split over rows (m > n) and over columns (n > m)
+    for (m, n, k) in [(301, 67, 129), (13, 517, 129)] {
+        let (x, w, bias, dy) = (
+            randv(r, m * k, 1.0),
+            randv(r, n * k, 1.0),
+            randv(r, n, 1.0),
+            randv(r, m * n, 1.0),
+        );
+        let mut y = vec![f32::NAN; m * n];
+        b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
+            .unwrap();
+        let mut y64 = nan(m * n);
+        math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
+        let mut dx = vec![0.5f32; m * k];
+        let mut dw = vec![0.25f32; n * k];
+        let mut db = vec![0.0f32; n];
+        b.linear_bwd(
+            &to32(&dy),
+            &to32(&x),
+            &to32(&w),
+            Some(&mut dx),
+            true,
+            Some(&mut dw),
+            Some(&mut db),
+            m,
+            n,
+            k,
+        )
+        .unwrap();
+        let (mut dx64, mut dw64, mut db64) = (vec![0.5; m * k], vec![0.25; n * k], vec![0.0; n]);
+        math::linear_bwd(
+            &dy,
+            &x,
+            &w,
+            Some(&mut dx64),
+            true,
+            Some(&mut dw64),
+            Some(&mut db64),
+            m,
+            n,
+            k,
+        );
+        got.extend([y, dx, dw, db]);
+        want.extend([y64, dx64, dw64, db64]);
+    }
+    // rmsnorm + bwd (rows not a multiple of the row chunk)
+    let (rows, dim) = (70, 33);
+    let (xr, wr, dr) = (
+        randv(r, rows * dim, 1.0),
+        randv(r, dim, 1.0),
+        randv(r, rows * dim, 1.0),
+    );
+    let (mut o, mut s) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
+    b.rmsnorm(&to32(&xr), &to32(&wr), &mut o, &mut s, rows, dim, 1e-6)
+        .unwrap();
+    let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    let (mut dxr, mut dwr) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
+    b.rmsnorm_bwd(
+        &to32(&dr),
+        &to32(&xr),
+        &to32(&wr),
+        &s,
+        &mut dxr,
+        Some(&mut dwr),
+        rows,
+        dim,
+    )
+    .unwrap();
+    let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
+    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    got.extend([o, s, dxr, dwr]);
+    want.extend([o64, s64, dx64, dw64]);
+    // rope on 70 tokens
+    let (nt, nh, hd) = (70, 3, 8);
+    let xq = randv(r, nt * nh * hd, 1.0);
+    let pos: Vec<u32> = (0..nt as u32).map(|t| t * 3 % 50).collect();
+    let mut xf = to32(&xq);
+    b.rope(&mut xf, &pos, nt, nh, hd, 10000.0).unwrap();
+    let mut x64 = xq.clone();
+    math::rope(&mut x64, &pos, nt, nh, hd, 10000.0, false);
+    got.push(xf);
+    want.push(x64);
+    // swiglu + bwd, adamw over several element chunks
+    let ns = 40_003;
+    let (g, u, d) = (randv(r, ns, 3.0), randv(r, ns, 1.0), randv(r, ns, 1.0));
+    let mut o = vec![f32::NAN; ns];
+    b.swiglu(&to32(&g), &to32(&u), &mut o, ns).unwrap();
+    let mut o64 = nan(ns);
+    math::swiglu(&g, &u, &mut o64, ns);
+    let (mut dg, mut du) = (vec![f32::NAN; ns], vec![f32::NAN; ns]);
+    b.swiglu_bwd(&to32(&d), &to32(&g), &to32(&u), &mut dg, &mut du, ns)
+        .unwrap();
+    let (mut dg64, mut du64) = (nan(ns), nan(ns));
+    math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
+    got.extend([o, dg, du]);
+    want.extend([o64, dg64, du64]);
+    let hp = AdamWStep {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    let (p0, m0, v0) = (randv(r, ns, 1.0), randv(r, ns, 0.1), randv(r, ns, 0.01));
+    let v0: Vec<f64> = v0.iter().map(|x| x.abs()).collect();
+    let (mut p, mut m, mut v) = (to32(&p0), to32(&m0), to32(&v0));
+    b.adamw(&mut p, None, &to32(&g), &mut m, &mut v, ns, &hp)
+        .unwrap();
+    let (mut p64, mut m64, mut v64) = (p0.clone(), m0.clone(), v0.clone());
+    let h64 = math::AdamW {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    math::adamw(&mut p64, &g, &mut m64, &mut v64, ns, &h64);
+    got.extend([p, m, v]);
+    want.extend([p64, m64, v64]);
+    // attention + bwd: sequences of 150 (three 64-blocks, ragged), 1 and 129 tokens
+    let cu: Vec<u32> = vec![0, 150, 151, 280];
+    let (nh, nkv, hd) = (4, 2, 16);
+    let nt = 280;
+    let (q, kk, v, dout) = (
+        randv(r, nt * nh * hd, 1.0),
+        randv(r, nt * nkv * hd, 1.0),
+        randv(r, nt * nkv * hd, 1.0),
+        randv(r, nt * nh * hd, 1.0),
+    );
+    let (mut o, mut l) = (vec![f32::NAN; nt * nh * hd], vec![f32::NAN; nh * nt]);
+    b.attention(
+        &to32(&q),
+        &to32(&kk),
+        &to32(&v),
+        &mut o,
+        &mut l,
+        &cu,
+        &cu,
+        150,
+        nh,
+        nkv,
+        hd,
+    )
+    .unwrap();
+    let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
+    math::attention(&q, &kk, &v, &mut o64, &mut l64, &cu, nh, nkv, hd);
+    let (mut dq, mut dk, mut dv) = (
+        vec![f32::NAN; q.len()],
+        vec![f32::NAN; kk.len()],
+        vec![f32::NAN; v.len()],
+    );
+    b.attention_bwd(
+        &to32(&dout),
+        &to32(&q),
+        &to32(&kk),
+        &to32(&v),
+        &o,
+        &l,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &cu,
+        &cu,
+        150,
+        nh,
+        nkv,
+        hd,
+    )
+    .unwrap();
+    let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
+    math::attention_bwd(
+        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, nh, nkv, hd,
+    );
+    got.extend([o, l, dq, dk, dv]);
+    want.extend([o64, l64, dq64, dk64, dv64]);
+    // logprobs + bwd: 300 rows (two row blocks), vocab 1500 (three tiles, the last ragged)
+    let (nt, dim, vocab) = (300, 24, 1500);
+    let (h, wl, dl) = (
+        randv(r, nt * dim, 0.5),
+        randv(r, vocab * dim, 0.5),
+        randv(r, nt, 1.0),
+    );
+    let tg: Vec<u32> = (0..nt).map(|_| r.random_range(0..vocab as u32)).collect();
+    let (mut lp, mut lse, mut ent) = (vec![f32::NAN; nt], vec![f32::NAN; nt], vec![f32::NAN; nt]);
+    b.logprobs(
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
+    math::logprobs(
+        &h,
+        &wl,
+        &tg,
+        &mut lp64,
+        &mut lse64,
+        Some(&mut ent64),
+        nt,
+        dim,
+        vocab,
+    );
+    let mut dh = vec![f32::NAN; nt * dim];
+    let mut dwl = vec![0.125f32; vocab * dim];
+    b.logprobs_bwd(
+        &to32(&dl),
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &lse,
+        &mut dh,
+        Some(&mut dwl),
+        nt,
+        dim,
+        vocab,
+    )
+    .unwrap();
+    let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
+    math::logprobs_bwd(
+        &dl,
+        &h,
+        &wl,
+        &tg,
+        &lse64,
+        &mut dh64,
+        Some(&mut dw64),
+        nt,
+        dim,
+        vocab,
+    );
+    got.extend([lp, lse, ent, dh, dwl]);
+    want.extend([lp64, lse64, ent64, dh64, dw64]);
+    (got, want)
+}
+
+/// The fast f32 ops agree with the f64 math at multi-tile sizes, and give the same bits for
+/// 1, 2 and 3 threads.
+#[test]
+fn fast_ops_multi_tile_match_f64_math_and_thread_counts() {
+    const NAMES: [&str; 29] = [
+        "linear y (split m)",
+        "linear dx (split m)",
+        "linear dw (split m)",
+        "linear dbias (split m)",
+        "linear y (split n)",
+        "linear dx (split n)",
+        "linear dw (split n)",
+        "linear dbias (split n)",
+        "rmsnorm",
+        "rmsnorm rstd",
+        "rmsnorm_bwd dx",
+        "rmsnorm_bwd dw",
+        "rope",
+        "swiglu",
+        "swiglu_bwd dgate",
+        "swiglu_bwd dup",
+        "adamw p",
+        "adamw m",
+        "adamw v",
+        "attention out",
+        "attention lse",
+        "attention_bwd dq",
+        "attention_bwd dk",
+        "attention_bwd dv",
+        "logprobs logp",
+        "logprobs lse",
+        "logprobs entropy",
+        "logprobs_bwd dh",
+        "logprobs_bwd dw",
+    ];
+    let mut runs = Vec::new();
+    let r0 = rng("fast_ops_multi_tile");
+    for threads in [1, 2, 3] {
+        tooln1::backend::cpu::set_num_threads(threads);
+        let mut r = r0.clone();
+        let (got, want) = fast_outputs(&mut r);
+        assert_eq!(got.len(), NAMES.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            close(NAMES[i], g, w, 1e-5);
+        }
+        runs.push(got);
+    }
+    tooln1::backend::cpu::set_num_threads(0);
+    for (t, run) in runs.iter().enumerate().skip(1) {
+        for (i, (a, b)) in run.iter().zip(&runs[0]).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{}: {} threads differ from 1", NAMES[i], t + 1);
+        }
+    }
+}

@@ -102,7 +102,7 @@ fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 impl Gemm {
     /// Panics unless every slice covers the elements the strides reach (keeps the unsafe
     /// matrixmultiply calls in bounds).
-    fn check<T>(&self, a: &[T], b: &[T], c: &[T]) {
+    pub(crate) fn check<T>(&self, a: &[T], b: &[T], c: &[T]) {
         assert!(
             span(self.m, self.k, self.rsa, self.csa) <= a.len(),
             "gemm: A too short"

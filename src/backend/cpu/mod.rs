@@ -1,11 +1,19 @@
-//! The f32 CPU reference backend: plain loops that read like the math.
+//! The f32 CPU backend.
 //!
 //! The math of every op lives in [`math`], generic over [`math::Real`], so that the tests run
-//! the very same code in f64 for finite-difference checks. This file validates the arguments
-//! of each op (lengths against shape arguments, indices against their ranges) and returns
-//! `Error::Invalid` naming the op and the argument at fault, then calls the math in f32.
+//! the very same code in f64 for finite-difference checks: it is the oracle. The ops run the
+//! multi-threaded, blocked f32 paths of [`fast`] (tested against [`math`] op by op). This file
+//! validates the arguments of each op (lengths against shape arguments, indices against their
+//! ranges) and returns `Error::Invalid` naming the op and the argument at fault.
+//!
+//! Threads: all available cores unless [`set_num_threads`] or the `TOOLN1_NUM_THREADS` (else
+//! `RAYON_NUM_THREADS`) environment variable says otherwise. Results are the same bits for
+//! every thread count.
 
+pub mod fast;
 pub mod math;
+
+pub use fast::{default_num_threads, num_threads, set_num_threads};
 
 use crate::backend::{AdamWStep, Backend, DType, GrpoLossCfg, GrpoLossOut};
 use crate::{Error, Result};
@@ -193,9 +201,7 @@ impl Backend for Cpu {
     fn add_inplace(&self, a: &mut Vec<f32>, b: &Vec<f32>, n: usize) -> Result<()> {
         need("add_inplace", "a", a.len(), n)?;
         need("add_inplace", "b", b.len(), n)?;
-        for (x, &y) in a[..n].iter_mut().zip(&b[..n]) {
-            *x += y;
-        }
+        fast::run(|| fast::add_inplace(&mut a[..n], &b[..n]));
         Ok(())
     }
     fn sum_squares_f32(&self, t: &Vec<f32>, n: usize) -> Result<f64> {
@@ -219,7 +225,7 @@ impl Backend for Cpu {
         if let Some(b) = bias {
             need("linear", "bias", b.len(), n)?;
         }
-        math::linear(x, w, bias.map(|b| b.as_slice()), y, m, n, k);
+        fast::run(|| fast::linear(x, w, bias.map(|b| b.as_slice()), y, m, n, k));
         Ok(())
     }
 
@@ -249,18 +255,20 @@ impl Backend for Cpu {
         if let Some(d) = &dbias {
             need(op, "dbias", d.len(), n)?;
         }
-        math::linear_bwd(
-            dy,
-            x,
-            w,
-            dx.map(|d| d.as_mut_slice()),
-            accumulate_dx,
-            dw.map(|d| d.as_mut_slice()),
-            dbias.map(|d| d.as_mut_slice()),
-            m,
-            n,
-            k,
-        );
+        fast::run(|| {
+            fast::linear_bwd(
+                dy,
+                x,
+                w,
+                dx.map(|d| d.as_mut_slice()),
+                accumulate_dx,
+                dw.map(|d| d.as_mut_slice()),
+                dbias.map(|d| d.as_mut_slice()),
+                m,
+                n,
+                k,
+            )
+        });
         Ok(())
     }
 
@@ -321,7 +329,7 @@ impl Backend for Cpu {
         if dim == 0 {
             return Err(Error::Invalid("rmsnorm: `dim` must be positive".into()));
         }
-        math::rmsnorm(x, w, out, rstd, rows, dim, eps);
+        fast::run(|| fast::rmsnorm(x, w, out, rstd, rows, dim, eps));
         Ok(())
     }
 
@@ -345,16 +353,18 @@ impl Backend for Cpu {
         if let Some(d) = &dw {
             need(op, "dw", d.len(), dim)?;
         }
-        math::rmsnorm_bwd(
-            dout,
-            x,
-            w,
-            rstd,
-            dx,
-            dw.map(|d| d.as_mut_slice()),
-            rows,
-            dim,
-        );
+        fast::run(|| {
+            fast::rmsnorm_bwd(
+                dout,
+                x,
+                w,
+                rstd,
+                dx,
+                dw.map(|d| d.as_mut_slice()),
+                rows,
+                dim,
+            )
+        });
         Ok(())
     }
 
@@ -368,7 +378,7 @@ impl Backend for Cpu {
         theta: f32,
     ) -> Result<()> {
         check_rope("rope", x.len(), pos.len(), n_tok, n_heads, head_dim, theta)?;
-        math::rope(x, pos, n_tok, n_heads, head_dim, theta, false);
+        fast::run(|| fast::rope(x, pos, n_tok, n_heads, head_dim, theta, false));
         Ok(())
     }
 
@@ -390,7 +400,7 @@ impl Backend for Cpu {
             head_dim,
             theta,
         )?;
-        math::rope(dx, pos, n_tok, n_heads, head_dim, theta, true);
+        fast::run(|| fast::rope(dx, pos, n_tok, n_heads, head_dim, theta, true));
         Ok(())
     }
 
@@ -416,7 +426,7 @@ impl Backend for Cpu {
         need(op, "v", v.len(), n_tok * n_kv * head_dim)?;
         need(op, "out", out.len(), n_tok * n_heads * head_dim)?;
         need(op, "lse", lse.len(), n_tok * n_heads)?;
-        math::attention(q, k, v, out, lse, cu_host, n_heads, n_kv, head_dim);
+        fast::run(|| fast::attention(q, k, v, out, lse, cu_host, n_heads, n_kv, head_dim));
         Ok(())
     }
 
@@ -451,9 +461,11 @@ impl Backend for Cpu {
         need(op, "dq", dq.len(), qn)?;
         need(op, "dk", dk.len(), kn)?;
         need(op, "dv", dv.len(), kn)?;
-        math::attention_bwd(
-            dout, q, k, v, out, lse, dq, dk, dv, cu_host, n_heads, n_kv, head_dim,
-        );
+        fast::run(|| {
+            fast::attention_bwd(
+                dout, q, k, v, out, lse, dq, dk, dv, cu_host, n_heads, n_kv, head_dim,
+            )
+        });
         Ok(())
     }
 
@@ -523,9 +535,11 @@ impl Backend for Cpu {
                 )));
             }
         }
-        math::attention_decode(
-            q, k_cache, v_cache, lens, out, n_seq, max_len, n_heads, n_kv, head_dim,
-        );
+        fast::run(|| {
+            fast::attention_decode(
+                q, k_cache, v_cache, lens, out, n_seq, max_len, n_heads, n_kv, head_dim,
+            )
+        });
         Ok(())
     }
 
@@ -533,7 +547,7 @@ impl Backend for Cpu {
         need("swiglu", "gate", gate.len(), n)?;
         need("swiglu", "up", up.len(), n)?;
         need("swiglu", "out", out.len(), n)?;
-        math::swiglu(gate, up, out, n);
+        fast::run(|| fast::swiglu(gate, up, out, n));
         Ok(())
     }
 
@@ -552,7 +566,7 @@ impl Backend for Cpu {
         need(op, "up", up.len(), n)?;
         need(op, "dgate", dgate.len(), n)?;
         need(op, "dup", dup.len(), n)?;
-        math::swiglu_bwd(dout, gate, up, dgate, dup, n);
+        fast::run(|| fast::swiglu_bwd(dout, gate, up, dgate, dup, n));
         Ok(())
     }
 
@@ -583,17 +597,19 @@ impl Backend for Cpu {
             )));
         }
         ids_below(op, "targets", targets, n_tok, vocab, "vocab")?;
-        math::logprobs(
-            h,
-            w,
-            targets,
-            logp,
-            lse,
-            entropy.map(|e| e.as_mut_slice()),
-            n_tok,
-            dim,
-            vocab,
-        );
+        fast::run(|| {
+            fast::logprobs(
+                h,
+                w,
+                targets,
+                logp,
+                lse,
+                entropy.map(|e| e.as_mut_slice()),
+                n_tok,
+                dim,
+                vocab,
+            )
+        });
         Ok(())
     }
 
@@ -626,18 +642,20 @@ impl Backend for Cpu {
             )));
         }
         ids_below(op, "targets", targets, n_tok, vocab, "vocab")?;
-        math::logprobs_bwd(
-            dlogp,
-            h,
-            w,
-            targets,
-            lse,
-            dh,
-            dw.map(|d| d.as_mut_slice()),
-            n_tok,
-            dim,
-            vocab,
-        );
+        fast::run(|| {
+            fast::logprobs_bwd(
+                dlogp,
+                h,
+                w,
+                targets,
+                lse,
+                dh,
+                dw.map(|d| d.as_mut_slice()),
+                n_tok,
+                dim,
+                vocab,
+            )
+        });
         Ok(())
     }
 
@@ -653,7 +671,7 @@ impl Backend for Cpu {
         need("logits", "h", h.len(), rows * dim)?;
         need("logits", "w", w.len(), vocab * dim)?;
         need("logits", "out", out.len(), rows * vocab)?;
-        math::matmul_nt(h, w, out, rows, vocab, dim, 0.0);
+        fast::run(|| fast::matmul_nt(h, w, out, rows, vocab, dim, 0.0));
         Ok(())
     }
 
@@ -794,11 +812,11 @@ impl Backend for Cpu {
             grad_scale: hp.grad_scale,
         };
         match master {
-            None => math::adamw(param, grad, m, v, n, &h),
+            None => fast::run(|| fast::adamw(param, grad, m, v, n, &h)),
             Some(master) => {
                 // Not needed where T is f32, but honoured: update the master, copy it back.
                 need(op, "master", master.len(), n)?;
-                math::adamw(master, grad, m, v, n, &h);
+                fast::run(|| fast::adamw(master, grad, m, v, n, &h));
                 param[..n].copy_from_slice(&master[..n]);
             }
         }

@@ -1,0 +1,1191 @@
+//! The fast f32 paths of the CPU ops: multi-threaded (a rayon pool), blocked, and checked
+//! against the generic [`super::math`] (which stays the oracle, run in f64 by the
+//! finite-difference tests) by `tests/cpu_ops.rs`.
+//!
+//! - GEMMs: `matrixmultiply`'s single-threaded sgemm on disjoint row (or column) blocks of C,
+//!   one block per thread. The reduction over k is the same whatever the split, so a GEMM gives
+//!   the same bits for every thread count.
+//! - Vocabulary ops (lm_head + log-softmax): tiles of [`LP_ROWS`] rows × [`LP_VT`] vocabulary
+//!   columns, in parallel over the vocabulary tiles; each tile packs only its slice of the
+//!   lm_head weight, and the log-sum-exp is combined across tiles (online softmax). The [n_tok,
+//!   vocab] logits are never formed.
+//! - Attention: flash-attention style (Dao et al. 2022, "FlashAttention", arXiv:2205.14135;
+//!   Dao 2023, "FlashAttention-2", arXiv:2307.08691): tiles of [`BQ`] queries × [`BK`] keys, in
+//!   parallel over (sequence, head, query block) for the forward and dq, and over
+//!   (sequence, kv head, key block) for dk and dv, so no [seq, seq] matrix and no atomics.
+//! - Row ops: fixed-size chunks of rows in parallel; reductions across rows (RMSNorm's dw) sum
+//!   per-chunk partials in chunk order.
+//!
+//! Every partition depends on the shapes only, never on the thread count, so results are
+//! bit-identical for every thread count (tested in `tests/cpu_ops.rs`).
+//!
+//! Threads: [`set_num_threads`], else `TOOLN1_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the
+//! available parallelism.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rayon::prelude::*;
+
+use super::math::{self, Gemm};
+
+// ------------------------------------------------------------------------------------ threads
+
+static POOL: RwLock<Option<Arc<rayon::ThreadPool>>> = RwLock::new(None);
+
+/// The thread count used when none was set: `TOOLN1_NUM_THREADS`, else `RAYON_NUM_THREADS`
+/// (positive integers; anything else is ignored), else the available parallelism.
+pub fn default_num_threads() -> usize {
+    for var in ["TOOLN1_NUM_THREADS", "RAYON_NUM_THREADS"] {
+        if let Some(n) = std::env::var(var)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+        {
+            return n;
+        }
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn build_pool(n: usize) -> Arc<rayon::ThreadPool> {
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .thread_name(|i| format!("tooln1-cpu-{i}"))
+            .build()
+            .expect("tooln1: cannot start the CPU thread pool"),
+    )
+}
+
+/// Use `n` threads for the CPU backend from now on (0: [`default_num_threads`]). Ops already
+/// running finish on the previous pool.
+pub fn set_num_threads(n: usize) {
+    let n = if n == 0 { default_num_threads() } else { n };
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(build_pool(n));
+}
+
+/// The number of threads the CPU backend uses.
+pub fn num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+fn pool() -> Arc<rayon::ThreadPool> {
+    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return p.clone();
+    }
+    let mut w = POOL.write().unwrap_or_else(|e| e.into_inner());
+    w.get_or_insert_with(|| build_pool(default_num_threads()))
+        .clone()
+}
+
+/// Run `f` on the CPU backend's pool (its parallel iterators use that pool).
+pub fn run<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    pool().install(f)
+}
+
+// ------------------------------------------------------------------------------------ scratch
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on this thread's scratch buffer of at least `n` elements (contents unspecified);
+/// kept between calls, so the hot loops do not allocate. Not re-entrant.
+fn with_scratch<T>(n: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < n {
+            s.resize(n, 0.0);
+        }
+        f(&mut s[..n])
+    })
+}
+
+/// Buffers shared by the tasks of one op, reused across calls (taken out while in use, so
+/// concurrent callers each get their own).
+static SHARED: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+fn take_buf(n: usize) -> Vec<f32> {
+    let mut v = SHARED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .unwrap_or_default();
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    v
+}
+
+fn give_buf(v: Vec<f32>) {
+    let mut s = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if s.len() < 8 {
+        s.push(v);
+    }
+}
+
+/// A raw pointer that tasks writing disjoint elements of one buffer may share.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+// SAFETY: every use writes element sets that are disjoint between tasks (documented at each
+// use), and the buffer outlives the parallel section.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+impl Ptr {
+    /// The pointer (a method, so that closures capture the whole `Ptr`, which is `Send`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// ------------------------------------------------------------------------------------ GEMM
+
+/// Single-threaded `C = alpha·A·B + beta·C` on raw strided pointers (beta = 0 overwrites C).
+///
+/// # Safety
+/// Every element the strides reach must be in bounds, and C must not alias A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    beta: f32,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                let x = c.add(i * rsc + j * csc);
+                *x = if beta == 0.0 { 0.0 } else { *x * beta };
+            }
+        }
+        return;
+    }
+    matrixmultiply::sgemm(
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        rsa as isize,
+        csa as isize,
+        b,
+        rsb as isize,
+        csb as isize,
+        beta,
+        c,
+        rsc as isize,
+        csc as isize,
+    );
+}
+
+/// Below this many multiply-adds a GEMM runs on the calling thread.
+const PAR_GEMM_MIN: usize = 1 << 18;
+
+/// Multi-threaded [`math::Real::gemm_raw`] for f32: C split into one block of rows (or of
+/// columns, whichever dimension is larger) per thread.
+pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
+    g.check(a, b, c);
+    let threads = rayon::current_num_threads();
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), Ptr(c.as_mut_ptr()));
+    if threads == 1 || g.m * g.n * g.k < PAR_GEMM_MIN {
+        // SAFETY: `check` proved every reached element in bounds; c is a distinct &mut.
+        unsafe {
+            sgemm(
+                g.m,
+                g.k,
+                g.n,
+                alpha,
+                ap,
+                g.rsa,
+                g.csa,
+                bp,
+                g.rsb,
+                g.csb,
+                beta,
+                cp.get(),
+                g.rsc,
+                g.csc,
+            )
+        };
+        return;
+    }
+    let split_m = g.m >= g.n;
+    let len = if split_m { g.m } else { g.n };
+    let parts = threads.min(len.div_ceil(16)).max(1);
+    let block = len.div_ceil(parts).next_multiple_of(8);
+    let (ap, bp) = (ap as usize, bp as usize);
+    (0..parts).into_par_iter().for_each(move |p| {
+        let lo = p * block;
+        let hi = (lo + block).min(len);
+        if lo >= hi {
+            return;
+        }
+        let (a, b) = (ap as *const f32, bp as *const f32);
+        // SAFETY: a sub-block of a GEMM whose whole extent `check` proved in bounds; the
+        // blocks write disjoint rows (or columns) of C.
+        unsafe {
+            if split_m {
+                sgemm(
+                    hi - lo,
+                    g.k,
+                    g.n,
+                    alpha,
+                    a.add(lo * g.rsa),
+                    g.rsa,
+                    g.csa,
+                    b,
+                    g.rsb,
+                    g.csb,
+                    beta,
+                    cp.get().add(lo * g.rsc),
+                    g.rsc,
+                    g.csc,
+                )
+            } else {
+                sgemm(
+                    g.m,
+                    g.k,
+                    hi - lo,
+                    alpha,
+                    a,
+                    g.rsa,
+                    g.csa,
+                    b.add(lo * g.csb),
+                    g.rsb,
+                    g.csb,
+                    beta,
+                    cp.get().add(lo * g.csc),
+                    g.rsc,
+                    g.csc,
+                )
+            }
+        }
+    });
+}
+
+/// `y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y`
+pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize, beta: f32) {
+    let g = Gemm {
+        m,
+        k,
+        n,
+        rsa: k,
+        csa: 1,
+        rsb: 1,
+        csb: k,
+        rsc: n,
+        csc: 1,
+    };
+    gemm(g, 1.0, x, w, beta, y);
+}
+
+/// `y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])`
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    matmul_nt(x, w, y, m, n, k, 0.0);
+    if let Some(b) = bias {
+        y[..m * n].par_chunks_mut(n).for_each(|row| {
+            for (yv, &bv) in row.iter_mut().zip(&b[..n]) {
+                *yv += bv;
+            }
+        });
+    }
+}
+
+/// dx (=, or += when `accumulate_dx`) dy·w; dw += dyᵀ·x; dbias += Σ_m dy (rows summed in
+/// order, columns in parallel).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    accumulate_dx: bool,
+    dw: Option<&mut [f32]>,
+    dbias: Option<&mut [f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    if let Some(dx) = dx {
+        let beta = if accumulate_dx { 1.0 } else { 0.0 };
+        let g = Gemm {
+            m,
+            k: n,
+            n: k,
+            rsa: n,
+            csa: 1,
+            rsb: k,
+            csb: 1,
+            rsc: k,
+            csc: 1,
+        };
+        gemm(g, 1.0, dy, w, beta, dx);
+    }
+    if let Some(dw) = dw {
+        let g = Gemm {
+            m: n,
+            k: m,
+            n: k,
+            rsa: 1,
+            csa: n,
+            rsb: k,
+            csb: 1,
+            rsc: k,
+            csc: 1,
+        };
+        gemm(g, 1.0, dy, x, 1.0, dw);
+    }
+    if let Some(db) = dbias {
+        const COLS: usize = 256;
+        db[..n]
+            .par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(c, dbc)| {
+                for row in dy[..m * n].chunks_exact(n) {
+                    for (d, &g) in dbc.iter_mut().zip(&row[c * COLS..]) {
+                        *d += g;
+                    }
+                }
+            });
+    }
+}
+
+// ------------------------------------------------------------------------------------ vocabulary
+
+/// Rows of a vocabulary tile (the row block the lm_head weight tiles are streamed against).
+pub const LP_ROWS: usize = 256;
+/// Vocabulary columns of a tile.
+pub const LP_VT: usize = 512;
+/// The backward sums dh over this many groups of vocabulary tiles (fixed, so the result does
+/// not depend on the thread count).
+const LP_GROUPS: usize = 8;
+
+/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ` on this thread.
+fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0: usize, vn: usize) {
+    assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
+    // SAFETY: bounds asserted above; z is a distinct &mut.
+    unsafe {
+        sgemm(
+            rows,
+            dim,
+            vn,
+            1.0,
+            h.as_ptr(),
+            dim,
+            1,
+            w.as_ptr().add(v0 * dim),
+            1,
+            dim,
+            0.0,
+            z.as_mut_ptr(),
+            vn,
+            1,
+        )
+    }
+}
+
+/// Fused lm_head + log-softmax + gather (see [`math::logprobs`]).
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs(
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    logp: &mut [f32],
+    lse: &mut [f32],
+    mut entropy: Option<&mut [f32]>,
+    n_tok: usize,
+    dim: usize,
+    vocab: usize,
+) {
+    let n_tiles = vocab.div_ceil(LP_VT);
+    let want_ent = entropy.is_some();
+    // Per (tile, row): max, Σ exp(z − max), Σ exp(z − max)·z, z[target] (NaN if elsewhere).
+    let mut stats = take_buf(n_tiles * LP_ROWS * 4);
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let rows = LP_ROWS.min(n_tok - t0);
+        let hb = &h[t0 * dim..(t0 + rows) * dim];
+        let tg = &targets[t0..t0 + rows];
+        stats[..n_tiles * LP_ROWS * 4]
+            .par_chunks_mut(LP_ROWS * 4)
+            .enumerate()
+            .for_each(|(tile, st)| {
+                let v0 = tile * LP_VT;
+                let vn = LP_VT.min(vocab - v0);
+                with_scratch(rows * vn, |z| {
+                    tile_logits(hb, w, z, rows, dim, v0, vn);
+                    for r in 0..rows {
+                        let zr = &z[r * vn..(r + 1) * vn];
+                        let mx = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                        let (mut s, mut pz) = (0.0f32, 0.0f32);
+                        if want_ent {
+                            for &v in zr {
+                                let e = (v - mx).exp();
+                                s += e;
+                                pz += e * v;
+                            }
+                        } else {
+                            for &v in zr {
+                                s += (v - mx).exp();
+                            }
+                        }
+                        let t = tg[r] as usize;
+                        let zt = if (v0..v0 + vn).contains(&t) {
+                            zr[t - v0]
+                        } else {
+                            f32::NAN
+                        };
+                        st[r * 4..r * 4 + 4].copy_from_slice(&[mx, s, pz, zt]);
+                    }
+                });
+            });
+        let stats = &stats;
+        let ent = entropy.as_deref_mut().map(|e| &mut e[t0..t0 + rows]);
+        let lse_b = &mut lse[t0..t0 + rows];
+        let lp_b = &mut logp[t0..t0 + rows];
+        let combine = |r: usize| -> (f32, f32, f32) {
+            let at = |tile: usize, f: usize| stats[(tile * LP_ROWS + r) * 4 + f];
+            let mx = (0..n_tiles).fold(f32::NEG_INFINITY, |m, t| m.max(at(t, 0)));
+            let (mut s, mut pz, mut zt) = (0.0f32, 0.0f32, f32::NAN);
+            for t in 0..n_tiles {
+                let c = (at(t, 0) - mx).exp();
+                s += at(t, 1) * c;
+                pz += at(t, 2) * c;
+                if !at(t, 3).is_nan() {
+                    zt = at(t, 3);
+                }
+            }
+            let l = mx + s.ln();
+            (l, zt - l, l - pz / s)
+        };
+        match ent {
+            Some(e) => {
+                for r in 0..rows {
+                    let (l, lp, en) = combine(r);
+                    (lse_b[r], lp_b[r], e[r]) = (l, lp, en);
+                }
+            }
+            None => {
+                for r in 0..rows {
+                    let (l, lp, _) = combine(r);
+                    (lse_b[r], lp_b[r]) = (l, lp);
+                }
+            }
+        }
+        t0 += rows;
+    }
+    give_buf(stats);
+}
+
+/// Backward of [`logprobs`] (see [`math::logprobs_bwd`]): dh overwritten, dw accumulated.
+#[allow(clippy::too_many_arguments)]
+pub fn logprobs_bwd(
+    dlogp: &[f32],
+    h: &[f32],
+    w: &[f32],
+    targets: &[u32],
+    lse: &[f32],
+    dh: &mut [f32],
+    dw: Option<&mut [f32]>,
+    n_tok: usize,
+    dim: usize,
+    vocab: usize,
+) {
+    let n_tiles = vocab.div_ceil(LP_VT);
+    let groups = LP_GROUPS.min(n_tiles);
+    let per_group = n_tiles.div_ceil(groups);
+    if let Some(d) = &dw {
+        assert!(d.len() >= vocab * dim);
+    }
+    let dwp = dw.map(|d| Ptr(d.as_mut_ptr()));
+    let mut parts = take_buf(groups * LP_ROWS * dim);
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let rows = LP_ROWS.min(n_tok - t0);
+        let hb = &h[t0 * dim..(t0 + rows) * dim];
+        parts[..groups * LP_ROWS * dim]
+            .par_chunks_mut(LP_ROWS * dim)
+            .enumerate()
+            .for_each(|(gi, part)| {
+                let tiles = gi * per_group..((gi + 1) * per_group).min(n_tiles);
+                part[..rows * dim].fill(0.0);
+                for tile in tiles {
+                    let v0 = tile * LP_VT;
+                    let vn = LP_VT.min(vocab - v0);
+                    with_scratch(rows * vn, |z| {
+                        tile_logits(hb, w, z, rows, dim, v0, vn);
+                        for r in 0..rows {
+                            let t = t0 + r;
+                            let (g, l) = (dlogp[t], lse[t]);
+                            let zr = &mut z[r * vn..(r + 1) * vn];
+                            for v in zr.iter_mut() {
+                                *v = -g * (*v - l).exp();
+                            }
+                            let tg = targets[t] as usize;
+                            if (v0..v0 + vn).contains(&tg) {
+                                zr[tg - v0] += g;
+                            }
+                        }
+                        // SAFETY: z is [rows, vn], w rows v0..v0+vn and part [rows, dim] are
+                        // in bounds; dw rows v0..v0+vn belong to this tile alone.
+                        unsafe {
+                            sgemm(
+                                rows,
+                                vn,
+                                dim,
+                                1.0,
+                                z.as_ptr(),
+                                vn,
+                                1,
+                                w.as_ptr().add(v0 * dim),
+                                dim,
+                                1,
+                                1.0,
+                                part.as_mut_ptr(),
+                                dim,
+                                1,
+                            );
+                            if let Some(dwp) = dwp {
+                                sgemm(
+                                    vn,
+                                    rows,
+                                    dim,
+                                    1.0,
+                                    z.as_ptr(),
+                                    1,
+                                    vn,
+                                    hb.as_ptr(),
+                                    dim,
+                                    1,
+                                    1.0,
+                                    dwp.get().add(v0 * dim),
+                                    dim,
+                                    1,
+                                );
+                            }
+                        }
+                    });
+                }
+            });
+        let parts = &parts;
+        dh[t0 * dim..(t0 + rows) * dim]
+            .par_chunks_mut(dim)
+            .enumerate()
+            .for_each(|(r, dhr)| {
+                dhr.copy_from_slice(&parts[r * dim..(r + 1) * dim]);
+                for gi in 1..groups {
+                    let p = &parts[(gi * LP_ROWS + r) * dim..][..dim];
+                    for (d, &x) in dhr.iter_mut().zip(p) {
+                        *d += x;
+                    }
+                }
+            });
+        t0 += rows;
+    }
+    give_buf(parts);
+}
+
+// ------------------------------------------------------------------------------------ attention
+
+/// Queries per attention tile.
+pub const BQ: usize = 64;
+/// Keys per attention tile (equal to [`BQ`], so query and key blocks line up).
+pub const BK: usize = BQ;
+
+/// (sequence start, sequence end, block start) of every BQ-block of every sequence.
+fn blocks(cu: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    cu.windows(2).flat_map(|w| {
+        let (s, e) = (w[0] as usize, w[1] as usize);
+        (s..e).step_by(BQ).map(move |b| (s, e, b))
+    })
+}
+
+/// Causal GQA attention over packed sequences (see [`math::attention`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+    cu: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) {
+    let n_tok = *cu.last().unwrap_or(&0) as usize;
+    let group = n_heads / n_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qs, ks) = (n_heads * hd, n_kv * hd);
+    assert!(q.len() >= n_tok * qs && k.len() >= n_tok * ks && v.len() >= n_tok * ks);
+    assert!(out.len() >= n_tok * qs && lse.len() >= n_tok * n_heads);
+    let (op, lp) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+    let tasks: Vec<(usize, usize, usize)> = blocks(cu).collect();
+    (0..tasks.len() * n_heads)
+        .into_par_iter()
+        .for_each(move |ti| {
+            let (start, end, i0) = tasks[ti / n_heads];
+            let h = ti % n_heads;
+            let kh = h / group;
+            let i1 = (i0 + BQ).min(end);
+            let nq = i1 - i0;
+            with_scratch(BQ * BK + BQ * hd + 2 * BQ, |buf| {
+                let (s, rest) = buf.split_at_mut(BQ * BK);
+                let (acc, rest) = rest.split_at_mut(BQ * hd);
+                let (mrow, lrow) = rest.split_at_mut(BQ);
+                acc[..nq * hd].fill(0.0);
+                mrow.fill(f32::NEG_INFINITY);
+                lrow.fill(0.0);
+                let mut j0 = start;
+                while j0 < i1 {
+                    let nk = BK.min(i1 - j0);
+                    // SAFETY: rows i0..i1 / j0..j0+nk of head h / kh are inside q / k / v
+                    // (asserted above); s and acc are this task's scratch.
+                    unsafe {
+                        sgemm(
+                            nq,
+                            hd,
+                            nk,
+                            scale,
+                            q.as_ptr().add(i0 * qs + h * hd),
+                            qs,
+                            1,
+                            k.as_ptr().add(j0 * ks + kh * hd),
+                            1,
+                            ks,
+                            0.0,
+                            s.as_mut_ptr(),
+                            nk,
+                            1,
+                        );
+                    }
+                    for r in 0..nq {
+                        let row = &mut s[r * nk..(r + 1) * nk];
+                        // keys j0 + c with j0 + c <= i0 + r
+                        let lim = (i0 + r + 1 - j0).min(nk);
+                        let mx = row[..lim].iter().fold(mrow[r], |m, &x| m.max(x));
+                        let alpha = (mrow[r] - mx).exp();
+                        let mut sum = 0.0f32;
+                        for x in row[..lim].iter_mut() {
+                            *x = (*x - mx).exp();
+                            sum += *x;
+                        }
+                        row[lim..].fill(0.0);
+                        lrow[r] = lrow[r] * alpha + sum;
+                        mrow[r] = mx;
+                        if alpha != 1.0 {
+                            for a in acc[r * hd..(r + 1) * hd].iter_mut() {
+                                *a *= alpha;
+                            }
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        sgemm(
+                            nq,
+                            nk,
+                            hd,
+                            1.0,
+                            s.as_ptr(),
+                            nk,
+                            1,
+                            v.as_ptr().add(j0 * ks + kh * hd),
+                            ks,
+                            1,
+                            1.0,
+                            acc.as_mut_ptr(),
+                            hd,
+                            1,
+                        );
+                    }
+                    j0 += nk;
+                }
+                for r in 0..nq {
+                    let i = i0 + r;
+                    let inv = 1.0 / lrow[r];
+                    // SAFETY: (token i, head h) belongs to this task alone.
+                    unsafe {
+                        let o = std::slice::from_raw_parts_mut(op.get().add(i * qs + h * hd), hd);
+                        for (o, &a) in o.iter_mut().zip(&acc[r * hd..(r + 1) * hd]) {
+                            *o = a * inv;
+                        }
+                        *lp.get().add(h * n_tok + i) = mrow[r] + lrow[r].ln();
+                    }
+                }
+            });
+        });
+}
+
+/// One tile of the attention backward: for queries i0..i0+nq of head h against keys
+/// j0..j0+nk, P (into `p`) and dS = P∘(dO·Vᵀ − D) (into `ds`), both [nq, nk] with P = 0 where
+/// a key lies after the query.
+#[allow(clippy::too_many_arguments)]
+fn bwd_tile(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    lse: &[f32],
+    dd: &[f32],
+    p: &mut [f32],
+    ds: &mut [f32],
+    (i0, nq, j0, nk): (usize, usize, usize, usize),
+    (h, kh, n_tok, n_heads, hd, qs, ks): (usize, usize, usize, usize, usize, usize, usize),
+    scale: f32,
+) {
+    // SAFETY: rows i0..i0+nq and j0..j0+nk lie inside q, dout and k, v (asserted by the
+    // callers); p and ds are the task's scratch, at least [nq, nk].
+    unsafe {
+        sgemm(
+            nq,
+            hd,
+            nk,
+            scale,
+            q.as_ptr().add(i0 * qs + h * hd),
+            qs,
+            1,
+            k.as_ptr().add(j0 * ks + kh * hd),
+            1,
+            ks,
+            0.0,
+            p.as_mut_ptr(),
+            nk,
+            1,
+        );
+        sgemm(
+            nq,
+            hd,
+            nk,
+            1.0,
+            dout.as_ptr().add(i0 * qs + h * hd),
+            qs,
+            1,
+            v.as_ptr().add(j0 * ks + kh * hd),
+            1,
+            ks,
+            0.0,
+            ds.as_mut_ptr(),
+            nk,
+            1,
+        );
+    }
+    for r in 0..nq {
+        let i = i0 + r;
+        let l = lse[h * n_tok + i];
+        let di = dd[i * n_heads + h];
+        let lim = (i + 1).saturating_sub(j0).min(nk);
+        let (pr, dr) = (&mut p[r * nk..(r + 1) * nk], &mut ds[r * nk..(r + 1) * nk]);
+        for c in 0..lim {
+            pr[c] = (pr[c] - l).exp();
+            dr[c] = pr[c] * (dr[c] - di);
+        }
+        pr[lim..].fill(0.0);
+        dr[lim..].fill(0.0);
+    }
+}
+
+/// Backward of [`attention`] (see [`math::attention_bwd`]); dq, dk, dv overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    cu: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) {
+    let n_tok = *cu.last().unwrap_or(&0) as usize;
+    let group = n_heads / n_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (qs, ks) = (n_heads * hd, n_kv * hd);
+    assert!(q.len() >= n_tok * qs && dout.len() >= n_tok * qs && out.len() >= n_tok * qs);
+    assert!(k.len() >= n_tok * ks && v.len() >= n_tok * ks);
+    assert!(dq.len() >= n_tok * qs && dk.len() >= n_tok * ks && dv.len() >= n_tok * ks);
+    assert!(lse.len() >= n_tok * n_heads);
+    // D[i, h] = dO_i · O_i
+    let mut dd = take_buf(n_tok * n_heads);
+    dd[..n_tok * n_heads]
+        .par_chunks_mut(n_heads)
+        .enumerate()
+        .for_each(|(i, di)| {
+            for (h, d) in di.iter_mut().enumerate() {
+                let o = i * qs + h * hd;
+                *d = dout[o..o + hd]
+                    .iter()
+                    .zip(&out[o..o + hd])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+        });
+    let dd = &dd[..];
+    let tasks: Vec<(usize, usize, usize)> = blocks(cu).collect();
+    let dims = |h: usize, kh: usize| (h, kh, n_tok, n_heads, hd, qs, ks);
+    // dk, dv: one task per (key block, kv head), over the query blocks at or after it.
+    let (dkp, dvp) = (Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
+    (0..tasks.len() * n_kv).into_par_iter().for_each(|ti| {
+        let (_, end, j0) = tasks[ti / n_kv];
+        let kh = ti % n_kv;
+        let nk = BK.min(end - j0);
+        with_scratch(2 * BQ * BK + 2 * BK * hd, |buf| {
+            let (p, rest) = buf.split_at_mut(BQ * BK);
+            let (ds, rest) = rest.split_at_mut(BQ * BK);
+            let (dkl, dvl) = rest.split_at_mut(BK * hd);
+            dkl.fill(0.0);
+            dvl.fill(0.0);
+            for h in kh * group..(kh + 1) * group {
+                let mut i0 = j0;
+                while i0 < end {
+                    let nq = BQ.min(end - i0);
+                    bwd_tile(
+                        q,
+                        k,
+                        v,
+                        dout,
+                        lse,
+                        dd,
+                        p,
+                        ds,
+                        (i0, nq, j0, nk),
+                        dims(h, kh),
+                        scale,
+                    );
+                    // SAFETY: p, ds are [nq, nk]; q, dout rows i0..i0+nq in bounds;
+                    // dkl, dvl are [nk, hd] scratch.
+                    unsafe {
+                        sgemm(
+                            nk,
+                            nq,
+                            hd,
+                            1.0,
+                            p.as_ptr(),
+                            1,
+                            nk,
+                            dout.as_ptr().add(i0 * qs + h * hd),
+                            qs,
+                            1,
+                            1.0,
+                            dvl.as_mut_ptr(),
+                            hd,
+                            1,
+                        );
+                        sgemm(
+                            nk,
+                            nq,
+                            hd,
+                            scale,
+                            ds.as_ptr(),
+                            1,
+                            nk,
+                            q.as_ptr().add(i0 * qs + h * hd),
+                            qs,
+                            1,
+                            1.0,
+                            dkl.as_mut_ptr(),
+                            hd,
+                            1,
+                        );
+                    }
+                    i0 += nq;
+                }
+            }
+            for c in 0..nk {
+                let o = (j0 + c) * ks + kh * hd;
+                // SAFETY: (key j0 + c, kv head kh) belongs to this task alone.
+                unsafe {
+                    std::slice::from_raw_parts_mut(dkp.get().add(o), hd)
+                        .copy_from_slice(&dkl[c * hd..(c + 1) * hd]);
+                    std::slice::from_raw_parts_mut(dvp.get().add(o), hd)
+                        .copy_from_slice(&dvl[c * hd..(c + 1) * hd]);
+                }
+            }
+        });
+    });
+    // dq: one task per (query block, head), over the key blocks up to it.
+    let dqp = Ptr(dq.as_mut_ptr());
+    (0..tasks.len() * n_heads).into_par_iter().for_each(|ti| {
+        let (start, end, i0) = tasks[ti / n_heads];
+        let h = ti % n_heads;
+        let kh = h / group;
+        let nq = BQ.min(end - i0);
+        with_scratch(2 * BQ * BK + BQ * hd, |buf| {
+            let (p, rest) = buf.split_at_mut(BQ * BK);
+            let (ds, rest) = rest.split_at_mut(BQ * BK);
+            let dql = &mut rest[..BQ * hd];
+            dql.fill(0.0);
+            let mut j0 = start;
+            while j0 < i0 + nq {
+                let nk = BK.min(i0 + nq - j0);
+                bwd_tile(
+                    q,
+                    k,
+                    v,
+                    dout,
+                    lse,
+                    dd,
+                    p,
+                    ds,
+                    (i0, nq, j0, nk),
+                    dims(h, kh),
+                    scale,
+                );
+                // SAFETY: ds is [nq, nk]; k rows j0..j0+nk in bounds; dql is [nq, hd].
+                unsafe {
+                    sgemm(
+                        nq,
+                        nk,
+                        hd,
+                        scale,
+                        ds.as_ptr(),
+                        nk,
+                        1,
+                        k.as_ptr().add(j0 * ks + kh * hd),
+                        ks,
+                        1,
+                        1.0,
+                        dql.as_mut_ptr(),
+                        hd,
+                        1,
+                    );
+                }
+                j0 += nk;
+            }
+            for r in 0..nq {
+                // SAFETY: (query i0 + r, head h) belongs to this task alone.
+                unsafe {
+                    std::slice::from_raw_parts_mut(dqp.get().add((i0 + r) * qs + h * hd), hd)
+                        .copy_from_slice(&dql[r * hd..(r + 1) * hd]);
+                }
+            }
+        });
+    });
+}
+
+/// Decode attention (see [`math::attention_decode`]), one slot per task.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    lens: &[u32],
+    out: &mut [f32],
+    n_seq: usize,
+    max_len: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) {
+    let (qs, ks) = (n_heads * hd, n_kv * hd);
+    let slot = max_len * ks;
+    out[..n_seq * qs]
+        .par_chunks_mut(qs)
+        .enumerate()
+        .for_each(|(b, o)| {
+            math::attention_decode(
+                &q[b * qs..(b + 1) * qs],
+                &k_cache[b * slot..(b + 1) * slot],
+                &v_cache[b * slot..(b + 1) * slot],
+                &lens[b..b + 1],
+                o,
+                1,
+                max_len,
+                n_heads,
+                n_kv,
+                hd,
+            )
+        });
+}
+
+// ------------------------------------------------------------------------------------ row ops
+
+/// Rows per task of the row ops.
+const ROWS: usize = 32;
+/// Elements per task of the element-wise ops.
+const ELEMS: usize = 1 << 14;
+
+/// [`math::rmsnorm`] on chunks of rows in parallel (bit-identical to it).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    rstd: &mut [f32],
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) {
+    out[..rows * dim]
+        .par_chunks_mut(ROWS * dim)
+        .zip(rstd[..rows].par_chunks_mut(ROWS))
+        .enumerate()
+        .for_each(|(c, (o, s))| {
+            let n = s.len();
+            math::rmsnorm(&x[c * ROWS * dim..], w, o, s, n, dim, eps);
+        });
+}
+
+/// [`math::rmsnorm_bwd`] on chunks of rows in parallel; dw sums the per-chunk partials in
+/// chunk order.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_bwd(
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    dw: Option<&mut [f32]>,
+    rows: usize,
+    dim: usize,
+) {
+    let chunks = rows.div_ceil(ROWS);
+    let want_dw = dw.is_some();
+    let mut parts = take_buf(if want_dw { chunks * dim } else { 0 });
+    let pp = Ptr(parts.as_mut_ptr());
+    dx[..rows * dim]
+        .par_chunks_mut(ROWS * dim)
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            let n = dxc.len() / dim;
+            let o = c * ROWS * dim;
+            // SAFETY: chunk c alone uses partial c (dim elements of `parts`, which holds
+            // chunks * dim when dw is wanted).
+            let part = want_dw.then(|| unsafe {
+                let p = std::slice::from_raw_parts_mut(pp.get().add(c * dim), dim);
+                p.fill(0.0);
+                p
+            });
+            math::rmsnorm_bwd(&dout[o..], &x[o..], w, &rstd[c * ROWS..], dxc, part, n, dim);
+        });
+    if let Some(dw) = dw {
+        let parts = &parts;
+        dw[..dim]
+            .par_chunks_mut(256)
+            .enumerate()
+            .for_each(|(j, d)| {
+                for c in 0..chunks {
+                    for (dv, &p) in d.iter_mut().zip(&parts[c * dim + j * 256..]) {
+                        *dv += p;
+                    }
+                }
+            });
+    }
+    give_buf(parts);
+}
+
+/// [`math::rope`] on chunks of tokens in parallel (bit-identical to it).
+pub fn rope(
+    x: &mut [f32],
+    pos: &[u32],
+    n_tok: usize,
+    n_heads: usize,
+    head_dim: usize,
+    theta: f32,
+    inverse: bool,
+) {
+    let ts = n_heads * head_dim;
+    x[..n_tok * ts]
+        .par_chunks_mut(ROWS * ts)
+        .enumerate()
+        .for_each(|(c, xc)| {
+            let n = xc.len() / ts;
+            math::rope(
+                xc,
+                &pos[c * ROWS..c * ROWS + n],
+                n,
+                n_heads,
+                head_dim,
+                theta,
+                inverse,
+            );
+        });
+}
+
+/// [`math::swiglu`] in parallel (bit-identical to it).
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
+    out[..n]
+        .par_chunks_mut(ELEMS)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let m = o.len();
+            math::swiglu(&gate[c * ELEMS..], &up[c * ELEMS..], o, m);
+        });
+}
+
+/// [`math::swiglu_bwd`] in parallel (bit-identical to it).
+pub fn swiglu_bwd(
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    n: usize,
+) {
+    dgate[..n]
+        .par_chunks_mut(ELEMS)
+        .zip(dup[..n].par_chunks_mut(ELEMS))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let (m, o) = (dg.len(), c * ELEMS);
+            math::swiglu_bwd(&dout[o..], &gate[o..], &up[o..], dg, du, m);
+        });
+}
+
+/// `a += b` in parallel.
+pub fn add_inplace(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(ELEMS)
+        .zip(b.par_chunks(ELEMS))
+        .for_each(|(a, b)| {
+            for (x, &y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+        });
+}
+
+/// [`math::adamw`] in parallel (bit-identical to it).
+pub fn adamw(
+    p: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    n: usize,
+    hp: &math::AdamW<f32>,
+) {
+    p[..n]
+        .par_chunks_mut(ELEMS)
+        .zip(m[..n].par_chunks_mut(ELEMS))
+        .zip(v[..n].par_chunks_mut(ELEMS))
+        .enumerate()
+        .for_each(|(c, ((p, m), v))| {
+            let len = p.len();
+            math::adamw(p, &grad[c * ELEMS..], m, v, len, hp);
+        });
+}
