@@ -145,31 +145,6 @@ pub fn check(name: &str, got: &[f32], want: &[f64], bound: f64) {
     );
 }
 
-/// Token entropies (nats): [`check`]'s bounds; where the mean reference entropy is below 0.1
-/// nats (a nearly deterministic model, whose large logits make the few non-zero entropies carry
-/// the whole norm), the element-wise bound alone: every element within
-/// 2·bound·max|want| + `abs_nats`.
-pub fn check_entropy(name: &str, got: &[f32], want: &[f32], bound: f64, abs_nats: f64) {
-    let w: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-    let mean = w.iter().sum::<f64>() / w.len().max(1) as f64;
-    if mean >= 0.1 {
-        return check(name, got, &w, bound);
-    }
-    let scale = w.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let tol = 2.0 * bound * scale + abs_nats;
-    let (i, d) = max_abs(got, &w);
-    println!(
-        "{name}: mean reference entropy {mean:.3e} nats (near zero), rel err {:.3e} not bounded; max abs err {d:.3e} at {i} (bound {tol:.3e})",
-        rel(got, &w)
-    );
-    assert!(
-        d <= tol,
-        "{name}: element {i} is {} where {} is expected (|diff| {d:.3e} > {tol:.3e})",
-        got[i],
-        w[i]
-    );
-}
-
 /// [`check`] against f32 expectations.
 pub fn check32(name: &str, got: &[f32], want: &[f32], bound: f64) {
     let w: Vec<f64> = want.iter().map(|&x| x as f64).collect();
