@@ -1,0 +1,143 @@
+//! The linear layer and the full logits: cuBLAS GEMMs (bf16 inputs, f32 compute), with the
+//! bias broadcast and bias-gradient column sums of kernels/util.cu.
+
+use super::super::runtime::{Bf16, CudaBuf};
+use super::super::Cuda;
+use super::{i32_of, need, util};
+use crate::Result;
+
+/// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
+/// and y f32 (`y_f32`) or bf16; x and w are device addresses of bf16 data.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_xwt(
+    c: &Cuda,
+    x: u64,
+    w: u64,
+    y: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+    y_f32: bool,
+    ldy: usize,
+) -> Result<()> {
+    // Row-major y[m,n] = x[m,k] w[n,k]^T  <=>  column-major y^T[n,m] = w^T x^T.
+    c.gpu
+        .gemm(true, false, n, m, k, w, k, x, k, beta, y, ldy, y_f32)
+}
+
+/// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    c: &Cuda,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    bias: Option<&CudaBuf<Bf16>>,
+    y: &mut CudaBuf<Bf16>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    need(x, m * k, "linear x")?;
+    need(w, n * k, "linear w")?;
+    need(y, m * n, "linear y")?;
+    let beta = if let Some(b) = bias {
+        need(b, n, "linear bias")?;
+        util::bias_rows(c, b, y, i32_of(m, "m")?, i32_of(n, "n")?)?;
+        1.0
+    } else {
+        0.0
+    };
+    gemm_xwt(c, x.ptr(), w.ptr(), y.ptr(), m, n, k, beta, false, n)
+}
+
+/// dx (= or +=) dy · w; dw += dyᵀ · x (f32); dbias += column sums of dy.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    c: &Cuda,
+    dy: &CudaBuf<Bf16>,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    dx: Option<&mut CudaBuf<Bf16>>,
+    accumulate_dx: bool,
+    dw: Option<&mut CudaBuf<f32>>,
+    dbias: Option<&mut CudaBuf<f32>>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    need(dy, m * n, "linear_bwd dy")?;
+    need(x, m * k, "linear_bwd x")?;
+    need(w, n * k, "linear_bwd w")?;
+    if let Some(dx) = dx {
+        need(dx, m * k, "linear_bwd dx")?;
+        // column-major dx^T[k,m] = w^T[k,n] dy^T[n,m]
+        let beta = if accumulate_dx { 1.0 } else { 0.0 };
+        c.gpu.gemm(
+            false,
+            false,
+            k,
+            m,
+            n,
+            w.ptr(),
+            k,
+            dy.ptr(),
+            n,
+            beta,
+            dx.ptr(),
+            k,
+            false,
+        )?;
+    }
+    if let Some(dw) = dw {
+        need(dw, n * k, "linear_bwd dw")?;
+        // column-major dw^T[k,n] += x^T[k,m] dy[m,n]
+        c.gpu.gemm(
+            false,
+            true,
+            k,
+            n,
+            m,
+            x.ptr(),
+            k,
+            dy.ptr(),
+            n,
+            1.0,
+            dw.ptr(),
+            k,
+            true,
+        )?;
+    }
+    if let Some(db) = dbias {
+        need(db, n, "linear_bwd dbias")?;
+        util::colsum_accum(c, dy, db, i32_of(m, "m")?, i32_of(n, "n")?)?;
+    }
+    Ok(())
+}
+
+/// out[r, v] = h[r, :] · w[v, :] in f32.
+pub(crate) fn logits(
+    c: &Cuda,
+    h: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<f32>,
+    rows: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    need(h, rows * dim, "logits h")?;
+    need(w, vocab * dim, "logits w")?;
+    need(out, rows * vocab, "logits out")?;
+    gemm_xwt(
+        c,
+        h.ptr(),
+        w.ptr(),
+        out.ptr(),
+        rows,
+        vocab,
+        dim,
+        0.0,
+        true,
+        vocab,
+    )
+}
