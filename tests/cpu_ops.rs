@@ -6,6 +6,8 @@
 
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
@@ -1078,6 +1080,18 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("dst"), "{e}");
+}
+
+/// Every call of the shared contract list (tests/common/contract.rs) is rejected with the
+/// structured error of its op and argument.
+#[test]
+fn contract_rejects_bad_calls_with_structured_errors() {
+    let cases = common::contract::bad_calls(&Cpu);
+    for (what, r) in &cases {
+        let (_, _, expected, got) = common::contract::fields(what, r);
+        assert!(!expected.is_empty() && !got.is_empty(), "{what}");
+    }
+    assert!(cases.len() >= 60, "{} cases", cases.len());
 }
 
 fn to32(x: &[f64]) -> Vec<f32> {

@@ -1344,6 +1344,28 @@ fn both_backends_reject_the_same_bad_calls() {
     println!("{cases} bad calls rejected by both backends");
 }
 
+/// The shared list of contract violations (tests/common/contract.rs): the CUDA backend rejects
+/// each at once with the very error the CPU backend gives (op, argument, expected, got), and
+/// leaves no device error behind.
+#[test]
+fn both_backends_give_the_same_contract_errors() {
+    let Some(c) = gpu() else { return };
+    let cpu = common::contract::bad_calls(&Cpu);
+    let cuda = common::contract::bad_calls(&c);
+    assert_eq!(cpu.len(), cuda.len());
+    for ((what, rc), (_, rg)) in cpu.iter().zip(&cuda) {
+        let want = common::contract::fields(what, rc);
+        let got = common::contract::fields(what, rg);
+        assert_eq!(got, want, "{what}");
+    }
+    c.synchronize()
+        .expect("a rejected call must leave no device error");
+    println!(
+        "{} contract violations rejected alike by both backends",
+        cpu.len()
+    );
+}
+
 /// f64 reference of the fused logprobs: (logp, lse, entropy) per token, and softmax rows.
 #[allow(clippy::type_complexity)]
 fn logprobs_ref(

@@ -13,8 +13,13 @@
 //!   leading elements its shape arguments describe.
 //! - Parameter gradients (`Self::F`) are always *accumulated* (`+=`) so that micro-batches add
 //!   up; activation gradients are overwritten unless the op says `accumulate`.
-//! - Ops return `Result` so that launch failures surface as values, never panics.
+//! - Ops return `Result` so that launch failures surface as values, never panics. Both
+//!   backends check every op's arguments against the one shape contract in [`check`] before any
+//!   work, so they reject the same calls with the same `Error::Arg` (op, argument, expected,
+//!   got); what only the data shows (an id out of range, a NaN logit) the CPU backend checks on
+//!   the host and the CUDA kernels on the device, reported at the next synchronisation.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
 
@@ -34,6 +39,52 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
+    }
+}
+
+/// Sizes of one GEMM: y[m, n] = x[m, k] · w[n, k]ᵀ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Attention heads: `n_heads` query heads sharing `n_kv` key/value heads (query head h reads kv
+/// head h / (n_heads / n_kv)), each `head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+}
+
+/// Packed sequences: sequence b owns token rows `cu_host[b]..cu_host[b+1]`. `cu_seqlens` is the
+/// backend's copy of the same n_seq + 1 offsets (the device reads it), `cu_host` the host copy
+/// (checks and launch shapes); `max_len` bounds every sequence's length. The token count is the
+/// last offset ([`Packed::n_tok`]), so it cannot disagree with the offsets.
+#[derive(Debug)]
+pub struct Packed<'a, I> {
+    pub cu_seqlens: &'a I,
+    pub cu_host: &'a [u32],
+    pub max_len: usize,
+}
+
+impl<I> Clone for Packed<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Packed<'_, I> {}
+
+impl<I> Packed<'_, I> {
+    /// Number of tokens: the last offset (0 without offsets).
+    pub fn n_tok(&self) -> usize {
+        self.cu_host.last().copied().unwrap_or(0) as usize
+    }
+    /// Number of sequences.
+    pub fn n_seq(&self) -> usize {
+        self.cu_host.len().saturating_sub(1)
     }
 }
 

@@ -262,6 +262,12 @@ impl<E: Elem> CudaBuf<E> {
     }
 }
 
+impl<E: Elem> crate::backend::check::Buf for CudaBuf<E> {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 impl<E: Elem> std::fmt::Debug for CudaBuf<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

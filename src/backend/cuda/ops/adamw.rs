@@ -4,9 +4,9 @@
 use super::super::runtime::gen::launch::adamw as k;
 use super::super::runtime::{Bf16, CudaBuf, Out};
 use super::super::Cuda;
-use super::{blocks, ew, need};
-use crate::backend::AdamWStep;
-use crate::{ensure, Result};
+use super::{blocks, ew};
+use crate::backend::{check, AdamWStep};
+use crate::Result;
 
 /// One AdamW step on n elements, through the f32 master copy when given.
 #[allow(clippy::too_many_arguments)]
@@ -20,14 +20,7 @@ pub(crate) fn adamw(
     n: usize,
     hp: &AdamWStep,
 ) -> Result<()> {
-    need(param, n, "adamw param")?;
-    need(grad, n, "adamw grad")?;
-    need(m, n, "adamw m")?;
-    need(v, n, "adamw v")?;
-    ensure!(hp.step >= 1, "adamw: step is 1-based, got {}", hp.step);
-    if let Some(ms) = &master {
-        need(ms, n, "adamw master")?;
-    }
+    check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
     let master: Out<'_, f32> = master.into();
     let t = hp.step.min(i32::MAX as u64) as i32;
     let bc1 = (1.0 - (hp.beta1 as f64).powi(t)) as f32;
@@ -54,7 +47,7 @@ pub(crate) fn adamw(
 
 /// Σ t[..n]² in f64.
 pub(crate) fn sum_squares(c: &Cuda, t: &CudaBuf<f32>, n: usize) -> Result<f64> {
-    need(t, n, "sum_squares_f32")?;
+    check::first_n("sum_squares_f32", t, n)?;
     if n == 0 {
         return Ok(0.0);
     }

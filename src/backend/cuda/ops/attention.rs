@@ -5,81 +5,53 @@
 use super::super::runtime::gen::launch::attention as k;
 use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
-use super::{blocks, i32_of, need};
-use crate::{ensure, Error, Result};
+use super::{blocks, grid_yz, i32_of};
+use crate::backend::check::{self, arg_error};
+use crate::backend::{Heads, Packed};
+use crate::{Error, Result};
 
-/// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments.
+/// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments (the head
+/// size was checked by [`kernel_limits`]).
 macro_rules! by_head_dim {
-    ($hd:expr, $d64:path, $d128:path, $($arg:expr),* $(,)?) => {
+    ($op:expr, $hd:expr, $d64:path, $d128:path, $($arg:expr),* $(,)?) => {
         match $hd {
             64 => $d64($($arg),*),
             128 => $d128($($arg),*),
-            hd => Err(Error::Invalid(format!(
-                "attention: head_dim {hd} unsupported (the kernels are built for 64 and 128)"
-            ))),
+            hd => Err(head_dim_error($op, hd)),
         }
     };
 }
 
-/// Checks the attention arguments like the CPU backend and returns the token count. The
-/// kernels read the device offsets `cu_dev`; the host copy drives the checks and the launch
-/// grid, so the two must agree: in debug builds and with TOOLN1_CUDA_SYNC=1 the device copy is
-/// downloaded and compared (a synchronisation, hence not on by default).
-fn check_attn(
-    c: &Cuda,
-    cu_dev: &CudaBuf<u32>,
-    cu_host: &[u32],
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
-) -> Result<usize> {
-    ensure!(
-        head_dim == 64 || head_dim == 128,
-        "attention: head_dim {head_dim} unsupported (the kernels are built for 64 and 128)"
-    );
-    ensure!(
-        n_kv > 0 && n_heads > 0 && n_heads % n_kv == 0,
-        "attention: n_heads {n_heads} must be a positive multiple of n_kv {n_kv}"
-    );
-    ensure!(
-        !cu_host.is_empty(),
-        "attention: cu_host must hold n_seq + 1 offsets starting with 0, got none"
-    );
-    ensure!(
-        cu_host.len() - 1 <= 65535 && n_heads <= 65535,
-        "attention: {} sequences x {n_heads} heads exceed the launch grid (65535 each)",
-        cu_host.len() - 1
-    );
-    ensure!(
-        cu_host[0] == 0,
-        "attention: cu_seqlens[0] must be 0, got {}",
-        cu_host[0]
-    );
-    for w in cu_host.windows(2) {
-        ensure!(
-            w[1] >= w[0],
-            "attention: cu_seqlens must be non-decreasing ({} then {})",
-            w[0],
-            w[1]
-        );
-        ensure!(
-            (w[1] - w[0]) as usize <= max_len,
-            "attention: a sequence of {} tokens exceeds max_len {max_len}",
-            w[1] - w[0]
-        );
+fn head_dim_error(op: &'static str, hd: usize) -> Error {
+    arg_error(
+        op,
+        "head_dim",
+        "64 or 128 (the head sizes the CUDA attention kernels are built for)",
+        hd,
+    )
+}
+
+/// What the CUDA attention kernels support beyond the shared contract: head_dim 64 or 128,
+/// at most 65535 heads and sequences (launch-grid dimensions), sizes that fit in `int`.
+fn kernel_limits(op: &'static str, h: Heads, n_seq: usize, n_tok: usize) -> Result<()> {
+    if h.head_dim != 64 && h.head_dim != 128 {
+        return Err(head_dim_error(op, h.head_dim));
     }
-    need(cu_dev, cu_host.len(), "attention cu_seqlens")?;
+    grid_yz(op, "n_heads", h.n_heads)?;
+    grid_yz(op, "n_seq", n_seq)?;
+    i32_of(op, "n_tok", n_tok)?;
+    Ok(())
+}
+
+/// The device offsets against the host copy: the kernels read `cu_seqlens`, the host copy
+/// drives the checks and the launch grid, so the two must agree. Compared in debug builds and
+/// with TOOLN1_CUDA_SYNC=1 (a download, hence a synchronisation, so not on by default).
+fn device_offsets(c: &Cuda, op: &'static str, seqs: &Packed<'_, CudaBuf<u32>>) -> Result<()> {
     if c.gpu.sync_each {
-        let dev: Vec<u32> = c.gpu.dtoh(cu_dev.ptr(), cu_host.len())?;
-        if let Some(i) = (0..cu_host.len()).find(|&i| dev[i] != cu_host[i]) {
-            return Err(Error::Invalid(format!(
-                "attention: `cu_seqlens` (device) and `cu_host` differ at entry {i} ({} vs {})",
-                dev[i], cu_host[i]
-            )));
-        }
+        let dev: Vec<u32> = c.gpu.dtoh(seqs.cu_seqlens.ptr(), seqs.cu_host.len())?;
+        check::same_offsets(op, &dev, seqs.cu_host)?;
     }
-    Ok(*cu_host.last().unwrap_or(&0) as usize)
+    Ok(())
 }
 
 /// Causal GQA attention: grid (query blocks of 16, heads, sequences).
@@ -98,15 +70,24 @@ pub(crate) fn forward(
     n_kv: usize,
     head_dim: usize,
 ) -> Result<()> {
-    let n_tok = check_attn(c, cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
-    need(q, n_tok * n_heads * head_dim, "attention q")?;
-    need(kk, n_tok * n_kv * head_dim, "attention k")?;
-    need(v, n_tok * n_kv * head_dim, "attention v")?;
-    need(out, n_tok * n_heads * head_dim, "attention out")?;
-    need(lse, n_heads * n_tok, "attention lse")?;
-    let n_seq = cu_host.len() - 1;
+    let op = "attention";
+    let seqs = Packed {
+        cu_seqlens,
+        cu_host,
+        max_len,
+    };
+    let heads = Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    };
+    let n_tok = check::attention(q, kk, v, out, lse, &seqs, heads)?;
+    let n_seq = seqs.n_seq();
+    kernel_limits(op, heads, n_seq, n_tok)?;
+    device_offsets(c, op, &seqs)?;
     let grid = (max_len.div_ceil(16) as u32, n_heads as u32, n_seq as u32);
     by_head_dim!(
+        op,
         head_dim,
         k::attn_fwd_d64,
         k::attn_fwd_d128,
@@ -145,19 +126,21 @@ pub(crate) fn backward(
     n_kv: usize,
     head_dim: usize,
 ) -> Result<()> {
-    let n_tok = check_attn(c, cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
-    let qn = n_tok * n_heads * head_dim;
-    let kn = n_tok * n_kv * head_dim;
-    need(dout, qn, "attention_bwd dout")?;
-    need(q, qn, "attention_bwd q")?;
-    need(out, qn, "attention_bwd out")?;
-    need(dq, qn, "attention_bwd dq")?;
-    need(kk, kn, "attention_bwd k")?;
-    need(v, kn, "attention_bwd v")?;
-    need(dk, kn, "attention_bwd dk")?;
-    need(dv, kn, "attention_bwd dv")?;
-    need(lse, n_heads * n_tok, "attention_bwd lse")?;
-    let n_seq = cu_host.len() - 1;
+    let op = "attention_bwd";
+    let seqs = Packed {
+        cu_seqlens,
+        cu_host,
+        max_len,
+    };
+    let heads = Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    };
+    let n_tok = check::attention_bwd(dout, q, kk, v, out, lse, dq, dk, dv, &seqs, heads)?;
+    let n_seq = seqs.n_seq();
+    kernel_limits(op, heads, n_seq, n_tok)?;
+    device_offsets(c, op, &seqs)?;
     let mut dot = c.gpu.alloc::<f32>(n_heads * n_tok)?;
     let (nt, nh, nkv) = (n_tok as i32, n_heads as i32, n_kv as i32);
     k::attn_bwd_dot(
@@ -172,6 +155,7 @@ pub(crate) fn backward(
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_heads as u32, n_seq as u32);
     by_head_dim!(
+        op,
         head_dim,
         k::attn_bwd_dq_d64,
         k::attn_bwd_dq_d128,
@@ -191,6 +175,7 @@ pub(crate) fn backward(
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_kv as u32, n_seq as u32);
     by_head_dim!(
+        op,
         head_dim,
         k::attn_bwd_dkdv_d64,
         k::attn_bwd_dkdv_d128,
@@ -224,17 +209,16 @@ pub(crate) fn kv_store(
     n_tok: usize,
     kv_dim: usize,
 ) -> Result<()> {
-    need(kk, n_tok * kv_dim, "kv_store k")?;
-    need(v, n_tok * kv_dim, "kv_store v")?;
-    need(dst, n_tok, "kv_store dst")?;
-    ensure!(kv_dim > 0, "kv_store: kv_dim must be > 0");
-    ensure!(
-        k_cache.len() == v_cache.len(),
-        "kv_store: k_cache holds {} elements but v_cache {}",
-        k_cache.len(),
-        v_cache.len()
-    );
-    let rows = (k_cache.len().min(v_cache.len()) / kv_dim) as u32;
+    let op = "kv_store";
+    let rows = check::kv_store(kk, v, dst, k_cache, v_cache, n_tok, kv_dim)?;
+    let rows = u32::try_from(rows).map_err(|_| {
+        arg_error(
+            op,
+            "k_cache",
+            "at most 2^32 - 1 rows (the kernel compares rows as u32)",
+            format!("{rows} rows"),
+        )
+    })?;
     k::kv_store(
         &c.gpu,
         blocks(n_tok, 256),
@@ -243,8 +227,8 @@ pub(crate) fn kv_store(
         dst,
         k_cache,
         v_cache,
-        n_tok as i32,
-        kv_dim as i32,
+        i32_of(op, "n_tok", n_tok)?,
+        i32_of(op, "kv_dim", kv_dim)?,
         rows,
         c.gpu.err(),
     )
@@ -266,32 +250,16 @@ pub(crate) fn decode(
     n_kv: usize,
     head_dim: usize,
 ) -> Result<()> {
-    ensure!(
-        head_dim == 64 || head_dim == 128,
-        "attention_decode: head_dim {head_dim} unsupported (64 or 128)"
-    );
-    ensure!(
-        n_kv > 0 && n_heads > 0 && n_heads % n_kv == 0,
-        "attention_decode: n_heads {n_heads} must be a positive multiple of n_kv {n_kv}"
-    );
-    ensure!(
-        n_seq <= 65535 && n_heads <= 65535,
-        "attention_decode: {n_seq} slots x {n_heads} heads exceed the launch grid (65535 each)"
-    );
-    need(q, n_seq * n_heads * head_dim, "attention_decode q")?;
-    need(out, n_seq * n_heads * head_dim, "attention_decode out")?;
-    need(
-        k_cache,
-        n_seq * max_len * n_kv * head_dim,
-        "attention_decode k_cache",
-    )?;
-    need(
-        v_cache,
-        n_seq * max_len * n_kv * head_dim,
-        "attention_decode v_cache",
-    )?;
-    need(lens, n_seq, "attention_decode lens")?;
+    let op = "attention_decode";
+    let heads = Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    };
+    check::attention_decode(q, k_cache, v_cache, lens, out, n_seq, max_len, heads)?;
+    kernel_limits(op, heads, n_seq, n_seq)?;
     by_head_dim!(
+        op,
         head_dim,
         k::attn_decode_d64,
         k::attn_decode_d128,
@@ -302,7 +270,7 @@ pub(crate) fn decode(
         v_cache,
         lens,
         &mut *out,
-        i32_of(max_len, "max_len")?,
+        i32_of(op, "max_len", max_len)?,
         n_heads as i32,
         n_kv as i32,
         c.gpu.err(),

@@ -3,8 +3,9 @@
 use super::super::runtime::gen::launch::embedding as k;
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
-use super::{blocks, i32_of, need};
-use crate::{ensure, Result};
+use super::{blocks, i32_of};
+use crate::backend::check;
+use crate::Result;
 
 /// out[t, :] = table[ids[t], :]; an id outside the table sets ERR_EMBED_ID.
 pub(crate) fn forward(
@@ -15,19 +16,17 @@ pub(crate) fn forward(
     n_tok: usize,
     dim: usize,
 ) -> Result<()> {
-    need(ids, n_tok, "embedding ids")?;
-    need(out, n_tok * dim, "embedding out")?;
-    ensure!(dim > 0, "embedding: dim must be > 0");
-    let vocab = (table.len() / dim) as u32;
+    let op = "embedding";
+    let rows = check::embedding(op, ids, out, table, n_tok, dim)?;
     k::embedding_fwd(
         &c.gpu,
         blocks(n_tok, 256),
         ids,
         table,
         out,
-        i32_of(n_tok, "n_tok")?,
-        i32_of(dim, "dim")?,
-        vocab,
+        i32_of(op, "n_tok", n_tok)?,
+        i32_of(op, "dim", dim)?,
+        u32_rows(op, rows)?,
         c.gpu.err(),
     )
 }
@@ -41,19 +40,29 @@ pub(crate) fn backward(
     n_tok: usize,
     dim: usize,
 ) -> Result<()> {
-    need(ids, n_tok, "embedding_bwd ids")?;
-    need(dout, n_tok * dim, "embedding_bwd dout")?;
-    ensure!(dim > 0, "embedding_bwd: dim must be > 0");
-    let vocab = (dtable.len() / dim) as u32;
+    let op = "embedding_bwd";
+    let rows = check::embedding(op, ids, dout, dtable, n_tok, dim)?;
     k::embedding_bwd(
         &c.gpu,
         blocks(n_tok, 256),
         ids,
         dout,
         dtable,
-        i32_of(n_tok, "n_tok")?,
-        i32_of(dim, "dim")?,
-        vocab,
+        i32_of(op, "n_tok", n_tok)?,
+        i32_of(op, "dim", dim)?,
+        u32_rows(op, rows)?,
         c.gpu.err(),
     )
+}
+
+/// The table's row count as the kernels' `u32` vocabulary bound.
+fn u32_rows(op: &'static str, rows: usize) -> Result<u32> {
+    u32::try_from(rows).map_err(|_| {
+        check::arg_error(
+            op,
+            "table",
+            "at most 2^32 - 1 rows (the kernels compare ids as u32)",
+            format!("{rows} rows"),
+        )
+    })
 }

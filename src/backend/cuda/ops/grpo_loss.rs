@@ -4,9 +4,9 @@
 use super::super::runtime::gen::launch::grpo_loss as k;
 use super::super::runtime::CudaBuf;
 use super::super::Cuda;
-use super::{ew, i32_of, need};
-use crate::backend::{GrpoLossCfg, GrpoLossOut, KlKind, LossAgg};
-use crate::{ensure, Result};
+use super::{ew, i32_of};
+use crate::backend::{check, GrpoLossCfg, GrpoLossOut, KlKind, LossAgg};
+use crate::Result;
 
 fn kl_code(k: KlKind) -> i32 {
     match k {
@@ -32,18 +32,10 @@ pub(crate) fn grpo_loss(
     n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<GrpoLossOut> {
-    for (b, what) in [
-        (logp, "logp"),
-        (old_logp, "old_logp"),
-        (ref_logp, "ref_logp"),
-        (adv, "adv"),
-        (mask, "mask"),
-    ] {
-        need(b, n_tok, &format!("grpo_loss {what}"))?;
-    }
-    need(seq_id, n_tok, "grpo_loss seq_id")?;
-    need(dlogp, n_tok, "grpo_loss dlogp")?;
-    check_grpo_cfg(cfg)?;
+    check::grpo_loss(
+        logp, old_logp, ref_logp, adv, mask, seq_id, dlogp, n_tok, cfg,
+    )?;
+    let n = i32_of("grpo_loss", "n_tok", n_tok)?;
     if n_tok == 0 {
         return Ok(GrpoLossOut::default());
     }
@@ -56,7 +48,7 @@ pub(crate) fn grpo_loss(
         ref_logp,
         adv,
         &mut stats,
-        i32_of(n_tok, "n_tok")?,
+        n,
         cfg.clip_low,
         cfg.clip_high,
         cfg.kl_coef,
@@ -67,32 +59,8 @@ pub(crate) fn grpo_loss(
     let sid: Vec<u32> = c.gpu.dtoh(seq_id.ptr(), n_tok)?;
     let (out, wseq) = grpo_reduce(&st, &mk, &sid, n_tok, n_seq, cfg)?;
     let wbuf = c.gpu.htod::<f32, f32>(&wseq)?;
-    k::grpo_token_bwd(
-        &c.gpu,
-        ew(n_tok),
-        &stats,
-        mask,
-        seq_id,
-        &wbuf,
-        dlogp,
-        n_tok as i32,
-    )?;
+    k::grpo_token_bwd(&c.gpu, ew(n_tok), &stats, mask, seq_id, &wbuf, dlogp, n)?;
     Ok(out)
-}
-
-/// The scalar settings both backends reject (checked before any work, even for 0 tokens).
-fn check_grpo_cfg(cfg: &GrpoLossCfg) -> Result<()> {
-    ensure!(
-        cfg.loss_scale_div.is_finite() && cfg.loss_scale_div > 0.0,
-        "grpo_loss: `loss_scale_div` = {}, expected > 0",
-        cfg.loss_scale_div
-    );
-    ensure!(
-        cfg.agg != LossAgg::SeqMeanTokenSumNorm || (cfg.norm_len.is_finite() && cfg.norm_len > 0.0),
-        "grpo_loss: `norm_len` = {}, expected > 0 for seq-mean-token-sum-norm",
-        cfg.norm_len
-    );
-    Ok(())
 }
 
 /// Reduces the per-token GRPO rows (tok, pg, kl, clipped, ratio) to the loss scalars in f64 and
@@ -108,7 +76,8 @@ fn grpo_reduce(
     n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<(GrpoLossOut, Vec<f32>)> {
-    check_grpo_cfg(cfg)?;
+    check::ids_below("grpo_loss", "seq_id", seq, n, n_seq, "n_seq")?;
+    check::mask_weights(&mask[..n])?;
     let row = |k: usize, t: usize| st[k * n + t] as f64;
     let mut cnt_s = vec![0f64; n_seq];
     let mut tok_s = vec![0f64; n_seq];
@@ -116,15 +85,6 @@ fn grpo_reduce(
     let (mut cnt, mut kl, mut clip, mut ratio) = (0f64, 0f64, 0f64, 0f64);
     for t in 0..n {
         let s = seq[t] as usize;
-        ensure!(
-            s < n_seq,
-            "grpo_loss: `seq_id[{t}]` = {s}, expected < n_seq = {n_seq}"
-        );
-        ensure!(
-            mask[t].is_finite() && mask[t] >= 0.0,
-            "grpo_loss: `mask[{t}]` = {}, expected a finite weight >= 0",
-            mask[t]
-        );
         let mk = mask[t] as f64;
         if mk == 0.0 {
             continue;

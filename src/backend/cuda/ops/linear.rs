@@ -3,7 +3,8 @@
 
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
-use super::{i32_of, need, util};
+use super::{i32_of, util};
+use crate::backend::{check, GemmDims};
 use crate::Result;
 
 /// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
@@ -38,12 +39,15 @@ pub(crate) fn forward(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    need(x, m * k, "linear x")?;
-    need(w, n * k, "linear w")?;
-    need(y, m * n, "linear y")?;
+    check::linear(x, w, bias, y, GemmDims { m, n, k })?;
     let beta = if let Some(b) = bias {
-        need(b, n, "linear bias")?;
-        util::bias_rows(c, b, y, i32_of(m, "m")?, i32_of(n, "n")?)?;
+        util::bias_rows(
+            c,
+            b,
+            y,
+            i32_of("linear", "m", m)?,
+            i32_of("linear", "n", n)?,
+        )?;
         1.0
     } else {
         0.0
@@ -66,11 +70,16 @@ pub(crate) fn backward(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    need(dy, m * n, "linear_bwd dy")?;
-    need(x, m * k, "linear_bwd x")?;
-    need(w, n * k, "linear_bwd w")?;
+    check::linear_bwd(
+        dy,
+        x,
+        w,
+        dx.as_deref(),
+        dw.as_deref(),
+        dbias.as_deref(),
+        GemmDims { m, n, k },
+    )?;
     if let Some(dx) = dx {
-        need(dx, m * k, "linear_bwd dx")?;
         // column-major dx^T[k,m] = w^T[k,n] dy^T[n,m]
         let beta = if accumulate_dx { 1.0 } else { 0.0 };
         c.gpu.gemm(
@@ -90,7 +99,6 @@ pub(crate) fn backward(
         )?;
     }
     if let Some(dw) = dw {
-        need(dw, n * k, "linear_bwd dw")?;
         // column-major dw^T[k,n] += x^T[k,m] dy[m,n]
         c.gpu.gemm(
             false,
@@ -109,8 +117,8 @@ pub(crate) fn backward(
         )?;
     }
     if let Some(db) = dbias {
-        need(db, n, "linear_bwd dbias")?;
-        util::colsum_accum(c, dy, db, i32_of(m, "m")?, i32_of(n, "n")?)?;
+        let op = "linear_bwd";
+        util::colsum_accum(c, dy, db, i32_of(op, "m", m)?, i32_of(op, "n", n)?)?;
     }
     Ok(())
 }
@@ -125,9 +133,7 @@ pub(crate) fn logits(
     dim: usize,
     vocab: usize,
 ) -> Result<()> {
-    need(h, rows * dim, "logits h")?;
-    need(w, vocab * dim, "logits w")?;
-    need(out, rows * vocab, "logits out")?;
+    check::logits(h, w, out, rows, dim, vocab)?;
     gemm_xwt(
         c,
         h.ptr(),

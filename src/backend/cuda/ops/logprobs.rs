@@ -6,8 +6,17 @@ use super::super::runtime::gen::launch::logprobs as k;
 use super::super::runtime::{Bf16, CudaBuf, Out};
 use super::super::Cuda;
 use super::linear::gemm_xwt;
-use super::{blocks, ew, need, util};
-use crate::{ensure, Result};
+use super::{blocks, ew, i32_of, util};
+use crate::backend::check;
+use crate::Result;
+
+/// What the kernels support beyond the shared contract: token and vocabulary positions that
+/// fit in `int`.
+fn limits(op: &'static str, n_tok: usize, vocab: usize) -> Result<()> {
+    i32_of(op, "n_tok", n_tok)?;
+    i32_of(op, "vocab", vocab)?;
+    Ok(())
+}
 
 /// logp[t] = logits[t, targets[t]] - lse[t]; optionally the entropy per token.
 #[allow(clippy::too_many_arguments)]
@@ -23,15 +32,18 @@ pub(crate) fn forward(
     dim: usize,
     vocab: usize,
 ) -> Result<()> {
-    need(h, n_tok * dim, "logprobs h")?;
-    need(w, vocab * dim, "logprobs w")?;
-    need(targets, n_tok, "logprobs targets")?;
-    need(logp, n_tok, "logprobs logp")?;
-    need(lse, n_tok, "logprobs lse")?;
-    ensure!(vocab > 0 && dim > 0, "logprobs: vocab and dim must be > 0");
-    if let Some(e) = &entropy {
-        need(e, n_tok, "logprobs entropy")?;
-    }
+    check::logprobs(
+        h,
+        w,
+        targets,
+        logp,
+        lse,
+        entropy.as_deref(),
+        n_tok,
+        dim,
+        vocab,
+    )?;
+    limits("logprobs", n_tok, vocab)?;
     if n_tok == 0 {
         return Ok(());
     }
@@ -110,23 +122,20 @@ pub(crate) fn backward(
     dim: usize,
     vocab: usize,
 ) -> Result<()> {
-    need(dlogp, n_tok, "logprobs_bwd dlogp")?;
-    need(h, n_tok * dim, "logprobs_bwd h")?;
-    need(w, vocab * dim, "logprobs_bwd w")?;
-    need(targets, n_tok, "logprobs_bwd targets")?;
-    need(lse, n_tok, "logprobs_bwd lse")?;
-    need(dh, n_tok * dim, "logprobs_bwd dh")?;
-    ensure!(
-        vocab > 0 && dim > 0,
-        "logprobs_bwd: vocab and dim must be > 0"
-    );
-    let dw_ptr = match dw {
-        Some(d) => {
-            need(d, vocab * dim, "logprobs_bwd dw")?;
-            Some(d.ptr())
-        }
-        None => None,
-    };
+    check::logprobs_bwd(
+        dlogp,
+        h,
+        w,
+        targets,
+        lse,
+        dh,
+        dw.as_deref(),
+        n_tok,
+        dim,
+        vocab,
+    )?;
+    limits("logprobs_bwd", n_tok, vocab)?;
+    let dw_ptr = dw.map(|d| d.ptr());
     if n_tok == 0 {
         return Ok(());
     }

@@ -2,9 +2,8 @@
 
 use super::super::runtime::{Bf16, CudaBuf, Elem};
 use super::super::Cuda;
-use super::need;
-use crate::backend::DType;
-use crate::{ensure, Result};
+use crate::backend::{check, DType};
+use crate::Result;
 
 /// f32 host values rounded to a bf16 device buffer.
 pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
@@ -17,12 +16,7 @@ pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
 
 /// A bf16 device tensor from checkpoint bytes (`n` elements of `dtype`, little endian).
 pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Result<CudaBuf<Bf16>> {
-    ensure!(
-        bytes.len() == n * dtype.size(),
-        "upload_raw: {} bytes given for {n} elements of {dtype:?} ({} expected)",
-        bytes.len(),
-        n * dtype.size()
-    );
+    check::upload_raw(dtype, bytes.len(), n)?;
     let h: Vec<u16> = match dtype {
         DType::BF16 => bytes
             .chunks_exact(2)
@@ -47,34 +41,33 @@ pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Resu
 
 /// The first `n` bf16 elements as f32 on the host.
 pub(crate) fn download_bf16(c: &Cuda, t: &CudaBuf<Bf16>, n: usize) -> Result<Vec<f32>> {
-    need(t, n, "download")?;
+    check::first_n("download", t, n)?;
     let h: Vec<u16> = c.gpu.dtoh(t.ptr(), n)?;
     Ok(h.into_iter()
         .map(|b| half::bf16::from_bits(b).to_f32())
         .collect())
 }
 
-/// The first `n` elements on the host (`what` names the op in errors).
+/// The first `n` elements on the host (`op` names the op in errors).
 pub(crate) fn download<E: Elem, H: Copy + Default>(
     c: &Cuda,
     t: &CudaBuf<E>,
     n: usize,
-    what: &str,
+    op: &'static str,
 ) -> Result<Vec<H>> {
-    need(t, n, what)?;
+    check::first_n(op, t, n)?;
     c.gpu.dtoh(t.ptr(), n)
 }
 
-/// dst[..n] = src[..n] (`what` names the op in errors).
+/// dst[..n] = src[..n] (`op` names the op in errors).
 pub(crate) fn copy<E: Elem>(
     c: &Cuda,
     src: &CudaBuf<E>,
     dst: &mut CudaBuf<E>,
     n: usize,
-    what: &str,
+    op: &'static str,
 ) -> Result<()> {
-    need(src, n, &format!("{what} src"))?;
-    need(dst, n, &format!("{what} dst"))?;
+    check::copy(op, src, dst, n)?;
     c.gpu.bind()?;
     c.gpu.dtod(src.ptr(), dst.ptr(), n * E::SIZE)
 }

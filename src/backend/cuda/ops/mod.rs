@@ -18,8 +18,9 @@ pub(crate) mod sampling;
 pub(crate) mod swiglu;
 pub(crate) mod util;
 
-use super::runtime::{CudaBuf, Elem, Launch};
-use crate::{ensure, Error, Result};
+use super::runtime::Launch;
+use crate::backend::check::arg_error;
+use crate::Result;
 
 /// Threads per block of the grid-stride elementwise kernels.
 pub(crate) const EW_THREADS: u32 = 256;
@@ -42,15 +43,31 @@ pub(crate) fn blocks(grid: usize, threads: u32) -> Launch {
     Launch::new((grid as u32, 1, 1), threads)
 }
 
-pub(crate) fn need<E: Elem>(b: &CudaBuf<E>, n: usize, what: &str) -> Result<()> {
-    ensure!(
-        b.len() >= n,
-        "{what}: buffer holds {} elements, the op needs {n}",
-        b.len()
-    );
-    Ok(())
+/// A size as the kernels' `int`: an error (naming the op and argument) above `i32::MAX`.
+pub(crate) fn i32_of(op: &'static str, arg: &'static str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| {
+        arg_error(
+            op,
+            arg,
+            format!("at most {} (the CUDA kernels index with int)", i32::MAX),
+            x,
+        )
+    })
 }
 
-pub(crate) fn i32_of(x: usize, what: &str) -> Result<i32> {
-    i32::try_from(x).map_err(|_| Error::Invalid(format!("{what} = {x} does not fit in i32")))
+/// The CUDA launch grid's limit on its y and z dimensions (the attention kernels put heads and
+/// sequences there).
+pub(crate) const GRID_YZ: usize = 65535;
+
+/// `x` fits in the y or z dimension of a launch grid.
+pub(crate) fn grid_yz(op: &'static str, arg: &'static str, x: usize) -> Result<()> {
+    if x > GRID_YZ {
+        return Err(arg_error(
+            op,
+            arg,
+            format!("at most {GRID_YZ} (a CUDA launch grid dimension)"),
+            x,
+        ));
+    }
+    Ok(())
 }

@@ -4,8 +4,9 @@
 use super::super::runtime::gen::launch::rmsnorm as k;
 use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
-use super::{blocks, i32_of, need};
-use crate::{ensure, Result};
+use super::{blocks, i32_of};
+use crate::backend::check;
+use crate::Result;
 
 /// out = x * rstd * w per row, rstd saved.
 #[allow(clippy::too_many_arguments)]
@@ -19,11 +20,7 @@ pub(crate) fn forward(
     dim: usize,
     eps: f32,
 ) -> Result<()> {
-    need(x, rows * dim, "rmsnorm x")?;
-    need(w, dim, "rmsnorm w")?;
-    need(out, rows * dim, "rmsnorm out")?;
-    need(rstd, rows, "rmsnorm rstd")?;
-    ensure!(dim > 0, "rmsnorm: dim must be > 0");
+    check::rmsnorm(x, w, out, rstd, rows, dim)?;
     k::rmsnorm_fwd(
         &c.gpu,
         blocks(rows, 256),
@@ -31,8 +28,8 @@ pub(crate) fn forward(
         w,
         out,
         rstd,
-        i32_of(rows, "rows")?,
-        i32_of(dim, "dim")?,
+        i32_of("rmsnorm", "rows", rows)?,
+        i32_of("rmsnorm", "dim", dim)?,
         eps,
     )
 }
@@ -50,14 +47,10 @@ pub(crate) fn backward(
     rows: usize,
     dim: usize,
 ) -> Result<()> {
-    need(dout, rows * dim, "rmsnorm_bwd dout")?;
-    need(x, rows * dim, "rmsnorm_bwd x")?;
-    need(w, dim, "rmsnorm_bwd w")?;
-    need(rstd, rows, "rmsnorm_bwd rstd")?;
-    need(dx, rows * dim, "rmsnorm_bwd dx")?;
-    let (r, d) = (i32_of(rows, "rows")?, i32_of(dim, "dim")?);
+    check::rmsnorm_bwd(dout, x, w, rstd, dx, dw.as_deref(), rows, dim)?;
+    let op = "rmsnorm_bwd";
+    let (r, d) = (i32_of(op, "rows", rows)?, i32_of(op, "dim", dim)?);
     if let Some(dw) = dw {
-        need(dw, dim, "rmsnorm_bwd dw")?;
         let grid = (dim.div_ceil(256) as u32, rows.div_ceil(64).max(1) as u32, 1);
         k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), dout, x, rstd, dw, r, d)?;
     }

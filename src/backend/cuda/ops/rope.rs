@@ -4,8 +4,9 @@
 use super::super::runtime::gen::launch::rope as k;
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
-use super::{blocks, i32_of, need};
-use crate::{ensure, Error, Result};
+use super::{blocks, i32_of};
+use crate::backend::check;
+use crate::{Error, Result};
 
 /// The forward rotation, or (`backward`) the inverse rotation of a gradient, in place.
 #[allow(clippy::too_many_arguments)]
@@ -19,16 +20,13 @@ pub(crate) fn rotate(
     head_dim: usize,
     theta: f32,
 ) -> Result<()> {
-    ensure!(
-        head_dim % 2 == 0 && head_dim > 0,
-        "rope: head_dim {head_dim} must be even and positive"
+    let op = if backward { "rope_bwd" } else { "rope" };
+    check::rope(op, x, pos, n_tok, n_heads, head_dim, theta)?;
+    let nt = i32_of(op, "n_tok", n_tok)?;
+    let (nh, hd) = (
+        i32_of(op, "n_heads", n_heads)?,
+        i32_of(op, "head_dim", head_dim)?,
     );
-    ensure!(
-        theta.is_finite() && theta > 0.0,
-        "rope: theta {theta} must be positive"
-    );
-    need(x, n_tok * n_heads * head_dim, "rope x")?;
-    need(pos, n_tok, "rope pos")?;
     let mut tables = c
         .rope_tables
         .lock()
@@ -44,7 +42,6 @@ pub(crate) fn rotate(
         }
     };
     let grid = blocks(n_tok * n_heads, 64);
-    let (nt, nh, hd) = (i32_of(n_tok, "n_tok")?, n_heads as i32, head_dim as i32);
     if backward {
         k::rope_bwd(&c.gpu, grid, x, pos, nt, nh, hd, &*inv_freq)
     } else {

@@ -3,7 +3,8 @@
 use super::super::runtime::gen::launch::swiglu as k;
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
-use super::{ew, need};
+use super::ew;
+use crate::backend::check;
 use crate::Result;
 
 /// out = silu(gate) * up
@@ -14,9 +15,7 @@ pub(crate) fn forward(
     out: &mut CudaBuf<Bf16>,
     n: usize,
 ) -> Result<()> {
-    need(gate, n, "swiglu gate")?;
-    need(up, n, "swiglu up")?;
-    need(out, n, "swiglu out")?;
+    check::swiglu(gate, up, out, n)?;
     k::swiglu_fwd(&c.gpu, ew(n), gate, up, out, n as i64)
 }
 
@@ -30,10 +29,6 @@ pub(crate) fn backward(
     dup: &mut CudaBuf<Bf16>,
     n: usize,
 ) -> Result<()> {
-    need(dout, n, "swiglu_bwd dout")?;
-    need(gate, n, "swiglu_bwd gate")?;
-    need(up, n, "swiglu_bwd up")?;
-    need(dgate, n, "swiglu_bwd dgate")?;
-    need(dup, n, "swiglu_bwd dup")?;
+    check::swiglu_bwd(dout, gate, up, dgate, dup, n)?;
     k::swiglu_bwd(&c.gpu, ew(n), dout, gate, up, dgate, dup, n as i64)
 }

@@ -4,12 +4,13 @@
 use super::super::runtime::gen::launch::util as k;
 use super::super::runtime::{Bf16, CudaBuf, In, Launch, Out};
 use super::super::Cuda;
-use super::{ew, need};
+use super::ew;
+use crate::backend::check;
 use crate::Result;
 
 /// t[..n] = value
 pub(crate) fn fill_f32(c: &Cuda, t: &mut CudaBuf<f32>, n: usize, value: f32) -> Result<()> {
-    need(t, n, "fill_f32")?;
+    check::first_n("fill_f32", t, n)?;
     k::fill_f32(&c.gpu, ew(n), t, n as i64, value)
 }
 
@@ -20,8 +21,7 @@ pub(crate) fn add_inplace(
     b: &CudaBuf<Bf16>,
     n: usize,
 ) -> Result<()> {
-    need(a, n, "add_inplace a")?;
-    need(b, n, "add_inplace b")?;
+    check::add_inplace(a, b, n)?;
     k::add_bf16(&c.gpu, ew(n), a, b, n as i64)
 }
 
