@@ -11,7 +11,10 @@ mod common;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
-use tooln1::backend::{AdamWStep, Backend, DType, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
+    LinearGrads, LossAgg, Packed,
+};
 
 fn rng(test: &str) -> ChaCha8Rng {
     let seed = std::time::SystemTime::now()
@@ -350,8 +353,24 @@ fn kv_cache_decode_matches_attention() {
         let cu = vec![0, l as u32];
         let mut out = vec![f32::NAN; l * nh * hd];
         let mut lse = vec![f32::NAN; nh * l];
-        b.attention(&q, &k, &v, &mut out, &mut lse, &cu, &cu, l, nh, nkv, hd)
-            .unwrap();
+        b.attention(
+            &q,
+            &k,
+            &v,
+            &mut out,
+            &mut lse,
+            &Packed {
+                cu_seqlens: &cu,
+                cu_host: &cu,
+                max_len: l,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        )
+        .unwrap();
         expect.extend_from_slice(&out[(l - 1) * nh * hd..]);
         q_last.extend_from_slice(&q[(l - 1) * nh * hd..]);
         // store all tokens but the last one first, then the last one (as decode does)
@@ -381,7 +400,20 @@ fn kv_cache_decode_matches_attention() {
     let lens_u: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     let mut out = vec![f32::NAN; slots * nh * hd];
     b.attention_decode(
-        &q_last, &k_cache, &v_cache, &lens_u, &mut out, slots, max_len, nh, nkv, hd,
+        &q_last,
+        &k_cache,
+        &v_cache,
+        &Cached {
+            lens: &lens_u,
+            n_seq: slots,
+            max_len,
+        },
+        &mut out,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let err = out
@@ -715,7 +747,20 @@ fn grpo_loss_backend_stats() {
     };
     let mut d = vec![f32::NAN; 2];
     let st = b
-        .grpo_loss(&logp, &old, &rf, &adv, &mask, &sid, &mut d, 2, 2, &cfg)
+        .grpo_loss(
+            &GrpoTokens {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: &rf,
+                adv: &adv,
+                mask: &mask,
+                seq_id: &sid,
+                n_tok: 2,
+                n_seq: 2,
+            },
+            &mut d,
+            &cfg,
+        )
         .unwrap();
     // pg: token 0: max(-e^.5, -1.2) = -1.2 (clipped, grad 0); token 1: max(1, 1) = 1.
     assert!((st.pg_loss - (-0.1)).abs() < 1e-6, "{st:?}");
@@ -969,12 +1014,16 @@ fn backend_f32_matches_f64_math() {
         &f(&v),
         &mut out,
         &mut lse,
-        &cu,
-        &cu,
-        7,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 7,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (o2, _) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
@@ -1020,7 +1069,7 @@ fn bad_arguments_are_errors() {
     let x = vec![0.0f32; 10];
     let mut y = vec![0.0f32; 3];
     let e = b
-        .linear(&x, &x, None, &mut y, 2, 2, 5)
+        .linear(&x, &x, None, &mut y, GemmDims { m: 2, n: 2, k: 5 })
         .unwrap_err()
         .to_string();
     assert!(e.contains("linear") && e.contains("`y`"), "{e}");
@@ -1033,7 +1082,23 @@ fn bad_arguments_are_errors() {
     let mut lse = vec![0.0f32; 4];
     let cu = vec![0u32, 3, 2];
     let e = b
-        .attention(&x, &x, &x, &mut out, &mut lse, &cu, &cu, 3, 2, 1, 1)
+        .attention(
+            &x,
+            &x,
+            &x,
+            &mut out,
+            &mut lse,
+            &Packed {
+                cu_seqlens: &cu,
+                cu_host: &cu,
+                max_len: 3,
+            },
+            Heads {
+                n_heads: 2,
+                n_kv: 1,
+                head_dim: 1,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("attention"), "{e}");
@@ -1044,12 +1109,16 @@ fn bad_arguments_are_errors() {
             &x,
             &mut out,
             &mut lse,
-            &vec![0, 2],
-            &[0, 2],
-            2,
-            3,
-            2,
-            1,
+            &Packed {
+                cu_seqlens: &vec![0, 2],
+                cu_host: &[0, 2],
+                max_len: 2,
+            },
+            Heads {
+                n_heads: 3,
+                n_kv: 2,
+                head_dim: 1,
+            },
         )
         .unwrap_err()
         .to_string();
@@ -1132,8 +1201,14 @@ fn backend_ops_match_f64_math() {
         randv(&mut r, m * n, 1.0),
     );
     let mut y = poisoned(m * n);
-    b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
-        .unwrap();
+    b.linear(
+        &to32(&x),
+        &to32(&w),
+        Some(&to32(&bias)),
+        &mut y,
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let mut y64 = nan(m * n);
     math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
     close("linear", &y[..m * n], &y64, 1e-6);
@@ -1145,13 +1220,13 @@ fn backend_ops_match_f64_math() {
         &to32(&dy),
         &to32(&x),
         &to32(&w),
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     )
     .unwrap();
     let (mut dx64, mut dw64, mut db64) = (nan(m * k), vec![0.0; n * k], vec![0.0; n]);
@@ -1250,12 +1325,16 @@ fn backend_ops_match_f64_math() {
         &mut dq,
         &mut dk,
         &mut dv,
-        &cu,
-        &cu,
-        7,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 7,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     close("attention_bwd dq", &dq[..q.len()], &dq64, 1e-5);
@@ -1352,8 +1431,14 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
             randv(r, m * n, 1.0),
         );
         let mut y = vec![f32::NAN; m * n];
-        b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
-            .unwrap();
+        b.linear(
+            &to32(&x),
+            &to32(&w),
+            Some(&to32(&bias)),
+            &mut y,
+            GemmDims { m, n, k },
+        )
+        .unwrap();
         let mut y64 = nan(m * n);
         math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
         let mut dx = vec![0.5f32; m * k];
@@ -1363,13 +1448,13 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
             &to32(&dy),
             &to32(&x),
             &to32(&w),
-            Some(&mut dx),
-            true,
-            Some(&mut dw),
-            Some(&mut db),
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: Some(&mut dx),
+                accumulate_dx: true,
+                dw: Some(&mut dw),
+                dbias: Some(&mut db),
+            },
+            GemmDims { m, n, k },
         )
         .unwrap();
         let (mut dx64, mut dw64, mut db64) = (vec![0.5; m * k], vec![0.25; n * k], vec![0.0; n]);
@@ -1484,12 +1569,16 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         &to32(&v),
         &mut o,
         &mut l,
-        &cu,
-        &cu,
-        150,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 150,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
@@ -1509,12 +1598,16 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         &mut dq,
         &mut dk,
         &mut dv,
-        &cu,
-        &cu,
-        150,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 150,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));

@@ -14,7 +14,10 @@ mod common;
 use common::{check, gpu, poison, poison_f32, up, Rng};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
-use tooln1::backend::{AdamWStep, Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
+    LossAgg, Packed,
+};
 use tooln1::tooln1_skip;
 
 #[test]
@@ -26,7 +29,8 @@ fn linear_fwd_bwd() {
     let (w, wh) = up(&c, &r.vec(n * k, 0.2));
     let (b, bh) = up(&c, &r.vec(n, 0.5));
     let mut y = poison(&c, m * n);
-    c.linear(&x, &w, Some(&b), &mut y, m, n, k).unwrap();
+    c.linear(&x, &w, Some(&b), &mut y, GemmDims { m, n, k })
+        .unwrap();
     let mut yr = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -47,13 +51,13 @@ fn linear_fwd_bwd() {
         &dy,
         &x,
         &w,
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     )
     .unwrap();
     let mut dxr = vec![0f64; m * k];
@@ -371,7 +375,21 @@ fn attention_case(
     let mut out = poison(c, n * nh * d);
     let mut lse = poison_f32(c, nh * n);
     c.attention(
-        &q, &k, &v, &mut out, &mut lse, &cud, &cu, max_len, nh, nkv, d,
+        &q,
+        &k,
+        &v,
+        &mut out,
+        &mut lse,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
     let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
@@ -393,7 +411,25 @@ fn attention_case(
         poison(c, n * nkv * d),
     );
     c.attention_bwd(
-        &g, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, max_len, nh, nkv, d,
+        &g,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
     for (what, got, want, bound) in [
@@ -450,7 +486,20 @@ fn attention_fwd_bwd_and_decode() {
         let lensd = c.upload_u32(&lens).unwrap();
         let mut od = poison(&c, n_seq * nh * d);
         c.attention_decode(
-            &qdev, &kc, &vc, &lensd, &mut od, n_seq, cache_len, nh, nkv, d,
+            &qdev,
+            &kc,
+            &vc,
+            &Cached {
+                lens: &lensd,
+                n_seq,
+                max_len: cache_len,
+            },
+            &mut od,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
         )
         .unwrap();
         let odr: Vec<f64> = last
@@ -643,12 +692,36 @@ fn grpo_loss_all_modes_vs_cpu() {
             };
             let mut dl = poison_f32(&c, n);
             let out = c
-                .grpo_loss(&lpd, &od, &rd, &ad, &md, &sd, &mut dl, n, n_seq, &cfg)
+                .grpo_loss(
+                    &GrpoTokens {
+                        logp: &lpd,
+                        old_logp: &od,
+                        ref_logp: &rd,
+                        adv: &ad,
+                        mask: &md,
+                        seq_id: &sd,
+                        n_tok: n,
+                        n_seq,
+                    },
+                    &mut dl,
+                    &cfg,
+                )
                 .unwrap();
             let mut dref = vec![f32::NAN; n];
             let want = cpu
                 .grpo_loss(
-                    &logp, &old, &refp, &adv, &mask, &seq, &mut dref, n, n_seq, &cfg,
+                    &GrpoTokens {
+                        logp: &logp,
+                        old_logp: &old,
+                        ref_logp: &refp,
+                        adv: &adv,
+                        mask: &mask,
+                        seq_id: &seq,
+                        n_tok: n,
+                        n_seq,
+                    },
+                    &mut dref,
+                    &cfg,
                 )
                 .unwrap();
             let tag = format!("{agg:?}/{kind:?}");
@@ -857,7 +930,8 @@ fn linear_rmsnorm_adamw_other_paths() {
     let (x, xh) = up(&c, &r.vec(m * k, 1.0));
     let (w, wh) = up(&c, &r.vec(n * k, 0.2));
     let mut y = poison(&c, m * n);
-    c.linear(&x, &w, None, &mut y, m, n, k).unwrap();
+    c.linear(&x, &w, None, &mut y, GemmDims { m, n, k })
+        .unwrap();
     let yr: Vec<f64> = (0..m * n)
         .map(|e| {
             let (i, j) = (e / n, e % n);
@@ -875,8 +949,19 @@ fn linear_rmsnorm_adamw_other_paths() {
 
     let (dy, dyh) = up(&c, &r.vec(m * n, 1.0));
     let (mut dx, dx0) = up(&c, &r.vec(m * k, 1.0));
-    c.linear_bwd(&dy, &x, &w, Some(&mut dx), true, None, None, m, n, k)
-        .unwrap();
+    c.linear_bwd(
+        &dy,
+        &x,
+        &w,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: true,
+            dw: None,
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let dxr: Vec<f64> = (0..m * k)
         .map(|e| {
             let (i, q) = (e / k, e % k);
@@ -894,8 +979,19 @@ fn linear_rmsnorm_adamw_other_paths() {
     );
     let mut dw = poison_f32(&c, n * k);
     c.fill_f32(&mut dw, n * k, 0.0).unwrap();
-    c.linear_bwd(&dy, &x, &w, None, false, Some(&mut dw), None, m, n, k)
-        .unwrap();
+    c.linear_bwd(
+        &dy,
+        &x,
+        &w,
+        LinearGrads {
+            dx: None,
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let dwr: Vec<f64> = (0..n * k)
         .map(|e| {
             let (j, q) = (e / k, e % k);
@@ -990,8 +1086,24 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
     let cud = c.upload_u32(&cu).unwrap();
     let (q, k, v) = (poison(&c, 1), poison(&c, 1), poison(&c, 1));
     let (mut o, mut l) = (poison(&c, 1), poison_f32(&c, 1));
-    c.attention(&q, &k, &v, &mut o, &mut l, &cud, &cu, 4, 2, 1, 64)
-        .unwrap();
+    c.attention(
+        &q,
+        &k,
+        &v,
+        &mut o,
+        &mut l,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len: 4,
+        },
+        Heads {
+            n_heads: 2,
+            n_kv: 1,
+            head_dim: 64,
+        },
+    )
+    .unwrap();
     let (qc, mut oc, mut lc) = (vec![0f32; 1], vec![0f32; 1], vec![0f32; 1]);
     Cpu.attention(
         &qc,
@@ -999,12 +1111,16 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
         &qc,
         &mut oc,
         &mut lc,
-        &cu.to_vec(),
-        &cu,
-        4,
-        2,
-        1,
-        64,
+        &Packed {
+            cu_seqlens: &cu.to_vec(),
+            cu_host: &cu,
+            max_len: 4,
+        },
+        Heads {
+            n_heads: 2,
+            n_kv: 1,
+            head_dim: 64,
+        },
     )
     .unwrap();
     c.synchronize().unwrap();
@@ -1076,18 +1192,78 @@ fn both_backends_reject_the_same_bad_calls() {
     ] {
         let cud = c.upload_u32(&cu_dev).unwrap();
         let cr = cpu.attention(
-            &q, &kv, &kv, &mut oc, &mut lc, &cu_dev, &cu_host, max_len, heads, nkv, d,
+            &q,
+            &kv,
+            &kv,
+            &mut oc,
+            &mut lc,
+            &Packed {
+                cu_seqlens: &cu_dev,
+                cu_host: &cu_host,
+                max_len,
+            },
+            Heads {
+                n_heads: heads,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
         let gr = c.attention(
-            &qg, &kg, &kg, &mut og, &mut lg, &cud, &cu_host, max_len, heads, nkv, d,
+            &qg,
+            &kg,
+            &kg,
+            &mut og,
+            &mut lg,
+            &Packed {
+                cu_seqlens: &cud,
+                cu_host: &cu_host,
+                max_len,
+            },
+            Heads {
+                n_heads: heads,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
         both(&format!("attention: {what}"), cr, cuda_rejects(&c, gr));
     }
     if c.syncs_each_op() {
         let (host, dev) = (vec![0u32, 5, 12], vec![0u32, 6, 12]);
         let cud = c.upload_u32(&dev).unwrap();
-        let cr = cpu.attention(&q, &kv, &kv, &mut oc, &mut lc, &dev, &host, 12, nh, nkv, d);
-        let gr = c.attention(&qg, &kg, &kg, &mut og, &mut lg, &cud, &host, 12, nh, nkv, d);
+        let cr = cpu.attention(
+            &q,
+            &kv,
+            &kv,
+            &mut oc,
+            &mut lc,
+            &Packed {
+                cu_seqlens: &dev,
+                cu_host: &host,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
+        let gr = c.attention(
+            &qg,
+            &kg,
+            &kg,
+            &mut og,
+            &mut lg,
+            &Packed {
+                cu_seqlens: &cud,
+                cu_host: &host,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
         both(
             "attention: device cu_seqlens differ from cu_host",
             cr,
@@ -1112,15 +1288,34 @@ fn both_backends_reject_the_same_bad_calls() {
             &qd,
             &cache,
             &cache,
-            &lens.to_vec(),
+            &Cached {
+                lens: &lens.to_vec(),
+                n_seq,
+                max_len,
+            },
             &mut odc,
-            n_seq,
-            max_len,
-            nh,
-            nkv,
-            d,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
-        let gr = c.attention_decode(&qdg, &cg, &cg, &lg_, &mut odg, n_seq, max_len, nh, nkv, d);
+        let gr = c.attention_decode(
+            &qdg,
+            &cg,
+            &cg,
+            &Cached {
+                lens: &lg_,
+                n_seq,
+                max_len,
+            },
+            &mut odg,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
         let rej = cuda_rejects(&c, gr);
         // The rejected slot's row is NaN, never a plausible output.
         let bad = if lens[0] == 0 || lens[0] as usize > max_len {
@@ -1140,17 +1335,36 @@ fn both_backends_reject_the_same_bad_calls() {
         &qd,
         &cache,
         &cache,
-        &ok.to_vec(),
+        &Cached {
+            lens: &ok.to_vec(),
+            n_seq,
+            max_len,
+        },
         &mut odc,
-        n_seq,
-        max_len,
-        nh,
-        nkv,
-        d,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
-    c.attention_decode(&qdg, &cg, &cg, &okd, &mut odg, n_seq, max_len, nh, nkv, d)
-        .unwrap();
+    c.attention_decode(
+        &qdg,
+        &cg,
+        &cg,
+        &Cached {
+            lens: &okd,
+            n_seq,
+            max_len,
+        },
+        &mut odg,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
+    )
+    .unwrap();
     c.synchronize().unwrap();
 
     // kv_store: a destination row outside the cache; caches of different sizes.
@@ -1296,10 +1510,36 @@ fn both_backends_reject_the_same_bad_calls() {
     ] {
         let mg = c.upload_f32(&mask).unwrap();
         let cr = cpu
-            .grpo_loss(&z, &z, &z, &z, &mask, &sid, &mut dl, n_tok, n_seq, &cfg)
+            .grpo_loss(
+                &GrpoTokens {
+                    logp: &z,
+                    old_logp: &z,
+                    ref_logp: &z,
+                    adv: &z,
+                    mask: &mask,
+                    seq_id: &sid,
+                    n_tok,
+                    n_seq,
+                },
+                &mut dl,
+                &cfg,
+            )
             .map(|_| ());
         let gr = c
-            .grpo_loss(&zg, &zg, &zg, &zg, &mg, &sidg, &mut dlg, n_tok, n_seq, &cfg)
+            .grpo_loss(
+                &GrpoTokens {
+                    logp: &zg,
+                    old_logp: &zg,
+                    ref_logp: &zg,
+                    adv: &zg,
+                    mask: &mg,
+                    seq_id: &sidg,
+                    n_tok,
+                    n_seq,
+                },
+                &mut dlg,
+                &cfg,
+            )
             .map(|_| ());
         both(&format!("grpo_loss: {what}"), cr, cuda_rejects(&c, gr));
     }

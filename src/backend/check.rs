@@ -14,7 +14,7 @@
 //! backend's implementation (the CUDA kernels' head sizes, launch-grid limits) are that
 //! backend's own checks, with the same error variant.
 
-use super::{DType, GemmDims, GrpoLossCfg, Heads, LossAgg, Packed};
+use super::{Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed};
 use crate::{Error, Result};
 
 /// Anything an op reads or writes: its length in elements.
@@ -442,18 +442,16 @@ pub fn kv_store(
 
 /// `attention_decode`: q, out [n_seq, n_heads * head_dim], lens [n_seq], caches
 /// [n_seq * max_len, n_kv * head_dim].
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode(
+pub fn attention_decode<I: Buf>(
     q: &impl Buf,
     k_cache: &impl Buf,
     v_cache: &impl Buf,
-    lens: &impl Buf,
+    cached: &Cached<'_, I>,
     out: &impl Buf,
-    n_seq: usize,
-    max_len: usize,
     h: Heads,
 ) -> Result<()> {
     let op = "attention_decode";
+    let (lens, n_seq, max_len) = (cached.lens, cached.n_seq, cached.max_len);
     heads(op, h)?;
     let qs = [n_seq, h.n_heads, h.head_dim];
     let cs = [n_seq, max_len, h.n_kv, h.head_dim];
@@ -551,25 +549,19 @@ pub fn sample(
 /// `grpo_loss`: logp, old_logp, ref_logp, adv, mask, seq_id, dlogp [n_tok]; loss_scale_div
 /// finite and > 0; norm_len finite and > 0 for seq-mean-token-sum-norm (checked for 0 tokens
 /// too).
-#[allow(clippy::too_many_arguments)]
-pub fn grpo_loss(
-    logp: &impl Buf,
-    old_logp: &impl Buf,
-    ref_logp: &impl Buf,
-    adv: &impl Buf,
-    mask: &impl Buf,
-    seq_id: &impl Buf,
+pub fn grpo_loss<F: Buf, I: Buf>(
+    t: &GrpoTokens<'_, F, I>,
     dlogp: &impl Buf,
-    n_tok: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<()> {
     let op = "grpo_loss";
-    holds(op, "logp", logp, &[n_tok], "n_tok")?;
-    holds(op, "old_logp", old_logp, &[n_tok], "n_tok")?;
-    holds(op, "ref_logp", ref_logp, &[n_tok], "n_tok")?;
-    holds(op, "adv", adv, &[n_tok], "n_tok")?;
-    holds(op, "mask", mask, &[n_tok], "n_tok")?;
-    holds(op, "seq_id", seq_id, &[n_tok], "n_tok")?;
+    let n_tok = t.n_tok;
+    holds(op, "logp", t.logp, &[n_tok], "n_tok")?;
+    holds(op, "old_logp", t.old_logp, &[n_tok], "n_tok")?;
+    holds(op, "ref_logp", t.ref_logp, &[n_tok], "n_tok")?;
+    holds(op, "adv", t.adv, &[n_tok], "n_tok")?;
+    holds(op, "mask", t.mask, &[n_tok], "n_tok")?;
+    holds(op, "seq_id", t.seq_id, &[n_tok], "n_tok")?;
     holds(op, "dlogp", dlogp, &[n_tok], "n_tok")?;
     if !(cfg.loss_scale_div.is_finite() && cfg.loss_scale_div > 0.0) {
         return Err(arg_error(

@@ -1,7 +1,7 @@
 //! The GRPO update (facts §3): group-normalised advantages, old and reference logprobs, and
 //! mini-batch updates through micro-batches packed by a token budget with gradient accumulation.
 
-use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut};
+use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
 use crate::model::{Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
@@ -224,9 +224,17 @@ pub fn accumulate_minibatch<B: Backend>(
         let d_mask = b.upload_f32(&mb.mask)?;
         let d_seq = b.upload_u32(&mb.seq_id)?;
         let mut dlogp = b.zeros_f32(n_tok)?;
-        let out: GrpoLossOut = b.grpo_loss(
-            &tape.logp, &d_old, &d_ref, &d_adv, &d_mask, &d_seq, &mut dlogp, n_tok, mb.n_seq, &cfg,
-        )?;
+        let tokens = GrpoTokens {
+            logp: &tape.logp,
+            old_logp: &d_old,
+            ref_logp: &d_ref,
+            adv: &d_adv,
+            mask: &d_mask,
+            seq_id: &d_seq,
+            n_tok,
+            n_seq: mb.n_seq,
+        };
+        let out: GrpoLossOut = b.grpo_loss(&tokens, &mut dlogp, &cfg)?;
         let mut ent_sum = 0.0f64;
         if let Some(e) = &tape.entropy {
             let ent = b.download_f32(e, n_tok)?;

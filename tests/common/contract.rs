@@ -7,7 +7,10 @@
 //! shows (ids, decode lengths, logits, masks) is checked on the device by the CUDA backend and
 //! reported at the next synchronisation (`cuda_ops::both_backends_reject_the_same_bad_calls`).
 
-use tooln1::backend::{AdamWStep, Backend, DType, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
+    LinearGrads, LossAgg, Packed,
+};
 use tooln1::Result;
 
 /// (what the case breaks, the op's result with its output dropped).
@@ -58,11 +61,23 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     let (m, n, k) = (3usize, 4usize, 5usize);
     out.push((
         "linear: y shorter than m * n",
-        b.linear(&t(m * k), &t(n * k), None, &mut t(m * n - 1), m, n, k),
+        b.linear(
+            &t(m * k),
+            &t(n * k),
+            None,
+            &mut t(m * n - 1),
+            GemmDims { m, n, k },
+        ),
     ));
     out.push((
         "linear: x shorter than m * k",
-        b.linear(&t(m * k - 1), &t(n * k), None, &mut t(m * n), m, n, k),
+        b.linear(
+            &t(m * k - 1),
+            &t(n * k),
+            None,
+            &mut t(m * n),
+            GemmDims { m, n, k },
+        ),
     ));
     out.push((
         "linear: bias shorter than n",
@@ -71,14 +86,22 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(n * k),
             Some(&t(n - 1)),
             &mut t(m * n),
-            m,
-            n,
-            k,
+            GemmDims { m, n, k },
         ),
     ));
     out.push((
         "linear: x of m * k elements, a product that overflows",
-        b.linear(&t(1), &t(1), None, &mut t(1), usize::MAX / 2, 1, 3),
+        b.linear(
+            &t(1),
+            &t(1),
+            None,
+            &mut t(1),
+            GemmDims {
+                m: usize::MAX / 2,
+                n: 1,
+                k: 3,
+            },
+        ),
     ));
     out.push((
         "linear_bwd: dw shorter than n * k",
@@ -86,13 +109,13 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(m * n),
             &t(m * k),
             &t(n * k),
-            Some(&mut t(m * k)),
-            false,
-            Some(&mut f(n * k - 1)),
-            None,
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: Some(&mut t(m * k)),
+                accumulate_dx: false,
+                dw: Some(&mut f(n * k - 1)),
+                dbias: None,
+            },
+            GemmDims { m, n, k },
         ),
     ));
     out.push((
@@ -101,13 +124,13 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(m * n),
             &t(m * k),
             &t(n * k),
-            None,
-            false,
-            None,
-            Some(&mut f(n - 1)),
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: None,
+                accumulate_dx: false,
+                dw: None,
+                dbias: Some(&mut f(n - 1)),
+            },
+            GemmDims { m, n, k },
         ),
     ));
     out.push((
@@ -287,12 +310,16 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(kn),
             &mut t(qn),
             &mut f(lse_len),
-            &u(&dev),
-            &cu,
-            max_len,
-            heads,
-            kv,
-            hd,
+            &Packed {
+                cu_seqlens: &u(&dev),
+                cu_host: &cu,
+                max_len,
+            },
+            Heads {
+                n_heads: heads,
+                n_kv: kv,
+                head_dim: hd,
+            },
         );
         out.push((what, r));
     }
@@ -309,12 +336,16 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &mut t(qn),
             &mut t(kn - 1),
             &mut t(kn),
-            &u(&cu),
-            &cu,
-            12,
-            nh,
-            nkv,
-            hd,
+            &Packed {
+                cu_seqlens: &u(&cu),
+                cu_host: &cu,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         ),
     ));
     out.push((
@@ -329,12 +360,16 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &mut t(qn),
             &mut t(kn),
             &mut t(kn),
-            &u(&cu),
-            &cu,
-            12,
-            nh,
-            nkv,
-            0,
+            &Packed {
+                cu_seqlens: &u(&cu),
+                cu_host: &cu,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: 0,
+            },
         ),
     ));
     let kvd = nkv * hd;
@@ -382,13 +417,17 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(slots * nh * hd),
             &t(cache - 1),
             &t(cache),
-            &u(&[1, 2]),
+            &Cached {
+                lens: &u(&[1, 2]),
+                n_seq: slots,
+                max_len,
+            },
             &mut t(slots * nh * hd),
-            slots,
-            max_len,
-            nh,
-            nkv,
-            hd,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         ),
     ));
     out.push((
@@ -397,13 +436,17 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &t(slots * 3 * hd),
             &t(cache * 2),
             &t(cache * 2),
-            &u(&[1, 2]),
+            &Cached {
+                lens: &u(&[1, 2]),
+                n_seq: slots,
+                max_len,
+            },
             &mut t(slots * 3 * hd),
-            slots,
-            max_len,
-            3,
-            2,
-            hd,
+            Heads {
+                n_heads: 3,
+                n_kv: 2,
+                head_dim: hd,
+            },
         ),
     ));
 
@@ -558,7 +601,20 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     ] {
         let z = f(3);
         let r = b
-            .grpo_loss(&z, &z, &z, &z, &z, &sid, &mut f(dlogp), n_tok, 2, &cfg)
+            .grpo_loss(
+                &GrpoTokens {
+                    logp: &z,
+                    old_logp: &z,
+                    ref_logp: &z,
+                    adv: &z,
+                    mask: &z,
+                    seq_id: &sid,
+                    n_tok,
+                    n_seq: 2,
+                },
+                &mut f(dlogp),
+                &cfg,
+            )
             .map(drop);
         out.push((what, r));
     }

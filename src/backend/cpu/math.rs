@@ -2,8 +2,8 @@
 //! it in f32 and the tests run exactly the same code in f64 (finite differences).
 //!
 //! These functions assume their arguments were validated (lengths checked against the shape
-//! arguments, indices in range): the [`super::Cpu`] backend does that and returns
-//! `Error::Invalid` otherwise. Called directly with inconsistent shapes they panic.
+//! arguments, indices in range): the [`super::Cpu`] backend does that ([`crate::backend::check`])
+//! and returns `Error::Arg` otherwise. Called directly with inconsistent shapes they panic.
 //! Layouts are those of [`crate::backend::Backend`].
 
 // Index loops are kept where they mirror the formulas they implement.

@@ -18,7 +18,8 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 
 use crate::backend::check;
 use crate::backend::{
-    AdamWStep, Backend, DType, GemmDims, GrpoLossCfg, GrpoLossOut, Heads, Packed,
+    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
+    LinearGrads, Packed,
 };
 use crate::Result;
 
@@ -114,11 +115,10 @@ impl Backend for Cpu {
         w: &Vec<f32>,
         bias: Option<&Vec<f32>>,
         y: &mut Vec<f32>,
-        m: usize,
-        n: usize,
-        k: usize,
+        d: GemmDims,
     ) -> Result<()> {
-        check::linear(x, w, bias, y, GemmDims { m, n, k })?;
+        check::linear(x, w, bias, y, d)?;
+        let GemmDims { m, n, k } = d;
         fast::run(|| fast::linear(x, w, bias.map(|b| b.as_slice()), y, m, n, k));
         Ok(())
     }
@@ -128,23 +128,17 @@ impl Backend for Cpu {
         dy: &Vec<f32>,
         x: &Vec<f32>,
         w: &Vec<f32>,
-        dx: Option<&mut Vec<f32>>,
-        accumulate_dx: bool,
-        dw: Option<&mut Vec<f32>>,
-        dbias: Option<&mut Vec<f32>>,
-        m: usize,
-        n: usize,
-        k: usize,
+        grads: LinearGrads<'_, Vec<f32>, Vec<f32>>,
+        d: GemmDims,
     ) -> Result<()> {
-        check::linear_bwd(
-            dy,
-            x,
-            w,
-            dx.as_deref(),
-            dw.as_deref(),
-            dbias.as_deref(),
-            GemmDims { m, n, k },
-        )?;
+        let LinearGrads {
+            dx,
+            accumulate_dx,
+            dw,
+            dbias,
+        } = grads;
+        check::linear_bwd(dy, x, w, dx.as_deref(), dw.as_deref(), dbias.as_deref(), d)?;
+        let GemmDims { m, n, k } = d;
         fast::run(|| {
             fast::linear_bwd(
                 dy,
@@ -267,26 +261,18 @@ impl Backend for Cpu {
         v: &Vec<f32>,
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
-        cu_seqlens: &Vec<u32>,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Vec<u32>>,
+        heads: Heads,
     ) -> Result<()> {
-        let seqs = Packed {
-            cu_seqlens,
-            cu_host,
-            max_len,
-        };
-        let heads = Heads {
+        check::attention(q, k, v, out, lse, seqs, heads)?;
+        check::same_offsets("attention", seqs.cu_seqlens, seqs.cu_host)?;
+        let Heads {
             n_heads,
             n_kv,
             head_dim,
-        };
-        check::attention(q, k, v, out, lse, &seqs, heads)?;
-        check::same_offsets("attention", cu_seqlens, cu_host)?;
-        fast::run(|| fast::attention(q, k, v, out, lse, cu_host, n_heads, n_kv, head_dim));
+        } = heads;
+        let cu = seqs.cu_host;
+        fast::run(|| fast::attention(q, k, v, out, lse, cu, n_heads, n_kv, head_dim));
         Ok(())
     }
 
@@ -301,28 +287,20 @@ impl Backend for Cpu {
         dq: &mut Vec<f32>,
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
-        cu_seqlens: &Vec<u32>,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Vec<u32>>,
+        heads: Heads,
     ) -> Result<()> {
-        let seqs = Packed {
-            cu_seqlens,
-            cu_host,
-            max_len,
-        };
-        let heads = Heads {
+        check::attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, seqs, heads)?;
+        check::same_offsets("attention_bwd", seqs.cu_seqlens, seqs.cu_host)?;
+        let Heads {
             n_heads,
             n_kv,
             head_dim,
-        };
-        check::attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, &seqs, heads)?;
-        check::same_offsets("attention_bwd", cu_seqlens, cu_host)?;
+        } = heads;
+        let cu = seqs.cu_host;
         fast::run(|| {
             fast::attention_bwd(
-                dout, q, k, v, out, lse, dq, dk, dv, cu_host, n_heads, n_kv, head_dim,
+                dout, q, k, v, out, lse, dq, dk, dv, cu, n_heads, n_kv, head_dim,
             )
         });
         Ok(())
@@ -349,21 +327,22 @@ impl Backend for Cpu {
         q: &Vec<f32>,
         k_cache: &Vec<f32>,
         v_cache: &Vec<f32>,
-        lens: &Vec<u32>,
+        cached: &Cached<'_, Vec<u32>>,
         out: &mut Vec<f32>,
-        n_seq: usize,
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        heads: Heads,
     ) -> Result<()> {
-        let heads = Heads {
+        check::attention_decode(q, k_cache, v_cache, cached, out, heads)?;
+        let Cached {
+            lens,
+            n_seq,
+            max_len,
+        } = *cached;
+        check::decode_lens(lens, n_seq, max_len)?;
+        let Heads {
             n_heads,
             n_kv,
             head_dim,
-        };
-        check::attention_decode(q, k_cache, v_cache, lens, out, n_seq, max_len, heads)?;
-        check::decode_lens(lens, n_seq, max_len)?;
+        } = heads;
         fast::run(|| {
             fast::attention_decode(
                 q, k_cache, v_cache, lens, out, n_seq, max_len, n_heads, n_kv, head_dim,
@@ -513,20 +492,21 @@ impl Backend for Cpu {
 
     fn grpo_loss(
         &self,
-        logp: &Vec<f32>,
-        old_logp: &Vec<f32>,
-        ref_logp: &Vec<f32>,
-        adv: &Vec<f32>,
-        mask: &Vec<f32>,
-        seq_id: &Vec<u32>,
+        tokens: &GrpoTokens<'_, Vec<f32>, Vec<u32>>,
         dlogp: &mut Vec<f32>,
-        n_tok: usize,
-        n_seq: usize,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut> {
-        check::grpo_loss(
-            logp, old_logp, ref_logp, adv, mask, seq_id, dlogp, n_tok, cfg,
-        )?;
+        check::grpo_loss(tokens, dlogp, cfg)?;
+        let GrpoTokens {
+            logp,
+            old_logp,
+            ref_logp,
+            adv,
+            mask,
+            seq_id,
+            n_tok,
+            n_seq,
+        } = *tokens;
         check::ids_below("grpo_loss", "seq_id", seq_id, n_tok, n_seq, "n_seq")?;
         check::mask_weights(&mask[..n_tok])?;
         let s = math::grpo_loss(

@@ -20,7 +20,10 @@ pub use runtime::{
 
 use runtime::Gpu;
 
-use super::{AdamWStep, Backend, DType, GrpoLossCfg, GrpoLossOut};
+use super::{
+    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
+    LinearGrads, Packed,
+};
 use crate::Result;
 
 /// The CUDA backend on one device. Clones share the device context, stream and allocator.
@@ -165,26 +168,19 @@ impl Backend for Cuda {
         w: &Self::T,
         bias: Option<&Self::T>,
         y: &mut Self::T,
-        m: usize,
-        n: usize,
-        k: usize,
+        d: GemmDims,
     ) -> Result<()> {
-        ops::linear::forward(self, x, w, bias, y, m, n, k)
+        ops::linear::forward(self, x, w, bias, y, d)
     }
     fn linear_bwd(
         &self,
         dy: &Self::T,
         x: &Self::T,
         w: &Self::T,
-        dx: Option<&mut Self::T>,
-        accumulate_dx: bool,
-        dw: Option<&mut Self::F>,
-        dbias: Option<&mut Self::F>,
-        m: usize,
-        n: usize,
-        k: usize,
+        grads: LinearGrads<'_, Self::T, Self::F>,
+        d: GemmDims,
     ) -> Result<()> {
-        ops::linear::backward(self, dy, x, w, dx, accumulate_dx, dw, dbias, m, n, k)
+        ops::linear::backward(self, dy, x, w, grads, d)
     }
 
     fn embedding(
@@ -264,16 +260,10 @@ impl Backend for Cuda {
         v: &Self::T,
         out: &mut Self::T,
         lse: &mut Self::F,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()> {
-        ops::attention::forward(
-            self, q, k, v, out, lse, cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim,
-        )
+        ops::attention::forward(self, q, k, v, out, lse, seqs, heads)
     }
     fn attention_bwd(
         &self,
@@ -286,17 +276,10 @@ impl Backend for Cuda {
         dq: &mut Self::T,
         dk: &mut Self::T,
         dv: &mut Self::T,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()> {
-        ops::attention::backward(
-            self, dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, cu_host, max_len, n_heads, n_kv,
-            head_dim,
-        )
+        ops::attention::backward(self, dout, q, k, v, out, lse, dq, dk, dv, seqs, heads)
     }
     fn kv_store(
         &self,
@@ -315,17 +298,11 @@ impl Backend for Cuda {
         q: &Self::T,
         k_cache: &Self::T,
         v_cache: &Self::T,
-        lens: &Self::I,
+        cached: &Cached<'_, Self::I>,
         out: &mut Self::T,
-        n_seq: usize,
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        heads: Heads,
     ) -> Result<()> {
-        ops::attention::decode(
-            self, q, k_cache, v_cache, lens, out, n_seq, max_len, n_heads, n_kv, head_dim,
-        )
+        ops::attention::decode(self, q, k_cache, v_cache, cached, out, heads)
     }
 
     fn swiglu(&self, gate: &Self::T, up: &Self::T, out: &mut Self::T, n: usize) -> Result<()> {
@@ -411,20 +388,11 @@ impl Backend for Cuda {
 
     fn grpo_loss(
         &self,
-        logp: &Self::F,
-        old_logp: &Self::F,
-        ref_logp: &Self::F,
-        adv: &Self::F,
-        mask: &Self::F,
-        seq_id: &Self::I,
+        tokens: &GrpoTokens<'_, Self::F, Self::I>,
         dlogp: &mut Self::F,
-        n_tok: usize,
-        n_seq: usize,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut> {
-        ops::grpo_loss::grpo_loss(
-            self, logp, old_logp, ref_logp, adv, mask, seq_id, dlogp, n_tok, n_seq, cfg,
-        )
+        ops::grpo_loss::grpo_loss(self, tokens, dlogp, cfg)
     }
     fn adamw(
         &self,

@@ -7,7 +7,7 @@ use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, grid_yz, i32_of};
 use crate::backend::check::{self, arg_error};
-use crate::backend::{Heads, Packed};
+use crate::backend::{Cached, Heads, Packed};
 use crate::{Error, Result};
 
 /// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments (the head
@@ -63,28 +63,20 @@ pub(crate) fn forward(
     v: &CudaBuf<Bf16>,
     out: &mut CudaBuf<Bf16>,
     lse: &mut CudaBuf<f32>,
-    cu_seqlens: &CudaBuf<u32>,
-    cu_host: &[u32],
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    heads: Heads,
 ) -> Result<()> {
     let op = "attention";
-    let seqs = Packed {
-        cu_seqlens,
-        cu_host,
-        max_len,
-    };
-    let heads = Heads {
+    let n_tok = check::attention(q, kk, v, out, lse, seqs, heads)?;
+    let n_seq = seqs.n_seq();
+    kernel_limits(op, heads, n_seq, n_tok)?;
+    device_offsets(c, op, seqs)?;
+    let Heads {
         n_heads,
         n_kv,
         head_dim,
-    };
-    let n_tok = check::attention(q, kk, v, out, lse, &seqs, heads)?;
-    let n_seq = seqs.n_seq();
-    kernel_limits(op, heads, n_seq, n_tok)?;
-    device_offsets(c, op, &seqs)?;
+    } = heads;
+    let (cu_seqlens, max_len) = (seqs.cu_seqlens, seqs.max_len);
     let grid = (max_len.div_ceil(16) as u32, n_heads as u32, n_seq as u32);
     by_head_dim!(
         op,
@@ -119,28 +111,20 @@ pub(crate) fn backward(
     dq: &mut CudaBuf<Bf16>,
     dk: &mut CudaBuf<Bf16>,
     dv: &mut CudaBuf<Bf16>,
-    cu_seqlens: &CudaBuf<u32>,
-    cu_host: &[u32],
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    heads: Heads,
 ) -> Result<()> {
     let op = "attention_bwd";
-    let seqs = Packed {
-        cu_seqlens,
-        cu_host,
-        max_len,
-    };
-    let heads = Heads {
+    let n_tok = check::attention_bwd(dout, q, kk, v, out, lse, dq, dk, dv, seqs, heads)?;
+    let n_seq = seqs.n_seq();
+    kernel_limits(op, heads, n_seq, n_tok)?;
+    device_offsets(c, op, seqs)?;
+    let Heads {
         n_heads,
         n_kv,
         head_dim,
-    };
-    let n_tok = check::attention_bwd(dout, q, kk, v, out, lse, dq, dk, dv, &seqs, heads)?;
-    let n_seq = seqs.n_seq();
-    kernel_limits(op, heads, n_seq, n_tok)?;
-    device_offsets(c, op, &seqs)?;
+    } = heads;
+    let (cu_seqlens, max_len) = (seqs.cu_seqlens, seqs.max_len);
     let mut dot = c.gpu.alloc::<f32>(n_heads * n_tok)?;
     let (nt, nh, nkv) = (n_tok as i32, n_heads as i32, n_kv as i32);
     k::attn_bwd_dot(
@@ -236,28 +220,28 @@ pub(crate) fn kv_store(
 
 /// One query per slot against its cached keys: grid (heads, slots), 128 threads; a length
 /// outside 1..=max_len sets ERR_DECODE_LEN.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn decode(
     c: &Cuda,
     q: &CudaBuf<Bf16>,
     k_cache: &CudaBuf<Bf16>,
     v_cache: &CudaBuf<Bf16>,
-    lens: &CudaBuf<u32>,
+    cached: &Cached<'_, CudaBuf<u32>>,
     out: &mut CudaBuf<Bf16>,
-    n_seq: usize,
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) -> Result<()> {
     let op = "attention_decode";
-    let heads = Heads {
+    check::attention_decode(q, k_cache, v_cache, cached, out, heads)?;
+    let Cached {
+        lens,
+        n_seq,
+        max_len,
+    } = *cached;
+    kernel_limits(op, heads, n_seq, n_seq)?;
+    let Heads {
         n_heads,
         n_kv,
         head_dim,
-    };
-    check::attention_decode(q, k_cache, v_cache, lens, out, n_seq, max_len, heads)?;
-    kernel_limits(op, heads, n_seq, n_seq)?;
+    } = heads;
     by_head_dim!(
         op,
         head_dim,

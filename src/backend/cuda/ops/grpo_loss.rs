@@ -5,7 +5,7 @@ use super::super::runtime::gen::launch::grpo_loss as k;
 use super::super::runtime::CudaBuf;
 use super::super::Cuda;
 use super::{ew, i32_of};
-use crate::backend::{check, GrpoLossCfg, GrpoLossOut, KlKind, LossAgg};
+use crate::backend::{check, GrpoLossCfg, GrpoLossOut, GrpoTokens, KlKind, LossAgg};
 use crate::Result;
 
 fn kl_code(k: KlKind) -> i32 {
@@ -18,23 +18,23 @@ fn kl_code(k: KlKind) -> i32 {
 }
 
 /// The GRPO loss of `n_tok` tokens in `n_seq` sequences; writes dlogp.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn grpo_loss(
     c: &Cuda,
-    logp: &CudaBuf<f32>,
-    old_logp: &CudaBuf<f32>,
-    ref_logp: &CudaBuf<f32>,
-    adv: &CudaBuf<f32>,
-    mask: &CudaBuf<f32>,
-    seq_id: &CudaBuf<u32>,
+    tokens: &GrpoTokens<'_, CudaBuf<f32>, CudaBuf<u32>>,
     dlogp: &mut CudaBuf<f32>,
-    n_tok: usize,
-    n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> Result<GrpoLossOut> {
-    check::grpo_loss(
-        logp, old_logp, ref_logp, adv, mask, seq_id, dlogp, n_tok, cfg,
-    )?;
+    check::grpo_loss(tokens, dlogp, cfg)?;
+    let GrpoTokens {
+        logp,
+        old_logp,
+        ref_logp,
+        adv,
+        mask,
+        seq_id,
+        n_tok,
+        n_seq,
+    } = *tokens;
     let n = i32_of("grpo_loss", "n_tok", n_tok)?;
     if n_tok == 0 {
         return Ok(GrpoLossOut::default());

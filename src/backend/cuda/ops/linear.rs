@@ -4,7 +4,7 @@
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
 use super::{i32_of, util};
-use crate::backend::{check, GemmDims};
+use crate::backend::{check, GemmDims, LinearGrads};
 use crate::Result;
 
 /// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
@@ -28,18 +28,16 @@ pub(crate) fn gemm_xwt(
 }
 
 /// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     c: &Cuda,
     x: &CudaBuf<Bf16>,
     w: &CudaBuf<Bf16>,
     bias: Option<&CudaBuf<Bf16>>,
     y: &mut CudaBuf<Bf16>,
-    m: usize,
-    n: usize,
-    k: usize,
+    d: GemmDims,
 ) -> Result<()> {
-    check::linear(x, w, bias, y, GemmDims { m, n, k })?;
+    check::linear(x, w, bias, y, d)?;
+    let GemmDims { m, n, k } = d;
     let beta = if let Some(b) = bias {
         util::bias_rows(
             c,
@@ -56,29 +54,22 @@ pub(crate) fn forward(
 }
 
 /// dx (= or +=) dy · w; dw += dyᵀ · x (f32); dbias += column sums of dy.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     c: &Cuda,
     dy: &CudaBuf<Bf16>,
     x: &CudaBuf<Bf16>,
     w: &CudaBuf<Bf16>,
-    dx: Option<&mut CudaBuf<Bf16>>,
-    accumulate_dx: bool,
-    dw: Option<&mut CudaBuf<f32>>,
-    dbias: Option<&mut CudaBuf<f32>>,
-    m: usize,
-    n: usize,
-    k: usize,
+    grads: LinearGrads<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    d: GemmDims,
 ) -> Result<()> {
-    check::linear_bwd(
-        dy,
-        x,
-        w,
-        dx.as_deref(),
-        dw.as_deref(),
-        dbias.as_deref(),
-        GemmDims { m, n, k },
-    )?;
+    let LinearGrads {
+        dx,
+        accumulate_dx,
+        dw,
+        dbias,
+    } = grads;
+    check::linear_bwd(dy, x, w, dx.as_deref(), dw.as_deref(), dbias.as_deref(), d)?;
+    let GemmDims { m, n, k } = d;
     if let Some(dx) = dx {
         // column-major dx^T[k,m] = w^T[k,n] dy^T[n,m]
         let beta = if accumulate_dx { 1.0 } else { 0.0 };
