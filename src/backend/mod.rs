@@ -22,6 +22,7 @@
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod loss;
 
 use crate::Result;
 
@@ -183,6 +184,16 @@ pub enum LossAgg {
     SeqMeanTokenSumNorm,
 }
 
+impl LossAgg {
+    /// Every mode, so that a loop over the modes cannot forget one.
+    pub const ALL: [LossAgg; 4] = [
+        LossAgg::TokenMean,
+        LossAgg::SeqMeanTokenSum,
+        LossAgg::SeqMeanTokenMean,
+        LossAgg::SeqMeanTokenSumNorm,
+    ];
+}
+
 /// KL estimator between policy and reference (facts §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -195,6 +206,11 @@ pub enum KlKind {
     K2,
     /// k3, verl's "low_var_kl": exp(ref - logp) - (ref - logp) - 1, clamped.
     K3,
+}
+
+impl KlKind {
+    /// Every estimator, so that a loop over them cannot forget one.
+    pub const ALL: [KlKind; 4] = [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3];
 }
 
 /// Scalar settings of the GRPO loss.

@@ -1,6 +1,7 @@
 //! The GRPO update (facts §3): group-normalised advantages, old and reference logprobs, and
 //! mini-batch updates through micro-batches packed by a token budget with gradient accumulation.
 
+use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
 use crate::model::{Model, PackedBatch};
 use crate::train::config::AdvantageKind;
@@ -187,7 +188,6 @@ pub fn accumulate_minibatch<B: Backend>(
     recompute: bool,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
-    use crate::backend::LossAgg;
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();
     let total_seqs = seqs.len();
@@ -196,14 +196,7 @@ pub fn accumulate_minibatch<B: Backend>(
         let mb = MicroBatch::new(&seqs[r.clone()])?;
         let n_tok = mb.packed.n_tok();
         let resp: usize = seqs[r.clone()].iter().map(|s| s.n_response()).sum();
-        let div = match loss_cfg.agg {
-            LossAgg::TokenMean => total_resp as f32 / resp as f32,
-            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => {
-                total_seqs as f32 / mb.n_seq as f32
-            }
-            // A plain sum over sequences (divided by the constant horizon): parts add up.
-            LossAgg::SeqMeanTokenSumNorm => 1.0,
-        };
+        let div = micro_batch_scale(loss_cfg.agg, total_resp, resp, total_seqs, mb.n_seq);
         let cfg = GrpoLossCfg {
             loss_scale_div: loss_cfg.loss_scale_div * div,
             ..*loss_cfg

@@ -30,6 +30,8 @@ pub(crate) const ERR_TARGET_ID: u32 = 2;
 pub(crate) const ERR_KV_ROW: u32 = 4;
 pub(crate) const ERR_DECODE_LEN: u32 = 8;
 pub(crate) const ERR_SAMPLE_LOGIT: u32 = 16;
+pub(crate) const ERR_GRPO_SEQ: u32 = 32;
+pub(crate) const ERR_GRPO_MASK: u32 = 64;
 
 pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
@@ -682,6 +684,12 @@ impl Gpu {
                     "sample: a row of `logits` holds NaN or +inf, or is all -inf with \
                      temperature > 0",
                 );
+            }
+            if flag[0] & ERR_GRPO_SEQ != 0 {
+                what.push("grpo_loss: an entry of `seq_id` is not below n_seq");
+            }
+            if flag[0] & ERR_GRPO_MASK != 0 {
+                what.push("grpo_loss: an entry of `mask` is not a finite weight >= 0");
             }
             return Err(Error::Invalid(what.join("; ")));
         }
