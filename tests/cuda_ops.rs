@@ -920,6 +920,30 @@ fn ptxas_report_has_no_spills_in_hot_kernels() {
     );
 }
 
+/// docs/ptxas-report.md (which the virtual GPU reads for every kernel's registers and shared
+/// memory) is this build's report, as `tools/ptxas-report.sh` copies it there. Checked when the
+/// kernels were compiled by the pinned nvcc of tools/setup-cuda.sh, as in CI: another nvcc
+/// version allocates registers differently.
+#[test]
+fn ptxas_report_in_docs_is_this_builds() {
+    let rep = tooln1::backend::cuda::PTXAS_REPORT;
+    if rep.is_empty() {
+        tooln1_skip!("skipped: built without nvcc (no ptxas report)");
+        return;
+    }
+    if !tooln1::backend::cuda::NVCC_PINNED {
+        tooln1_skip!("skipped: kernels compiled by an nvcc other than tools/setup-cuda.sh's");
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ptxas-report.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        doc == rep,
+        "{} is not this build's ptxas report: run tools/ptxas-report.sh",
+        path.display()
+    );
+}
+
 /// Paths the tests above do not take: linear without bias; linear_bwd accumulating into dx and
 /// with only dw; rmsnorm_bwd without dw; AdamW without a master copy.
 #[test]

@@ -15,7 +15,8 @@ mod runtime;
 
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::{
-    device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, PTXAS_REPORT,
+    device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, NVCC_PINNED,
+    PTXAS_REPORT,
 };
 
 use runtime::Gpu;

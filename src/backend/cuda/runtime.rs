@@ -23,6 +23,9 @@ pub(crate) mod gen {
 pub const KERNEL_KIND: &str = gen::KIND;
 /// The ptxas resource report of this build (empty when the build had no nvcc).
 pub const PTXAS_REPORT: &str = gen::PTXAS_REPORT;
+/// Whether this build's kernels were compiled by the pinned nvcc of tools/setup-cuda.sh (the
+/// toolchain docs/ptxas-report.md comes from).
+pub const NVCC_PINNED: bool = gen::NVCC_PINNED;
 
 /// Device-side error bits (kernels/common.cuh).
 pub(crate) const ERR_EMBED_ID: u32 = 1;

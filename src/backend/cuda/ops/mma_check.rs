@@ -46,9 +46,12 @@ impl Cuda {
             ));
         }
         let mut r = SplitMix(seed);
-        let bf = |x: f32| half::bf16::from_f32(x);
-        let a: Vec<half::bf16> = (0..tiles * 256).map(|_| bf(r.uni())).collect();
-        let b: Vec<half::bf16> = (0..tiles * 128).map(|_| bf(r.uni())).collect();
+        let a: Vec<half::bf16> = (0..tiles * 256)
+            .map(|_| half::bf16::from_f32(r.uni()))
+            .collect();
+        let b: Vec<half::bf16> = (0..tiles * 128)
+            .map(|_| half::bf16::from_f32(r.uni()))
+            .collect();
         let c: Vec<f32> = (0..tiles * 128).map(|_| r.uni()).collect();
         let mut want = vec![0f64; tiles * 128];
         for t in 0..tiles {
