@@ -680,13 +680,8 @@ fn grpo_loss_grad_every_mode() {
     mask[15] = 0.0;
     mask[16] = 0.0; // sequence 3 fully masked out
     let mut any_clip = false;
-    for agg in [
-        LossAgg::TokenMean,
-        LossAgg::SeqMeanTokenSum,
-        LossAgg::SeqMeanTokenMean,
-        LossAgg::SeqMeanTokenSumNorm,
-    ] {
-        for kind in [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3] {
+    for agg in LossAgg::ALL {
+        for kind in KlKind::ALL {
             let cfg = GrpoLossCfg {
                 clip_low: cl as f32,
                 clip_high: ch as f32,
@@ -1178,21 +1173,27 @@ fn close(name: &str, a: &[f32], b: &[f64], tol: f64) {
     assert!(err / scale < tol, "{name}: rel err {:.3e}", err / scale);
 }
 
-/// The f32 backend ops (outputs poisoned with NaN, buffers longer than needed) agree with the
-/// f64 math, and leave everything past the shape untouched.
+const PAD: usize = 3;
+
+/// A NaN-poisoned output buffer `PAD` elements longer than the shape needs.
+fn poisoned(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n + PAD]
+}
+
+/// Everything past the shape is still NaN.
+fn untouched(name: &str, v: &[f32], n: usize) {
+    assert!(
+        v[n..].iter().all(|x| x.is_nan()),
+        "{name}: wrote past the shape"
+    );
+}
+
+/// The f32 backend's linear and linear_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
 #[test]
-fn backend_ops_match_f64_math() {
-    let mut r = rng("backend_ops_match_f64_math");
+fn linear_backend_matches_f64_math() {
+    let mut r = rng("linear_backend_matches_f64_math");
     let b = Cpu;
-    let pad = 3;
-    let poisoned = |n: usize| vec![f32::NAN; n + pad];
-    let untouched = |name: &str, v: &[f32], n: usize| {
-        assert!(
-            v[n..].iter().all(|x| x.is_nan()),
-            "{name}: wrote past the shape"
-        );
-    };
-    // linear + linear_bwd
     let (m, n, k) = (7, 5, 9);
     let (x, w, bias, dy) = (
         randv(&mut r, m * k, 1.0),
@@ -1246,7 +1247,14 @@ fn backend_ops_match_f64_math() {
     close("linear_bwd dw", &dw, &dw64, 1e-6);
     close("linear_bwd dbias", &db, &db64, 1e-6);
     untouched("linear_bwd dx", &dx, m * k);
-    // rmsnorm + bwd
+}
+
+/// The f32 backend's rmsnorm and rmsnorm_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn rmsnorm_backend_matches_f64_math() {
+    let mut r = rng("rmsnorm_backend_matches_f64_math");
+    let b = Cpu;
     let (rows, dim) = (6, 10);
     let (xr, wr, dr) = (
         randv(&mut r, rows * dim, 1.0),
@@ -1278,7 +1286,14 @@ fn backend_ops_match_f64_math() {
     math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
     close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
     close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
-    // swiglu + bwd
+}
+
+/// The f32 backend's swiglu and swiglu_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn swiglu_backend_matches_f64_math() {
+    let mut r = rng("swiglu_backend_matches_f64_math");
+    let b = Cpu;
     let ns = 29;
     let (g, u, d) = (
         randv(&mut r, ns, 3.0),
@@ -1298,7 +1313,14 @@ fn backend_ops_match_f64_math() {
     math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
     close("swiglu_bwd dgate", &dg[..ns], &dg64, 1e-6);
     close("swiglu_bwd dup", &du[..ns], &du64, 1e-6);
-    // attention_bwd
+}
+
+/// The f32 backend's attention_bwd (outputs poisoned with NaN, buffers longer than needed)
+/// agrees with the f64 math, and leaves everything past the shape untouched.
+#[test]
+fn attention_bwd_backend_matches_f64_math() {
+    let mut r = rng("attention_bwd_backend_matches_f64_math");
+    let b = Cpu;
     let (nh, nkv, hd) = (4, 2, 6);
     let nt = CU[3] as usize;
     let (q, kk, v, dout) = (
@@ -1341,7 +1363,14 @@ fn backend_ops_match_f64_math() {
     close("attention_bwd dk", &dk[..kk.len()], &dk64, 1e-5);
     close("attention_bwd dv", &dv[..v.len()], &dv64, 1e-5);
     untouched("attention_bwd dk", &dk, kk.len());
-    // logprobs + bwd, and logits
+}
+
+/// The f32 backend's logprobs and logprobs_bwd (outputs poisoned with NaN, buffers longer than
+/// needed) agree with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn logprobs_backend_matches_f64_math() {
+    let mut r = rng("logprobs_backend_matches_f64_math");
+    let b = Cpu;
     let (nt, dim, vocab) = (9, 7, 37);
     let (h, wl, dl) = (
         randv(&mut r, nt * dim, 1.0),
@@ -1407,6 +1436,19 @@ fn backend_ops_match_f64_math() {
     );
     close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
     close("logprobs_bwd dw", &dwl, &dw64, 1e-5);
+}
+
+/// The f32 backend's logits agree with the f64 GEMM and leave everything past the shape
+/// untouched.
+#[test]
+fn logits_backend_matches_f64_math() {
+    let mut r = rng("logits_backend_matches_f64_math");
+    let b = Cpu;
+    let (nt, dim, vocab) = (9, 7, 37);
+    let (h, wl) = (
+        randv(&mut r, nt * dim, 1.0),
+        randv(&mut r, vocab * dim, 1.0),
+    );
     let mut lg = poisoned(nt * vocab);
     b.logits(&to32(&h), &to32(&wl), &mut lg, nt, dim, vocab)
         .unwrap();

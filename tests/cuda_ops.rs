@@ -194,7 +194,7 @@ fn rope_fwd_bwd() {
 }
 
 #[test]
-fn swiglu_and_embedding() {
+fn swiglu_fwd_bwd() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("swiglu");
     let n = 1003;
@@ -221,7 +221,12 @@ fn swiglu_and_embedding() {
         .collect();
     check("swiglu dgate", &c.download(&dg, n).unwrap(), &dgr, 1e-2);
     check("swiglu dup", &c.download(&du, n).unwrap(), &dur, 1e-2);
+}
 
+#[test]
+fn embedding_fwd_bwd() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("embedding");
     let (vocab, dim, n_tok) = (101, 77, 45);
     let (table, th) = up(&c, &r.vec(vocab * dim, 1.0));
     let ids: Vec<u32> = (0..n_tok)
@@ -674,13 +679,8 @@ fn grpo_loss_all_modes_vs_cpu() {
         up32(&mask),
     );
     let sd = c.upload_u32(&seq).unwrap();
-    for agg in [
-        LossAgg::TokenMean,
-        LossAgg::SeqMeanTokenSum,
-        LossAgg::SeqMeanTokenMean,
-        LossAgg::SeqMeanTokenSumNorm,
-    ] {
-        for kind in [KlKind::K3, KlKind::K1, KlKind::K2, KlKind::Abs] {
+    for agg in LossAgg::ALL {
+        for kind in KlKind::ALL {
             let cfg = GrpoLossCfg {
                 clip_low: 0.2,
                 clip_high: 0.28,
@@ -749,7 +749,7 @@ fn grpo_loss_all_modes_vs_cpu() {
 }
 
 #[test]
-fn adamw_and_grad_norm() {
+fn adamw_with_master_copy() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("adamw");
     let n = 5001;
@@ -790,6 +790,16 @@ fn adamw_and_grad_norm() {
         1e-5,
     );
     check("adamw param (bf16)", &c.download(&p, n).unwrap(), &pr, 1e-2);
+}
+
+/// The global gradient norm's sum of squares (f64 partial sums on the device).
+#[test]
+fn sum_squares_f32_in_f64() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("sum_squares");
+    let n = 5001;
+    let g = r.vec(n, 0.1);
+    let gd = c.upload_f32(&g).unwrap();
     let ss = c.sum_squares_f32(&gd, n).unwrap();
     let ssr: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum();
     assert!((ss - ssr).abs() <= 1e-9 * ssr, "sum_squares {ss} vs {ssr}");
@@ -944,12 +954,12 @@ fn ptxas_report_in_docs_is_this_builds() {
     );
 }
 
-/// Paths the tests above do not take: linear without bias; linear_bwd accumulating into dx and
-/// with only dw; rmsnorm_bwd without dw; AdamW without a master copy.
+/// Linear paths `linear_fwd_bwd` does not take: no bias; linear_bwd accumulating into dx, and
+/// with only dw.
 #[test]
-fn linear_rmsnorm_adamw_other_paths() {
+fn linear_without_bias_and_partial_grads() {
     let Some(c) = gpu() else { return };
-    let mut r = Rng::new("other paths");
+    let mut r = Rng::new("linear other paths");
     let (m, n, k) = (29, 45, 67);
     let (x, xh) = up(&c, &r.vec(m * k, 1.0));
     let (w, wh) = up(&c, &r.vec(n * k, 0.2));
@@ -1030,7 +1040,13 @@ fn linear_rmsnorm_adamw_other_paths() {
         &dwr,
         1e-5,
     );
+}
 
+/// rmsnorm_bwd without the weight gradient (dx accumulates onto what it held).
+#[test]
+fn rmsnorm_bwd_without_dw() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("rmsnorm other paths");
     let (rows, dim) = (7, 129);
     let (xr, xrh) = up(&c, &r.vec(rows * dim, 2.0));
     let (wr, wrh) = up(&c, &r.vec(dim, 1.0));
@@ -1060,8 +1076,13 @@ fn linear_rmsnorm_adamw_other_paths() {
         &want,
         1e-2,
     );
+}
 
-    // AdamW straight on the bf16 parameter (no master copy).
+/// AdamW straight on the bf16 parameter (no master copy).
+#[test]
+fn adamw_without_master_copy() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("adamw other paths");
     let na = 1001;
     let (mut p, ph) = up(&c, &r.vec(na, 1.0));
     let gr = r.vec(na, 0.1);
