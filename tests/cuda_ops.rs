@@ -493,6 +493,7 @@ fn logprobs_fwd_bwd_chunked() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let mut lpr = vec![0f64; n_tok];
@@ -550,6 +551,7 @@ fn logprobs_fwd_bwd_chunked() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let mut dhr = vec![0f64; n_tok * dim];
@@ -1183,8 +1185,8 @@ fn both_backends_reject_the_same_bad_calls() {
     let tgg = c.upload_u32(&tg).unwrap();
     let (mut lp, mut ls) = (vec![0f32; 2], vec![0f32; 2]);
     let (mut lpg, mut lsg) = (poison_f32(&c, 2), poison_f32(&c, 2));
-    let cr = cpu.logprobs(&h, &w, &tg, &mut lp, &mut ls, None, 2, dim, vocab);
-    let gr = c.logprobs(&hg, &wg, &tgg, &mut lpg, &mut lsg, None, 2, dim, vocab);
+    let cr = cpu.logprobs(&h, &w, &tg, &mut lp, &mut ls, None, 2, dim, vocab, 1.0);
+    let gr = c.logprobs(&hg, &wg, &tgg, &mut lpg, &mut lsg, None, 2, dim, vocab, 1.0);
     both("logprobs: target == vocab", cr, cuda_rejects(&c, gr));
     let mut e = vec![0f32; 2 * dim];
     let mut eg = poison(&c, 2 * dim);
@@ -1398,6 +1400,7 @@ fn logprobs_over_1024_tokens_default_chunks() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (lpr, lsr, enr) = logprobs_ref(&hh, &wh, &tg, dim, vocab);
@@ -1423,8 +1426,10 @@ fn logprobs_over_1024_tokens_default_chunks() {
     let dl = r.vec(n_tok, 1.0);
     let dld = c.upload_f32(&dl).unwrap();
     let mut dh = poison(&c, n_tok * dim);
-    c.logprobs_bwd(&dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab)
-        .unwrap();
+    c.logprobs_bwd(
+        &dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab, 1.0,
+    )
+    .unwrap();
     let mut dhr = vec![0f64; n_tok * dim];
     for t in 0..n_tok {
         for v in 0..vocab {
@@ -1458,8 +1463,10 @@ fn full_vocabulary_logprobs_and_sampling() {
     let tg: Vec<u32> = vec![0, vocab as u32 - 1, r.below(vocab) as u32];
     let tgd = c.upload_u32(&tg).unwrap();
     let (mut lp, mut lse) = (poison_f32(&c, n_tok), poison_f32(&c, n_tok));
-    c.logprobs(&h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab)
-        .unwrap();
+    c.logprobs(
+        &h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab, 1.0,
+    )
+    .unwrap();
     let (lpr, lsr, _) = logprobs_ref(&hh, &wh, &tg, dim, vocab);
     check(
         "logp (full vocabulary)",

@@ -383,8 +383,19 @@ pub const LP_VT: usize = 512;
 /// not depend on the thread count).
 const LP_GROUPS: usize = 8;
 
-/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ` on this thread.
-fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0: usize, vn: usize) {
+/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ · inv_t` on this thread (the GEMM's alpha,
+/// so the tile is scaled as it is written; alpha = 1 is the plain product).
+#[allow(clippy::too_many_arguments)]
+fn tile_logits(
+    h: &[f32],
+    w: &[f32],
+    z: &mut [f32],
+    rows: usize,
+    dim: usize,
+    v0: usize,
+    vn: usize,
+    inv_t: f32,
+) {
     assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
     // SAFETY: bounds asserted above; z is a distinct &mut.
     unsafe {
@@ -392,7 +403,7 @@ fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0:
             rows,
             dim,
             vn,
-            1.0,
+            inv_t,
             h.as_ptr(),
             dim,
             1,
@@ -407,7 +418,8 @@ fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0:
     }
 }
 
-/// Fused lm_head + log-softmax + gather (see [`math::logprobs`]).
+/// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (see
+/// [`math::logprobs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs(
     h: &[f32],
@@ -419,6 +431,7 @@ pub fn logprobs(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) {
     let n_tiles = vocab.div_ceil(LP_VT);
     let want_ent = entropy.is_some();
@@ -436,7 +449,7 @@ pub fn logprobs(
                 let v0 = tile * LP_VT;
                 let vn = LP_VT.min(vocab - v0);
                 with_scratch(rows * vn, |z| {
-                    tile_logits(hb, w, z, rows, dim, v0, vn);
+                    tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
                         let mx = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -513,6 +526,7 @@ pub fn logprobs_bwd(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) {
     let n_tiles = vocab.div_ceil(LP_VT);
     let groups = LP_GROUPS.min(n_tiles);
@@ -536,10 +550,11 @@ pub fn logprobs_bwd(
                     let v0 = tile * LP_VT;
                     let vn = LP_VT.min(vocab - v0);
                     with_scratch(rows * vn, |z| {
-                        tile_logits(hb, w, z, rows, dim, v0, vn);
+                        tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
                         for r in 0..rows {
                             let t = t0 + r;
-                            let (g, l) = (dlogp[t], lse[t]);
+                            // The chain rule through z·inv_t (exact at inv_t = 1).
+                            let (g, l) = (dlogp[t] * inv_t, lse[t]);
                             let zr = &mut z[r * vn..(r + 1) * vn];
                             for v in zr.iter_mut() {
                                 *v = -g * (*v - l).exp();
