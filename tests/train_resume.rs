@@ -327,8 +327,16 @@ fn training_side_logprobs_use_the_rollout_temperature() {
         max_slots: tc.rollout.max_slots,
     };
     let p = &prompts[0].tokens;
-    let gens =
-        rollout::generate(&Cpu, &t.policy, &[p.clone()], tc.rollout.n, &sp, tc.seed, 0).unwrap();
+    let gens = rollout::generate(
+        &Cpu,
+        &t.policy,
+        std::slice::from_ref(p),
+        tc.rollout.n,
+        &sp,
+        tc.seed,
+        0,
+    )
+    .unwrap();
     let seqs: Vec<Vec<u32>> = gens
         .iter()
         .map(|g| p.iter().chain(&g.tokens).copied().collect())
