@@ -465,8 +465,16 @@ pub fn attention_decode<I: Buf>(
 
 // ---------------------------------------------------------------------------------- vocabulary
 
-/// `logprobs`: h [n_tok, dim], w [vocab, dim], targets, logp, lse, entropy [n_tok], vocab and
-/// dim positive.
+/// The inverse temperature of a vocabulary op: finite and > 0.
+fn inv_temperature(op: &'static str, inv_t: f32) -> Result<()> {
+    if !(inv_t.is_finite() && inv_t > 0.0) {
+        return Err(arg_error(op, "inv_t", "a finite value > 0", inv_t));
+    }
+    Ok(())
+}
+
+/// `logprobs`: inv_t finite and > 0, h [n_tok, dim], w [vocab, dim], targets, logp, lse,
+/// entropy [n_tok], vocab and dim positive.
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs(
     h: &impl Buf,
@@ -478,8 +486,10 @@ pub fn logprobs(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) -> Result<()> {
     let op = "logprobs";
+    inv_temperature(op, inv_t)?;
     positive(op, "vocab", vocab)?;
     positive(op, "dim", dim)?;
     holds(op, "h", h, &[n_tok, dim], "n_tok * dim")?;
@@ -490,7 +500,8 @@ pub fn logprobs(
     holds_opt(op, "entropy", entropy, &[n_tok], "n_tok")
 }
 
-/// `logprobs_bwd`: dlogp, targets, lse [n_tok], h, dh [n_tok, dim], w, dw [vocab, dim].
+/// `logprobs_bwd`: inv_t finite and > 0, dlogp, targets, lse [n_tok], h, dh [n_tok, dim], w,
+/// dw [vocab, dim].
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs_bwd(
     dlogp: &impl Buf,
@@ -503,8 +514,10 @@ pub fn logprobs_bwd(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) -> Result<()> {
     let op = "logprobs_bwd";
+    inv_temperature(op, inv_t)?;
     positive(op, "vocab", vocab)?;
     positive(op, "dim", dim)?;
     holds(op, "dlogp", dlogp, &[n_tok], "n_tok")?;

@@ -465,6 +465,45 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             nt,
             dim,
             0,
+            1.0,
+        ),
+    ));
+    for (what, inv_t) in [
+        ("logprobs: inv_t 0", 0.0f32),
+        ("logprobs: inv_t -1", -1.0),
+        ("logprobs: inv_t NaN", f32::NAN),
+        ("logprobs: inv_t inf", f32::INFINITY),
+    ] {
+        out.push((
+            what,
+            b.logprobs(
+                &t(nt * dim),
+                &t(vocab * dim),
+                &tg,
+                &mut f(nt),
+                &mut f(nt),
+                None,
+                nt,
+                dim,
+                vocab,
+                inv_t,
+            ),
+        ));
+    }
+    out.push((
+        "logprobs_bwd: inv_t 0",
+        b.logprobs_bwd(
+            &f(nt),
+            &t(nt * dim),
+            &t(vocab * dim),
+            &tg,
+            &f(nt),
+            &mut t(nt * dim),
+            None,
+            nt,
+            dim,
+            vocab,
+            0.0,
         ),
     ));
     out.push((
@@ -479,6 +518,7 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             nt,
             dim,
             vocab,
+            1.0,
         ),
     ));
     out.push((
@@ -493,6 +533,7 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             nt,
             dim,
             vocab,
+            1.0,
         ),
     ));
     out.push((
@@ -508,6 +549,7 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             nt,
             dim,
             vocab,
+            1.0,
         ),
     ));
     out.push((
@@ -523,6 +565,7 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             nt,
             0,
             vocab,
+            1.0,
         ),
     ));
     let sv = 7usize;

@@ -382,6 +382,7 @@ impl Backend for Cpu {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
         check::logprobs(
             h,
@@ -393,6 +394,7 @@ impl Backend for Cpu {
             n_tok,
             dim,
             vocab,
+            inv_t,
         )?;
         check::ids_below("logprobs", "targets", targets, n_tok, vocab, "vocab")?;
         fast::run(|| {
@@ -406,6 +408,7 @@ impl Backend for Cpu {
                 n_tok,
                 dim,
                 vocab,
+                inv_t,
             )
         });
         Ok(())
@@ -423,6 +426,7 @@ impl Backend for Cpu {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
         check::logprobs_bwd(
             dlogp,
@@ -435,6 +439,7 @@ impl Backend for Cpu {
             n_tok,
             dim,
             vocab,
+            inv_t,
         )?;
         check::ids_below("logprobs_bwd", "targets", targets, n_tok, vocab, "vocab")?;
         fast::run(|| {
@@ -449,6 +454,7 @@ impl Backend for Cpu {
                 n_tok,
                 dim,
                 vocab,
+                inv_t,
             )
         });
         Ok(())

@@ -332,8 +332,11 @@ impl Backend for Cuda {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
-        ops::logprobs::forward(self, h, w, targets, logp, lse, entropy, n_tok, dim, vocab)
+        ops::logprobs::forward(
+            self, h, w, targets, logp, lse, entropy, n_tok, dim, vocab, inv_t,
+        )
     }
     fn logprobs_bwd(
         &self,
@@ -347,8 +350,11 @@ impl Backend for Cuda {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
-        ops::logprobs::backward(self, dlogp, h, w, targets, lse, dh, dw, n_tok, dim, vocab)
+        ops::logprobs::backward(
+            self, dlogp, h, w, targets, lse, dh, dw, n_tok, dim, vocab, inv_t,
+        )
     }
     fn logits(
         &self,

@@ -31,6 +31,7 @@ pub(crate) fn forward(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) -> Result<()> {
     check::logprobs(
         h,
@@ -42,6 +43,7 @@ pub(crate) fn forward(
         n_tok,
         dim,
         vocab,
+        inv_t,
     )?;
     limits("logprobs", n_tok, vocab)?;
     if n_tok == 0 {
@@ -85,6 +87,7 @@ pub(crate) fn forward(
                 &mut wsum,
                 &mut tgt,
                 (v0 == 0) as i32,
+                inv_t,
             )?;
         }
     }
@@ -121,6 +124,7 @@ pub(crate) fn backward(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) -> Result<()> {
     check::logprobs_bwd(
         dlogp,
@@ -133,6 +137,7 @@ pub(crate) fn backward(
         n_tok,
         dim,
         vocab,
+        inv_t,
     )?;
     limits("logprobs_bwd", n_tok, vocab)?;
     let dw_ptr = dw.map(|d| d.ptr());
@@ -172,6 +177,7 @@ pub(crate) fn backward(
                 lse,
                 dlogp,
                 &mut dl,
+                inv_t,
             )?;
             // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
             let beta = if v0 == 0 { 0.0 } else { 1.0 };
