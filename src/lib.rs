@@ -8,6 +8,7 @@ pub mod error;
 pub mod eval;
 pub mod model;
 pub mod pycall;
+pub mod pyjson;
 pub mod reward;
 pub mod safefs;
 pub mod tokenizer;

@@ -6,6 +6,7 @@
 //! it for a set of input files.
 
 use crate::pycall::{self, ParseOptions};
+use crate::pyjson::py_json;
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -42,43 +43,6 @@ pub const DEFAULT_BASE_SYSTEM: &str = "You are an expert in composing functions.
 question and a set of possible functions. Based on the question, you will need to make one or \
 more function/tool calls to achieve the purpose. If none of the functions can be used, point it \
 out. If the given question lacks the parameters required by the function, also point it out.";
-
-/// JSON text the way Python's `json.dumps(v, ensure_ascii=False)` writes it: separators `", "`
-/// and `": "`, keys in insertion order. (This is how the Tool-N1 prompt lists tools and how
-/// assistant calls are written into prior turns.)
-pub fn py_json(v: &Value) -> String {
-    let mut s = String::new();
-    write_py_json(v, &mut s);
-    s
-}
-
-fn write_py_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_py_json(x, out);
-            }
-            out.push(']');
-        }
-        Value::Object(m) => {
-            out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push_str(": ");
-                write_py_json(x, out);
-            }
-            out.push('}');
-        }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
-    }
-}
 
 /// The Tool-N1 system message (facts §1.1): `base_system`, then a `# Tool` section listing each
 /// tool on its own line as `{"type": "function", "function": <tool>}` inside `<tools></tools>`,

@@ -201,7 +201,7 @@ pub fn answer_text(name: &str, args: &serde_json::Map<String, Value>) -> String 
     let calls = json!([{"name": name, "arguments": Value::Object(args.clone())}]);
     format!(
         "<think>Use {name}.</think>\n<tool_call>{}</tool_call>",
-        crate::train::sft::python_json(&calls)
+        crate::pyjson::py_json(&calls)
     )
 }
 
@@ -400,7 +400,7 @@ fn show_examples<B: Backend>(
     for (p, g) in prompts.iter().zip(&gens) {
         eprintln!(
             "  expected {}\n  answered {}",
-            crate::train::sft::python_json(&p.ground_truth),
+            crate::pyjson::py_json(&p.ground_truth),
             tok.decode(&g.tokens, false)?
         );
     }

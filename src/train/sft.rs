@@ -24,31 +24,11 @@ pub struct SftItem {
     pub prompt_len: usize,
 }
 
-/// JSON the way Python's `json.dumps` writes it (", " and ": " separators), which is how the
-/// Tool-N1 prompt shows calls.
-pub fn python_json(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(python_json).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Value::Object(o) => {
-            let items: Vec<String> = o
-                .iter()
-                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), python_json(v)))
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        other => other.to_string(),
-    }
-}
-
 /// The Tool-N1-format answer for a ground-truth call list: an (empty) think block and the calls.
 pub fn tooln1_answer(ground_truth: &serde_json::Value) -> String {
     format!(
         "<think></think>\n<tool_call>{}</tool_call>",
-        python_json(ground_truth)
+        crate::pyjson::py_json(ground_truth)
     )
 }
 
@@ -306,17 +286,6 @@ impl<B: Backend> SftTrainer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_style_json() {
-        let v: serde_json::Value =
-            serde_json::from_str(r#"[{"name":"f","arguments":{"a":1,"b":[1,2],"c":"x\"y"}}]"#)
-                .unwrap();
-        assert_eq!(
-            python_json(&v),
-            r#"[{"name": "f", "arguments": {"a": 1, "b": [1, 2], "c": "x\"y"}}]"#
-        );
-    }
 
     #[test]
     fn target_from_last_assistant_or_ground_truth() {

@@ -361,7 +361,7 @@ pub fn prompt_functions(functions: &[Value], lang: Language) -> Vec<Value> {
                 if let Some(pp) = p.remove("properties") {
                     d += &format!(
                         " The dictionary entries have the following schema; they are not in string representation. {}",
-                        crate::data::py_json(&pp)
+                        crate::pyjson::py_json(&pp)
                     );
                 }
             }
