@@ -31,6 +31,15 @@ pub const IM_END: u32 = 151645;
 pub const TOOL_CALL_START: u32 = 151657;
 pub const TOOL_CALL_END: u32 = 151658;
 
+/// The small byte-level BPE tokenizer of the golden fixtures (302 tokens, with
+/// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<tool_call>`, `</tool_call>`), built in for
+/// `tooln1 init-tiny`.
+pub const TINY_TOKENIZER_JSON: &[u8] =
+    include_bytes!("../tests/fixtures/golden/tokenizer/tokenizer.json");
+/// Its tokenizer_config.json (eos `<|im_end|>`, pad `<|endoftext|>`, the Qwen2.5 chat template).
+pub const TINY_TOKENIZER_CONFIG_JSON: &[u8] =
+    include_bytes!("../tests/fixtures/golden/tokenizer/tokenizer_config.json");
+
 /// A loaded `tokenizer.json`.
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
