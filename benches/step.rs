@@ -636,7 +636,7 @@ fn cuda_benches(c: &mut Criterion) {
     let device = cuda.device();
     println!("device: {device}");
     // Leave some room for the CUDA context, cuBLAS workspaces and allocator slack.
-    let budget = tooln1::train::device::cuda_memory().map(|(_, total)| total / 100 * 92);
+    let budget = tooln1::backend::select::cuda_memory().map(|(_, total)| total / 100 * 92);
     let trim = || {
         if let Err(e) = cuda.trim() {
             eprintln!("trim: {e}");

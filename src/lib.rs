@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod model;

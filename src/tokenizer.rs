@@ -226,6 +226,18 @@ impl ChatTemplate {
         }
     }
 
+    /// The template of a model folder: its tokenizer_config.json's (see
+    /// [`ChatTemplate::from_tokenizer_config`]), or the built-in Qwen2.5 template when the folder
+    /// has no tokenizer_config.json.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let p = dir.join("tokenizer_config.json");
+        if p.exists() {
+            Self::from_tokenizer_config(&p)
+        } else {
+            Ok(Self::qwen25())
+        }
+    }
+
     /// Read `chat_template` from a tokenizer_config.json: a string, or a list of
     /// `{name, template}` (the one named "default" is used). Without one, a
     /// `chat_template.jinja` beside the file is used, then the built-in Qwen2.5 template.

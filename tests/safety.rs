@@ -556,7 +556,7 @@ fn eval_run_checks_out_first_and_continues_an_interrupted_run() {
         "model": s(&model), "data": s(&data), "system": "",
         "max_new_tokens": 3, "max_prompt_tokens": 4096,
     });
-    let partial = tooln1::train::evalgen::partial_path(&out);
+    let partial = tooln1::eval::generate::partial_path(&out);
     std::fs::write(
         &partial,
         format!(

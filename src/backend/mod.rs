@@ -17,6 +17,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod select;
 
 use crate::Result;
 

@@ -1,6 +1,9 @@
-//! `tooln1 train`, `tooln1 sft`, `tooln1 demo`, and the generation half of `tooln1 eval ... run`.
+//! `tooln1 train`, `tooln1 sft` and `tooln1 demo`.
 
+use crate::backend::select::{cuda_memory, run_on, uses_cuda, BackendJob};
 use crate::backend::Backend;
+use crate::data::read_samples;
+use crate::demo::{run_demo, DemoConfig, DemoReport};
 use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
 use crate::model::weights::load_model;
 use crate::model::Qwen2Config;
@@ -8,16 +11,11 @@ use crate::safefs::host_available;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint;
 use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
-use crate::train::demo::{run_demo, DemoConfig};
-use crate::train::device::{run_on, BackendJob};
-use crate::train::evalgen::{
-    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
-};
 use crate::train::metrics::summarize;
-use crate::train::runner::{prepare_prompts, read_samples, stop_tokens, Trainer};
+use crate::train::runner::{prepare_prompts, Trainer};
 use crate::train::sft::{prepare_sft, SftTrainer};
 use anyhow::{bail, Context};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Default)]
 pub struct TrainArgs {
@@ -121,53 +119,6 @@ impl Default for DemoArgs {
     }
 }
 
-/// Which benchmark `eval ... run` generates for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvalKind {
-    Bfcl,
-    ApiBank,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct EvalRunArgs {
-    /// HF model folder.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// BFCL: the data folder (BFCL_v4_*.json + possible_answer/). API-Bank: the level-1 JSON
-    /// file.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Where the generations are written ({"id", "output"} per line).
-    #[arg(long, default_value = "generations.jsonl")]
-    pub out: PathBuf,
-    /// BFCL categories, comma separated (default: the eleven of the Tool-N1 table).
-    #[arg(long, value_delimiter = ',')]
-    pub categories: Vec<String>,
-    /// Only the first N records (quick checks).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Base system text placed before the tool section.
-    #[arg(long, default_value = "")]
-    pub system: String,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub max_prompt_tokens: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceKind,
-}
-
-fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
-    let p = dir.join("tokenizer_config.json");
-    if p.exists() {
-        ChatTemplate::from_tokenizer_config(&p)
-    } else {
-        Ok(ChatTemplate::qwen25())
-    }
-}
-
 /// Print the memory estimate; refuse the run when it cannot fit.
 fn check_memory(
     model_cfg: &Qwen2Config,
@@ -195,13 +146,8 @@ fn check_memory(
         }
     }
     eprintln!("memory estimate (CUDA numerics: bf16 weights, f32 gradients and AdamW):\n{est}");
-    let cuda = crate::train::device::cuda_memory();
-    let use_cuda = match device {
-        DeviceKind::Cuda => true,
-        DeviceKind::Cpu => false,
-        DeviceKind::Auto => cuda.is_some(),
-    };
-    if use_cuda {
+    let cuda = cuda_memory();
+    if uses_cuda(device, cuda) {
         if let Some((free, total)) = cuda {
             let need = est.peak(recompute);
             eprintln!(
@@ -347,7 +293,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
             eprintln!("backend: {}", b.name());
             let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
+            let template = ChatTemplate::from_model_dir(&self.model_dir)?;
             let samples = read_samples(&self.data)?;
             let (prompts, dropped) = prepare_prompts(
                 &samples,
@@ -487,7 +433,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
             eprintln!("backend: {}", b.name());
             let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
+            let template = ChatTemplate::from_model_dir(&self.model_dir)?;
             let samples = read_samples(&self.data)?;
             let (items, dropped) = prepare_sft(&samples, &tok, &template, self.cfg.max_seq_tokens)?;
             eprintln!(
@@ -547,7 +493,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
     }
     struct Job(DemoConfig);
     impl BackendJob for Job {
-        type Output = crate::train::demo::DemoReport;
+        type Output = DemoReport;
         fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
             run_demo(b, &self.0)
         }
@@ -568,168 +514,5 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         r.time_grpo_s,
         a.out.join("grpo/metrics.jsonl").display()
     );
-    Ok(())
-}
-
-pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
-    use crate::eval::{apibank, bfcl};
-    // Prompts and the scorer's records.
-    let (prompts, bfcl_records, api_records) = match kind {
-        EvalKind::Bfcl => {
-            let cats: Vec<bfcl::Category> = if a.categories.is_empty() {
-                bfcl::Category::TOOLN1.to_vec()
-            } else {
-                a.categories
-                    .iter()
-                    .map(|c| {
-                        bfcl::Category::from_name(c.trim())
-                            .with_context(|| format!("--categories: unknown BFCL category `{c}`"))
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            };
-            let mut recs = bfcl::load_dir(&a.data, &cats)?;
-            if let Some(n) = a.limit {
-                recs.truncate(n);
-            }
-            let prompts: Vec<GenPrompt> = recs
-                .iter()
-                .map(|r| {
-                    let p = bfcl::eval_prompt(r, &a.system);
-                    GenPrompt {
-                        id: p.id,
-                        messages: p.messages,
-                    }
-                })
-                .collect();
-            (prompts, recs, Vec::new())
-        }
-        EvalKind::ApiBank => {
-            let mut recs = apibank::load(&a.data)?;
-            if let Some(n) = a.limit {
-                recs.truncate(n);
-            }
-            let prompts: Vec<GenPrompt> = recs
-                .iter()
-                .map(|r| {
-                    let p = apibank::eval_prompt(r, &a.system);
-                    GenPrompt {
-                        id: p.id,
-                        messages: p.messages,
-                    }
-                })
-                .collect();
-            (prompts, Vec::new(), recs)
-        }
-    };
-    eprintln!("{} prompts from {}", prompts.len(), a.data.display());
-    let gen = GenConfig {
-        batch_size: a.batch_size,
-        max_new_tokens: a.max_new_tokens,
-        max_prompt_tokens: a.max_prompt_tokens,
-    };
-    // Before any generation: --out must be writable, and generations are saved batch by batch
-    // beside it so that an interrupted run keeps them and a rerun continues.
-    let settings = serde_json::json!({
-        "model": a.model.display().to_string(),
-        "data": a.data.display().to_string(),
-        "system": a.system,
-        "max_new_tokens": a.max_new_tokens,
-        "max_prompt_tokens": a.max_prompt_tokens,
-    });
-    let _lock =
-        crate::safefs::RunLock::acquire_at(&partial_path(&a.out).with_extension("lock"), &a.out)?;
-    let partial = PartialOutputs::open(&a.out, &settings)?;
-    let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
-    if !earlier.is_empty() {
-        eprintln!(
-            "continuing: {} generations kept from an interrupted run ({})",
-            earlier.len(),
-            partial_path(&a.out).display()
-        );
-    }
-    let all_ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
-    let prompts: Vec<GenPrompt> = prompts
-        .into_iter()
-        .filter(|p| !earlier.contains_key(&p.id))
-        .collect();
-    struct Job {
-        model_dir: PathBuf,
-        prompts: Vec<GenPrompt>,
-        gen: GenConfig,
-        partial: PartialOutputs,
-    }
-    impl BackendJob for Job {
-        type Output = (Vec<(String, String)>, PartialOutputs);
-        fn run<B: Backend + 'static>(mut self, b: B) -> crate::Result<Self::Output> {
-            eprintln!("backend: {}", b.name());
-            let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
-            let model = load_model(&self.model_dir, &b)?;
-            let stop = stop_tokens(&tok, &model.cfg);
-            let pb =
-                crate::train::metrics::progress_bar(self.prompts.len() as u64, false, "generate");
-            let (outs, stats) = generate_outputs(
-                &b,
-                &model,
-                &tok,
-                &template,
-                &self.prompts,
-                &stop,
-                &self.gen,
-                |done, _, batch| {
-                    pb.set_position(done as u64);
-                    self.partial.append(batch)
-                },
-            )?;
-            pb.finish_and_clear();
-            eprintln!(
-                "generated {} tokens for {} prompts in {:.1} s ({} prompts too long, {} outputs \
-                 cut at max_new_tokens)",
-                stats.generated_tokens,
-                stats.prompts,
-                stats.seconds,
-                stats.too_long,
-                stats.truncated
-            );
-            Ok((outs, self.partial))
-        }
-    }
-    let (new_outs, partial) = run_on(
-        a.device,
-        Job {
-            model_dir: a.model.clone(),
-            prompts,
-            gen,
-            partial,
-        },
-    )?;
-    let mut by_id = earlier;
-    by_id.extend(new_outs);
-    let outs: Vec<(String, String)> = all_ids
-        .into_iter()
-        .map(|id| {
-            let o = by_id.get(&id).cloned().unwrap_or_default();
-            (id, o)
-        })
-        .collect();
-    write_outputs(&a.out, &outs)?;
-    partial.finish()?;
-    eprintln!("generations: {}", a.out.display());
-    match kind {
-        EvalKind::Bfcl => {
-            let report = bfcl::score(&bfcl_records, &outs);
-            println!("{}", report.table());
-        }
-        EvalKind::ApiBank => {
-            let report = apibank::score(&api_records, &outs);
-            println!(
-                "API-Bank level-1 call accuracy: {:.2}% ({} / {})\n{}",
-                report.accuracy(),
-                report.correct,
-                report.total,
-                report.note
-            );
-        }
-    }
     Ok(())
 }

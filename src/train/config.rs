@@ -5,33 +5,11 @@
 //! k3 KL as a loss term with coefficient 1e-3, entropy coefficient 0, token-mean aggregation,
 //! grad-norm clip 1.0, AdamW with a constant lr of 1e-6, activation recomputation on.
 
+pub use crate::backend::select::DeviceKind;
 use crate::backend::{KlKind, LossAgg};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Which backend runs the job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceKind {
-    /// CUDA when a device is present, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl std::str::FromStr for DeviceKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(DeviceKind::Auto),
-            "cpu" => Ok(DeviceKind::Cpu),
-            "cuda" => Ok(DeviceKind::Cuda),
-            _ => Err(format!("unknown device `{s}`; expected auto, cpu or cuda")),
-        }
-    }
-}
 
 /// How group scores become advantages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -59,8 +59,6 @@ pub fn prepare_prompts(
     Ok((out, dropped))
 }
 
-pub use crate::data::read_samples;
-
 /// The ids that end a response: `<|im_end|>` and `<|endoftext|>` of `tok`, plus the config's
 /// eos ids.
 pub fn stop_tokens(tok: &Tokenizer, cfg: &crate::model::Qwen2Config) -> Vec<u32> {
@@ -545,7 +543,7 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// A reward must be finite: a NaN or Inf would turn the whole group's advantages into NaN.
-fn check_reward(r: f32, sample: &str) -> Result<()> {
+pub(crate) fn check_reward(r: f32, sample: &str) -> Result<()> {
     if r.is_finite() {
         Ok(())
     } else {
@@ -554,32 +552,4 @@ fn check_reward(r: f32, sample: &str) -> Result<()> {
              finite numbers"
         )))
     }
-}
-
-/// Mean reward of `n` responses per prompt (sampled with `sp`) over `prompts`, with the
-/// format-ok and exact-match rates: (reward, format_ok, exact).
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_reward<B: Backend>(
-    b: &B,
-    model: &Model<B>,
-    tok: &Tokenizer,
-    prompts: &[PromptItem],
-    reward: &dyn Reward,
-    n: usize,
-    sp: &SamplingParams,
-    seed: u64,
-) -> Result<(f64, f64, f64)> {
-    let toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
-    let gens = rollout::generate(b, model, &toks, n, sp, seed, 0)?;
-    let (mut r, mut f, mut e) = (0.0f64, 0usize, 0usize);
-    for g in &gens {
-        let text = tok.decode(g.content(), false)?;
-        let o = reward.score(&text, &prompts[g.prompt].ground_truth);
-        check_reward(o.reward, &prompts[g.prompt].id)?;
-        r += o.reward as f64;
-        f += o.format_ok as usize;
-        e += o.calls_ok as usize;
-    }
-    let k = gens.len().max(1) as f64;
-    Ok((r / k, f as f64 / k, e as f64 / k))
 }
