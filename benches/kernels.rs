@@ -304,15 +304,27 @@ fn cuda_benches(c: &mut Criterion) {
         let lfl = 2.0 * (nt * voc * h) as f64;
         let shp = format!("model={md},tokens={nt},hidden={h},vocab={voc}");
         timed(c, &cuda, &grp, "logprobs_fwd", &shp, 0.0, lfl, || {
-            cuda.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, nt, h, voc)
+            cuda.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, nt, h, voc, 1.0)
                 .unwrap()
         });
         let dlp = cuda.upload_f32(&rnd(nt, 1.0)).unwrap();
         let mut dh = cuda.zeros(nt * h).unwrap();
         let mut dwv = cuda.zeros_f32(voc * h).unwrap();
         timed(c, &cuda, &grp, "logprobs_bwd", &shp, 0.0, 3.0 * lfl, || {
-            cuda.logprobs_bwd(&dlp, &x, &wv, &tg, &ls, &mut dh, Some(&mut dwv), nt, h, voc)
-                .unwrap()
+            cuda.logprobs_bwd(
+                &dlp,
+                &x,
+                &wv,
+                &tg,
+                &ls,
+                &mut dh,
+                Some(&mut dwv),
+                nt,
+                h,
+                voc,
+                1.0,
+            )
+            .unwrap()
         });
         let mut lg = cuda.zeros_f32(64 * voc).unwrap();
         cuda.logits(&x, &wv, &mut lg, 64, h, voc).unwrap();
@@ -447,7 +459,7 @@ fn cpu_benches(c: &mut Criterion) {
     let (mut lp, mut ls) = (b.zeros_f32(tok).unwrap(), b.zeros_f32(tok).unwrap());
     g.bench_function("logprobs_fwd", |z| {
         z.iter(|| {
-            b.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, tok, h, voc)
+            b.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, tok, h, voc, 1.0)
                 .unwrap()
         })
     });

@@ -460,6 +460,7 @@ fn logprobs_forward_and_grad() {
         n,
         dim,
         vocab,
+        1.0,
     );
     let (lp2, lse2, ent2, _) = explicit_logprobs(&h, &w, &tg, n, dim, vocab);
     for t in 0..n {
@@ -470,15 +471,112 @@ fn logprobs_forward_and_grad() {
     let mut dh = nan(n * dim);
     let dw0 = randv(&mut r, vocab * dim, 1.0);
     let mut dw = dw0.clone();
-    math::logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, Some(&mut dw), n, dim, vocab);
+    math::logprobs_bwd(
+        &c,
+        &h,
+        &w,
+        &tg,
+        &lse,
+        &mut dh,
+        Some(&mut dw),
+        n,
+        dim,
+        vocab,
+        1.0,
+    );
     let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let f = |h: &[f64], w: &[f64]| {
         let (mut lp, mut lse) = (nan(n), nan(n));
-        math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab);
+        math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, 1.0);
         dot(&lp, &c)
     };
     fd_check("logprobs dh", &h, &dh, |x| f(x, &w), 1e-6);
     fd_check("logprobs dw", &w, &dw, |x| f(&h, x), 1e-6);
+}
+
+/// At an inverse temperature (T = 0.7 as in Tool-N1, and T = 2.5): the forward is the explicit
+/// log-softmax of h·(w·inv_t), and the backward (dh, dw) matches f64 finite differences of
+/// Σ c_t logp_t at that temperature.
+#[test]
+fn logprobs_temperature_forward_and_grad() {
+    let mut r = rng("logprobs_temperature_forward_and_grad");
+    let (n, dim, vocab) = (11, 5, 29);
+    for inv_t in [1.0 / 0.7, 0.4] {
+        let h = randv(&mut r, n * dim, 1.0);
+        let w = randv(&mut r, vocab * dim, 1.0);
+        let tg: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+        let c = randv(&mut r, n, 1.0);
+        let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
+        math::logprobs(
+            &h,
+            &w,
+            &tg,
+            &mut lp,
+            &mut lse,
+            Some(&mut ent),
+            n,
+            dim,
+            vocab,
+            inv_t,
+        );
+        let ws: Vec<f64> = w.iter().map(|x| x * inv_t).collect();
+        let (lp2, lse2, ent2, _) = explicit_logprobs(&h, &ws, &tg, n, dim, vocab);
+        let (lp1, _, ent1, _) = explicit_logprobs(&h, &w, &tg, n, dim, vocab);
+        for t in 0..n {
+            assert!((lp[t] - lp2[t]).abs() < 1e-12, "inv_t {inv_t}: logp[{t}]");
+            assert!((lse[t] - lse2[t]).abs() < 1e-12, "inv_t {inv_t}: lse[{t}]");
+            assert!(
+                (ent[t] - ent2[t]).abs() < 1e-12,
+                "inv_t {inv_t}: entropy[{t}]"
+            );
+        }
+        // the temperature really changes the result (not the plain log-softmax)
+        let moved = (0..n).map(|t| (lp[t] - lp1[t]).abs().max((ent[t] - ent1[t]).abs()));
+        assert!(
+            moved.fold(0.0, f64::max) > 1e-2,
+            "inv_t {inv_t} had no effect"
+        );
+        let mut dh = nan(n * dim);
+        let dw0 = randv(&mut r, vocab * dim, 1.0);
+        let mut dw = dw0.clone();
+        math::logprobs_bwd(
+            &c,
+            &h,
+            &w,
+            &tg,
+            &lse,
+            &mut dh,
+            Some(&mut dw),
+            n,
+            dim,
+            vocab,
+            inv_t,
+        );
+        let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+        let f = |h: &[f64], w: &[f64]| {
+            let (mut lp, mut lse) = (nan(n), nan(n));
+            math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, inv_t);
+            dot(&lp, &c)
+        };
+        fd_check("logprobs dh (temperature)", &h, &dh, |x| f(x, &w), 1e-6);
+        fd_check("logprobs dw (temperature)", &w, &dw, |x| f(&h, x), 1e-6);
+    }
+    // The backend refuses an inverse temperature that is not finite and > 0, naming it.
+    let b = Cpu;
+    let x = vec![0.5f32; 10];
+    let (mut lp, mut l2, mut dh) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
+    for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let e = b
+            .logprobs(&x, &x, &vec![0, 1], &mut lp, &mut l2, None, 2, 1, 5, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("logprobs") && e.contains("inv_t"), "{e}");
+        let e = b
+            .logprobs_bwd(&x, &x, &x, &vec![0, 1], &l2, &mut dh, None, 2, 1, 5, bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("logprobs_bwd") && e.contains("inv_t"), "{e}");
+    }
 }
 
 /// Several row chunks (vocab large enough that a chunk holds fewer rows than n_tok), through
@@ -505,6 +603,7 @@ fn logprobs_chunked_large_vocab() {
         n,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let h64: Vec<f64> = h.iter().map(|&x| x as f64).collect();
@@ -522,7 +621,7 @@ fn logprobs_chunked_large_vocab() {
     // backward: dh = Σ_v dlogp (1[v=target] − p_v) w_v
     let c: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
     let mut dh = vec![f32::NAN; n * dim];
-    b.logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, None, n, dim, vocab)
+    b.logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, None, n, dim, vocab, 1.0)
         .unwrap();
     for t in 0..n {
         for j in 0..dim {
@@ -1055,7 +1154,7 @@ fn bad_arguments_are_errors() {
     let mut lp = vec![0.0f32; 2];
     let mut l2 = vec![0.0f32; 2];
     let e = b
-        .logprobs(&x, &x, &vec![0, 9], &mut lp, &mut l2, None, 2, 1, 5)
+        .logprobs(&x, &x, &vec![0, 9], &mut lp, &mut l2, None, 2, 1, 5, 1.0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("targets[1]"), "{e}");
@@ -1267,6 +1366,7 @@ fn backend_ops_match_f64_math() {
         nt,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
@@ -1280,6 +1380,7 @@ fn backend_ops_match_f64_math() {
         nt,
         dim,
         vocab,
+        1.0,
     );
     close("logprobs logp", &lp[..nt], &lp64, 1e-6);
     close("logprobs entropy", &ent[..nt], &ent64, 1e-5);
@@ -1297,6 +1398,7 @@ fn backend_ops_match_f64_math() {
         nt,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.0; vocab * dim]);
@@ -1311,6 +1413,7 @@ fn backend_ops_match_f64_math() {
         nt,
         dim,
         vocab,
+        1.0,
     );
     close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
     close("logprobs_bwd dw", &dwl, &dw64, 1e-5);
@@ -1528,6 +1631,7 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         nt,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
@@ -1541,6 +1645,7 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         nt,
         dim,
         vocab,
+        1.0,
     );
     let mut dh = vec![f32::NAN; nt * dim];
     let mut dwl = vec![0.125f32; vocab * dim];
@@ -1555,6 +1660,7 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         nt,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
@@ -1569,6 +1675,68 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         nt,
         dim,
         vocab,
+        1.0,
+    );
+    got.extend([lp, lse, ent, dh, dwl]);
+    want.extend([lp64, lse64, ent64, dh64, dw64]);
+    // the same at temperature 0.7 (the logits tiles scaled by 1/0.7 in the fused pass)
+    let inv_t = 1.0f32 / 0.7;
+    let (mut lp, mut lse, mut ent) = (vec![f32::NAN; nt], vec![f32::NAN; nt], vec![f32::NAN; nt]);
+    b.logprobs(
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        nt,
+        dim,
+        vocab,
+        inv_t,
+    )
+    .unwrap();
+    let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
+    math::logprobs(
+        &h,
+        &wl,
+        &tg,
+        &mut lp64,
+        &mut lse64,
+        Some(&mut ent64),
+        nt,
+        dim,
+        vocab,
+        inv_t as f64,
+    );
+    let mut dh = vec![f32::NAN; nt * dim];
+    let mut dwl = vec![0.125f32; vocab * dim];
+    b.logprobs_bwd(
+        &to32(&dl),
+        &to32(&h),
+        &to32(&wl),
+        &tg,
+        &lse,
+        &mut dh,
+        Some(&mut dwl),
+        nt,
+        dim,
+        vocab,
+        inv_t,
+    )
+    .unwrap();
+    let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
+    math::logprobs_bwd(
+        &dl,
+        &h,
+        &wl,
+        &tg,
+        &lse64,
+        &mut dh64,
+        Some(&mut dw64),
+        nt,
+        dim,
+        vocab,
+        inv_t as f64,
     );
     got.extend([lp, lse, ent, dh, dwl]);
     want.extend([lp64, lse64, ent64, dh64, dw64]);
@@ -1579,7 +1747,7 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
 /// 1, 2 and 3 threads.
 #[test]
 fn fast_ops_multi_tile_match_f64_math_and_thread_counts() {
-    const NAMES: [&str; 29] = [
+    const NAMES: [&str; 34] = [
         "linear y (split m)",
         "linear dx (split m)",
         "linear dw (split m)",
@@ -1609,6 +1777,11 @@ fn fast_ops_multi_tile_match_f64_math_and_thread_counts() {
         "logprobs entropy",
         "logprobs_bwd dh",
         "logprobs_bwd dw",
+        "logprobs logp (T = 0.7)",
+        "logprobs lse (T = 0.7)",
+        "logprobs entropy (T = 0.7)",
+        "logprobs_bwd dh (T = 0.7)",
+        "logprobs_bwd dw (T = 0.7)",
     ];
     let mut runs = Vec::new();
     let r0 = rng("fast_ops_multi_tile");

@@ -493,6 +493,7 @@ fn logprobs_fwd_bwd_chunked() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let mut lpr = vec![0f64; n_tok];
@@ -550,6 +551,7 @@ fn logprobs_fwd_bwd_chunked() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let mut dhr = vec![0f64; n_tok * dim];
@@ -1183,8 +1185,8 @@ fn both_backends_reject_the_same_bad_calls() {
     let tgg = c.upload_u32(&tg).unwrap();
     let (mut lp, mut ls) = (vec![0f32; 2], vec![0f32; 2]);
     let (mut lpg, mut lsg) = (poison_f32(&c, 2), poison_f32(&c, 2));
-    let cr = cpu.logprobs(&h, &w, &tg, &mut lp, &mut ls, None, 2, dim, vocab);
-    let gr = c.logprobs(&hg, &wg, &tgg, &mut lpg, &mut lsg, None, 2, dim, vocab);
+    let cr = cpu.logprobs(&h, &w, &tg, &mut lp, &mut ls, None, 2, dim, vocab, 1.0);
+    let gr = c.logprobs(&hg, &wg, &tgg, &mut lpg, &mut lsg, None, 2, dim, vocab, 1.0);
     both("logprobs: target == vocab", cr, cuda_rejects(&c, gr));
     let mut e = vec![0f32; 2 * dim];
     let mut eg = poison(&c, 2 * dim);
@@ -1398,6 +1400,7 @@ fn logprobs_over_1024_tokens_default_chunks() {
         n_tok,
         dim,
         vocab,
+        1.0,
     )
     .unwrap();
     let (lpr, lsr, enr) = logprobs_ref(&hh, &wh, &tg, dim, vocab);
@@ -1423,8 +1426,10 @@ fn logprobs_over_1024_tokens_default_chunks() {
     let dl = r.vec(n_tok, 1.0);
     let dld = c.upload_f32(&dl).unwrap();
     let mut dh = poison(&c, n_tok * dim);
-    c.logprobs_bwd(&dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab)
-        .unwrap();
+    c.logprobs_bwd(
+        &dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab, 1.0,
+    )
+    .unwrap();
     let mut dhr = vec![0f64; n_tok * dim];
     for t in 0..n_tok {
         for v in 0..vocab {
@@ -1445,6 +1450,142 @@ fn logprobs_over_1024_tokens_default_chunks() {
     );
 }
 
+/// At temperature 0.7 (inv_t = 1/0.7, scaled inside the fused kernels): logprobs, lse, entropy
+/// and the backward (dh, dw) against the CPU backend on the same bf16-rounded inputs, through
+/// several token and vocabulary chunks; an inverse temperature that is not finite and > 0 is
+/// refused.
+#[test]
+fn logprobs_temperature_matches_cpu() {
+    let Some(mut c) = gpu() else { return };
+    let cpu = Cpu;
+    let mut r = Rng::new("logprobs temperature");
+    let (n_tok, dim, vocab) = (19, 40, 777);
+    let inv_t = 1.0f32 / 0.7;
+    c.set_logprob_chunks(7, 300);
+    let (h, hh) = up(&c, &r.vec(n_tok * dim, 1.0));
+    let (w, wh) = up(&c, &r.vec(vocab * dim, 0.5));
+    let tg: Vec<u32> = (0..n_tok).map(|_| r.below(vocab) as u32).collect();
+    let tgd = c.upload_u32(&tg).unwrap();
+    let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| x as f64).collect() };
+    // CPU reference at inv_t, and at 1 to show the temperature matters at these inputs.
+    let cpu_fwd = |it: f32| {
+        let (mut lp, mut ls, mut en) = (vec![0f32; n_tok], vec![0f32; n_tok], vec![0f32; n_tok]);
+        cpu.logprobs(
+            &hh,
+            &wh,
+            &tg,
+            &mut lp,
+            &mut ls,
+            Some(&mut en),
+            n_tok,
+            dim,
+            vocab,
+            it,
+        )
+        .unwrap();
+        (lp, ls, en)
+    };
+    let (lpc, lsc, enc) = cpu_fwd(inv_t);
+    let (lp1, _, _) = cpu_fwd(1.0);
+    assert!(
+        common::rel(&lp1, &f64s(&lpc)) > 1e-2,
+        "T = 0.7 and T = 1 agree"
+    );
+    let (mut lp, mut lse, mut ent) = (
+        poison_f32(&c, n_tok),
+        poison_f32(&c, n_tok),
+        poison_f32(&c, n_tok),
+    );
+    c.logprobs(
+        &h,
+        &w,
+        &tgd,
+        &mut lp,
+        &mut lse,
+        Some(&mut ent),
+        n_tok,
+        dim,
+        vocab,
+        inv_t,
+    )
+    .unwrap();
+    let lse_g = c.download_f32(&lse, n_tok).unwrap();
+    check(
+        "logp (T = 0.7)",
+        &c.download_f32(&lp, n_tok).unwrap(),
+        &f64s(&lpc),
+        1e-4,
+    );
+    check("lse (T = 0.7)", &lse_g, &f64s(&lsc), 1e-5);
+    check(
+        "entropy (T = 0.7)",
+        &c.download_f32(&ent, n_tok).unwrap(),
+        &f64s(&enc),
+        1e-4,
+    );
+    let dl = r.vec(n_tok, 1.0);
+    let (mut dhc, mut dwc) = (vec![0f32; n_tok * dim], vec![0f32; vocab * dim]);
+    cpu.logprobs_bwd(
+        &dl,
+        &hh,
+        &wh,
+        &tg,
+        &lsc,
+        &mut dhc,
+        Some(&mut dwc),
+        n_tok,
+        dim,
+        vocab,
+        inv_t,
+    )
+    .unwrap();
+    let dld = c.upload_f32(&dl).unwrap();
+    let mut dh = poison(&c, n_tok * dim);
+    let mut dw = c.zeros_f32(vocab * dim).unwrap();
+    c.logprobs_bwd(
+        &dld,
+        &h,
+        &w,
+        &tgd,
+        &lse,
+        &mut dh,
+        Some(&mut dw),
+        n_tok,
+        dim,
+        vocab,
+        inv_t,
+    )
+    .unwrap();
+    check(
+        "logprobs dh (T = 0.7)",
+        &c.download(&dh, n_tok * dim).unwrap(),
+        &f64s(&dhc),
+        1e-2,
+    );
+    check(
+        "logprobs dw (T = 0.7)",
+        &c.download_f32(&dw, vocab * dim).unwrap(),
+        &f64s(&dwc),
+        1e-2,
+    );
+    for bad in [0.0, -0.5, f32::NAN, f32::INFINITY] {
+        let e = c
+            .logprobs(
+                &h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab, bad,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inv_t"), "{e}");
+        let e = c
+            .logprobs_bwd(
+                &dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab, bad,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("inv_t"), "{e}");
+    }
+}
+
 /// The full Qwen2.5 vocabulary (151,936) with few tokens: logprobs with the default chunks
 /// (five vocabulary chunks, the last one ragged) and sampling, which must also be the same from
 /// run to run.
@@ -1458,8 +1599,10 @@ fn full_vocabulary_logprobs_and_sampling() {
     let tg: Vec<u32> = vec![0, vocab as u32 - 1, r.below(vocab) as u32];
     let tgd = c.upload_u32(&tg).unwrap();
     let (mut lp, mut lse) = (poison_f32(&c, n_tok), poison_f32(&c, n_tok));
-    c.logprobs(&h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab)
-        .unwrap();
+    c.logprobs(
+        &h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab, 1.0,
+    )
+    .unwrap();
     let (lpr, lsr, _) = logprobs_ref(&hh, &wh, &tg, dim, vocab);
     check(
         "logp (full vocabulary)",

@@ -2,7 +2,9 @@
 //! tools/make_fixtures.py (tiny tied and untied Qwen2ForCausalLM, expected values computed in
 //! float64). Each model is loaded with `load_model`, a batch of three sequences of different
 //! lengths is packed, and logits, next-token logprobs and the gradient of
-//! L = Σ_t w_t·logp_t for every parameter are compared by relative-norm error.
+//! L = Σ_t w_t·logp_t for every parameter are compared by relative-norm error; the same at the
+//! temperature of the `*_expected_temperature` fixtures (logprobs, entropy and gradients of
+//! log_softmax(logits / T), the training-side objective of verl's actor).
 
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -26,7 +28,11 @@ struct Expected {
 
 impl Expected {
     fn load(name: &str) -> Self {
-        let path = golden(&format!("{name}_expected.safetensors"));
+        Self::from_file(&format!("{name}_expected.safetensors"))
+    }
+
+    fn from_file(file: &str) -> Self {
+        let path = golden(file);
         Expected {
             bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
         }
@@ -78,6 +84,28 @@ fn batch() -> Batch {
         seqs,
         weights: w.into_iter().flatten().collect(),
     }
+}
+
+/// Print the worst and median of `results` and fail on any at or above [`TOL`].
+fn report(name: &str, mut results: Vec<(f64, String)>) {
+    results.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "{name}: {} comparisons; worst {:.3e} at {}; median {:.3e}",
+        results.len(),
+        results[0].0,
+        results[0].1,
+        results[results.len() / 2].0
+    );
+    let bad: Vec<String> = results
+        .iter()
+        .filter(|r| r.0.is_nan() || r.0 >= TOL)
+        .map(|r| format!("{}: {:.3e}", r.1, r.0))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{name}: relative-norm errors at or above {TOL}:\n{}",
+        bad.join("\n")
+    );
 }
 
 /// Compare every quantity for one fixture model; returns (worst error, what).
@@ -143,29 +171,97 @@ fn check_model(name: &str) {
         }
     }
 
-    results.sort_by(|a, b| b.0.total_cmp(&a.0));
-    println!(
-        "{name}: {} comparisons; worst {:.3e} at {}; median {:.3e}",
-        results.len(),
-        results[0].0,
-        results[0].1,
-        results[results.len() / 2].0
-    );
-    let bad: Vec<String> = results
+    report(name, results);
+}
+
+/// The temperature fixture of one model: logprobs and entropy of softmax(logits / T) from the
+/// fused op at inv_t = 1/T (no-grad and training passes), and the gradient of Σ w_t·logp_t.
+fn check_model_temperature(name: &str) {
+    let b = Cpu;
+    let data = batch();
+    let exp = Expected::from_file(&format!("{name}_expected_temperature.safetensors"));
+    let plain = Expected::load(name);
+    let temperature = exp.get("temperature")[0];
+    assert!(temperature != 1.0, "the fixture is at temperature 1");
+    let inv_t = 1.0 / temperature;
+    let model = load_model(&golden(name), &b).unwrap();
+    let packed = PackedBatch::from_sequences(&data.seqs).unwrap();
+    let db = model.upload_batch(&b, &packed).unwrap();
+    let n_tok = packed.n_tok();
+
+    let mut results: Vec<(f64, String)> = Vec::new();
+    let (logp, ent) = model.logprobs_at(&b, &db, true, inv_t).unwrap();
+    let ent = ent.unwrap();
+    for s in 0..data.seqs.len() {
+        let (lo, hi) = (
+            packed.cu_seqlens[s] as usize,
+            packed.cu_seqlens[s + 1] as usize,
+        );
+        let want = exp.get(&format!("logprobs.{s}"));
+        results.push((rel_err(&logp[lo..hi], &want), format!("logprobs.{s} (T)")));
+        // The fixture can tell the temperatures apart: T = 1 is far outside the bound.
+        let t1 = plain.get(&format!("logprobs.{s}"));
+        assert!(
+            rel_err(&t1, &want) > 100.0 * TOL,
+            "{name}: logprobs.{s} at T = 1 and T agree"
+        );
+        let want = exp.get(&format!("entropy.{s}"));
+        results.push((rel_err(&ent[lo..hi], &want), format!("entropy.{s} (T)")));
+    }
+    let loss: f64 = logp
         .iter()
-        .filter(|r| r.0.is_nan() || r.0 >= TOL)
-        .map(|r| format!("{}: {:.3e}", r.1, r.0))
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{name}: relative-norm errors at or above {TOL}:\n{}",
-        bad.join("\n")
-    );
+        .zip(&data.weights)
+        .map(|(&l, &w)| l as f64 * w as f64)
+        .sum();
+    let want_loss = exp.get("loss")[0] as f64;
+    results.push((
+        ((loss - want_loss) / want_loss).abs(),
+        "loss Σ w·logp (T)".into(),
+    ));
+    for recompute in [false, true] {
+        let tape = model
+            .forward_train_at(&b, &db, true, recompute, inv_t)
+            .unwrap();
+        let tape_logp = b.download_f32(&tape.logp, n_tok).unwrap();
+        results.push((
+            rel_err(&tape_logp, &logp),
+            format!("training logprobs (T, recompute={recompute})"),
+        ));
+        let tape_ent = b
+            .download_f32(tape.entropy.as_ref().unwrap(), n_tok)
+            .unwrap();
+        results.push((
+            rel_err(&tape_ent, &ent),
+            format!("training entropy (T, recompute={recompute})"),
+        ));
+        let dlogp = b.upload_f32(&data.weights).unwrap();
+        let mut grads = model.zero_grads(&b).unwrap();
+        model.backward(&b, &db, tape, &dlogp, &mut grads).unwrap();
+        for (spec, g) in model.layout.specs.iter().zip(&grads) {
+            let got = b.download_f32(g, spec.numel()).unwrap();
+            let want = exp.get(&format!("grad.{}", spec.name));
+            results.push((
+                rel_err(&got, &want),
+                format!("grad {} (T, recompute={recompute})", spec.name),
+            ));
+        }
+    }
+    report(&format!("{name} at T = {temperature}"), results);
 }
 
 #[test]
 fn tied_model_matches_transformers() {
     check_model("tied");
+}
+
+#[test]
+fn tied_model_at_temperature_matches_transformers() {
+    check_model_temperature("tied");
+}
+
+#[test]
+fn untied_model_at_temperature_matches_transformers() {
+    check_model_temperature("untied");
 }
 
 #[test]
@@ -177,10 +273,15 @@ fn untied_model_matches_transformers() {
 fn every_parameter_has_an_expected_gradient() {
     // The fixture covers the whole layout: no parameter escapes the comparison.
     for name in ["tied", "untied"] {
-        let exp = Expected::load(name);
-        let st = SafeTensors::deserialize(&exp.bytes).unwrap();
         let model = load_model(&golden(name), &Cpu).unwrap();
-        let n_grads = st.names().iter().filter(|n| n.starts_with("grad.")).count();
-        assert_eq!(n_grads, model.layout.specs.len(), "{name}");
+        for file in [
+            format!("{name}_expected.safetensors"),
+            format!("{name}_expected_temperature.safetensors"),
+        ] {
+            let exp = Expected::from_file(&file);
+            let st = SafeTensors::deserialize(&exp.bytes).unwrap();
+            let n_grads = st.names().iter().filter(|n| n.starts_with("grad.")).count();
+            assert_eq!(n_grads, model.layout.specs.len(), "{file}");
+        }
     }
 }

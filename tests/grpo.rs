@@ -52,9 +52,9 @@ fn micro_batch_split_does_not_change_the_update() {
     let vocab = 47;
     let m = model(s, vocab);
     let batch = seqs(&mut rng, vocab as u32, 7);
-    let cur = seq_logprobs(&Cpu, &m, &batch, 10_000).unwrap();
+    let cur = seq_logprobs(&Cpu, &m, &batch, 10_000, 1.0).unwrap();
     // Split logprob computation gives the same numbers too.
-    let cur_split = seq_logprobs(&Cpu, &m, &batch, 5).unwrap();
+    let cur_split = seq_logprobs(&Cpu, &m, &batch, 5, 1.0).unwrap();
     for (a, b) in cur.iter().zip(&cur_split) {
         assert!(rel(a, b) < 1e-6, "{a:?} vs {b:?}");
     }
@@ -93,6 +93,7 @@ fn micro_batch_split_does_not_change_the_update() {
             0.0,
             10_000,
             false,
+            1.0,
             &mut g_whole,
         )
         .unwrap();
@@ -100,7 +101,7 @@ fn micro_batch_split_does_not_change_the_update() {
         for (budget, recompute) in [(6, false), (9, true), (1, false)] {
             let mut g = m.zero_grads(&Cpu).unwrap();
             let split = accumulate_minibatch(
-                &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, budget, recompute, &mut g,
+                &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, budget, recompute, 1.0, &mut g,
             )
             .unwrap();
             assert!(split.micro_batches > 1);
@@ -152,11 +153,11 @@ fn updates_follow_the_advantage() {
         },
     ];
     let resp_sum = |m: &Model<Cpu>, i: usize| -> f32 {
-        let lp = seq_logprobs(&Cpu, m, &batch, 1000).unwrap();
+        let lp = seq_logprobs(&Cpu, m, &batch, 1000, 1.0).unwrap();
         lp[i][3..].iter().sum()
     };
     let (g0, b0) = (resp_sum(&m, 0), resp_sum(&m, 1));
-    let reference = seq_logprobs(&Cpu, &m, &batch, 1000).unwrap();
+    let reference = seq_logprobs(&Cpu, &m, &batch, 1000, 1.0).unwrap();
     let mut opt = AdamW::new(
         &Cpu,
         &m,
@@ -178,10 +179,10 @@ fn updates_follow_the_advantage() {
         loss_scale_div: 1.0,
     };
     for _ in 0..5 {
-        let old = seq_logprobs(&Cpu, &m, &batch, 1000).unwrap();
+        let old = seq_logprobs(&Cpu, &m, &batch, 1000, 1.0).unwrap();
         zero_grads(&Cpu, &m, &mut grads).unwrap();
         let sums = accumulate_minibatch(
-            &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, 1000, true, &mut grads,
+            &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, 1000, true, 1.0, &mut grads,
         )
         .unwrap();
         assert!(sums.loss.is_finite());

@@ -1,14 +1,17 @@
 //! The GRPO loop through the library API with a user-supplied reward: 4 steps straight equal
 //! 2 steps + checkpoint + resume + 2 steps, bit for bit on the CPU backend; the checkpoint's
-//! model folder loads back; metrics lines are written per step.
+//! model folder loads back; metrics lines are written per step; the training-side passes take
+//! their logprobs at the rollout temperature.
 
 use std::path::{Path, PathBuf};
 use tooln1::backend::cpu::Cpu;
 use tooln1::model::weights::load_model;
+use tooln1::model::PackedBatch;
 use tooln1::model::{init, Model, Qwen2Config};
 use tooln1::reward::{Reward, RewardOutput};
 use tooln1::tokenizer::Tokenizer;
 use tooln1::train::checkpoint;
+use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
 /// A reward a library user might write: likes responses that contain the letter `e` and are
@@ -246,4 +249,117 @@ fn checkpoint_model_folder_loads_back() {
     .unwrap()
     .to_string();
     assert!(err.contains("prompts"), "{err}");
+}
+
+/// Response-token means of the entropy of softmax(z / T) under `policy` and of the k3 KL
+/// between `policy` and `reference` at T, from full T = 1 logits (f64 log-softmax here, not the
+/// fused op).
+fn means_at(
+    policy: &Model<Cpu>,
+    reference: &Model<Cpu>,
+    seqs: &[Vec<u32>],
+    prompt_len: usize,
+    temperature: f64,
+) -> (f64, f64) {
+    let packed = PackedBatch::from_sequences(seqs).unwrap();
+    let vocab = policy.cfg.vocab_size;
+    let log_softmax = |m: &Model<Cpu>| -> Vec<Vec<f64>> {
+        let db = m.upload_batch(&Cpu, &packed).unwrap();
+        let z = m.forward_logits(&Cpu, &db).unwrap();
+        z.chunks(vocab)
+            .map(|row| {
+                let x: Vec<f64> = row.iter().map(|&v| v as f64 / temperature).collect();
+                let mx = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = mx + x.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
+                x.iter().map(|v| v - lse).collect()
+            })
+            .collect()
+    };
+    let (lp, lr) = (log_softmax(policy), log_softmax(reference));
+    let (mut ent, mut kl, mut n) = (0.0, 0.0, 0.0);
+    for (s, seq) in seqs.iter().enumerate() {
+        let base = packed.cu_seqlens[s] as usize;
+        // position t predicts seq[t + 1]; the response targets start at the prompt's end
+        for t in prompt_len - 1..seq.len() - 1 {
+            let (p, r) = (&lp[base + t], &lr[base + t]);
+            ent -= p.iter().map(|l| l.exp() * l).sum::<f64>();
+            let y = seq[t + 1] as usize;
+            let x = r[y] - p[y];
+            kl += x.exp() - x - 1.0;
+            n += 1.0;
+        }
+    }
+    (ent / n, kl / n)
+}
+
+#[test]
+fn training_side_logprobs_use_the_rollout_temperature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cfg, host, prompts) = setup();
+    let prompts = prompts[..1].to_vec();
+    let mut tc = config(&tmp.path().join("run"), 1);
+    tc.rollout.temperature = 0.7;
+    tc.grpo.prompts_per_step = 1;
+    tc.grpo.micro_batch_tokens = 4096;
+    assert_eq!(tc.logprob_temperature(), 0.7);
+    // A reference with other weights, so the KL term is not zero.
+    let other = init::random_params(&cfg, 12);
+    let policy = Model::from_host(&Cpu, cfg.clone(), &host).unwrap();
+    let reference = Model::from_host(&Cpu, cfg.clone(), &other).unwrap();
+    let mut t = Trainer::new(
+        Cpu,
+        policy,
+        reference,
+        tokenizer(),
+        prompts.clone(),
+        Box::new(LikesE),
+        tc.clone(),
+    )
+    .unwrap();
+    t.quiet = true;
+    // The step's rollout, drawn again from the same counter-based stream.
+    let sp = SamplingParams {
+        temperature: tc.rollout.temperature,
+        top_p: tc.rollout.top_p,
+        top_k: tc.rollout.top_k,
+        max_new_tokens: tc.rollout.max_new_tokens,
+        stop: t.stop.clone(),
+        max_slots: tc.rollout.max_slots,
+    };
+    let p = &prompts[0].tokens;
+    let gens = rollout::generate(
+        &Cpu,
+        &t.policy,
+        std::slice::from_ref(p),
+        tc.rollout.n,
+        &sp,
+        tc.seed,
+        0,
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = gens
+        .iter()
+        .map(|g| p.iter().chain(&g.tokens).copied().collect())
+        .collect();
+    let (ent, kl) = means_at(&t.policy, &t.reference, &seqs, p.len(), 0.7);
+    let (ent1, kl1) = means_at(&t.policy, &t.reference, &seqs, p.len(), 1.0);
+    let m = t.step().unwrap();
+    let resp: usize = gens.iter().map(|g| g.tokens.len()).sum();
+    assert_eq!(m.response_tokens, resp, "the step sampled other responses");
+    // The policy's entropy and the KL against the reference are those at T = 0.7 ...
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
+    assert!(
+        close(m.entropy, ent),
+        "entropy {} vs {ent} at T = 0.7",
+        m.entropy
+    );
+    assert!(close(m.kl, kl), "kl {} vs {kl} at T = 0.7", m.kl);
+    // ... and far from those at T = 1, so this test can tell them apart.
+    assert!(
+        !close(m.entropy, ent1) && !close(m.kl, kl1),
+        "T = 1 values agree too"
+    );
+    // Old and policy logprobs are at the same temperature: the first update is on-policy.
+    assert!((m.ratio_mean - 1.0).abs() < 1e-5, "ratio {}", m.ratio_mean);
+    assert_eq!(m.clip_frac, 0.0);
 }

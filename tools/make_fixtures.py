@@ -17,6 +17,11 @@ Everything is seeded, so a re-run writes the same numbers (up to library version
 - tied_expected.safetensors, untied_expected.safetensors (float32, computed in float64):
   `logits.{s}` [len_s - 1, vocab] for inputs seq_s[:-1]; `logprobs.{s}` [len_s - 1] of the next
   token; `loss` = sum_t w_t logp_t; `grad.{hf name}` = dloss/dparam for every parameter.
+- tied_expected_temperature.safetensors, untied_expected_temperature.safetensors: the same at
+  temperature T = TEMPERATURE (Tool-N1's rollout temperature; verl's actor divides the logits by
+  it before the log-softmax, `logits.div_(temperature)` in verl/workers/actor/dp_actor.py):
+  `temperature` [1]; `logprobs.{s}` of log_softmax(logits / T); `entropy.{s}` of
+  softmax(logits / T); `loss` = sum_t w_t logp_t and `grad.{hf name}` of that loss.
 - chat_templates.json: renders of several conversations by apply_chat_template with the real
   Qwen2.5 files in tests/fixtures/qwen2.5/, their token ids, and json.dumps cases for tojson.
 """
@@ -35,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "golden")
 QWEN = os.path.join(ROOT, "tests", "fixtures", "qwen2.5")
 SEED = 20251121
+TEMPERATURE = 0.7
 
 # The Qwen2 pre-tokenizer split pattern (from Qwen2.5's tokenizer.json).
 QWEN_SPLIT = (
@@ -143,6 +149,28 @@ def expected_outputs(model, seqs, weights):
     for name, p in model.named_parameters():
         names.add(name)
         out[f"grad.{name}"] = p.grad.detach().to(torch.float32).contiguous()
+    return out
+
+
+def expected_outputs_temperature(model, seqs, weights, temperature):
+    model.zero_grad(set_to_none=True)
+    out = {"temperature": torch.tensor([temperature], dtype=torch.float32)}
+    loss = torch.zeros((), dtype=torch.float64)
+    for s, (seq, w) in enumerate(zip(seqs, weights)):
+        ids = torch.tensor([seq[:-1]], dtype=torch.long)
+        tgt = torch.tensor(seq[1:], dtype=torch.long)
+        logits = model(input_ids=ids).logits[0] / temperature  # [L-1, V], float64
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all[torch.arange(len(tgt)), tgt]
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+        loss = loss + (torch.tensor(w, dtype=torch.float64) * logp).sum()
+        out[f"logprobs.{s}"] = logp.detach().to(torch.float32).contiguous()
+        out[f"entropy.{s}"] = entropy.detach().to(torch.float32).contiguous()
+    loss.backward()
+    out["loss"] = loss.detach().to(torch.float32).reshape(1)
+    for name, p in model.named_parameters():
+        out[f"grad.{name}"] = p.grad.detach().to(torch.float32).contiguous()
+    model.zero_grad(set_to_none=True)
     return out
 
 
@@ -310,8 +338,10 @@ def main():
     for name, tied, layers, seed in (("tied", True, 2, SEED + 10), ("untied", False, 3, SEED + 20)):
         model = make_model(tied, layers, vocab, seed)
         exp = expected_outputs(model, seqs, weights)
+        exp_t = expected_outputs_temperature(model, seqs, weights, TEMPERATURE)
         save_model(model, os.path.join(OUT, name), tok_dir)
         save_file(exp, os.path.join(OUT, f"{name}_expected.safetensors"))
+        save_file(exp_t, os.path.join(OUT, f"{name}_expected_temperature.safetensors"))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{name}: {layers} layers, {n_params} parameters, loss {exp['loss'].item():.6f}")
 

@@ -346,9 +346,11 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- vocabulary
-    /// Fused lm_head + log-softmax + gather, never materialising [n_tok, vocab]:
-    /// logits[t,v] = h[t,:]·w[v,:]; lse[t] = logsumexp_v logits[t,v];
-    /// logp[t] = logits[t, targets[t]] - lse[t]. Optionally the entropy of the softmax per token.
+    /// Fused lm_head + log-softmax + gather at inverse temperature `inv_t`, never materialising
+    /// [n_tok, vocab]: logits[t,v] = (h[t,:]·w[v,:]) · inv_t (the product scaled in the tile);
+    /// lse[t] = logsumexp_v logits[t,v]; logp[t] = logits[t, targets[t]] - lse[t]. Optionally
+    /// the entropy of that softmax per token. `inv_t` must be finite and > 0; at exactly 1 the
+    /// scaling is skipped (the plain log-softmax, bit for bit).
     #[allow(clippy::too_many_arguments)]
     fn logprobs(
         &self,
@@ -361,10 +363,12 @@ pub trait Backend {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()>;
-    /// Backward of [`Backend::logprobs`] for an upstream gradient dlogp[t]:
-    /// dlogits[t,v] = dlogp[t] * (1[v = target] - softmax[t,v]);
-    /// dh (overwritten) = dlogits · w; dw += dlogitsᵀ · h (skipped when None).
+    /// Backward of [`Backend::logprobs`] (same `inv_t`, `lse` from that forward) for an
+    /// upstream gradient dlogp[t], with respect to the unscaled product z = h·wᵀ:
+    /// dz[t,v] = inv_t * dlogp[t] * (1[v = target] - softmax(z·inv_t)[t,v]);
+    /// dh (overwritten) = dz · w; dw += dzᵀ · h (skipped when None).
     #[allow(clippy::too_many_arguments)]
     fn logprobs_bwd(
         &self,
@@ -378,6 +382,7 @@ pub trait Backend {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()>;
     /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:].
     #[allow(clippy::too_many_arguments)]

@@ -94,6 +94,8 @@ pub struct Tape<B: Backend> {
     rstd_final: B::F,
     lse: B::F,
     recompute: bool,
+    /// Inverse temperature the logprobs were taken at (the backward uses the same).
+    inv_t: f32,
 }
 
 /// Activations of one decoder layer: what its backward reads. `q` and `k` are stored after
@@ -692,13 +694,25 @@ impl<B: Backend> Model<B> {
         Ok((xf, rstd))
     }
 
-    /// Teacher-forced log-probabilities without gradient (old/reference logprobs, eval).
+    /// Teacher-forced log-probabilities without gradient (eval, tests) at temperature 1.
     /// Returns per-token logprobs and, when `entropy`, per-token entropies (host vectors).
     pub fn logprobs(
         &self,
         b: &B,
         batch: &DeviceBatch<B>,
         entropy: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        self.logprobs_at(b, batch, entropy, 1.0)
+    }
+
+    /// [`Model::logprobs`] of log_softmax(logits · inv_t), i.e. at temperature 1 / inv_t (the
+    /// GRPO old/reference passes at the rollout temperature). `inv_t` finite and > 0.
+    pub fn logprobs_at(
+        &self,
+        b: &B,
+        batch: &DeviceBatch<B>,
+        entropy: bool,
+        inv_t: f32,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let d = self.dims(batch.n_tok)?;
         let x = self.hidden_packed(
@@ -729,6 +743,7 @@ impl<B: Backend> Model<B> {
             d.n,
             d.h,
             d.vocab,
+            inv_t,
         )?;
         let ent = match ent {
             Some(e) => Some(b.download_f32(&e, d.n)?),
@@ -765,12 +780,26 @@ impl<B: Backend> Model<B> {
 
     /// Training forward: keeps what the backward needs (everything, or only the layer inputs
     /// when `recompute`, in which case each layer is recomputed during the backward).
+    /// Logprobs and entropy at temperature 1 (SFT).
     pub fn forward_train(
         &self,
         b: &B,
         batch: &DeviceBatch<B>,
         entropy: bool,
         recompute: bool,
+    ) -> Result<Tape<B>> {
+        self.forward_train_at(b, batch, entropy, recompute, 1.0)
+    }
+
+    /// [`Model::forward_train`] with logprobs and entropy of softmax(logits · inv_t) (GRPO at
+    /// the rollout temperature); [`Model::backward`] then differentiates that same function.
+    pub fn forward_train_at(
+        &self,
+        b: &B,
+        batch: &DeviceBatch<B>,
+        entropy: bool,
+        recompute: bool,
+        inv_t: f32,
     ) -> Result<Tape<B>> {
         let d = self.dims(batch.n_tok)?;
         let n_layers = self.layout.layers.len();
@@ -819,6 +848,7 @@ impl<B: Backend> Model<B> {
             d.n,
             d.h,
             d.vocab,
+            inv_t,
         )?;
         Ok(Tape {
             logp,
@@ -830,6 +860,7 @@ impl<B: Backend> Model<B> {
             rstd_final,
             lse,
             recompute,
+            inv_t,
         })
     }
 
@@ -858,7 +889,7 @@ impl<B: Backend> Model<B> {
             )));
         }
         let d = self.dims(batch.n_tok)?;
-        // Head: logp = log_softmax(norm(x_L) · lm_headᵀ)[target]
+        // Head: logp = log_softmax(norm(x_L) · lm_headᵀ · inv_t)[target]
         let mut dxf = b.zeros(d.n * d.h)?;
         b.logprobs_bwd(
             dlogp,
@@ -871,6 +902,7 @@ impl<B: Backend> Model<B> {
             d.n,
             d.h,
             d.vocab,
+            tape.inv_t,
         )?;
         let mut dx = b.zeros(d.n * d.h)?;
         b.rmsnorm_bwd(

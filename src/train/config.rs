@@ -90,6 +90,14 @@ pub struct GrpoConfig {
     pub micro_batch_tokens: usize,
     /// Per-layer activation recomputation in the backward.
     pub recompute: bool,
+    /// Temperature T of every training-side logprob: old, reference, the policy's (forward and
+    /// backward) and its entropy are those of log_softmax(logits / T), as verl's actor takes
+    /// them (`logits.div_(temperature)` in `verl/workers/actor/dp_actor.py`), so the ratio and
+    /// the KL compare the distribution the rollout sampled from. Unset = `rollout.temperature`
+    /// (verl's choice); when that is 0 (greedy rollouts, where verl would divide by zero) T = 1.
+    /// Must be finite and > 0 when set. SFT and evaluation scoring always use T = 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprob_temperature: Option<f32>,
 }
 
 impl Default for GrpoConfig {
@@ -108,6 +116,7 @@ impl Default for GrpoConfig {
             advantage: AdvantageKind::Grpo,
             micro_batch_tokens: 16384,
             recompute: true,
+            logprob_temperature: None,
         }
     }
 }
@@ -334,6 +343,22 @@ impl TrainConfig {
         seqs.saturating_mul(tokens).saturating_mul(16)
     }
 
+    /// The temperature of the training-side logprobs: `grpo.logprob_temperature`, else
+    /// `rollout.temperature`, else 1 when that is 0 (greedy).
+    pub fn logprob_temperature(&self) -> f32 {
+        match self.grpo.logprob_temperature {
+            Some(t) => t,
+            None if self.rollout.temperature > 0.0 => self.rollout.temperature,
+            None => 1.0,
+        }
+    }
+
+    /// 1 / [`TrainConfig::logprob_temperature`], the inverse temperature the logprobs op takes
+    /// (finite and > 0 once [`TrainConfig::validate`] passed).
+    pub fn logprob_inv_t(&self) -> f32 {
+        1.0 / self.logprob_temperature()
+    }
+
     /// Check the values that would otherwise fail deep inside a run.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: String| Error::Config {
@@ -386,6 +411,25 @@ impl TrainConfig {
         }
         if self.grpo.kl_coef < 0.0 {
             return Err(bad("grpo.kl_coef", "must be >= 0".into()));
+        }
+        let (t_field, t) = match self.grpo.logprob_temperature {
+            Some(t) => ("grpo.logprob_temperature", t),
+            None => ("rollout.temperature", self.logprob_temperature()),
+        };
+        if !(t.is_finite() && t > 0.0) {
+            return Err(bad(
+                t_field,
+                format!("must be a finite number > 0, got {t}"),
+            ));
+        }
+        if !(1.0 / t).is_finite() {
+            return Err(bad(
+                t_field,
+                format!(
+                    "{t} is too small for the training-side logprobs (1 / T overflows f32); \
+                     set grpo.logprob_temperature"
+                ),
+            ));
         }
         if self.grpo.mini_batch_prompts == 0
             || self.grpo.mini_batch_prompts > self.grpo.prompts_per_step
@@ -548,6 +592,30 @@ mod tests {
             parse_config("", "t", &["grpo.mini_batch_prompts=2000".into()]).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.mini_batch_prompts"), "{e}");
+    }
+
+    #[test]
+    fn logprob_temperature_follows_rollout() {
+        let t = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let c: TrainConfig = parse_config("", "t", &sets).unwrap();
+            c.validate()
+                .map(|_| (c.logprob_temperature(), c.logprob_inv_t()))
+        };
+        assert_eq!(t(&[]).unwrap(), (0.7, 1.0 / 0.7f32));
+        assert_eq!(t(&["rollout.temperature=1.3"]).unwrap().0, 1.3);
+        // greedy rollouts: T = 1 (verl would divide by zero)
+        assert_eq!(t(&["rollout.temperature=0"]).unwrap(), (1.0, 1.0));
+        let set = ["rollout.temperature=0", "grpo.logprob_temperature=0.5"];
+        assert_eq!(t(&set).unwrap(), (0.5, 2.0));
+        for bad in ["-0.5", "0", "nan", "inf", "1e-45"] {
+            let e = t(&[&format!("grpo.logprob_temperature={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("grpo.logprob_temperature"), "{bad}: {e}");
+        }
+        let e = t(&["rollout.temperature=1e-45"]).unwrap_err().to_string();
+        assert!(e.contains("rollout.temperature"), "{e}");
     }
 
     #[test]

@@ -119,12 +119,15 @@ impl MicroBatch {
 }
 
 /// Per-sequence teacher-forced logprobs (one entry per position) of `model` without gradient,
-/// computed in micro-batches of at most `budget` positions.
+/// at inverse temperature `inv_t` (log_softmax(logits · inv_t), see
+/// [`crate::train::config::TrainConfig::logprob_inv_t`]), computed in micro-batches of at most
+/// `budget` positions.
 pub fn seq_logprobs<B: Backend>(
     b: &B,
     model: &Model<B>,
     seqs: &[TrainSeq],
     budget: usize,
+    inv_t: f32,
 ) -> Result<Vec<Vec<f32>>> {
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let mut out = Vec::with_capacity(seqs.len());
@@ -132,7 +135,7 @@ pub fn seq_logprobs<B: Backend>(
         let toks: Vec<Vec<u32>> = seqs[r.clone()].iter().map(|s| s.tokens.clone()).collect();
         let packed = PackedBatch::from_sequences(&toks)?;
         let db = model.upload_batch(b, &packed)?;
-        let (lp, _) = model.logprobs(b, &db, false)?;
+        let (lp, _) = model.logprobs_at(b, &db, false, inv_t)?;
         let mut at = 0;
         for l in &lens[r] {
             out.push(lp[at..at + l].to_vec());
@@ -171,8 +174,8 @@ impl UpdateSums {
 }
 
 /// Forward, GRPO loss and backward over every micro-batch of one mini-batch, accumulating into
-/// `grads`. `old` and `reference` hold per-sequence logprobs (as from [`seq_logprobs`]). The
-/// micro-batch losses are scaled so that their sum is the loss the aggregation mode defines over
+/// `grads`. `old` and `reference` hold per-sequence logprobs (as from [`seq_logprobs`], at the
+/// same `inv_t` as the policy's logprobs and entropy here). The micro-batch losses are scaled so that their sum is the loss the aggregation mode defines over
 /// the whole mini-batch, whatever the split.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_minibatch<B: Backend>(
@@ -185,6 +188,7 @@ pub fn accumulate_minibatch<B: Backend>(
     entropy_coef: f32,
     budget: usize,
     recompute: bool,
+    inv_t: f32,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
     use crate::backend::LossAgg;
@@ -217,7 +221,7 @@ pub fn accumulate_minibatch<B: Backend>(
             ref_flat.len()
         );
         let db = model.upload_batch(b, &mb.packed)?;
-        let tape = model.forward_train(b, &db, true, recompute)?;
+        let tape = model.forward_train_at(b, &db, true, recompute, inv_t)?;
         let d_old = b.upload_f32(&old_flat)?;
         let d_ref = b.upload_f32(&ref_flat)?;
         let d_adv = b.upload_f32(&mb.adv)?;

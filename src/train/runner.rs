@@ -366,12 +366,14 @@ impl<B: Backend> Trainer<B> {
             .collect();
 
         // 3. old logprobs (policy before any update) and reference logprobs
+        // at the rollout temperature, as verl's actor (see `GrpoConfig::logprob_temperature`)
         let budget = self.cfg.grpo.micro_batch_tokens;
+        let inv_t = self.cfg.logprob_inv_t();
         let t = Instant::now();
-        let old = grpo::seq_logprobs(&self.b, &self.policy, &seqs, budget)?;
+        let old = grpo::seq_logprobs(&self.b, &self.policy, &seqs, budget, inv_t)?;
         let time_old = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let reference = grpo::seq_logprobs(&self.b, &self.reference, &seqs, budget)?;
+        let reference = grpo::seq_logprobs(&self.b, &self.reference, &seqs, budget, inv_t)?;
         let time_ref = t.elapsed().as_secs_f64();
 
         // 4. mini-batch updates
@@ -412,6 +414,7 @@ impl<B: Backend> Trainer<B> {
                     entropy_coef,
                     budget,
                     recompute,
+                    inv_t,
                     &mut self.grads,
                 )?;
                 let u = self

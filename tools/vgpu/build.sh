@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the virtual GPU: every kernels/*.cu compiled unmodified for the host through the SIMT
-# shim (simt.h), linked with the fiber runtime and the stand-in driver into libcuda.so, and the
-# stand-in cuBLAS into libcublas.so. Test-only: nothing in tooln1's own build links these; a
+# shim (simt.h), linked with the fiber runtime and the stand-in driver into libcuda.so, the
+# stand-in cuBLAS into libcublas.so and the stand-in NCCL into libnccl.so (.so.2). Test-only: nothing in tooln1's own build links these; a
 # test run finds them only through the LD_LIBRARY_PATH that tools/vgpu/env.sh prints.
 #
 # Usage: tools/vgpu/build.sh [--asan] [--kernels DIR] [--out DIR]
@@ -49,7 +49,7 @@ REPORT=$ROOT/docs/ptxas-report.md
 # Skip the build when nothing changed.
 STAMP=$( { echo "${FLAGS[*]} $CXX $KDIR"; cat "$HERE"/*.h "$HERE"/*.cpp "$HERE"/gen_registry.py "$KDIR"/*.cu "$KDIR"/*.cuh \
     "$REPORT" 2>/dev/null; } | sha256sum | cut -d' ' -f1)
-if [ -e "$OUT/lib/libcuda.so" ] && [ -e "$OUT/lib/libcublas.so" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$STAMP" ]; then
+if [ -e "$OUT/lib/libcuda.so" ] && [ -e "$OUT/lib/libcublas.so" ] && [ -e "$OUT/lib/libnccl.so" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$STAMP" ]; then
     echo "$OUT/lib"
     exit 0
 fi
@@ -78,6 +78,7 @@ run_bg compile "$OUT/gen/resources.cpp" "$OUT/obj/resources.o" -I "$HERE"
 run_bg compile "$HERE/runtime.cpp" "$OUT/obj/runtime.o" -I "$HERE"
 run_bg compile "$HERE/driver.cpp" "$OUT/obj/driver.o" -I "$HERE" -I "$INC"
 run_bg compile "$HERE/cublas.cpp" "$OUT/obj/cublas.o" -I "$HERE" -O3
+run_bg compile "$HERE/nccl.cpp" "$OUT/obj/nccl.o" -I "$HERE" -I "$INC"
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || fail=1; done
 if [ "$fail" != 0 ]; then
     echo "vgpu/build.sh: compilation failed" >&2
@@ -89,10 +90,13 @@ LINK=(-shared -pthread)
     "$OUT"/obj/k_*.o "$OUT/obj/resources.o" "$OUT/obj/runtime.o" "$OUT/obj/driver.o"
 "$CXX" "${LINK[@]}" -Wl,-soname,libcublas.so.13 -o "$OUT/lib/libcublas.so" "$OUT/obj/cublas.o" \
     -L"$OUT/lib" -l:libcuda.so -Wl,-rpath,'$ORIGIN'
+"$CXX" "${LINK[@]}" -Wl,-soname,libnccl.so.2 -o "$OUT/lib/libnccl.so" "$OUT/obj/nccl.o" \
+    -L"$OUT/lib" -l:libcuda.so -Wl,-rpath,'$ORIGIN'
 # The virtual GPU's own self-test (planted bugs and limit violations it must catch).
 "$CXX" "${FLAGS[@]}" -include "$HERE/simt.h" -I "$HERE" -I "$INC" "$HERE/selftest.cpp" -o "$OUT/selftest" \
     -L"$OUT/lib" -l:libcuda.so -Wl,-rpath,"$OUT/lib" $([ "$ASAN" = 1 ] && echo -fsanitize=address)
 ln -sf libcuda.so "$OUT/lib/libcuda.so.1"
 ln -sf libcublas.so "$OUT/lib/libcublas.so.13"
+ln -sf libnccl.so "$OUT/lib/libnccl.so.2"
 echo "$STAMP" >"$OUT/stamp"
 echo "$OUT/lib"

@@ -63,7 +63,8 @@ struct Alloc {
     std::size_t size;
     void* map;
     std::size_t map_len;
-    bool host;  // page-locked host memory
+    bool host;   // page-locked host memory
+    int device;  // the device of a device allocation (-1 for host memory)
 };
 
 struct Op {
@@ -109,7 +110,7 @@ static std::map<uint64_t, Alloc> pinned;  // page-locked host ranges
 static std::map<uint64_t, Alloc> pinned_freed;
 static std::size_t used_bytes = 0, peak_bytes = 0;
 static std::set<Stream*> streams;
-static Stream null_stream{{}, false, 0, false};
+static std::vector<Stream*> null_streams;  // each device's legacy default stream (made by cuInit)
 static std::condition_variable_any drained;
 static std::set<Event*> events;
 static std::set<Module*> modules;
@@ -141,13 +142,15 @@ static const Alloc* find_in(const std::map<uint64_t, Alloc>& m, uint64_t p) {
     return nullptr;
 }
 
-bool device_range_ok(uint64_t p, std::size_t bytes) {
+bool device_range_ok(uint64_t p, std::size_t bytes) { return device_of_range(p, bytes) >= 0; }
+
+int device_of_range(uint64_t p, std::size_t bytes) {
     std::lock_guard<std::recursive_mutex> g(mu);
     auto it = live.upper_bound(p);
-    if (it == live.begin()) return false;
+    if (it == live.begin()) return -1;
     --it;
     const Alloc& a = it->second;
-    return p >= a.ptr && p + bytes <= a.ptr + a.size && p + bytes >= p;
+    return p >= a.ptr && p + bytes <= a.ptr + a.size && p + bytes >= p ? a.device : -1;
 }
 
 std::string describe_address(uint64_t p) {
@@ -186,68 +189,106 @@ static bool is_pinned(const void* p, std::size_t n) {
 }
 
 // ---- streams --------------------------------------------------------------------------------------
-static Stream* to_stream(void* s) { return s ? (Stream*)s : &null_stream; }
+static int current_device_or0() { return current ? current->device : 0; }
+int current_device() { return current ? current->device : -1; }
+
+// The stream a handle names: 0, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD are the legacy default
+// stream of `device` (each device has its own, as each context has on a GPU).
+static Stream* resolve(void* s, int device) {
+    if (!s || (CUstream)s == CU_STREAM_LEGACY || (CUstream)s == CU_STREAM_PER_THREAD) {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        if (null_streams.empty()) null_streams.push_back(new Stream{{}, false, 0, false});  // before cuInit
+        return null_streams[device >= 0 && device < (int)null_streams.size() ? device : 0];
+    }
+    return (Stream*)s;
+}
+static Stream* to_stream(void* s) { return resolve(s, current_device_or0()); }
 
 bool stream_valid(void* s) {
     std::lock_guard<std::recursive_mutex> g(mu);
-    return !s || (CUstream)s == CU_STREAM_LEGACY || (CUstream)s == CU_STREAM_PER_THREAD || streams.count((Stream*)s);
+    if (!s || (CUstream)s == CU_STREAM_LEGACY || (CUstream)s == CU_STREAM_PER_THREAD || streams.count((Stream*)s))
+        return true;
+    for (Stream* n : null_streams)
+        if (n == (Stream*)s) return true;
+    return false;
+}
+
+void* stream_for(void* s, int device) { return resolve(s, device); }
+
+int stream_device(void* s) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    return s ? ((Stream*)s)->device : -1;
 }
 
 void enqueue(void* s, std::function<void()> op, const char* what) {
+    Stream* st = to_stream(s);
     std::lock_guard<std::recursive_mutex> g(mu);
-    Stream* st = ((CUstream)s == CU_STREAM_LEGACY || (CUstream)s == CU_STREAM_PER_THREAD) ? &null_stream : to_stream(s);
     if (options().trace) report("queue %s on stream %p", what, (void*)st);
     st->q.push_back(Op{std::move(op), what});
 }
 
-// Runs a stream's queued work in order. When another thread is already running this stream,
-// waits until it has drained the queue (which then includes everything queued before the call).
-static void flush(Stream* st) {
+// Runs a stream's queued work in order until the queue is empty or `stop()` (checked before each
+// operation, without the driver's lock held) says to stop. Only one thread at a time runs a
+// stream: with `wait`, waits for another thread that is running it and then continues where that
+// one stopped; without, returns false at once when another thread holds the stream.
+static bool drain(Stream* st, const std::function<bool()>* stop, bool wait) {
     {
         std::unique_lock<std::recursive_mutex> g(mu);
-        if (st->draining) {
-            drained.wait(g, [st] { return !st->draining; });
-            return;
-        }
+        if (st->draining && !wait) return false;
+        drained.wait(g, [st] { return !st->draining; });
         st->draining = true;
     }
     for (;;) {
+        if (stop && (*stop)()) break;
         Op op;
         {
             std::lock_guard<std::recursive_mutex> g(mu);
-            if (st->q.empty()) {
-                st->draining = false;
-                break;
-            }
+            if (st->q.empty()) break;
             op = std::move(st->q.front());
             st->q.pop_front();
         }
         if (options().trace) report("run %s", op.what);
         op.fn();
     }
-    drained.notify_all();
-}
-
-static void flush_all() {
-    std::vector<Stream*> all;
     {
         std::lock_guard<std::recursive_mutex> g(mu);
-        all.assign(streams.begin(), streams.end());
+        st->draining = false;
     }
-    flush(&null_stream);
-    for (Stream* s : all) flush(s);
+    drained.notify_all();
+    return true;
 }
 
-// The legacy default stream waits for (and is waited on by) every blocking stream.
-static void flush_blocking() {
+// Runs a stream's queued work in order (after any other thread that is running it).
+static void flush(Stream* st) { drain(st, nullptr, true); }
+
+bool run_until(void* s, const std::function<bool()>& stop) { return drain((Stream*)s, &stop, false); }
+
+void flush_stream(void* s) { flush((Stream*)s); }
+
+// Everything queued on the current device (context synchronisation; cuMemFree).
+static void flush_all() {
+    const int dev = current_device_or0();
     std::vector<Stream*> all;
     {
         std::lock_guard<std::recursive_mutex> g(mu);
         for (Stream* s : streams)
-            if (!s->nonblocking) all.push_back(s);
+            if (s->device == dev) all.push_back(s);
+    }
+    flush(resolve(nullptr, dev));
+    for (Stream* s : all) flush(s);
+}
+
+// The legacy default stream waits for (and is waited on by) every blocking stream of its device.
+static void flush_blocking() {
+    const int dev = current_device_or0();
+    std::vector<Stream*> all;
+    {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        for (Stream* s : streams)
+            if (!s->nonblocking && s->device == dev) all.push_back(s);
     }
     for (Stream* s : all) flush(s);
-    flush(&null_stream);
+    flush(resolve(nullptr, dev));
 }
 
 }  // namespace vgpu
@@ -342,6 +383,9 @@ EXPORT CUresult cuInit(unsigned int flags) {
         inited = true;
         (void)options();
         for (int i = 0; i < device_count(); ++i) primary.push_back(new Ctx{i, 0});
+        if (null_streams.empty()) null_streams.push_back(new Stream{{}, false, 0, false});
+        while ((int)null_streams.size() < device_count())
+            null_streams.push_back(new Stream{{}, false, (int)null_streams.size(), false});
     }
     return CUDA_SUCCESS;
 }
@@ -539,6 +583,7 @@ static CUresult alloc_device(uint64_t* out, std::size_t bytes) {
     }
     Alloc a{};
     a.size = bytes;
+    a.device = current->device;
 #if VGPU_ASAN
     void* p = nullptr;
     if (posix_memalign(&p, 256, bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -625,6 +670,7 @@ static CUresult alloc_host(void** pp, std::size_t bytes) {
     Alloc a{};
     a.size = bytes;
     a.host = true;
+    a.device = -1;
 #if VGPU_ASAN
     void* p = nullptr;
     if (posix_memalign(&p, 256, bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -672,6 +718,7 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned int) {
     a.ptr = (uint64_t)(uintptr_t)p;
     a.size = bytes;
     a.host = true;
+    a.device = -1;
     a.map_len = 0;
     pinned[a.ptr] = a;
     return CUDA_SUCCESS;
@@ -712,7 +759,7 @@ static CUresult dtoh(void* dst, uint64_t src, std::size_t n, CUstream s, bool sy
     if (!range_ok_or_report(api, "source", src, n)) return CUDA_ERROR_INVALID_VALUE;
     enqueue(s, [dst, src, n] { memcpy(dst, (const void*)(uintptr_t)src, n); }, "memcpy DtoH");
     if (sync) flush_blocking();
-    else if (!is_pinned(dst, n)) flush(((CUstream)s == CU_STREAM_LEGACY || !s) ? &null_stream : (Stream*)s);
+    else if (!is_pinned(dst, n)) flush(to_stream(s));
     return CUDA_SUCCESS;
 }
 
@@ -802,7 +849,7 @@ EXPORT CUresult cuStreamSynchronize(CUstream s) {
     NEED_CTX();
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuStreamSynchronize: invalid stream %p", (void*)s);
     if (!s || s == CU_STREAM_LEGACY) flush_blocking();
-    else flush((Stream*)s);
+    else flush(to_stream(s));
     return CUDA_SUCCESS;
 }
 
@@ -844,7 +891,7 @@ EXPORT CUresult cuEventRecord(CUevent ev, CUstream s) {
     Event* e = (Event*)ev;
     e->recorded = true;
     e->completed = false;
-    e->stream = (!s || s == CU_STREAM_LEGACY) ? &null_stream : (Stream*)s;
+    e->stream = to_stream(s);
     enqueue(s,
             [e] {
                 e->t_ms = now_ms();

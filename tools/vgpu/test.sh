@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The CUDA test suite on the virtual GPU (CI runs it after `cargo test`):
-#   1. builds the stand-in libcuda/libcublas from this checkout's kernels (tools/vgpu/build.sh)
+#   1. builds the stand-in libcuda/libcublas/libnccl from this checkout's kernels (tools/vgpu/build.sh)
 #      and runs its self-test (tools/vgpu/selftest.cpp: planted bugs it must report);
 #   2. runs every tests/cuda_*.rs binary with thread order forward (cached allocator), then
 #      reverse with exact-size uncached buffers (TOOLN1_CUDA_POOL=exact, so a read or write past
 #      a buffer's end reaches the guard page after its allocation), with TOOLN1_REQUIRE_CUDA=1 so
-#      that no test can skip; the allocator's out-of-memory path on a 256 MiB device; cuda_ops in
-#      random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
+#      that no test can skip (cuda_nccl on 4 virtual devices); the allocator's out-of-memory
+#      path on a 256 MiB device; cuda_ops in random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
 #      out-of-bounds or use-after-free access is reported with its kernels/*.cu line);
 #   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
 #      finish its steps and write finite losses.
@@ -58,8 +58,12 @@ for pass in "${PASSES[@]}"; do
     read -r order pool <<<"$pass"
     while IFS=$'\t' read -r name exe; do
         t=$(date +%s)
-        echo "vgpu-test: $name, thread order $order, $pool buffers"
-        TOOLN1_VGPU_ORDER=$order TOOLN1_CUDA_POOL=$pool run_bin "$name ($order, $pool)" "$exe" --test-threads 2
+        # cuda_nccl runs its communicators over 2, 3 and 4 virtual devices.
+        devices=1
+        [ "$name" = cuda_nccl ] && devices=4
+        echo "vgpu-test: $name, thread order $order, $pool buffers, $devices device(s)"
+        TOOLN1_VGPU_DEVICES=$devices TOOLN1_VGPU_ORDER=$order TOOLN1_CUDA_POOL=$pool \
+            run_bin "$name ($order, $pool)" "$exe" --test-threads 2
         echo "vgpu-test: $name ($order, $pool) passed in $(( $(date +%s) - t )) s"
     done <target/vgpu-tests.tsv
 done

@@ -119,11 +119,24 @@ VGPU_API const Options& options();
 VGPU_API bool device_range_ok(uint64_t p, std::size_t bytes);
 // A one-line description of what `p` is (live allocation, freed allocation, unknown).
 VGPU_API std::string describe_address(uint64_t p);
+// The device of the live device allocation that holds [p, p + bytes), or -1.
+VGPU_API int device_of_range(uint64_t p, std::size_t bytes);
+// The device of this thread's current context, or -1 without one.
+VGPU_API int current_device();
 
 // ---- streams (driver.cpp) ----------------------------------------------------------------------
 // Queues work on a stream (0 = the default stream); it runs at the next synchronisation.
 VGPU_API void enqueue(void* stream, std::function<void()> op, const char* what);
 VGPU_API bool stream_valid(void* stream);
+// The stream object a handle names, with 0 / CU_STREAM_LEGACY / CU_STREAM_PER_THREAD taken as
+// the legacy default stream of `device`; its device.
+VGPU_API void* stream_for(void* stream, int device);
+VGPU_API int stream_device(void* stream_object);
+// Runs a stream object's queued work, in order, until `stop()` (checked before each operation)
+// or the queue is empty. Returns false at once, running nothing, while another thread runs it.
+VGPU_API bool run_until(void* stream_object, const std::function<bool()>& stop);
+// Runs all of a stream object's queued work (after any other thread that is running it).
+VGPU_API void flush_stream(void* stream_object);
 
 VGPU_API void report(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -2,7 +2,8 @@
 //! against the generic [`super::math`] (which stays the oracle, run in f64 by the
 //! finite-difference tests) by `tests/cpu_ops.rs`.
 //!
-//! - GEMMs: `matrixmultiply`'s single-threaded sgemm on disjoint row (or column) blocks of C,
+//! - GEMMs: the `gemm` crate's single-threaded f32 kernels (AVX-512 where the CPU has it, else
+//!   AVX2/FMA, chosen at run time) on disjoint row (or column) blocks of C,
 //!   one block per thread. The reduction over k is the same whatever the split, so a GEMM gives
 //!   the same bits for every thread count.
 //! - Vocabulary ops (lm_head + log-softmax): tiles of [`LP_ROWS`] rows × [`LP_VT`] vocabulary
@@ -175,34 +176,47 @@ unsafe fn sgemm(
         }
         return;
     }
-    matrixmultiply::sgemm(
+    // gemm computes dst = alpha_dst * dst + beta_ab * (lhs · rhs), reading dst only when asked;
+    // its strides are (column stride, row stride).
+    gemm::gemm(
         m,
-        k,
         n,
-        alpha,
-        a,
-        rsa as isize,
-        csa as isize,
-        b,
-        rsb as isize,
-        csb as isize,
-        beta,
+        k,
         c,
-        rsc as isize,
         csc as isize,
+        rsc as isize,
+        beta != 0.0,
+        a,
+        csa as isize,
+        rsa as isize,
+        b,
+        csb as isize,
+        rsb as isize,
+        beta,
+        alpha,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
     );
 }
 
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 const PAR_GEMM_MIN: usize = 1 << 18;
 
-/// Multi-threaded [`math::Real::gemm_raw`] for f32: C split into one block of rows (or of
-/// columns, whichever dimension is larger) per thread.
+/// Rows (or columns) of C per parallel block of a GEMM. Fixed, so that the sub-GEMMs, and
+/// therefore the bits of C, depend on the shapes only and never on the thread count (the
+/// kernels' reduction over k may depend on a call's m and n).
+const GEMM_BLOCK: usize = 256;
+
+/// Multi-threaded [`math::Real::gemm_raw`] for f32: C split into blocks of [`GEMM_BLOCK`] rows
+/// (or columns, whichever dimension is larger), the blocks in parallel.
 pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
     g.check(a, b, c);
-    let threads = rayon::current_num_threads();
     let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), Ptr(c.as_mut_ptr()));
-    if threads == 1 || g.m * g.n * g.k < PAR_GEMM_MIN {
+    let split_m = g.m >= g.n;
+    let len = if split_m { g.m } else { g.n };
+    if g.m * g.n * g.k < PAR_GEMM_MIN || len <= GEMM_BLOCK {
         // SAFETY: `check` proved every reached element in bounds; c is a distinct &mut.
         unsafe {
             sgemm(
@@ -224,10 +238,8 @@ pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32])
         };
         return;
     }
-    let split_m = g.m >= g.n;
-    let len = if split_m { g.m } else { g.n };
-    let parts = threads.min(len.div_ceil(16)).max(1);
-    let block = len.div_ceil(parts).next_multiple_of(8);
+    let parts = len.div_ceil(GEMM_BLOCK);
+    let block = GEMM_BLOCK;
     let (ap, bp) = (ap as usize, bp as usize);
     (0..parts).into_par_iter().for_each(move |p| {
         let lo = p * block;
@@ -383,8 +395,19 @@ pub const LP_VT: usize = 512;
 /// not depend on the thread count).
 const LP_GROUPS: usize = 8;
 
-/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ` on this thread.
-fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0: usize, vn: usize) {
+/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ · inv_t` on this thread (the GEMM's alpha,
+/// so the tile is scaled as it is written; alpha = 1 is the plain product).
+#[allow(clippy::too_many_arguments)]
+fn tile_logits(
+    h: &[f32],
+    w: &[f32],
+    z: &mut [f32],
+    rows: usize,
+    dim: usize,
+    v0: usize,
+    vn: usize,
+    inv_t: f32,
+) {
     assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
     // SAFETY: bounds asserted above; z is a distinct &mut.
     unsafe {
@@ -392,7 +415,7 @@ fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0:
             rows,
             dim,
             vn,
-            1.0,
+            inv_t,
             h.as_ptr(),
             dim,
             1,
@@ -407,7 +430,8 @@ fn tile_logits(h: &[f32], w: &[f32], z: &mut [f32], rows: usize, dim: usize, v0:
     }
 }
 
-/// Fused lm_head + log-softmax + gather (see [`math::logprobs`]).
+/// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (see
+/// [`math::logprobs`]).
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs(
     h: &[f32],
@@ -419,6 +443,7 @@ pub fn logprobs(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) {
     let n_tiles = vocab.div_ceil(LP_VT);
     let want_ent = entropy.is_some();
@@ -436,7 +461,7 @@ pub fn logprobs(
                 let v0 = tile * LP_VT;
                 let vn = LP_VT.min(vocab - v0);
                 with_scratch(rows * vn, |z| {
-                    tile_logits(hb, w, z, rows, dim, v0, vn);
+                    tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
                         let mx = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -513,6 +538,7 @@ pub fn logprobs_bwd(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: f32,
 ) {
     let n_tiles = vocab.div_ceil(LP_VT);
     let groups = LP_GROUPS.min(n_tiles);
@@ -536,10 +562,11 @@ pub fn logprobs_bwd(
                     let v0 = tile * LP_VT;
                     let vn = LP_VT.min(vocab - v0);
                     with_scratch(rows * vn, |z| {
-                        tile_logits(hb, w, z, rows, dim, v0, vn);
+                        tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
                         for r in 0..rows {
                             let t = t0 + r;
-                            let (g, l) = (dlogp[t], lse[t]);
+                            // The chain rule through z·inv_t (exact at inv_t = 1).
+                            let (g, l) = (dlogp[t] * inv_t, lse[t]);
                             let zr = &mut z[r * vn..(r + 1) * vn];
                             for v in zr.iter_mut() {
                                 *v = -g * (*v - l).exp();

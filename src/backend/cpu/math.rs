@@ -646,7 +646,17 @@ fn chunk_rows(vocab: usize) -> usize {
     (LOGIT_CHUNK_ELEMS / vocab.max(1)).max(1)
 }
 
-/// Fused lm_head + log-softmax + gather, chunk of rows by chunk of rows.
+/// Multiplies a logits chunk by the inverse temperature in place (nothing to do at exactly 1).
+fn scale_logits<R: Real>(z: &mut [R], inv_t: R) {
+    if inv_t != R::one() {
+        for v in z {
+            *v *= inv_t;
+        }
+    }
+}
+
+/// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (logits = h·wᵀ·inv_t),
+/// chunk of rows by chunk of rows.
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs<R: Real>(
     h: &[R],
@@ -658,6 +668,7 @@ pub fn logprobs<R: Real>(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: R,
 ) {
     let cr = chunk_rows(vocab);
     let mut buf = vec![R::zero(); cr.min(n_tok) * vocab];
@@ -673,6 +684,7 @@ pub fn logprobs<R: Real>(
             dim,
             R::zero(),
         );
+        scale_logits(&mut buf[..rows * vocab], inv_t);
         for r in 0..rows {
             let t = t0 + r;
             let z = &buf[r * vocab..(r + 1) * vocab];
@@ -709,8 +721,8 @@ fn row_lse_entropy<R: Real>(z: &[R], want_entropy: bool) -> (R, R) {
     (l, ent)
 }
 
-/// Backward of [`logprobs`]: dlogits = dlogp·(onehot − softmax), recomputed chunk by chunk;
-/// dh overwritten, dw accumulated.
+/// Backward of [`logprobs`] (same `inv_t`): with z = h·wᵀ and p = softmax(z·inv_t),
+/// dz = inv_t·dlogp·(onehot − p), recomputed chunk by chunk; dh overwritten, dw accumulated.
 #[allow(clippy::too_many_arguments)]
 pub fn logprobs_bwd<R: Real>(
     dlogp: &[R],
@@ -723,6 +735,7 @@ pub fn logprobs_bwd<R: Real>(
     n_tok: usize,
     dim: usize,
     vocab: usize,
+    inv_t: R,
 ) {
     let cr = chunk_rows(vocab);
     let mut buf = vec![R::zero(); cr.min(n_tok) * vocab];
@@ -731,9 +744,11 @@ pub fn logprobs_bwd<R: Real>(
         let rows = cr.min(n_tok - t0);
         let hc = &h[t0 * dim..(t0 + rows) * dim];
         matmul_nt(hc, w, &mut buf, rows, vocab, dim, R::zero());
+        scale_logits(&mut buf[..rows * vocab], inv_t);
         for r in 0..rows {
             let t = t0 + r;
-            let g = dlogp[t];
+            // The chain rule through z·inv_t (exact at inv_t = 1).
+            let g = dlogp[t] * inv_t;
             let l = lse[t];
             let z = &mut buf[r * vocab..(r + 1) * vocab];
             for v in z.iter_mut() {

@@ -46,6 +46,16 @@ fn ids_below(op: &str, arg: &str, ids: &[u32], n: usize, bound: usize, what: &st
     Ok(())
 }
 
+/// `Err` unless the inverse temperature of a vocabulary op is finite and > 0.
+fn check_inv_t(op: &str, inv_t: f32) -> Result<()> {
+    if !(inv_t.is_finite() && inv_t > 0.0) {
+        return Err(Error::Invalid(format!(
+            "{op}: `inv_t` = {inv_t}, expected a finite value > 0"
+        )));
+    }
+    Ok(())
+}
+
 /// Validate packed-sequence offsets: n_seq+1 non-decreasing entries starting at 0; returns the
 /// token count they describe.
 fn check_cu(op: &str, cu_dev: &[u32], cu_host: &[u32], max_len: usize) -> Result<usize> {
@@ -581,8 +591,10 @@ impl Backend for Cpu {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
         let op = "logprobs";
+        check_inv_t(op, inv_t)?;
         need(op, "h", h.len(), n_tok * dim)?;
         need(op, "w", w.len(), vocab * dim)?;
         need(op, "targets", targets.len(), n_tok)?;
@@ -608,6 +620,7 @@ impl Backend for Cpu {
                 n_tok,
                 dim,
                 vocab,
+                inv_t,
             )
         });
         Ok(())
@@ -625,8 +638,10 @@ impl Backend for Cpu {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
         let op = "logprobs_bwd";
+        check_inv_t(op, inv_t)?;
         need(op, "dlogp", dlogp.len(), n_tok)?;
         need(op, "h", h.len(), n_tok * dim)?;
         need(op, "w", w.len(), vocab * dim)?;
@@ -654,6 +669,7 @@ impl Backend for Cpu {
                 n_tok,
                 dim,
                 vocab,
+                inv_t,
             )
         });
         Ok(())

@@ -842,7 +842,12 @@ impl Backend for Cuda {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
+        ensure!(
+            inv_t.is_finite() && inv_t > 0.0,
+            "logprobs: inv_t = {inv_t}, expected a finite value > 0"
+        );
         need(h, n_tok * dim, "logprobs h")?;
         need(w, vocab * dim, "logprobs w")?;
         need(targets, n_tok, "logprobs targets")?;
@@ -895,7 +900,8 @@ impl Backend for Cuda {
                         .p(s.ptr())
                         .p(wsum.ptr())
                         .p(tgt.ptr())
-                        .i((v0 == 0) as i32),
+                        .i((v0 == 0) as i32)
+                        .f(inv_t),
                 )?;
             }
         }
@@ -939,7 +945,12 @@ impl Backend for Cuda {
         n_tok: usize,
         dim: usize,
         vocab: usize,
+        inv_t: f32,
     ) -> Result<()> {
+        ensure!(
+            inv_t.is_finite() && inv_t > 0.0,
+            "logprobs_bwd: inv_t = {inv_t}, expected a finite value > 0"
+        );
         need(dlogp, n_tok, "logprobs_bwd dlogp")?;
         need(h, n_tok * dim, "logprobs_bwd h")?;
         need(w, vocab * dim, "logprobs_bwd w")?;
@@ -995,7 +1006,8 @@ impl Backend for Cuda {
                         .i(t0 as i32)
                         .p(lse.ptr())
                         .p(dlogp.ptr())
-                        .p(dl.ptr()),
+                        .p(dl.ptr())
+                        .f(inv_t),
                 )?;
                 // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
                 let beta = if v0 == 0 { 0.0 } else { 1.0 };
