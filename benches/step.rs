@@ -27,7 +27,7 @@ use tooln1::model::memory::{human_bytes, MemoryEstimate, MemoryInputs};
 use tooln1::model::{Model, PackedBatch, Qwen2Config};
 use tooln1::reward::{Reward, RewardOutput};
 use tooln1::tokenizer::{Tokenizer, TINY_TOKENIZER_JSON};
-use tooln1::train::config::{OptimConfig, TrainConfig};
+use tooln1::train::config::{OptimConfig, RunConfig, TrainConfig};
 use tooln1::train::optim::AdamW;
 use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::runner::{PromptItem, Trainer};
@@ -570,7 +570,10 @@ fn model_benches<B: Backend + Clone>(
                 })
                 .collect();
             let mut tc = TrainConfig {
-                steps: 1_000_000,
+                run: RunConfig {
+                    steps: 1_000_000,
+                    ..RunConfig::default()
+                },
                 ..TrainConfig::default()
             };
             tc.rollout.n = z.step_group;

@@ -9,7 +9,7 @@ use crate::demo::tokenizer::train_tokenizer;
 use crate::model::{init, Model, Qwen2Config};
 use crate::reward::{Reward, ToolN1Reward};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
-use crate::train::config::{LrSchedule, OptimConfig, SftConfig, TrainConfig};
+use crate::train::config::{LrSchedule, OptimConfig, RunConfig, SftConfig, TrainConfig};
 use crate::train::metrics::StepMetrics;
 use crate::train::rollout::{generate, SamplingParams};
 use crate::train::runner::{check_reward, prepare_prompts, PromptItem, Trainer};
@@ -346,8 +346,11 @@ fn warm_start<B: Backend>(
     cfg: &DemoConfig,
 ) -> Result<(B, Model<B>, Vec<SftMetrics>)> {
     let sft_cfg = SftConfig {
-        seed: cfg.seed,
-        steps: cfg.sft_steps,
+        run: RunConfig {
+            seed: cfg.seed,
+            steps: cfg.sft_steps,
+            ..RunConfig::default()
+        },
         batch_size: cfg.sft_batch,
         micro_batch_tokens: 4096,
         max_seq_tokens: 512,
@@ -379,12 +382,15 @@ fn warm_start<B: Backend>(
 /// that is never written when there is no output folder).
 fn grpo_config(cfg: &DemoConfig) -> TrainConfig {
     let mut tcfg = TrainConfig {
-        seed: cfg.seed,
-        steps: cfg.grpo_steps,
+        run: RunConfig {
+            seed: cfg.seed,
+            steps: cfg.grpo_steps,
+            ..RunConfig::default()
+        },
         save_every: 0,
         ..TrainConfig::default()
     };
-    tcfg.out = cfg.out.as_ref().map(|o| o.join("grpo")).unwrap_or_else(|| {
+    tcfg.run.out = cfg.out.as_ref().map(|o| o.join("grpo")).unwrap_or_else(|| {
         std::env::temp_dir().join(format!("tooln1-demo-{}", std::process::id()))
     });
     tcfg.rollout.n = cfg.n;

@@ -252,7 +252,7 @@ impl<B: Backend> Trainer<B> {
                  responses could never stop",
             ));
         }
-        let order = DataOrder::new(cfg.seed, prompts.len());
+        let order = DataOrder::new(cfg.run.seed, prompts.len());
         Ok(Trainer {
             b,
             policy,
@@ -322,10 +322,10 @@ impl<B: Backend> Trainer<B> {
 
     /// Total steps of the run.
     pub fn total_steps(&self) -> u64 {
-        if self.cfg.steps > 0 {
-            self.cfg.steps
+        if self.cfg.run.steps > 0 {
+            self.cfg.run.steps
         } else {
-            self.cfg.epochs.max(1) * self.steps_per_epoch()
+            self.cfg.run.epochs.max(1) * self.steps_per_epoch()
         }
     }
 
@@ -399,7 +399,7 @@ impl<B: Backend> Trainer<B> {
             &batch.tokens,
             self.cfg.rollout.n,
             &self.sampling(),
-            self.cfg.seed,
+            self.cfg.run.seed,
             self.sample_offset,
         )
     }
@@ -598,7 +598,7 @@ impl<B: Backend> Trainer<B> {
             updates: self.opt.updates,
             sample_offset: self.sample_offset,
             data_pos: self.data_pos,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             data_len: self.prompts.len(),
             reference: self.reference_dir.clone(),
             config: serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null),
@@ -621,7 +621,7 @@ impl<B: Backend> Trainer<B> {
     /// every `save_every` steps and at the end. Returns the metrics of the steps run.
     pub fn run(&mut self) -> Result<Vec<StepMetrics>> {
         let total = self.total_steps();
-        let out = self.cfg.out.clone();
+        let out = self.cfg.run.out.clone();
         let _lock = checkpoint::claim_run_dir(&out, self.step, self.discard_later)?;
         let mut writer = MetricsWriter::open(&out.join("metrics.jsonl"), self.step + 1)?;
         let pb = metrics::progress_bar(total, self.quiet, "grpo");

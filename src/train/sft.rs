@@ -157,7 +157,7 @@ impl<B: Backend> SftTrainer<B> {
         }
         let opt = AdamW::new(&b, &model, cfg.optim.clone())?;
         let grads = model.zero_grads(&b)?;
-        let order = DataOrder::new(cfg.seed, items.len());
+        let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {
             b,
             model,
@@ -180,10 +180,10 @@ impl<B: Backend> SftTrainer<B> {
     }
 
     pub fn total_steps(&self) -> u64 {
-        if self.cfg.steps > 0 {
-            self.cfg.steps
+        if self.cfg.run.steps > 0 {
+            self.cfg.run.steps
         } else {
-            (self.cfg.epochs.max(1) * self.items.len() as u64)
+            (self.cfg.run.epochs.max(1) * self.items.len() as u64)
                 .div_ceil(self.cfg.batch_size as u64)
                 .max(1)
         }
@@ -232,7 +232,7 @@ impl<B: Backend> SftTrainer<B> {
             updates: self.opt.updates,
             sample_offset: 0,
             data_pos: self.data_pos,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             data_len: self.items.len(),
             reference: None,
             config: serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null),
