@@ -619,9 +619,4 @@ impl Qwen2Config {
         s.push('\n');
         s
     }
-
-    /// Number of query heads sharing one kv head.
-    pub fn kv_groups(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
-    }
 }

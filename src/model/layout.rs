@@ -94,8 +94,4 @@ impl ParamLayout {
     pub fn num_params(&self) -> u64 {
         self.specs.iter().map(|s| s.numel() as u64).sum()
     }
-
-    pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.specs.iter().position(|s| s.name == name)
-    }
 }

@@ -381,11 +381,10 @@ pub fn simple_function_checker(
     gt_entry: &Value,
     lang: Language,
 ) -> Check {
-    let (gt_name, gt_params) = gt_entry
+    let (_, gt_params) = gt_entry
         .as_object()
         .and_then(|o| o.iter().next())
         .ok_or_else(|| bad_record("ground-truth entry is not {func_name: {...}}"))?;
-    let _ = gt_name;
     let gt_params = gt_params
         .as_object()
         .ok_or_else(|| bad_record("ground-truth parameters are not an object"))?;
@@ -453,16 +452,16 @@ pub fn simple_function_checker(
         let mut nested = None;
         match lang {
             Language::Java | Language::JavaScript => {
-                let (kind, label) = if lang == Language::Java {
-                    ("type_error:java", "String")
+                let kind = if lang == Language::Java {
+                    "type_error:java"
                 } else {
-                    ("type_error:js", "String")
+                    "type_error:js"
                 };
                 let PyValue::Str(s) = &value else {
                     return fail(
                         kind,
                         format!(
-                            "Incorrect type for parameter '{param}'. Expected type {label}, got {}. Parameter value: {}.",
+                            "Incorrect type for parameter '{param}'. Expected type String, got {}. Parameter value: {}.",
                             value.type_name(),
                             value.repr()
                         ),

@@ -139,10 +139,6 @@ impl Category {
         )
     }
 
-    pub fn is_live(self) -> bool {
-        self.name().starts_with("live_")
-    }
-
     pub fn language(self) -> Language {
         match self {
             Category::SimpleJava => Language::Java,
