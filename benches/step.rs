@@ -32,7 +32,7 @@ use tooln1::train::optim::AdamW;
 use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::runner::{PromptItem, Trainer};
 
-/// A model shape: Qwen2.5 sizes (facts §2.2) or the tiny CPU model.
+/// A model shape: Qwen2.5 sizes (from the models' config.json files) or the tiny CPU model.
 struct Shape {
     name: &'static str,
     hidden: usize,
