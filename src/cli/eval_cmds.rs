@@ -11,7 +11,7 @@ use crate::model::weights::load_model;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::runner::stop_tokens;
 use anyhow::Context;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum EvalCmd {
@@ -145,11 +145,6 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn write_lines<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
-    crate::data::write_jsonl(path, items)?;
-    Ok(())
-}
-
 fn bfcl_score(a: BfclScoreArgs) -> anyhow::Result<()> {
     let outputs = bfcl::read_outputs(&a.outputs)?;
     let cats = match parse_categories(&a.categories)? {
@@ -195,7 +190,7 @@ fn bfcl_prompts(a: BfclPromptsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| bfcl::eval_prompt(r, &base))
         .collect();
-    write_lines(&a.out, &prompts)?;
+    crate::data::write_jsonl(&a.out, &prompts)?;
     eprintln!(
         "wrote {} BFCL prompts to {}",
         prompts.len(),
@@ -234,7 +229,7 @@ fn apibank_prompts(a: ApibankPromptsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| apibank::eval_prompt(r, &base))
         .collect();
-    write_lines(&a.out, &prompts)?;
+    crate::data::write_jsonl(&a.out, &prompts)?;
     eprintln!(
         "wrote {} API-Bank prompts to {}",
         prompts.len(),
