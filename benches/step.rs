@@ -22,17 +22,17 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
-use tooln1::model::init::{random_params, tiny_config, TINY_TOKENIZER_JSON};
+use tooln1::model::init::{random_params, tiny_config};
 use tooln1::model::memory::{human_bytes, MemoryEstimate, MemoryInputs};
 use tooln1::model::{Model, PackedBatch, Qwen2Config};
 use tooln1::reward::{Reward, RewardOutput};
-use tooln1::tokenizer::Tokenizer;
-use tooln1::train::config::{OptimConfig, TrainConfig};
+use tooln1::tokenizer::{Tokenizer, TINY_TOKENIZER_JSON};
+use tooln1::train::config::{OptimConfig, RunConfig, TrainConfig};
 use tooln1::train::optim::AdamW;
 use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::runner::{PromptItem, Trainer};
 
-/// A model shape: Qwen2.5 sizes (facts §2.2) or the tiny CPU model.
+/// A model shape: Qwen2.5 sizes (from the models' config.json files) or the tiny CPU model.
 struct Shape {
     name: &'static str,
     hidden: usize,
@@ -570,7 +570,10 @@ fn model_benches<B: Backend + Clone>(
                 })
                 .collect();
             let mut tc = TrainConfig {
-                steps: 1_000_000,
+                run: RunConfig {
+                    steps: 1_000_000,
+                    ..RunConfig::default()
+                },
                 ..TrainConfig::default()
             };
             tc.rollout.n = z.step_group;
@@ -636,7 +639,7 @@ fn cuda_benches(c: &mut Criterion) {
     let device = cuda.device();
     println!("device: {device}");
     // Leave some room for the CUDA context, cuBLAS workspaces and allocator slack.
-    let budget = tooln1::train::device::cuda_memory().map(|(_, total)| total / 100 * 92);
+    let budget = tooln1::backend::select::cuda_memory().map(|(_, total)| total / 100 * 92);
     let trim = || {
         if let Err(e) = cuda.trim() {
             eprintln!("trim: {e}");

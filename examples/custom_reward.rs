@@ -15,6 +15,7 @@ use tooln1::model::weights::load_model;
 use tooln1::model::{init, Model};
 use tooln1::reward::{Reward, RewardOutput};
 use tooln1::tokenizer::{ChatTemplate, Tokenizer};
+use tooln1::train::config::RunConfig;
 use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
 struct ShoutOneWord;
@@ -89,8 +90,11 @@ fn main() -> anyhow::Result<()> {
     }
 
     let mut cfg = TrainConfig {
-        out: std::env::temp_dir().join("tooln1-custom-reward"),
-        steps: 10,
+        run: RunConfig {
+            out: std::env::temp_dir().join("tooln1-custom-reward"),
+            steps: 10,
+            ..RunConfig::default()
+        },
         save_every: 0,
         ..TrainConfig::default()
     };
@@ -120,7 +124,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{}\ncheckpoint and metrics in {}",
         tooln1::train::metrics::summarize(&steps),
-        trainer.cfg.out.display()
+        trainer.cfg.run.out.display()
     );
     Ok(())
 }

@@ -4,10 +4,12 @@
 pub mod backend;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod model;
 pub mod pycall;
+pub mod pyjson;
 pub mod reward;
 pub mod safefs;
 pub mod tokenizer;

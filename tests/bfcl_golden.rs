@@ -1,5 +1,5 @@
 //! Golden test over the real BFCL data: every ground truth fed back as the model output passes,
-//! except the five records known to be impossible (facts §4). Needs `data/bfcl` (or
+//! except the five records known to be impossible ([`KNOWN_IMPOSSIBLE`]). Needs `data/bfcl` (or
 //! $TOOLN1_BFCL_DIR); run `tools/fetch-bfcl.sh` to get it.
 
 use std::path::PathBuf;

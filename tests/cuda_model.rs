@@ -198,6 +198,7 @@ mod trainer {
     use tooln1::reward::{Reward, RewardOutput};
     use tooln1::tokenizer::Tokenizer;
     use tooln1::train::checkpoint;
+    use tooln1::train::config::RunConfig;
     use tooln1::train::metrics::StepMetrics;
     use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
@@ -280,10 +281,13 @@ mod trainer {
             .collect();
         let tmp = tempfile::tempdir().unwrap();
         let mut tc = TrainConfig {
-            out: tmp.path().join("run"),
-            steps: 1,
+            run: RunConfig {
+                out: tmp.path().join("run"),
+                steps: 1,
+                seed: s,
+                ..RunConfig::default()
+            },
             save_every: 0,
-            seed: s,
             ..TrainConfig::default()
         };
         tc.rollout.n = 2;

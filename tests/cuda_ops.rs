@@ -2078,7 +2078,7 @@ fn allocator_out_of_memory_trims_and_retries() {
 /// `--device auto` takes the CPU only when there is no CUDA device.
 #[test]
 fn device_auto_falls_back_only_without_a_device() {
-    use tooln1::train::device::auto_backend;
+    use tooln1::backend::select::auto_backend;
     match (Cuda::new(), auto_backend()) {
         (Ok(_), Ok(Some(_))) => {}
         (Err(tooln1::Error::NoCuda(_)), Ok(None)) => {}

@@ -2,7 +2,7 @@
 //! model over its SFT starting point.
 
 use tooln1::backend::cpu::Cpu;
-use tooln1::train::demo::{run_demo, DemoConfig};
+use tooln1::demo::{run_demo, DemoConfig};
 
 #[test]
 fn grpo_raises_heldout_reward_over_sft() {

@@ -10,8 +10,8 @@ use safetensors::SafeTensors;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tooln1::backend::cpu::Cpu;
-use tooln1::backend::Backend;
-use tooln1::model::weights::load_model;
+use tooln1::backend::{Backend, DType};
+use tooln1::model::weights::{bytes_to_f32, load_model};
 use tooln1::model::PackedBatch;
 
 const TOL: f64 = 1e-4;
@@ -44,10 +44,7 @@ impl Expected {
             .tensor(key)
             .unwrap_or_else(|e| panic!("expected tensor {key}: {e}"));
         assert_eq!(t.dtype(), safetensors::Dtype::F32, "{key}");
-        t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        bytes_to_f32(DType::F32, t.data())
     }
 }
 

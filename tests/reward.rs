@@ -1,5 +1,5 @@
-//! The Tool-N1 reward, rule by rule (facts §1.2), its ablation variants, property tests, and a
-//! no-panic test over random and mutated responses.
+//! The Tool-N1 reward, rule by rule (as the Tool-N1 paper, arXiv:2505.00024, defines it), its
+//! ablation variants, property tests, and a no-panic test over random and mutated responses.
 
 use proptest::prelude::*;
 use serde_json::{json, Value};

@@ -10,6 +10,7 @@ use tooln1::model::init;
 use tooln1::model::weights::{save_params, SaveOptions};
 use tooln1::model::Model;
 use tooln1::reward::{Reward, RewardOutput};
+use tooln1::train::config::RunConfig;
 use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
 fn fixture(p: &str) -> PathBuf {
@@ -270,8 +271,11 @@ fn library_trainer(out: &Path, reward: Box<dyn Reward>) -> Trainer<Cpu> {
         })
         .collect();
     let mut tc = TrainConfig {
-        out: out.to_path_buf(),
-        steps: 2,
+        run: RunConfig {
+            out: out.to_path_buf(),
+            steps: 2,
+            ..RunConfig::default()
+        },
         save_every: 1,
         ..TrainConfig::default()
     };
@@ -299,11 +303,11 @@ fn weights_that_stop_being_finite_stop_the_run_and_the_last_good_checkpoint_stay
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("r");
     let mut t = library_trainer(&out, Box::new(NanFor("none")));
-    t.cfg.steps = 1;
+    t.cfg.run.steps = 1;
     t.run().unwrap();
     let good = tooln1::train::checkpoint::latest(&out).unwrap();
     // A NaN that got past validation (a library caller setting the field directly).
-    t.cfg.steps = 2;
+    t.cfg.run.steps = 2;
     t.opt.cfg.weight_decay = f32::NAN;
     let e = t.run().unwrap_err().to_string();
     assert!(e.contains("no longer finite"), "{e}");
@@ -431,7 +435,7 @@ fn stale_and_failed_checkpoint_temporaries_are_removed() {
     std::fs::create_dir_all(stale.join("model")).unwrap();
     std::fs::write(stale.join("model/model.safetensors"), vec![0u8; 4096]).unwrap();
     let mut t = library_trainer(&out, Box::new(NanFor("none")));
-    t.cfg.steps = 1;
+    t.cfg.run.steps = 1;
     t.run().unwrap();
     assert!(!stale.exists());
     // A save that fails after starting its temporary (here: a source folder whose config.json
@@ -556,7 +560,7 @@ fn eval_run_checks_out_first_and_continues_an_interrupted_run() {
         "model": s(&model), "data": s(&data), "system": "",
         "max_new_tokens": 3, "max_prompt_tokens": 4096,
     });
-    let partial = tooln1::train::evalgen::partial_path(&out);
+    let partial = tooln1::eval::generate::partial_path(&out);
     std::fs::write(
         &partial,
         format!(

@@ -11,6 +11,7 @@ use tooln1::model::{init, Model, Qwen2Config};
 use tooln1::reward::{Reward, RewardOutput};
 use tooln1::tokenizer::Tokenizer;
 use tooln1::train::checkpoint;
+use tooln1::train::config::RunConfig;
 use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
@@ -73,10 +74,13 @@ fn setup() -> (Qwen2Config, Vec<Vec<f32>>, Vec<PromptItem>) {
 
 fn config(out: &Path, steps: u64) -> TrainConfig {
     let mut c = TrainConfig {
-        out: out.to_path_buf(),
-        steps,
+        run: RunConfig {
+            out: out.to_path_buf(),
+            steps,
+            seed: 5,
+            ..RunConfig::default()
+        },
         save_every: 2,
-        seed: 5,
         ..TrainConfig::default()
     };
     c.rollout.n = 3;
@@ -333,7 +337,7 @@ fn training_side_logprobs_use_the_rollout_temperature() {
         std::slice::from_ref(p),
         tc.rollout.n,
         &sp,
-        tc.seed,
+        tc.run.seed,
         0,
     )
     .unwrap();

@@ -490,6 +490,7 @@ fn save_model_and_load_model_through_the_cpu_backend() {
 #[test]
 fn init_tiny_model_loads_and_runs_on_a_chat_render() {
     use tooln1::backend::cpu::Cpu;
+    use tooln1::cli::model_cmds::builtin_tiny_vocab;
     use tooln1::model::init::{write_tiny_model, TinyOptions};
     use tooln1::model::weights::load_model;
     use tooln1::model::PackedBatch;
@@ -506,7 +507,7 @@ fn init_tiny_model_loads_and_runs_on_a_chat_render() {
         intermediate: 72,
         ..Default::default()
     };
-    write_tiny_model(&out, &o).unwrap();
+    write_tiny_model(&out, &o, &builtin_tiny_vocab().unwrap()).unwrap();
     let model = load_model(&out, &Cpu).unwrap();
     let tok = Tokenizer::from_dir(&out).unwrap();
     assert!(tok.vocab_size() <= model.cfg.vocab_size);

@@ -23,6 +23,7 @@ pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod loss;
+pub mod select;
 
 use crate::Result;
 

@@ -1,11 +1,17 @@
-//! `tooln1 eval ...`: BFCL and API-Bank scoring and prompt building (generation, `... run`,
-//! lives with the training engine).
+//! `tooln1 eval ...`: BFCL and API-Bank scoring, prompt building, and generation (`... run`).
 
-use crate::cli::train_cmds::{eval_run, EvalKind, EvalRunArgs};
+use crate::backend::select::{run_on, BackendJob, DeviceKind};
+use crate::backend::Backend;
 use crate::data::DEFAULT_BASE_SYSTEM;
+use crate::eval::generate::{
+    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
+};
 use crate::eval::{apibank, bfcl};
+use crate::model::weights::load_model;
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::train::runner::stop_tokens;
 use anyhow::Context;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum EvalCmd {
@@ -139,11 +145,6 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-fn write_lines<T: serde::Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
-    crate::data::write_jsonl(path, items)?;
-    Ok(())
-}
-
 fn bfcl_score(a: BfclScoreArgs) -> anyhow::Result<()> {
     let outputs = bfcl::read_outputs(&a.outputs)?;
     let cats = match parse_categories(&a.categories)? {
@@ -189,7 +190,7 @@ fn bfcl_prompts(a: BfclPromptsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| bfcl::eval_prompt(r, &base))
         .collect();
-    write_lines(&a.out, &prompts)?;
+    crate::data::write_jsonl(&a.out, &prompts)?;
     eprintln!(
         "wrote {} BFCL prompts to {}",
         prompts.len(),
@@ -228,11 +229,211 @@ fn apibank_prompts(a: ApibankPromptsArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| apibank::eval_prompt(r, &base))
         .collect();
-    write_lines(&a.out, &prompts)?;
+    crate::data::write_jsonl(&a.out, &prompts)?;
     eprintln!(
         "wrote {} API-Bank prompts to {}",
         prompts.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// Which benchmark `eval ... run` generates for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalKind {
+    Bfcl,
+    ApiBank,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalRunArgs {
+    /// HF model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// BFCL: the data folder (BFCL_v4_*.json + possible_answer/). API-Bank: the level-1 JSON
+    /// file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the generations are written ({"id", "output"} per line).
+    #[arg(long, default_value = "generations.jsonl")]
+    pub out: PathBuf,
+    /// BFCL categories, comma separated (default: the eleven of the Tool-N1 table).
+    #[arg(long, value_delimiter = ',')]
+    pub categories: Vec<String>,
+    /// Only the first N records (quick checks).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Base system text placed before the tool section.
+    #[arg(long, default_value = "")]
+    pub system: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 4096)]
+    pub max_prompt_tokens: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceKind,
+}
+
+pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
+    // Prompts and the scorer's records.
+    let (prompts, bfcl_records, api_records) = match kind {
+        EvalKind::Bfcl => {
+            let cats: Vec<bfcl::Category> = if a.categories.is_empty() {
+                bfcl::Category::TOOLN1.to_vec()
+            } else {
+                a.categories
+                    .iter()
+                    .map(|c| {
+                        bfcl::Category::from_name(c.trim())
+                            .with_context(|| format!("--categories: unknown BFCL category `{c}`"))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let mut recs = bfcl::load_dir(&a.data, &cats)?;
+            if let Some(n) = a.limit {
+                recs.truncate(n);
+            }
+            let prompts: Vec<GenPrompt> = recs
+                .iter()
+                .map(|r| {
+                    let p = bfcl::eval_prompt(r, &a.system);
+                    GenPrompt {
+                        id: p.id,
+                        messages: p.messages,
+                    }
+                })
+                .collect();
+            (prompts, recs, Vec::new())
+        }
+        EvalKind::ApiBank => {
+            let mut recs = apibank::load(&a.data)?;
+            if let Some(n) = a.limit {
+                recs.truncate(n);
+            }
+            let prompts: Vec<GenPrompt> = recs
+                .iter()
+                .map(|r| {
+                    let p = apibank::eval_prompt(r, &a.system);
+                    GenPrompt {
+                        id: p.id,
+                        messages: p.messages,
+                    }
+                })
+                .collect();
+            (prompts, Vec::new(), recs)
+        }
+    };
+    eprintln!("{} prompts from {}", prompts.len(), a.data.display());
+    let gen = GenConfig {
+        batch_size: a.batch_size,
+        max_new_tokens: a.max_new_tokens,
+        max_prompt_tokens: a.max_prompt_tokens,
+    };
+    // Before any generation: --out must be writable, and generations are saved batch by batch
+    // beside it so that an interrupted run keeps them and a rerun continues.
+    let settings = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "data": a.data.display().to_string(),
+        "system": a.system,
+        "max_new_tokens": a.max_new_tokens,
+        "max_prompt_tokens": a.max_prompt_tokens,
+    });
+    let _lock =
+        crate::safefs::RunLock::acquire_at(&partial_path(&a.out).with_extension("lock"), &a.out)?;
+    let partial = PartialOutputs::open(&a.out, &settings)?;
+    let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
+    if !earlier.is_empty() {
+        eprintln!(
+            "continuing: {} generations kept from an interrupted run ({})",
+            earlier.len(),
+            partial_path(&a.out).display()
+        );
+    }
+    let all_ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
+    let prompts: Vec<GenPrompt> = prompts
+        .into_iter()
+        .filter(|p| !earlier.contains_key(&p.id))
+        .collect();
+    struct Job {
+        model_dir: PathBuf,
+        prompts: Vec<GenPrompt>,
+        gen: GenConfig,
+        partial: PartialOutputs,
+    }
+    impl BackendJob for Job {
+        type Output = (Vec<(String, String)>, PartialOutputs);
+        fn run<B: Backend + 'static>(mut self, b: B) -> crate::Result<Self::Output> {
+            eprintln!("backend: {}", b.name());
+            let tok = Tokenizer::from_dir(&self.model_dir)?;
+            let template = ChatTemplate::from_model_dir(&self.model_dir)?;
+            let model = load_model(&self.model_dir, &b)?;
+            let stop = stop_tokens(&tok, &model.cfg);
+            let pb =
+                crate::train::metrics::progress_bar(self.prompts.len() as u64, false, "generate");
+            let (outs, stats) = generate_outputs(
+                &b,
+                &model,
+                &tok,
+                &template,
+                &self.prompts,
+                &stop,
+                &self.gen,
+                |done, _, batch| {
+                    pb.set_position(done as u64);
+                    self.partial.append(batch)
+                },
+            )?;
+            pb.finish_and_clear();
+            eprintln!(
+                "generated {} tokens for {} prompts in {:.1} s ({} prompts too long, {} outputs \
+                 cut at max_new_tokens)",
+                stats.generated_tokens,
+                stats.prompts,
+                stats.seconds,
+                stats.too_long,
+                stats.truncated
+            );
+            Ok((outs, self.partial))
+        }
+    }
+    let (new_outs, partial) = run_on(
+        a.device,
+        Job {
+            model_dir: a.model.clone(),
+            prompts,
+            gen,
+            partial,
+        },
+    )?;
+    let mut by_id = earlier;
+    by_id.extend(new_outs);
+    let outs: Vec<(String, String)> = all_ids
+        .into_iter()
+        .map(|id| {
+            let o = by_id.get(&id).cloned().unwrap_or_default();
+            (id, o)
+        })
+        .collect();
+    write_outputs(&a.out, &outs)?;
+    partial.finish()?;
+    eprintln!("generations: {}", a.out.display());
+    match kind {
+        EvalKind::Bfcl => {
+            let report = bfcl::score(&bfcl_records, &outs);
+            println!("{}", report.table());
+        }
+        EvalKind::ApiBank => {
+            let report = apibank::score(&api_records, &outs);
+            println!(
+                "API-Bank level-1 call accuracy: {:.2}% ({} / {})\n{}",
+                report.accuracy(),
+                report.correct,
+                report.total,
+                report.note
+            );
+        }
+    }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! `tooln1 inspect` and `tooln1 init-tiny`.
 
 use crate::backend::DType;
-use crate::model::init::{write_tiny_model, TinyOptions};
+use crate::model::init::{write_tiny_model, TinyOptions, TinyVocab};
 use crate::model::memory::{MemoryEstimate, MemoryInputs};
 use crate::model::weights::Checkpoint;
 use crate::model::{ParamLayout, Qwen2Config};
+use crate::tokenizer::{Tokenizer, TINY_TOKENIZER_CONFIG_JSON, TINY_TOKENIZER_JSON};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -168,7 +169,7 @@ pub fn init_tiny(a: InitTinyArgs) -> anyhow::Result<()> {
         dtype: if a.bf16 { DType::BF16 } else { DType::F32 },
         overwrite: a.force,
     };
-    let cfg = write_tiny_model(&a.dir, &o)?;
+    let cfg = write_tiny_model(&a.dir, &o, &builtin_tiny_vocab()?)?;
     println!(
         "wrote {}: {} parameters (hidden {}, {} layers, vocab {}, seed {})",
         display(&a.dir),
@@ -179,6 +180,24 @@ pub fn init_tiny(a: InitTinyArgs) -> anyhow::Result<()> {
         a.seed
     );
     Ok(())
+}
+
+/// The built-in tiny tokenizer ([`TINY_TOKENIZER_JSON`]) as a tiny model folder takes it: 302
+/// tokens, bos `<|endoftext|>`, eos `<|im_end|>`, and its two files.
+pub fn builtin_tiny_vocab() -> crate::Result<TinyVocab> {
+    let tok = Tokenizer::from_bytes(TINY_TOKENIZER_JSON, "built-in tiny tokenizer")?;
+    Ok(TinyVocab {
+        tokens: tok.vocab_size(),
+        bos_token_id: tok.token_id("<|endoftext|>"),
+        eos_token_id: tok.token_id("<|im_end|>"),
+        files: vec![
+            ("tokenizer.json".into(), TINY_TOKENIZER_JSON.to_vec()),
+            (
+                "tokenizer_config.json".into(),
+                TINY_TOKENIZER_CONFIG_JSON.to_vec(),
+            ),
+        ],
+    })
 }
 
 fn display(p: &Path) -> String {

@@ -1,36 +1,40 @@
-//! `tooln1 train`, `tooln1 sft`, `tooln1 demo`, and the generation half of `tooln1 eval ... run`.
+//! `tooln1 train`, `tooln1 sft` and `tooln1 demo`.
 
+use crate::backend::select::{cuda_memory, run_on, uses_cuda, BackendJob};
 use crate::backend::Backend;
+use crate::data::read_samples;
+use crate::demo::{run_demo, DemoConfig, DemoReport};
 use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
 use crate::model::weights::load_model;
 use crate::model::Qwen2Config;
 use crate::safefs::host_available;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint;
-use crate::train::config::{load_config, DeviceKind, SftConfig, TrainConfig};
-use crate::train::demo::{run_demo, DemoConfig};
-use crate::train::device::{run_on, BackendJob};
-use crate::train::evalgen::{
-    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
+use crate::train::config::{
+    load_config, parse_config, DeviceKind, RunConfig, RunKind, SftConfig, TrainConfig,
 };
 use crate::train::metrics::summarize;
-use crate::train::runner::{prepare_prompts, read_samples, stop_tokens, Trainer};
+use crate::train::runner::{prepare_prompts, Trainer};
 use crate::train::sft::{prepare_sft, SftTrainer};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 
+/// The flags `train` and `sft` share; each one given overrides the config field of the same
+/// name ([`RunConfig`]).
 #[derive(clap::Args, Debug, Default)]
-pub struct TrainArgs {
-    /// TOML config (Tool-N1 defaults for everything it leaves out).
+pub struct RunArgs {
+    /// TOML config (the defaults, Tool-N1's recipe for `train`, for everything it leaves out).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override one config value, e.g. `--set grpo.kl_coef=0.01` (repeatable).
+    /// Override one config value, e.g. `--set grpo.kl_coef=0.01` or `--set optim.lr=2e-5`
+    /// (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// HF model folder to start from (also the frozen reference).
+    /// HF model folder to start from (for `train` also the frozen reference).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Prepared training JSONL (from `tooln1 data prepare`).
+    /// Prepared training JSONL (from `tooln1 data prepare`). For `sft` a final assistant
+    /// message is the target, else the ground-truth calls in the Tool-N1 format.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Output folder (metrics.jsonl, checkpoints/).
@@ -39,8 +43,57 @@ pub struct TrainArgs {
     /// auto (CUDA when present, else CPU), cpu or cuda.
     #[arg(long)]
     pub device: Option<DeviceKind>,
+    /// Total steps (0 = the config's `epochs` passes over the data).
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Delete checkpoints in the output folder that are later than the starting step (resuming
+    /// from an older checkpoint, or reusing a folder) instead of refusing to start.
+    #[arg(long)]
+    pub discard_later_checkpoints: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// Put the flags that were given over `run`'s values (`out` is given separately: a resumed
+    /// run has its own default), then require a model folder and a data file from either place;
+    /// `what_data` names the data in the error.
+    fn apply<K: RunKind>(
+        &self,
+        run: &mut RunConfig<K>,
+        out: Option<PathBuf>,
+        what_data: &str,
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        if self.model.is_some() {
+            run.model = self.model.clone();
+        }
+        if self.data.is_some() {
+            run.data = self.data.clone();
+        }
+        if let Some(o) = out {
+            run.out = o;
+        }
+        if let Some(d) = self.device {
+            run.device = d;
+        }
+        if let Some(s) = self.steps {
+            run.steps = s;
+        }
+        let Some(model_dir) = run.model.clone() else {
+            bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
+        };
+        let Some(data) = run.data.clone() else {
+            bail!("no {what_data}: give --data FILE.jsonl or `data = \"FILE\"` in the config");
+        };
+        Ok((model_dir, data))
+    }
+}
+
+#[derive(clap::Args, Debug, Default)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Reward variant: v0 (binary with think, the default), v2, v3, v4.
@@ -51,43 +104,15 @@ pub struct TrainArgs {
     /// --out when given.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Delete checkpoints in the output folder that are later than the starting step (resuming
-    /// from an older checkpoint, or reusing a folder) instead of refusing to start.
-    #[arg(long)]
-    pub discard_later_checkpoints: bool,
     /// Print the resolved config and the memory estimate, then stop.
     #[arg(long)]
     pub dry_run: bool,
-    /// No progress bar.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug, Default)]
 pub struct SftArgs {
-    /// TOML config with the fields of the SFT settings.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override one config value, e.g. `--set optim.lr=2e-5` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Prepared JSONL; a final assistant message is the target, else the ground-truth calls in
-    /// the Tool-N1 format.
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    #[arg(long)]
-    pub device: Option<DeviceKind>,
-    #[arg(long)]
-    pub steps: Option<u64>,
-    /// Delete checkpoints already in the output folder instead of refusing to start.
-    #[arg(long)]
-    pub discard_later_checkpoints: bool,
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,53 +146,6 @@ impl Default for DemoArgs {
     }
 }
 
-/// Which benchmark `eval ... run` generates for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvalKind {
-    Bfcl,
-    ApiBank,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct EvalRunArgs {
-    /// HF model folder.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// BFCL: the data folder (BFCL_v4_*.json + possible_answer/). API-Bank: the level-1 JSON
-    /// file.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Where the generations are written ({"id", "output"} per line).
-    #[arg(long, default_value = "generations.jsonl")]
-    pub out: PathBuf,
-    /// BFCL categories, comma separated (default: the eleven of the Tool-N1 table).
-    #[arg(long, value_delimiter = ',')]
-    pub categories: Vec<String>,
-    /// Only the first N records (quick checks).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Base system text placed before the tool section.
-    #[arg(long, default_value = "")]
-    pub system: String,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 4096)]
-    pub max_prompt_tokens: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceKind,
-}
-
-fn template_for(dir: &Path) -> crate::Result<ChatTemplate> {
-    let p = dir.join("tokenizer_config.json");
-    if p.exists() {
-        ChatTemplate::from_tokenizer_config(&p)
-    } else {
-        Ok(ChatTemplate::qwen25())
-    }
-}
-
 /// Print the memory estimate; refuse the run when it cannot fit.
 fn check_memory(
     model_cfg: &Qwen2Config,
@@ -195,13 +173,8 @@ fn check_memory(
         }
     }
     eprintln!("memory estimate (CUDA numerics: bf16 weights, f32 gradients and AdamW):\n{est}");
-    let cuda = crate::train::device::cuda_memory();
-    let use_cuda = match device {
-        DeviceKind::Cuda => true,
-        DeviceKind::Cpu => false,
-        DeviceKind::Auto => cuda.is_some(),
-    };
-    if use_cuda {
+    let cuda = cuda_memory();
+    if uses_cuda(device, cuda) {
         if let Some((free, total)) = cuda {
             let need = est.peak(recompute);
             eprintln!(
@@ -249,13 +222,17 @@ fn print_config<T: serde::Serialize>(what: &str, cfg: &T) {
     }
 }
 
+/// `tooln1 train`: the demo when nothing is given; else the config (from the file, or from the
+/// checkpoint being resumed) with the flags over it, validated, printed and checked against
+/// the memory, then the run on the selected backend.
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
-    if a.config.is_none() && a.model.is_none() && a.data.is_none() && a.resume.is_none() {
+    let r = &a.run;
+    if r.config.is_none() && r.model.is_none() && r.data.is_none() && a.resume.is_none() {
         eprintln!("no --model/--data/--config given: running the built-in demo (tooln1 demo)");
         return demo(DemoArgs {
-            device: a.device.unwrap_or_default(),
+            device: r.device.unwrap_or_default(),
             seed: a.seed,
-            quiet: a.quiet,
+            quiet: r.quiet,
             ..DemoArgs::default()
         });
     }
@@ -263,21 +240,51 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         Some(p) => Some(checkpoint::resolve_resume(p)?),
         None => None,
     };
-    let mut cfg: TrainConfig = match (&a.config, &resume) {
+    let mut cfg = train_config(r, resume.as_deref())?;
+    let out = output_dir(r, resume.as_deref())?;
+    let (model_dir, data) = r.apply(&mut cfg.run, out, "training data")?;
+    if let Some(s) = a.seed {
+        cfg.run.seed = s;
+    }
+    cfg.validate()?;
+    print_config("training", &cfg);
+    check_train_memory(&cfg, &model_dir)?;
+    if a.dry_run {
+        return Ok(());
+    }
+    let job = TrainJob {
+        reward: crate::reward::reward_by_name(&a.reward)?,
+        cfg,
+        model_dir,
+        data,
+        resume,
+        quiet: r.quiet,
+        discard_later: r.discard_later_checkpoints,
+    };
+    run_on(job.cfg.run.device, job)?;
+    Ok(())
+}
+
+/// The training config: `--config` (or the defaults) with `--set`; when resuming without
+/// `--config`, the run's own settings from the checkpoint.
+fn train_config(r: &RunArgs, resume: Option<&Path>) -> anyhow::Result<TrainConfig> {
+    Ok(match (&r.config, resume) {
         (None, Some(ck)) => {
-            // Resume with the run's own settings unless a config file is given.
             let state = checkpoint::read_state(ck)?;
             let saved: TrainConfig = serde_json::from_value(state.config)
                 .with_context(|| format!("{}: the saved config does not parse", ck.display()))?;
             let text = toml::to_string(&saved)?;
-            crate::train::config::parse_config(&text, &ck.display().to_string(), &a.set)?
+            parse_config(&text, &ck.display().to_string(), &r.set)?
         }
-        _ => load_config(a.config.as_deref(), &a.set)?,
-    };
-    // A resumed run writes where the user points: --out, else the run folder the checkpoint
-    // belongs to, never the output path recorded in the checkpoint (which names the original
-    // folder when a run was copied or moved).
-    let out_flag = match (&a.out, &resume) {
+        _ => load_config(r.config.as_deref(), &r.set)?,
+    })
+}
+
+/// Where the run writes, when not the config's `out`: `--out`, else for a resumed run the run
+/// folder the checkpoint belongs to, never the output path recorded in the checkpoint (which
+/// names the original folder when a run was copied or moved).
+fn output_dir(r: &RunArgs, resume: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    Ok(match (&r.out, resume) {
         (Some(o), _) => Some(o.clone()),
         (None, Some(ck)) => Some(checkpoint::run_dir_of(ck).with_context(|| {
             format!(
@@ -287,27 +294,11 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             )
         })?),
         (None, None) => None,
-    };
-    let run = RunFields {
-        model: &mut cfg.model,
-        data: &mut cfg.data,
-        out: &mut cfg.out,
-        device: &mut cfg.device,
-        steps: &mut cfg.steps,
-    };
-    let (model_dir, data) = run.apply(
-        a.model,
-        a.data,
-        out_flag,
-        a.device,
-        a.steps,
-        "training data",
-    )?;
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
-    cfg.validate()?;
-    print_config("training", &cfg);
+    })
+}
+
+/// The memory a GRPO run of `cfg` needs on the model in `model_dir`, printed and checked.
+fn check_train_memory(cfg: &TrainConfig, model_dir: &Path) -> anyhow::Result<()> {
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
         micro_batch_tokens: cfg.grpo.micro_batch_tokens as u64,
@@ -326,145 +317,77 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         &model_cfg,
         inputs,
         cfg.grpo.recompute,
-        cfg.device,
+        cfg.run.device,
         cfg.step_host_bytes(),
-    )?;
-    if a.dry_run {
-        return Ok(());
-    }
-    let reward = crate::reward::reward_by_name(&a.reward)?;
-    struct Job {
-        cfg: TrainConfig,
-        model_dir: PathBuf,
-        data: PathBuf,
-        resume: Option<PathBuf>,
-        reward: Box<dyn crate::reward::Reward>,
-        quiet: bool,
-        discard_later: bool,
-    }
-    impl BackendJob for Job {
-        type Output = ();
-        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
-            eprintln!("backend: {}", b.name());
-            let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
-            let samples = read_samples(&self.data)?;
-            let (prompts, dropped) = prepare_prompts(
-                &samples,
-                &tok,
-                &template,
-                self.cfg.rollout.max_prompt_tokens,
-            )?;
-            eprintln!(
-                "{}: {} samples, {} prompts kept, {} longer than rollout.max_prompt_tokens = {} \
-                 left out",
-                self.data.display(),
-                samples.len(),
-                prompts.len(),
-                dropped,
-                self.cfg.rollout.max_prompt_tokens
-            );
-            let reference = load_model(&self.model_dir, &b)?;
-            let mut t = match &self.resume {
-                Some(ck) => Trainer::resume(b, ck, reference, tok, prompts, self.reward, self.cfg)?,
-                None => {
-                    let policy = load_model(&self.model_dir, &b)?;
-                    Trainer::new(b, policy, reference, tok, prompts, self.reward, self.cfg)?
-                }
-            };
-            t.reference_dir = Some(self.model_dir.clone());
-            t.source_dir = Some(self.model_dir.clone());
-            t.quiet = self.quiet;
-            t.discard_later = self.discard_later;
-            eprintln!(
-                "training {} steps from step {} ({} prompts x {} samples per step)",
-                t.total_steps(),
-                t.step,
-                t.cfg.grpo.prompts_per_step,
-                t.cfg.rollout.n
-            );
-            let steps = t.run()?;
-            eprintln!("{}", summarize(&steps));
-            eprintln!(
-                "metrics: {}\nlast checkpoint: {}",
-                t.cfg.out.join("metrics.jsonl").display(),
-                checkpoint::step_dir(&t.cfg.out, t.step).display()
-            );
-            Ok(())
-        }
-    }
-    let device = cfg.device;
-    run_on(
-        device,
-        Job {
-            cfg,
-            model_dir,
-            data,
-            resume,
-            reward,
-            quiet: a.quiet,
-            discard_later: a.discard_later_checkpoints,
-        },
-    )?;
-    Ok(())
+    )
 }
 
-/// The fields that `train` and `sft` configs share and that command-line flags override.
-struct RunFields<'a> {
-    model: &'a mut Option<PathBuf>,
-    data: &'a mut Option<PathBuf>,
-    out: &'a mut PathBuf,
-    device: &'a mut DeviceKind,
-    steps: &'a mut u64,
+/// A GRPO run, ready for a backend.
+struct TrainJob {
+    cfg: TrainConfig,
+    model_dir: PathBuf,
+    data: PathBuf,
+    resume: Option<PathBuf>,
+    reward: Box<dyn crate::reward::Reward>,
+    quiet: bool,
+    discard_later: bool,
 }
 
-impl RunFields<'_> {
-    /// Apply the flags that were given over the config's values, then require a model folder
-    /// and a data file (from either place); `what_data` names the data in the error.
-    fn apply(
-        self,
-        model: Option<PathBuf>,
-        data: Option<PathBuf>,
-        out: Option<PathBuf>,
-        device: Option<DeviceKind>,
-        steps: Option<u64>,
-        what_data: &str,
-    ) -> anyhow::Result<(PathBuf, PathBuf)> {
-        if model.is_some() {
-            *self.model = model;
-        }
-        if data.is_some() {
-            *self.data = data;
-        }
-        if let Some(o) = out {
-            *self.out = o;
-        }
-        if let Some(d) = device {
-            *self.device = d;
-        }
-        if let Some(s) = steps {
-            *self.steps = s;
-        }
-        let Some(model_dir) = self.model.clone() else {
-            bail!("no model: give --model DIR or `model = \"DIR\"` in the config");
+impl BackendJob for TrainJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
+        eprintln!("backend: {}", b.name());
+        let tok = Tokenizer::from_dir(&self.model_dir)?;
+        let template = ChatTemplate::from_model_dir(&self.model_dir)?;
+        let samples = read_samples(&self.data)?;
+        let max_prompt = self.cfg.rollout.max_prompt_tokens;
+        let (prompts, dropped) = prepare_prompts(&samples, &tok, &template, max_prompt)?;
+        eprintln!(
+            "{}: {} samples, {} prompts kept, {} longer than rollout.max_prompt_tokens = {} \
+             left out",
+            self.data.display(),
+            samples.len(),
+            prompts.len(),
+            dropped,
+            max_prompt
+        );
+        let reference = load_model(&self.model_dir, &b)?;
+        let mut t = match &self.resume {
+            Some(ck) => Trainer::resume(b, ck, reference, tok, prompts, self.reward, self.cfg)?,
+            None => {
+                let policy = load_model(&self.model_dir, &b)?;
+                Trainer::new(b, policy, reference, tok, prompts, self.reward, self.cfg)?
+            }
         };
-        let Some(data) = self.data.clone() else {
-            bail!("no {what_data}: give --data FILE.jsonl or `data = \"FILE\"` in the config");
-        };
-        Ok((model_dir, data))
+        t.reference_dir = Some(self.model_dir.clone());
+        t.source_dir = Some(self.model_dir.clone());
+        t.quiet = self.quiet;
+        t.discard_later = self.discard_later;
+        eprintln!(
+            "training {} steps from step {} ({} prompts x {} samples per step)",
+            t.total_steps(),
+            t.step,
+            t.cfg.grpo.prompts_per_step,
+            t.cfg.rollout.n
+        );
+        let steps = t.run()?;
+        eprintln!("{}", summarize(&steps));
+        let out = &t.cfg.run.out;
+        eprintln!(
+            "metrics: {}\nlast checkpoint: {}",
+            out.join("metrics.jsonl").display(),
+            checkpoint::step_dir(out, t.step).display()
+        );
+        Ok(())
     }
 }
 
+/// `tooln1 sft`: the config with the flags over it, validated, printed and checked against the
+/// memory, then the run on the selected backend.
 pub fn sft(a: SftArgs) -> anyhow::Result<()> {
-    let mut cfg: SftConfig = load_config(a.config.as_deref(), &a.set)?;
-    let run = RunFields {
-        model: &mut cfg.model,
-        data: &mut cfg.data,
-        out: &mut cfg.out,
-        device: &mut cfg.device,
-        steps: &mut cfg.steps,
-    };
-    let (model_dir, data) = run.apply(a.model, a.data, a.out, a.device, a.steps, "data")?;
+    let r = &a.run;
+    let mut cfg: SftConfig = load_config(r.config.as_deref(), &r.set)?;
+    let (model_dir, data) = r.apply(&mut cfg.run, r.out.clone(), "data")?;
     cfg.validate()?;
     print_config("SFT", &cfg);
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
@@ -474,60 +397,60 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         max_len: cfg.max_seq_tokens as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.recompute, cfg.device, 0)?;
-    struct Job {
-        cfg: SftConfig,
-        model_dir: PathBuf,
-        data: PathBuf,
-        quiet: bool,
-        discard_later: bool,
-    }
-    impl BackendJob for Job {
-        type Output = ();
-        fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
-            eprintln!("backend: {}", b.name());
-            let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
-            let samples = read_samples(&self.data)?;
-            let (items, dropped) = prepare_sft(&samples, &tok, &template, self.cfg.max_seq_tokens)?;
-            eprintln!(
-                "{}: {} samples, {} kept, {} longer than max_seq_tokens left out",
-                self.data.display(),
-                samples.len(),
-                items.len(),
-                dropped
-            );
-            let model = load_model(&self.model_dir, &b)?;
-            let out = self.cfg.out.clone();
-            let mut t = SftTrainer::new(b, model, items, self.cfg)?;
-            t.source_dir = Some(self.model_dir.clone());
-            t.quiet = self.quiet;
-            t.discard_later = self.discard_later;
-            let m = t.run(Some(&out))?;
-            if let (Some(f), Some(l)) = (m.first(), m.last()) {
-                eprintln!(
-                    "SFT: {} steps, loss {:.4} -> {:.4}; model: {}",
-                    m.len(),
-                    f.loss,
-                    l.loss,
-                    checkpoint::step_dir(&out, t.step).join("model").display()
-                );
-            }
-            Ok(())
-        }
-    }
-    let device = cfg.device;
-    run_on(
-        device,
-        Job {
-            cfg,
-            model_dir,
-            data,
-            quiet: a.quiet,
-            discard_later: a.discard_later_checkpoints,
-        },
-    )?;
+    check_memory(&model_cfg, inputs, cfg.recompute, cfg.run.device, 0)?;
+    let job = SftJob {
+        cfg,
+        model_dir,
+        data,
+        quiet: r.quiet,
+        discard_later: r.discard_later_checkpoints,
+    };
+    run_on(job.cfg.run.device, job)?;
     Ok(())
+}
+
+/// An SFT run, ready for a backend.
+struct SftJob {
+    cfg: SftConfig,
+    model_dir: PathBuf,
+    data: PathBuf,
+    quiet: bool,
+    discard_later: bool,
+}
+
+impl BackendJob for SftJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
+        eprintln!("backend: {}", b.name());
+        let tok = Tokenizer::from_dir(&self.model_dir)?;
+        let template = ChatTemplate::from_model_dir(&self.model_dir)?;
+        let samples = read_samples(&self.data)?;
+        let (items, dropped) = prepare_sft(&samples, &tok, &template, self.cfg.max_seq_tokens)?;
+        eprintln!(
+            "{}: {} samples, {} kept, {} longer than max_seq_tokens left out",
+            self.data.display(),
+            samples.len(),
+            items.len(),
+            dropped
+        );
+        let model = load_model(&self.model_dir, &b)?;
+        let out = self.cfg.run.out.clone();
+        let mut t = SftTrainer::new(b, model, items, self.cfg)?;
+        t.source_dir = Some(self.model_dir.clone());
+        t.quiet = self.quiet;
+        t.discard_later = self.discard_later;
+        let m = t.run(Some(&out))?;
+        if let (Some(f), Some(l)) = (m.first(), m.last()) {
+            eprintln!(
+                "SFT: {} steps, loss {:.4} -> {:.4}; model: {}",
+                m.len(),
+                f.loss,
+                l.loss,
+                checkpoint::step_dir(&out, t.step).join("model").display()
+            );
+        }
+        Ok(())
+    }
 }
 
 pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
@@ -547,7 +470,7 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
     }
     struct Job(DemoConfig);
     impl BackendJob for Job {
-        type Output = crate::train::demo::DemoReport;
+        type Output = DemoReport;
         fn run<B: Backend + 'static>(self, b: B) -> crate::Result<Self::Output> {
             run_demo(b, &self.0)
         }
@@ -568,168 +491,5 @@ pub fn demo(a: DemoArgs) -> anyhow::Result<()> {
         r.time_grpo_s,
         a.out.join("grpo/metrics.jsonl").display()
     );
-    Ok(())
-}
-
-pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
-    use crate::eval::{apibank, bfcl};
-    // Prompts and the scorer's records.
-    let (prompts, bfcl_records, api_records) = match kind {
-        EvalKind::Bfcl => {
-            let cats: Vec<bfcl::Category> = if a.categories.is_empty() {
-                bfcl::Category::TOOLN1.to_vec()
-            } else {
-                a.categories
-                    .iter()
-                    .map(|c| {
-                        bfcl::Category::from_name(c.trim())
-                            .with_context(|| format!("--categories: unknown BFCL category `{c}`"))
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            };
-            let mut recs = bfcl::load_dir(&a.data, &cats)?;
-            if let Some(n) = a.limit {
-                recs.truncate(n);
-            }
-            let prompts: Vec<GenPrompt> = recs
-                .iter()
-                .map(|r| {
-                    let p = bfcl::eval_prompt(r, &a.system);
-                    GenPrompt {
-                        id: p.id,
-                        messages: p.messages,
-                    }
-                })
-                .collect();
-            (prompts, recs, Vec::new())
-        }
-        EvalKind::ApiBank => {
-            let mut recs = apibank::load(&a.data)?;
-            if let Some(n) = a.limit {
-                recs.truncate(n);
-            }
-            let prompts: Vec<GenPrompt> = recs
-                .iter()
-                .map(|r| {
-                    let p = apibank::eval_prompt(r, &a.system);
-                    GenPrompt {
-                        id: p.id,
-                        messages: p.messages,
-                    }
-                })
-                .collect();
-            (prompts, Vec::new(), recs)
-        }
-    };
-    eprintln!("{} prompts from {}", prompts.len(), a.data.display());
-    let gen = GenConfig {
-        batch_size: a.batch_size,
-        max_new_tokens: a.max_new_tokens,
-        max_prompt_tokens: a.max_prompt_tokens,
-    };
-    // Before any generation: --out must be writable, and generations are saved batch by batch
-    // beside it so that an interrupted run keeps them and a rerun continues.
-    let settings = serde_json::json!({
-        "model": a.model.display().to_string(),
-        "data": a.data.display().to_string(),
-        "system": a.system,
-        "max_new_tokens": a.max_new_tokens,
-        "max_prompt_tokens": a.max_prompt_tokens,
-    });
-    let _lock =
-        crate::safefs::RunLock::acquire_at(&partial_path(&a.out).with_extension("lock"), &a.out)?;
-    let partial = PartialOutputs::open(&a.out, &settings)?;
-    let earlier: std::collections::HashMap<String, String> = partial.done.iter().cloned().collect();
-    if !earlier.is_empty() {
-        eprintln!(
-            "continuing: {} generations kept from an interrupted run ({})",
-            earlier.len(),
-            partial_path(&a.out).display()
-        );
-    }
-    let all_ids: Vec<String> = prompts.iter().map(|p| p.id.clone()).collect();
-    let prompts: Vec<GenPrompt> = prompts
-        .into_iter()
-        .filter(|p| !earlier.contains_key(&p.id))
-        .collect();
-    struct Job {
-        model_dir: PathBuf,
-        prompts: Vec<GenPrompt>,
-        gen: GenConfig,
-        partial: PartialOutputs,
-    }
-    impl BackendJob for Job {
-        type Output = (Vec<(String, String)>, PartialOutputs);
-        fn run<B: Backend + 'static>(mut self, b: B) -> crate::Result<Self::Output> {
-            eprintln!("backend: {}", b.name());
-            let tok = Tokenizer::from_dir(&self.model_dir)?;
-            let template = template_for(&self.model_dir)?;
-            let model = load_model(&self.model_dir, &b)?;
-            let stop = stop_tokens(&tok, &model.cfg);
-            let pb =
-                crate::train::metrics::progress_bar(self.prompts.len() as u64, false, "generate");
-            let (outs, stats) = generate_outputs(
-                &b,
-                &model,
-                &tok,
-                &template,
-                &self.prompts,
-                &stop,
-                &self.gen,
-                |done, _, batch| {
-                    pb.set_position(done as u64);
-                    self.partial.append(batch)
-                },
-            )?;
-            pb.finish_and_clear();
-            eprintln!(
-                "generated {} tokens for {} prompts in {:.1} s ({} prompts too long, {} outputs \
-                 cut at max_new_tokens)",
-                stats.generated_tokens,
-                stats.prompts,
-                stats.seconds,
-                stats.too_long,
-                stats.truncated
-            );
-            Ok((outs, self.partial))
-        }
-    }
-    let (new_outs, partial) = run_on(
-        a.device,
-        Job {
-            model_dir: a.model.clone(),
-            prompts,
-            gen,
-            partial,
-        },
-    )?;
-    let mut by_id = earlier;
-    by_id.extend(new_outs);
-    let outs: Vec<(String, String)> = all_ids
-        .into_iter()
-        .map(|id| {
-            let o = by_id.get(&id).cloned().unwrap_or_default();
-            (id, o)
-        })
-        .collect();
-    write_outputs(&a.out, &outs)?;
-    partial.finish()?;
-    eprintln!("generations: {}", a.out.display());
-    match kind {
-        EvalKind::Bfcl => {
-            let report = bfcl::score(&bfcl_records, &outs);
-            println!("{}", report.table());
-        }
-        EvalKind::ApiBank => {
-            let report = apibank::score(&api_records, &outs);
-            println!(
-                "API-Bank level-1 call accuracy: {:.2}% ({} / {})\n{}",
-                report.accuracy(),
-                report.correct,
-                report.total,
-                report.note
-            );
-        }
-    }
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! Training data: the unified sample format, the Tool-N1 system prompt, and the xLAM / ToolACE
-//! converters (facts §1.1, §1.3).
+//! converters (the two sources and the prompt format of the Tool-N1 paper, Zhang et al. 2025,
+//! arXiv:2505.00024).
 //!
 //! Library entry points: [`tooln1_system_prompt`], [`read_records`], [`convert_xlam`],
 //! [`convert_toolace`], [`split_train_test`], [`write_jsonl`], and [`prepare`] which does all of
 //! it for a set of input files.
 
 use crate::pycall::{self, ParseOptions};
+use crate::pyjson::py_json;
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -15,8 +17,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// One chat message. Assistant tool calls are stored as the JSON text of the call list
-/// (facts §1.1); tool results use role `tool`.
+/// One chat message. Assistant tool calls are stored as the JSON text of the call list (as the
+/// Tool-N1 format writes them inside `<tool_call>`); tool results use role `tool`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
@@ -43,48 +45,11 @@ question and a set of possible functions. Based on the question, you will need t
 more function/tool calls to achieve the purpose. If none of the functions can be used, point it \
 out. If the given question lacks the parameters required by the function, also point it out.";
 
-/// JSON text the way Python's `json.dumps(v, ensure_ascii=False)` writes it: separators `", "`
-/// and `": "`, keys in insertion order. (This is how the Tool-N1 prompt lists tools and how
-/// assistant calls are written into prior turns.)
-pub fn py_json(v: &Value) -> String {
-    let mut s = String::new();
-    write_py_json(v, &mut s);
-    s
-}
-
-fn write_py_json(v: &Value, out: &mut String) {
-    match v {
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_py_json(x, out);
-            }
-            out.push(']');
-        }
-        Value::Object(m) => {
-            out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push_str(": ");
-                write_py_json(x, out);
-            }
-            out.push('}');
-        }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
-    }
-}
-
-/// The Tool-N1 system message (facts §1.1): `base_system`, then a `# Tool` section listing each
-/// tool on its own line as `{"type": "function", "function": <tool>}` inside `<tools></tools>`,
-/// then the reply-format instructions (`<think>` reasoning, then a JSON list of
-/// `{"name", "arguments"}` inside `<tool_call></tool_call>`, both in one reply, an example, and
-/// a reminder about argument types). With `for_eval` it adds the evaluation-time instruction to
+/// The Tool-N1 system message (the paper's training prompt): `base_system`, then a `# Tool`
+/// section listing each tool on its own line as `{"type": "function", "function": <tool>}`
+/// inside `<tools></tools>`, then the reply-format instructions (`<think>` reasoning, then a
+/// JSON list of `{"name", "arguments"}` inside `<tool_call></tool_call>`, both in one reply, an
+/// example, and a reminder about argument types). With `for_eval` it adds the evaluation-time instruction to
 /// answer `<tool_call>[]</tool_call>` when no function applies.
 pub fn tooln1_system_prompt(base_system: &str, tools: &[Value], for_eval: bool) -> String {
     let mut s = String::new();

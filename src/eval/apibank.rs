@@ -195,7 +195,7 @@ fn api_request_messages(line: &str) -> Vec<Message> {
                 .into_iter()
                 .map(|(k, v)| (k, Value::String(v)))
                 .collect();
-            crate::data::py_json(
+            crate::pyjson::py_json(
                 &serde_json::json!([{"name": name, "arguments": Value::Object(args)}]),
             )
         }

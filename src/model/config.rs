@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// The fields of a Qwen2 config this engine uses (facts §2.2). `head_dim` is derived
+/// The fields of a Qwen2 config this engine uses (those of transformers'
+/// `Qwen2Config`, `models/qwen2/configuration_qwen2.py`). `head_dim` is derived
 /// (hidden_size / num_attention_heads) unless the file gives it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Qwen2Config {
@@ -44,13 +45,87 @@ pub const MAX_PARAMS: u64 = 10_000_000_000_000;
 /// takes memory per layer, so this is checked before any list is built.
 pub const MAX_LAYERS: usize = 100_000;
 
-/// Field reader over one JSON object that names the file and field in every error.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
+/// A field of config.json as serde read it: the value when it has the expected JSON type,
+/// else the value as written, so that the check that needs it can name the field and show what
+/// it found.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum Field<T> {
+    Ok(T),
+    Bad(Value),
+}
+
+/// What a JSON value of a field type must look like, for the "expected ..." of an error.
+trait Expected {
+    const WHAT: &'static str;
+}
+impl Expected for usize {
+    const WHAT: &'static str = "a non-negative integer";
+}
+impl Expected for f64 {
+    const WHAT: &'static str = "a number";
+}
+impl Expected for bool {
+    const WHAT: &'static str = "true or false";
+}
+impl Expected for String {
+    const WHAT: &'static str = "a string";
+}
+/// Token ids.
+impl Expected for u32 {
+    const WHAT: &'static str = "a token id (integer)";
+}
+
+/// `eos_token_id`: one id or a list of them (HF allows both).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    Many(Vec<Field<u32>>),
+    One(Field<u32>),
+}
+
+/// config.json as serde reads it: the fields this engine uses, each `None` when absent or
+/// `null`. Every other field is ignored here and kept by [`Qwen2Config::to_json`].
+#[derive(Clone, Debug, Deserialize)]
+struct RawConfig {
+    model_type: Option<Field<String>>,
+    architectures: Option<Field<Vec<Field<String>>>>,
+    hidden_size: Option<Field<usize>>,
+    intermediate_size: Option<Field<usize>>,
+    num_hidden_layers: Option<Field<usize>>,
+    num_attention_heads: Option<Field<usize>>,
+    num_key_value_heads: Option<Field<usize>>,
+    head_dim: Option<Field<usize>>,
+    vocab_size: Option<Field<usize>>,
+    rms_norm_eps: Option<Field<f64>>,
+    rope_theta: Option<Field<f64>>,
+    /// transformers 5 nests it: `"rope_parameters": {"rope_theta": .., "rope_type": ..}`.
+    rope_parameters: Option<Field<Map<String, Value>>>,
+    rope_scaling: Option<Value>,
+    max_position_embeddings: Option<Field<usize>>,
+    tie_word_embeddings: Option<Field<bool>>,
+    bos_token_id: Option<Field<u32>>,
+    eos_token_id: Option<OneOrMany>,
+    torch_dtype: Option<Field<String>>,
+    /// transformers 5 writes `dtype` instead of `torch_dtype`.
+    dtype: Option<Field<String>>,
+    hidden_act: Option<Field<String>>,
+    use_sliding_window: Option<Field<bool>>,
+}
+
+/// `rope_parameters` as serde reads it.
+#[derive(Clone, Debug, Deserialize)]
+struct RawRope {
+    rope_theta: Option<Field<f64>>,
+    rope_type: Option<Field<String>>,
+}
+
+/// The file a config comes from, for errors.
+struct Ctx<'a> {
     label: &'a str,
 }
 
-impl Fields<'_> {
+impl Ctx<'_> {
     fn err(&self, field: &str, msg: impl Into<String>) -> Error {
         Error::Config {
             file: self.label.to_string(),
@@ -59,76 +134,34 @@ impl Fields<'_> {
         }
     }
 
-    fn get(&self, field: &str) -> Option<&Value> {
-        self.obj.get(field).filter(|v| !v.is_null())
+    /// The value of a present field of the expected type.
+    fn value<T: Expected + Clone>(&self, field: &str, f: &Field<T>) -> Result<T> {
+        match f {
+            Field::Ok(v) => Ok(v.clone()),
+            Field::Bad(v) => {
+                Err(self.err(field, format!("expected {}, found {}", T::WHAT, short(v))))
+            }
+        }
     }
 
-    fn required(&self, field: &str) -> Result<&Value> {
-        self.get(field)
-            .ok_or_else(|| self.err(field, "missing (required for Qwen2ForCausalLM)"))
+    /// An optional field's value, or `default` when it is absent.
+    fn or<T: Expected + Clone>(&self, field: &str, f: &Option<Field<T>>, default: T) -> Result<T> {
+        match f {
+            None => Ok(default),
+            Some(f) => self.value(field, f),
+        }
     }
 
-    fn as_usize(&self, field: &str, v: &Value) -> Result<usize> {
-        v.as_u64()
-            .and_then(|x| usize::try_from(x).ok())
-            .ok_or_else(|| {
-                self.err(
-                    field,
-                    format!("expected a non-negative integer, found {}", short(v)),
-                )
-            })
-    }
-
-    fn usize_req(&self, field: &str) -> Result<usize> {
-        let v = self.required(field)?;
-        self.as_usize(field, v)
-    }
-
-    fn positive(&self, field: &str) -> Result<usize> {
-        let x = self.usize_req(field)?;
+    /// A required size: present, an integer, greater than 0.
+    fn positive(&self, field: &str, f: &Option<Field<usize>>) -> Result<usize> {
+        let f = f
+            .as_ref()
+            .ok_or_else(|| self.err(field, "missing (required for Qwen2ForCausalLM)"))?;
+        let x = self.value(field, f)?;
         if x == 0 {
             return Err(self.err(field, "must be greater than 0"));
         }
         Ok(x)
-    }
-
-    fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.err(field, format!("expected a number, found {}", short(v)))),
-        }
-    }
-
-    fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
-        match self.get(field) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                self.err(field, format!("expected true or false, found {}", short(v)))
-            }),
-        }
-    }
-
-    fn string_or(&self, field: &str, default: &str) -> Result<String> {
-        match self.get(field) {
-            None => Ok(default.to_string()),
-            Some(v) => v
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| self.err(field, format!("expected a string, found {}", short(v)))),
-        }
-    }
-
-    fn token_id(&self, field: &str, v: &Value) -> Result<u32> {
-        v.as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| {
-                self.err(
-                    field,
-                    format!("expected a token id (integer), found {}", short(v)),
-                )
-            })
     }
 }
 
@@ -140,6 +173,230 @@ fn short(v: &Value) -> String {
         format!("{head}...")
     } else {
         s
+    }
+}
+
+/// The shapes of a config: sizes, heads and the head dimension.
+struct Shapes {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+}
+
+impl RawConfig {
+    /// Which model this is: `model_type` and/or `architectures` must say Qwen2. Returns the
+    /// architectures (the Qwen2 one when the file gives none).
+    fn architectures(&self, cx: &Ctx) -> Result<Vec<String>> {
+        let model_type = match &self.model_type {
+            None => None,
+            Some(f) => Some(cx.value("model_type", f)?),
+        };
+        if let Some(mt) = &model_type {
+            if mt != MODEL_TYPE {
+                return Err(cx.err(
+                    "model_type",
+                    format!("unsupported model type {mt:?}; expected \"{MODEL_TYPE}\""),
+                ));
+            }
+        }
+        let list_err = |v: &Value| {
+            cx.err(
+                "architectures",
+                format!("expected a list of strings, found {}", short(v)),
+            )
+        };
+        let architectures: Vec<String> = match &self.architectures {
+            None => Vec::new(),
+            Some(Field::Bad(v)) => return Err(list_err(v)),
+            Some(Field::Ok(items)) => items
+                .iter()
+                .map(|a| match a {
+                    Field::Ok(s) => Ok(s.clone()),
+                    Field::Bad(v) => Err(list_err(v)),
+                })
+                .collect::<Result<_>>()?,
+        };
+        if let Some(bad) = architectures.iter().find(|a| a.as_str() != ARCHITECTURE) {
+            return Err(cx.err(
+                "architectures",
+                format!("unsupported architecture {bad:?}; expected \"{ARCHITECTURE}\""),
+            ));
+        }
+        if model_type.is_none() && architectures.is_empty() {
+            return Err(cx.err(
+                "model_type",
+                format!(
+                    "missing (and no `architectures`): cannot tell that this is a \
+                     {ARCHITECTURE} config"
+                ),
+            ));
+        }
+        Ok(if architectures.is_empty() {
+            vec![ARCHITECTURE.to_string()]
+        } else {
+            architectures
+        })
+    }
+
+    /// Sizes and heads; `head_dim` is hidden / heads unless the file gives it, and the heads
+    /// must split evenly into key/value groups and rotary halves.
+    fn shapes(&self, cx: &Ctx) -> Result<Shapes> {
+        let hidden_size = cx.positive("hidden_size", &self.hidden_size)?;
+        let intermediate_size = cx.positive("intermediate_size", &self.intermediate_size)?;
+        let num_hidden_layers = cx.positive("num_hidden_layers", &self.num_hidden_layers)?;
+        let num_attention_heads = cx.positive("num_attention_heads", &self.num_attention_heads)?;
+        let num_key_value_heads = match &self.num_key_value_heads {
+            None => num_attention_heads,
+            Some(_) => cx.positive("num_key_value_heads", &self.num_key_value_heads)?,
+        };
+        let vocab_size = cx.positive("vocab_size", &self.vocab_size)?;
+        let head_dim = match &self.head_dim {
+            Some(_) => cx.positive("head_dim", &self.head_dim)?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(cx.err(
+                        "hidden_size",
+                        format!(
+                            "{hidden_size} is not divisible by num_attention_heads \
+                             {num_attention_heads}"
+                        ),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(cx.err(
+                "num_attention_heads",
+                format!(
+                    "{num_attention_heads} is not divisible by num_key_value_heads \
+                     {num_key_value_heads} (grouped-query attention shares each kv head by a \
+                     whole number of query heads)"
+                ),
+            ));
+        }
+        if head_dim % 2 != 0 {
+            return Err(cx.err(
+                "head_dim",
+                format!("{head_dim} is odd; rotary embeddings split the head in two halves"),
+            ));
+        }
+        Ok(Shapes {
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+        })
+    }
+
+    /// `rms_norm_eps` (default 1e-6), positive.
+    fn rms_norm_eps(&self, cx: &Ctx) -> Result<f64> {
+        let eps = cx.or("rms_norm_eps", &self.rms_norm_eps, 1e-6)?;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(cx.err(
+                "rms_norm_eps",
+                format!("must be a positive number, found {eps}"),
+            ));
+        }
+        Ok(eps)
+    }
+
+    /// The RoPE base: `rope_theta`, or transformers 5's `rope_parameters.rope_theta` (default
+    /// 10000); only the default RoPE type and no scaling are supported.
+    fn rope_theta(&self, cx: &Ctx) -> Result<f64> {
+        let theta = match (&self.rope_theta, &self.rope_parameters) {
+            (Some(_), _) | (None, None) => cx.or("rope_theta", &self.rope_theta, 10000.0)?,
+            (None, Some(Field::Bad(rp))) => {
+                return Err(cx.err(
+                    "rope_parameters",
+                    format!("expected an object, found {}", short(rp)),
+                ))
+            }
+            (None, Some(Field::Ok(rp))) => {
+                let rope = RawRope::deserialize(Value::Object(rp.clone()))
+                    .map_err(|e| cx.err("rope_parameters", format!("cannot be read: {e}")))?;
+                let theta = cx
+                    .or("rope_theta", &rope.rope_theta, 10000.0)
+                    .map_err(|_| cx.err("rope_parameters.rope_theta", "expected a number"))?;
+                let rope_type = cx
+                    .or("rope_type", &rope.rope_type, "default".to_string())
+                    .map_err(|_| cx.err("rope_parameters.rope_type", "expected a string"))?;
+                if rope_type != "default" {
+                    return Err(cx.err(
+                        "rope_parameters.rope_type",
+                        format!("unsupported RoPE type {rope_type:?}; expected \"default\""),
+                    ));
+                }
+                theta
+            }
+        };
+        if let Some(rs) = &self.rope_scaling {
+            let kind = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("?");
+            if kind != "default" {
+                return Err(cx.err(
+                    "rope_scaling",
+                    format!("RoPE scaling {kind:?} is not supported; expected none"),
+                ));
+            }
+        }
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(cx.err(
+                "rope_theta",
+                format!("must be a positive number, found {theta}"),
+            ));
+        }
+        Ok(theta)
+    }
+
+    /// `bos_token_id` (optional) and `eos_token_id` (an id or a list, optional).
+    fn special_ids(&self, cx: &Ctx) -> Result<(Option<u32>, Vec<u32>)> {
+        let bos = match &self.bos_token_id {
+            None => None,
+            Some(f) => Some(cx.value("bos_token_id", f)?),
+        };
+        let eos = match &self.eos_token_id {
+            None => Vec::new(),
+            Some(OneOrMany::Many(items)) => items
+                .iter()
+                .map(|f| cx.value("eos_token_id", f))
+                .collect::<Result<_>>()?,
+            Some(OneOrMany::One(f)) => vec![cx.value("eos_token_id", f)?],
+        };
+        Ok((bos, eos))
+    }
+
+    /// The stored dtype (`torch_dtype`, or transformers 5's `dtype`; default float32) and the
+    /// activation, which must be SiLU; sliding-window attention is refused.
+    fn numerics(&self, cx: &Ctx) -> Result<(String, String)> {
+        let torch_dtype = match &self.torch_dtype {
+            Some(_) => cx.or("torch_dtype", &self.torch_dtype, "float32".into())?,
+            None => cx.or("dtype", &self.dtype, "float32".into())?,
+        };
+        let hidden_act = cx.or("hidden_act", &self.hidden_act, "silu".into())?;
+        if hidden_act != "silu" {
+            return Err(cx.err(
+                "hidden_act",
+                format!("unsupported activation {hidden_act:?}; expected \"silu\""),
+            ));
+        }
+        if cx.or("use_sliding_window", &self.use_sliding_window, false)? {
+            return Err(cx.err(
+                "use_sliding_window",
+                "sliding-window attention is not supported; expected false",
+            ));
+        }
+        Ok((torch_dtype, hidden_act))
     }
 }
 
@@ -160,215 +417,40 @@ impl Qwen2Config {
         Self::from_json_value(&value, label)
     }
 
-    /// Check a parsed config object.
+    /// Check a parsed config object: serde reads the fields, then each phase below checks its
+    /// part in the order of the file's sections (model identity, shapes, normalisation, RoPE,
+    /// position limit and embeddings, special ids, numerics), and [`Qwen2Config::validate`]
+    /// checks the whole.
     pub fn from_json_value(value: &Value, label: &str) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| Error::Config {
-            file: label.to_string(),
-            field: "<json>".into(),
-            msg: format!("expected a JSON object, found {}", short(value)),
-        })?;
-        let f = Fields { obj, label };
-
-        // Which model this is: `model_type` and/or `architectures` must say Qwen2.
-        let model_type = match f.get("model_type") {
-            None => None,
-            Some(v) => Some(v.as_str().ok_or_else(|| {
-                f.err(
-                    "model_type",
-                    format!("expected a string, found {}", short(v)),
-                )
-            })?),
-        };
-        if let Some(mt) = model_type {
-            if mt != MODEL_TYPE {
-                return Err(f.err(
-                    "model_type",
-                    format!("unsupported model type {mt:?}; expected \"{MODEL_TYPE}\""),
-                ));
-            }
-        }
-        let architectures: Vec<String> = match f.get("architectures") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|a| {
-                    a.as_str().map(str::to_string).ok_or_else(|| {
-                        f.err(
-                            "architectures",
-                            format!("expected a list of strings, found {}", short(a)),
-                        )
-                    })
-                })
-                .collect::<Result<_>>()?,
-            Some(v) => {
-                return Err(f.err(
-                    "architectures",
-                    format!("expected a list of strings, found {}", short(v)),
-                ))
-            }
-        };
-        if let Some(bad) = architectures.iter().find(|a| a.as_str() != ARCHITECTURE) {
-            return Err(f.err(
-                "architectures",
-                format!("unsupported architecture {bad:?}; expected \"{ARCHITECTURE}\""),
+        let cx = Ctx { label };
+        if !value.is_object() {
+            return Err(cx.err(
+                "<json>",
+                format!("expected a JSON object, found {}", short(value)),
             ));
         }
-        if model_type.is_none() && architectures.is_empty() {
-            return Err(f.err(
-                "model_type",
-                format!(
-                    "missing (and no `architectures`): cannot tell that this is a \
-                     {ARCHITECTURE} config"
-                ),
-            ));
-        }
-        let architectures = if architectures.is_empty() {
-            vec![ARCHITECTURE.to_string()]
-        } else {
-            architectures
-        };
-
-        let hidden_size = f.positive("hidden_size")?;
-        let intermediate_size = f.positive("intermediate_size")?;
-        let num_hidden_layers = f.positive("num_hidden_layers")?;
-        let num_attention_heads = f.positive("num_attention_heads")?;
-        let num_key_value_heads = match f.get("num_key_value_heads") {
-            None => num_attention_heads,
-            Some(_) => f.positive("num_key_value_heads")?,
-        };
-        let vocab_size = f.positive("vocab_size")?;
-
-        let head_dim = match f.get("head_dim") {
-            Some(_) => f.positive("head_dim")?,
-            None => {
-                if hidden_size % num_attention_heads != 0 {
-                    return Err(f.err(
-                        "hidden_size",
-                        format!(
-                            "{hidden_size} is not divisible by num_attention_heads \
-                             {num_attention_heads}"
-                        ),
-                    ));
-                }
-                hidden_size / num_attention_heads
-            }
-        };
-        if num_attention_heads % num_key_value_heads != 0 {
-            return Err(f.err(
-                "num_attention_heads",
-                format!(
-                    "{num_attention_heads} is not divisible by num_key_value_heads \
-                     {num_key_value_heads} (grouped-query attention shares each kv head by a \
-                     whole number of query heads)"
-                ),
-            ));
-        }
-        if head_dim % 2 != 0 {
-            return Err(f.err(
-                "head_dim",
-                format!("{head_dim} is odd; rotary embeddings split the head in two halves"),
-            ));
-        }
-
-        let rms_norm_eps = f.f64_or("rms_norm_eps", 1e-6)?;
-        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(f.err(
-                "rms_norm_eps",
-                format!("must be a positive number, found {rms_norm_eps}"),
-            ));
-        }
-        let rope_theta = match (f.get("rope_theta"), f.get("rope_parameters")) {
-            (Some(_), _) | (None, None) => f.f64_or("rope_theta", 10000.0)?,
-            // transformers 5 nests it: "rope_parameters": {"rope_theta": .., "rope_type": ..}
-            (None, Some(rp)) => {
-                let rp_obj = rp.as_object().ok_or_else(|| {
-                    f.err(
-                        "rope_parameters",
-                        format!("expected an object, found {}", short(rp)),
-                    )
-                })?;
-                let inner = Fields { obj: rp_obj, label };
-                let t = inner.f64_or("rope_theta", 10000.0).map_err(|_| {
-                    f.err(
-                        "rope_parameters.rope_theta",
-                        "expected a number".to_string(),
-                    )
-                })?;
-                let rope_type = inner.string_or("rope_type", "default").map_err(|_| {
-                    f.err("rope_parameters.rope_type", "expected a string".to_string())
-                })?;
-                if rope_type != "default" {
-                    return Err(f.err(
-                        "rope_parameters.rope_type",
-                        format!("unsupported RoPE type {rope_type:?}; expected \"default\""),
-                    ));
-                }
-                t
-            }
-        };
-        if let Some(rs) = f.get("rope_scaling") {
-            let kind = rs
-                .get("rope_type")
-                .or_else(|| rs.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("?");
-            if kind != "default" {
-                return Err(f.err(
-                    "rope_scaling",
-                    format!("RoPE scaling {kind:?} is not supported; expected none"),
-                ));
-            }
-        }
-        if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            return Err(f.err(
-                "rope_theta",
-                format!("must be a positive number, found {rope_theta}"),
-            ));
-        }
-        let max_position_embeddings = match f.get("max_position_embeddings") {
+        let raw = RawConfig::deserialize(value)
+            .map_err(|e| cx.err("<json>", format!("cannot be read: {e}")))?;
+        let architectures = raw.architectures(&cx)?;
+        let s = raw.shapes(&cx)?;
+        let rms_norm_eps = raw.rms_norm_eps(&cx)?;
+        let rope_theta = raw.rope_theta(&cx)?;
+        let max_position_embeddings = match &raw.max_position_embeddings {
             None => 32768,
-            Some(_) => f.positive("max_position_embeddings")?,
+            Some(_) => cx.positive("max_position_embeddings", &raw.max_position_embeddings)?,
         };
-        let tie_word_embeddings = f.bool_or("tie_word_embeddings", false)?;
-        let bos_token_id = match f.get("bos_token_id") {
-            None => None,
-            Some(v) => Some(f.token_id("bos_token_id", v)?),
-        };
-        let eos_token_id = match f.get("eos_token_id") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| f.token_id("eos_token_id", v))
-                .collect::<Result<_>>()?,
-            Some(v) => vec![f.token_id("eos_token_id", v)?],
-        };
-        let torch_dtype = match f.get("torch_dtype") {
-            Some(_) => f.string_or("torch_dtype", "float32")?,
-            // transformers 5 writes `dtype`.
-            None => f.string_or("dtype", "float32")?,
-        };
-        let hidden_act = f.string_or("hidden_act", "silu")?;
-        if hidden_act != "silu" {
-            return Err(f.err(
-                "hidden_act",
-                format!("unsupported activation {hidden_act:?}; expected \"silu\""),
-            ));
-        }
-        if f.bool_or("use_sliding_window", false)? {
-            return Err(f.err(
-                "use_sliding_window",
-                "sliding-window attention is not supported; expected false",
-            ));
-        }
+        let tie_word_embeddings = cx.or("tie_word_embeddings", &raw.tie_word_embeddings, false)?;
+        let (bos_token_id, eos_token_id) = raw.special_ids(&cx)?;
+        let (torch_dtype, hidden_act) = raw.numerics(&cx)?;
         let cfg = Qwen2Config {
             architectures,
-            hidden_size,
-            intermediate_size,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            vocab_size,
+            hidden_size: s.hidden_size,
+            intermediate_size: s.intermediate_size,
+            num_hidden_layers: s.num_hidden_layers,
+            num_attention_heads: s.num_attention_heads,
+            num_key_value_heads: s.num_key_value_heads,
+            head_dim: s.head_dim,
+            vocab_size: s.vocab_size,
             rms_norm_eps,
             rope_theta,
             max_position_embeddings,
@@ -536,10 +618,5 @@ impl Qwen2Config {
             .unwrap_or_else(|_| String::from("{}"));
         s.push('\n');
         s
-    }
-
-    /// Number of query heads sharing one kv head.
-    pub fn kv_groups(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
     }
 }

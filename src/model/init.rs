@@ -8,7 +8,6 @@
 use crate::backend::DType;
 use crate::model::weights::{save_params, SaveOptions};
 use crate::model::{ParamLayout, Qwen2Config};
-use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -93,14 +92,6 @@ pub fn tiny_config(
     }
 }
 
-/// The small byte-level BPE tokenizer of the golden fixtures (302 tokens, with
-/// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<tool_call>`, `</tool_call>`).
-pub const TINY_TOKENIZER_JSON: &[u8] =
-    include_bytes!("../../tests/fixtures/golden/tokenizer/tokenizer.json");
-/// Its tokenizer_config.json (eos `<|im_end|>`, pad `<|endoftext|>`, the Qwen2.5 chat template).
-pub const TINY_TOKENIZER_CONFIG_JSON: &[u8] =
-    include_bytes!("../../tests/fixtures/golden/tokenizer/tokenizer_config.json");
-
 /// Shape and seed of a tiny model written by [`write_tiny_model`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct TinyOptions {
@@ -132,19 +123,34 @@ impl Default for TinyOptions {
     }
 }
 
-/// Write a tiny random Qwen2 model folder (config.json, model.safetensors, tokenizer.json,
-/// tokenizer_config.json) loadable by [`crate::model::weights::load_model`]. The tokenizer is
-/// [`TINY_TOKENIZER_JSON`]; `vocab_size` is its size rounded up to a multiple of 64.
-pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
-    let tok = Tokenizer::from_bytes(TINY_TOKENIZER_JSON, "built-in tiny tokenizer")?;
-    let vocab = tok.vocab_size().div_ceil(64) * 64;
+/// What a tiny model takes from its tokenizer, which the caller reads: the token count, the ids
+/// the config records, and the tokenizer files written beside the weights (e.g.
+/// [`crate::cli::model_cmds::builtin_tiny_vocab`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyVocab {
+    /// Tokens in the tokenizer; the config's `vocab_size` is this rounded up to a multiple of 64.
+    pub tokens: usize,
+    /// The config's `bos_token_id`.
+    pub bos_token_id: Option<u32>,
+    /// The config's `eos_token_id` (none: an empty list).
+    pub eos_token_id: Option<u32>,
+    /// (file name, contents) written into the folder with the weights, e.g. tokenizer.json and
+    /// tokenizer_config.json.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Write a tiny random Qwen2 model folder (config.json, model.safetensors and `vocab.files`)
+/// loadable by [`crate::model::weights::load_model`]; `vocab_size` is `vocab.tokens` rounded up
+/// to a multiple of 64.
+pub fn write_tiny_model(dir: &Path, o: &TinyOptions, vocab: &TinyVocab) -> Result<Qwen2Config> {
+    let padded = vocab.tokens.div_ceil(64) * 64;
     let mut cfg = tiny_config(
         o.hidden,
         o.layers,
         o.heads,
         o.kv_heads,
         o.intermediate,
-        vocab,
+        padded,
         o.tied,
     );
     if o.heads > 0 && o.hidden % o.heads != 0 {
@@ -154,8 +160,8 @@ pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
             msg: format!("{} is not divisible by heads {}", o.hidden, o.heads),
         });
     }
-    cfg.bos_token_id = tok.token_id("<|endoftext|>");
-    cfg.eos_token_id = tok.token_id("<|im_end|>").into_iter().collect();
+    cfg.bos_token_id = vocab.bos_token_id;
+    cfg.eos_token_id = vocab.eos_token_id.into_iter().collect();
     cfg.validate("init-tiny")?;
     // The parameters are built in host memory as f32 before they are written.
     let need = cfg.checked_num_params().and_then(|n| n.checked_mul(4));
@@ -170,13 +176,7 @@ pub fn write_tiny_model(dir: &Path, o: &TinyOptions) -> Result<Qwen2Config> {
     let params = random_params(&cfg, o.seed);
     let opts = SaveOptions {
         dtype: o.dtype,
-        extra_files: vec![
-            ("tokenizer.json".into(), TINY_TOKENIZER_JSON.to_vec()),
-            (
-                "tokenizer_config.json".into(),
-                TINY_TOKENIZER_CONFIG_JSON.to_vec(),
-            ),
-        ],
+        extra_files: vocab.files.clone(),
         overwrite: o.overwrite,
         ..Default::default()
     };
@@ -233,13 +233,14 @@ mod tests {
             tied: true,
             ..Default::default()
         };
-        let cfg = write_tiny_model(&out, &o).unwrap();
+        let vocab = crate::cli::model_cmds::builtin_tiny_vocab().unwrap();
+        let cfg = write_tiny_model(&out, &o, &vocab).unwrap();
         assert_eq!(cfg.vocab_size, 320);
         assert_eq!(cfg.eos_token_id, vec![2]);
         let ck = crate::model::weights::Checkpoint::open(&out).unwrap();
         assert_eq!(ck.cfg, cfg);
         assert_eq!(ck.load_host().unwrap(), random_params(&cfg, 11));
-        let tok = Tokenizer::from_dir(&out).unwrap();
+        let tok = crate::tokenizer::Tokenizer::from_dir(&out).unwrap();
         assert_eq!(tok.vocab_size(), 302);
         let tpl = crate::tokenizer::ChatTemplate::from_tokenizer_config(
             &out.join("tokenizer_config.json"),
@@ -251,6 +252,6 @@ mod tests {
             heads: 4,
             ..Default::default()
         };
-        assert!(write_tiny_model(&dir.path().join("bad"), &bad).is_err());
+        assert!(write_tiny_model(&dir.path().join("bad"), &bad, &vocab).is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! Rewards: the Tool-N1 rule-based reward (facts §1.2) and the trait a library user implements
-//! to plug in another one.
+//! Rewards: the Tool-N1 rule-based reward (Zhang et al. 2025, "Nemotron-Research-Tool-N1",
+//! arXiv:2505.00024) and the trait a library user implements to plug in another one.
 //!
 //! The default ([`Variant::V0`], "binary with think format"):
 //! 1. take the LAST `<tool_call>(.*?)</tool_call>` block (dot matches newline) and parse it as
@@ -150,24 +150,16 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Canonical JSON text with object keys sorted recursively (Python's
-/// `json.dumps(x, sort_keys=True)` up to spacing; ints and floats stay distinct).
+/// Canonical JSON text: Python's `json.dumps(x, sort_keys=True, separators=(",", ":"),
+/// ensure_ascii=False)`, keys sorted recursively; ints and floats stay distinct (`1` vs `1.0`).
 pub fn canonical_json(v: &Value) -> String {
-    fn sorted(v: &Value) -> Value {
-        match v {
-            Value::Object(m) => {
-                let b: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, sorted(v))).collect();
-                let mut out = serde_json::Map::new();
-                for (k, v) in b {
-                    out.insert(k.clone(), v);
-                }
-                Value::Object(out)
-            }
-            Value::Array(a) => Value::Array(a.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    serde_json::to_string(&sorted(v)).unwrap_or_default()
+    let opts = crate::pyjson::PyJsonOpts {
+        item_sep: ",".into(),
+        key_sep: ":".into(),
+        sort_keys: true,
+        ..Default::default()
+    };
+    crate::pyjson::py_json_dumps(v, &opts)
 }
 
 /// Multiset key of a call: `(name, canonical arguments)`; `None` when the item is not an object

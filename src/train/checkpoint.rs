@@ -8,7 +8,7 @@
 //! optimizer state keeps the exact values).
 
 use crate::backend::{Backend, DType};
-use crate::model::weights::{load_model, save_params, SaveOptions};
+use crate::model::weights::{bytes_to_f32, load_model, save_params, SaveOptions};
 use crate::model::{Model, ParamLayout};
 use crate::train::optim::AdamW;
 use crate::{Error, Result};
@@ -454,11 +454,7 @@ fn load_optimizer<B: Backend>(
                     ),
                 });
             }
-            let host: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let host = bytes_to_f32(DType::F32, view.data());
             *t = b.upload_f32(&host)?;
         }
     }

@@ -1,37 +1,17 @@
 //! Training configuration: a TOML file plus `section.key=value` overrides from the command line.
 //!
-//! Every default is Tool-N1's recipe (facts §1.4) on top of verl's GRPO (facts §3): n = 5
+//! Every default is the Tool-N1 paper's recipe (Zhang et al. 2025, arXiv:2505.00024) on top of
+//! verl's GRPO (`verl/trainer/ppo/core_algos.py`, `verl/trainer/config/ppo_trainer.yaml`): n = 5
 //! rollouts per prompt, 1024 prompts per step in mini-batches of 256, temperature 0.7, clip 0.2,
 //! k3 KL as a loss term with coefficient 1e-3, entropy coefficient 0, token-mean aggregation,
 //! grad-norm clip 1.0, AdamW with a constant lr of 1e-6, activation recomputation on.
 
+pub use crate::backend::select::DeviceKind;
 use crate::backend::{KlKind, LossAgg};
 use crate::{Error, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Which backend runs the job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum DeviceKind {
-    /// CUDA when a device is present, else the CPU.
-    #[default]
-    Auto,
-    Cpu,
-    Cuda,
-}
-
-impl std::str::FromStr for DeviceKind {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(DeviceKind::Auto),
-            "cpu" => Ok(DeviceKind::Cpu),
-            "cuda" => Ok(DeviceKind::Cuda),
-            _ => Err(format!("unknown device `{s}`; expected auto, cpu or cuda")),
-        }
-    }
-}
 
 /// How group scores become advantages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -176,22 +156,120 @@ impl Default for OptimConfig {
     }
 }
 
+/// The defaults that differ between the two kinds of run sharing [`RunConfig`].
+pub trait RunKind {
+    /// Default output folder.
+    const OUT: &'static str;
+    /// Default number of passes over the data.
+    const EPOCHS: u64;
+}
+
+/// `tooln1 train` (GRPO).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrpoRun;
+
+impl RunKind for GrpoRun {
+    const OUT: &'static str = "runs/train";
+    const EPOCHS: u64 = 7;
+}
+
+/// `tooln1 sft`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SftRun;
+
+impl RunKind for SftRun {
+    const OUT: &'static str = "runs/sft";
+    const EPOCHS: u64 = 3;
+}
+
+/// The settings every run has, `train` and `sft` alike: the first keys of either config file
+/// (flattened into [`TrainConfig`] and [`SftConfig`]), and the ones the shared command-line
+/// flags override.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, bound = "")]
+pub struct RunConfig<K: RunKind> {
+    /// HF model folder to start from (for GRPO also the frozen reference).
+    #[serde(deserialize_with = "keyed::model")]
+    pub model: Option<PathBuf>,
+    /// Prepared training JSONL (one `Sample` per line).
+    #[serde(deserialize_with = "keyed::data")]
+    pub data: Option<PathBuf>,
+    /// Output folder: metrics.jsonl, checkpoints/.
+    #[serde(deserialize_with = "keyed::out")]
+    pub out: PathBuf,
+    #[serde(deserialize_with = "keyed::device")]
+    pub device: DeviceKind,
+    #[serde(deserialize_with = "keyed::seed")]
+    pub seed: u64,
+    /// Passes over the data (used when `steps` is 0).
+    #[serde(deserialize_with = "keyed::epochs")]
+    pub epochs: u64,
+    /// Total steps; 0 = `epochs` passes (GRPO: prompts / prompts_per_step steps per pass,
+    /// SFT: samples / batch_size).
+    #[serde(deserialize_with = "keyed::steps")]
+    pub steps: u64,
+    #[serde(skip)]
+    pub kind: std::marker::PhantomData<K>,
+}
+
+impl<K: RunKind> Default for RunConfig<K> {
+    fn default() -> Self {
+        RunConfig {
+            model: None,
+            data: None,
+            out: PathBuf::from(K::OUT),
+            device: DeviceKind::Auto,
+            seed: 1,
+            epochs: K::EPOCHS,
+            steps: 0,
+            kind: std::marker::PhantomData,
+        }
+    }
+}
+
+/// serde's `flatten` hands [`RunConfig`]'s fields to it without the key they came from, so an
+/// error would not say which key has the wrong type; each field is read through [`keyed`],
+/// which adds the key the way the toml crate does for every other field (`in `seed``).
+mod keyed {
+    use super::DeviceKind;
+    use serde::{de::Error as _, Deserialize, Deserializer};
+    use std::path::PathBuf;
+
+    fn keyed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        key: &str,
+        d: D,
+    ) -> Result<T, D::Error> {
+        T::deserialize(d)
+            .map_err(|e| D::Error::custom(format!("{}\nin `{key}`", e.to_string().trim_end())))
+    }
+
+    macro_rules! keyed_fields {
+        ($($name:ident: $ty:ty),* $(,)?) => {
+            $(
+                pub fn $name<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                    keyed(stringify!($name), d)
+                }
+            )*
+        };
+    }
+
+    keyed_fields!(
+        model: Option<PathBuf>,
+        data: Option<PathBuf>,
+        out: PathBuf,
+        device: DeviceKind,
+        seed: u64,
+        epochs: u64,
+        steps: u64,
+    );
+}
+
 /// A whole `tooln1 train` run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// HF model folder to start from (also the frozen reference).
-    pub model: Option<PathBuf>,
-    /// Prepared training JSONL (one `Sample` per line).
-    pub data: Option<PathBuf>,
-    /// Output folder: metrics.jsonl, checkpoints/, final/.
-    pub out: PathBuf,
-    pub device: DeviceKind,
-    pub seed: u64,
-    /// Passes over the data (used when `steps` is 0).
-    pub epochs: u64,
-    /// Total training steps; 0 = epochs * (prompts / prompts_per_step).
-    pub steps: u64,
+    #[serde(flatten)]
+    pub run: RunConfig<GrpoRun>,
     /// Checkpoint every this many steps (0 = only at the end).
     pub save_every: u64,
     /// Keep at most this many step checkpoints (0 = all).
@@ -204,13 +282,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            model: None,
-            data: None,
-            out: PathBuf::from("runs/train"),
-            device: DeviceKind::Auto,
-            seed: 1,
-            epochs: 7,
-            steps: 0,
+            run: RunConfig::default(),
             save_every: 50,
             keep_checkpoints: 3,
             rollout: RolloutConfig::default(),
@@ -224,14 +296,8 @@ impl Default for TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SftConfig {
-    pub model: Option<PathBuf>,
-    pub data: Option<PathBuf>,
-    pub out: PathBuf,
-    pub device: DeviceKind,
-    pub seed: u64,
-    pub epochs: u64,
-    /// Total steps; 0 = epochs * (samples / batch_size).
-    pub steps: u64,
+    #[serde(flatten)]
+    pub run: RunConfig<SftRun>,
     /// Sequences per optimizer step.
     pub batch_size: usize,
     pub micro_batch_tokens: usize,
@@ -244,13 +310,7 @@ pub struct SftConfig {
 impl Default for SftConfig {
     fn default() -> Self {
         SftConfig {
-            model: None,
-            data: None,
-            out: PathBuf::from("runs/sft"),
-            device: DeviceKind::Auto,
-            seed: 1,
-            epochs: 3,
-            steps: 0,
+            run: RunConfig::default(),
             batch_size: 64,
             micro_batch_tokens: 16384,
             max_seq_tokens: 8192,
@@ -269,7 +329,7 @@ impl Default for SftConfig {
 /// Parse a TOML config (`text` labelled `label` in errors) and apply `key=value` overrides,
 /// where key is a dotted path (`grpo.kl_coef=0.01`) and value a TOML literal (a bare word that is
 /// not valid TOML is taken as a string).
-pub fn parse_config<T: serde::de::DeserializeOwned>(
+pub fn parse_config<T: DeserializeOwned + Serialize + Default>(
     text: &str,
     label: &str,
     overrides: &[String],
@@ -283,17 +343,17 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(
         apply_override(&mut root, ov)?;
     }
     T::deserialize(toml::Value::Table(root)).map_err(|e| {
-        let msg = e.to_string();
+        let msg = with_known_keys::<T>(e.to_string().trim());
         Error::Config {
             file: label.to_string(),
             field: field_of(&msg),
-            msg: msg.trim().to_string(),
+            msg,
         }
     })
 }
 
 /// Read a config file (or the defaults when `path` is None) with overrides.
-pub fn load_config<T: serde::de::DeserializeOwned>(
+pub fn load_config<T: DeserializeOwned + Serialize + Default>(
     path: Option<&Path>,
     overrides: &[String],
 ) -> Result<T> {
@@ -314,6 +374,30 @@ fn field_of(msg: &str) -> String {
         }
     }
     "(value)".into()
+}
+
+/// serde reports an unknown key of a struct with a flattened part ([`RunConfig`]) as only
+/// "unknown field `x`"; add the known keys of `T`, in serde's own wording, as it does for every
+/// other struct.
+fn with_known_keys<T: Serialize + Default>(msg: &str) -> String {
+    let bare = msg
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+        .filter(|name| !name.contains('`'));
+    let Some(name) = bare else {
+        return msg.to_string();
+    };
+    let keys: Vec<String> = match serde_json::to_value(T::default()) {
+        Ok(serde_json::Value::Object(m)) => m.keys().map(|k| format!("`{k}`")).collect(),
+        _ => return msg.to_string(),
+    };
+    let expected = match keys.as_slice() {
+        [] => return format!("unknown field `{name}`, there are no fields"),
+        [one] => one.clone(),
+        [a, b] => format!("{a} or {b}"),
+        many => format!("one of {}", many.join(", ")),
+    };
+    format!("unknown field `{name}`, expected {expected}")
 }
 
 fn apply_override(root: &mut toml::Table, ov: &str) -> Result<()> {
@@ -589,12 +673,12 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(c.seed, 3);
+        assert_eq!(c.run.seed, 3);
         assert_eq!(c.grpo.kl_coef, 0.25);
         assert_eq!(c.grpo.loss_agg, LossAgg::SeqMeanTokenMean);
         assert_eq!(c.rollout.n, 8);
-        assert_eq!(c.out, PathBuf::from("runs/abc"));
-        assert_eq!(c.device, DeviceKind::Cpu);
+        assert_eq!(c.run.out, PathBuf::from("runs/abc"));
+        assert_eq!(c.run.device, DeviceKind::Cpu);
     }
 
     #[test]
@@ -606,6 +690,44 @@ mod tests {
         assert!(e.to_string().contains("nn"), "{e}");
         let e = parse_config::<TrainConfig>("", "x.toml", &["rollout.n".into()]).unwrap_err();
         assert!(e.to_string().contains("rollout.n"), "{e}");
+    }
+
+    #[test]
+    fn shared_run_settings_keep_their_defaults_keys_and_errors() {
+        let t: TrainConfig = parse_config("", "t", &[]).unwrap();
+        let s: SftConfig = parse_config("", "s", &[]).unwrap();
+        assert_eq!((t.run.out.to_str(), t.run.epochs), (Some("runs/train"), 7));
+        assert_eq!((s.run.out.to_str(), s.run.epochs), (Some("runs/sft"), 3));
+        // The flattened fields stay the first keys of the file, in their order.
+        let keys: Vec<String> = match serde_json::to_value(&s).unwrap() {
+            serde_json::Value::Object(m) => m.keys().cloned().collect(),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            keys[..8],
+            [
+                "model",
+                "data",
+                "out",
+                "device",
+                "seed",
+                "epochs",
+                "steps",
+                "batch_size"
+            ]
+        );
+        // A wrong type in a flattened field still names it; an unknown key lists the known ones.
+        let e = parse_config::<SftConfig>("seed = \"x\"\n", "s.toml", &[]).unwrap_err();
+        assert!(e.to_string().contains("field `seed`"), "{e}");
+        let e = parse_config::<TrainConfig>("", "t.toml", &["sed=1".into()]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("field `sed`") && e.contains("expected one of `model`, `data`"),
+            "{e}"
+        );
+        // A saved config (JSON, with nulls) reads back to the same settings.
+        let back: SftConfig = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

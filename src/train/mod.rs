@@ -1,5 +1,8 @@
-//! Training: rollouts with a KV cache, the GRPO update (facts §3) with Tool-N1's defaults
-//! (facts §1.4), SFT, checkpoints, metrics, the built-in demo and evaluation generation.
+//! Training: rollouts with a KV cache, the GRPO update (as verl implements it in
+//! `verl/trainer/ppo/core_algos.py`) with the Tool-N1 paper's defaults (Zhang et al. 2025,
+//! arXiv:2505.00024), SFT, checkpoints and metrics. The built-in demo is [`crate::demo`],
+//! evaluation generation [`crate::eval::generate`], backend selection
+//! [`crate::backend::select`].
 //!
 //! - [`config`]: TOML config + `key=value` overrides; Tool-N1 defaults.
 //! - [`rollout`]: prefill + decode, n samples per prompt, reproducible sampling stream.
@@ -9,15 +12,9 @@
 //! - [`runner`]: the GRPO loop ([`runner::Trainer`]), usable as a library.
 //! - [`checkpoint`]: HF model folder + optimizer/trainer state, atomic, exact resume.
 //! - [`metrics`]: JSONL metrics, progress bar, summary.
-//! - [`device`]: backend selection (`auto | cpu | cuda`).
-//! - [`demo`]: a tiny model that learns a synthetic tool-calling task in minutes on a CPU.
-//! - [`evalgen`]: greedy generation for BFCL / API-Bank evaluation.
 
 pub mod checkpoint;
 pub mod config;
-pub mod demo;
-pub mod device;
-pub mod evalgen;
 pub mod grpo;
 pub mod metrics;
 pub mod optim;

@@ -15,7 +15,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, TrainSeq, UpdateSums};
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
 use crate::train::optim::{self, AdamW};
-use crate::train::rollout::{self, SamplingParams};
+use crate::train::rollout::{self, Generation, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -58,8 +58,6 @@ pub fn prepare_prompts(
     }
     Ok((out, dropped))
 }
-
-pub use crate::data::read_samples;
 
 /// The ids that end a response: `<|im_end|>` and `<|endoftext|>` of `tok`, plus the config's
 /// eos ids.
@@ -116,6 +114,50 @@ impl DataOrder {
         self.set_epoch(epoch);
         (self.perm[(pos % self.len as u64) as usize], epoch)
     }
+}
+
+/// The prompts of one step: their indices into the data, the epoch of the first, their token
+/// ids.
+struct StepBatch {
+    idx: Vec<usize>,
+    epoch: u64,
+    tokens: Vec<Vec<u32>>,
+}
+
+/// The rewards of one step's responses, with the format-ok and exact-match counts.
+struct Scores {
+    rewards: Vec<f32>,
+    format_ok: usize,
+    exact: usize,
+}
+
+/// What one step's optimizer updates measured: the summed loss statistics (and those of the
+/// first update alone, whose entropy is the policy's before any change), the last update's
+/// gradient norm and learning rate, and the number of updates.
+#[derive(Default)]
+struct UpdateOutcome {
+    sums: UpdateSums,
+    first: Option<UpdateSums>,
+    grad_norm: f64,
+    lr: f32,
+    updates: usize,
+}
+
+/// Seconds spent in each phase of a step.
+struct StepTimes {
+    rollout: f64,
+    reward: f64,
+    old_logprobs: f64,
+    reference: f64,
+    update: f64,
+    step: f64,
+}
+
+/// Run `f` and measure it.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, t.elapsed().as_secs_f64()))
 }
 
 /// A GRPO run in progress.
@@ -210,7 +252,7 @@ impl<B: Backend> Trainer<B> {
                  responses could never stop",
             ));
         }
-        let order = DataOrder::new(cfg.seed, prompts.len());
+        let order = DataOrder::new(cfg.run.seed, prompts.len());
         Ok(Trainer {
             b,
             policy,
@@ -280,10 +322,10 @@ impl<B: Backend> Trainer<B> {
 
     /// Total steps of the run.
     pub fn total_steps(&self) -> u64 {
-        if self.cfg.steps > 0 {
-            self.cfg.steps
+        if self.cfg.run.steps > 0 {
+            self.cfg.run.steps
         } else {
-            self.cfg.epochs.max(1) * self.steps_per_epoch()
+            self.cfg.run.epochs.max(1) * self.steps_per_epoch()
         }
     }
 
@@ -304,11 +346,35 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// One GRPO step on the next `prompts_per_step` prompts.
+    /// One GRPO step on the next `prompts_per_step` prompts: rollouts, rewards and advantages,
+    /// old and reference logprobs, the mini-batch updates, then the step's metrics.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t_step = Instant::now();
+        let batch = self.next_batch();
+        let (gens, time_rollout) = timed(|| self.rollouts(&batch))?;
+        let (scores, time_reward) = timed(|| self.rewards(&batch, &gens))?;
+        let seqs = self.train_seqs(&batch, &gens, &scores);
+        // The policy before any update ("old") and the frozen reference, both at the rollout
+        // temperature as verl's actor computes them (see `GrpoConfig::logprob_temperature`).
+        let (old, time_old) = timed(|| self.logprobs(&self.policy, &seqs))?;
+        let (reference, time_ref) = timed(|| self.logprobs(&self.reference, &seqs))?;
+        let (upd, time_update) = timed(|| self.updates(&seqs, &old, &reference))?;
+        self.advance(batch.tokens.len());
+        let times = StepTimes {
+            rollout: time_rollout,
+            reward: time_reward,
+            old_logprobs: time_old,
+            reference: time_ref,
+            update: time_update,
+            step: t_step.elapsed().as_secs_f64(),
+        };
+        Ok(self.step_metrics(&batch, &gens, &scores, &upd, &times))
+    }
+
+    /// The prompts of the next step: `prompts_per_step` positions of the shuffled data stream
+    /// from `data_pos` on, and the epoch of the first.
+    fn next_batch(&mut self) -> StepBatch {
         let p = self.cfg.grpo.prompts_per_step;
-        let n = self.cfg.rollout.n;
         let mut idx = Vec::with_capacity(p);
         let mut epoch = 0;
         for k in 0..p {
@@ -318,45 +384,53 @@ impl<B: Backend> Trainer<B> {
                 epoch = e;
             }
         }
-        let prompt_toks: Vec<Vec<u32>> = idx
+        let tokens = idx
             .iter()
             .map(|&i| self.prompts[i].tokens.clone())
             .collect();
+        StepBatch { idx, epoch, tokens }
+    }
 
-        // 1. rollouts
-        let t = Instant::now();
-        let sp = self.sampling();
-        let gens = rollout::generate(
+    /// `rollout.n` sampled responses per prompt, from the sampling stream at `sample_offset`.
+    fn rollouts(&self, batch: &StepBatch) -> Result<Vec<Generation>> {
+        rollout::generate(
             &self.b,
             &self.policy,
-            &prompt_toks,
-            n,
-            &sp,
-            self.cfg.seed,
+            &batch.tokens,
+            self.cfg.rollout.n,
+            &self.sampling(),
+            self.cfg.run.seed,
             self.sample_offset,
-        )?;
-        let time_rollout = t.elapsed().as_secs_f64();
+        )
+    }
 
-        // 2. rewards
-        let t = Instant::now();
-        let mut scores = Vec::with_capacity(gens.len());
-        let (mut fmt_ok, mut exact) = (0usize, 0usize);
-        for g in &gens {
+    /// The reward of every response (checked to be finite) and the format-ok / exact counts.
+    fn rewards(&self, batch: &StepBatch, gens: &[Generation]) -> Result<Scores> {
+        let mut s = Scores {
+            rewards: Vec::with_capacity(gens.len()),
+            format_ok: 0,
+            exact: 0,
+        };
+        for g in gens {
             let text = self.tokenizer.decode(g.content(), false)?;
-            let item = &self.prompts[idx[g.prompt]];
+            let item = &self.prompts[batch.idx[g.prompt]];
             let r = self.reward.score(&text, &item.ground_truth);
             check_reward(r.reward, &item.id)?;
-            fmt_ok += r.format_ok as usize;
-            exact += r.calls_ok as usize;
-            scores.push(r.reward);
+            s.format_ok += r.format_ok as usize;
+            s.exact += r.calls_ok as usize;
+            s.rewards.push(r.reward);
         }
-        let time_reward = t.elapsed().as_secs_f64();
-        let adv = grpo::group_advantages(&scores, n, self.cfg.grpo.advantage);
-        let seqs: Vec<TrainSeq> = gens
-            .iter()
+        Ok(s)
+    }
+
+    /// Prompt + response sequences with their group advantages.
+    fn train_seqs(&self, batch: &StepBatch, gens: &[Generation], scores: &Scores) -> Vec<TrainSeq> {
+        let adv =
+            grpo::group_advantages(&scores.rewards, self.cfg.rollout.n, self.cfg.grpo.advantage);
+        gens.iter()
             .zip(&adv)
             .map(|(g, &a)| {
-                let mut tokens = prompt_toks[g.prompt].clone();
+                let mut tokens = batch.tokens[g.prompt].clone();
                 let prompt_len = tokens.len();
                 tokens.extend_from_slice(&g.tokens);
                 TrainSeq {
@@ -365,23 +439,19 @@ impl<B: Backend> Trainer<B> {
                     adv: a,
                 }
             })
-            .collect();
+            .collect()
+    }
 
-        // 3. old logprobs (policy before any update) and reference logprobs
-        // at the rollout temperature, as verl's actor (see `GrpoConfig::logprob_temperature`)
+    /// Per-sequence response logprobs of `model` (no gradient), in micro-batches.
+    fn logprobs(&self, model: &Model<B>, seqs: &[TrainSeq]) -> Result<Vec<Vec<f32>>> {
         let budget = self.cfg.grpo.micro_batch_tokens;
-        let inv_t = self.cfg.logprob_inv_t();
-        let t = Instant::now();
-        let old = grpo::seq_logprobs(&self.b, &self.policy, &seqs, budget, inv_t)?;
-        let time_old = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let reference = grpo::seq_logprobs(&self.b, &self.reference, &seqs, budget, inv_t)?;
-        let time_ref = t.elapsed().as_secs_f64();
+        grpo::seq_logprobs(&self.b, model, seqs, budget, self.cfg.logprob_inv_t())
+    }
 
-        // 4. mini-batch updates
-        let t = Instant::now();
+    /// The loss settings of the GRPO op (`norm_len` 0 = `rollout.max_new_tokens`).
+    fn loss_cfg(&self) -> GrpoLossCfg {
         let g = &self.cfg.grpo;
-        let loss_cfg = GrpoLossCfg {
+        GrpoLossCfg {
             clip_low: g.clip_low,
             clip_high: g.clip_high,
             kl_coef: g.kl_coef,
@@ -393,15 +463,25 @@ impl<B: Backend> Trainer<B> {
                 self.cfg.rollout.max_new_tokens as f32
             },
             loss_scale_div: 1.0,
-        };
-        let mini = g.mini_batch_prompts * n;
+        }
+    }
+
+    /// `ppo_epochs` passes over the sequences in mini-batches of `mini_batch_prompts` groups,
+    /// one optimizer update each.
+    fn updates(
+        &mut self,
+        seqs: &[TrainSeq],
+        old: &[Vec<f32>],
+        reference: &[Vec<f32>],
+    ) -> Result<UpdateOutcome> {
+        let loss_cfg = self.loss_cfg();
+        let g = &self.cfg.grpo;
+        let mini = g.mini_batch_prompts * self.cfg.rollout.n;
         let (entropy_coef, recompute, ppo_epochs) = (g.entropy_coef, g.recompute, g.ppo_epochs);
+        let budget = g.micro_batch_tokens;
+        let inv_t = self.cfg.logprob_inv_t();
         let total_updates = self.total_steps() * self.updates_per_step();
-        let mut sums = UpdateSums::default();
-        let mut first_sums: Option<UpdateSums> = None;
-        let mut grad_norm = 0.0;
-        let mut lr = 0.0;
-        let mut updates = 0;
+        let mut out = UpdateOutcome::default();
         for _ in 0..ppo_epochs {
             for start in (0..seqs.len()).step_by(mini) {
                 let end = (start + mini).min(seqs.len());
@@ -422,71 +502,91 @@ impl<B: Backend> Trainer<B> {
                 let u = self
                     .opt
                     .step(&self.b, &mut self.policy, &self.grads, total_updates)?;
-                grad_norm = u.grad_norm;
-                lr = u.lr;
-                updates += 1;
-                sums.add(&s);
-                if first_sums.is_none() {
-                    first_sums = Some(s);
+                out.grad_norm = u.grad_norm;
+                out.lr = u.lr;
+                out.updates += 1;
+                out.sums.add(&s);
+                if out.first.is_none() {
+                    out.first = Some(s);
                 }
             }
         }
-        let time_update = t.elapsed().as_secs_f64();
+        Ok(out)
+    }
 
-        self.sample_offset += rollout::stream_len(p, n, self.cfg.rollout.max_new_tokens);
-        self.data_pos += p as u64;
+    /// Move the counters past a step of `prompts` prompts: the sampling stream, the data
+    /// position and the step count.
+    fn advance(&mut self, prompts: usize) {
+        let r = &self.cfg.rollout;
+        self.sample_offset += rollout::stream_len(prompts, r.n, r.max_new_tokens);
+        self.data_pos += prompts as u64;
         self.step += 1;
+    }
 
-        let k = scores.len() as f64;
-        let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / k;
-        let std = (scores
+    /// The metrics line of the step just finished.
+    fn step_metrics(
+        &self,
+        batch: &StepBatch,
+        gens: &[Generation],
+        scores: &Scores,
+        upd: &UpdateOutcome,
+        times: &StepTimes,
+    ) -> StepMetrics {
+        let n = self.cfg.rollout.n;
+        let rewards = &scores.rewards;
+        let k = rewards.len() as f64;
+        let mean = rewards.iter().map(|&s| s as f64).sum::<f64>() / k;
+        let std = (rewards
             .iter()
             .map(|&s| (s as f64 - mean).powi(2))
             .sum::<f64>()
             / (k - 1.0).max(1.0))
         .sqrt();
-        let zero_groups = scores
+        let zero_groups = rewards
             .chunks(n)
             .filter(|c| c.iter().all(|&x| x == c[0]))
             .count();
         let resp_lens: Vec<usize> = gens.iter().map(|g| g.tokens.len()).collect();
         let resp_tokens: usize = resp_lens.iter().sum();
-        let prompt_tokens: usize = gens.iter().map(|g| prompt_toks[g.prompt].len()).sum();
-        let time_step = t_step.elapsed().as_secs_f64();
+        let prompt_tokens: usize = gens.iter().map(|g| batch.tokens[g.prompt].len()).sum();
+        let sums = &upd.sums;
         let tok = sums.tokens.max(1.0);
-        Ok(StepMetrics {
+        let updates = upd.updates.max(1) as f64;
+        StepMetrics {
             step: self.step,
-            epoch,
-            lr,
+            epoch: batch.epoch,
+            lr: upd.lr,
             reward_mean: mean,
             reward_std: std,
-            format_ok_rate: fmt_ok as f64 / k,
-            exact_match_rate: exact as f64 / k,
+            format_ok_rate: scores.format_ok as f64 / k,
+            exact_match_rate: scores.exact as f64 / k,
             zero_adv_groups: zero_groups as f64 / (k / n as f64),
-            loss: sums.loss / updates.max(1) as f64,
-            pg_loss: sums.pg_loss / updates.max(1) as f64,
+            loss: sums.loss / updates,
+            pg_loss: sums.pg_loss / updates,
             kl: sums.kl_sum / tok,
             clip_frac: sums.clip_sum / tok,
             ratio_mean: sums.ratio_sum / tok,
-            entropy: first_sums
+            entropy: upd
+                .first
+                .as_ref()
                 .map(|f| f.entropy_sum / f.tokens.max(1.0))
                 .unwrap_or(0.0),
-            grad_norm,
+            grad_norm: upd.grad_norm,
             response_len_mean: resp_tokens as f64 / k,
             response_len_max: resp_lens.iter().copied().max().unwrap_or(0),
             truncated_rate: gens.iter().filter(|g| !g.stopped).count() as f64 / k,
             prompt_tokens,
             response_tokens: resp_tokens,
-            updates,
-            time_rollout_s: time_rollout,
-            time_reward_s: time_reward,
-            time_old_logprobs_s: time_old,
-            time_reference_s: time_ref,
-            time_update_s: time_update,
-            time_step_s: time_step,
-            tokens_per_s: (prompt_tokens + resp_tokens) as f64 / time_step.max(1e-9),
+            updates: upd.updates,
+            time_rollout_s: times.rollout,
+            time_reward_s: times.reward,
+            time_old_logprobs_s: times.old_logprobs,
+            time_reference_s: times.reference,
+            time_update_s: times.update,
+            time_step_s: times.step,
+            tokens_per_s: (prompt_tokens + resp_tokens) as f64 / times.step.max(1e-9),
             peak_host_mib: metrics::peak_host_mib(),
-        })
+        }
     }
 
     /// The counters a checkpoint records.
@@ -498,7 +598,7 @@ impl<B: Backend> Trainer<B> {
             updates: self.opt.updates,
             sample_offset: self.sample_offset,
             data_pos: self.data_pos,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             data_len: self.prompts.len(),
             reference: self.reference_dir.clone(),
             config: serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null),
@@ -521,7 +621,7 @@ impl<B: Backend> Trainer<B> {
     /// every `save_every` steps and at the end. Returns the metrics of the steps run.
     pub fn run(&mut self) -> Result<Vec<StepMetrics>> {
         let total = self.total_steps();
-        let out = self.cfg.out.clone();
+        let out = self.cfg.run.out.clone();
         let _lock = checkpoint::claim_run_dir(&out, self.step, self.discard_later)?;
         let mut writer = MetricsWriter::open(&out.join("metrics.jsonl"), self.step + 1)?;
         let pb = metrics::progress_bar(total, self.quiet, "grpo");
@@ -548,7 +648,7 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// A reward must be finite: a NaN or Inf would turn the whole group's advantages into NaN.
-fn check_reward(r: f32, sample: &str) -> Result<()> {
+pub(crate) fn check_reward(r: f32, sample: &str) -> Result<()> {
     if r.is_finite() {
         Ok(())
     } else {
@@ -557,32 +657,4 @@ fn check_reward(r: f32, sample: &str) -> Result<()> {
              finite numbers"
         )))
     }
-}
-
-/// Mean reward of `n` responses per prompt (sampled with `sp`) over `prompts`, with the
-/// format-ok and exact-match rates: (reward, format_ok, exact).
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_reward<B: Backend>(
-    b: &B,
-    model: &Model<B>,
-    tok: &Tokenizer,
-    prompts: &[PromptItem],
-    reward: &dyn Reward,
-    n: usize,
-    sp: &SamplingParams,
-    seed: u64,
-) -> Result<(f64, f64, f64)> {
-    let toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
-    let gens = rollout::generate(b, model, &toks, n, sp, seed, 0)?;
-    let (mut r, mut f, mut e) = (0.0f64, 0usize, 0usize);
-    for g in &gens {
-        let text = tok.decode(g.content(), false)?;
-        let o = reward.score(&text, &prompts[g.prompt].ground_truth);
-        check_reward(o.reward, &prompts[g.prompt].id)?;
-        r += o.reward as f64;
-        f += o.format_ok as usize;
-        e += o.calls_ok as usize;
-    }
-    let k = gens.len().max(1) as f64;
-    Ok((r / k, f as f64 / k, e as f64 / k))
 }

@@ -24,31 +24,11 @@ pub struct SftItem {
     pub prompt_len: usize,
 }
 
-/// JSON the way Python's `json.dumps` writes it (", " and ": " separators), which is how the
-/// Tool-N1 prompt shows calls.
-pub fn python_json(v: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match v {
-        Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(python_json).collect();
-            format!("[{}]", items.join(", "))
-        }
-        Value::Object(o) => {
-            let items: Vec<String> = o
-                .iter()
-                .map(|(k, v)| format!("{}: {}", Value::String(k.clone()), python_json(v)))
-                .collect();
-            format!("{{{}}}", items.join(", "))
-        }
-        other => other.to_string(),
-    }
-}
-
 /// The Tool-N1-format answer for a ground-truth call list: an (empty) think block and the calls.
 pub fn tooln1_answer(ground_truth: &serde_json::Value) -> String {
     format!(
         "<think></think>\n<tool_call>{}</tool_call>",
-        python_json(ground_truth)
+        crate::pyjson::py_json(ground_truth)
     )
 }
 
@@ -177,7 +157,7 @@ impl<B: Backend> SftTrainer<B> {
         }
         let opt = AdamW::new(&b, &model, cfg.optim.clone())?;
         let grads = model.zero_grads(&b)?;
-        let order = DataOrder::new(cfg.seed, items.len());
+        let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {
             b,
             model,
@@ -200,10 +180,10 @@ impl<B: Backend> SftTrainer<B> {
     }
 
     pub fn total_steps(&self) -> u64 {
-        if self.cfg.steps > 0 {
-            self.cfg.steps
+        if self.cfg.run.steps > 0 {
+            self.cfg.run.steps
         } else {
-            (self.cfg.epochs.max(1) * self.items.len() as u64)
+            (self.cfg.run.epochs.max(1) * self.items.len() as u64)
                 .div_ceil(self.cfg.batch_size as u64)
                 .max(1)
         }
@@ -252,7 +232,7 @@ impl<B: Backend> SftTrainer<B> {
             updates: self.opt.updates,
             sample_offset: 0,
             data_pos: self.data_pos,
-            seed: self.cfg.seed,
+            seed: self.cfg.run.seed,
             data_len: self.items.len(),
             reference: None,
             config: serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null),
@@ -306,17 +286,6 @@ impl<B: Backend> SftTrainer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_style_json() {
-        let v: serde_json::Value =
-            serde_json::from_str(r#"[{"name":"f","arguments":{"a":1,"b":[1,2],"c":"x\"y"}}]"#)
-                .unwrap();
-        assert_eq!(
-            python_json(&v),
-            r#"[{"name": "f", "arguments": {"a": 1, "b": [1, 2], "c": "x\"y"}}]"#
-        );
-    }
 
     #[test]
     fn target_from_last_assistant_or_ground_truth() {

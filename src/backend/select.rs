@@ -1,11 +1,35 @@
 //! Backend selection: `auto` (CUDA when a device is present, else the CPU), `cpu`, `cuda`.
-//! A job is written once, generic over the backend, as a [`BackendJob`].
+//! A job is written once, generic over the backend, as a [`BackendJob`], and [`run_on`] runs it
+//! on the backend a [`DeviceKind`] selects.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::Cuda;
 use crate::backend::Backend;
-use crate::train::config::DeviceKind;
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Which backend runs the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// CUDA when a device is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceKind::Auto),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda),
+            _ => Err(format!("unknown device `{s}`; expected auto, cpu or cuda")),
+        }
+    }
+}
 
 /// Work that runs on any backend.
 pub trait BackendJob {
@@ -13,15 +37,20 @@ pub trait BackendJob {
     fn run<B: Backend + 'static>(self, b: B) -> Result<Self::Output>;
 }
 
-/// Whether the CUDA driver library can be loaded and device 0 opened.
-pub fn cuda_present() -> bool {
-    cuda_memory().is_some()
-}
-
 /// (free, total) bytes of CUDA device 0, or None when there is no usable device. Probes the
 /// driver exactly as the CUDA backend does when it opens the device.
 pub fn cuda_memory() -> Option<(u64, u64)> {
     crate::backend::cuda::device_memory(0).ok()
+}
+
+/// Whether a job for `kind` will run on CUDA, given device 0's memory as [`cuda_memory`]
+/// reports it (`auto` picks CUDA exactly when a device is present).
+pub fn uses_cuda(kind: DeviceKind, cuda: Option<(u64, u64)>) -> bool {
+    match kind {
+        DeviceKind::Cuda => true,
+        DeviceKind::Cpu => false,
+        DeviceKind::Auto => cuda.is_some(),
+    }
 }
 
 /// Run `job` on the backend `kind` selects. `cuda` never falls back; `auto` falls back to the
