@@ -199,6 +199,19 @@ pub trait Backend {
         dim: usize,
     ) -> Result<()>;
 
+    /// dst[ids[t],:] += src[t,:] for t < n, activations in `T` (the backward of a row gather
+    /// done with [`Backend::embedding`] on activations); `dst_rows` rows of `dim` in dst. A
+    /// repeated id sums its rows in increasing t, so the result is deterministic.
+    fn scatter_add_rows(
+        &self,
+        ids: &Self::I,
+        src: &Self::T,
+        dst: &mut Self::T,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+
     // ---------------------------------------------------------------- RMSNorm
     /// out[r,:] = x[r,:] * rstd[r] * w, rstd[r] = 1/sqrt(mean(x[r,:]²) + eps). `rstd` is saved
     /// for the backward (f32, one per row).
@@ -291,6 +304,56 @@ pub trait Backend {
         dv: &mut Self::T,
         cu_seqlens: &Self::I,
         cu_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
+    /// [`Backend::attention`] in the shared-prefix layout (Prefix Grouper, arXiv 2506.05433):
+    /// query i of segment s (rows cu[s]..cu[s+1]) attends to every key of rows
+    /// prefix[2s]..prefix[2s+1] and causally to the keys cu[s]..=i of its own segment. A GRPO
+    /// group is packed as its prompt (no prefix) followed by its n responses, each with the
+    /// prompt's rows as prefix, so a response never reads a sibling. `prefix` (device) and
+    /// `prefix_host` (host copy) hold 2 entries per segment, lo == hi for none, and need
+    /// lo <= hi <= cu[s] (a prefix lies before its segment); `max_len` bounds the segments and
+    /// the prefixes. Empty segments are allowed. With every prefix empty this is
+    /// [`Backend::attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_prefixed(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &mut Self::T,
+        lse: &mut Self::F,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        prefix: &Self::I,
+        prefix_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+    /// Backward of [`Backend::attention_prefixed`]: writes (overwrites) dq, dk, dv; a prefix
+    /// key's dk/dv sum the contributions of every segment that reads it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Self::T,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &Self::T,
+        lse: &Self::F,
+        dq: &mut Self::T,
+        dk: &mut Self::T,
+        dv: &mut Self::T,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        prefix: &Self::I,
+        prefix_host: &[u32],
         max_len: usize,
         n_heads: usize,
         n_kv: usize,
@@ -453,4 +516,7 @@ pub trait Backend {
     ) -> Result<()>;
     /// Whether `adamw` needs an f32 master copy (true where `T` is narrower than f32).
     fn needs_master(&self) -> bool;
+    /// Whether [`Backend::attention_prefixed`] takes non-empty prefixes (the trainer falls
+    /// back to per-sequence passes where it does not).
+    fn has_prefixed_attention(&self) -> bool;
 }

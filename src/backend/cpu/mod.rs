@@ -90,6 +90,44 @@ fn check_cu(op: &str, cu_dev: &[u32], cu_host: &[u32], max_len: usize) -> Result
     Ok(*cu_host.last().unwrap_or(&0) as usize)
 }
 
+/// Check a shared-prefix table against the segments (see [`Backend::attention_prefixed`]):
+/// 2 entries per segment, equal device and host copies, lo <= hi <= the segment's start,
+/// hi - lo <= max_len.
+pub(crate) fn check_prefix(
+    op: &str,
+    dev: &[u32],
+    host: &[u32],
+    cu_host: &[u32],
+    max_len: usize,
+) -> Result<()> {
+    let n_seg = cu_host.len().saturating_sub(1);
+    if host.len() != 2 * n_seg {
+        return Err(Error::Invalid(format!(
+            "{op}: `prefix_host` must hold 2 entries per segment ({} for {n_seg} segments), \
+             got {}",
+            2 * n_seg,
+            host.len()
+        )));
+    }
+    need(op, "prefix", dev.len(), host.len())?;
+    if dev[..host.len()] != *host {
+        return Err(Error::Invalid(format!(
+            "{op}: `prefix` and `prefix_host` differ"
+        )));
+    }
+    for s in 0..n_seg {
+        let (lo, hi) = (host[2 * s], host[2 * s + 1]);
+        if lo > hi || hi > cu_host[s] || (hi - lo) as usize > max_len {
+            return Err(Error::Invalid(format!(
+                "{op}: segment {s} has prefix rows {lo}..{hi}; expected lo <= hi <= {} (its \
+                 start) and at most `max_len` = {max_len} rows",
+                cu_host[s]
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_heads(op: &str, n_heads: usize, n_kv: usize, head_dim: usize) -> Result<()> {
     if n_kv == 0 || n_heads == 0 || n_heads % n_kv != 0 {
         return Err(Error::Invalid(format!(
@@ -322,6 +360,27 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn scatter_add_rows(
+        &self,
+        ids: &Vec<u32>,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        let op = "scatter_add_rows";
+        if dim == 0 {
+            return Err(Error::Invalid(format!("{op}: `dim` must be positive")));
+        }
+        need(op, "ids", ids.len(), n)?;
+        need(op, "src", src.len(), n * dim)?;
+        need(op, "dst", dst.len(), dst_rows * dim)?;
+        ids_below(op, "ids", ids, n, dst_rows, "`dst_rows`")?;
+        math::scatter_add_rows(ids, src, dst, n, dim);
+        Ok(())
+    }
+
     fn rmsnorm(
         &self,
         x: &Vec<f32>,
@@ -474,6 +533,103 @@ impl Backend for Cpu {
         fast::run(|| {
             fast::attention_bwd(
                 dout, q, k, v, out, lse, dq, dk, dv, cu_host, n_heads, n_kv, head_dim,
+            )
+        });
+        Ok(())
+    }
+
+    fn attention_prefixed(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        cu_seqlens: &Vec<u32>,
+        cu_host: &[u32],
+        prefix: &Vec<u32>,
+        prefix_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let op = "attention_prefixed";
+        check_heads(op, n_heads, n_kv, head_dim)?;
+        let n_tok = check_cu(op, cu_seqlens, cu_host, max_len)?;
+        check_prefix(op, prefix, prefix_host, cu_host, max_len)?;
+        need(op, "q", q.len(), n_tok * n_heads * head_dim)?;
+        need(op, "k", k.len(), n_tok * n_kv * head_dim)?;
+        need(op, "v", v.len(), n_tok * n_kv * head_dim)?;
+        need(op, "out", out.len(), n_tok * n_heads * head_dim)?;
+        need(op, "lse", lse.len(), n_tok * n_heads)?;
+        fast::run(|| {
+            fast::attention_prefixed(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_host,
+                prefix_host,
+                n_heads,
+                n_kv,
+                head_dim,
+            )
+        });
+        Ok(())
+    }
+
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        cu_seqlens: &Vec<u32>,
+        cu_host: &[u32],
+        prefix: &Vec<u32>,
+        prefix_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let op = "attention_prefixed_bwd";
+        check_heads(op, n_heads, n_kv, head_dim)?;
+        let n_tok = check_cu(op, cu_seqlens, cu_host, max_len)?;
+        check_prefix(op, prefix, prefix_host, cu_host, max_len)?;
+        let (qn, kn) = (n_tok * n_heads * head_dim, n_tok * n_kv * head_dim);
+        need(op, "dout", dout.len(), qn)?;
+        need(op, "q", q.len(), qn)?;
+        need(op, "k", k.len(), kn)?;
+        need(op, "v", v.len(), kn)?;
+        need(op, "out", out.len(), qn)?;
+        need(op, "lse", lse.len(), n_tok * n_heads)?;
+        need(op, "dq", dq.len(), qn)?;
+        need(op, "dk", dk.len(), kn)?;
+        need(op, "dv", dv.len(), kn)?;
+        fast::run(|| {
+            fast::attention_prefixed_bwd(
+                dout,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                dq,
+                dk,
+                dv,
+                cu_host,
+                prefix_host,
+                n_heads,
+                n_kv,
+                head_dim,
             )
         });
         Ok(())
@@ -841,5 +997,9 @@ impl Backend for Cpu {
 
     fn needs_master(&self) -> bool {
         false
+    }
+
+    fn has_prefixed_attention(&self) -> bool {
+        true
     }
 }

@@ -35,6 +35,24 @@ fn blk(n: u32) -> (u32, u32, u32) {
     (n, 1, 1)
 }
 
+/// The CUDA attention kernels take plain packed sequences only: accept a prefix table whose
+/// every range is empty (2 entries per segment), refuse a non-empty one with an error that names
+/// the switch to use instead.
+fn no_prefix(op: &str, prefix_host: &[u32], cu_host: &[u32]) -> Result<()> {
+    ensure!(
+        prefix_host.len() == 2 * cu_host.len().saturating_sub(1),
+        "{op}: `prefix_host` must hold 2 entries per segment, got {} for {} segments",
+        prefix_host.len(),
+        cu_host.len().saturating_sub(1)
+    );
+    ensure!(
+        prefix_host.chunks(2).all(|p| p[0] == p[1]),
+        "{op}: the CUDA attention kernels do not take a shared prefix; train with \
+         grpo.shared_prompt = false on this backend"
+    );
+    Ok(())
+}
+
 fn need<E: Elem>(b: &CudaBuf<E>, n: usize, what: &str) -> Result<()> {
     ensure!(
         b.len() >= n,
@@ -455,6 +473,43 @@ impl Backend for Cuda {
         )
     }
 
+    fn scatter_add_rows(
+        &self,
+        ids: &Self::I,
+        src: &Self::T,
+        dst: &mut Self::T,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        ensure!(dim > 0, "scatter_add_rows: dim must be > 0");
+        need(ids, n, "scatter_add_rows ids")?;
+        need(src, n * dim, "scatter_add_rows src")?;
+        need(dst, dst_rows * dim, "scatter_add_rows dst")?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.gpu.launch(
+            "embedding",
+            "scatter_add_rows",
+            (dim.div_ceil(256) as u32, 1, 1),
+            blk(256),
+            0,
+            Args::new()
+                .p(ids.ptr())
+                .p(src.ptr())
+                .p(dst.ptr())
+                .i(i32_of(n, "n")?)
+                .i(i32_of(dim, "dim")?)
+                .u(u32::try_from(dst_rows).map_err(|_| {
+                    Error::Invalid(format!(
+                        "scatter_add_rows: dst_rows = {dst_rows} exceeds u32"
+                    ))
+                })?)
+                .p(self.gpu.err_flag.ptr()),
+        )
+    }
+
     fn rmsnorm(
         &self,
         x: &Self::T,
@@ -685,6 +740,59 @@ impl Backend for Cuda {
                 .i(n_heads as i32)
                 .i(n_kv as i32),
         )
+    }
+
+    fn attention_prefixed(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &mut Self::T,
+        lse: &mut Self::F,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        _prefix: &Self::I,
+        prefix_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        no_prefix("attention_prefixed", prefix_host, cu_host)?;
+        self.attention(
+            q, k, v, out, lse, cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim,
+        )
+    }
+
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Self::T,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &Self::T,
+        lse: &Self::F,
+        dq: &mut Self::T,
+        dk: &mut Self::T,
+        dv: &mut Self::T,
+        cu_seqlens: &Self::I,
+        cu_host: &[u32],
+        _prefix: &Self::I,
+        prefix_host: &[u32],
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        no_prefix("attention_prefixed_bwd", prefix_host, cu_host)?;
+        self.attention_bwd(
+            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, cu_host, max_len, n_heads, n_kv,
+            head_dim,
+        )
+    }
+
+    fn has_prefixed_attention(&self) -> bool {
+        false
     }
 
     fn kv_store(
