@@ -1,20 +1,27 @@
 //! The shared-prompt layout on the CPU backend: the prefixed attention op against a naive
 //! reference (each response as its own prompt + response sequence) in f64 and f32, its backward
-//! against f64 finite differences, thread-count independence, the row scatter-add.
+//! against f64 finite differences, thread-count independence, the row scatter-add; then the
+//! model and the GRPO passes: shared and per-sequence passes give the same logprobs, GRPO loss
+//! and parameter gradients, and response-only logits give the full pass's numbers.
 //! Seeds are printed; `TOOLN1_TEST_SEED=<n>` replays one.
 
 mod common;
 
-use common::{check, Rng};
+use common::{check, check32, Rng};
 use tooln1::backend::cpu::{math, Cpu};
-use tooln1::backend::Backend;
+use tooln1::backend::{Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::model::{init, Group, Model, PackedBatch};
+use tooln1::train::grpo::{self, Layout, TrainSeq};
 
-/// A random shared layout: per group (prompt start, prompt length, response segments as
-/// (start, length)); segment lengths may be 0 (a one-token response).
+/// One group of a [`Packing`]: prompt start, prompt length, response segments as
+/// (start, length).
+type GroupRows = (usize, usize, Vec<(usize, usize)>);
+
+/// A random shared layout; segment lengths may be 0 (a one-token response).
 struct Packing {
     cu: Vec<u32>,
     prefix: Vec<u32>,
-    groups: Vec<(usize, usize, Vec<(usize, usize)>)>,
+    groups: Vec<GroupRows>,
 }
 
 fn packing(r: &mut Rng, n_groups: usize, max_p: usize, max_r: usize) -> Packing {
@@ -378,4 +385,242 @@ fn scatter_add_rows_sums_repeated_rows() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("`ids[0]`") && e.contains("dst_rows"), "{e}");
+}
+
+/// Random GRPO groups: each `n` consecutive sequences share one prompt.
+fn groups(r: &mut Rng, vocab: usize, n_groups: usize, max_p: usize, max_r: usize) -> Vec<TrainSeq> {
+    let mut out = Vec::new();
+    for _ in 0..n_groups {
+        let plen = 1 + r.below(max_p);
+        let prompt: Vec<u32> = (0..plen).map(|_| r.below(vocab) as u32).collect();
+        let n = 1 + r.below(6);
+        for _ in 0..n {
+            let rl = 1 + r.below(max_r);
+            let mut tokens = prompt.clone();
+            tokens.extend((0..rl).map(|_| r.below(vocab) as u32));
+            out.push(TrainSeq {
+                tokens,
+                prompt_len: plen,
+                adv: r.uni() * 4.0 - 2.0,
+            });
+        }
+    }
+    out
+}
+
+fn model(r: &mut Rng, vocab: usize) -> Model<Cpu> {
+    let tied = r.below(2) == 1;
+    let cfg = init::tiny_config(32, 2, 4, 2, 40, vocab, tied);
+    Model::random(&Cpu, cfg, r.next()).unwrap()
+}
+
+#[test]
+fn shared_layout_gives_the_per_sequence_logprobs() {
+    let mut r = Rng::new("shared_layout_gives_the_per_sequence_logprobs");
+    let vocab = 53;
+    let m = model(&mut r, vocab);
+    let seqs = groups(&mut r, vocab, 4, 80, 30);
+    let n_groups = grpo::prompt_groups(&seqs).len();
+    assert_eq!(n_groups, 4);
+    for inv_t in [1.0f32, 1.0 / 0.7] {
+        let naive =
+            grpo::response_logprobs(&Cpu, &m, &seqs, 100_000, inv_t, Layout::PerSequence).unwrap();
+        for budget in [100_000, 60, 1] {
+            let shared =
+                grpo::response_logprobs(&Cpu, &m, &seqs, budget, inv_t, Layout::Shared).unwrap();
+            for (i, (a, b)) in shared.iter().zip(&naive).enumerate() {
+                assert_eq!(a.len(), seqs[i].n_response());
+                check32(
+                    &format!("seq {i} logprobs (1/T {inv_t}, budget {budget})"),
+                    a,
+                    b,
+                    1e-5,
+                );
+            }
+        }
+    }
+    let (rows, logits) = grpo::pass_rows(&seqs, Layout::Shared);
+    let (rows_n, logits_n) = grpo::pass_rows(&seqs, Layout::PerSequence);
+    assert!(rows < rows_n || seqs.len() == n_groups);
+    assert_eq!(logits, seqs.iter().map(|s| s.n_response()).sum::<usize>());
+    assert_eq!(logits_n, rows_n);
+}
+
+#[test]
+fn shared_layout_gives_the_per_sequence_loss_and_gradients() {
+    let mut r = Rng::new("shared_layout_gives_the_per_sequence_loss_and_gradients");
+    let vocab = 41;
+    let m = model(&mut r, vocab);
+    let seqs = groups(&mut r, vocab, 3, 70, 12);
+    let inv_t = 1.0 / 0.7;
+    let cur =
+        grpo::response_logprobs(&Cpu, &m, &seqs, 100_000, inv_t, Layout::PerSequence).unwrap();
+    // old and reference away from the current logprobs so ratios clip and the KL is non-zero
+    let old: Vec<Vec<f32>> = cur
+        .iter()
+        .map(|v| v.iter().map(|x| x + (r.uni() - 0.5) * 0.8).collect())
+        .collect();
+    let reference: Vec<Vec<f32>> = cur
+        .iter()
+        .map(|v| v.iter().map(|x| x + (r.uni() - 0.5) * 0.6).collect())
+        .collect();
+    for (agg, entropy_coef) in [
+        (LossAgg::TokenMean, 0.01),
+        (LossAgg::SeqMeanTokenSum, 0.0),
+        (LossAgg::SeqMeanTokenMean, 0.0),
+        (LossAgg::SeqMeanTokenSumNorm, 0.0),
+    ] {
+        let cfg = GrpoLossCfg {
+            clip_low: 0.2,
+            clip_high: 0.2,
+            kl_coef: 0.1,
+            kl_kind: KlKind::K3,
+            agg,
+            norm_len: 8.0,
+            loss_scale_div: 1.0,
+        };
+        let mut g_naive = m.zero_grads(&Cpu).unwrap();
+        let naive = grpo::accumulate_responses(
+            &Cpu,
+            &m,
+            &seqs,
+            &old,
+            &reference,
+            &cfg,
+            entropy_coef,
+            100_000,
+            false,
+            inv_t,
+            Layout::PerSequence,
+            &mut g_naive,
+        )
+        .unwrap();
+        for (budget, recompute) in [(100_000, false), (50, true), (1, false)] {
+            let mut g = m.zero_grads(&Cpu).unwrap();
+            let shared = grpo::accumulate_responses(
+                &Cpu,
+                &m,
+                &seqs,
+                &old,
+                &reference,
+                &cfg,
+                entropy_coef,
+                budget,
+                recompute,
+                inv_t,
+                Layout::Shared,
+                &mut g,
+            )
+            .unwrap();
+            let tag = format!("{agg:?} budget {budget}");
+            println!("{tag}: loss {} vs {}", shared.loss, naive.loss);
+            assert!(
+                (shared.loss - naive.loss).abs() < 1e-5 * (1.0 + naive.loss.abs()),
+                "{tag}: loss {} vs {}",
+                shared.loss,
+                naive.loss
+            );
+            assert_eq!(shared.tokens, naive.tokens, "{tag}: tokens");
+            for (name, a, b) in [
+                ("pg_loss", shared.pg_loss, naive.pg_loss),
+                ("kl_sum", shared.kl_sum, naive.kl_sum),
+                ("clip_sum", shared.clip_sum, naive.clip_sum),
+                ("ratio_sum", shared.ratio_sum, naive.ratio_sum),
+                ("entropy_sum", shared.entropy_sum, naive.entropy_sum),
+            ] {
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{tag}: {name} {a} vs {b}"
+                );
+            }
+            for (i, (a, b)) in g.iter().zip(&g_naive).enumerate() {
+                let name = &m.layout.specs[i].name;
+                check32(&format!("{tag}: grad {name}"), a, b, 2e-5);
+            }
+        }
+        assert!(naive.clip_sum > 0.0, "{agg:?}: no clipped token");
+    }
+}
+
+#[test]
+fn logit_rows_give_the_full_pass_numbers() {
+    // Response-only logits (SFT's assistant tokens) against the every-row pass.
+    let mut r = Rng::new("logit_rows_give_the_full_pass_numbers");
+    let vocab = 37;
+    let m = model(&mut r, vocab);
+    let seqs: Vec<Vec<u32>> = (0..4)
+        .map(|_| {
+            let l = 2 + r.below(40);
+            (0..l).map(|_| r.below(vocab) as u32).collect()
+        })
+        .collect();
+    let starts: Vec<usize> = seqs.iter().map(|s| 1 + r.below(s.len() - 1)).collect();
+    let full = PackedBatch::from_sequences(&seqs).unwrap();
+    let part = PackedBatch::from_sequences_from(&seqs, &starts).unwrap();
+    let (db_full, db_part) = (
+        m.upload_batch(&Cpu, &full).unwrap(),
+        m.upload_batch(&Cpu, &part).unwrap(),
+    );
+    // per-row weights: nonzero only where the row is a logit row
+    let mut w_full = vec![0f32; full.n_tok()];
+    let mut w_part = Vec::new();
+    for &row in &part.logit_rows {
+        let w = r.uni() - 0.5;
+        w_full[row as usize] = w;
+        w_part.push(w);
+    }
+    let (lp_full, _) = m.logprobs(&Cpu, &db_full, false).unwrap();
+    let (lp_part, _) = m.logprobs(&Cpu, &db_part, false).unwrap();
+    let want: Vec<f32> = part
+        .logit_rows
+        .iter()
+        .map(|&i| lp_full[i as usize])
+        .collect();
+    check32("logit-row logprobs", &lp_part, &want, 1e-6);
+    let mut g_full = m.zero_grads(&Cpu).unwrap();
+    let mut g_part = m.zero_grads(&Cpu).unwrap();
+    for (db, w, g) in [
+        (&db_full, &w_full, &mut g_full),
+        (&db_part, &w_part, &mut g_part),
+    ] {
+        let tape = m.forward_train(&Cpu, db, false, true).unwrap();
+        assert_eq!(tape.n_logits, w.len());
+        let d = Cpu.upload_f32(w).unwrap();
+        m.backward(&Cpu, db, tape, &d, g).unwrap();
+    }
+    for (i, (a, b)) in g_part.iter().zip(&g_full).enumerate() {
+        check32(&format!("grad {}", m.layout.specs[i].name), a, b, 1e-5);
+    }
+    // a batch whose targets do not match its logit rows is an error, not a panic
+    let mut bad = part.clone();
+    bad.targets.pop();
+    assert!(m.upload_batch(&Cpu, &bad).is_err());
+    let mut bad = part.clone();
+    bad.logit_rows[0] = full.n_tok() as u32;
+    let e = m.upload_batch(&Cpu, &bad).err().unwrap().to_string();
+    assert!(e.contains("logit_rows[0]"), "{e}");
+}
+
+#[test]
+fn shared_groups_packs_prompt_then_responses() {
+    let prompt = [5u32, 6, 7];
+    let (r1, r2) = ([8u32, 9], [10u32]);
+    let resp: [&[u32]; 2] = [&r1, &r2];
+    let b = PackedBatch::shared_groups(&[Group {
+        prompt: &prompt,
+        responses: &resp,
+    }])
+    .unwrap();
+    assert_eq!(b.tokens, vec![5, 6, 7, 8]);
+    assert_eq!(b.cu_seqlens, vec![0, 3, 4, 4]);
+    assert_eq!(b.positions, vec![0, 1, 2, 3]);
+    assert_eq!(b.prefix, vec![0, 0, 0, 3, 0, 3]);
+    assert_eq!(b.logit_rows, vec![2, 3, 2]);
+    assert_eq!(b.targets, vec![8, 9, 10]);
+    let empty: [&[u32]; 1] = [&[]];
+    assert!(PackedBatch::shared_groups(&[Group {
+        prompt: &prompt,
+        responses: &empty,
+    }])
+    .is_err());
 }

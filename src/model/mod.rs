@@ -8,7 +8,7 @@ pub mod qwen2;
 pub mod weights;
 
 pub use config::Qwen2Config;
-pub use qwen2::{DeviceBatch, KvCache, Model, PackedBatch, Tape};
+pub use qwen2::{DeviceBatch, Group, KvCache, Model, PackedBatch, Tape};
 
 /// One parameter tensor: its HF name and shape (row-major).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -304,6 +304,16 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
+    /// The layout of the training-side passes: shared prompts when configured and the backend's
+    /// attention takes a prefix, else per sequence.
+    pub fn layout(&self) -> grpo::Layout {
+        if self.cfg.grpo.shared_prompt && self.b.has_prefixed_attention() {
+            grpo::Layout::Shared
+        } else {
+            grpo::Layout::PerSequence
+        }
+    }
+
     /// One GRPO step on the next `prompts_per_step` prompts.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t_step = Instant::now();
@@ -371,11 +381,13 @@ impl<B: Backend> Trainer<B> {
         // at the rollout temperature, as verl's actor (see `GrpoConfig::logprob_temperature`)
         let budget = self.cfg.grpo.micro_batch_tokens;
         let inv_t = self.cfg.logprob_inv_t();
+        let layout = self.layout();
         let t = Instant::now();
-        let old = grpo::seq_logprobs(&self.b, &self.policy, &seqs, budget, inv_t)?;
+        let old = grpo::response_logprobs(&self.b, &self.policy, &seqs, budget, inv_t, layout)?;
         let time_old = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let reference = grpo::seq_logprobs(&self.b, &self.reference, &seqs, budget, inv_t)?;
+        let reference =
+            grpo::response_logprobs(&self.b, &self.reference, &seqs, budget, inv_t, layout)?;
         let time_ref = t.elapsed().as_secs_f64();
 
         // 4. mini-batch updates
@@ -406,7 +418,7 @@ impl<B: Backend> Trainer<B> {
             for start in (0..seqs.len()).step_by(mini) {
                 let end = (start + mini).min(seqs.len());
                 optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
-                let s = grpo::accumulate_minibatch(
+                let s = grpo::accumulate_responses(
                     &self.b,
                     &self.policy,
                     &seqs[start..end],
@@ -417,6 +429,7 @@ impl<B: Backend> Trainer<B> {
                     budget,
                     recompute,
                     inv_t,
+                    layout,
                     &mut self.grads,
                 )?;
                 let u = self
@@ -454,6 +467,8 @@ impl<B: Backend> Trainer<B> {
         let prompt_tokens: usize = gens.iter().map(|g| prompt_toks[g.prompt].len()).sum();
         let time_step = t_step.elapsed().as_secs_f64();
         let tok = sums.tokens.max(1.0);
+        let (rows, logit_rows) = grpo::pass_rows(&seqs, layout);
+        let (rows_naive, logit_rows_naive) = grpo::pass_rows(&seqs, grpo::Layout::PerSequence);
         Ok(StepMetrics {
             step: self.step,
             epoch,
@@ -484,6 +499,13 @@ impl<B: Backend> Trainer<B> {
             time_reference_s: time_ref,
             time_update_s: time_update,
             time_step_s: time_step,
+            shared_prompt: layout == grpo::Layout::Shared,
+            tokens_old_logprobs: rows,
+            tokens_reference: rows,
+            tokens_update: rows * ppo_epochs,
+            tokens_naive_per_pass: rows_naive,
+            logit_rows_per_pass: logit_rows,
+            logit_rows_naive_per_pass: logit_rows_naive,
             tokens_per_s: (prompt_tokens + resp_tokens) as f64 / time_step.max(1e-9),
             peak_host_mib: metrics::peak_host_mib(),
         })
@@ -532,8 +554,12 @@ impl<B: Backend> Trainer<B> {
             writer.write(&m)?;
             pb.set_position(self.step);
             pb.set_message(format!(
-                "reward {:.3} kl {:.4} len {:.0}",
-                m.reward_mean, m.kl, m.response_len_mean
+                "reward {:.3} kl {:.4} len {:.0} pass tokens {}/{}",
+                m.reward_mean,
+                m.kl,
+                m.response_len_mean,
+                m.tokens_old_logprobs,
+                m.tokens_naive_per_pass
             ));
             all.push(m);
             let every = self.cfg.save_every;
