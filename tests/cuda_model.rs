@@ -139,6 +139,38 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
         }
     }
 
+    // Logits at some rows only (SFT's assistant tokens): the row gather before the final norm
+    // and the scatter-add of its gradient.
+    let starts: Vec<usize> = seqs.iter().map(|s| (s.len() / 2).max(1)).collect();
+    let part = PackedBatch::from_sequences_from(&seqs, &starts).unwrap();
+    let (pc, pg) = (
+        mc.upload_batch(&cpu, &part).unwrap(),
+        mg.upload_batch(&cuda, &part).unwrap(),
+    );
+    let (lc, _) = mc.logprobs(&cpu, &pc, false).unwrap();
+    let (lg, _) = mg.logprobs(&cuda, &pg, false).unwrap();
+    check(&format!("{tag} logit-row logprobs"), &lg, &lc, 3e-2);
+    let w: Vec<f32> = (0..part.n_logits())
+        .map(|_| (r.next() % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let tc = mc.forward_train(&cpu, &pc, false, true).unwrap();
+    let mut gc = mc.zero_grads(&cpu).unwrap();
+    mc.backward(&cpu, &pc, tc, &cpu.upload_f32(&w).unwrap(), &mut gc)
+        .unwrap();
+    let tg = mg.forward_train(&cuda, &pg, false, true).unwrap();
+    let mut gg = mg.zero_grads(&cuda).unwrap();
+    mg.backward(&cuda, &pg, tg, &cuda.upload_f32(&w).unwrap(), &mut gg)
+        .unwrap();
+    for (i, spec) in mg.layout.specs.iter().enumerate() {
+        let got = cuda.download_f32(&gg[i], spec.numel()).unwrap();
+        check(
+            &format!("{tag} logit-row grad {}", spec.name),
+            &got,
+            &gc[i][..spec.numel()],
+            3e-2,
+        );
+    }
+
     // Generation: prefill the prompts, then decode two tokens per slot.
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s[..s.len().min(9)].to_vec()).collect();
     let max_len = 16;

@@ -267,6 +267,39 @@ fn swiglu_and_embedding() {
     c.synchronize().unwrap();
 }
 
+#[test]
+fn scatter_add_rows_matches_reference() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("scatter_add_rows");
+    // repeated ids (the shared layout's prompt row is read n times), a dim over one block
+    let (rows, dim, n) = (13, 300, 41);
+    let ids: Vec<u32> = (0..n).map(|_| r.below(rows) as u32).collect();
+    let idd = c.upload_u32(&ids).unwrap();
+    let (src, sh) = up(&c, &r.vec(n * dim, 1.0));
+    let (mut dst, dh) = up(&c, &r.vec(rows * dim, 1.0));
+    c.scatter_add_rows(&idd, &src, &mut dst, n, rows, dim)
+        .unwrap();
+    let mut want: Vec<f64> = dh.iter().map(|&x| x as f64).collect();
+    for (t, &i) in ids.iter().enumerate() {
+        for j in 0..dim {
+            want[i as usize * dim + j] += sh[t * dim + j] as f64;
+        }
+    }
+    // each sum is rounded to bf16 after every row
+    check(
+        "scatter_add_rows",
+        &c.download(&dst, rows * dim).unwrap(),
+        &want,
+        1e-2,
+    );
+    // an id past dst_rows is an error at the next synchronisation, not a write out of bounds
+    let bad = c.upload_u32(&[rows as u32]).unwrap();
+    let r1 = c.scatter_add_rows(&bad, &src, &mut dst, 1, rows, dim);
+    let r2 = c.synchronize();
+    assert!(r1.is_err() || r2.is_err(), "out-of-range id must be reported");
+    c.synchronize().unwrap();
+}
+
 /// Naive causal GQA attention and its backward in f64 over packed sequences.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn attn_ref(
