@@ -59,7 +59,10 @@ fn main() -> anyhow::Result<()> {
     }
     let g = |k: &str| kv[k];
     anyhow::ensure!(g("runs") >= 1, "runs must be at least 1");
-    anyhow::ensure!(g("prompt") >= 1 && g("resp") >= 2, "prompt >= 1 and resp >= 2");
+    anyhow::ensure!(
+        g("prompt") >= 1 && g("resp") >= 2,
+        "prompt >= 1 and resp >= 2"
+    );
     cpu::set_num_threads(g("threads"));
     let b = Cpu;
     let cfg = tiny_config(

@@ -516,7 +516,53 @@ pub trait Backend {
     ) -> Result<()>;
     /// Whether `adamw` needs an f32 master copy (true where `T` is narrower than f32).
     fn needs_master(&self) -> bool;
-    /// Whether [`Backend::attention_prefixed`] takes non-empty prefixes (the trainer falls
-    /// back to per-sequence passes where it does not).
-    fn has_prefixed_attention(&self) -> bool;
+}
+
+/// Check a shared-prefix table (see [`Backend::attention_prefixed`]) against the segments:
+/// 2 entries per segment, lo <= hi <= the segment's start, hi - lo <= max_len.
+pub(crate) fn check_prefix_table(
+    op: &str,
+    host: &[u32],
+    cu_host: &[u32],
+    max_len: usize,
+) -> Result<()> {
+    let n_seg = cu_host.len().saturating_sub(1);
+    if host.len() != 2 * n_seg {
+        return Err(crate::Error::Invalid(format!(
+            "{op}: `prefix_host` must hold 2 entries per segment ({} for {n_seg} segments), \
+             got {}",
+            2 * n_seg,
+            host.len()
+        )));
+    }
+    for (s, (p, &start)) in host.chunks(2).zip(cu_host).enumerate() {
+        let (lo, hi) = (p[0], p[1]);
+        if lo > hi || hi > start || (hi - lo) as usize > max_len {
+            return Err(crate::Error::Invalid(format!(
+                "{op}: segment {s} has prefix rows {lo}..{hi}; expected lo <= hi <= {start} (its \
+                 start) and at most `max_len` = {max_len} rows"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// For a checked prefix table: per segment b, the non-empty segments whose prefix range
+/// overlaps b's rows, in increasing order, as CSR (n_seg + 1 offsets, indices).
+pub(crate) fn prefix_readers(prefix: &[u32], cu: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let n_seg = cu.len().saturating_sub(1);
+    let mut off = Vec::with_capacity(n_seg + 1);
+    let mut idx = Vec::new();
+    off.push(0);
+    for b in 0..n_seg {
+        let (s, e) = (cu[b], cu[b + 1]);
+        for r in 0..n_seg {
+            let (lo, hi) = (prefix[2 * r], prefix[2 * r + 1]);
+            if lo < e && s < hi && cu[r] < cu[r + 1] {
+                idx.push(r as u32);
+            }
+        }
+        off.push(idx.len() as u32);
+    }
+    (off, idx)
 }

@@ -115,9 +115,7 @@ pub struct GrpoConfig {
     /// Shared-prompt training passes: old, reference and policy passes encode each group's
     /// prompt once, its responses attending to it (Prefix Grouper, arXiv 2506.05433), and run
     /// the lm_head + log-softmax at the response tokens only. Same logprobs, loss, metrics and
-    /// gradients as the per-sequence passes (false), with fewer token rows. On a backend whose
-    /// attention does not take a shared prefix (CUDA today) the trainer uses per-sequence
-    /// passes.
+    /// gradients as the per-sequence passes (false), with fewer token rows.
     pub shared_prompt: bool,
     /// Temperature T of every training-side logprob: old, reference, the policy's (forward and
     /// backward) and its entropy are those of log_softmax(logits / T), as verl's actor takes

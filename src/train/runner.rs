@@ -304,10 +304,10 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// The layout of the training-side passes: shared prompts when configured and the backend's
-    /// attention takes a prefix, else per sequence.
+    /// The layout of the training-side passes: shared prompts when configured, else per
+    /// sequence.
     pub fn layout(&self) -> grpo::Layout {
-        if self.cfg.grpo.shared_prompt && self.b.has_prefixed_attention() {
+        if self.cfg.grpo.shared_prompt {
             grpo::Layout::Shared
         } else {
             grpo::Layout::PerSequence

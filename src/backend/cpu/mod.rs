@@ -90,40 +90,21 @@ fn check_cu(op: &str, cu_dev: &[u32], cu_host: &[u32], max_len: usize) -> Result
     Ok(*cu_host.last().unwrap_or(&0) as usize)
 }
 
-/// Check a shared-prefix table against the segments (see [`Backend::attention_prefixed`]):
-/// 2 entries per segment, equal device and host copies, lo <= hi <= the segment's start,
-/// hi - lo <= max_len.
-pub(crate) fn check_prefix(
+/// Check a shared-prefix table (see [`crate::backend::check_prefix_table`]) and that its
+/// device and host copies agree.
+fn check_prefix(
     op: &str,
     dev: &[u32],
     host: &[u32],
     cu_host: &[u32],
     max_len: usize,
 ) -> Result<()> {
-    let n_seg = cu_host.len().saturating_sub(1);
-    if host.len() != 2 * n_seg {
-        return Err(Error::Invalid(format!(
-            "{op}: `prefix_host` must hold 2 entries per segment ({} for {n_seg} segments), \
-             got {}",
-            2 * n_seg,
-            host.len()
-        )));
-    }
+    crate::backend::check_prefix_table(op, host, cu_host, max_len)?;
     need(op, "prefix", dev.len(), host.len())?;
     if dev[..host.len()] != *host {
         return Err(Error::Invalid(format!(
             "{op}: `prefix` and `prefix_host` differ"
         )));
-    }
-    for s in 0..n_seg {
-        let (lo, hi) = (host[2 * s], host[2 * s + 1]);
-        if lo > hi || hi > cu_host[s] || (hi - lo) as usize > max_len {
-            return Err(Error::Invalid(format!(
-                "{op}: segment {s} has prefix rows {lo}..{hi}; expected lo <= hi <= {} (its \
-                 start) and at most `max_len` = {max_len} rows",
-                cu_host[s]
-            )));
-        }
     }
     Ok(())
 }
@@ -997,9 +978,5 @@ impl Backend for Cpu {
 
     fn needs_master(&self) -> bool {
         false
-    }
-
-    fn has_prefixed_attention(&self) -> bool {
-        true
     }
 }

@@ -35,24 +35,6 @@ fn blk(n: u32) -> (u32, u32, u32) {
     (n, 1, 1)
 }
 
-/// The CUDA attention kernels take plain packed sequences only: accept a prefix table whose
-/// every range is empty (2 entries per segment), refuse a non-empty one with an error that names
-/// the switch to use instead.
-fn no_prefix(op: &str, prefix_host: &[u32], cu_host: &[u32]) -> Result<()> {
-    ensure!(
-        prefix_host.len() == 2 * cu_host.len().saturating_sub(1),
-        "{op}: `prefix_host` must hold 2 entries per segment, got {} for {} segments",
-        prefix_host.len(),
-        cu_host.len().saturating_sub(1)
-    );
-    ensure!(
-        prefix_host.chunks(2).all(|p| p[0] == p[1]),
-        "{op}: the CUDA attention kernels do not take a shared prefix; train with \
-         grpo.shared_prompt = false on this backend"
-    );
-    Ok(())
-}
-
 fn need<E: Elem>(b: &CudaBuf<E>, n: usize, what: &str) -> Result<()> {
     ensure!(
         b.len() >= n,
@@ -629,29 +611,8 @@ impl Backend for Cuda {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
-        need(q, n_tok * n_heads * head_dim, "attention q")?;
-        need(k, n_tok * n_kv * head_dim, "attention k")?;
-        need(v, n_tok * n_kv * head_dim, "attention v")?;
-        need(out, n_tok * n_heads * head_dim, "attention out")?;
-        need(lse, n_heads * n_tok, "attention lse")?;
-        let n_seq = cu_host.len() - 1;
-        self.gpu.launch(
-            "attention",
-            &format!("attn_fwd_d{head_dim}"),
-            (max_len.div_ceil(16) as u32, n_heads as u32, n_seq as u32),
-            blk(128),
-            0,
-            Args::new()
-                .p(q.ptr())
-                .p(k.ptr())
-                .p(v.ptr())
-                .p(out.ptr())
-                .p(lse.ptr())
-                .p(cu_seqlens.ptr())
-                .i(n_tok as i32)
-                .i(n_heads as i32)
-                .i(n_kv as i32),
+        self.attn_fwd(
+            q, k, v, out, lse, cu_seqlens, cu_host, 0, max_len, n_heads, n_kv, head_dim,
         )
     }
 
@@ -673,72 +634,9 @@ impl Backend for Cuda {
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
-        let qn = n_tok * n_heads * head_dim;
-        let kn = n_tok * n_kv * head_dim;
-        need(dout, qn, "attention_bwd dout")?;
-        need(q, qn, "attention_bwd q")?;
-        need(out, qn, "attention_bwd out")?;
-        need(dq, qn, "attention_bwd dq")?;
-        need(k, kn, "attention_bwd k")?;
-        need(v, kn, "attention_bwd v")?;
-        need(dk, kn, "attention_bwd dk")?;
-        need(dv, kn, "attention_bwd dv")?;
-        need(lse, n_heads * n_tok, "attention_bwd lse")?;
-        let n_seq = cu_host.len() - 1;
-        let dot = self.gpu.alloc::<f32>(n_heads * n_tok)?;
-        self.gpu.launch(
-            "attention",
-            "attn_bwd_dot",
-            ((n_tok * n_heads).div_ceil(8) as u32, 1, 1),
-            blk(256),
-            0,
-            Args::new()
-                .p(dout.ptr())
-                .p(out.ptr())
-                .p(dot.ptr())
-                .i(n_tok as i32)
-                .i(n_heads as i32)
-                .i(head_dim as i32),
-        )?;
-        self.gpu.launch(
-            "attention",
-            &format!("attn_bwd_dq_d{head_dim}"),
-            (max_len.div_ceil(8) as u32, n_heads as u32, n_seq as u32),
-            blk(128),
-            0,
-            Args::new()
-                .p(dout.ptr())
-                .p(q.ptr())
-                .p(k.ptr())
-                .p(v.ptr())
-                .p(lse.ptr())
-                .p(dot.ptr())
-                .p(dq.ptr())
-                .p(cu_seqlens.ptr())
-                .i(n_tok as i32)
-                .i(n_heads as i32)
-                .i(n_kv as i32),
-        )?;
-        self.gpu.launch(
-            "attention",
-            &format!("attn_bwd_dkdv_d{head_dim}"),
-            (max_len.div_ceil(8) as u32, n_kv as u32, n_seq as u32),
-            blk(128),
-            0,
-            Args::new()
-                .p(dout.ptr())
-                .p(q.ptr())
-                .p(k.ptr())
-                .p(v.ptr())
-                .p(lse.ptr())
-                .p(dot.ptr())
-                .p(dk.ptr())
-                .p(dv.ptr())
-                .p(cu_seqlens.ptr())
-                .i(n_tok as i32)
-                .i(n_heads as i32)
-                .i(n_kv as i32),
+        self.attn_bwd(
+            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, cu_host, None, max_len, n_heads, n_kv,
+            head_dim,
         )
     }
 
@@ -751,16 +649,28 @@ impl Backend for Cuda {
         lse: &mut Self::F,
         cu_seqlens: &Self::I,
         cu_host: &[u32],
-        _prefix: &Self::I,
+        prefix: &Self::I,
         prefix_host: &[u32],
         max_len: usize,
         n_heads: usize,
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        no_prefix("attention_prefixed", prefix_host, cu_host)?;
-        self.attention(
-            q, k, v, out, lse, cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim,
+        super::check_prefix_table("attention_prefixed", prefix_host, cu_host, max_len)?;
+        need(prefix, prefix_host.len(), "attention_prefixed prefix")?;
+        self.attn_fwd(
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            cu_host,
+            prefix.ptr(),
+            max_len,
+            n_heads,
+            n_kv,
+            head_dim,
         )
     }
 
@@ -777,22 +687,33 @@ impl Backend for Cuda {
         dv: &mut Self::T,
         cu_seqlens: &Self::I,
         cu_host: &[u32],
-        _prefix: &Self::I,
+        prefix: &Self::I,
         prefix_host: &[u32],
         max_len: usize,
         n_heads: usize,
         n_kv: usize,
         head_dim: usize,
     ) -> Result<()> {
-        no_prefix("attention_prefixed_bwd", prefix_host, cu_host)?;
-        self.attention_bwd(
-            dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens, cu_host, max_len, n_heads, n_kv,
+        super::check_prefix_table("attention_prefixed_bwd", prefix_host, cu_host, max_len)?;
+        need(prefix, prefix_host.len(), "attention_prefixed_bwd prefix")?;
+        self.attn_bwd(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dq,
+            dk,
+            dv,
+            cu_seqlens,
+            cu_host,
+            Some((prefix, prefix_host)),
+            max_len,
+            n_heads,
+            n_kv,
             head_dim,
         )
-    }
-
-    fn has_prefixed_attention(&self) -> bool {
-        false
     }
 
     fn kv_store(
@@ -1364,6 +1285,157 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
+    /// The forward attention launch; `prefix` is the device address of a checked prefix table
+    /// or 0 for none.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_fwd(
+        &self,
+        q: &CudaBuf<Bf16>,
+        k: &CudaBuf<Bf16>,
+        v: &CudaBuf<Bf16>,
+        out: &mut CudaBuf<Bf16>,
+        lse: &mut CudaBuf<f32>,
+        cu_seqlens: &CudaBuf<u32>,
+        cu_host: &[u32],
+        prefix: u64,
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
+        need(q, n_tok * n_heads * head_dim, "attention q")?;
+        need(k, n_tok * n_kv * head_dim, "attention k")?;
+        need(v, n_tok * n_kv * head_dim, "attention v")?;
+        need(out, n_tok * n_heads * head_dim, "attention out")?;
+        need(lse, n_heads * n_tok, "attention lse")?;
+        let n_seq = cu_host.len() - 1;
+        self.gpu.launch(
+            "attention",
+            &format!("attn_fwd_d{head_dim}"),
+            (max_len.div_ceil(16) as u32, n_heads as u32, n_seq as u32),
+            blk(128),
+            0,
+            Args::new()
+                .p(q.ptr())
+                .p(k.ptr())
+                .p(v.ptr())
+                .p(out.ptr())
+                .p(lse.ptr())
+                .p(cu_seqlens.ptr())
+                .p(prefix)
+                .i(n_tok as i32)
+                .i(n_heads as i32)
+                .i(n_kv as i32),
+        )
+    }
+
+    /// The backward attention launches; `prefix` is a checked prefix table (device, host).
+    #[allow(clippy::too_many_arguments)]
+    fn attn_bwd(
+        &self,
+        dout: &CudaBuf<Bf16>,
+        q: &CudaBuf<Bf16>,
+        k: &CudaBuf<Bf16>,
+        v: &CudaBuf<Bf16>,
+        out: &CudaBuf<Bf16>,
+        lse: &CudaBuf<f32>,
+        dq: &mut CudaBuf<Bf16>,
+        dk: &mut CudaBuf<Bf16>,
+        dv: &mut CudaBuf<Bf16>,
+        cu_seqlens: &CudaBuf<u32>,
+        cu_host: &[u32],
+        prefix: Option<(&CudaBuf<u32>, &[u32])>,
+        max_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let n_tok = self.check_attn(cu_seqlens, cu_host, max_len, n_heads, n_kv, head_dim)?;
+        let qn = n_tok * n_heads * head_dim;
+        let kn = n_tok * n_kv * head_dim;
+        need(dout, qn, "attention_bwd dout")?;
+        need(q, qn, "attention_bwd q")?;
+        need(out, qn, "attention_bwd out")?;
+        need(dq, qn, "attention_bwd dq")?;
+        need(k, kn, "attention_bwd k")?;
+        need(v, kn, "attention_bwd v")?;
+        need(dk, kn, "attention_bwd dk")?;
+        need(dv, kn, "attention_bwd dv")?;
+        need(lse, n_heads * n_tok, "attention_bwd lse")?;
+        let n_seq = cu_host.len() - 1;
+        let dot = self.gpu.alloc::<f32>(n_heads * n_tok)?;
+        // the readers of each sequence's rows as prefix (CSR), for the dk/dv kernel
+        let readers = match prefix {
+            Some((_, ph)) => {
+                let (off, idx) = super::prefix_readers(ph, cu_host);
+                // keep one slack entry: an empty upload is no buffer
+                let idx = if idx.is_empty() { vec![0] } else { idx };
+                Some((self.upload_u32(&off)?, self.upload_u32(&idx)?))
+            }
+            None => None,
+        };
+        let pptr = prefix.map_or(0, |(p, _)| p.ptr());
+        let (roff, rptr) = readers.as_ref().map_or((0, 0), |(o, r)| (o.ptr(), r.ptr()));
+        self.gpu.launch(
+            "attention",
+            "attn_bwd_dot",
+            ((n_tok * n_heads).div_ceil(8) as u32, 1, 1),
+            blk(256),
+            0,
+            Args::new()
+                .p(dout.ptr())
+                .p(out.ptr())
+                .p(dot.ptr())
+                .i(n_tok as i32)
+                .i(n_heads as i32)
+                .i(head_dim as i32),
+        )?;
+        self.gpu.launch(
+            "attention",
+            &format!("attn_bwd_dq_d{head_dim}"),
+            (max_len.div_ceil(8) as u32, n_heads as u32, n_seq as u32),
+            blk(128),
+            0,
+            Args::new()
+                .p(dout.ptr())
+                .p(q.ptr())
+                .p(k.ptr())
+                .p(v.ptr())
+                .p(lse.ptr())
+                .p(dot.ptr())
+                .p(dq.ptr())
+                .p(cu_seqlens.ptr())
+                .p(pptr)
+                .i(n_tok as i32)
+                .i(n_heads as i32)
+                .i(n_kv as i32),
+        )?;
+        self.gpu.launch(
+            "attention",
+            &format!("attn_bwd_dkdv_d{head_dim}"),
+            (max_len.div_ceil(8) as u32, n_kv as u32, n_seq as u32),
+            blk(128),
+            0,
+            Args::new()
+                .p(dout.ptr())
+                .p(q.ptr())
+                .p(k.ptr())
+                .p(v.ptr())
+                .p(lse.ptr())
+                .p(dot.ptr())
+                .p(dk.ptr())
+                .p(dv.ptr())
+                .p(cu_seqlens.ptr())
+                .p(pptr)
+                .p(roff)
+                .p(rptr)
+                .i(n_tok as i32)
+                .i(n_heads as i32)
+                .i(n_kv as i32),
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn rope_impl(
         &self,
