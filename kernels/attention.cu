@@ -12,13 +12,14 @@
 // online softmax keeps a running max m and sum l per row, and lane l accumulates output
 // dimensions l, l+32, ... All arithmetic is f32 FFMA (no tensor cores in this version).
 //
-// Shared prefix (the shared-prompt layout, Prefix Grouper arXiv 2506.05433): `prefix` (null for
-//   none) holds 2 u32 per sequence, rows lo..hi whose keys sequence b's queries read in full
+// Shared prefix (the shared-prompt layout, Prefix Grouper arXiv 2506.05433): with has_prefix
+//   != 0, `prefix` holds 2 u32 per sequence, rows lo..hi whose keys sequence b's queries read in full
 //   before their own causal keys (a GRPO response reads its prompt). The key loops of the
 //   forward and of dq walk "virtual" keys: the hi - lo prefix rows, then the sequence's own. In
 //   dk/dv a sequence's key block also sums, after its own causal queries, every query of each
 //   sequence that reads it as prefix, from the CSR table rd_off[b]..rd_off[b+1] into rd (the
 //   readers of sequence b in increasing order, built on the host), so the sum order is fixed.
+//   With has_prefix = 0 the three tables are not read (any buffer may be passed).
 // attn_fwd_d{64,128}: out = softmax(scale q k^T + causal mask) v; lse = m + log(l) (natural log
 //   of the scaled scores). Launch: grid (ceil(max_len/16), n_heads, n_seq), block 128
 //   (4 warps x 4 query rows).
@@ -55,8 +56,8 @@ template <int D>
 __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                               const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                               float* __restrict__ lse, const u32* __restrict__ cu,
-                                              const u32* __restrict__ prefix, int n_tok, int n_heads,
-                                              int n_kv) {
+                                              const u32* __restrict__ prefix, int has_prefix, int n_tok,
+                                              int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[FWD_BM][D];
     __shared__ float Ks[BC][D + 1];
@@ -84,8 +85,8 @@ __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, cons
         for (int c = 0; c < C; ++c) o[rr][c] = 0.f;
     }
     // virtual keys: the prefix rows plo..plo+plen, then the sequence's own keys
-    const int plo = prefix ? (int)prefix[2 * b] : 0;
-    const int plen = prefix ? (int)prefix[2 * b + 1] - plo : 0;
+    const int plo = has_prefix ? (int)prefix[2 * b] : 0;
+    const int plen = has_prefix ? (int)prefix[2 * b + 1] - plo : 0;
     const int kend = min(len, q0 + FWD_BM);
     for (int k0 = 0; k0 < plen + kend; k0 += BC) {
         __syncthreads();
@@ -143,13 +144,13 @@ __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, cons
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_fwd_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* lse, const u32* cu,
-             const u32* prefix, int n_tok, int n_heads, int n_kv) {
-    attn_fwd_impl<64>(q, k, v, out, lse, cu, prefix, n_tok, n_heads, n_kv);
+             const u32* prefix, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_fwd_impl<64>(q, k, v, out, lse, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_fwd_d128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* lse, const u32* cu,
-              const u32* prefix, int n_tok, int n_heads, int n_kv) {
-    attn_fwd_impl<128>(q, k, v, out, lse, cu, prefix, n_tok, n_heads, n_kv);
+              const u32* prefix, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_fwd_impl<128>(q, k, v, out, lse, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 
 extern "C" __global__ void attn_bwd_dot(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ out,
@@ -170,8 +171,8 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
                                                  const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                                                  const float* __restrict__ lse, const float* __restrict__ dot,
                                                  bf16_t* __restrict__ dq, const u32* __restrict__ cu,
-                                                 const u32* __restrict__ prefix, int n_tok, int n_heads,
-                                                 int n_kv) {
+                                                 const u32* __restrict__ prefix, int has_prefix, int n_tok,
+                                                 int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[DQ_BM][D];
     __shared__ float Gs[DQ_BM][D];
@@ -203,8 +204,8 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[rr][c] = 0.f;
     }
-    const int plo = prefix ? (int)prefix[2 * b] : 0;
-    const int plen = prefix ? (int)prefix[2 * b + 1] - plo : 0;
+    const int plo = has_prefix ? (int)prefix[2 * b] : 0;
+    const int plen = has_prefix ? (int)prefix[2 * b + 1] - plo : 0;
     const int kend = min(len, q0 + DQ_BM);
     for (int k0 = 0; k0 < plen + kend; k0 += BC) {
         __syncthreads();
@@ -257,15 +258,15 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dq_d64(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int n_tok, int n_heads,
-                int n_kv) {
-    attn_bwd_dq_impl<64>(dout, q, k, v, lse, dot, dq, cu, prefix, n_tok, n_heads, n_kv);
+                const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int has_prefix, int n_tok,
+                int n_heads, int n_kv) {
+    attn_bwd_dq_impl<64>(dout, q, k, v, lse, dot, dq, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dq_d128(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                 const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int n_tok, int n_heads,
-                 int n_kv) {
-    attn_bwd_dq_impl<128>(dout, q, k, v, lse, dot, dq, cu, prefix, n_tok, n_heads, n_kv);
+                 const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int has_prefix, int n_tok,
+                 int n_heads, int n_kv) {
+    attn_bwd_dq_impl<128>(dout, q, k, v, lse, dot, dq, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 
 template <int D>
@@ -275,7 +276,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
                                                    bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
                                                    const u32* __restrict__ cu, const u32* __restrict__ prefix,
                                                    const u32* __restrict__ rd_off, const u32* __restrict__ rd,
-                                                   int n_tok, int n_heads, int n_kv) {
+                                                   int has_prefix, int n_tok, int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[BC][D + 1];
     __shared__ float Gs[BC][D + 1];
@@ -308,7 +309,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
 
     // query sources: src < 0 is the sequence itself (causal), src = r the r-th reader of this
     // sequence's rows as prefix (every query of it, keys in its prefix range)
-    const int n_rd = rd_off ? (int)(rd_off[b + 1] - rd_off[b]) : 0;
+    const int n_rd = has_prefix ? (int)(rd_off[b + 1] - rd_off[b]) : 0;
     for (int hq = g * rep; hq < (g + 1) * rep; ++hq) {
       for (int src = -1; src < n_rd; ++src) {
         const int rb = src < 0 ? b : (int)rd[rd_off[b] + src];
@@ -377,14 +378,16 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dkdv_d64(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
                   const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, const u32* prefix,
-                  const u32* rd_off, const u32* rd, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dkdv_impl<64>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, n_tok, n_heads, n_kv);
+                  const u32* rd_off, const u32* rd, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_bwd_dkdv_impl<64>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, has_prefix, n_tok, n_heads,
+                           n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dkdv_d128(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
                    const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, const u32* prefix,
-                   const u32* rd_off, const u32* rd, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dkdv_impl<128>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, n_tok, n_heads, n_kv);
+                   const u32* rd_off, const u32* rd, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_bwd_dkdv_impl<128>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, has_prefix, n_tok, n_heads,
+                           n_kv);
 }
 
 template <int D>

@@ -9,7 +9,7 @@ mod common;
 
 use common::{check, check32, Rng};
 use tooln1::backend::cpu::{math, Cpu};
-use tooln1::backend::{Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{Backend, GrpoLossCfg, Heads, KlKind, LossAgg, Packed, Prefix};
 use tooln1::model::{init, Group, Model, PackedBatch};
 use tooln1::train::grpo::{self, Layout, TrainSeq};
 
@@ -180,14 +180,20 @@ fn prefixed_attention_matches_per_sequence_reference() {
             &to32(&v),
             &mut fo,
             &mut fl,
-            &p.cu,
-            &p.cu,
-            &p.prefix,
-            &p.prefix,
-            max_len,
-            nh,
-            nkv,
-            hd,
+            &Packed {
+                cu_seqlens: &p.cu,
+                cu_host: &p.cu,
+                max_len,
+            },
+            &Prefix {
+                prefix: &p.prefix,
+                prefix_host: &p.prefix,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         )
         .unwrap();
         check(&format!("case {case}: f32 out"), &fo, &ro, 1e-5);
@@ -207,14 +213,20 @@ fn prefixed_attention_matches_per_sequence_reference() {
             &mut fdq,
             &mut fdk,
             &mut fdv,
-            &p.cu,
-            &p.cu,
-            &p.prefix,
-            &p.prefix,
-            max_len,
-            nh,
-            nkv,
-            hd,
+            &Packed {
+                cu_seqlens: &p.cu,
+                cu_host: &p.cu,
+                max_len,
+            },
+            &Prefix {
+                prefix: &p.prefix,
+                prefix_host: &p.prefix,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         )
         .unwrap();
         check(&format!("case {case}: f32 dq"), &fdq, &rdq, 1e-4);
@@ -294,7 +306,25 @@ fn prefixed_attention_is_independent_of_the_thread_count() {
         tooln1::backend::cpu::set_num_threads(threads);
         let (mut o, mut l) = (vec![f32::NAN; n_tok * qs], vec![f32::NAN; nh * n_tok]);
         b.attention_prefixed(
-            &q, &k, &v, &mut o, &mut l, &p.cu, &p.cu, &p.prefix, &p.prefix, max_len, nh, nkv, hd,
+            &q,
+            &k,
+            &v,
+            &mut o,
+            &mut l,
+            &Packed {
+                cu_seqlens: &p.cu,
+                cu_host: &p.cu,
+                max_len,
+            },
+            &Prefix {
+                prefix: &p.prefix,
+                prefix_host: &p.prefix,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         )
         .unwrap();
         let (mut dq, mut dk, mut dv) = (
@@ -303,8 +333,29 @@ fn prefixed_attention_is_independent_of_the_thread_count() {
             vec![f32::NAN; n_tok * ks],
         );
         b.attention_prefixed_bwd(
-            &dout, &q, &k, &v, &o, &l, &mut dq, &mut dk, &mut dv, &p.cu, &p.cu, &p.prefix,
-            &p.prefix, max_len, nh, nkv, hd,
+            &dout,
+            &q,
+            &k,
+            &v,
+            &o,
+            &l,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &Packed {
+                cu_seqlens: &p.cu,
+                cu_host: &p.cu,
+                max_len,
+            },
+            &Prefix {
+                prefix: &p.prefix,
+                prefix_host: &p.prefix,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         )
         .unwrap();
         runs.push(vec![o, l, dq, dk, dv]);
@@ -335,23 +386,29 @@ fn prefixed_attention_rejects_bad_tables() {
             &kv,
             &mut o,
             &mut l,
-            &cu,
-            &cu,
-            prefix_dev,
-            prefix_host,
-            3,
-            nh,
-            nkv,
-            hd,
+            &Packed {
+                cu_seqlens: &cu,
+                cu_host: &cu,
+                max_len: 3,
+            },
+            &Prefix {
+                prefix: prefix_dev,
+                prefix_host,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         )
     };
     let good = vec![0u32, 0, 0, 3, 0, 3];
     run(&good, &good).unwrap();
     for (bad, want) in [
         (vec![0u32, 0, 0, 3], "2 entries per segment"),
-        (vec![0u32, 0, 0, 4, 0, 3], "expected lo <= hi <= 3"),
-        (vec![0u32, 0, 2, 1, 0, 3], "expected lo <= hi"),
-        (vec![0u32, 1, 0, 3, 0, 3], "expected lo <= hi <= 0"),
+        (vec![0u32, 0, 0, 4, 0, 3], "lo <= hi <= 3"),
+        (vec![0u32, 0, 2, 1, 0, 3], "lo <= hi"),
+        (vec![0u32, 1, 0, 3, 0, 3], "lo <= hi <= 0"),
     ] {
         let e = run(&bad, &bad).unwrap_err().to_string();
         assert!(e.contains("prefix") && e.contains(want), "{e}");
@@ -359,7 +416,7 @@ fn prefixed_attention_rejects_bad_tables() {
     let e = run(&vec![0u32, 0, 0, 2, 0, 3], &good)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("`prefix` and `prefix_host` differ"), "{e}");
+    assert!(e.contains("the entries of prefix_host"), "{e}");
 }
 
 #[test]
@@ -384,7 +441,7 @@ fn scatter_add_rows_sums_repeated_rows() {
         .scatter_add_rows(&bad, &src, &mut dst, n, rows_n, dim)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("`ids[0]`") && e.contains("dst_rows"), "{e}");
+    assert!(e.contains("ids[0] = ") && e.contains("dst_rows"), "{e}");
 }
 
 /// Random GRPO groups: each `n` consecutive sequences share one prompt.

@@ -13,10 +13,16 @@
 //!   leading elements its shape arguments describe.
 //! - Parameter gradients (`Self::F`) are always *accumulated* (`+=`) so that micro-batches add
 //!   up; activation gradients are overwritten unless the op says `accumulate`.
-//! - Ops return `Result` so that launch failures surface as values, never panics.
+//! - Ops return `Result` so that launch failures surface as values, never panics. Both
+//!   backends check every op's arguments against the one shape contract in [`check`] before any
+//!   work, so they reject the same calls with the same `Error::Arg` (op, argument, expected,
+//!   got); what only the data shows (an id out of range, a NaN logit) the CPU backend checks on
+//!   the host and the CUDA kernels on the device, reported at the next synchronisation.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod loss;
 
 use crate::Result;
 
@@ -34,6 +40,135 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
+    }
+}
+
+/// Sizes of one GEMM: y[m, n] = x[m, k] · w[n, k]ᵀ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Attention heads: `n_heads` query heads sharing `n_kv` key/value heads (query head h reads kv
+/// head h / (n_heads / n_kv)), each `head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+}
+
+/// Packed sequences: sequence b owns token rows `cu_host[b]..cu_host[b+1]`. `cu_seqlens` is the
+/// backend's copy of the same n_seq + 1 offsets (the device reads it), `cu_host` the host copy
+/// (checks and launch shapes); `max_len` bounds every sequence's length. The token count is the
+/// last offset ([`Packed::n_tok`]), so it cannot disagree with the offsets.
+#[derive(Debug)]
+pub struct Packed<'a, I> {
+    pub cu_seqlens: &'a I,
+    pub cu_host: &'a [u32],
+    pub max_len: usize,
+}
+
+impl<I> Clone for Packed<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Packed<'_, I> {}
+
+/// A shared-prefix table for [`Backend::attention_prefixed`]: 2 entries per packed segment,
+/// the rows lo..hi whose keys the segment attends to fully; `prefix` is the backend's copy (the
+/// device reads it), `prefix_host` the host copy.
+#[derive(Debug)]
+pub struct Prefix<'a, I> {
+    pub prefix: &'a I,
+    pub prefix_host: &'a [u32],
+}
+
+impl<I> Clone for Prefix<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Prefix<'_, I> {}
+
+/// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
+/// cached positions (the new token's key and value already stored).
+#[derive(Debug)]
+pub struct Cached<'a, I> {
+    pub lens: &'a I,
+    pub n_seq: usize,
+    pub max_len: usize,
+}
+
+impl<I> Clone for Cached<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Cached<'_, I> {}
+
+/// The gradients [`Backend::linear_bwd`] writes: `dx` (overwritten, or accumulated when
+/// `accumulate_dx`), `dw` and `dbias` (accumulated); `None` skips one.
+#[derive(Debug)]
+pub struct LinearGrads<'a, T, F> {
+    pub dx: Option<&'a mut T>,
+    pub accumulate_dx: bool,
+    pub dw: Option<&'a mut F>,
+    pub dbias: Option<&'a mut F>,
+}
+
+impl<'a, T, F> LinearGrads<'a, T, F> {
+    /// `dx` overwritten, `dw` accumulated, no bias gradient.
+    pub fn new(dx: &'a mut T, dw: &'a mut F) -> Self {
+        LinearGrads {
+            dx: Some(dx),
+            accumulate_dx: false,
+            dw: Some(dw),
+            dbias: None,
+        }
+    }
+    /// `dx` accumulated (`+=`) instead of overwritten.
+    pub fn accumulate(self) -> Self {
+        LinearGrads {
+            accumulate_dx: true,
+            ..self
+        }
+    }
+    /// With the bias gradient `dbias` (accumulated).
+    pub fn bias(self, dbias: &'a mut F) -> Self {
+        LinearGrads {
+            dbias: Some(dbias),
+            ..self
+        }
+    }
+}
+
+/// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
+#[derive(Debug)]
+pub struct GrpoTokens<'a, F, I> {
+    pub logp: &'a F,
+    pub old_logp: &'a F,
+    pub ref_logp: &'a F,
+    pub adv: &'a F,
+    /// Token weights (0 excludes a token; usually 0/1).
+    pub mask: &'a F,
+    /// 0-based sequence index of every token, below `n_seq`.
+    pub seq_id: &'a I,
+    pub n_tok: usize,
+    pub n_seq: usize,
+}
+
+impl<I> Packed<'_, I> {
+    /// Number of tokens: the last offset (0 without offsets).
+    pub fn n_tok(&self) -> usize {
+        self.cu_host.last().copied().unwrap_or(0) as usize
+    }
+    /// Number of sequences.
+    pub fn n_seq(&self) -> usize {
+        self.cu_host.len().saturating_sub(1)
     }
 }
 
@@ -65,6 +200,16 @@ pub enum LossAgg {
     SeqMeanTokenSumNorm,
 }
 
+impl LossAgg {
+    /// Every mode, so that a loop over the modes cannot forget one.
+    pub const ALL: [LossAgg; 4] = [
+        LossAgg::TokenMean,
+        LossAgg::SeqMeanTokenSum,
+        LossAgg::SeqMeanTokenMean,
+        LossAgg::SeqMeanTokenSumNorm,
+    ];
+}
+
 /// KL estimator between policy and reference (facts §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -77,6 +222,11 @@ pub enum KlKind {
     K2,
     /// k3, verl's "low_var_kl": exp(ref - logp) - (ref - logp) - 1, clamped.
     K3,
+}
+
+impl KlKind {
+    /// Every estimator, so that a loop over them cannot forget one.
+    pub const ALL: [KlKind; 4] = [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3];
 }
 
 /// Scalar settings of the GRPO loss.
@@ -149,34 +299,25 @@ pub trait Backend {
 
     // ---------------------------------------------------------------- GEMM
     /// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
-    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         x: &Self::T,
         w: &Self::T,
         bias: Option<&Self::T>,
         y: &mut Self::T,
-        m: usize,
-        n: usize,
-        k: usize,
+        d: GemmDims,
     ) -> Result<()>;
     /// Backward of [`Backend::linear`]:
     /// dx[m,k] (=, or += when `accumulate_dx`) dy[m,n] · w[n,k];
     /// dw[n,k] += dy[m,n]ᵀ · x[m,k]; dbias[n] += Σ_m dy[m,n].
     /// `dx = None` skips the input gradient, `dw = None` the weight gradient.
-    #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
         dy: &Self::T,
         x: &Self::T,
         w: &Self::T,
-        dx: Option<&mut Self::T>,
-        accumulate_dx: bool,
-        dw: Option<&mut Self::F>,
-        dbias: Option<&mut Self::F>,
-        m: usize,
-        n: usize,
-        k: usize,
+        grads: LinearGrads<'_, Self::T, Self::F>,
+        d: GemmDims,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- embedding
@@ -246,7 +387,7 @@ pub trait Backend {
     /// [n_tok, n_heads, head_dim], token t at position pos[t]:
     /// inv_freq_i = theta^(-2i/head_dim), angle = pos * inv_freq_i, for i < head_dim/2:
     /// (x_i, x_{i+h/2}) <- (x_i cos - x_{i+h/2} sin, x_{i+h/2} cos + x_i sin).
-    #[allow(clippy::too_many_arguments)]
+    /// head_dim must be even and positive, theta finite and positive.
     fn rope(
         &self,
         x: &mut Self::T,
@@ -257,7 +398,6 @@ pub trait Backend {
         theta: f32,
     ) -> Result<()>;
     /// Backward of [`Backend::rope`], in place on the gradient (the inverse rotation).
-    #[allow(clippy::too_many_arguments)]
     fn rope_bwd(
         &self,
         dx: &mut Self::T,
@@ -269,11 +409,10 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- attention
-    /// Causal GQA attention over packed sequences.
+    /// Causal GQA attention over the packed sequences `seqs` (n_tok = `seqs.n_tok()`).
     /// q: [n_tok, n_heads, head_dim]; k, v: [n_tok, n_kv, head_dim]; out like q;
     /// lse: [n_heads, n_tok] f32 logsumexp of the scaled scores (saved for the backward).
-    /// `cu_seqlens` (device) and `cu_host` (host copy) hold n_seq+1 offsets; `max_len` is the
-    /// longest sequence. Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
+    /// Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -282,12 +421,8 @@ pub trait Backend {
         v: &Self::T,
         out: &mut Self::T,
         lse: &mut Self::F,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
     /// Backward of [`Backend::attention`]: writes (overwrites) dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
@@ -302,22 +437,17 @@ pub trait Backend {
         dq: &mut Self::T,
         dk: &mut Self::T,
         dv: &mut Self::T,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
 
     /// [`Backend::attention`] in the shared-prefix layout (Prefix Grouper, arXiv 2506.05433):
     /// query i of segment s (rows cu[s]..cu[s+1]) attends to every key of rows
     /// prefix[2s]..prefix[2s+1] and causally to the keys cu[s]..=i of its own segment. A GRPO
     /// group is packed as its prompt (no prefix) followed by its n responses, each with the
-    /// prompt's rows as prefix, so a response never reads a sibling. `prefix` (device) and
-    /// `prefix_host` (host copy) hold 2 entries per segment, lo == hi for none, and need
-    /// lo <= hi <= cu[s] (a prefix lies before its segment); `max_len` bounds the segments and
-    /// the prefixes. Empty segments are allowed. With every prefix empty this is
+    /// prompt's rows as prefix, so a response never reads a sibling. The table holds 2 entries
+    /// per segment, lo == hi for none, and needs lo <= hi <= cu[s] (a prefix lies before its
+    /// segment); `seqs.max_len` bounds the segments and the prefixes. Empty segments are allowed. With every prefix empty this is
     /// [`Backend::attention`].
     #[allow(clippy::too_many_arguments)]
     fn attention_prefixed(
@@ -327,14 +457,9 @@ pub trait Backend {
         v: &Self::T,
         out: &mut Self::T,
         lse: &mut Self::F,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        prefix: &Self::I,
-        prefix_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
     /// Backward of [`Backend::attention_prefixed`]: writes (overwrites) dq, dk, dv; a prefix
     /// key's dk/dv sum the contributions of every segment that reads it.
@@ -350,14 +475,9 @@ pub trait Backend {
         dq: &mut Self::T,
         dk: &mut Self::T,
         dv: &mut Self::T,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        prefix: &Self::I,
-        prefix_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
 
     /// Write new keys/values into the KV cache: row t of k/v ([n_tok, n_kv*head_dim]) goes to
@@ -375,22 +495,18 @@ pub trait Backend {
         kv_dim: usize,
     ) -> Result<()>;
     /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
-    /// positions of slot b (the new token's k/v already stored). q/out: [n_seq, n_heads*head_dim];
-    /// caches: [n_seq*max_len, n_kv*head_dim]. Every lens[b] must be in 1..=max_len (an error;
-    /// where `lens` lives on the device it is reported at the next synchronisation).
-    #[allow(clippy::too_many_arguments)]
+    /// positions of slot b (the new token's k/v already stored), `cached` = (lens, n_seq,
+    /// max_len). q/out: [n_seq, n_heads*head_dim]; caches: [n_seq*max_len, n_kv*head_dim].
+    /// Every lens[b] must be in 1..=max_len (an error; where `lens` lives on the device it is
+    /// reported at the next synchronisation).
     fn attention_decode(
         &self,
         q: &Self::T,
         k_cache: &Self::T,
         v_cache: &Self::T,
-        lens: &Self::I,
+        cached: &Cached<'_, Self::I>,
         out: &mut Self::T,
-        n_seq: usize,
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        heads: Heads,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- MLP
@@ -447,7 +563,6 @@ pub trait Backend {
         inv_t: f32,
     ) -> Result<()>;
     /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:].
-    #[allow(clippy::too_many_arguments)]
     fn logits(
         &self,
         h: &Self::T,
@@ -484,18 +599,10 @@ pub trait Backend {
     /// pg = max(-A r, -A clip(r, 1-clip_low, 1+clip_high)); kl per `cfg.kl_kind`;
     /// token loss = pg + kl_coef * kl, aggregated per `cfg.agg` using `seq_id[t]` (0-based
     /// sequence index, n_seq sequences). Writes dlogp[t] = ∂loss/∂logp[t] (0 where masked out).
-    #[allow(clippy::too_many_arguments)]
     fn grpo_loss(
         &self,
-        logp: &Self::F,
-        old_logp: &Self::F,
-        ref_logp: &Self::F,
-        adv: &Self::F,
-        mask: &Self::F,
-        seq_id: &Self::I,
+        tokens: &GrpoTokens<'_, Self::F, Self::I>,
         dlogp: &mut Self::F,
-        n_tok: usize,
-        n_seq: usize,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut>;
     /// One AdamW step on n elements (decoupled weight decay, bias-corrected moments):
@@ -516,35 +623,6 @@ pub trait Backend {
     ) -> Result<()>;
     /// Whether `adamw` needs an f32 master copy (true where `T` is narrower than f32).
     fn needs_master(&self) -> bool;
-}
-
-/// Check a shared-prefix table (see [`Backend::attention_prefixed`]) against the segments:
-/// 2 entries per segment, lo <= hi <= the segment's start, hi - lo <= max_len.
-pub(crate) fn check_prefix_table(
-    op: &str,
-    host: &[u32],
-    cu_host: &[u32],
-    max_len: usize,
-) -> Result<()> {
-    let n_seg = cu_host.len().saturating_sub(1);
-    if host.len() != 2 * n_seg {
-        return Err(crate::Error::Invalid(format!(
-            "{op}: `prefix_host` must hold 2 entries per segment ({} for {n_seg} segments), \
-             got {}",
-            2 * n_seg,
-            host.len()
-        )));
-    }
-    for (s, (p, &start)) in host.chunks(2).zip(cu_host).enumerate() {
-        let (lo, hi) = (p[0], p[1]);
-        if lo > hi || hi > start || (hi - lo) as usize > max_len {
-            return Err(crate::Error::Invalid(format!(
-                "{op}: segment {s} has prefix rows {lo}..{hi}; expected lo <= hi <= {start} (its \
-                 start) and at most `max_len` = {max_len} rows"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// For a checked prefix table: per segment b, the non-empty segments whose prefix range
