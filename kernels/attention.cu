@@ -12,6 +12,14 @@
 // online softmax keeps a running max m and sum l per row, and lane l accumulates output
 // dimensions l, l+32, ... All arithmetic is f32 FFMA (no tensor cores in this version).
 //
+// Shared prefix (the shared-prompt layout, Prefix Grouper arXiv 2506.05433): with has_prefix
+//   != 0, `prefix` holds 2 u32 per sequence, rows lo..hi whose keys sequence b's queries read in full
+//   before their own causal keys (a GRPO response reads its prompt). The key loops of the
+//   forward and of dq walk "virtual" keys: the hi - lo prefix rows, then the sequence's own. In
+//   dk/dv a sequence's key block also sums, after its own causal queries, every query of each
+//   sequence that reads it as prefix, from the CSR table rd_off[b]..rd_off[b+1] into rd (the
+//   readers of sequence b in increasing order, built on the host), so the sum order is fixed.
+//   With has_prefix = 0 the three tables are not read (any buffer may be passed).
 // attn_fwd_d{64,128}: out = softmax(scale q k^T + causal mask) v; lse = m + log(l) (natural log
 //   of the scaled scores). Launch: grid (ceil(max_len/16), n_heads, n_seq), block 128
 //   (4 warps x 4 query rows).
@@ -48,7 +56,8 @@ template <int D>
 __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                               const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
                                               float* __restrict__ lse, const u32* __restrict__ cu,
-                                              int n_tok, int n_heads, int n_kv) {
+                                              const u32* __restrict__ prefix, int has_prefix, int n_tok,
+                                              int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[FWD_BM][D];
     __shared__ float Ks[BC][D + 1];
@@ -75,18 +84,22 @@ __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, cons
 #pragma unroll
         for (int c = 0; c < C; ++c) o[rr][c] = 0.f;
     }
+    // virtual keys: the prefix rows plo..plo+plen, then the sequence's own keys
+    const int plo = has_prefix ? (int)prefix[2 * b] : 0;
+    const int plen = has_prefix ? (int)prefix[2 * b + 1] - plo : 0;
     const int kend = min(len, q0 + FWD_BM);
-    for (int k0 = 0; k0 < kend; k0 += BC) {
+    for (int k0 = 0; k0 < plen + kend; k0 += BC) {
         __syncthreads();
         for (int idx = tid; idx < BC * D; idx += ATT_THREADS) {
-            const int r = idx / D, d = idx % D, kj = k0 + r;
-            const bool in = kj < len;
-            const size_t off = (size_t)(s0 + kj) * kstride + kvh * D + d;
+            const int r = idx / D, d = idx % D, vj = k0 + r;
+            const bool in = vj < plen || vj - plen < len;
+            const int row = vj < plen ? plo + vj : s0 + vj - plen;
+            const size_t off = (size_t)row * kstride + kvh * D + d;
             Ks[r][d] = in ? bf2f(k[off]) : 0.f;
             Vs[r][d] = in ? bf2f(v[off]) : 0.f;
         }
         __syncthreads();
-        const int kj = k0 + lane;
+        const int vj = k0 + lane, kj = vj - plen;
         float s[FWD_RPW];
 #pragma unroll
         for (int rr = 0; rr < FWD_RPW; ++rr) s[rr] = 0.f;
@@ -96,11 +109,11 @@ __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, cons
 #pragma unroll
             for (int rr = 0; rr < FWD_RPW; ++rr) s[rr] += Qs[warp * FWD_RPW + rr][d] * kv;
         }
-        const int jn = min(BC, kend - k0);
+        const int jn = min(BC, plen + kend - k0);
 #pragma unroll
         for (int rr = 0; rr < FWD_RPW; ++rr) {
             const int qi = q0 + warp * FWD_RPW + rr;
-            const bool valid = kj < len && kj <= qi;
+            const bool valid = vj < plen || (kj < len && kj <= qi);
             const float sv = valid ? s[rr] : NEG_INF_F;
             const float mnew = fmaxf(m[rr], warp_max(sv));
             const float p = valid ? expf(sv - mnew) : 0.f;
@@ -131,13 +144,13 @@ __device__ __forceinline__ void attn_fwd_impl(const bf16_t* __restrict__ q, cons
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_fwd_d64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* lse, const u32* cu,
-             int n_tok, int n_heads, int n_kv) {
-    attn_fwd_impl<64>(q, k, v, out, lse, cu, n_tok, n_heads, n_kv);
+             const u32* prefix, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_fwd_impl<64>(q, k, v, out, lse, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_fwd_d128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, float* lse, const u32* cu,
-              int n_tok, int n_heads, int n_kv) {
-    attn_fwd_impl<128>(q, k, v, out, lse, cu, n_tok, n_heads, n_kv);
+              const u32* prefix, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_fwd_impl<128>(q, k, v, out, lse, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 
 extern "C" __global__ void attn_bwd_dot(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ out,
@@ -158,7 +171,8 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
                                                  const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                                                  const float* __restrict__ lse, const float* __restrict__ dot,
                                                  bf16_t* __restrict__ dq, const u32* __restrict__ cu,
-                                                 int n_tok, int n_heads, int n_kv) {
+                                                 const u32* __restrict__ prefix, int has_prefix, int n_tok,
+                                                 int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[DQ_BM][D];
     __shared__ float Gs[DQ_BM][D];
@@ -190,18 +204,21 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[rr][c] = 0.f;
     }
+    const int plo = has_prefix ? (int)prefix[2 * b] : 0;
+    const int plen = has_prefix ? (int)prefix[2 * b + 1] - plo : 0;
     const int kend = min(len, q0 + DQ_BM);
-    for (int k0 = 0; k0 < kend; k0 += BC) {
+    for (int k0 = 0; k0 < plen + kend; k0 += BC) {
         __syncthreads();
         for (int idx = tid; idx < BC * D; idx += ATT_THREADS) {
-            const int r = idx / D, d = idx % D, kj = k0 + r;
-            const bool in = kj < len;
-            const size_t off = (size_t)(s0 + kj) * kstride + kvh * D + d;
+            const int r = idx / D, d = idx % D, vj = k0 + r;
+            const bool in = vj < plen || vj - plen < len;
+            const int row = vj < plen ? plo + vj : s0 + vj - plen;
+            const size_t off = (size_t)row * kstride + kvh * D + d;
             Ks[r][d] = in ? bf2f(k[off]) : 0.f;
             Vs[r][d] = in ? bf2f(v[off]) : 0.f;
         }
         __syncthreads();
-        const int kj = k0 + lane;
+        const int vj = k0 + lane, kj = vj - plen;
         float s[DQ_RPW], dp[DQ_RPW];
 #pragma unroll
         for (int rr = 0; rr < DQ_RPW; ++rr) s[rr] = dp[rr] = 0.f;
@@ -214,11 +231,11 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
                 dp[rr] += Gs[warp * DQ_RPW + rr][d] * vv;
             }
         }
-        const int jn = min(BC, kend - k0);
+        const int jn = min(BC, plen + kend - k0);
 #pragma unroll
         for (int rr = 0; rr < DQ_RPW; ++rr) {
             const int qi = q0 + warp * DQ_RPW + rr;
-            const bool valid = qi < len && kj < len && kj <= qi;
+            const bool valid = qi < len && (vj < plen || (kj < len && kj <= qi));
             const float p = valid ? expf(s[rr] - lr[rr]) : 0.f;
             const float ds = p * (dp[rr] - dr[rr]);
             for (int j = 0; j < jn; ++j) {
@@ -241,13 +258,15 @@ __device__ __forceinline__ void attn_bwd_dq_impl(const bf16_t* __restrict__ dout
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dq_d64(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                const float* dot, bf16_t* dq, const u32* cu, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dq_impl<64>(dout, q, k, v, lse, dot, dq, cu, n_tok, n_heads, n_kv);
+                const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int has_prefix, int n_tok,
+                int n_heads, int n_kv) {
+    attn_bwd_dq_impl<64>(dout, q, k, v, lse, dot, dq, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dq_d128(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                 const float* dot, bf16_t* dq, const u32* cu, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dq_impl<128>(dout, q, k, v, lse, dot, dq, cu, n_tok, n_heads, n_kv);
+                 const float* dot, bf16_t* dq, const u32* cu, const u32* prefix, int has_prefix, int n_tok,
+                 int n_heads, int n_kv) {
+    attn_bwd_dq_impl<128>(dout, q, k, v, lse, dot, dq, cu, prefix, has_prefix, n_tok, n_heads, n_kv);
 }
 
 template <int D>
@@ -255,8 +274,9 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
                                                    const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
                                                    const float* __restrict__ lse, const float* __restrict__ dot,
                                                    bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
-                                                   const u32* __restrict__ cu, int n_tok, int n_heads,
-                                                   int n_kv) {
+                                                   const u32* __restrict__ cu, const u32* __restrict__ prefix,
+                                                   const u32* __restrict__ rd_off, const u32* __restrict__ rd,
+                                                   int has_prefix, int n_tok, int n_heads, int n_kv) {
     constexpr int C = D / 32;
     __shared__ float Qs[BC][D + 1];
     __shared__ float Gs[BC][D + 1];
@@ -287,25 +307,33 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
 #pragma unroll
         for (int c = 0; c < C; ++c) adk[kk][c] = adv[kk][c] = 0.f;
 
-    const int qstart = (kb0 / BC) * BC;
+    // query sources: src < 0 is the sequence itself (causal), src = r the r-th reader of this
+    // sequence's rows as prefix (every query of it, keys in its prefix range)
+    const int n_rd = has_prefix ? (int)(rd_off[b + 1] - rd_off[b]) : 0;
     for (int hq = g * rep; hq < (g + 1) * rep; ++hq) {
-        for (int q0 = qstart; q0 < len; q0 += BC) {
+      for (int src = -1; src < n_rd; ++src) {
+        const int rb = src < 0 ? b : (int)rd[rd_off[b] + src];
+        const int qs0 = (int)cu[rb];
+        const int qlen = (int)cu[rb + 1] - qs0;
+        const int lo = src < 0 ? 0 : (int)prefix[2 * rb] - s0;
+        const int hi = src < 0 ? 0 : (int)prefix[2 * rb + 1] - s0;
+        for (int q0 = src < 0 ? (kb0 / BC) * BC : 0; q0 < qlen; q0 += BC) {
             __syncthreads();
             for (int idx = tid; idx < BC * D; idx += ATT_THREADS) {
                 const int r = idx / D, d = idx % D, qi = q0 + r;
-                const bool in = qi < len;
-                const size_t off = (size_t)(s0 + qi) * qstride + hq * D + d;
+                const bool in = qi < qlen;
+                const size_t off = (size_t)(qs0 + qi) * qstride + hq * D + d;
                 Qs[r][d] = in ? bf2f(q[off]) : 0.f;
                 Gs[r][d] = in ? bf2f(dout[off]) : 0.f;
             }
             if (tid < BC) {
                 const int qi = q0 + tid;
-                Ls[tid] = qi < len ? lse[(size_t)hq * n_tok + s0 + qi] : 0.f;
-                Ds[tid] = qi < len ? dot[(size_t)hq * n_tok + s0 + qi] : 0.f;
+                Ls[tid] = qi < qlen ? lse[(size_t)hq * n_tok + qs0 + qi] : 0.f;
+                Ds[tid] = qi < qlen ? dot[(size_t)hq * n_tok + qs0 + qi] : 0.f;
             }
             __syncthreads();
             const int qi = q0 + lane;
-            const int in_n = min(BC, len - q0);
+            const int in_n = min(BC, qlen - q0);
 #pragma unroll
             for (int kk = 0; kk < KV_KPW; ++kk) {
                 const int wk = warp * KV_KPW + kk;
@@ -316,7 +344,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
                     s += Qs[lane][d] * Ks[wk][d];
                     dp += Gs[lane][d] * Vs[wk][d];
                 }
-                const bool valid = qi < len && kj < len && qi >= kj;
+                const bool valid = qi < qlen && kj < len &&
+                                   (src < 0 ? qi >= kj : (kj >= lo && kj < hi));
                 const float p = valid ? expf(s * scale - Ls[lane]) : 0.f;
                 const float ds = p * (dp - Ds[lane]);
                 for (int i = 0; i < in_n; ++i) {
@@ -330,6 +359,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
                 }
             }
         }
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < KV_KPW; ++kk) {
@@ -347,13 +377,17 @@ __device__ __forceinline__ void attn_bwd_dkdv_impl(const bf16_t* __restrict__ do
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dkdv_d64(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                  const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dkdv_impl<64>(dout, q, k, v, lse, dot, dk, dv, cu, n_tok, n_heads, n_kv);
+                  const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, const u32* prefix,
+                  const u32* rd_off, const u32* rd, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_bwd_dkdv_impl<64>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, has_prefix, n_tok, n_heads,
+                           n_kv);
 }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 attn_bwd_dkdv_d128(const bf16_t* dout, const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* lse,
-                   const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, int n_tok, int n_heads, int n_kv) {
-    attn_bwd_dkdv_impl<128>(dout, q, k, v, lse, dot, dk, dv, cu, n_tok, n_heads, n_kv);
+                   const float* dot, bf16_t* dk, bf16_t* dv, const u32* cu, const u32* prefix,
+                   const u32* rd_off, const u32* rd, int has_prefix, int n_tok, int n_heads, int n_kv) {
+    attn_bwd_dkdv_impl<128>(dout, q, k, v, lse, dot, dk, dv, cu, prefix, rd_off, rd, has_prefix, n_tok, n_heads,
+                           n_kv);
 }
 
 template <int D>

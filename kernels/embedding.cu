@@ -1,4 +1,4 @@
-// embedding.cu: token embedding lookup and its backward.
+// embedding.cu: token embedding lookup and its backward, and the scatter-add of activation rows.
 //
 // embedding_fwd: out[t, :] = table[ids[t], :]   (bf16 -> bf16, an exact copy)
 //   table [vocab, dim] bf16, ids [n_tok] u32, out [n_tok, dim] bf16.
@@ -38,4 +38,25 @@ extern "C" __global__ void embedding_bwd(const u32* __restrict__ ids, const bf16
     const bf16_t* g = dout + (size_t)t * dim;
     float* d = dtable + (size_t)id * dim;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) atomicAdd(d + j, bf2f(g[j]));
+}
+
+// scatter_add_rows: dst[ids[t], :] += src[t, :] for t < n (bf16 activations, each sum in f32
+//   then rounded), the backward of a row gather. One thread per column walks t in increasing
+//   order, so a repeated id sums its rows in a fixed order (deterministic, no atomics).
+//   src [n, dim] bf16, dst [dst_rows, dim] bf16. Launch: grid (ceil(dim/256)), block 256.
+//   An id >= dst_rows sets ERR_EMBED_ID and is skipped.
+extern "C" __global__ void scatter_add_rows(const u32* __restrict__ ids, const bf16_t* __restrict__ src,
+                                            bf16_t* __restrict__ dst, int n, int dim, u32 dst_rows,
+                                            u32* err) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) return;
+    for (int t = 0; t < n; ++t) {
+        const u32 id = ids[t];
+        if (id >= dst_rows) {
+            if (j == 0) atomicOr(err, ERR_EMBED_ID);
+            continue;
+        }
+        bf16_t* d = dst + (size_t)id * dim + j;
+        *d = f2bf(bf2f(*d) + bf2f(src[(size_t)t * dim + j]));
+    }
 }

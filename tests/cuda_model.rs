@@ -139,6 +139,121 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
         }
     }
 
+    // Logits at some rows only (SFT's assistant tokens): the row gather before the final norm
+    // and the scatter-add of its gradient.
+    let starts: Vec<usize> = seqs.iter().map(|s| (s.len() / 2).max(1)).collect();
+    let part = PackedBatch::from_sequences_from(&seqs, &starts).unwrap();
+    let (pc, pg) = (
+        mc.upload_batch(&cpu, &part).unwrap(),
+        mg.upload_batch(&cuda, &part).unwrap(),
+    );
+    let (lc, _) = mc.logprobs(&cpu, &pc, false).unwrap();
+    let (lg, _) = mg.logprobs(&cuda, &pg, false).unwrap();
+    check(&format!("{tag} logit-row logprobs"), &lg, &lc, 3e-2);
+    let w: Vec<f32> = (0..part.n_logits())
+        .map(|_| (r.next() % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let tc = mc.forward_train(&cpu, &pc, false, true).unwrap();
+    let mut gc = mc.zero_grads(&cpu).unwrap();
+    mc.backward(&cpu, &pc, tc, &cpu.upload_f32(&w).unwrap(), &mut gc)
+        .unwrap();
+    let tg = mg.forward_train(&cuda, &pg, false, true).unwrap();
+    let mut gg = mg.zero_grads(&cuda).unwrap();
+    mg.backward(&cuda, &pg, tg, &cuda.upload_f32(&w).unwrap(), &mut gg)
+        .unwrap();
+    for (i, spec) in mg.layout.specs.iter().enumerate() {
+        let got = cuda.download_f32(&gg[i], spec.numel()).unwrap();
+        check(
+            &format!("{tag} logit-row grad {}", spec.name),
+            &got,
+            &gc[i][..spec.numel()],
+            3e-2,
+        );
+    }
+
+    // GRPO passes in the shared-prompt layout on CUDA against the per-sequence passes on the
+    // CPU: two groups (prompts of 45 and 7 tokens, 3 and 1 responses), response logprobs, the
+    // loss and every parameter gradient.
+    {
+        use tooln1::backend::{GrpoLossCfg, KlKind, LossAgg};
+        use tooln1::train::grpo::{self, Layout, TrainSeq};
+        let v = cfg.vocab_size as u64;
+        let mut seqs_g = Vec::new();
+        for (plen, n) in [(45usize, 3usize), (7, 1)] {
+            let prompt: Vec<u32> = (0..plen).map(|_| (r.next() % v) as u32).collect();
+            for _ in 0..n {
+                let mut tokens = prompt.clone();
+                tokens.extend((0..1 + r.next() % 20).map(|_| (r.next() % v) as u32));
+                seqs_g.push(TrainSeq {
+                    tokens,
+                    prompt_len: plen,
+                    adv: (r.next() % 2000) as f32 / 1000.0 - 1.0,
+                });
+            }
+        }
+        let lc =
+            grpo::response_logprobs(&cpu, &mc, &seqs_g, 4096, 1.0, Layout::PerSequence).unwrap();
+        let lg = grpo::response_logprobs(&cuda, &mg, &seqs_g, 4096, 1.0, Layout::Shared).unwrap();
+        let (fc, fg): (Vec<f32>, Vec<f32>) = (lc.concat(), lg.concat());
+        check(&format!("{tag} shared-prompt logprobs"), &fg, &fc, 3e-2);
+        let loss_cfg = GrpoLossCfg {
+            clip_low: 0.2,
+            clip_high: 0.2,
+            kl_coef: 0.1,
+            kl_kind: KlKind::K3,
+            agg: LossAgg::TokenMean,
+            norm_len: 1.0,
+            loss_scale_div: 1.0,
+        };
+        let mut gc = mc.zero_grads(&cpu).unwrap();
+        let sc = grpo::accumulate_responses(
+            &cpu,
+            &mc,
+            &seqs_g,
+            &lc,
+            &lc,
+            &loss_cfg,
+            0.0,
+            4096,
+            true,
+            1.0,
+            Layout::PerSequence,
+            &mut gc,
+        )
+        .unwrap();
+        let mut gg = mg.zero_grads(&cuda).unwrap();
+        let sg = grpo::accumulate_responses(
+            &cuda,
+            &mg,
+            &seqs_g,
+            &lc,
+            &lc,
+            &loss_cfg,
+            0.0,
+            4096,
+            true,
+            1.0,
+            Layout::Shared,
+            &mut gg,
+        )
+        .unwrap();
+        assert!(
+            (sg.loss - sc.loss).abs() < 3e-2 * (1.0 + sc.loss.abs()),
+            "{tag} shared-prompt loss {} vs {}",
+            sg.loss,
+            sc.loss
+        );
+        for (i, spec) in mg.layout.specs.iter().enumerate() {
+            let got = cuda.download_f32(&gg[i], spec.numel()).unwrap();
+            check(
+                &format!("{tag} shared-prompt grad {}", spec.name),
+                &got,
+                &gc[i][..spec.numel()],
+                3e-2,
+            );
+        }
+    }
+
     // Generation: prefill the prompts, then decode two tokens per slot.
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| s[..s.len().min(9)].to_vec()).collect();
     let max_len = 16;

@@ -276,6 +276,138 @@ fn embedding_fwd_bwd() {
     c.synchronize().unwrap();
 }
 
+#[test]
+fn prefixed_attention_matches_cpu_math() {
+    // The shared-prompt layout: per group a prompt segment, then its responses, each reading
+    // the prompt in full (prefix) and itself causally; odd lengths across the 32-row key tiles
+    // and 8/16-row query blocks, empty response segments, groups of 1..6 responses.
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("prefixed_attention");
+    for (hd, nh, nkv) in [(64, 4, 2), (128, 2, 1)] {
+        let (mut cu, mut prefix) = (vec![0u32], Vec::new());
+        let mut at = 0u32;
+        for _ in 0..3 {
+            let p0 = at;
+            at += 1 + r.below(70) as u32;
+            let p1 = at;
+            cu.push(at);
+            prefix.extend([p0, p0]);
+            for _ in 0..1 + r.below(6) {
+                at += r.below(40) as u32;
+                cu.push(at);
+                prefix.extend([p0, p1]);
+            }
+        }
+        let n_tok = at as usize;
+        let max_len = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap();
+        let (qn, kn) = (n_tok * nh * hd, n_tok * nkv * hd);
+        let (q, qh) = up(&c, &r.vec(qn, 1.0));
+        let (k, kh) = up(&c, &r.vec(kn, 1.0));
+        let (v, vh) = up(&c, &r.vec(kn, 1.0));
+        let (dout, dh) = up(&c, &r.vec(qn, 1.0));
+        let f64v = |x: &[f32]| x.iter().map(|&y| y as f64).collect::<Vec<f64>>();
+        let (q64, k64, v64, d64) = (f64v(&qh), f64v(&kh), f64v(&vh), f64v(&dh));
+        let (mut o64, mut l64) = (vec![f64::NAN; qn], vec![f64::NAN; nh * n_tok]);
+        tooln1::backend::cpu::math::attention_prefixed(
+            &q64, &k64, &v64, &mut o64, &mut l64, &cu, &prefix, nh, nkv, hd,
+        );
+        let (cud, pd) = (c.upload_u32(&cu).unwrap(), c.upload_u32(&prefix).unwrap());
+        let mut out = poison(&c, qn);
+        let mut lse = poison_f32(&c, nh * n_tok);
+        let seqs = tooln1::backend::Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        };
+        let pre = tooln1::backend::Prefix {
+            prefix: &pd,
+            prefix_host: &prefix,
+        };
+        let heads = tooln1::backend::Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        };
+        c.attention_prefixed(&q, &k, &v, &mut out, &mut lse, &seqs, &pre, heads)
+            .unwrap();
+        let tag = format!("prefixed attention hd{hd}");
+        let og = c.download(&out, qn).unwrap();
+        check(&format!("{tag} out"), &og, &o64, 1e-2);
+        check(
+            &format!("{tag} lse"),
+            &c.download_f32(&lse, nh * n_tok).unwrap(),
+            &l64,
+            1e-2,
+        );
+        // backward from the device's own out/lse, against the f64 math at the f64 forward
+        let (mut dq64, mut dk64, mut dv64) =
+            (vec![f64::NAN; qn], vec![f64::NAN; kn], vec![f64::NAN; kn]);
+        tooln1::backend::cpu::math::attention_prefixed_bwd(
+            &d64, &q64, &k64, &v64, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, &prefix, nh,
+            nkv, hd,
+        );
+        let (mut dq, mut dk, mut dv) = (poison(&c, qn), poison(&c, kn), poison(&c, kn));
+        c.attention_prefixed_bwd(
+            &dout, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &seqs, &pre, heads,
+        )
+        .unwrap();
+        check(
+            &format!("{tag} dq"),
+            &c.download(&dq, qn).unwrap(),
+            &dq64,
+            1e-2,
+        );
+        check(
+            &format!("{tag} dk"),
+            &c.download(&dk, kn).unwrap(),
+            &dk64,
+            1e-2,
+        );
+        check(
+            &format!("{tag} dv"),
+            &c.download(&dv, kn).unwrap(),
+            &dv64,
+            1e-2,
+        );
+    }
+}
+
+#[test]
+fn scatter_add_rows_matches_reference() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("scatter_add_rows");
+    // repeated ids (the shared layout's prompt row is read n times), a dim over one block
+    let (rows, dim, n) = (13, 300, 41);
+    let ids: Vec<u32> = (0..n).map(|_| r.below(rows) as u32).collect();
+    let idd = c.upload_u32(&ids).unwrap();
+    let (src, sh) = up(&c, &r.vec(n * dim, 1.0));
+    let (mut dst, dh) = up(&c, &r.vec(rows * dim, 1.0));
+    c.scatter_add_rows(&idd, &src, &mut dst, n, rows, dim)
+        .unwrap();
+    let mut want: Vec<f64> = dh.iter().map(|&x| x as f64).collect();
+    for (t, &i) in ids.iter().enumerate() {
+        for j in 0..dim {
+            want[i as usize * dim + j] += sh[t * dim + j] as f64;
+        }
+    }
+    // each sum is rounded to bf16 after every row
+    check(
+        "scatter_add_rows",
+        &c.download(&dst, rows * dim).unwrap(),
+        &want,
+        1e-2,
+    );
+    // an id past dst_rows is an error at the next synchronisation, not a write out of bounds
+    let bad = c.upload_u32(&[rows as u32]).unwrap();
+    let r1 = c.scatter_add_rows(&bad, &src, &mut dst, 1, rows, dim);
+    let r2 = c.synchronize();
+    assert!(
+        r1.is_err() || r2.is_err(),
+        "out-of-range id must be reported"
+    );
+    c.synchronize().unwrap();
+}
+
 /// Naive causal GQA attention and its backward in f64 over packed sequences.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn attn_ref(

@@ -258,6 +258,7 @@ fn prefill_and_decode_match_the_teacher_forced_pass() {
                     targets: vec![0; n],
                     cu_seqlens: vec![0, n as u32],
                     positions: (0..n as u32).collect(),
+                    ..Default::default()
                 };
                 let db = m.upload_batch(&b, &batch).unwrap();
                 m.forward_logits(&b, &db).unwrap()[(n - 1) * v..].to_vec()

@@ -14,7 +14,7 @@
 //! backend's implementation (the CUDA kernels' head sizes, launch-grid limits) are that
 //! backend's own checks, with the same error variant.
 
-use super::{Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed};
+use super::{Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed, Prefix};
 use crate::{Error, Result};
 
 /// Anything an op reads or writes: its length in elements.
@@ -412,6 +412,99 @@ pub fn attention_bwd<I: Buf>(
     Ok(n)
 }
 
+/// A shared-prefix table against the packed segments: 2 entries per segment, each range
+/// lo..hi with lo <= hi <= the segment's start (a prefix lies before its segment) and at most
+/// `max_len` rows; the backend's copy holds as many entries. That the copies agree is a data
+/// check ([`same_prefix`]).
+pub fn prefix<I: Buf>(op: &'static str, pre: &Prefix<'_, I>, p: &Packed<'_, I>) -> Result<()> {
+    let n_seg = p.cu_host.len().saturating_sub(1);
+    let host = pre.prefix_host;
+    if host.len() != 2 * n_seg {
+        return Err(arg_error(
+            op,
+            "prefix_host",
+            format!("2 entries per segment ({} for {n_seg} segments)", 2 * n_seg),
+            format!("{} entries", host.len()),
+        ));
+    }
+    for (s, (r, &start)) in host.chunks(2).zip(p.cu_host).enumerate() {
+        let (lo, hi) = (r[0], r[1]);
+        if lo > hi || hi > start || (hi - lo) as usize > p.max_len {
+            return Err(arg_error(
+                op,
+                "prefix_host",
+                format!(
+                    "for segment {s}: lo <= hi <= {start} (its start), at most max_len = {} rows",
+                    p.max_len
+                ),
+                format!("rows {lo}..{hi}"),
+            ));
+        }
+    }
+    holds(op, "prefix", pre.prefix, &[host.len()], "2 * n_seq")
+}
+
+/// `attention_prefixed` (`bwd` false) and `attention_prefixed_bwd` (`bwd` true): the shapes of
+/// [`attention`] / [`attention_bwd`] plus the prefix table. Returns n_tok.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed<I: Buf>(
+    op: &'static str,
+    q: &impl Buf,
+    k: &impl Buf,
+    v: &impl Buf,
+    out: &impl Buf,
+    lse: &impl Buf,
+    grads: Option<BwdGrads<'_>>,
+    p: &Packed<'_, I>,
+    pre: &Prefix<'_, I>,
+    h: Heads,
+) -> Result<usize> {
+    heads(op, h)?;
+    let n = packed(op, p)?;
+    prefix(op, pre, p)?;
+    let (qs, ks) = ([n, h.n_heads, h.head_dim], [n, h.n_kv, h.head_dim]);
+    let (qd, kd) = ("n_tok * n_heads * head_dim", "n_tok * n_kv * head_dim");
+    holds(op, "q", q, &qs, qd)?;
+    holds(op, "k", k, &ks, kd)?;
+    holds(op, "v", v, &ks, kd)?;
+    holds(op, "out", out, &qs, qd)?;
+    holds(op, "lse", lse, &[n, h.n_heads], "n_tok * n_heads")?;
+    if let Some((dout, dq, dk, dv)) = grads {
+        holds(op, "dout", &Len(dout.len()), &qs, qd)?;
+        holds(op, "dq", &Len(dq.len()), &qs, qd)?;
+        holds(op, "dk", &Len(dk.len()), &ks, kd)?;
+        holds(op, "dv", &Len(dv.len()), &ks, kd)?;
+    }
+    Ok(n)
+}
+
+/// The backward's dout, dq, dk, dv for [`attention_prefixed`].
+pub type BwdGrads<'a> = (&'a dyn Buf, &'a dyn Buf, &'a dyn Buf, &'a dyn Buf);
+
+/// A bare length, for buffers passed as `&dyn Buf`.
+struct Len(usize);
+impl Buf for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// `scatter_add_rows`: ids [n], src [n, dim], dst [dst_rows, dim], dim > 0.
+pub fn scatter_add_rows(
+    ids: &impl Buf,
+    src: &impl Buf,
+    dst: &impl Buf,
+    n: usize,
+    dst_rows: usize,
+    dim: usize,
+) -> Result<()> {
+    let op = "scatter_add_rows";
+    positive(op, "dim", dim)?;
+    holds(op, "ids", ids, &[n], "n")?;
+    holds(op, "src", src, &[n, dim], "n * dim")?;
+    holds(op, "dst", dst, &[dst_rows, dim], "dst_rows * dim")
+}
+
 /// `kv_store`: k, v [n_tok, kv_dim], dst [n_tok], kv_dim > 0, caches of one size. Returns the
 /// number of cache rows.
 #[allow(clippy::too_many_arguments)]
@@ -655,6 +748,22 @@ pub fn same_offsets(op: &'static str, cu_dev: &[u32], cu_host: &[u32]) -> Result
             format!(
                 "cu_seqlens[{i}] = {} where cu_host[{i}] = {}",
                 cu_dev[i], cu_host[i]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The device and host copies of a prefix table agree.
+pub fn same_prefix(op: &'static str, dev: &[u32], host: &[u32]) -> Result<()> {
+    if let Some(i) = (0..host.len()).find(|&i| dev[i] != host[i]) {
+        return Err(arg_error(
+            op,
+            "prefix",
+            "the entries of prefix_host",
+            format!(
+                "prefix[{i}] = {} where prefix_host[{i}] = {}",
+                dev[i], host[i]
             ),
         ));
     }

@@ -79,6 +79,22 @@ impl<I> Clone for Packed<'_, I> {
 }
 impl<I> Copy for Packed<'_, I> {}
 
+/// A shared-prefix table for [`Backend::attention_prefixed`]: 2 entries per packed segment,
+/// the rows lo..hi whose keys the segment attends to fully; `prefix` is the backend's copy (the
+/// device reads it), `prefix_host` the host copy.
+#[derive(Debug)]
+pub struct Prefix<'a, I> {
+    pub prefix: &'a I,
+    pub prefix_host: &'a [u32],
+}
+
+impl<I> Clone for Prefix<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Prefix<'_, I> {}
+
 /// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
 /// cached positions (the new token's key and value already stored).
 #[derive(Debug)]
@@ -325,6 +341,19 @@ pub trait Backend {
         dim: usize,
     ) -> Result<()>;
 
+    /// dst[ids[t],:] += src[t,:] for t < n, activations in `T` (the backward of a row gather
+    /// done with [`Backend::embedding`] on activations); `dst_rows` rows of `dim` in dst. A
+    /// repeated id sums its rows in increasing t, so the result is deterministic.
+    fn scatter_add_rows(
+        &self,
+        ids: &Self::I,
+        src: &Self::T,
+        dst: &mut Self::T,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()>;
+
     // ---------------------------------------------------------------- RMSNorm
     /// out[r,:] = x[r,:] * rstd[r] * w, rstd[r] = 1/sqrt(mean(x[r,:]²) + eps). `rstd` is saved
     /// for the backward (f32, one per row).
@@ -410,6 +439,45 @@ pub trait Backend {
         dk: &mut Self::T,
         dv: &mut Self::T,
         seqs: &Packed<'_, Self::I>,
+        heads: Heads,
+    ) -> Result<()>;
+
+    /// [`Backend::attention`] in the shared-prefix layout (Prefix Grouper, arXiv 2506.05433):
+    /// query i of segment s (rows cu[s]..cu[s+1]) attends to every key of rows
+    /// prefix[2s]..prefix[2s+1] and causally to the keys cu[s]..=i of its own segment. A GRPO
+    /// group is packed as its prompt (no prefix) followed by its n responses, each with the
+    /// prompt's rows as prefix, so a response never reads a sibling. The table holds 2 entries
+    /// per segment, lo == hi for none, and needs lo <= hi <= cu[s] (a prefix lies before its
+    /// segment); `seqs.max_len` bounds the segments and the prefixes. Empty segments are allowed. With every prefix empty this is
+    /// [`Backend::attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_prefixed(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &mut Self::T,
+        lse: &mut Self::F,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
+        heads: Heads,
+    ) -> Result<()>;
+    /// Backward of [`Backend::attention_prefixed`]: writes (overwrites) dq, dk, dv; a prefix
+    /// key's dk/dv sum the contributions of every segment that reads it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Self::T,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &Self::T,
+        lse: &Self::F,
+        dq: &mut Self::T,
+        dk: &mut Self::T,
+        dv: &mut Self::T,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()>;
 
@@ -556,4 +624,24 @@ pub trait Backend {
     ) -> Result<()>;
     /// Whether `adamw` needs an f32 master copy (true where `T` is narrower than f32).
     fn needs_master(&self) -> bool;
+}
+
+/// For a checked prefix table: per segment b, the non-empty segments whose prefix range
+/// overlaps b's rows, in increasing order, as CSR (n_seg + 1 offsets, indices).
+pub(crate) fn prefix_readers(prefix: &[u32], cu: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let n_seg = cu.len().saturating_sub(1);
+    let mut off = Vec::with_capacity(n_seg + 1);
+    let mut idx = Vec::new();
+    off.push(0);
+    for b in 0..n_seg {
+        let (s, e) = (cu[b], cu[b + 1]);
+        for r in 0..n_seg {
+            let (lo, hi) = (prefix[2 * r], prefix[2 * r + 1]);
+            if lo < e && s < hi && cu[r] < cu[r + 1] {
+                idx.push(r as u32);
+            }
+        }
+        off.push(idx.len() as u32);
+    }
+    (off, idx)
 }

@@ -10,4 +10,4 @@ pub mod weights;
 
 pub use config::Qwen2Config;
 pub use layout::{LayerParams, ParamLayout, ParamSpec};
-pub use qwen2::{DeviceBatch, KvCache, Model, PackedBatch, Tape};
+pub use qwen2::{DeviceBatch, Group, KvCache, Model, PackedBatch, Tape};

@@ -4,20 +4,39 @@
 //! residual add -> RMSNorm -> SwiGLU MLP -> residual add; then the final RMSNorm and the fused
 //! lm_head + log-softmax + gather.
 
-use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed};
+use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed, Prefix};
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
 
 /// A host-side batch of sequences packed for a teacher-forced pass. Position `t` predicts
-/// `targets[t]` from `tokens[..=t]` of its own sequence.
+/// `targets[t]` from `tokens[..=t]` of its own sequence (segment), plus, in the shared-prompt
+/// layout, the rows of its segment's prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackedBatch {
     pub tokens: Vec<u32>,
+    /// One per token, or, when `logit_rows` is set, one per entry of `logit_rows`.
     pub targets: Vec<u32>,
     /// n_seq + 1 offsets into `tokens`.
     pub cu_seqlens: Vec<u32>,
-    /// Position of each token inside its sequence (0-based).
+    /// RoPE position of each token (0-based inside its sequence; a response segment of the
+    /// shared layout continues from its prompt's length).
     pub positions: Vec<u32>,
+    /// Shared-prefix table (see [`crate::backend::Backend::attention_prefixed`]): 2 entries per
+    /// segment, the rows it attends to fully before its own causal keys. Empty = plain packed
+    /// sequences.
+    pub prefix: Vec<u32>,
+    /// The rows whose logprob is taken, in output order (a row may repeat: in the shared layout
+    /// a prompt's last row predicts each response's first token); `targets[i]` is the target of
+    /// row `logit_rows[i]`. Empty = every row. The lm_head and log-softmax run on these rows
+    /// only.
+    pub logit_rows: Vec<u32>,
+}
+
+/// A GRPO group for [`PackedBatch::shared_groups`]: one prompt and its sampled responses.
+#[derive(Clone, Copy, Debug)]
+pub struct Group<'a> {
+    pub prompt: &'a [u32],
+    pub responses: &'a [&'a [u32]],
 }
 
 impl PackedBatch {
@@ -43,8 +62,96 @@ impl PackedBatch {
         Ok(b)
     }
 
+    /// Pack whole sequences like [`PackedBatch::from_sequences`], but take logprobs only at
+    /// the positions whose target lies at or after `starts[i]` in sequence i (the response or
+    /// assistant tokens): position t of sequence i is a logit row when t + 1 >= starts[i].
+    /// `starts[i]` must be in 1..len (at least one target).
+    pub fn from_sequences_from(seqs: &[Vec<u32>], starts: &[usize]) -> Result<Self> {
+        if starts.len() != seqs.len() {
+            return Err(Error::Invalid(format!(
+                "from_sequences_from: {} sequences but {} start offsets",
+                seqs.len(),
+                starts.len()
+            )));
+        }
+        let mut b = Self::from_sequences(seqs)?;
+        let mut targets = Vec::new();
+        for (i, (s, &st)) in seqs.iter().zip(starts).enumerate() {
+            if st == 0 || st >= s.len() {
+                return Err(Error::Invalid(format!(
+                    "sequence {i}: target start {st} must be in 1..{} (at least one target)",
+                    s.len()
+                )));
+            }
+            let base = b.cu_seqlens[i];
+            for t in st - 1..s.len() - 1 {
+                b.logit_rows.push(base + t as u32);
+                targets.push(s[t + 1]);
+            }
+        }
+        b.targets = targets;
+        Ok(b)
+    }
+
+    /// Pack GRPO groups in the shared-prompt layout (Prefix Grouper, arXiv 2506.05433): per
+    /// group a prompt segment (all its tokens, positions 0..p) followed by one segment per
+    /// response holding its tokens but the last (positions p.., the prompt as prefix). The
+    /// logit rows are, per response in order, the prompt's last row (predicting the response's
+    /// first token) and then the response segment's rows, so the logprobs come out response by
+    /// response, one per response token, exactly those of the per-sequence pass over
+    /// prompt + response. Prompts and responses must be non-empty.
+    pub fn shared_groups(groups: &[Group<'_>]) -> Result<Self> {
+        let mut b = PackedBatch {
+            cu_seqlens: vec![0],
+            ..Default::default()
+        };
+        for (gi, g) in groups.iter().enumerate() {
+            if g.prompt.is_empty() || g.responses.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "group {gi}: {} prompt tokens and {} responses; expected at least one of each",
+                    g.prompt.len(),
+                    g.responses.len()
+                )));
+            }
+            let p0 = b.tokens.len() as u32;
+            let p = g.prompt.len() as u32;
+            b.tokens.extend_from_slice(g.prompt);
+            b.positions.extend(0..p);
+            b.cu_seqlens.push(p0 + p);
+            b.prefix.extend([p0, p0]);
+            for (ri, r) in g.responses.iter().enumerate() {
+                if r.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "group {gi}: response {ri} is empty"
+                    )));
+                }
+                let s0 = b.tokens.len() as u32;
+                b.logit_rows.push(p0 + p - 1);
+                b.targets.push(r[0]);
+                for (t, &tok) in r[..r.len() - 1].iter().enumerate() {
+                    b.tokens.push(tok);
+                    b.positions.push(p + t as u32);
+                    b.logit_rows.push(s0 + t as u32);
+                    b.targets.push(r[t + 1]);
+                }
+                b.cu_seqlens.push(b.tokens.len() as u32);
+                b.prefix.extend([p0, p0 + p]);
+            }
+        }
+        Ok(b)
+    }
+
     pub fn n_tok(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Rows whose logprob is taken (`logit_rows.len()`, or every token when that is empty).
+    pub fn n_logits(&self) -> usize {
+        if self.logit_rows.is_empty() {
+            self.tokens.len()
+        } else {
+            self.logit_rows.len()
+        }
     }
 
     pub fn n_seq(&self) -> usize {
@@ -69,6 +176,12 @@ pub struct DeviceBatch<B: Backend> {
     pub cu_host: Vec<u32>,
     pub n_tok: usize,
     pub max_len: usize,
+    /// The shared-prefix table (device, host), when the batch has one.
+    pub prefix: Option<(B::I, Vec<u32>)>,
+    /// The logit rows, when not every row.
+    pub logit_rows: Option<B::I>,
+    /// Logprob entries of a pass (`PackedBatch::n_logits`).
+    pub n_logits: usize,
 }
 
 impl<B: Backend> DeviceBatch<B> {
@@ -79,6 +192,14 @@ impl<B: Backend> DeviceBatch<B> {
             cu_host: &self.cu_host,
             max_len: self.max_len,
         }
+    }
+
+    /// The batch's shared-prefix table as the attention ops take it, when it has one.
+    pub fn prefix(&self) -> Option<Prefix<'_, B::I>> {
+        self.prefix.as_ref().map(|(d, h)| Prefix {
+            prefix: d,
+            prefix_host: h,
+        })
     }
 }
 
@@ -92,15 +213,20 @@ pub struct Model<B: Backend> {
 /// What a training forward keeps for the backward: per-token logprobs (and entropy when asked
 /// for) plus the saved activations, or only each layer's input when recomputing.
 pub struct Tape<B: Backend> {
-    /// log p(target_t | prefix), f32, n_tok entries.
+    /// log p(target | prefix) per logit row, f32, n_logits entries.
     pub logp: B::F,
     pub entropy: Option<B::F>,
     pub n_tok: usize,
+    /// Entries of `logp` (the batch's logit rows; n_tok when every row).
+    pub n_logits: usize,
+    /// Residual-stream rows gathered at the logit rows (the final norm's input), when the batch
+    /// has logit rows.
+    x_head: Option<B::T>,
     /// Residual stream entering each layer, plus the final one (num_layers + 1 buffers).
     inputs: Vec<B::T>,
     /// Every layer's activations (empty when recomputing).
     acts: Vec<LayerActs<B>>,
-    /// Final-norm output, its rstd and the vocabulary logsumexp per token.
+    /// Final-norm output, its rstd and the vocabulary logsumexp per logit row.
     x_final: B::T,
     rstd_final: B::F,
     lse: B::F,
@@ -218,6 +344,8 @@ enum Attn<'a, B: Backend> {
         seqs: Packed<'a, B::I>,
         /// (cache row of each token, this layer's k cache, v cache)
         store: Option<(&'a B::I, &'a mut B::T, &'a mut B::T)>,
+        /// Shared-prefix table, when the batch has one.
+        prefix: Option<Prefix<'a, B::I>>,
     },
     Decode {
         dst: &'a B::I,
@@ -370,11 +498,23 @@ impl<B: Backend> Model<B> {
         if n == 0 {
             return Err(Error::Invalid("batch: no tokens".into()));
         }
-        if batch.targets.len() != n || batch.positions.len() != n {
+        let n_logits = batch.n_logits();
+        if batch.targets.len() != n_logits || batch.positions.len() != n {
             return Err(Error::Invalid(format!(
-                "batch: {n} tokens but {} targets and {} positions",
+                "batch: {n} tokens and {n_logits} logit rows but {} targets and {} positions \
+                 (expected one target per logit row, one position per token)",
                 batch.targets.len(),
                 batch.positions.len()
+            )));
+        }
+        if let Some((i, r)) = batch
+            .logit_rows
+            .iter()
+            .enumerate()
+            .find(|(_, &r)| r as usize >= n)
+        {
+            return Err(Error::Invalid(format!(
+                "batch: logit_rows[{i}] = {r} is not below n_tok = {n}"
             )));
         }
         let cu = &batch.cu_seqlens;
@@ -389,8 +529,38 @@ impl<B: Backend> Model<B> {
                 i + 1
             )));
         }
+        let n_seq = cu.len() - 1;
+        let max_len = batch.max_len();
+        if !batch.prefix.is_empty() {
+            if batch.prefix.len() != 2 * n_seq {
+                return Err(Error::Invalid(format!(
+                    "batch: prefix holds {} entries, expected 2 per sequence ({})",
+                    batch.prefix.len(),
+                    2 * n_seq
+                )));
+            }
+            for (s, (p, &start)) in batch.prefix.chunks(2).zip(cu).enumerate() {
+                let (lo, hi) = (p[0], p[1]);
+                if lo > hi || hi > start || (hi - lo) as usize > max_len {
+                    return Err(Error::Invalid(format!(
+                        "batch: sequence {s} has prefix rows {lo}..{hi}; expected \
+                         lo <= hi <= {start} (its start), at most {max_len} rows"
+                    )));
+                }
+            }
+        }
         self.check_ids("batch.tokens", &batch.tokens)?;
         self.check_ids("batch.targets", &batch.targets)?;
+        let prefix = if batch.prefix.is_empty() {
+            None
+        } else {
+            Some((b.upload_u32(&batch.prefix)?, batch.prefix.clone()))
+        };
+        let logit_rows = if batch.logit_rows.is_empty() {
+            None
+        } else {
+            Some(b.upload_u32(&batch.logit_rows)?)
+        };
         Ok(DeviceBatch {
             tokens: b.upload_u32(&batch.tokens)?,
             targets: b.upload_u32(&batch.targets)?,
@@ -398,7 +568,10 @@ impl<B: Backend> Model<B> {
             positions: b.upload_u32(&batch.positions)?,
             cu_host: cu.clone(),
             n_tok: n,
-            max_len: batch.max_len(),
+            max_len,
+            prefix,
+            logit_rows,
+            n_logits,
         })
     }
 
@@ -431,11 +604,21 @@ impl<B: Backend> Model<B> {
         b.rope(&mut a.q, pos, n, d.nh, d.hd, d.theta)?;
         b.rope(&mut a.k, pos, n, d.nkv, d.hd, d.theta)?;
         match attn {
-            Attn::Packed { seqs, store } => {
+            Attn::Packed {
+                seqs,
+                store,
+                prefix,
+            } => {
                 if let Some((dst, kc, vc)) = store {
                     b.kv_store(&a.k, &a.v, dst, kc, vc, n, d.kvd)?;
                 }
-                b.attention(&a.q, &a.k, &a.v, &mut a.attn, &mut a.lse, &seqs, d.heads())?;
+                let (attn, lse) = (&mut a.attn, &mut a.lse);
+                match prefix {
+                    Some(pre) => {
+                        b.attention_prefixed(&a.q, &a.k, &a.v, attn, lse, &seqs, &pre, d.heads())?
+                    }
+                    None => b.attention(&a.q, &a.k, &a.v, attn, lse, &seqs, d.heads())?,
+                }
             }
             Attn::Decode {
                 dst,
@@ -494,9 +677,14 @@ impl<B: Backend> Model<B> {
         b.linear_bwd(&g.dh1, &a.attn, w(p.wo), o, d.gemm(h, d.qd))?;
         let (dq, dk, dv) = (&mut g.dq, &mut g.dk, &mut g.dv);
         let (seqs, heads) = (batch.seqs(), d.heads());
-        b.attention_bwd(
-            &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, heads,
-        )?;
+        match batch.prefix() {
+            Some(pre) => b.attention_prefixed_bwd(
+                &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, &pre, heads,
+            )?,
+            None => b.attention_bwd(
+                &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, heads,
+            )?,
+        }
         b.rope_bwd(&mut g.dq, &batch.positions, n, d.nh, d.hd, d.theta)?;
         b.rope_bwd(&mut g.dk, &batch.positions, n, d.nkv, d.hd, d.theta)?;
         for (dy, wi, bi, rows, first) in [
@@ -518,6 +706,7 @@ impl<B: Backend> Model<B> {
     /// Residual stream after the last layer for a packed batch, without saving activations
     /// (one scratch set reused per layer). With `cache`, every layer's keys/values are also
     /// written to cache rows `dst`.
+    #[allow(clippy::too_many_arguments)]
     fn hidden_packed(
         &self,
         b: &B,
@@ -525,6 +714,7 @@ impl<B: Backend> Model<B> {
         tokens: &B::I,
         pos: &B::I,
         seqs: Packed<'_, B::I>,
+        prefix: Option<Prefix<'_, B::I>>,
         mut cache: Option<(&B::I, &mut KvCache<B>)>,
     ) -> Result<B::T> {
         let mut x = b.zeros(d.n * d.h)?;
@@ -536,7 +726,11 @@ impl<B: Backend> Model<B> {
                 Some((dst, c)) => Some((*dst, &mut c.k[l], &mut c.v[l])),
                 None => None,
             };
-            let attn = Attn::Packed { seqs, store };
+            let attn = Attn::Packed {
+                seqs,
+                store,
+                prefix,
+            };
             self.layer_forward(b, l, d, &x, pos, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);
         }
@@ -580,15 +774,21 @@ impl<B: Backend> Model<B> {
         inv_t: f32,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let d = self.dims(batch.n_tok)?;
-        let x = self.hidden_packed(b, &d, &batch.tokens, &batch.positions, batch.seqs(), None)?;
-        let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
-        let mut logp = b.zeros_f32(d.n)?;
-        let mut lse = b.zeros_f32(d.n)?;
-        let mut ent = if entropy {
-            Some(b.zeros_f32(d.n)?)
-        } else {
-            None
-        };
+        let x = self.hidden_packed(
+            b,
+            &d,
+            &batch.tokens,
+            &batch.positions,
+            batch.seqs(),
+            batch.prefix(),
+            None,
+        )?;
+        let m = batch.n_logits;
+        let xh = self.gather_head(b, &x, batch, &d)?;
+        let (xf, _) = self.final_norm(b, xh.as_ref().unwrap_or(&x), m, &d)?;
+        let mut logp = b.zeros_f32(m)?;
+        let mut lse = b.zeros_f32(m)?;
+        let mut ent = if entropy { Some(b.zeros_f32(m)?) } else { None };
         b.logprobs(
             &xf,
             self.p(self.layout.lm_head),
@@ -596,22 +796,50 @@ impl<B: Backend> Model<B> {
             &mut logp,
             &mut lse,
             ent.as_mut(),
-            d.n,
+            m,
             d.h,
             d.vocab,
             inv_t,
         )?;
         let ent = match ent {
-            Some(e) => Some(b.download_f32(&e, d.n)?),
+            Some(e) => Some(b.download_f32(&e, m)?),
             None => None,
         };
-        Ok((b.download_f32(&logp, d.n)?, ent))
+        Ok((b.download_f32(&logp, m)?, ent))
     }
 
-    /// Full f32 logits [n_tok, vocab] of a teacher-forced pass (tests, small vocabularies).
+    /// The residual-stream rows at the batch's logit rows ([n_logits, hidden]; the embedding op
+    /// is a row gather), or None when every row is a logit row.
+    fn gather_head(
+        &self,
+        b: &B,
+        x: &B::T,
+        batch: &DeviceBatch<B>,
+        d: &Dims,
+    ) -> Result<Option<B::T>> {
+        match &batch.logit_rows {
+            Some(rows) => {
+                let mut xh = b.zeros(batch.n_logits * d.h)?;
+                b.embedding(rows, x, &mut xh, batch.n_logits, d.h)?;
+                Ok(Some(xh))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Full f32 logits [n_tok, vocab] of a teacher-forced pass at every row, whatever the
+    /// batch's logit rows (tests, small vocabularies).
     pub fn forward_logits(&self, b: &B, batch: &DeviceBatch<B>) -> Result<Vec<f32>> {
         let d = self.dims(batch.n_tok)?;
-        let x = self.hidden_packed(b, &d, &batch.tokens, &batch.positions, batch.seqs(), None)?;
+        let x = self.hidden_packed(
+            b,
+            &d,
+            &batch.tokens,
+            &batch.positions,
+            batch.seqs(),
+            batch.prefix(),
+            None,
+        )?;
         let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
         let mut out = b.zeros_f32(d.n * d.vocab)?;
         b.logits(
@@ -670,19 +898,19 @@ impl<B: Backend> Model<B> {
             let attn = Attn::Packed {
                 seqs: batch.seqs(),
                 store: None,
+                prefix: batch.prefix(),
             };
             self.layer_forward(b, l, &d, &inputs[l], &batch.positions, attn, a, &mut out)?;
             acts.extend(fresh);
             inputs.push(out);
         }
-        let (x_final, rstd_final) = self.final_norm(b, &inputs[n_layers], d.n, &d)?;
-        let mut logp = b.zeros_f32(d.n)?;
-        let mut lse = b.zeros_f32(d.n)?;
-        let mut ent = if entropy {
-            Some(b.zeros_f32(d.n)?)
-        } else {
-            None
-        };
+        let m = batch.n_logits;
+        let x_head = self.gather_head(b, &inputs[n_layers], batch, &d)?;
+        let (x_final, rstd_final) =
+            self.final_norm(b, x_head.as_ref().unwrap_or(&inputs[n_layers]), m, &d)?;
+        let mut logp = b.zeros_f32(m)?;
+        let mut lse = b.zeros_f32(m)?;
+        let mut ent = if entropy { Some(b.zeros_f32(m)?) } else { None };
         b.logprobs(
             &x_final,
             self.p(self.layout.lm_head),
@@ -690,7 +918,7 @@ impl<B: Backend> Model<B> {
             &mut logp,
             &mut lse,
             ent.as_mut(),
-            d.n,
+            m,
             d.h,
             d.vocab,
             inv_t,
@@ -699,6 +927,8 @@ impl<B: Backend> Model<B> {
             logp,
             entropy: ent,
             n_tok: d.n,
+            n_logits: m,
+            x_head,
             inputs,
             acts,
             x_final,
@@ -709,7 +939,7 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Backward from dL/dlogp (n_tok f32 entries on the backend); accumulates (+=) into
+    /// Backward from dL/dlogp (n_logits f32 entries on the backend); accumulates (+=) into
     /// `grads` (one per parameter, as from [`Model::zero_grads`]).
     pub fn backward(
         &self,
@@ -727,15 +957,19 @@ impl<B: Backend> Model<B> {
             )));
         }
         let n_layers = self.layout.layers.len();
-        if tape.n_tok != batch.n_tok || tape.inputs.len() != n_layers + 1 {
+        if tape.n_tok != batch.n_tok
+            || tape.n_logits != batch.n_logits
+            || tape.inputs.len() != n_layers + 1
+        {
             return Err(Error::Invalid(format!(
-                "backward: the tape holds {} tokens, the batch {}",
-                tape.n_tok, batch.n_tok
+                "backward: the tape holds {} tokens and {} logit rows, the batch {} and {}",
+                tape.n_tok, tape.n_logits, batch.n_tok, batch.n_logits
             )));
         }
         let d = self.dims(batch.n_tok)?;
-        // Head: logp = log_softmax(norm(x_L) · lm_headᵀ · inv_t)[target]
-        let mut dxf = b.zeros(d.n * d.h)?;
+        let m = batch.n_logits;
+        // Head: logp = log_softmax(norm(x_L[rows]) · lm_headᵀ · inv_t)[target]
+        let mut dxf = b.zeros(m * d.h)?;
         b.logprobs_bwd(
             dlogp,
             &tape.x_final,
@@ -744,23 +978,32 @@ impl<B: Backend> Model<B> {
             &tape.lse,
             &mut dxf,
             Some(&mut grads[self.layout.lm_head]),
-            d.n,
+            m,
             d.h,
             d.vocab,
             tape.inv_t,
         )?;
-        let mut dx = b.zeros(d.n * d.h)?;
+        let mut dxh = b.zeros(m * d.h)?;
         b.rmsnorm_bwd(
             &dxf,
-            &tape.inputs[n_layers],
+            tape.x_head.as_ref().unwrap_or(&tape.inputs[n_layers]),
             self.p(self.layout.norm),
             &tape.rstd_final,
-            &mut dx,
+            &mut dxh,
             Some(&mut grads[self.layout.norm]),
-            d.n,
+            m,
             d.h,
         )?;
         drop(dxf);
+        // Scatter the logit rows' gradient back to their rows (a repeated row sums).
+        let mut dx = match &batch.logit_rows {
+            Some(rows) => {
+                let mut dx = b.zeros(d.n * d.h)?;
+                b.scatter_add_rows(rows, &dxh, &mut dx, m, d.n, d.h)?;
+                dx
+            }
+            None => dxh,
+        };
         let mut dx_in = b.zeros(d.n * d.h)?;
         let mut g = LayerGrads::new(b, &d)?;
         let mut scratch = if tape.recompute {
@@ -774,6 +1017,7 @@ impl<B: Backend> Model<B> {
                     let attn = Attn::Packed {
                         seqs: batch.seqs(),
                         store: None,
+                        prefix: batch.prefix(),
                     };
                     self.layer_forward(b, l, &d, &tape.inputs[l], &batch.positions, attn, a, out)?;
                     &*a
@@ -886,7 +1130,7 @@ impl<B: Backend> Model<B> {
             cu_host: &cu_host,
             max_len,
         };
-        let x = self.hidden_packed(b, &d, &tok_d, &pos_d, seqs, Some((&dst_d, cache)))?;
+        let x = self.hidden_packed(b, &d, &tok_d, &pos_d, seqs, None, Some((&dst_d, cache)))?;
         // Gather each prompt's last row (the embedding op is a row gather).
         let np = prompts.len();
         let mut xl = b.zeros(np * d.h)?;

@@ -92,6 +92,11 @@ pub struct GrpoConfig {
     pub micro_batch_tokens: usize,
     /// Per-layer activation recomputation in the backward.
     pub recompute: bool,
+    /// Shared-prompt training passes: old, reference and policy passes encode each group's
+    /// prompt once, its responses attending to it (Prefix Grouper, arXiv 2506.05433), and run
+    /// the lm_head + log-softmax at the response tokens only. Same logprobs, loss, metrics and
+    /// gradients as the per-sequence passes (false), with fewer token rows.
+    pub shared_prompt: bool,
     /// Temperature T of every training-side logprob: old, reference, the policy's (forward and
     /// backward) and its entropy are those of log_softmax(logits / T), as verl's actor takes
     /// them (`logits.div_(temperature)` in `verl/workers/actor/dp_actor.py`), so the ratio and
@@ -118,6 +123,7 @@ impl Default for GrpoConfig {
             advantage: AdvantageKind::Grpo,
             micro_batch_tokens: 16384,
             recompute: true,
+            shared_prompt: true,
             logprob_temperature: None,
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
-use crate::model::{Model, PackedBatch};
+use crate::model::{Group, Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
 use std::ops::Range;
@@ -78,6 +78,103 @@ pub fn micro_batches(lens: &[usize], budget: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// Runs of consecutive sequences that share one prompt (same prompt length and prompt
+/// tokens): the GRPO groups as the rollout lays them out.
+pub fn prompt_groups(seqs: &[TrainSeq]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let same = out.last().is_some_and(|r| {
+            let f = &seqs[r.start];
+            f.prompt_len == s.prompt_len && f.tokens[..f.prompt_len] == s.tokens[..s.prompt_len]
+        });
+        match out.last_mut() {
+            Some(r) if same => r.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// How the training-side passes lay out a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Every sequence prompt + response in full, logprobs at every position.
+    PerSequence,
+    /// Shared prompts ([`PackedBatch::shared_groups`]): each group's prompt encoded once, its
+    /// responses attending to it, logprobs at the response tokens only.
+    Shared,
+}
+
+/// Token rows through the layers and logit rows (lm_head + log-softmax) of one training-side
+/// pass over `seqs` in `layout`.
+pub fn pass_rows(seqs: &[TrainSeq], layout: Layout) -> (usize, usize) {
+    match layout {
+        Layout::PerSequence => {
+            let n: usize = seqs.iter().map(|s| s.n_pos()).sum();
+            (n, n)
+        }
+        Layout::Shared => {
+            let mut rows = 0;
+            for g in prompt_groups(seqs) {
+                rows += seqs[g.start].prompt_len;
+                rows += seqs[g].iter().map(|s| s.n_response() - 1).sum::<usize>();
+            }
+            (rows, seqs.iter().map(|s| s.n_response()).sum())
+        }
+    }
+}
+
+/// Check that every sequence has a prompt and a response.
+fn check_seqs(seqs: &[TrainSeq]) -> Result<()> {
+    for (i, s) in seqs.iter().enumerate() {
+        crate::ensure!(
+            s.prompt_len >= 1 && s.prompt_len < s.tokens.len(),
+            "sequence {i}: prompt length {} must be in 1..{} (the response is empty)",
+            s.prompt_len,
+            s.tokens.len()
+        );
+    }
+    Ok(())
+}
+
+/// Micro-batches of whole groups (ranges of sequences) whose shared-layout rows fit `budget`
+/// (a group longer than the budget gets a micro-batch of its own).
+fn group_micro_batches(seqs: &[TrainSeq], budget: usize) -> Vec<Range<usize>> {
+    let groups = prompt_groups(seqs);
+    let cost: Vec<usize> = groups
+        .iter()
+        .map(|g| pass_rows(&seqs[g.clone()], Layout::Shared).0)
+        .collect();
+    micro_batches(&cost, budget)
+        .into_iter()
+        .map(|r| groups[r.start].start..groups[r.end - 1].end)
+        .collect()
+}
+
+/// The shared-layout batch of `seqs` (consecutive sequences with one prompt form a group).
+fn shared_batch(seqs: &[TrainSeq]) -> Result<PackedBatch> {
+    check_seqs(seqs)?;
+    let groups = prompt_groups(seqs);
+    let resp: Vec<Vec<&[u32]>> = groups
+        .iter()
+        .map(|g| {
+            seqs[g.clone()]
+                .iter()
+                .map(|s| &s.tokens[s.prompt_len..])
+                .collect()
+        })
+        .collect();
+    let gs: Vec<Group<'_>> = groups
+        .iter()
+        .zip(&resp)
+        .map(|(g, r)| Group {
+            prompt: &seqs[g.start].tokens[..seqs[g.start].prompt_len],
+            responses: r,
+        })
+        .collect();
+    PackedBatch::shared_groups(&gs)
+}
+
 /// Host-side tensors of one micro-batch.
 pub struct MicroBatch {
     pub packed: PackedBatch,
@@ -89,6 +186,31 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
+    /// The micro-batch of `seqs` in `layout`: per sequence, logprob entries at every position
+    /// (mask 1 at the response targets) or, shared, at the response targets only (mask 1).
+    pub fn with_layout(seqs: &[TrainSeq], layout: Layout) -> Result<Self> {
+        match layout {
+            Layout::PerSequence => Self::new(seqs),
+            Layout::Shared => {
+                let packed = shared_batch(seqs)?;
+                let n = packed.n_logits();
+                let mut adv = Vec::with_capacity(n);
+                let mut seq_id = Vec::with_capacity(n);
+                for (i, s) in seqs.iter().enumerate() {
+                    adv.extend(std::iter::repeat_n(s.adv, s.n_response()));
+                    seq_id.extend(std::iter::repeat_n(i as u32, s.n_response()));
+                }
+                Ok(MicroBatch {
+                    packed,
+                    mask: vec![1.0; n],
+                    adv,
+                    seq_id,
+                    n_seq: seqs.len(),
+                })
+            }
+        }
+    }
+
     pub fn new(seqs: &[TrainSeq]) -> Result<Self> {
         let toks: Vec<Vec<u32>> = seqs.iter().map(|s| s.tokens.clone()).collect();
         let packed = PackedBatch::from_sequences(&toks)?;
@@ -146,6 +268,42 @@ pub fn seq_logprobs<B: Backend>(
     Ok(out)
 }
 
+/// Per-sequence logprobs of the response tokens only (`n_response` entries each, the logprob
+/// of response token k given the prompt and the response before it) without gradient, at
+/// inverse temperature `inv_t`: in [`Layout::Shared`] from the shared-prompt passes with
+/// response-only logits, micro-batches of whole groups within `budget` rows; in
+/// [`Layout::PerSequence`] the response part of [`seq_logprobs`].
+pub fn response_logprobs<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    seqs: &[TrainSeq],
+    budget: usize,
+    inv_t: f32,
+    layout: Layout,
+) -> Result<Vec<Vec<f32>>> {
+    check_seqs(seqs)?;
+    if layout == Layout::PerSequence {
+        let full = seq_logprobs(b, model, seqs, budget, inv_t)?;
+        return Ok(full
+            .into_iter()
+            .zip(seqs)
+            .map(|(v, s)| v[s.prompt_len - 1..].to_vec())
+            .collect());
+    }
+    let mut out = Vec::with_capacity(seqs.len());
+    for r in group_micro_batches(seqs, budget) {
+        let packed = shared_batch(&seqs[r.clone()])?;
+        let db = model.upload_batch(b, &packed)?;
+        let (lp, _) = model.logprobs_at(b, &db, false, inv_t)?;
+        let mut at = 0;
+        for s in &seqs[r] {
+            out.push(lp[at..at + s.n_response()].to_vec());
+            at += s.n_response();
+        }
+    }
+    Ok(out)
+}
+
 /// Sums over the micro-batches of one optimizer update.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct UpdateSums {
@@ -192,13 +350,128 @@ pub fn accumulate_minibatch<B: Backend>(
     inv_t: f32,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
+    accumulate_impl(
+        b,
+        model,
+        seqs,
+        old,
+        reference,
+        loss_cfg,
+        entropy_coef,
+        budget,
+        recompute,
+        inv_t,
+        Layout::PerSequence,
+        grads,
+    )
+}
+
+/// [`accumulate_minibatch`] with `old` and `reference` holding response logprobs only (as from
+/// [`response_logprobs`]) and the passes in `layout`: the same loss, metrics and gradient in
+/// either layout (micro-batches of whole groups in [`Layout::Shared`]).
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_responses<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    seqs: &[TrainSeq],
+    old: &[Vec<f32>],
+    reference: &[Vec<f32>],
+    loss_cfg: &GrpoLossCfg,
+    entropy_coef: f32,
+    budget: usize,
+    recompute: bool,
+    inv_t: f32,
+    layout: Layout,
+    grads: &mut [B::F],
+) -> Result<UpdateSums> {
+    check_seqs(seqs)?;
+    crate::ensure!(
+        old.len() == seqs.len() && reference.len() == seqs.len(),
+        "GRPO: {} old and {} reference logprob vectors for {} sequences",
+        old.len(),
+        reference.len(),
+        seqs.len()
+    );
+    if layout == Layout::Shared {
+        return accumulate_impl(
+            b,
+            model,
+            seqs,
+            old,
+            reference,
+            loss_cfg,
+            entropy_coef,
+            budget,
+            recompute,
+            inv_t,
+            layout,
+            grads,
+        );
+    }
+    // Per-sequence passes take an entry per position: the prompt positions are masked out of
+    // the loss, so any finite value serves there.
+    let pad = |v: &[Vec<f32>], what: &str| -> Result<Vec<Vec<f32>>> {
+        v.iter()
+            .zip(seqs)
+            .enumerate()
+            .map(|(i, (x, s))| {
+                crate::ensure!(
+                    x.len() == s.n_response(),
+                    "GRPO: {what} logprobs of sequence {i} have {} entries for {} response \
+                     tokens",
+                    x.len(),
+                    s.n_response()
+                );
+                let mut full = vec![0.0; s.prompt_len - 1];
+                full.extend_from_slice(x);
+                Ok(full)
+            })
+            .collect()
+    };
+    let (old, reference) = (pad(old, "old")?, pad(reference, "reference")?);
+    accumulate_impl(
+        b,
+        model,
+        seqs,
+        &old,
+        &reference,
+        loss_cfg,
+        entropy_coef,
+        budget,
+        recompute,
+        inv_t,
+        layout,
+        grads,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accumulate_impl<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    seqs: &[TrainSeq],
+    old: &[Vec<f32>],
+    reference: &[Vec<f32>],
+    loss_cfg: &GrpoLossCfg,
+    entropy_coef: f32,
+    budget: usize,
+    recompute: bool,
+    inv_t: f32,
+    layout: Layout,
+    grads: &mut [B::F],
+) -> Result<UpdateSums> {
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();
     let total_seqs = seqs.len();
     let mut sums = UpdateSums::default();
-    for r in micro_batches(&lens, budget) {
-        let mb = MicroBatch::new(&seqs[r.clone()])?;
-        let n_tok = mb.packed.n_tok();
+    let ranges = match layout {
+        Layout::PerSequence => micro_batches(&lens, budget),
+        Layout::Shared => group_micro_batches(seqs, budget),
+    };
+    for r in ranges {
+        let mb = MicroBatch::with_layout(&seqs[r.clone()], layout)?;
+        // logprob entries of this micro-batch
+        let n_tok = mb.packed.n_logits();
         let resp: usize = seqs[r.clone()].iter().map(|s| s.n_response()).sum();
         let div = micro_batch_scale(loss_cfg.agg, total_resp, resp, total_seqs, mb.n_seq);
         let cfg = GrpoLossCfg {

@@ -40,6 +40,26 @@ pub struct StepMetrics {
     pub time_step_s: f64,
     /// (prompt + response tokens) / step time.
     pub tokens_per_s: f64,
+    /// Whether the training-side passes used the shared-prompt layout.
+    #[serde(default)]
+    pub shared_prompt: bool,
+    /// Token rows through the layers in the old-logprob pass, the reference pass, and the
+    /// policy forward + backward (all PPO epochs) of this step.
+    #[serde(default)]
+    pub tokens_old_logprobs: usize,
+    #[serde(default)]
+    pub tokens_reference: usize,
+    #[serde(default)]
+    pub tokens_update: usize,
+    /// Token rows of one such pass done per sequence (every prompt repeated n times), the count
+    /// the shared layout is compared with.
+    #[serde(default)]
+    pub tokens_naive_per_pass: usize,
+    /// Rows through the lm_head + log-softmax per pass, and per sequence-wise pass.
+    #[serde(default)]
+    pub logit_rows_per_pass: usize,
+    #[serde(default)]
+    pub logit_rows_naive_per_pass: usize,
     /// Peak resident memory of the process (host), MiB.
     pub peak_host_mib: f64,
 }

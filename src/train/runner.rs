@@ -346,6 +346,16 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
+    /// The layout of the training-side passes: shared prompts when configured, else per
+    /// sequence.
+    pub fn layout(&self) -> grpo::Layout {
+        if self.cfg.grpo.shared_prompt {
+            grpo::Layout::Shared
+        } else {
+            grpo::Layout::PerSequence
+        }
+    }
+
     /// One GRPO step on the next `prompts_per_step` prompts: rollouts, rewards and advantages,
     /// old and reference logprobs, the mini-batch updates, then the step's metrics.
     pub fn step(&mut self) -> Result<StepMetrics> {
@@ -368,7 +378,7 @@ impl<B: Backend> Trainer<B> {
             update: time_update,
             step: t_step.elapsed().as_secs_f64(),
         };
-        Ok(self.step_metrics(&batch, &gens, &scores, &upd, &times))
+        Ok(self.step_metrics(&batch, &gens, &scores, &seqs, &upd, &times))
     }
 
     /// The prompts of the next step: `prompts_per_step` positions of the shuffled data stream
@@ -442,10 +452,12 @@ impl<B: Backend> Trainer<B> {
             .collect()
     }
 
-    /// Per-sequence response logprobs of `model` (no gradient), in micro-batches.
+    /// Per-sequence response logprobs of `model` (no gradient), in micro-batches, in the
+    /// configured layout.
     fn logprobs(&self, model: &Model<B>, seqs: &[TrainSeq]) -> Result<Vec<Vec<f32>>> {
         let budget = self.cfg.grpo.micro_batch_tokens;
-        grpo::seq_logprobs(&self.b, model, seqs, budget, self.cfg.logprob_inv_t())
+        let inv_t = self.cfg.logprob_inv_t();
+        grpo::response_logprobs(&self.b, model, seqs, budget, inv_t, self.layout())
     }
 
     /// The loss settings of the GRPO op (`norm_len` 0 = `rollout.max_new_tokens`).
@@ -480,13 +492,14 @@ impl<B: Backend> Trainer<B> {
         let (entropy_coef, recompute, ppo_epochs) = (g.entropy_coef, g.recompute, g.ppo_epochs);
         let budget = g.micro_batch_tokens;
         let inv_t = self.cfg.logprob_inv_t();
+        let layout = self.layout();
         let total_updates = self.total_steps() * self.updates_per_step();
         let mut out = UpdateOutcome::default();
         for _ in 0..ppo_epochs {
             for start in (0..seqs.len()).step_by(mini) {
                 let end = (start + mini).min(seqs.len());
                 optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
-                let s = grpo::accumulate_minibatch(
+                let s = grpo::accumulate_responses(
                     &self.b,
                     &self.policy,
                     &seqs[start..end],
@@ -497,6 +510,7 @@ impl<B: Backend> Trainer<B> {
                     budget,
                     recompute,
                     inv_t,
+                    layout,
                     &mut self.grads,
                 )?;
                 let u = self
@@ -529,6 +543,7 @@ impl<B: Backend> Trainer<B> {
         batch: &StepBatch,
         gens: &[Generation],
         scores: &Scores,
+        seqs: &[TrainSeq],
         upd: &UpdateOutcome,
         times: &StepTimes,
     ) -> StepMetrics {
@@ -552,6 +567,9 @@ impl<B: Backend> Trainer<B> {
         let sums = &upd.sums;
         let tok = sums.tokens.max(1.0);
         let updates = upd.updates.max(1) as f64;
+        let layout = self.layout();
+        let (rows, logit_rows) = grpo::pass_rows(seqs, layout);
+        let (rows_naive, logit_rows_naive) = grpo::pass_rows(seqs, grpo::Layout::PerSequence);
         StepMetrics {
             step: self.step,
             epoch: batch.epoch,
@@ -584,6 +602,13 @@ impl<B: Backend> Trainer<B> {
             time_reference_s: times.reference,
             time_update_s: times.update,
             time_step_s: times.step,
+            shared_prompt: layout == grpo::Layout::Shared,
+            tokens_old_logprobs: rows,
+            tokens_reference: rows,
+            tokens_update: rows * self.cfg.grpo.ppo_epochs,
+            tokens_naive_per_pass: rows_naive,
+            logit_rows_per_pass: logit_rows,
+            logit_rows_naive_per_pass: logit_rows_naive,
             tokens_per_s: (prompt_tokens + resp_tokens) as f64 / times.step.max(1e-9),
             peak_host_mib: metrics::peak_host_mib(),
         }
@@ -632,8 +657,12 @@ impl<B: Backend> Trainer<B> {
             writer.write(&m)?;
             pb.set_position(self.step);
             pb.set_message(format!(
-                "reward {:.3} kl {:.4} len {:.0}",
-                m.reward_mean, m.kl, m.response_len_mean
+                "reward {:.3} kl {:.4} len {:.0} pass tokens {}/{}",
+                m.reward_mean,
+                m.kl,
+                m.response_len_mean,
+                m.tokens_old_logprobs,
+                m.tokens_naive_per_pass
             ));
             all.push(m);
             let every = self.cfg.save_every;

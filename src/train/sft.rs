@@ -106,20 +106,13 @@ pub fn accumulate_ce<B: Backend>(
     let mut loss = 0.0f64;
     for r in micro_batches(&lens, budget) {
         let toks: Vec<Vec<u32>> = items[r.clone()].iter().map(|s| s.tokens.clone()).collect();
-        let packed = PackedBatch::from_sequences(&toks)?;
-        let mut d = Vec::with_capacity(packed.n_tok());
-        for s in &items[r.clone()] {
-            for t in 0..s.tokens.len() - 1 {
-                d.push(if t + 1 >= s.prompt_len {
-                    -1.0 / total as f32
-                } else {
-                    0.0
-                });
-            }
-        }
+        // Logprobs at the assistant-token positions only (the lm_head skips the prompt).
+        let starts: Vec<usize> = items[r.clone()].iter().map(|s| s.prompt_len).collect();
+        let packed = PackedBatch::from_sequences_from(&toks, &starts)?;
+        let d = vec![-1.0 / total as f32; packed.n_logits()];
         let db = model.upload_batch(b, &packed)?;
         let tape = model.forward_train(b, &db, false, recompute)?;
-        let lp = b.download_f32(&tape.logp, packed.n_tok())?;
+        let lp = b.download_f32(&tape.logp, packed.n_logits())?;
         loss += lp
             .iter()
             .zip(&d)

@@ -642,12 +642,51 @@ pub const BQ: usize = 64;
 /// Keys per attention tile (equal to [`BQ`], so query and key blocks line up).
 pub const BK: usize = BQ;
 
-/// (sequence start, sequence end, block start) of every BQ-block of every sequence.
-fn blocks(cu: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-    cu.windows(2).flat_map(|w| {
+/// (segment, segment start, segment end, block start) of every BQ-block of every segment.
+fn blocks(cu: &[u32]) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+    cu.windows(2).enumerate().flat_map(|(g, w)| {
         let (s, e) = (w[0] as usize, w[1] as usize);
-        (s..e).step_by(BQ).map(move |b| (s, e, b))
+        (s..e).step_by(BQ).map(move |b| (g, s, e, b))
     })
+}
+
+/// Which keys of a tile a query row may read: causally (key <= query, keys of its own
+/// segment) or every key in rows lo..hi (a shared prefix).
+#[derive(Clone, Copy)]
+enum Mask {
+    Causal,
+    Range(usize, usize),
+}
+
+impl Mask {
+    /// Valid columns c0..c1 of a tile of nk keys from j0 for query row i.
+    fn cols(self, i: usize, j0: usize, nk: usize) -> (usize, usize) {
+        match self {
+            Mask::Causal => (0, (i + 1).saturating_sub(j0).min(nk)),
+            Mask::Range(lo, hi) => {
+                let c1 = hi.saturating_sub(j0).min(nk);
+                (lo.saturating_sub(j0).min(c1), c1)
+            }
+        }
+    }
+}
+
+/// Key tiles (j0, nk, mask) a query block i0..i1 of a segment starting at `start` with
+/// prefix rows `pre` reads, in a fixed order: the prefix, then its own causal keys.
+fn key_tiles(
+    pre: std::ops::Range<usize>,
+    start: usize,
+    i1: usize,
+) -> impl Iterator<Item = (usize, usize, Mask)> {
+    let (lo, hi) = (pre.start, pre.end);
+    (lo..hi)
+        .step_by(BK)
+        .map(move |j0| (j0, BK.min(hi - j0), Mask::Range(lo, hi)))
+        .chain(
+            (start..i1)
+                .step_by(BK)
+                .map(move |j0| (j0, BK.min(i1 - j0), Mask::Causal)),
+        )
 }
 
 /// Causal GQA attention over packed sequences (see [`math::attention`]).
@@ -663,18 +702,38 @@ pub fn attention(
     n_kv: usize,
     hd: usize,
 ) {
+    attention_prefixed(q, k, v, out, lse, cu, &[], n_heads, n_kv, hd)
+}
+
+/// Attention with a shared prefix per segment (see [`math::attention_prefixed`]): each query
+/// block runs an online softmax over the prefix's key tiles, then its own causal tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+    cu: &[u32],
+    prefix: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) {
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let (qs, ks) = (n_heads * hd, n_kv * hd);
     assert!(q.len() >= n_tok * qs && k.len() >= n_tok * ks && v.len() >= n_tok * ks);
     assert!(out.len() >= n_tok * qs && lse.len() >= n_tok * n_heads);
+    assert!(prefix.is_empty() || prefix.len() + 2 == 2 * cu.len());
+    assert!(prefix.iter().all(|&p| p as usize <= n_tok));
     let (op, lp) = (Ptr(out.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
-    let tasks: Vec<(usize, usize, usize)> = blocks(cu).collect();
+    let tasks: Vec<(usize, usize, usize, usize)> = blocks(cu).collect();
     (0..tasks.len() * n_heads)
         .into_par_iter()
         .for_each(move |ti| {
-            let (start, end, i0) = tasks[ti / n_heads];
+            let (seg, start, end, i0) = tasks[ti / n_heads];
             let h = ti % n_heads;
             let kh = h / group;
             let i1 = (i0 + BQ).min(end);
@@ -686,9 +745,7 @@ pub fn attention(
                 acc[..nq * hd].fill(0.0);
                 mrow.fill(f32::NEG_INFINITY);
                 lrow.fill(0.0);
-                let mut j0 = start;
-                while j0 < i1 {
-                    let nk = BK.min(i1 - j0);
+                for (j0, nk, mask) in key_tiles(math::prefix_range(prefix, seg), start, i1) {
                     // SAFETY: rows i0..i1 / j0..j0+nk of head h / kh are inside q / k / v
                     // (asserted above); s and acc are this task's scratch.
                     unsafe {
@@ -711,16 +768,20 @@ pub fn attention(
                     }
                     for r in 0..nq {
                         let row = &mut s[r * nk..(r + 1) * nk];
-                        // keys j0 + c with j0 + c <= i0 + r
-                        let lim = (i0 + r + 1 - j0).min(nk);
-                        let mx = row[..lim].iter().fold(mrow[r], |m, &x| m.max(x));
-                        let alpha = (mrow[r] - mx).exp();
+                        let (c0, c1) = mask.cols(i0 + r, j0, nk);
+                        let mx = row[c0..c1].iter().fold(mrow[r], |m, &x| m.max(x));
+                        let alpha = if mx == f32::NEG_INFINITY {
+                            1.0
+                        } else {
+                            (mrow[r] - mx).exp()
+                        };
                         let mut sum = 0.0f32;
-                        for x in row[..lim].iter_mut() {
+                        for x in row[c0..c1].iter_mut() {
                             *x = (*x - mx).exp();
                             sum += *x;
                         }
-                        row[lim..].fill(0.0);
+                        row[..c0].fill(0.0);
+                        row[c1..].fill(0.0);
                         lrow[r] = lrow[r] * alpha + sum;
                         mrow[r] = mx;
                         if alpha != 1.0 {
@@ -748,7 +809,6 @@ pub fn attention(
                             1,
                         );
                     }
-                    j0 += nk;
                 }
                 for r in 0..nq {
                     let i = i0 + r;
@@ -768,7 +828,7 @@ pub fn attention(
 
 /// One tile of the attention backward: for queries i0..i0+nq of head h against keys
 /// j0..j0+nk, P (into `p`) and dS = P∘(dO·Vᵀ − D) (into `ds`), both [nq, nk] with P = 0 where
-/// a key lies after the query.
+/// `mask` hides a key from the query.
 #[allow(clippy::too_many_arguments)]
 fn bwd_tile(
     q: &[f32],
@@ -782,6 +842,7 @@ fn bwd_tile(
     (i0, nq, j0, nk): (usize, usize, usize, usize),
     (h, kh, n_tok, n_heads, hd, qs, ks): (usize, usize, usize, usize, usize, usize, usize),
     scale: f32,
+    mask: Mask,
 ) {
     // SAFETY: rows i0..i0+nq and j0..j0+nk lie inside q, dout and k, v (asserted by the
     // callers); p and ds are the task's scratch, at least [nq, nk].
@@ -823,14 +884,16 @@ fn bwd_tile(
         let i = i0 + r;
         let l = lse[h * n_tok + i];
         let di = dd[i * n_heads + h];
-        let lim = (i + 1).saturating_sub(j0).min(nk);
+        let (c0, c1) = mask.cols(i, j0, nk);
         let (pr, dr) = (&mut p[r * nk..(r + 1) * nk], &mut ds[r * nk..(r + 1) * nk]);
-        for c in 0..lim {
+        for c in c0..c1 {
             pr[c] = (pr[c] - l).exp();
             dr[c] = pr[c] * (dr[c] - di);
         }
-        pr[lim..].fill(0.0);
-        dr[lim..].fill(0.0);
+        pr[..c0].fill(0.0);
+        dr[..c0].fill(0.0);
+        pr[c1..].fill(0.0);
+        dr[c1..].fill(0.0);
     }
 }
 
@@ -851,6 +914,45 @@ pub fn attention_bwd(
     n_kv: usize,
     hd: usize,
 ) {
+    attention_prefixed_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        cu,
+        &[],
+        n_heads,
+        n_kv,
+        hd,
+    )
+}
+
+/// Backward of [`attention_prefixed`] (see [`math::attention_prefixed_bwd`]); dq, dk, dv
+/// overwritten. A key block's task sums, in a fixed order, its own segment's causal query
+/// blocks and then every query block of each segment (in segment order) that reads it as
+/// prefix, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed_bwd(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    cu: &[u32],
+    prefix: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) {
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -859,6 +961,8 @@ pub fn attention_bwd(
     assert!(k.len() >= n_tok * ks && v.len() >= n_tok * ks);
     assert!(dq.len() >= n_tok * qs && dk.len() >= n_tok * ks && dv.len() >= n_tok * ks);
     assert!(lse.len() >= n_tok * n_heads);
+    assert!(prefix.is_empty() || prefix.len() + 2 == 2 * cu.len());
+    assert!(prefix.iter().all(|&p| p as usize <= n_tok));
     // D[i, h] = dO_i · O_i
     let mut dd = take_buf(n_tok * n_heads);
     dd[..n_tok * n_heads]
@@ -875,14 +979,40 @@ pub fn attention_bwd(
             }
         });
     let dd = &dd[..];
-    let tasks: Vec<(usize, usize, usize)> = blocks(cu).collect();
+    let tasks: Vec<(usize, usize, usize, usize)> = blocks(cu).collect();
+    let n_seg = cu.len().saturating_sub(1);
+    // Segments reading each key block as (part of) their prefix, in segment order.
+    let readers: Vec<Vec<usize>> = tasks
+        .iter()
+        .map(|&(_, _, end, j0)| {
+            let j1 = (j0 + BK).min(end);
+            (0..n_seg)
+                .filter(|&g| {
+                    let r = math::prefix_range(prefix, g);
+                    r.start < j1 && j0 < r.end && cu[g] < cu[g + 1]
+                })
+                .collect()
+        })
+        .collect();
     let dims = |h: usize, kh: usize| (h, kh, n_tok, n_heads, hd, qs, ks);
-    // dk, dv: one task per (key block, kv head), over the query blocks at or after it.
+    // dk, dv: one task per (key block, kv head), over the query blocks that read it.
     let (dkp, dvp) = (Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
     (0..tasks.len() * n_kv).into_par_iter().for_each(|ti| {
-        let (_, end, j0) = tasks[ti / n_kv];
+        let (_, _, end, j0) = tasks[ti / n_kv];
         let kh = ti % n_kv;
         let nk = BK.min(end - j0);
+        // (query block start, query block end, mask): own causal blocks, then the readers'.
+        let qblocks: Vec<(usize, usize, Mask)> = (j0..end)
+            .step_by(BQ)
+            .map(|i0| (i0, (i0 + BQ).min(end), Mask::Causal))
+            .chain(readers[ti / n_kv].iter().flat_map(|&g| {
+                let (s, e) = (cu[g] as usize, cu[g + 1] as usize);
+                let r = math::prefix_range(prefix, g);
+                (s..e)
+                    .step_by(BQ)
+                    .map(move |i0| (i0, (i0 + BQ).min(e), Mask::Range(r.start, r.end)))
+            }))
+            .collect();
         with_scratch(2 * BQ * BK + 2 * BK * hd, |buf| {
             let (p, rest) = buf.split_at_mut(BQ * BK);
             let (ds, rest) = rest.split_at_mut(BQ * BK);
@@ -890,9 +1020,8 @@ pub fn attention_bwd(
             dkl.fill(0.0);
             dvl.fill(0.0);
             for h in kh * group..(kh + 1) * group {
-                let mut i0 = j0;
-                while i0 < end {
-                    let nq = BQ.min(end - i0);
+                for &(i0, i1, mask) in &qblocks {
+                    let nq = i1 - i0;
                     bwd_tile(
                         q,
                         k,
@@ -905,6 +1034,7 @@ pub fn attention_bwd(
                         (i0, nq, j0, nk),
                         dims(h, kh),
                         scale,
+                        mask,
                     );
                     // SAFETY: p, ds are [nq, nk]; q, dout rows i0..i0+nq in bounds;
                     // dkl, dvl are [nk, hd] scratch.
@@ -942,7 +1072,6 @@ pub fn attention_bwd(
                             1,
                         );
                     }
-                    i0 += nq;
                 }
             }
             for c in 0..nk {
@@ -957,10 +1086,10 @@ pub fn attention_bwd(
             }
         });
     });
-    // dq: one task per (query block, head), over the key blocks up to it.
+    // dq: one task per (query block, head), over the prefix tiles and its causal key blocks.
     let dqp = Ptr(dq.as_mut_ptr());
     (0..tasks.len() * n_heads).into_par_iter().for_each(|ti| {
-        let (start, end, i0) = tasks[ti / n_heads];
+        let (seg, start, end, i0) = tasks[ti / n_heads];
         let h = ti % n_heads;
         let kh = h / group;
         let nq = BQ.min(end - i0);
@@ -969,9 +1098,7 @@ pub fn attention_bwd(
             let (ds, rest) = rest.split_at_mut(BQ * BK);
             let dql = &mut rest[..BQ * hd];
             dql.fill(0.0);
-            let mut j0 = start;
-            while j0 < i0 + nq {
-                let nk = BK.min(i0 + nq - j0);
+            for (j0, nk, mask) in key_tiles(math::prefix_range(prefix, seg), start, i0 + nq) {
                 bwd_tile(
                     q,
                     k,
@@ -984,6 +1111,7 @@ pub fn attention_bwd(
                     (i0, nq, j0, nk),
                     dims(h, kh),
                     scale,
+                    mask,
                 );
                 // SAFETY: ds is [nq, nk]; k rows j0..j0+nk in bounds; dql is [nq, hd].
                 unsafe {
@@ -1004,7 +1132,6 @@ pub fn attention_bwd(
                         1,
                     );
                 }
-                j0 += nk;
             }
             for r in 0..nq {
                 // SAFETY: (query i0 + r, head h) belongs to this task alone.

@@ -444,20 +444,54 @@ pub fn attention<R: Real>(
     n_kv: usize,
     head_dim: usize,
 ) {
+    attention_prefixed(q, k, v, out, lse, cu, &[], n_heads, n_kv, head_dim)
+}
+
+/// Key rows a query of segment `s` attends to fully before its own causal keys: rows
+/// `prefix[2s]..prefix[2s+1]` (none when `prefix` is empty).
+pub fn prefix_range(prefix: &[u32], s: usize) -> std::ops::Range<usize> {
+    if prefix.is_empty() {
+        0..0
+    } else {
+        prefix[2 * s] as usize..prefix[2 * s + 1] as usize
+    }
+}
+
+/// [`attention`] with a shared prefix per segment: query i of segment s (rows
+/// `cu[s]..cu[s+1]`) attends to every key of `prefix_range(prefix, s)` and causally to the keys
+/// `cu[s]..=i` of its own segment (the shared-prompt layout of Prefix Grouper,
+/// arXiv 2506.05433: a prompt segment, then its responses, each with the prompt as prefix).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed<R: Real>(
+    q: &[R],
+    k: &[R],
+    v: &[R],
+    out: &mut [R],
+    lse: &mut [R],
+    cu: &[u32],
+    prefix: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+) {
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
     let (qs, ks) = (n_heads * head_dim, n_kv * head_dim);
     let mut s = Vec::new();
-    for w in cu.windows(2) {
+    let mut keys = Vec::new();
+    for (seg, w) in cu.windows(2).enumerate() {
         let (start, end) = (w[0] as usize, w[1] as usize);
+        let pre = prefix_range(prefix, seg);
         for h in 0..n_heads {
             let kh = h / group;
             for i in start..end {
                 let qi = &q[i * qs + h * head_dim..][..head_dim];
                 s.clear();
+                keys.clear();
+                keys.extend(pre.clone().chain(start..=i));
                 let mut mx = R::neg_infinity();
-                for j in start..=i {
+                for &j in &keys {
                     let kj = &k[j * ks + kh * head_dim..][..head_dim];
                     let sc = dot(qi, kj) * scale;
                     mx = mx.max(sc);
@@ -471,9 +505,9 @@ pub fn attention<R: Real>(
                 lse[h * n_tok + i] = l;
                 let o = &mut out[i * qs + h * head_dim..][..head_dim];
                 o.fill(R::zero());
-                for (jj, &sc) in s.iter().enumerate() {
+                for (&j, &sc) in keys.iter().zip(&s) {
                     let p = (sc - l).exp();
-                    let vj = &v[(start + jj) * ks + kh * head_dim..][..head_dim];
+                    let vj = &v[j * ks + kh * head_dim..][..head_dim];
                     for d in 0..head_dim {
                         o[d] += p * vj[d];
                     }
@@ -509,6 +543,43 @@ pub fn attention_bwd<R: Real>(
     n_kv: usize,
     head_dim: usize,
 ) {
+    attention_prefixed_bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        cu,
+        &[],
+        n_heads,
+        n_kv,
+        head_dim,
+    )
+}
+
+/// Backward of [`attention_prefixed`]: a prefix key's dK/dV collect the contributions of every
+/// segment that reads it (and of its own segment's causal queries); dq, dk, dv overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefixed_bwd<R: Real>(
+    dout: &[R],
+    q: &[R],
+    k: &[R],
+    v: &[R],
+    out: &[R],
+    lse: &[R],
+    dq: &mut [R],
+    dk: &mut [R],
+    dv: &mut [R],
+    cu: &[u32],
+    prefix: &[u32],
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+) {
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
@@ -516,8 +587,9 @@ pub fn attention_bwd<R: Real>(
     dq[..n_tok * qs].fill(R::zero());
     dk[..n_tok * ks].fill(R::zero());
     dv[..n_tok * ks].fill(R::zero());
-    for w in cu.windows(2) {
+    for (seg, w) in cu.windows(2).enumerate() {
         let (start, end) = (w[0] as usize, w[1] as usize);
+        let pre = prefix_range(prefix, seg);
         for h in 0..n_heads {
             let kh = h / group;
             for i in start..end {
@@ -526,7 +598,7 @@ pub fn attention_bwd<R: Real>(
                 let oi = &out[i * qs + h * head_dim..][..head_dim];
                 let di = dot(doi, oi);
                 let l = lse[h * n_tok + i];
-                for j in start..=i {
+                for j in pre.clone().chain(start..=i) {
                     let kb = j * ks + kh * head_dim;
                     let p = (dot(qi, &k[kb..kb + head_dim]) * scale - l).exp();
                     let dp = dot(doi, &v[kb..kb + head_dim]);
@@ -538,6 +610,19 @@ pub fn attention_bwd<R: Real>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// dst[ids[t],:] += src[t,:] for t < n in increasing t (a repeated id sums its rows in order).
+pub fn scatter_add_rows<R: Real>(ids: &[u32], src: &[R], dst: &mut [R], n: usize, dim: usize) {
+    for t in 0..n {
+        let r = ids[t] as usize;
+        for (d, &s) in dst[r * dim..(r + 1) * dim]
+            .iter_mut()
+            .zip(&src[t * dim..(t + 1) * dim])
+        {
+            *d += s;
         }
     }
 }

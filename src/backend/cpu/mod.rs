@@ -19,7 +19,7 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 use crate::backend::check;
 use crate::backend::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed,
+    LinearGrads, Packed, Prefix,
 };
 use crate::Result;
 
@@ -184,6 +184,21 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn scatter_add_rows(
+        &self,
+        ids: &Vec<u32>,
+        src: &Vec<f32>,
+        dst: &mut Vec<f32>,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        check::scatter_add_rows(ids, src, dst, n, dst_rows, dim)?;
+        check::ids_below("scatter_add_rows", "ids", ids, n, dst_rows, "dst_rows")?;
+        math::scatter_add_rows(ids, src, dst, n, dim);
+        Ok(())
+    }
+
     fn rmsnorm(
         &self,
         x: &Vec<f32>,
@@ -301,6 +316,70 @@ impl Backend for Cpu {
         fast::run(|| {
             fast::attention_bwd(
                 dout, q, k, v, out, lse, dq, dk, dv, cu, n_heads, n_kv, head_dim,
+            )
+        });
+        Ok(())
+    }
+
+    fn attention_prefixed(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        seqs: &Packed<'_, Vec<u32>>,
+        prefix: &Prefix<'_, Vec<u32>>,
+        heads: Heads,
+    ) -> Result<()> {
+        let op = "attention_prefixed";
+        check::attention_prefixed(op, q, k, v, out, lse, None, seqs, prefix, heads)?;
+        check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
+        check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
+        let Heads {
+            n_heads,
+            n_kv,
+            head_dim,
+        } = heads;
+        let (cu, pre) = (seqs.cu_host, prefix.prefix_host);
+        fast::run(|| fast::attention_prefixed(q, k, v, out, lse, cu, pre, n_heads, n_kv, head_dim));
+        Ok(())
+    }
+
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        seqs: &Packed<'_, Vec<u32>>,
+        prefix: &Prefix<'_, Vec<u32>>,
+        heads: Heads,
+    ) -> Result<()> {
+        let op = "attention_prefixed_bwd";
+        let grads: (
+            &dyn check::Buf,
+            &dyn check::Buf,
+            &dyn check::Buf,
+            &dyn check::Buf,
+        ) = (dout, &*dq, &*dk, &*dv);
+        check::attention_prefixed(op, q, k, v, out, lse, Some(grads), seqs, prefix, heads)?;
+        check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
+        check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
+        let Heads {
+            n_heads,
+            n_kv,
+            head_dim,
+        } = heads;
+        let (cu, pre) = (seqs.cu_host, prefix.prefix_host);
+        fast::run(|| {
+            fast::attention_prefixed_bwd(
+                dout, q, k, v, out, lse, dq, dk, dv, cu, pre, n_heads, n_kv, head_dim,
             )
         });
         Ok(())

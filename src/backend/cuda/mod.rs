@@ -23,7 +23,7 @@ use runtime::Gpu;
 
 use super::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed,
+    LinearGrads, Packed, Prefix,
 };
 use crate::Result;
 
@@ -205,6 +205,18 @@ impl Backend for Cuda {
         ops::embedding::backward(self, ids, dout, dtable, n_tok, dim)
     }
 
+    fn scatter_add_rows(
+        &self,
+        ids: &Self::I,
+        src: &Self::T,
+        dst: &mut Self::T,
+        n: usize,
+        dst_rows: usize,
+        dim: usize,
+    ) -> Result<()> {
+        ops::embedding::scatter_add_rows(self, ids, src, dst, n, dst_rows, dim)
+    }
+
     fn rmsnorm(
         &self,
         x: &Self::T,
@@ -281,6 +293,38 @@ impl Backend for Cuda {
         heads: Heads,
     ) -> Result<()> {
         ops::attention::backward(self, dout, q, k, v, out, lse, dq, dk, dv, seqs, heads)
+    }
+    fn attention_prefixed(
+        &self,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &mut Self::T,
+        lse: &mut Self::F,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
+        heads: Heads,
+    ) -> Result<()> {
+        ops::attention::forward_prefixed(self, q, k, v, out, lse, seqs, prefix, heads)
+    }
+    fn attention_prefixed_bwd(
+        &self,
+        dout: &Self::T,
+        q: &Self::T,
+        k: &Self::T,
+        v: &Self::T,
+        out: &Self::T,
+        lse: &Self::F,
+        dq: &mut Self::T,
+        dk: &mut Self::T,
+        dv: &mut Self::T,
+        seqs: &Packed<'_, Self::I>,
+        prefix: &Prefix<'_, Self::I>,
+        heads: Heads,
+    ) -> Result<()> {
+        ops::attention::backward_prefixed(
+            self, dout, q, k, v, out, lse, dq, dk, dv, seqs, prefix, heads,
+        )
     }
     fn kv_store(
         &self,

@@ -7,7 +7,7 @@ use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, grid_yz, i32_of};
 use crate::backend::check::{self, arg_error};
-use crate::backend::{Cached, Heads, Packed};
+use crate::backend::{Cached, Heads, Packed, Prefix};
 use crate::{Error, Result};
 
 /// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments (the head
@@ -66,8 +66,44 @@ pub(crate) fn forward(
     seqs: &Packed<'_, CudaBuf<u32>>,
     heads: Heads,
 ) -> Result<()> {
-    let op = "attention";
     let n_tok = check::attention(q, kk, v, out, lse, seqs, heads)?;
+    launch_forward(c, "attention", q, kk, v, out, lse, seqs, None, heads, n_tok)
+}
+
+/// Attention with a shared prefix per sequence (see [`crate::backend::Backend::attention_prefixed`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_prefixed(
+    c: &Cuda,
+    q: &CudaBuf<Bf16>,
+    kk: &CudaBuf<Bf16>,
+    v: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<Bf16>,
+    lse: &mut CudaBuf<f32>,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    pre: &Prefix<'_, CudaBuf<u32>>,
+    heads: Heads,
+) -> Result<()> {
+    let op = "attention_prefixed";
+    let n_tok = check::attention_prefixed(op, q, kk, v, out, lse, None, seqs, pre, heads)?;
+    launch_forward(c, op, q, kk, v, out, lse, seqs, Some(pre), heads, n_tok)
+}
+
+/// The forward launch of checked arguments; without a prefix the kernels read no table (the
+/// offsets buffer stands in for it).
+#[allow(clippy::too_many_arguments)]
+fn launch_forward(
+    c: &Cuda,
+    op: &'static str,
+    q: &CudaBuf<Bf16>,
+    kk: &CudaBuf<Bf16>,
+    v: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<Bf16>,
+    lse: &mut CudaBuf<f32>,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    pre: Option<&Prefix<'_, CudaBuf<u32>>>,
+    heads: Heads,
+    n_tok: usize,
+) -> Result<()> {
     let n_seq = seqs.n_seq();
     kernel_limits(op, heads, n_seq, n_tok)?;
     device_offsets(c, op, seqs)?;
@@ -91,6 +127,8 @@ pub(crate) fn forward(
         out,
         lse,
         cu_seqlens,
+        pre.map_or(cu_seqlens, |p| p.prefix),
+        pre.is_some() as i32,
         n_tok as i32,
         n_heads as i32,
         n_kv as i32,
@@ -114,8 +152,65 @@ pub(crate) fn backward(
     seqs: &Packed<'_, CudaBuf<u32>>,
     heads: Heads,
 ) -> Result<()> {
-    let op = "attention_bwd";
     let n_tok = check::attention_bwd(dout, q, kk, v, out, lse, dq, dk, dv, seqs, heads)?;
+    let t = (dout, q, kk, v, out, lse);
+    launch_backward(c, "attention_bwd", t, dq, dk, dv, seqs, None, heads, n_tok)
+}
+
+/// Backward of [`forward_prefixed`]: a prefix key's dk/dv also sum every query of each sequence
+/// that reads it (the readers table built here from the host copy).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_prefixed(
+    c: &Cuda,
+    dout: &CudaBuf<Bf16>,
+    q: &CudaBuf<Bf16>,
+    kk: &CudaBuf<Bf16>,
+    v: &CudaBuf<Bf16>,
+    out: &CudaBuf<Bf16>,
+    lse: &CudaBuf<f32>,
+    dq: &mut CudaBuf<Bf16>,
+    dk: &mut CudaBuf<Bf16>,
+    dv: &mut CudaBuf<Bf16>,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    pre: &Prefix<'_, CudaBuf<u32>>,
+    heads: Heads,
+) -> Result<()> {
+    let op = "attention_prefixed_bwd";
+    let grads: (
+        &dyn check::Buf,
+        &dyn check::Buf,
+        &dyn check::Buf,
+        &dyn check::Buf,
+    ) = (dout, &*dq, &*dk, &*dv);
+    let n_tok = check::attention_prefixed(op, q, kk, v, out, lse, Some(grads), seqs, pre, heads)?;
+    let t = (dout, q, kk, v, out, lse);
+    launch_backward(c, op, t, dq, dk, dv, seqs, Some(pre), heads, n_tok)
+}
+
+/// The inputs of the backward: dout, q, k, v, out, lse.
+type BwdIn<'a> = (
+    &'a CudaBuf<Bf16>,
+    &'a CudaBuf<Bf16>,
+    &'a CudaBuf<Bf16>,
+    &'a CudaBuf<Bf16>,
+    &'a CudaBuf<Bf16>,
+    &'a CudaBuf<f32>,
+);
+
+/// The backward launches of checked arguments.
+#[allow(clippy::too_many_arguments)]
+fn launch_backward(
+    c: &Cuda,
+    op: &'static str,
+    (dout, q, kk, v, out, lse): BwdIn<'_>,
+    dq: &mut CudaBuf<Bf16>,
+    dk: &mut CudaBuf<Bf16>,
+    dv: &mut CudaBuf<Bf16>,
+    seqs: &Packed<'_, CudaBuf<u32>>,
+    pre: Option<&Prefix<'_, CudaBuf<u32>>>,
+    heads: Heads,
+    n_tok: usize,
+) -> Result<()> {
     let n_seq = seqs.n_seq();
     kernel_limits(op, heads, n_seq, n_tok)?;
     device_offsets(c, op, seqs)?;
@@ -126,6 +221,21 @@ pub(crate) fn backward(
     } = heads;
     let (cu_seqlens, max_len) = (seqs.cu_seqlens, seqs.max_len);
     let mut dot = c.gpu.alloc::<f32>(n_heads * n_tok)?;
+    // each sequence's readers (the sequences whose prefix covers its rows), CSR
+    let readers = match pre {
+        Some(p) => {
+            let (off, idx) = crate::backend::prefix_readers(p.prefix_host, seqs.cu_host);
+            // one slack entry: an empty upload is no buffer
+            let idx = if idx.is_empty() { vec![0] } else { idx };
+            Some((c.gpu.htod::<u32, u32>(&off)?, c.gpu.htod::<u32, u32>(&idx)?))
+        }
+        None => None,
+    };
+    let table = pre.map_or(cu_seqlens, |p| p.prefix);
+    let (rd_off, rd) = readers
+        .as_ref()
+        .map_or((cu_seqlens, cu_seqlens), |(o, r)| (o, r));
+    let has = pre.is_some() as i32;
     let (nt, nh, nkv) = (n_tok as i32, n_heads as i32, n_kv as i32);
     k::attn_bwd_dot(
         &c.gpu,
@@ -153,6 +263,8 @@ pub(crate) fn backward(
         &dot,
         &mut *dq,
         cu_seqlens,
+        table,
+        has,
         nt,
         nh,
         nkv,
@@ -174,6 +286,10 @@ pub(crate) fn backward(
         &mut *dk,
         &mut *dv,
         cu_seqlens,
+        table,
+        rd_off,
+        rd,
+        has,
         nt,
         nh,
         nkv,

@@ -66,3 +66,32 @@ fn u32_rows(op: &'static str, rows: usize) -> Result<u32> {
         )
     })
 }
+
+/// dst[ids[t], :] += src[t, :] over activation rows (one thread per column walks t in order,
+/// so the sums are deterministic); an id outside dst sets ERR_EMBED_ID.
+pub(crate) fn scatter_add_rows(
+    c: &Cuda,
+    ids: &CudaBuf<u32>,
+    src: &CudaBuf<Bf16>,
+    dst: &mut CudaBuf<Bf16>,
+    n: usize,
+    dst_rows: usize,
+    dim: usize,
+) -> Result<()> {
+    let op = "scatter_add_rows";
+    check::scatter_add_rows(ids, src, dst, n, dst_rows, dim)?;
+    if n == 0 {
+        return Ok(());
+    }
+    k::scatter_add_rows(
+        &c.gpu,
+        blocks(dim.div_ceil(256), 256),
+        ids,
+        src,
+        dst,
+        i32_of(op, "n", n)?,
+        i32_of(op, "dim", dim)?,
+        u32_rows(op, dst_rows)?,
+        c.gpu.err(),
+    )
+}
