@@ -9,7 +9,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
-use tooln1::backend::{AdamWStep, Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
+    LossAgg, Packed,
+};
 
 struct Shape {
     name: &'static str,
@@ -194,7 +197,18 @@ fn cuda_benches(c: &mut Criterion) {
         let fl = 2.0 * (TOK * it * h) as f64;
         let shp = format!("model={md},tokens={TOK},out={it},in={h}");
         timed(c, &cuda, &grp, "linear_fwd", &shp, 0.0, fl, || {
-            cuda.linear(&x, &wl, None, &mut y, TOK, it, h).unwrap()
+            cuda.linear(
+                &x,
+                &wl,
+                None,
+                &mut y,
+                GemmDims {
+                    m: TOK,
+                    n: it,
+                    k: h,
+                },
+            )
+            .unwrap()
         });
         let mut dwl = cuda.zeros_f32(it * h).unwrap();
         timed(c, &cuda, &grp, "linear_bwd", &shp, 0.0, 2.0 * fl, || {
@@ -202,13 +216,17 @@ fn cuda_benches(c: &mut Criterion) {
                 &y,
                 &x,
                 &wl,
-                Some(&mut dx),
-                false,
-                Some(&mut dwl),
-                None,
-                TOK,
-                it,
-                h,
+                LinearGrads {
+                    dx: Some(&mut dx),
+                    accumulate_dx: false,
+                    dw: Some(&mut dwl),
+                    dbias: None,
+                },
+                GemmDims {
+                    m: TOK,
+                    n: it,
+                    k: h,
+                },
             )
             .unwrap()
         });
@@ -245,8 +263,24 @@ fn cuda_benches(c: &mut Criterion) {
                 "model={md},batch={batch},seq={seq},heads={nh},kv_heads={nkv},head_dim={hd}"
             );
             timed(c, &cuda, &grp, "attention_fwd", &shp, 0.0, afl, || {
-                cuda.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, seq, nh, nkv, hd)
-                    .unwrap()
+                cuda.attention(
+                    &q,
+                    &k,
+                    &v,
+                    &mut o,
+                    &mut lse,
+                    &Packed {
+                        cu_seqlens: &cud,
+                        cu_host: &cu,
+                        max_len: seq,
+                    },
+                    Heads {
+                        n_heads: nh,
+                        n_kv: nkv,
+                        head_dim: hd,
+                    },
+                )
+                .unwrap()
             });
             let (mut dq, mut dk, mut dv) = (
                 cuda.zeros(n * nh * hd).unwrap(),
@@ -263,8 +297,25 @@ fn cuda_benches(c: &mut Criterion) {
                 2.5 * afl,
                 || {
                     cuda.attention_bwd(
-                        &o, &q, &k, &v, &o, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, seq, nh,
-                        nkv, hd,
+                        &o,
+                        &q,
+                        &k,
+                        &v,
+                        &o,
+                        &lse,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &Packed {
+                            cu_seqlens: &cud,
+                            cu_host: &cu,
+                            max_len: seq,
+                        },
+                        Heads {
+                            n_heads: nh,
+                            n_kv: nkv,
+                            head_dim: hd,
+                        },
                     )
                     .unwrap()
                 },
@@ -289,8 +340,23 @@ fn cuda_benches(c: &mut Criterion) {
             2.0 * (slots * clen * nkv * hd * 2) as f64,
             dfl,
             || {
-                cuda.attention_decode(&qd, &kc, &vc, &lens, &mut od, slots, clen, nh, nkv, hd)
-                    .unwrap()
+                cuda.attention_decode(
+                    &qd,
+                    &kc,
+                    &vc,
+                    &Cached {
+                        lens: &lens,
+                        n_seq: slots,
+                        max_len: clen,
+                    },
+                    &mut od,
+                    Heads {
+                        n_heads: nh,
+                        n_kv: nkv,
+                        head_dim: hd,
+                    },
+                )
+                .unwrap()
             },
         );
 
@@ -375,8 +441,21 @@ fn cuda_benches(c: &mut Criterion) {
         (n * 4 * 7) as f64,
         0.0,
         || {
-            cuda.grpo_loss(&lp, &old, &rf, &adv, &mask, &sid, &mut dl, n, n_seq, &cfg)
-                .unwrap();
+            cuda.grpo_loss(
+                &GrpoTokens {
+                    logp: &lp,
+                    old_logp: &old,
+                    ref_logp: &rf,
+                    adv: &adv,
+                    mask: &mask,
+                    seq_id: &sid,
+                    n_tok: n,
+                    n_seq,
+                },
+                &mut dl,
+                &cfg,
+            )
+            .unwrap();
         },
     );
     let n = 64 << 20;
@@ -437,7 +516,20 @@ fn cpu_benches(c: &mut Criterion) {
     let wl = b.upload(&rnd(it * h, 0.05)).unwrap();
     let mut y = b.zeros(tok * it).unwrap();
     g.bench_function("linear_fwd", |z| {
-        z.iter(|| b.linear(&x, &wl, None, &mut y, tok, it, h).unwrap())
+        z.iter(|| {
+            b.linear(
+                &x,
+                &wl,
+                None,
+                &mut y,
+                GemmDims {
+                    m: tok,
+                    n: it,
+                    k: h,
+                },
+            )
+            .unwrap()
+        })
     });
     let cu = vec![0u32, 50, tok as u32];
     let cud = b.upload_u32(&cu).unwrap();
@@ -448,8 +540,24 @@ fn cpu_benches(c: &mut Criterion) {
     let mut lse = b.zeros_f32(nh * tok).unwrap();
     g.bench_function("attention_fwd", |z| {
         z.iter(|| {
-            b.attention(&q, &k, &v, &mut o, &mut lse, &cud, &cu, 78, nh, nkv, hd)
-                .unwrap()
+            b.attention(
+                &q,
+                &k,
+                &v,
+                &mut o,
+                &mut lse,
+                &Packed {
+                    cu_seqlens: &cud,
+                    cu_host: &cu,
+                    max_len: 78,
+                },
+                Heads {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+            )
+            .unwrap()
         })
     });
     let wv = b.upload(&rnd(voc * h, 0.05)).unwrap();

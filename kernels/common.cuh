@@ -26,6 +26,8 @@ typedef unsigned long long u64;
 #define ERR_KV_ROW 4u
 #define ERR_DECODE_LEN 8u
 #define ERR_SAMPLE_LOGIT 16u
+#define ERR_GRPO_SEQ 32u
+#define ERR_GRPO_MASK 64u
 
 __device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 

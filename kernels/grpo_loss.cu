@@ -8,9 +8,16 @@
 //   inside their closed range, as torch.clamp does).
 //   Writes stats[k * n + t] for k = 0 tok, 1 pg, 2 kl, 3 clipped (0/1), 4 ratio, 5 dtok.
 //   Launch: grid ceil(n/256), block 256.
-// The reduction to scalars (token-mean and the other modes) is done by the host in f64 over the
-// downloaded per-token rows (the scalars are needed on the host anyway); it yields one weight per
-// sequence (w[s] = d loss / d tok for the tokens of sequence s).
+// grpo_seq_sums: the masked sums the aggregation needs, in f64, on the device: block s < n_seq
+//   sums over the tokens with seq_id[t] == s (mask != 0): sums[3s] = sum m, sums[3s+1] = sum m tok,
+//   sums[3s+2] = sum m pg; block n_seq sums over all tokens: sums[3 n_seq + k] for k = 0 sum m,
+//   1 sum m kl, 2 sum m clipped, 3 sum m ratio, and checks every seq_id[t] < n_seq (else
+//   ERR_GRPO_SEQ) and every mask[t] finite and >= 0 (else ERR_GRPO_MASK). Each block strides over
+//   all n tokens (n_seq + 1 passes over seq_id, which stays in L2), and reduces in a fixed order,
+//   so the sums are the same bits on every run. Launch: grid n_seq + 1, block 256.
+// The host turns the n_seq + 1 sets of sums into the loss scalars and one weight per sequence
+// (w[s] = d loss / d tok for the tokens of sequence s; src/backend/loss.rs), without a per-token
+// download.
 // grpo_token_bwd: dlogp[t] = mask[t] * w[seq_id[t]] * dtok[t] (0 where mask is 0).
 //   Launch: grid ceil(n/256), block 256.
 #include "common.cuh"
@@ -61,6 +68,58 @@ extern "C" __global__ void grpo_token_fwd(const float* __restrict__ logp, const 
     stats[3 * (size_t)n + t] = clipped ? 1.f : 0.f;
     stats[4 * (size_t)n + t] = r;
     stats[5 * (size_t)n + t] = dpg + kl_coef * dkl;
+}
+
+extern "C" __global__ void grpo_seq_sums(const float* __restrict__ stats, const float* __restrict__ mask,
+                                         const u32* __restrict__ seq_id, double* __restrict__ sums, int n,
+                                         int n_seq, u32* err) {
+    const int b = blockIdx.x;
+    if (b > n_seq) return;
+    if (b < n_seq) {
+        double cnt = 0.0, tok = 0.0, pg = 0.0;
+        for (int t = threadIdx.x; t < n; t += blockDim.x) {
+            const float mk = mask[t];
+            if (seq_id[t] != (u32)b || mk == 0.f) continue;
+            const double m = (double)mk;
+            cnt += m;
+            tok += m * (double)stats[t];
+            pg += m * (double)stats[(size_t)n + t];
+        }
+        cnt = block_sum_d(cnt);
+        tok = block_sum_d(tok);
+        pg = block_sum_d(pg);
+        if (threadIdx.x == 0) {
+            sums[3 * (size_t)b] = cnt;
+            sums[3 * (size_t)b + 1] = tok;
+            sums[3 * (size_t)b + 2] = pg;
+        }
+        return;
+    }
+    double cnt = 0.0, kl = 0.0, clip = 0.0, ratio = 0.0;
+    u32 bad = 0;
+    for (int t = threadIdx.x; t < n; t += blockDim.x) {
+        const float mk = mask[t];
+        if (seq_id[t] >= (u32)n_seq) bad |= ERR_GRPO_SEQ;
+        if (!(mk >= 0.f && mk <= 3.402823466e38f)) bad |= ERR_GRPO_MASK;  // NaN, -x and inf fail
+        if (mk == 0.f) continue;
+        const double m = (double)mk;
+        cnt += m;
+        kl += m * (double)stats[2 * (size_t)n + t];
+        clip += m * (double)stats[3 * (size_t)n + t];
+        ratio += m * (double)stats[4 * (size_t)n + t];
+    }
+    if (bad) atomicOr(err, bad);
+    cnt = block_sum_d(cnt);
+    kl = block_sum_d(kl);
+    clip = block_sum_d(clip);
+    ratio = block_sum_d(ratio);
+    if (threadIdx.x == 0) {
+        double* g = sums + 3 * (size_t)n_seq;
+        g[0] = cnt;
+        g[1] = kl;
+        g[2] = clip;
+        g[3] = ratio;
+    }
 }
 
 extern "C" __global__ void grpo_token_bwd(const float* __restrict__ stats, const float* __restrict__ mask,

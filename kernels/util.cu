@@ -3,9 +3,6 @@
 // fill_f32:       x[i] = value, i < n.                           grid-stride, block 256.
 // add_bf16:       a[i] = bf16(a[i] + b[i]), i < n.                grid-stride, block 256.
 // f32_to_bf16:    y[i] = bf16(x[i]).                              grid-stride, block 256.
-// bf16_to_f32:    y[i] = f32(x[i]).                               grid-stride, block 256.
-// f32_to_bf16_scaled: y[i] = bf16(x[i] * s) (checkpoint upload of f32 data). grid-stride.
-// f16_to_bf16:    y[i] = bf16(f16 bits x[i]).                     grid-stride, block 256.
 // bias_rows:      y[r, j] = bias[j], r < m, j < n (bf16): the GEMM then adds x w^T with beta = 1,
 //                 so the bias is added before the single rounding to bf16.  grid-stride.
 // colsum_accum:   db[j] += sum_r dy[r, j] (f32 gradient of a bias). grid (ceil(n/256),
@@ -30,31 +27,6 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __re
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         y[i] = f2bf(x[i]);
-}
-
-extern "C" __global__ void bf16_to_f32(const bf16_t* __restrict__ x, float* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        y[i] = bf2f(x[i]);
-}
-
-__device__ __forceinline__ float f16_bits_to_f32(unsigned short h) {
-    const u32 sign = ((u32)h & 0x8000u) << 16;
-    const u32 exp = ((u32)h >> 10) & 0x1fu;
-    const u32 man = (u32)h & 0x3ffu;
-    if (exp == 0) {
-        // zero or subnormal: man * 2^-24
-        const float f = (float)man * 5.9604644775390625e-8f;
-        return __uint_as_float(__float_as_uint(f) | sign);
-    }
-    if (exp == 31) return __uint_as_float(sign | 0x7f800000u | (man << 13));
-    return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
-}
-
-extern "C" __global__ void f16_to_bf16(const unsigned short* __restrict__ x, bf16_t* __restrict__ y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        y[i] = f2bf(f16_bits_to_f32(x[i]));
 }
 
 extern "C" __global__ void bias_rows(const bf16_t* __restrict__ bias, bf16_t* __restrict__ y, int m, int n) {

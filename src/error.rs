@@ -38,6 +38,15 @@ pub enum Error {
     /// A shape or argument that does not fit an op.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An argument of a backend op outside the op's contract (`backend::check`): the op, the
+    /// argument, what the contract expects and what was given.
+    #[error("{op}: argument `{arg}`: expected {expected}, got {got}")]
+    Arg {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: String,
+    },
     #[error("{0}")]
     Msg(String),
 }

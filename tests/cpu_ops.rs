@@ -6,10 +6,15 @@
 
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
-use tooln1::backend::{AdamWStep, Backend, DType, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
+    LinearGrads, LossAgg, Packed,
+};
 
 fn rng(test: &str) -> ChaCha8Rng {
     let seed = std::time::SystemTime::now()
@@ -348,8 +353,24 @@ fn kv_cache_decode_matches_attention() {
         let cu = vec![0, l as u32];
         let mut out = vec![f32::NAN; l * nh * hd];
         let mut lse = vec![f32::NAN; nh * l];
-        b.attention(&q, &k, &v, &mut out, &mut lse, &cu, &cu, l, nh, nkv, hd)
-            .unwrap();
+        b.attention(
+            &q,
+            &k,
+            &v,
+            &mut out,
+            &mut lse,
+            &Packed {
+                cu_seqlens: &cu,
+                cu_host: &cu,
+                max_len: l,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        )
+        .unwrap();
         expect.extend_from_slice(&out[(l - 1) * nh * hd..]);
         q_last.extend_from_slice(&q[(l - 1) * nh * hd..]);
         // store all tokens but the last one first, then the last one (as decode does)
@@ -379,7 +400,20 @@ fn kv_cache_decode_matches_attention() {
     let lens_u: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
     let mut out = vec![f32::NAN; slots * nh * hd];
     b.attention_decode(
-        &q_last, &k_cache, &v_cache, &lens_u, &mut out, slots, max_len, nh, nkv, hd,
+        &q_last,
+        &k_cache,
+        &v_cache,
+        &Cached {
+            lens: &lens_u,
+            n_seq: slots,
+            max_len,
+        },
+        &mut out,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let err = out
@@ -745,13 +779,8 @@ fn grpo_loss_grad_every_mode() {
     mask[15] = 0.0;
     mask[16] = 0.0; // sequence 3 fully masked out
     let mut any_clip = false;
-    for agg in [
-        LossAgg::TokenMean,
-        LossAgg::SeqMeanTokenSum,
-        LossAgg::SeqMeanTokenMean,
-        LossAgg::SeqMeanTokenSumNorm,
-    ] {
-        for kind in [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3] {
+    for agg in LossAgg::ALL {
+        for kind in KlKind::ALL {
             let cfg = GrpoLossCfg {
                 clip_low: cl as f32,
                 clip_high: ch as f32,
@@ -812,7 +841,20 @@ fn grpo_loss_backend_stats() {
     };
     let mut d = vec![f32::NAN; 2];
     let st = b
-        .grpo_loss(&logp, &old, &rf, &adv, &mask, &sid, &mut d, 2, 2, &cfg)
+        .grpo_loss(
+            &GrpoTokens {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: &rf,
+                adv: &adv,
+                mask: &mask,
+                seq_id: &sid,
+                n_tok: 2,
+                n_seq: 2,
+            },
+            &mut d,
+            &cfg,
+        )
         .unwrap();
     // pg: token 0: max(-e^.5, -1.2) = -1.2 (clipped, grad 0); token 1: max(1, 1) = 1.
     assert!((st.pg_loss - (-0.1)).abs() < 1e-6, "{st:?}");
@@ -1066,12 +1108,16 @@ fn backend_f32_matches_f64_math() {
         &f(&v),
         &mut out,
         &mut lse,
-        &cu,
-        &cu,
-        7,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 7,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (o2, _) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
@@ -1117,7 +1163,7 @@ fn bad_arguments_are_errors() {
     let x = vec![0.0f32; 10];
     let mut y = vec![0.0f32; 3];
     let e = b
-        .linear(&x, &x, None, &mut y, 2, 2, 5)
+        .linear(&x, &x, None, &mut y, GemmDims { m: 2, n: 2, k: 5 })
         .unwrap_err()
         .to_string();
     assert!(e.contains("linear") && e.contains("`y`"), "{e}");
@@ -1130,7 +1176,23 @@ fn bad_arguments_are_errors() {
     let mut lse = vec![0.0f32; 4];
     let cu = vec![0u32, 3, 2];
     let e = b
-        .attention(&x, &x, &x, &mut out, &mut lse, &cu, &cu, 3, 2, 1, 1)
+        .attention(
+            &x,
+            &x,
+            &x,
+            &mut out,
+            &mut lse,
+            &Packed {
+                cu_seqlens: &cu,
+                cu_host: &cu,
+                max_len: 3,
+            },
+            Heads {
+                n_heads: 2,
+                n_kv: 1,
+                head_dim: 1,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("attention"), "{e}");
@@ -1141,12 +1203,16 @@ fn bad_arguments_are_errors() {
             &x,
             &mut out,
             &mut lse,
-            &vec![0, 2],
-            &[0, 2],
-            2,
-            3,
-            2,
-            1,
+            &Packed {
+                cu_seqlens: &vec![0, 2],
+                cu_host: &[0, 2],
+                max_len: 2,
+            },
+            Heads {
+                n_heads: 3,
+                n_kv: 2,
+                head_dim: 1,
+            },
         )
         .unwrap_err()
         .to_string();
@@ -1179,6 +1245,18 @@ fn bad_arguments_are_errors() {
     assert!(e.contains("dst"), "{e}");
 }
 
+/// Every call of the shared contract list (tests/common/contract.rs) is rejected with the
+/// structured error of its op and argument.
+#[test]
+fn contract_rejects_bad_calls_with_structured_errors() {
+    let cases = common::contract::bad_calls(&Cpu);
+    for (what, r) in &cases {
+        let (_, _, expected, got) = common::contract::fields(what, r);
+        assert!(!expected.is_empty() && !got.is_empty(), "{what}");
+    }
+    assert!(cases.len() >= 60, "{} cases", cases.len());
+}
+
 fn to32(x: &[f64]) -> Vec<f32> {
     x.iter().map(|&v| v as f32).collect()
 }
@@ -1194,21 +1272,27 @@ fn close(name: &str, a: &[f32], b: &[f64], tol: f64) {
     assert!(err / scale < tol, "{name}: rel err {:.3e}", err / scale);
 }
 
-/// The f32 backend ops (outputs poisoned with NaN, buffers longer than needed) agree with the
-/// f64 math, and leave everything past the shape untouched.
+const PAD: usize = 3;
+
+/// A NaN-poisoned output buffer `PAD` elements longer than the shape needs.
+fn poisoned(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n + PAD]
+}
+
+/// Everything past the shape is still NaN.
+fn untouched(name: &str, v: &[f32], n: usize) {
+    assert!(
+        v[n..].iter().all(|x| x.is_nan()),
+        "{name}: wrote past the shape"
+    );
+}
+
+/// The f32 backend's linear and linear_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
 #[test]
-fn backend_ops_match_f64_math() {
-    let mut r = rng("backend_ops_match_f64_math");
+fn linear_backend_matches_f64_math() {
+    let mut r = rng("linear_backend_matches_f64_math");
     let b = Cpu;
-    let pad = 3;
-    let poisoned = |n: usize| vec![f32::NAN; n + pad];
-    let untouched = |name: &str, v: &[f32], n: usize| {
-        assert!(
-            v[n..].iter().all(|x| x.is_nan()),
-            "{name}: wrote past the shape"
-        );
-    };
-    // linear + linear_bwd
     let (m, n, k) = (7, 5, 9);
     let (x, w, bias, dy) = (
         randv(&mut r, m * k, 1.0),
@@ -1217,8 +1301,14 @@ fn backend_ops_match_f64_math() {
         randv(&mut r, m * n, 1.0),
     );
     let mut y = poisoned(m * n);
-    b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
-        .unwrap();
+    b.linear(
+        &to32(&x),
+        &to32(&w),
+        Some(&to32(&bias)),
+        &mut y,
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let mut y64 = nan(m * n);
     math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
     close("linear", &y[..m * n], &y64, 1e-6);
@@ -1230,13 +1320,13 @@ fn backend_ops_match_f64_math() {
         &to32(&dy),
         &to32(&x),
         &to32(&w),
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     )
     .unwrap();
     let (mut dx64, mut dw64, mut db64) = (nan(m * k), vec![0.0; n * k], vec![0.0; n]);
@@ -1256,7 +1346,14 @@ fn backend_ops_match_f64_math() {
     close("linear_bwd dw", &dw, &dw64, 1e-6);
     close("linear_bwd dbias", &db, &db64, 1e-6);
     untouched("linear_bwd dx", &dx, m * k);
-    // rmsnorm + bwd
+}
+
+/// The f32 backend's rmsnorm and rmsnorm_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn rmsnorm_backend_matches_f64_math() {
+    let mut r = rng("rmsnorm_backend_matches_f64_math");
+    let b = Cpu;
     let (rows, dim) = (6, 10);
     let (xr, wr, dr) = (
         randv(&mut r, rows * dim, 1.0),
@@ -1288,7 +1385,14 @@ fn backend_ops_match_f64_math() {
     math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
     close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
     close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
-    // swiglu + bwd
+}
+
+/// The f32 backend's swiglu and swiglu_bwd (outputs poisoned with NaN, buffers longer than needed) agree
+/// with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn swiglu_backend_matches_f64_math() {
+    let mut r = rng("swiglu_backend_matches_f64_math");
+    let b = Cpu;
     let ns = 29;
     let (g, u, d) = (
         randv(&mut r, ns, 3.0),
@@ -1308,7 +1412,14 @@ fn backend_ops_match_f64_math() {
     math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
     close("swiglu_bwd dgate", &dg[..ns], &dg64, 1e-6);
     close("swiglu_bwd dup", &du[..ns], &du64, 1e-6);
-    // attention_bwd
+}
+
+/// The f32 backend's attention_bwd (outputs poisoned with NaN, buffers longer than needed)
+/// agrees with the f64 math, and leaves everything past the shape untouched.
+#[test]
+fn attention_bwd_backend_matches_f64_math() {
+    let mut r = rng("attention_bwd_backend_matches_f64_math");
+    let b = Cpu;
     let (nh, nkv, hd) = (4, 2, 6);
     let nt = CU[3] as usize;
     let (q, kk, v, dout) = (
@@ -1335,19 +1446,30 @@ fn backend_ops_match_f64_math() {
         &mut dq,
         &mut dk,
         &mut dv,
-        &cu,
-        &cu,
-        7,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 7,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     close("attention_bwd dq", &dq[..q.len()], &dq64, 1e-5);
     close("attention_bwd dk", &dk[..kk.len()], &dk64, 1e-5);
     close("attention_bwd dv", &dv[..v.len()], &dv64, 1e-5);
     untouched("attention_bwd dk", &dk, kk.len());
-    // logprobs + bwd, and logits
+}
+
+/// The f32 backend's logprobs and logprobs_bwd (outputs poisoned with NaN, buffers longer than
+/// needed) agree with the f64 math, and leave everything past the shape untouched.
+#[test]
+fn logprobs_backend_matches_f64_math() {
+    let mut r = rng("logprobs_backend_matches_f64_math");
+    let b = Cpu;
     let (nt, dim, vocab) = (9, 7, 37);
     let (h, wl, dl) = (
         randv(&mut r, nt * dim, 1.0),
@@ -1417,6 +1539,19 @@ fn backend_ops_match_f64_math() {
     );
     close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
     close("logprobs_bwd dw", &dwl, &dw64, 1e-5);
+}
+
+/// The f32 backend's logits agree with the f64 GEMM and leave everything past the shape
+/// untouched.
+#[test]
+fn logits_backend_matches_f64_math() {
+    let mut r = rng("logits_backend_matches_f64_math");
+    let b = Cpu;
+    let (nt, dim, vocab) = (9, 7, 37);
+    let (h, wl) = (
+        randv(&mut r, nt * dim, 1.0),
+        randv(&mut r, vocab * dim, 1.0),
+    );
     let mut lg = poisoned(nt * vocab);
     b.logits(&to32(&h), &to32(&wl), &mut lg, nt, dim, vocab)
         .unwrap();
@@ -1441,8 +1576,14 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
             randv(r, m * n, 1.0),
         );
         let mut y = vec![f32::NAN; m * n];
-        b.linear(&to32(&x), &to32(&w), Some(&to32(&bias)), &mut y, m, n, k)
-            .unwrap();
+        b.linear(
+            &to32(&x),
+            &to32(&w),
+            Some(&to32(&bias)),
+            &mut y,
+            GemmDims { m, n, k },
+        )
+        .unwrap();
         let mut y64 = nan(m * n);
         math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
         let mut dx = vec![0.5f32; m * k];
@@ -1452,13 +1593,13 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
             &to32(&dy),
             &to32(&x),
             &to32(&w),
-            Some(&mut dx),
-            true,
-            Some(&mut dw),
-            Some(&mut db),
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: Some(&mut dx),
+                accumulate_dx: true,
+                dw: Some(&mut dw),
+                dbias: Some(&mut db),
+            },
+            GemmDims { m, n, k },
         )
         .unwrap();
         let (mut dx64, mut dw64, mut db64) = (vec![0.5; m * k], vec![0.25; n * k], vec![0.0; n]);
@@ -1573,12 +1714,16 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         &to32(&v),
         &mut o,
         &mut l,
-        &cu,
-        &cu,
-        150,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 150,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
@@ -1598,12 +1743,16 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         &mut dq,
         &mut dk,
         &mut dv,
-        &cu,
-        &cu,
-        150,
-        nh,
-        nkv,
-        hd,
+        &Packed {
+            cu_seqlens: &cu,
+            cu_host: &cu,
+            max_len: 150,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     )
     .unwrap();
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));

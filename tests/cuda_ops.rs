@@ -14,7 +14,10 @@ mod common;
 use common::{check, gpu, poison, poison_f32, up, Rng};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
-use tooln1::backend::{AdamWStep, Backend, GrpoLossCfg, KlKind, LossAgg};
+use tooln1::backend::{
+    AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
+    LossAgg, Packed,
+};
 use tooln1::tooln1_skip;
 
 #[test]
@@ -26,7 +29,8 @@ fn linear_fwd_bwd() {
     let (w, wh) = up(&c, &r.vec(n * k, 0.2));
     let (b, bh) = up(&c, &r.vec(n, 0.5));
     let mut y = poison(&c, m * n);
-    c.linear(&x, &w, Some(&b), &mut y, m, n, k).unwrap();
+    c.linear(&x, &w, Some(&b), &mut y, GemmDims { m, n, k })
+        .unwrap();
     let mut yr = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -47,13 +51,13 @@ fn linear_fwd_bwd() {
         &dy,
         &x,
         &w,
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     )
     .unwrap();
     let mut dxr = vec![0f64; m * k];
@@ -190,7 +194,7 @@ fn rope_fwd_bwd() {
 }
 
 #[test]
-fn swiglu_and_embedding() {
+fn swiglu_fwd_bwd() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("swiglu");
     let n = 1003;
@@ -217,7 +221,12 @@ fn swiglu_and_embedding() {
         .collect();
     check("swiglu dgate", &c.download(&dg, n).unwrap(), &dgr, 1e-2);
     check("swiglu dup", &c.download(&du, n).unwrap(), &dur, 1e-2);
+}
 
+#[test]
+fn embedding_fwd_bwd() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("embedding");
     let (vocab, dim, n_tok) = (101, 77, 45);
     let (table, th) = up(&c, &r.vec(vocab * dim, 1.0));
     let ids: Vec<u32> = (0..n_tok)
@@ -371,7 +380,21 @@ fn attention_case(
     let mut out = poison(c, n * nh * d);
     let mut lse = poison_f32(c, nh * n);
     c.attention(
-        &q, &k, &v, &mut out, &mut lse, &cud, &cu, max_len, nh, nkv, d,
+        &q,
+        &k,
+        &v,
+        &mut out,
+        &mut lse,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
     let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
@@ -393,7 +416,25 @@ fn attention_case(
         poison(c, n * nkv * d),
     );
     c.attention_bwd(
-        &g, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &cud, &cu, max_len, nh, nkv, d,
+        &g,
+        &q,
+        &k,
+        &v,
+        &out,
+        &lse,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
     for (what, got, want, bound) in [
@@ -450,7 +491,20 @@ fn attention_fwd_bwd_and_decode() {
         let lensd = c.upload_u32(&lens).unwrap();
         let mut od = poison(&c, n_seq * nh * d);
         c.attention_decode(
-            &qdev, &kc, &vc, &lensd, &mut od, n_seq, cache_len, nh, nkv, d,
+            &qdev,
+            &kc,
+            &vc,
+            &Cached {
+                lens: &lensd,
+                n_seq,
+                max_len: cache_len,
+            },
+            &mut od,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
         )
         .unwrap();
         let odr: Vec<f64> = last
@@ -627,13 +681,8 @@ fn grpo_loss_all_modes_vs_cpu() {
         up32(&mask),
     );
     let sd = c.upload_u32(&seq).unwrap();
-    for agg in [
-        LossAgg::TokenMean,
-        LossAgg::SeqMeanTokenSum,
-        LossAgg::SeqMeanTokenMean,
-        LossAgg::SeqMeanTokenSumNorm,
-    ] {
-        for kind in [KlKind::K3, KlKind::K1, KlKind::K2, KlKind::Abs] {
+    for agg in LossAgg::ALL {
+        for kind in KlKind::ALL {
             let cfg = GrpoLossCfg {
                 clip_low: 0.2,
                 clip_high: 0.28,
@@ -645,12 +694,36 @@ fn grpo_loss_all_modes_vs_cpu() {
             };
             let mut dl = poison_f32(&c, n);
             let out = c
-                .grpo_loss(&lpd, &od, &rd, &ad, &md, &sd, &mut dl, n, n_seq, &cfg)
+                .grpo_loss(
+                    &GrpoTokens {
+                        logp: &lpd,
+                        old_logp: &od,
+                        ref_logp: &rd,
+                        adv: &ad,
+                        mask: &md,
+                        seq_id: &sd,
+                        n_tok: n,
+                        n_seq,
+                    },
+                    &mut dl,
+                    &cfg,
+                )
                 .unwrap();
             let mut dref = vec![f32::NAN; n];
             let want = cpu
                 .grpo_loss(
-                    &logp, &old, &refp, &adv, &mask, &seq, &mut dref, n, n_seq, &cfg,
+                    &GrpoTokens {
+                        logp: &logp,
+                        old_logp: &old,
+                        ref_logp: &refp,
+                        adv: &adv,
+                        mask: &mask,
+                        seq_id: &seq,
+                        n_tok: n,
+                        n_seq,
+                    },
+                    &mut dref,
+                    &cfg,
                 )
                 .unwrap();
             let tag = format!("{agg:?}/{kind:?}");
@@ -678,7 +751,7 @@ fn grpo_loss_all_modes_vs_cpu() {
 }
 
 #[test]
-fn adamw_and_grad_norm() {
+fn adamw_with_master_copy() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("adamw");
     let n = 5001;
@@ -719,6 +792,16 @@ fn adamw_and_grad_norm() {
         1e-5,
     );
     check("adamw param (bf16)", &c.download(&p, n).unwrap(), &pr, 1e-2);
+}
+
+/// The global gradient norm's sum of squares (f64 partial sums on the device).
+#[test]
+fn sum_squares_f32_in_f64() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("sum_squares");
+    let n = 5001;
+    let g = r.vec(n, 0.1);
+    let gd = c.upload_f32(&g).unwrap();
     let ss = c.sum_squares_f32(&gd, n).unwrap();
     let ssr: f64 = g.iter().map(|&x| (x as f64).powi(2)).sum();
     assert!((ss - ssr).abs() <= 1e-9 * ssr, "sum_squares {ss} vs {ssr}");
@@ -849,17 +932,42 @@ fn ptxas_report_has_no_spills_in_hot_kernels() {
     );
 }
 
-/// Paths the tests above do not take: linear without bias; linear_bwd accumulating into dx and
-/// with only dw; rmsnorm_bwd without dw; AdamW without a master copy.
+/// docs/ptxas-report.md (which the virtual GPU reads for every kernel's registers and shared
+/// memory) is this build's report, as `tools/ptxas-report.sh` copies it there. Checked when the
+/// kernels were compiled by the pinned nvcc of tools/setup-cuda.sh, as in CI: another nvcc
+/// version allocates registers differently.
 #[test]
-fn linear_rmsnorm_adamw_other_paths() {
+fn ptxas_report_in_docs_is_this_builds() {
+    let rep = tooln1::backend::cuda::PTXAS_REPORT;
+    if rep.is_empty() {
+        tooln1_skip!("skipped: built without nvcc (no ptxas report)");
+        return;
+    }
+    if !tooln1::backend::cuda::NVCC_PINNED {
+        tooln1_skip!("skipped: kernels compiled by an nvcc other than tools/setup-cuda.sh's");
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ptxas-report.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        doc == rep,
+        "{} is not this build's ptxas report: run tools/ptxas-report.sh",
+        path.display()
+    );
+}
+
+/// Linear paths `linear_fwd_bwd` does not take: no bias; linear_bwd accumulating into dx, and
+/// with only dw.
+#[test]
+fn linear_without_bias_and_partial_grads() {
     let Some(c) = gpu() else { return };
-    let mut r = Rng::new("other paths");
+    let mut r = Rng::new("linear other paths");
     let (m, n, k) = (29, 45, 67);
     let (x, xh) = up(&c, &r.vec(m * k, 1.0));
     let (w, wh) = up(&c, &r.vec(n * k, 0.2));
     let mut y = poison(&c, m * n);
-    c.linear(&x, &w, None, &mut y, m, n, k).unwrap();
+    c.linear(&x, &w, None, &mut y, GemmDims { m, n, k })
+        .unwrap();
     let yr: Vec<f64> = (0..m * n)
         .map(|e| {
             let (i, j) = (e / n, e % n);
@@ -877,8 +985,19 @@ fn linear_rmsnorm_adamw_other_paths() {
 
     let (dy, dyh) = up(&c, &r.vec(m * n, 1.0));
     let (mut dx, dx0) = up(&c, &r.vec(m * k, 1.0));
-    c.linear_bwd(&dy, &x, &w, Some(&mut dx), true, None, None, m, n, k)
-        .unwrap();
+    c.linear_bwd(
+        &dy,
+        &x,
+        &w,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: true,
+            dw: None,
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let dxr: Vec<f64> = (0..m * k)
         .map(|e| {
             let (i, q) = (e / k, e % k);
@@ -896,8 +1015,19 @@ fn linear_rmsnorm_adamw_other_paths() {
     );
     let mut dw = poison_f32(&c, n * k);
     c.fill_f32(&mut dw, n * k, 0.0).unwrap();
-    c.linear_bwd(&dy, &x, &w, None, false, Some(&mut dw), None, m, n, k)
-        .unwrap();
+    c.linear_bwd(
+        &dy,
+        &x,
+        &w,
+        LinearGrads {
+            dx: None,
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    )
+    .unwrap();
     let dwr: Vec<f64> = (0..n * k)
         .map(|e| {
             let (j, q) = (e / k, e % k);
@@ -912,7 +1042,13 @@ fn linear_rmsnorm_adamw_other_paths() {
         &dwr,
         1e-5,
     );
+}
 
+/// rmsnorm_bwd without the weight gradient (dx accumulates onto what it held).
+#[test]
+fn rmsnorm_bwd_without_dw() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("rmsnorm other paths");
     let (rows, dim) = (7, 129);
     let (xr, xrh) = up(&c, &r.vec(rows * dim, 2.0));
     let (wr, wrh) = up(&c, &r.vec(dim, 1.0));
@@ -942,8 +1078,13 @@ fn linear_rmsnorm_adamw_other_paths() {
         &want,
         1e-2,
     );
+}
 
-    // AdamW straight on the bf16 parameter (no master copy).
+/// AdamW straight on the bf16 parameter (no master copy).
+#[test]
+fn adamw_without_master_copy() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("adamw other paths");
     let na = 1001;
     let (mut p, ph) = up(&c, &r.vec(na, 1.0));
     let gr = r.vec(na, 0.1);
@@ -992,8 +1133,24 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
     let cud = c.upload_u32(&cu).unwrap();
     let (q, k, v) = (poison(&c, 1), poison(&c, 1), poison(&c, 1));
     let (mut o, mut l) = (poison(&c, 1), poison_f32(&c, 1));
-    c.attention(&q, &k, &v, &mut o, &mut l, &cud, &cu, 4, 2, 1, 64)
-        .unwrap();
+    c.attention(
+        &q,
+        &k,
+        &v,
+        &mut o,
+        &mut l,
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len: 4,
+        },
+        Heads {
+            n_heads: 2,
+            n_kv: 1,
+            head_dim: 64,
+        },
+    )
+    .unwrap();
     let (qc, mut oc, mut lc) = (vec![0f32; 1], vec![0f32; 1], vec![0f32; 1]);
     Cpu.attention(
         &qc,
@@ -1001,12 +1158,16 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
         &qc,
         &mut oc,
         &mut lc,
-        &cu.to_vec(),
-        &cu,
-        4,
-        2,
-        1,
-        64,
+        &Packed {
+            cu_seqlens: &cu.to_vec(),
+            cu_host: &cu,
+            max_len: 4,
+        },
+        Heads {
+            n_heads: 2,
+            n_kv: 1,
+            head_dim: 64,
+        },
     )
     .unwrap();
     c.synchronize().unwrap();
@@ -1078,18 +1239,78 @@ fn both_backends_reject_the_same_bad_calls() {
     ] {
         let cud = c.upload_u32(&cu_dev).unwrap();
         let cr = cpu.attention(
-            &q, &kv, &kv, &mut oc, &mut lc, &cu_dev, &cu_host, max_len, heads, nkv, d,
+            &q,
+            &kv,
+            &kv,
+            &mut oc,
+            &mut lc,
+            &Packed {
+                cu_seqlens: &cu_dev,
+                cu_host: &cu_host,
+                max_len,
+            },
+            Heads {
+                n_heads: heads,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
         let gr = c.attention(
-            &qg, &kg, &kg, &mut og, &mut lg, &cud, &cu_host, max_len, heads, nkv, d,
+            &qg,
+            &kg,
+            &kg,
+            &mut og,
+            &mut lg,
+            &Packed {
+                cu_seqlens: &cud,
+                cu_host: &cu_host,
+                max_len,
+            },
+            Heads {
+                n_heads: heads,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
         both(&format!("attention: {what}"), cr, cuda_rejects(&c, gr));
     }
     if c.syncs_each_op() {
         let (host, dev) = (vec![0u32, 5, 12], vec![0u32, 6, 12]);
         let cud = c.upload_u32(&dev).unwrap();
-        let cr = cpu.attention(&q, &kv, &kv, &mut oc, &mut lc, &dev, &host, 12, nh, nkv, d);
-        let gr = c.attention(&qg, &kg, &kg, &mut og, &mut lg, &cud, &host, 12, nh, nkv, d);
+        let cr = cpu.attention(
+            &q,
+            &kv,
+            &kv,
+            &mut oc,
+            &mut lc,
+            &Packed {
+                cu_seqlens: &dev,
+                cu_host: &host,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
+        let gr = c.attention(
+            &qg,
+            &kg,
+            &kg,
+            &mut og,
+            &mut lg,
+            &Packed {
+                cu_seqlens: &cud,
+                cu_host: &host,
+                max_len: 12,
+            },
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
         both(
             "attention: device cu_seqlens differ from cu_host",
             cr,
@@ -1114,15 +1335,34 @@ fn both_backends_reject_the_same_bad_calls() {
             &qd,
             &cache,
             &cache,
-            &lens.to_vec(),
+            &Cached {
+                lens: &lens.to_vec(),
+                n_seq,
+                max_len,
+            },
             &mut odc,
-            n_seq,
-            max_len,
-            nh,
-            nkv,
-            d,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
         );
-        let gr = c.attention_decode(&qdg, &cg, &cg, &lg_, &mut odg, n_seq, max_len, nh, nkv, d);
+        let gr = c.attention_decode(
+            &qdg,
+            &cg,
+            &cg,
+            &Cached {
+                lens: &lg_,
+                n_seq,
+                max_len,
+            },
+            &mut odg,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: d,
+            },
+        );
         let rej = cuda_rejects(&c, gr);
         // The rejected slot's row is NaN, never a plausible output.
         let bad = if lens[0] == 0 || lens[0] as usize > max_len {
@@ -1142,17 +1382,36 @@ fn both_backends_reject_the_same_bad_calls() {
         &qd,
         &cache,
         &cache,
-        &ok.to_vec(),
+        &Cached {
+            lens: &ok.to_vec(),
+            n_seq,
+            max_len,
+        },
         &mut odc,
-        n_seq,
-        max_len,
-        nh,
-        nkv,
-        d,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
     )
     .unwrap();
-    c.attention_decode(&qdg, &cg, &cg, &okd, &mut odg, n_seq, max_len, nh, nkv, d)
-        .unwrap();
+    c.attention_decode(
+        &qdg,
+        &cg,
+        &cg,
+        &Cached {
+            lens: &okd,
+            n_seq,
+            max_len,
+        },
+        &mut odg,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
+    )
+    .unwrap();
     c.synchronize().unwrap();
 
     // kv_store: a destination row outside the cache; caches of different sizes.
@@ -1298,10 +1557,36 @@ fn both_backends_reject_the_same_bad_calls() {
     ] {
         let mg = c.upload_f32(&mask).unwrap();
         let cr = cpu
-            .grpo_loss(&z, &z, &z, &z, &mask, &sid, &mut dl, n_tok, n_seq, &cfg)
+            .grpo_loss(
+                &GrpoTokens {
+                    logp: &z,
+                    old_logp: &z,
+                    ref_logp: &z,
+                    adv: &z,
+                    mask: &mask,
+                    seq_id: &sid,
+                    n_tok,
+                    n_seq,
+                },
+                &mut dl,
+                &cfg,
+            )
             .map(|_| ());
         let gr = c
-            .grpo_loss(&zg, &zg, &zg, &zg, &mg, &sidg, &mut dlg, n_tok, n_seq, &cfg)
+            .grpo_loss(
+                &GrpoTokens {
+                    logp: &zg,
+                    old_logp: &zg,
+                    ref_logp: &zg,
+                    adv: &zg,
+                    mask: &mg,
+                    seq_id: &sidg,
+                    n_tok,
+                    n_seq,
+                },
+                &mut dlg,
+                &cfg,
+            )
             .map(|_| ());
         both(&format!("grpo_loss: {what}"), cr, cuda_rejects(&c, gr));
     }
@@ -1344,6 +1629,28 @@ fn both_backends_reject_the_same_bad_calls() {
     let gr = c.adamw(&mut pg, None, &gz, &mut m1g, &mut v1g, 2, &hp);
     both("adamw: step 0", cr, cuda_rejects(&c, gr));
     println!("{cases} bad calls rejected by both backends");
+}
+
+/// The shared list of contract violations (tests/common/contract.rs): the CUDA backend rejects
+/// each at once with the very error the CPU backend gives (op, argument, expected, got), and
+/// leaves no device error behind.
+#[test]
+fn both_backends_give_the_same_contract_errors() {
+    let Some(c) = gpu() else { return };
+    let cpu = common::contract::bad_calls(&Cpu);
+    let cuda = common::contract::bad_calls(&c);
+    assert_eq!(cpu.len(), cuda.len());
+    for ((what, rc), (_, rg)) in cpu.iter().zip(&cuda) {
+        let want = common::contract::fields(what, rc);
+        let got = common::contract::fields(what, rg);
+        assert_eq!(got, want, "{what}");
+    }
+    c.synchronize()
+        .expect("a rejected call must leave no device error");
+    println!(
+        "{} contract violations rejected alike by both backends",
+        cpu.len()
+    );
 }
 
 /// f64 reference of the fused logprobs: (logp, lse, entropy) per token, and softmax rows.

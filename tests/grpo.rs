@@ -67,12 +67,7 @@ fn micro_batch_split_does_not_change_the_update() {
         .iter()
         .map(|v| v.iter().map(|x| x + rng.random_range(-0.3..0.3)).collect())
         .collect();
-    for agg in [
-        LossAgg::TokenMean,
-        LossAgg::SeqMeanTokenSum,
-        LossAgg::SeqMeanTokenMean,
-        LossAgg::SeqMeanTokenSumNorm,
-    ] {
+    for agg in LossAgg::ALL {
         let cfg = GrpoLossCfg {
             clip_low: 0.2,
             clip_high: 0.2,

@@ -13,10 +13,16 @@
 //!   leading elements its shape arguments describe.
 //! - Parameter gradients (`Self::F`) are always *accumulated* (`+=`) so that micro-batches add
 //!   up; activation gradients are overwritten unless the op says `accumulate`.
-//! - Ops return `Result` so that launch failures surface as values, never panics.
+//! - Ops return `Result` so that launch failures surface as values, never panics. Both
+//!   backends check every op's arguments against the one shape contract in [`check`] before any
+//!   work, so they reject the same calls with the same `Error::Arg` (op, argument, expected,
+//!   got); what only the data shows (an id out of range, a NaN logit) the CPU backend checks on
+//!   the host and the CUDA kernels on the device, reported at the next synchronisation.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod loss;
 pub mod select;
 
 use crate::Result;
@@ -35,6 +41,119 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
         }
+    }
+}
+
+/// Sizes of one GEMM: y[m, n] = x[m, k] · w[n, k]ᵀ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmDims {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Attention heads: `n_heads` query heads sharing `n_kv` key/value heads (query head h reads kv
+/// head h / (n_heads / n_kv)), each `head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+}
+
+/// Packed sequences: sequence b owns token rows `cu_host[b]..cu_host[b+1]`. `cu_seqlens` is the
+/// backend's copy of the same n_seq + 1 offsets (the device reads it), `cu_host` the host copy
+/// (checks and launch shapes); `max_len` bounds every sequence's length. The token count is the
+/// last offset ([`Packed::n_tok`]), so it cannot disagree with the offsets.
+#[derive(Debug)]
+pub struct Packed<'a, I> {
+    pub cu_seqlens: &'a I,
+    pub cu_host: &'a [u32],
+    pub max_len: usize,
+}
+
+impl<I> Clone for Packed<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Packed<'_, I> {}
+
+/// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
+/// cached positions (the new token's key and value already stored).
+#[derive(Debug)]
+pub struct Cached<'a, I> {
+    pub lens: &'a I,
+    pub n_seq: usize,
+    pub max_len: usize,
+}
+
+impl<I> Clone for Cached<'_, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I> Copy for Cached<'_, I> {}
+
+/// The gradients [`Backend::linear_bwd`] writes: `dx` (overwritten, or accumulated when
+/// `accumulate_dx`), `dw` and `dbias` (accumulated); `None` skips one.
+#[derive(Debug)]
+pub struct LinearGrads<'a, T, F> {
+    pub dx: Option<&'a mut T>,
+    pub accumulate_dx: bool,
+    pub dw: Option<&'a mut F>,
+    pub dbias: Option<&'a mut F>,
+}
+
+impl<'a, T, F> LinearGrads<'a, T, F> {
+    /// `dx` overwritten, `dw` accumulated, no bias gradient.
+    pub fn new(dx: &'a mut T, dw: &'a mut F) -> Self {
+        LinearGrads {
+            dx: Some(dx),
+            accumulate_dx: false,
+            dw: Some(dw),
+            dbias: None,
+        }
+    }
+    /// `dx` accumulated (`+=`) instead of overwritten.
+    pub fn accumulate(self) -> Self {
+        LinearGrads {
+            accumulate_dx: true,
+            ..self
+        }
+    }
+    /// With the bias gradient `dbias` (accumulated).
+    pub fn bias(self, dbias: &'a mut F) -> Self {
+        LinearGrads {
+            dbias: Some(dbias),
+            ..self
+        }
+    }
+}
+
+/// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
+#[derive(Debug)]
+pub struct GrpoTokens<'a, F, I> {
+    pub logp: &'a F,
+    pub old_logp: &'a F,
+    pub ref_logp: &'a F,
+    pub adv: &'a F,
+    /// Token weights (0 excludes a token; usually 0/1).
+    pub mask: &'a F,
+    /// 0-based sequence index of every token, below `n_seq`.
+    pub seq_id: &'a I,
+    pub n_tok: usize,
+    pub n_seq: usize,
+}
+
+impl<I> Packed<'_, I> {
+    /// Number of tokens: the last offset (0 without offsets).
+    pub fn n_tok(&self) -> usize {
+        self.cu_host.last().copied().unwrap_or(0) as usize
+    }
+    /// Number of sequences.
+    pub fn n_seq(&self) -> usize {
+        self.cu_host.len().saturating_sub(1)
     }
 }
 
@@ -66,6 +185,16 @@ pub enum LossAgg {
     SeqMeanTokenSumNorm,
 }
 
+impl LossAgg {
+    /// Every mode, so that a loop over the modes cannot forget one.
+    pub const ALL: [LossAgg; 4] = [
+        LossAgg::TokenMean,
+        LossAgg::SeqMeanTokenSum,
+        LossAgg::SeqMeanTokenMean,
+        LossAgg::SeqMeanTokenSumNorm,
+    ];
+}
+
 /// KL estimator between policy and reference (facts §3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,6 +207,11 @@ pub enum KlKind {
     K2,
     /// k3, verl's "low_var_kl": exp(ref - logp) - (ref - logp) - 1, clamped.
     K3,
+}
+
+impl KlKind {
+    /// Every estimator, so that a loop over them cannot forget one.
+    pub const ALL: [KlKind; 4] = [KlKind::K1, KlKind::Abs, KlKind::K2, KlKind::K3];
 }
 
 /// Scalar settings of the GRPO loss.
@@ -150,34 +284,25 @@ pub trait Backend {
 
     // ---------------------------------------------------------------- GEMM
     /// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
-    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
         x: &Self::T,
         w: &Self::T,
         bias: Option<&Self::T>,
         y: &mut Self::T,
-        m: usize,
-        n: usize,
-        k: usize,
+        d: GemmDims,
     ) -> Result<()>;
     /// Backward of [`Backend::linear`]:
     /// dx[m,k] (=, or += when `accumulate_dx`) dy[m,n] · w[n,k];
     /// dw[n,k] += dy[m,n]ᵀ · x[m,k]; dbias[n] += Σ_m dy[m,n].
     /// `dx = None` skips the input gradient, `dw = None` the weight gradient.
-    #[allow(clippy::too_many_arguments)]
     fn linear_bwd(
         &self,
         dy: &Self::T,
         x: &Self::T,
         w: &Self::T,
-        dx: Option<&mut Self::T>,
-        accumulate_dx: bool,
-        dw: Option<&mut Self::F>,
-        dbias: Option<&mut Self::F>,
-        m: usize,
-        n: usize,
-        k: usize,
+        grads: LinearGrads<'_, Self::T, Self::F>,
+        d: GemmDims,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- embedding
@@ -234,7 +359,7 @@ pub trait Backend {
     /// [n_tok, n_heads, head_dim], token t at position pos[t]:
     /// inv_freq_i = theta^(-2i/head_dim), angle = pos * inv_freq_i, for i < head_dim/2:
     /// (x_i, x_{i+h/2}) <- (x_i cos - x_{i+h/2} sin, x_{i+h/2} cos + x_i sin).
-    #[allow(clippy::too_many_arguments)]
+    /// head_dim must be even and positive, theta finite and positive.
     fn rope(
         &self,
         x: &mut Self::T,
@@ -245,7 +370,6 @@ pub trait Backend {
         theta: f32,
     ) -> Result<()>;
     /// Backward of [`Backend::rope`], in place on the gradient (the inverse rotation).
-    #[allow(clippy::too_many_arguments)]
     fn rope_bwd(
         &self,
         dx: &mut Self::T,
@@ -257,11 +381,10 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- attention
-    /// Causal GQA attention over packed sequences.
+    /// Causal GQA attention over the packed sequences `seqs` (n_tok = `seqs.n_tok()`).
     /// q: [n_tok, n_heads, head_dim]; k, v: [n_tok, n_kv, head_dim]; out like q;
     /// lse: [n_heads, n_tok] f32 logsumexp of the scaled scores (saved for the backward).
-    /// `cu_seqlens` (device) and `cu_host` (host copy) hold n_seq+1 offsets; `max_len` is the
-    /// longest sequence. Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
+    /// Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -270,12 +393,8 @@ pub trait Backend {
         v: &Self::T,
         out: &mut Self::T,
         lse: &mut Self::F,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
     /// Backward of [`Backend::attention`]: writes (overwrites) dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
@@ -290,12 +409,8 @@ pub trait Backend {
         dq: &mut Self::T,
         dk: &mut Self::T,
         dv: &mut Self::T,
-        cu_seqlens: &Self::I,
-        cu_host: &[u32],
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        seqs: &Packed<'_, Self::I>,
+        heads: Heads,
     ) -> Result<()>;
 
     /// Write new keys/values into the KV cache: row t of k/v ([n_tok, n_kv*head_dim]) goes to
@@ -313,22 +428,18 @@ pub trait Backend {
         kv_dim: usize,
     ) -> Result<()>;
     /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
-    /// positions of slot b (the new token's k/v already stored). q/out: [n_seq, n_heads*head_dim];
-    /// caches: [n_seq*max_len, n_kv*head_dim]. Every lens[b] must be in 1..=max_len (an error;
-    /// where `lens` lives on the device it is reported at the next synchronisation).
-    #[allow(clippy::too_many_arguments)]
+    /// positions of slot b (the new token's k/v already stored), `cached` = (lens, n_seq,
+    /// max_len). q/out: [n_seq, n_heads*head_dim]; caches: [n_seq*max_len, n_kv*head_dim].
+    /// Every lens[b] must be in 1..=max_len (an error; where `lens` lives on the device it is
+    /// reported at the next synchronisation).
     fn attention_decode(
         &self,
         q: &Self::T,
         k_cache: &Self::T,
         v_cache: &Self::T,
-        lens: &Self::I,
+        cached: &Cached<'_, Self::I>,
         out: &mut Self::T,
-        n_seq: usize,
-        max_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        head_dim: usize,
+        heads: Heads,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- MLP
@@ -385,7 +496,6 @@ pub trait Backend {
         inv_t: f32,
     ) -> Result<()>;
     /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:].
-    #[allow(clippy::too_many_arguments)]
     fn logits(
         &self,
         h: &Self::T,
@@ -422,18 +532,10 @@ pub trait Backend {
     /// pg = max(-A r, -A clip(r, 1-clip_low, 1+clip_high)); kl per `cfg.kl_kind`;
     /// token loss = pg + kl_coef * kl, aggregated per `cfg.agg` using `seq_id[t]` (0-based
     /// sequence index, n_seq sequences). Writes dlogp[t] = ∂loss/∂logp[t] (0 where masked out).
-    #[allow(clippy::too_many_arguments)]
     fn grpo_loss(
         &self,
-        logp: &Self::F,
-        old_logp: &Self::F,
-        ref_logp: &Self::F,
-        adv: &Self::F,
-        mask: &Self::F,
-        seq_id: &Self::I,
+        tokens: &GrpoTokens<'_, Self::F, Self::I>,
         dlogp: &mut Self::F,
-        n_tok: usize,
-        n_seq: usize,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut>;
     /// One AdamW step on n elements (decoupled weight decay, bias-corrected moments):

@@ -4,7 +4,7 @@
 //! residual add -> RMSNorm -> SwiGLU MLP -> residual add; then the final RMSNorm and the fused
 //! lm_head + log-softmax + gather.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed};
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
 
@@ -69,6 +69,17 @@ pub struct DeviceBatch<B: Backend> {
     pub cu_host: Vec<u32>,
     pub n_tok: usize,
     pub max_len: usize,
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    /// The batch's sequences as the attention ops take them.
+    pub fn seqs(&self) -> Packed<'_, B::I> {
+        Packed {
+            cu_seqlens: &self.cu_seqlens,
+            cu_host: &self.cu_host,
+            max_len: self.max_len,
+        }
+    }
 }
 
 /// A Qwen2 model whose parameters live on backend `B`, indexed by [`ParamLayout`].
@@ -146,6 +157,21 @@ struct Dims {
     theta: f32,
 }
 
+impl Dims {
+    /// The GEMM of a projection from `k` to `n` features over the pass's rows.
+    fn gemm(&self, n: usize, k: usize) -> GemmDims {
+        GemmDims { m: self.n, n, k }
+    }
+
+    fn heads(&self) -> Heads {
+        Heads {
+            n_heads: self.nh,
+            n_kv: self.nkv,
+            head_dim: self.hd,
+        }
+    }
+}
+
 impl<B: Backend> LayerActs<B> {
     fn new(b: &B, d: &Dims) -> Result<Self> {
         let n = d.n;
@@ -189,19 +215,16 @@ impl<B: Backend> LayerGrads<B> {
 /// the keys/values into the cache), or one new token per slot against the KV cache (decode).
 enum Attn<'a, B: Backend> {
     Packed {
-        cu: &'a B::I,
-        cu_host: &'a [u32],
-        max_len: usize,
+        seqs: Packed<'a, B::I>,
         /// (cache row of each token, this layer's k cache, v cache)
         store: Option<(&'a B::I, &'a mut B::T, &'a mut B::T)>,
     },
     Decode {
         dst: &'a B::I,
         /// Cached length per slot once the new token is stored.
-        lens: &'a B::I,
+        cached: Cached<'a, B::I>,
         k_cache: &'a mut B::T,
         v_cache: &'a mut B::T,
-        max_len: usize,
     },
 }
 
@@ -399,107 +422,39 @@ impl<B: Backend> Model<B> {
         out: &mut B::T,
     ) -> Result<()> {
         let p = self.layout.layers[l];
-        let n = d.n;
-        b.rmsnorm(
-            x,
-            self.p(p.input_norm),
-            &mut a.xn1,
-            &mut a.rstd1,
-            n,
-            d.h,
-            d.eps,
-        )?;
-        b.linear(
-            &a.xn1,
-            self.p(p.wq),
-            Some(self.p(p.bq)),
-            &mut a.q,
-            n,
-            d.qd,
-            d.h,
-        )?;
-        b.linear(
-            &a.xn1,
-            self.p(p.wk),
-            Some(self.p(p.bk)),
-            &mut a.k,
-            n,
-            d.kvd,
-            d.h,
-        )?;
-        b.linear(
-            &a.xn1,
-            self.p(p.wv),
-            Some(self.p(p.bv)),
-            &mut a.v,
-            n,
-            d.kvd,
-            d.h,
-        )?;
+        let w = |i: usize| self.p(i);
+        let (n, h, eps) = (d.n, d.h, d.eps);
+        b.rmsnorm(x, w(p.input_norm), &mut a.xn1, &mut a.rstd1, n, h, eps)?;
+        b.linear(&a.xn1, w(p.wq), Some(w(p.bq)), &mut a.q, d.gemm(d.qd, h))?;
+        b.linear(&a.xn1, w(p.wk), Some(w(p.bk)), &mut a.k, d.gemm(d.kvd, h))?;
+        b.linear(&a.xn1, w(p.wv), Some(w(p.bv)), &mut a.v, d.gemm(d.kvd, h))?;
         b.rope(&mut a.q, pos, n, d.nh, d.hd, d.theta)?;
         b.rope(&mut a.k, pos, n, d.nkv, d.hd, d.theta)?;
         match attn {
-            Attn::Packed {
-                cu,
-                cu_host,
-                max_len,
-                store,
-            } => {
+            Attn::Packed { seqs, store } => {
                 if let Some((dst, kc, vc)) = store {
                     b.kv_store(&a.k, &a.v, dst, kc, vc, n, d.kvd)?;
                 }
-                b.attention(
-                    &a.q,
-                    &a.k,
-                    &a.v,
-                    &mut a.attn,
-                    &mut a.lse,
-                    cu,
-                    cu_host,
-                    max_len,
-                    d.nh,
-                    d.nkv,
-                    d.hd,
-                )?;
+                b.attention(&a.q, &a.k, &a.v, &mut a.attn, &mut a.lse, &seqs, d.heads())?;
             }
             Attn::Decode {
                 dst,
-                lens,
+                cached,
                 k_cache,
                 v_cache,
-                max_len,
             } => {
                 b.kv_store(&a.k, &a.v, dst, k_cache, v_cache, n, d.kvd)?;
-                b.attention_decode(
-                    &a.q,
-                    k_cache,
-                    v_cache,
-                    lens,
-                    &mut a.attn,
-                    n,
-                    max_len,
-                    d.nh,
-                    d.nkv,
-                    d.hd,
-                )?;
+                b.attention_decode(&a.q, k_cache, v_cache, &cached, &mut a.attn, d.heads())?;
             }
         }
-        b.linear(&a.attn, self.p(p.wo), None, &mut a.h1, n, d.h, d.qd)?;
-        b.add_inplace(&mut a.h1, x, n * d.h)?;
-        b.rmsnorm(
-            &a.h1,
-            self.p(p.post_norm),
-            &mut a.xn2,
-            &mut a.rstd2,
-            n,
-            d.h,
-            d.eps,
-        )?;
-        b.linear(&a.xn2, self.p(p.w_gate), None, &mut a.gate, n, d.inter, d.h)?;
-        b.linear(&a.xn2, self.p(p.w_up), None, &mut a.up, n, d.inter, d.h)?;
+        b.linear(&a.attn, w(p.wo), None, &mut a.h1, d.gemm(h, d.qd))?;
+        b.add_inplace(&mut a.h1, x, n * h)?;
+        b.rmsnorm(&a.h1, w(p.post_norm), &mut a.xn2, &mut a.rstd2, n, h, eps)?;
+        b.linear(&a.xn2, w(p.w_gate), None, &mut a.gate, d.gemm(d.inter, h))?;
+        b.linear(&a.xn2, w(p.w_up), None, &mut a.up, d.gemm(d.inter, h))?;
         b.swiglu(&a.gate, &a.up, &mut a.act, n * d.inter)?;
-        b.linear(&a.act, self.p(p.w_down), None, out, n, d.h, d.inter)?;
-        b.add_inplace(out, &a.h1, n * d.h)?;
+        b.linear(&a.act, w(p.w_down), None, out, d.gemm(h, d.inter))?;
+        b.add_inplace(out, &a.h1, n * h)?;
         Ok(())
     }
 
@@ -520,141 +475,56 @@ impl<B: Backend> Model<B> {
         grads: &mut [B::F],
     ) -> Result<()> {
         let p = self.layout.layers[l];
-        let n = d.n;
+        let w = |i: usize| self.p(i);
+        let (n, h) = (d.n, d.h);
         // MLP: out = h1 + down(silu(gate(xn2)) * up(xn2))
-        b.linear_bwd(
-            dout,
-            &a.act,
-            self.p(p.w_down),
-            Some(&mut g.dact),
-            false,
-            Some(&mut grads[p.w_down]),
-            None,
-            n,
-            d.h,
-            d.inter,
-        )?;
-        b.swiglu_bwd(
-            &g.dact,
-            &a.gate,
-            &a.up,
-            &mut g.dgate,
-            &mut g.dup,
-            n * d.inter,
-        )?;
-        b.linear_bwd(
-            &g.dgate,
-            &a.xn2,
-            self.p(p.w_gate),
-            Some(&mut g.dxn2),
-            false,
-            Some(&mut grads[p.w_gate]),
-            None,
-            n,
-            d.inter,
-            d.h,
-        )?;
-        b.linear_bwd(
-            &g.dup,
-            &a.xn2,
-            self.p(p.w_up),
-            Some(&mut g.dxn2),
-            true,
-            Some(&mut grads[p.w_up]),
-            None,
-            n,
-            d.inter,
-            d.h,
-        )?;
-        b.copy(dout, &mut g.dh1, n * d.h)?;
-        b.rmsnorm_bwd(
-            &g.dxn2,
-            &a.h1,
-            self.p(p.post_norm),
-            &a.rstd2,
-            &mut g.dh1,
-            Some(&mut grads[p.post_norm]),
-            n,
-            d.h,
-        )?;
+        let down = LinearGrads::new(&mut g.dact, &mut grads[p.w_down]);
+        b.linear_bwd(dout, &a.act, w(p.w_down), down, d.gemm(h, d.inter))?;
+        let (dgate, dup) = (&mut g.dgate, &mut g.dup);
+        b.swiglu_bwd(&g.dact, &a.gate, &a.up, dgate, dup, n * d.inter)?;
+        let gate = LinearGrads::new(&mut g.dxn2, &mut grads[p.w_gate]);
+        b.linear_bwd(&g.dgate, &a.xn2, w(p.w_gate), gate, d.gemm(d.inter, h))?;
+        let up = LinearGrads::new(&mut g.dxn2, &mut grads[p.w_up]).accumulate();
+        b.linear_bwd(&g.dup, &a.xn2, w(p.w_up), up, d.gemm(d.inter, h))?;
+        b.copy(dout, &mut g.dh1, n * h)?;
+        let (dh1, dw) = (&mut g.dh1, Some(&mut grads[p.post_norm]));
+        b.rmsnorm_bwd(&g.dxn2, &a.h1, w(p.post_norm), &a.rstd2, dh1, dw, n, h)?;
         // Attention: h1 = x + o_proj(attn(rope(q), rope(k), v))
-        b.linear_bwd(
-            &g.dh1,
-            &a.attn,
-            self.p(p.wo),
-            Some(&mut g.dattn),
-            false,
-            Some(&mut grads[p.wo]),
-            None,
-            n,
-            d.h,
-            d.qd,
-        )?;
+        let o = LinearGrads::new(&mut g.dattn, &mut grads[p.wo]);
+        b.linear_bwd(&g.dh1, &a.attn, w(p.wo), o, d.gemm(h, d.qd))?;
+        let (dq, dk, dv) = (&mut g.dq, &mut g.dk, &mut g.dv);
+        let (seqs, heads) = (batch.seqs(), d.heads());
         b.attention_bwd(
-            &g.dattn,
-            &a.q,
-            &a.k,
-            &a.v,
-            &a.attn,
-            &a.lse,
-            &mut g.dq,
-            &mut g.dk,
-            &mut g.dv,
-            &batch.cu_seqlens,
-            &batch.cu_host,
-            batch.max_len,
-            d.nh,
-            d.nkv,
-            d.hd,
+            &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, heads,
         )?;
         b.rope_bwd(&mut g.dq, &batch.positions, n, d.nh, d.hd, d.theta)?;
         b.rope_bwd(&mut g.dk, &batch.positions, n, d.nkv, d.hd, d.theta)?;
-        for (dy, w, bias, rows, first) in [
+        for (dy, wi, bi, rows, first) in [
             (&g.dq, p.wq, p.bq, d.qd, true),
             (&g.dk, p.wk, p.bk, d.kvd, false),
             (&g.dv, p.wv, p.bv, d.kvd, false),
         ] {
-            let (gw, gb) = two_mut(grads, w, bias);
-            b.linear_bwd(
-                dy,
-                &a.xn1,
-                self.p(w),
-                Some(&mut g.dxn1),
-                !first,
-                Some(gw),
-                Some(gb),
-                n,
-                rows,
-                d.h,
-            )?;
+            let (gw, gb) = two_mut(grads, wi, bi);
+            let mut qkv = LinearGrads::new(&mut g.dxn1, gw).bias(gb);
+            qkv.accumulate_dx = !first;
+            b.linear_bwd(dy, &a.xn1, w(wi), qkv, d.gemm(rows, h))?;
         }
-        b.copy(&g.dh1, dx, n * d.h)?;
-        b.rmsnorm_bwd(
-            &g.dxn1,
-            x,
-            self.p(p.input_norm),
-            &a.rstd1,
-            dx,
-            Some(&mut grads[p.input_norm]),
-            n,
-            d.h,
-        )?;
+        b.copy(&g.dh1, dx, n * h)?;
+        let dw = Some(&mut grads[p.input_norm]);
+        b.rmsnorm_bwd(&g.dxn1, x, w(p.input_norm), &a.rstd1, dx, dw, n, h)?;
         Ok(())
     }
 
     /// Residual stream after the last layer for a packed batch, without saving activations
     /// (one scratch set reused per layer). With `cache`, every layer's keys/values are also
     /// written to cache rows `dst`.
-    #[allow(clippy::too_many_arguments)]
     fn hidden_packed(
         &self,
         b: &B,
         d: &Dims,
         tokens: &B::I,
         pos: &B::I,
-        cu: &B::I,
-        cu_host: &[u32],
-        max_len: usize,
+        seqs: Packed<'_, B::I>,
         mut cache: Option<(&B::I, &mut KvCache<B>)>,
     ) -> Result<B::T> {
         let mut x = b.zeros(d.n * d.h)?;
@@ -666,12 +536,7 @@ impl<B: Backend> Model<B> {
                 Some((dst, c)) => Some((*dst, &mut c.k[l], &mut c.v[l])),
                 None => None,
             };
-            let attn = Attn::Packed {
-                cu,
-                cu_host,
-                max_len,
-                store,
-            };
+            let attn = Attn::Packed { seqs, store };
             self.layer_forward(b, l, d, &x, pos, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);
         }
@@ -715,16 +580,7 @@ impl<B: Backend> Model<B> {
         inv_t: f32,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let d = self.dims(batch.n_tok)?;
-        let x = self.hidden_packed(
-            b,
-            &d,
-            &batch.tokens,
-            &batch.positions,
-            &batch.cu_seqlens,
-            &batch.cu_host,
-            batch.max_len,
-            None,
-        )?;
+        let x = self.hidden_packed(b, &d, &batch.tokens, &batch.positions, batch.seqs(), None)?;
         let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
         let mut logp = b.zeros_f32(d.n)?;
         let mut lse = b.zeros_f32(d.n)?;
@@ -755,16 +611,7 @@ impl<B: Backend> Model<B> {
     /// Full f32 logits [n_tok, vocab] of a teacher-forced pass (tests, small vocabularies).
     pub fn forward_logits(&self, b: &B, batch: &DeviceBatch<B>) -> Result<Vec<f32>> {
         let d = self.dims(batch.n_tok)?;
-        let x = self.hidden_packed(
-            b,
-            &d,
-            &batch.tokens,
-            &batch.positions,
-            &batch.cu_seqlens,
-            &batch.cu_host,
-            batch.max_len,
-            None,
-        )?;
+        let x = self.hidden_packed(b, &d, &batch.tokens, &batch.positions, batch.seqs(), None)?;
         let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
         let mut out = b.zeros_f32(d.n * d.vocab)?;
         b.logits(
@@ -821,9 +668,7 @@ impl<B: Backend> Model<B> {
                 None => fresh.insert(LayerActs::new(b, &d)?),
             };
             let attn = Attn::Packed {
-                cu: &batch.cu_seqlens,
-                cu_host: &batch.cu_host,
-                max_len: batch.max_len,
+                seqs: batch.seqs(),
                 store: None,
             };
             self.layer_forward(b, l, &d, &inputs[l], &batch.positions, attn, a, &mut out)?;
@@ -927,9 +772,7 @@ impl<B: Backend> Model<B> {
             let a = match scratch.as_mut() {
                 Some((a, out)) => {
                     let attn = Attn::Packed {
-                        cu: &batch.cu_seqlens,
-                        cu_host: &batch.cu_host,
-                        max_len: batch.max_len,
+                        seqs: batch.seqs(),
                         store: None,
                     };
                     self.layer_forward(b, l, &d, &tape.inputs[l], &batch.positions, attn, a, out)?;
@@ -1038,16 +881,12 @@ impl<B: Backend> Model<B> {
         let pos_d = b.upload_u32(&positions)?;
         let cu_d = b.upload_u32(&cu_host)?;
         let dst_d = b.upload_u32(&dst)?;
-        let x = self.hidden_packed(
-            b,
-            &d,
-            &tok_d,
-            &pos_d,
-            &cu_d,
-            &cu_host,
+        let seqs = Packed {
+            cu_seqlens: &cu_d,
+            cu_host: &cu_host,
             max_len,
-            Some((&dst_d, cache)),
-        )?;
+        };
+        let x = self.hidden_packed(b, &d, &tok_d, &pos_d, seqs, Some((&dst_d, cache)))?;
         // Gather each prompt's last row (the embedding op is a row gather).
         let np = prompts.len();
         let mut xl = b.zeros(np * d.h)?;
@@ -1097,10 +936,13 @@ impl<B: Backend> Model<B> {
         for l in 0..self.layout.layers.len() {
             let attn = Attn::Decode {
                 dst: &dst_d,
-                lens: &lens_d,
+                cached: Cached {
+                    lens: &lens_d,
+                    n_seq: n,
+                    max_len: cache.max_len,
+                },
                 k_cache: &mut cache.k[l],
                 v_cache: &mut cache.v[l],
-                max_len: cache.max_len,
             };
             self.layer_forward(b, l, &d, &x, &pos_d, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);

@@ -1,7 +1,8 @@
 //! The GRPO update (facts §3): group-normalised advantages, old and reference logprobs, and
 //! mini-batch updates through micro-batches packed by a token budget with gradient accumulation.
 
-use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut};
+use crate::backend::loss::micro_batch_scale;
+use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
 use crate::model::{Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
@@ -191,7 +192,6 @@ pub fn accumulate_minibatch<B: Backend>(
     inv_t: f32,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
-    use crate::backend::LossAgg;
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();
     let total_seqs = seqs.len();
@@ -200,14 +200,7 @@ pub fn accumulate_minibatch<B: Backend>(
         let mb = MicroBatch::new(&seqs[r.clone()])?;
         let n_tok = mb.packed.n_tok();
         let resp: usize = seqs[r.clone()].iter().map(|s| s.n_response()).sum();
-        let div = match loss_cfg.agg {
-            LossAgg::TokenMean => total_resp as f32 / resp as f32,
-            LossAgg::SeqMeanTokenSum | LossAgg::SeqMeanTokenMean => {
-                total_seqs as f32 / mb.n_seq as f32
-            }
-            // A plain sum over sequences (divided by the constant horizon): parts add up.
-            LossAgg::SeqMeanTokenSumNorm => 1.0,
-        };
+        let div = micro_batch_scale(loss_cfg.agg, total_resp, resp, total_seqs, mb.n_seq);
         let cfg = GrpoLossCfg {
             loss_scale_div: loss_cfg.loss_scale_div * div,
             ..*loss_cfg
@@ -228,9 +221,17 @@ pub fn accumulate_minibatch<B: Backend>(
         let d_mask = b.upload_f32(&mb.mask)?;
         let d_seq = b.upload_u32(&mb.seq_id)?;
         let mut dlogp = b.zeros_f32(n_tok)?;
-        let out: GrpoLossOut = b.grpo_loss(
-            &tape.logp, &d_old, &d_ref, &d_adv, &d_mask, &d_seq, &mut dlogp, n_tok, mb.n_seq, &cfg,
-        )?;
+        let tokens = GrpoTokens {
+            logp: &tape.logp,
+            old_logp: &d_old,
+            ref_logp: &d_ref,
+            adv: &d_adv,
+            mask: &d_mask,
+            seq_id: &d_seq,
+            n_tok,
+            n_seq: mb.n_seq,
+        };
+        let out: GrpoLossOut = b.grpo_loss(&tokens, &mut dlogp, &cfg)?;
         let mut ent_sum = 0.0f64;
         if let Some(e) = &tape.entropy {
             let ent = b.download_f32(e, n_tok)?;

@@ -18,6 +18,8 @@
 
 #![allow(dead_code)]
 
+pub mod contract;
+
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
 use tooln1::{tooln1_skip, Error};

@@ -2,8 +2,8 @@
 //! it in f32 and the tests run exactly the same code in f64 (finite differences).
 //!
 //! These functions assume their arguments were validated (lengths checked against the shape
-//! arguments, indices in range): the [`super::Cpu`] backend does that and returns
-//! `Error::Invalid` otherwise. Called directly with inconsistent shapes they panic.
+//! arguments, indices in range): the [`super::Cpu`] backend does that ([`crate::backend::check`])
+//! and returns `Error::Arg` otherwise. Called directly with inconsistent shapes they panic.
 //! Layouts are those of [`crate::backend::Backend`].
 
 // Index loops are kept where they mirror the formulas they implement.
@@ -12,7 +12,8 @@
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
-use crate::backend::{GrpoLossCfg, KlKind, LossAgg};
+use crate::backend::loss::Aggregation;
+use crate::backend::{GrpoLossCfg, KlKind};
 
 /// The float operations the CPU math needs (implemented for f32 and f64).
 pub trait Real:
@@ -823,17 +824,13 @@ pub fn kl_term<R: Real>(kind: KlKind, logp: R, ref_logp: R) -> (R, R) {
     }
 }
 
-/// GRPO clipped surrogate + KL, aggregated per `cfg.agg`; writes dlogp. `mask[t]` weights
-/// token t (0 = excluded; verl's masked sums multiply by the mask, so 0/1 masks are the usual
-/// case). Aggregations, with `L_t = pg_t + kl_coef·kl_t` and `m_t = mask[t]`:
-/// - token-mean: Σ m_t L_t / Σ m_t;
-/// - seq-mean-token-sum: Σ_s (Σ_{t∈s} m_t L_t) / n_seq;
-/// - seq-mean-token-mean: mean over sequences with Σ m > 0 of Σ m_t L_t / Σ m_t;
-/// - seq-mean-token-sum-norm (verl's Dr.GRPO): Σ_s Σ_{t∈s} m_t L_t / norm_len.
+/// GRPO clipped surrogate + KL, aggregated per `cfg.agg` ([`crate::backend::loss`]); writes
+/// dlogp. `mask[t]` weights token t (0 = excluded; verl's masked sums multiply by the mask, so
+/// 0/1 masks are the usual case). With `L_t = pg_t + kl_coef·kl_t`, the loss is
+/// Σ_t w_t L_t / `loss_scale_div`, w_t the token's weight in the aggregation.
 ///
-/// The loss (and gradient) is then divided by `loss_scale_div`. Stats: `pg_loss` is the same
-/// aggregation of pg alone (not divided); `kl`, `clip_frac` and `ratio_mean` are masked token
-/// means; `n_tokens` = Σ m_t.
+/// Stats: `pg_loss` is the same aggregation of pg alone (not divided); `kl`, `clip_frac` and
+/// `ratio_mean` are masked token means; `n_tokens` = Σ m_t.
 #[allow(clippy::too_many_arguments)]
 pub fn grpo_loss<R: Real>(
     logp: &[R],
@@ -851,35 +848,20 @@ pub fn grpo_loss<R: Real>(
     let hi = R::one() + R::from_f64(cfg.clip_high as f64);
     let kl_coef = R::from_f64(cfg.kl_coef as f64);
     let lim = R::from_f64(20.0);
-    // Per-token weight of L_t in the aggregate.
     let mut seq_cnt = vec![R::zero(); n_seq];
     let mut total = R::zero();
     for t in 0..n_tok {
         seq_cnt[seq_id[t] as usize] += mask[t];
         total += mask[t];
     }
-    let nonempty = seq_cnt.iter().filter(|&&c| c != R::zero()).count();
-    let weight = |t: usize| -> R {
-        let m = mask[t];
-        if m == R::zero() {
-            return R::zero();
-        }
-        match cfg.agg {
-            LossAgg::TokenMean => m / total,
-            LossAgg::SeqMeanTokenSum => m / R::from_usize(n_seq),
-            LossAgg::SeqMeanTokenMean => {
-                m / (seq_cnt[seq_id[t] as usize] * R::from_usize(nonempty))
-            }
-            LossAgg::SeqMeanTokenSumNorm => m / R::from_f64(cfg.norm_len as f64),
-        }
-    };
-    let div = R::from_f64(cfg.loss_scale_div as f64);
+    let agg = Aggregation::new(cfg, seq_cnt, total);
+    let div = agg.div();
     let mut st = GrpoStats {
         n_tokens: total,
         ..Default::default()
     };
     for t in 0..n_tok {
-        let w = weight(t);
+        let w = agg.token_weight(seq_id[t] as usize, mask[t]);
         if w == R::zero() {
             dlogp[t] = R::zero();
             continue;
@@ -911,11 +893,9 @@ pub fn grpo_loss<R: Real>(
         dlogp[t] = w * (dpg + kl_coef * dkl) / div;
     }
     st.loss /= div;
-    if total != R::zero() {
-        st.kl /= total;
-        st.clip_frac /= total;
-        st.ratio_mean /= total;
-    }
+    st.kl = agg.token_mean(st.kl);
+    st.clip_frac = agg.token_mean(st.clip_frac);
+    st.ratio_mean = agg.token_mean(st.ratio_mean);
     st
 }
 

@@ -5,7 +5,7 @@
 //! Everything here talks to the driver API through cudarc's raw `result`/`sys` layers, so the
 //! backend controls every allocation (the caching pool) and every launch (one stream).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::{c_void, CString};
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,9 @@ pub(crate) mod gen {
 pub const KERNEL_KIND: &str = gen::KIND;
 /// The ptxas resource report of this build (empty when the build had no nvcc).
 pub const PTXAS_REPORT: &str = gen::PTXAS_REPORT;
+/// Whether this build's kernels were compiled by the pinned nvcc of tools/setup-cuda.sh (the
+/// toolchain docs/ptxas-report.md comes from).
+pub const NVCC_PINNED: bool = gen::NVCC_PINNED;
 
 /// Device-side error bits (kernels/common.cuh).
 pub(crate) const ERR_EMBED_ID: u32 = 1;
@@ -30,6 +33,8 @@ pub(crate) const ERR_TARGET_ID: u32 = 2;
 pub(crate) const ERR_KV_ROW: u32 = 4;
 pub(crate) const ERR_DECODE_LEN: u32 = 8;
 pub(crate) const ERR_SAMPLE_LOGIT: u32 = 16;
+pub(crate) const ERR_GRPO_SEQ: u32 = 32;
+pub(crate) const ERR_GRPO_MASK: u32 = 64;
 
 pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
@@ -244,6 +249,28 @@ impl<E: Elem> CudaBuf<E> {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
+    /// Element `i` onwards as a kernel input.
+    pub fn view(&self, i: usize) -> In<'_, E> {
+        debug_assert!(i <= self.len.max(1), "view at {i} of {} elements", self.len);
+        In {
+            addr: self.at(i),
+            _buf: PhantomData,
+        }
+    }
+    /// Element `i` onwards as a kernel output.
+    pub fn view_mut(&mut self, i: usize) -> Out<'_, E> {
+        debug_assert!(i <= self.len.max(1), "view at {i} of {} elements", self.len);
+        Out {
+            addr: self.at(i),
+            _buf: PhantomData,
+        }
+    }
+}
+
+impl<E: Elem> crate::backend::check::Buf for CudaBuf<E> {
+    fn len(&self) -> usize {
+        self.len
+    }
 }
 
 impl<E: Elem> std::fmt::Debug for CudaBuf<E> {
@@ -264,58 +291,80 @@ impl<E: Elem> Drop for CudaBuf<E> {
     }
 }
 
-/// The kind of one kernel parameter, as declared in its `extern "C" __global__` signature.
+/// A device pointer to `const E` as a kernel parameter: the buffer (or the element of it) a
+/// kernel reads. Built from `&CudaBuf<E>`, or with [`CudaBuf::view`] at an offset.
+#[derive(Clone, Copy)]
+pub struct In<'a, E: Elem> {
+    addr: u64,
+    _buf: PhantomData<&'a CudaBuf<E>>,
+}
+
+/// A device pointer to `E` as a kernel parameter: the buffer (or the element of it) a kernel
+/// writes. Built from `&mut CudaBuf<E>`, with [`CudaBuf::view_mut`] at an offset, or
+/// [`Out::null`] where the kernel takes a null pointer for "no output".
+pub struct Out<'a, E: Elem> {
+    addr: u64,
+    _buf: PhantomData<&'a mut CudaBuf<E>>,
+}
+
+impl<E: Elem> In<'_, E> {
+    pub(crate) fn addr(self) -> u64 {
+        self.addr
+    }
+}
+
+impl<'a, E: Elem> Out<'a, E> {
+    /// The null pointer (an optional output the kernel skips).
+    pub(crate) fn null() -> Out<'a, E> {
+        Out {
+            addr: 0,
+            _buf: PhantomData,
+        }
+    }
+    pub(crate) fn addr(self) -> u64 {
+        self.addr
+    }
+}
+
+impl<'a, E: Elem> From<&'a CudaBuf<E>> for In<'a, E> {
+    fn from(b: &'a CudaBuf<E>) -> Self {
+        b.view(0)
+    }
+}
+
+impl<'a, E: Elem> From<&'a mut CudaBuf<E>> for Out<'a, E> {
+    fn from(b: &'a mut CudaBuf<E>) -> Self {
+        b.view_mut(0)
+    }
+}
+
+impl<'a, E: Elem> From<Option<&'a mut CudaBuf<E>>> for Out<'a, E> {
+    fn from(b: Option<&'a mut CudaBuf<E>>) -> Self {
+        b.map_or_else(Out::null, |b| b.view_mut(0))
+    }
+}
+
+/// Grid, block and dynamic shared memory of one kernel launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ArgKind {
-    Ptr,
-    I32,
-    U32,
-    F32,
-    I64,
-    U64,
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub smem: u32,
 }
 
-/// Kernel arguments, each in an 8-byte slot (the driver reads each parameter's real size), with
-/// their kinds, which every launch checks against the kernel's signature.
-#[derive(Default)]
-pub struct Args(Vec<u64>, Vec<ArgKind>);
-
-impl Args {
-    pub fn new() -> Self {
-        Args(Vec::with_capacity(16), Vec::with_capacity(16))
-    }
-    fn push(mut self, v: u64, k: ArgKind) -> Self {
-        self.0.push(v);
-        self.1.push(k);
-        self
-    }
-    pub fn p(self, ptr: u64) -> Self {
-        self.push(ptr, ArgKind::Ptr)
-    }
-    pub fn i(self, v: i32) -> Self {
-        self.push(v as u32 as u64, ArgKind::I32)
-    }
-    pub fn u(self, v: u32) -> Self {
-        self.push(v as u64, ArgKind::U32)
-    }
-    pub fn f(self, v: f32) -> Self {
-        self.push(v.to_bits() as u64, ArgKind::F32)
-    }
-    pub fn l(self, v: i64) -> Self {
-        self.push(v as u64, ArgKind::I64)
-    }
-    pub fn q(self, v: u64) -> Self {
-        self.push(v, ArgKind::U64)
+impl Launch {
+    /// `grid` blocks of `threads` threads, no dynamic shared memory.
+    pub fn new(grid: (u32, u32, u32), threads: u32) -> Launch {
+        Launch {
+            grid,
+            block: (threads, 1, 1),
+            smem: 0,
+        }
     }
 }
 
-/// The declared parameter kinds of `module::name`, from the kernel sources (build.rs).
-pub(crate) fn signature(module: &str, name: &str) -> Option<&'static [ArgKind]> {
-    gen::SIGNATURES
-        .iter()
-        .find(|(m, n, _)| *m == module && *n == name)
-        .map(|(_, _, k)| *k)
-}
+/// The most parameters a kernel may have (build.rs refuses more).
+const MAX_KERNEL_PARAMS: usize = 24;
 
 /// A CUDA event pair for timing work on the backend's stream.
 pub struct Timer {
@@ -347,16 +396,14 @@ impl Drop for Timer {
     }
 }
 
-/// A loaded kernel: its function handle and its declared parameter kinds.
-type KernelEntry = (usize, &'static [ArgKind]);
-
 /// Context, stream, modules, cuBLAS handle and allocator of one device.
 pub struct Gpu {
     pub(crate) ctx: sys::CUcontext,
     pub(crate) stream: sys::CUstream,
     pub(crate) blas: Mutex<cublas_sys::cublasHandle_t>,
-    modules: HashMap<String, sys::CUmodule>,
-    funcs: Mutex<HashMap<(String, String), KernelEntry>>,
+    modules: Vec<sys::CUmodule>,
+    /// The function handle of every kernel, by its index in `gen::KERNELS` (resolved at load).
+    funcs: Vec<sys::CUfunction>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) err_flag: CudaBuf<u32>,
     pub(crate) sync_each: bool,
@@ -364,8 +411,8 @@ pub struct Gpu {
     pub cc: (i32, i32),
 }
 
-// SAFETY: raw handles; kernel lookups and cuBLAS calls are behind mutexes, every op binds the
-// context to the calling thread before touching the driver.
+// SAFETY: raw handles, read-only after loading; cuBLAS calls are behind a mutex, every op binds
+// the context to the calling thread before touching the driver.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
@@ -485,11 +532,38 @@ impl Gpu {
         unsafe { cudarc::cublas::result::set_stream(handle, stream as _) }
             .map_err(|e| blas("cublasSetStream", e))?;
 
-        let mut modules = HashMap::new();
+        let mut gpu_modules = Vec::with_capacity(gen::MODULES.len());
         for (name, image) in gen::MODULES {
-            let m = load_module(name, image, cc)?;
-            modules.insert(name.to_string(), m);
+            gpu_modules.push((*name, load_module(name, image, cc)?));
         }
+        let funcs = gen::KERNELS
+            .iter()
+            .map(|(module, name)| {
+                let m = gpu_modules
+                    .iter()
+                    .find(|(n, _)| n == module)
+                    .map(|(_, m)| *m)
+                    .ok_or_else(|| {
+                        Error::Cuda(format!(
+                            "kernel module `{module}` is not embedded (kernels/{module}.cu)"
+                        ))
+                    })?;
+                let cname = CString::new(*name)
+                    .map_err(|_| Error::Cuda(format!("kernel name {name:?}")))?;
+                unsafe { dr::module::get_function(m, cname) }
+                    .map_err(|e| drv(&format!("kernel `{name}` in kernels/{module}.cu"), e))
+            })
+            .collect::<Result<Vec<_>>>();
+        let modules: Vec<sys::CUmodule> = gpu_modules.into_iter().map(|(_, m)| m).collect();
+        let funcs = match funcs {
+            Ok(f) => f,
+            Err(e) => {
+                for m in modules {
+                    let _ = unsafe { dr::module::unload(m) };
+                }
+                return Err(e);
+            }
+        };
         let (p, class) = pool.alloc_bytes(4)?;
         unsafe { dr::memset_d8_async(p, 0, 4, stream) }.map_err(|e| drv("cuMemsetD8Async", e))?;
         let err_flag = CudaBuf {
@@ -506,13 +580,21 @@ impl Gpu {
             stream,
             blas: Mutex::new(handle),
             modules,
-            funcs: Mutex::new(HashMap::new()),
+            funcs,
             pool,
             err_flag,
             sync_each,
             name,
             cc,
         })
+    }
+
+    /// The device-side error flag word as a kernel output (kernels/common.cuh `ERR_*` bits).
+    pub(crate) fn err(&self) -> Out<'_, u32> {
+        Out {
+            addr: self.err_flag.ptr,
+            _buf: PhantomData,
+        }
     }
 
     /// Makes this device's context current on the calling thread.
@@ -606,72 +688,50 @@ impl Gpu {
                      temperature > 0",
                 );
             }
+            if flag[0] & ERR_GRPO_SEQ != 0 {
+                what.push("grpo_loss: an entry of `seq_id` is not below n_seq");
+            }
+            if flag[0] & ERR_GRPO_MASK != 0 {
+                what.push("grpo_loss: an entry of `mask` is not a finite weight >= 0");
+            }
             return Err(Error::Invalid(what.join("; ")));
         }
         Ok(())
     }
 
-    fn function(&self, module: &str, name: &str) -> Result<(sys::CUfunction, &'static [ArgKind])> {
-        let mut f = self
-            .funcs
-            .lock()
-            .map_err(|_| Error::msg("kernel table lock poisoned"))?;
-        if let Some((p, sig)) = f.get(&(module.to_string(), name.to_string())) {
-            return Ok((*p as sys::CUfunction, sig));
-        }
-        let sig = signature(module, name).ok_or_else(|| {
-            Error::Cuda(format!(
-                "kernel `{name}` is not declared in kernels/{module}.cu"
-            ))
-        })?;
-        let m = *self.modules.get(module).ok_or_else(|| {
-            Error::Cuda(format!(
-                "kernel module `{module}` is not embedded (kernels/{module}.cu)"
-            ))
-        })?;
-        let cname =
-            CString::new(name).map_err(|_| Error::Invalid(format!("kernel name {name:?}")))?;
-        let func = unsafe { dr::module::get_function(m, cname) }
-            .map_err(|e| drv(&format!("kernel `{name}` in kernels/{module}.cu"), e))?;
-        f.insert((module.to_string(), name.to_string()), (func as usize, sig));
-        Ok((func, sig))
-    }
-
-    /// Launches `module::name` on the stream; checks the launch, and in debug builds (or with
-    /// TOOLN1_CUDA_SYNC=1) waits for it so that a fault is reported at the kernel that caused it.
-    pub fn launch(
-        &self,
-        module: &str,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: u32,
-        args: Args,
-    ) -> Result<()> {
+    /// Launches kernel `id` (its index in `gen::KERNELS`) with one 8-byte slot per parameter
+    /// (the driver reads each parameter's real size from the slot's start). Called only by the
+    /// typed launchers that build.rs generates from the kernel signatures. Checks the launch,
+    /// and in debug builds (or with TOOLN1_CUDA_SYNC=1) waits for it so that a fault is
+    /// reported at the kernel that caused it.
+    pub(crate) fn launch_kernel(&self, id: usize, cfg: Launch, slots: &mut [u64]) -> Result<()> {
+        let Launch { grid, block, smem } = cfg;
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let name = gen::KERNELS[id].1;
         self.bind()?;
-        let (f, sig) = self.function(module, name)?;
-        if args.1 != sig {
-            return Err(Error::Cuda(format!(
-                "launch of `{name}` (kernels/{module}.cu): arguments {:?} do not match the kernel's parameters {sig:?}",
-                args.1
-            )));
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_KERNEL_PARAMS];
+        for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()) {
+            *p = s as *mut u64 as *mut c_void;
         }
-        let mut slots = args.0;
-        let mut ptrs: Vec<*mut c_void> = slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect();
-        unsafe { dr::launch_kernel(f, grid, block, smem, self.stream, &mut ptrs) }.map_err(
-            |e| {
-                drv(
-                    &format!("launch of `{name}` (grid {grid:?}, block {block:?})"),
-                    e,
-                )
-            },
-        )?;
+        let n = slots.len();
+        unsafe {
+            dr::launch_kernel(
+                self.funcs[id],
+                grid,
+                block,
+                smem,
+                self.stream,
+                &mut ptrs[..n],
+            )
+        }
+        .map_err(|e| {
+            drv(
+                &format!("launch of `{name}` (grid {grid:?}, block {block:?})"),
+                e,
+            )
+        })?;
         if self.sync_each {
             self.sync()
                 .map_err(|e| Error::Cuda(format!("after `{name}`: {e}")))?;
@@ -771,7 +831,7 @@ impl Drop for Gpu {
             if let Ok(h) = self.blas.lock() {
                 let _ = cudarc::cublas::result::destroy_handle(*h);
             }
-            for (_, m) in self.modules.drain() {
+            for m in self.modules.drain(..) {
                 let _ = dr::module::unload(m);
             }
             // The stream is destroyed by the pool, after the last buffer is gone.
@@ -843,4 +903,51 @@ fn compile_nvrtc(name: &str, src: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
         bytes.pop();
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel table (build.rs) lists exactly the entry points that a plain scan of
+    /// kernels/*.cu finds, the way tools/vgpu/gen_registry.py finds them: every kernel has its
+    /// typed launcher (and, by `deny(dead_code)` on the launchers, a caller).
+    #[test]
+    fn every_kernel_has_a_launcher() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_none_or(|x| x != "cu") {
+                continue;
+            }
+            let module = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let src = std::fs::read_to_string(&p).unwrap();
+            for (i, _) in src.match_indices("__global__") {
+                if !src[..i].trim_end().ends_with("extern \"C\"") {
+                    continue;
+                }
+                // the name is the identifier before the parameter list's `(` (after any
+                // `__launch_bounds__(...)`)
+                let rest = &src[i..];
+                let mut head = &rest[..rest.find('{').unwrap()];
+                if let Some(b) = head.find("__launch_bounds__") {
+                    let close = head[b..].find(')').unwrap();
+                    head = &head[b + close + 1..];
+                }
+                let name = head[..head.find('(').unwrap()]
+                    .split_whitespace()
+                    .last()
+                    .unwrap()
+                    .to_string();
+                found.push((module.clone(), name));
+            }
+        }
+        found.sort();
+        let mut table: Vec<(String, String)> = super::gen::KERNELS
+            .iter()
+            .map(|(m, n)| (m.to_string(), n.to_string()))
+            .collect();
+        table.sort();
+        assert_eq!(table, found);
+        assert!(found.len() >= 30, "only {} kernels found", found.len());
+    }
 }

@@ -1,9 +1,12 @@
-//! Device self-checks of the tensor-core building blocks in `kernels/common.cuh` (mma.sync
-//! m16n8k16 bf16 -> f32, ldmatrix, cp.async), through `kernels/mma_check.cu`: random tiles are
-//! multiplied on the device and compared with the same product on the host in f64.
+//! Launchers of kernels/mma_check.cu, the device self-check of the tensor-core building blocks
+//! in `kernels/common.cuh` (mma.sync m16n8k16 bf16 -> f32, ldmatrix, cp.async): random tiles are
+//! multiplied on the device (one warp per tile) and compared with the same product on the host
+//! in f64.
 
-use super::runtime::Args;
-use super::Cuda;
+use super::super::runtime::gen::launch::mma_check as k;
+use super::super::runtime::Bf16;
+use super::super::Cuda;
+use super::blocks;
 use crate::{Error, Result};
 
 /// Result of [`Cuda::tensor_core_selfcheck`]: the worst relative error per path.
@@ -43,9 +46,12 @@ impl Cuda {
             ));
         }
         let mut r = SplitMix(seed);
-        let bf = |x: f32| half::bf16::from_f32(x);
-        let a: Vec<half::bf16> = (0..tiles * 256).map(|_| bf(r.uni())).collect();
-        let b: Vec<half::bf16> = (0..tiles * 128).map(|_| bf(r.uni())).collect();
+        let a: Vec<half::bf16> = (0..tiles * 256)
+            .map(|_| half::bf16::from_f32(r.uni()))
+            .collect();
+        let b: Vec<half::bf16> = (0..tiles * 128)
+            .map(|_| half::bf16::from_f32(r.uni()))
+            .collect();
         let c: Vec<f32> = (0..tiles * 128).map(|_| r.uni()).collect();
         let mut want = vec![0f64; tiles * 128];
         for t in 0..tiles {
@@ -60,27 +66,20 @@ impl Cuda {
             }
         }
         let g = &self.gpu;
-        let da = g.htod::<super::Bf16, u16>(&a.iter().map(|x| x.to_bits()).collect::<Vec<_>>())?;
-        let db = g.htod::<super::Bf16, u16>(&b.iter().map(|x| x.to_bits()).collect::<Vec<_>>())?;
+        let da = g.htod::<Bf16, u16>(&a.iter().map(|x| x.to_bits()).collect::<Vec<_>>())?;
+        let db = g.htod::<Bf16, u16>(&b.iter().map(|x| x.to_bits()).collect::<Vec<_>>())?;
         let dc = g.htod::<f32, f32>(&c)?;
         let mut errs = [0f64; 2];
-        for (slot, kernel) in ["mma_check_direct", "mma_check_staged"].iter().enumerate() {
-            let dd = g.htod::<f32, f32>(&vec![f32::NAN; tiles * 128])?;
-            let n = i32::try_from(tiles)
-                .map_err(|_| Error::Invalid(format!("tensor_core_selfcheck: {tiles} tiles")))?;
-            g.launch(
-                "mma_check",
-                kernel,
-                (tiles as u32, 1, 1),
-                (32, 1, 1),
-                0,
-                Args::new()
-                    .p(da.ptr())
-                    .p(db.ptr())
-                    .p(dc.ptr())
-                    .p(dd.ptr())
-                    .i(n),
-            )?;
+        let n = i32::try_from(tiles)
+            .map_err(|_| Error::Invalid(format!("tensor_core_selfcheck: {tiles} tiles")))?;
+        for (slot, err) in errs.iter_mut().enumerate() {
+            let mut dd = g.htod::<f32, f32>(&vec![f32::NAN; tiles * 128])?;
+            let launch = blocks(tiles, 32);
+            if slot == 0 {
+                k::mma_check_direct(g, launch, &da, &db, &dc, &mut dd, n)?;
+            } else {
+                k::mma_check_staged(g, launch, &da, &db, &dc, &mut dd, n)?;
+            }
             let got: Vec<f32> = g.dtoh(dd.ptr(), tiles * 128)?;
             for t in 0..tiles {
                 let (mut num, mut den) = (0f64, 0f64);
@@ -93,7 +92,7 @@ impl Cuda {
                     };
                     den += y * y;
                 }
-                errs[slot] = errs[slot].max((num / den.max(1e-30)).sqrt());
+                *err = err.max((num / den.max(1e-30)).sqrt());
             }
         }
         Ok(TensorCoreCheck {

@@ -1,0 +1,59 @@
+//! Launchers of kernels/adamw.cu: the AdamW step (grid-stride blocks of 256) and the partial
+//! sums of squares of the global gradient norm (at most 1024 blocks of 256, summed on the host).
+
+use super::super::runtime::gen::launch::adamw as k;
+use super::super::runtime::{Bf16, CudaBuf, Out};
+use super::super::Cuda;
+use super::{blocks, ew};
+use crate::backend::{check, AdamWStep};
+use crate::Result;
+
+/// One AdamW step on n elements, through the f32 master copy when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw(
+    c: &Cuda,
+    param: &mut CudaBuf<Bf16>,
+    master: Option<&mut CudaBuf<f32>>,
+    grad: &CudaBuf<f32>,
+    m: &mut CudaBuf<f32>,
+    v: &mut CudaBuf<f32>,
+    n: usize,
+    hp: &AdamWStep,
+) -> Result<()> {
+    check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
+    let master: Out<'_, f32> = master.into();
+    let t = hp.step.min(i32::MAX as u64) as i32;
+    let bc1 = (1.0 - (hp.beta1 as f64).powi(t)) as f32;
+    let bc2 = (1.0 - (hp.beta2 as f64).powi(t)) as f32;
+    k::adamw_step(
+        &c.gpu,
+        ew(n),
+        param,
+        master,
+        grad,
+        m,
+        v,
+        n as i64,
+        hp.lr,
+        hp.beta1,
+        hp.beta2,
+        hp.eps,
+        hp.weight_decay,
+        hp.grad_scale,
+        bc1,
+        bc2,
+    )
+}
+
+/// Σ t[..n]² in f64.
+pub(crate) fn sum_squares(c: &Cuda, t: &CudaBuf<f32>, n: usize) -> Result<f64> {
+    check::first_n("sum_squares_f32", t, n)?;
+    if n == 0 {
+        return Ok(0.0);
+    }
+    let g = n.div_ceil(256).clamp(1, 1024);
+    let mut part = c.gpu.alloc::<f64>(g)?;
+    k::sumsq_partial(&c.gpu, blocks(g, 256), t, n as i64, &mut part)?;
+    let v: Vec<f64> = c.gpu.dtoh(part.ptr(), g)?;
+    Ok(v.iter().sum())
+}

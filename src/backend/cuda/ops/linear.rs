@@ -1,0 +1,140 @@
+//! The linear layer and the full logits: cuBLAS GEMMs (bf16 inputs, f32 compute), with the
+//! bias broadcast and bias-gradient column sums of kernels/util.cu.
+
+use super::super::runtime::{Bf16, CudaBuf};
+use super::super::Cuda;
+use super::{i32_of, util};
+use crate::backend::{check, GemmDims, LinearGrads};
+use crate::Result;
+
+/// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
+/// and y f32 (`y_f32`) or bf16; x and w are device addresses of bf16 data.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_xwt(
+    c: &Cuda,
+    x: u64,
+    w: u64,
+    y: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+    y_f32: bool,
+    ldy: usize,
+) -> Result<()> {
+    // Row-major y[m,n] = x[m,k] w[n,k]^T  <=>  column-major y^T[n,m] = w^T x^T.
+    c.gpu
+        .gemm(true, false, n, m, k, w, k, x, k, beta, y, ldy, y_f32)
+}
+
+/// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
+pub(crate) fn forward(
+    c: &Cuda,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    bias: Option<&CudaBuf<Bf16>>,
+    y: &mut CudaBuf<Bf16>,
+    d: GemmDims,
+) -> Result<()> {
+    check::linear(x, w, bias, y, d)?;
+    let GemmDims { m, n, k } = d;
+    let beta = if let Some(b) = bias {
+        util::bias_rows(
+            c,
+            b,
+            y,
+            i32_of("linear", "m", m)?,
+            i32_of("linear", "n", n)?,
+        )?;
+        1.0
+    } else {
+        0.0
+    };
+    gemm_xwt(c, x.ptr(), w.ptr(), y.ptr(), m, n, k, beta, false, n)
+}
+
+/// dx (= or +=) dy · w; dw += dyᵀ · x (f32); dbias += column sums of dy.
+pub(crate) fn backward(
+    c: &Cuda,
+    dy: &CudaBuf<Bf16>,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    grads: LinearGrads<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    d: GemmDims,
+) -> Result<()> {
+    let LinearGrads {
+        dx,
+        accumulate_dx,
+        dw,
+        dbias,
+    } = grads;
+    check::linear_bwd(dy, x, w, dx.as_deref(), dw.as_deref(), dbias.as_deref(), d)?;
+    let GemmDims { m, n, k } = d;
+    if let Some(dx) = dx {
+        // column-major dx^T[k,m] = w^T[k,n] dy^T[n,m]
+        let beta = if accumulate_dx { 1.0 } else { 0.0 };
+        c.gpu.gemm(
+            false,
+            false,
+            k,
+            m,
+            n,
+            w.ptr(),
+            k,
+            dy.ptr(),
+            n,
+            beta,
+            dx.ptr(),
+            k,
+            false,
+        )?;
+    }
+    if let Some(dw) = dw {
+        // column-major dw^T[k,n] += x^T[k,m] dy[m,n]
+        c.gpu.gemm(
+            false,
+            true,
+            k,
+            n,
+            m,
+            x.ptr(),
+            k,
+            dy.ptr(),
+            n,
+            1.0,
+            dw.ptr(),
+            k,
+            true,
+        )?;
+    }
+    if let Some(db) = dbias {
+        let op = "linear_bwd";
+        util::colsum_accum(c, dy, db, i32_of(op, "m", m)?, i32_of(op, "n", n)?)?;
+    }
+    Ok(())
+}
+
+/// out[r, v] = h[r, :] · w[v, :] in f32.
+pub(crate) fn logits(
+    c: &Cuda,
+    h: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<f32>,
+    rows: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    check::logits(h, w, out, rows, dim, vocab)?;
+    gemm_xwt(
+        c,
+        h.ptr(),
+        w.ptr(),
+        out.ptr(),
+        rows,
+        vocab,
+        dim,
+        0.0,
+        true,
+        vocab,
+    )
+}

@@ -1,0 +1,221 @@
+//! Launchers of kernels/logprobs.cu: the fused lm_head + log-softmax + gather, streamed over
+//! token x vocabulary chunks (a cuBLAS GEMM fills an f32 logits tile, a kernel with one block of
+//! 256 threads per tile row folds it into running statistics), then a finalize pass per token.
+
+use super::super::runtime::gen::launch::logprobs as k;
+use super::super::runtime::{Bf16, CudaBuf, Out};
+use super::super::Cuda;
+use super::linear::gemm_xwt;
+use super::{blocks, ew, i32_of, util};
+use crate::backend::check;
+use crate::Result;
+
+/// What the kernels support beyond the shared contract: token and vocabulary positions that
+/// fit in `int`.
+fn limits(op: &'static str, n_tok: usize, vocab: usize) -> Result<()> {
+    i32_of(op, "n_tok", n_tok)?;
+    i32_of(op, "vocab", vocab)?;
+    Ok(())
+}
+
+/// logp[t] = logits[t, targets[t]] - lse[t]; optionally the entropy per token.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    c: &Cuda,
+    h: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    targets: &CudaBuf<u32>,
+    logp: &mut CudaBuf<f32>,
+    lse: &mut CudaBuf<f32>,
+    entropy: Option<&mut CudaBuf<f32>>,
+    n_tok: usize,
+    dim: usize,
+    vocab: usize,
+    inv_t: f32,
+) -> Result<()> {
+    check::logprobs(
+        h,
+        w,
+        targets,
+        logp,
+        lse,
+        entropy.as_deref(),
+        n_tok,
+        dim,
+        vocab,
+        inv_t,
+    )?;
+    limits("logprobs", n_tok, vocab)?;
+    if n_tok == 0 {
+        return Ok(());
+    }
+    let tc = c.tok_chunk.min(n_tok);
+    let vc = c.vocab_chunk.min(vocab);
+    let tile = c.gpu.alloc::<f32>(tc * vc)?;
+    let mut m = c.gpu.alloc::<f32>(n_tok)?;
+    let mut s = c.gpu.alloc::<f32>(n_tok)?;
+    let mut wsum = c.gpu.alloc::<f32>(n_tok)?;
+    let mut tgt = c.gpu.alloc::<f32>(n_tok)?;
+    util::fill_f32(c, &mut tgt, n_tok, f32::NAN)?;
+    for t0 in (0..n_tok).step_by(tc) {
+        let rows = tc.min(n_tok - t0);
+        for v0 in (0..vocab).step_by(vc) {
+            let cols = vc.min(vocab - v0);
+            gemm_xwt(
+                c,
+                h.at(t0 * dim),
+                w.at(v0 * dim),
+                tile.ptr(),
+                rows,
+                cols,
+                dim,
+                0.0,
+                true,
+                cols,
+            )?;
+            k::lp_chunk_fwd(
+                &c.gpu,
+                blocks(rows, 256),
+                &tile,
+                rows as i32,
+                cols as i32,
+                v0 as i32,
+                targets,
+                t0 as i32,
+                &mut m,
+                &mut s,
+                &mut wsum,
+                &mut tgt,
+                (v0 == 0) as i32,
+                inv_t,
+            )?;
+        }
+    }
+    let ent: Out<'_, f32> = entropy.into();
+    k::lp_finalize(
+        &c.gpu,
+        ew(n_tok),
+        &m,
+        &s,
+        &wsum,
+        &tgt,
+        targets,
+        vocab as u32,
+        logp,
+        lse,
+        ent,
+        n_tok as i32,
+        c.gpu.err(),
+    )
+}
+
+/// dh (overwritten) = dlogits · w, dw += dlogitsᵀ · h, per token x vocabulary chunk: the
+/// logits tile is recomputed, a kernel turns it into bf16 dlogits, two GEMMs accumulate.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    c: &Cuda,
+    dlogp: &CudaBuf<f32>,
+    h: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    targets: &CudaBuf<u32>,
+    lse: &CudaBuf<f32>,
+    dh: &mut CudaBuf<Bf16>,
+    dw: Option<&mut CudaBuf<f32>>,
+    n_tok: usize,
+    dim: usize,
+    vocab: usize,
+    inv_t: f32,
+) -> Result<()> {
+    check::logprobs_bwd(
+        dlogp,
+        h,
+        w,
+        targets,
+        lse,
+        dh,
+        dw.as_deref(),
+        n_tok,
+        dim,
+        vocab,
+        inv_t,
+    )?;
+    limits("logprobs_bwd", n_tok, vocab)?;
+    let dw_ptr = dw.map(|d| d.ptr());
+    if n_tok == 0 {
+        return Ok(());
+    }
+    let tc = c.tok_chunk.min(n_tok);
+    let vc = c.vocab_chunk.min(vocab);
+    let tile = c.gpu.alloc::<f32>(tc * vc)?;
+    let mut dl = c.gpu.alloc::<Bf16>(tc * vc)?;
+    let dh32 = c.gpu.alloc::<f32>(tc * dim)?;
+    for t0 in (0..n_tok).step_by(tc) {
+        let rows = tc.min(n_tok - t0);
+        for v0 in (0..vocab).step_by(vc) {
+            let cols = vc.min(vocab - v0);
+            gemm_xwt(
+                c,
+                h.at(t0 * dim),
+                w.at(v0 * dim),
+                tile.ptr(),
+                rows,
+                cols,
+                dim,
+                0.0,
+                true,
+                cols,
+            )?;
+            k::lp_chunk_bwd(
+                &c.gpu,
+                blocks(rows, 256),
+                &tile,
+                rows as i32,
+                cols as i32,
+                v0 as i32,
+                targets,
+                t0 as i32,
+                lse,
+                dlogp,
+                &mut dl,
+                inv_t,
+            )?;
+            // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
+            let beta = if v0 == 0 { 0.0 } else { 1.0 };
+            c.gpu.gemm(
+                false,
+                false,
+                dim,
+                rows,
+                cols,
+                w.at(v0 * dim),
+                dim,
+                dl.ptr(),
+                cols,
+                beta,
+                dh32.ptr(),
+                dim,
+                true,
+            )?;
+            if let Some(dwp) = dw_ptr {
+                // dw[v0.., dim] += dl^T h: column-major dw^T[dim, cols] += h^T[dim, rows] dl[rows, cols]
+                c.gpu.gemm(
+                    false,
+                    true,
+                    dim,
+                    cols,
+                    rows,
+                    h.at(t0 * dim),
+                    dim,
+                    dl.ptr(),
+                    cols,
+                    1.0,
+                    dwp + (v0 * dim * 4) as u64,
+                    dim,
+                    true,
+                )?;
+            }
+        }
+        util::f32_to_bf16(c, dh32.view(0), dh.view_mut(t0 * dim), rows * dim)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! Uploads, downloads and device copies (no kernels: driver copies on the backend's stream).
+
+use super::super::runtime::{Bf16, CudaBuf, Elem};
+use super::super::Cuda;
+use crate::backend::{check, DType};
+use crate::Result;
+
+/// f32 host values rounded to a bf16 device buffer.
+pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
+    let h: Vec<u16> = data
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_bits())
+        .collect();
+    c.gpu.htod::<Bf16, u16>(&h)
+}
+
+/// A bf16 device tensor from checkpoint bytes (`n` elements of `dtype`, little endian).
+pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Result<CudaBuf<Bf16>> {
+    check::upload_raw(dtype, bytes.len(), n)?;
+    let h: Vec<u16> = match dtype {
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| {
+                half::bf16::from_f32(
+                    half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+                )
+                .to_bits()
+            })
+            .collect(),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
+            .collect(),
+    };
+    c.gpu.htod::<Bf16, u16>(&h)
+}
+
+/// The first `n` bf16 elements as f32 on the host.
+pub(crate) fn download_bf16(c: &Cuda, t: &CudaBuf<Bf16>, n: usize) -> Result<Vec<f32>> {
+    check::first_n("download", t, n)?;
+    let h: Vec<u16> = c.gpu.dtoh(t.ptr(), n)?;
+    Ok(h.into_iter()
+        .map(|b| half::bf16::from_bits(b).to_f32())
+        .collect())
+}
+
+/// The first `n` elements on the host (`op` names the op in errors).
+pub(crate) fn download<E: Elem, H: Copy + Default>(
+    c: &Cuda,
+    t: &CudaBuf<E>,
+    n: usize,
+    op: &'static str,
+) -> Result<Vec<H>> {
+    check::first_n(op, t, n)?;
+    c.gpu.dtoh(t.ptr(), n)
+}
+
+/// dst[..n] = src[..n] (`op` names the op in errors).
+pub(crate) fn copy<E: Elem>(
+    c: &Cuda,
+    src: &CudaBuf<E>,
+    dst: &mut CudaBuf<E>,
+    n: usize,
+    op: &'static str,
+) -> Result<()> {
+    check::copy(op, src, dst, n)?;
+    c.gpu.bind()?;
+    c.gpu.dtod(src.ptr(), dst.ptr(), n * E::SIZE)
+}

@@ -1,0 +1,58 @@
+//! Launchers of kernels/rmsnorm.cu: one block of 256 threads per row (forward, dx); dw in blocks
+//! of 256 columns by 64 rows.
+
+use super::super::runtime::gen::launch::rmsnorm as k;
+use super::super::runtime::{Bf16, CudaBuf, Launch};
+use super::super::Cuda;
+use super::{blocks, i32_of};
+use crate::backend::check;
+use crate::Result;
+
+/// out = x * rstd * w per row, rstd saved.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    c: &Cuda,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<Bf16>,
+    rstd: &mut CudaBuf<f32>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    check::rmsnorm(x, w, out, rstd, rows, dim)?;
+    k::rmsnorm_fwd(
+        &c.gpu,
+        blocks(rows, 256),
+        x,
+        w,
+        out,
+        rstd,
+        i32_of("rmsnorm", "rows", rows)?,
+        i32_of("rmsnorm", "dim", dim)?,
+        eps,
+    )
+}
+
+/// dx += ∂L/∂x; dw += Σ_r dout * x * rstd.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    c: &Cuda,
+    dout: &CudaBuf<Bf16>,
+    x: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    rstd: &CudaBuf<f32>,
+    dx: &mut CudaBuf<Bf16>,
+    dw: Option<&mut CudaBuf<f32>>,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    check::rmsnorm_bwd(dout, x, w, rstd, dx, dw.as_deref(), rows, dim)?;
+    let op = "rmsnorm_bwd";
+    let (r, d) = (i32_of(op, "rows", rows)?, i32_of(op, "dim", dim)?);
+    if let Some(dw) = dw {
+        let grid = (dim.div_ceil(256) as u32, rows.div_ceil(64).max(1) as u32, 1);
+        k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), dout, x, rstd, dw, r, d)?;
+    }
+    k::rmsnorm_bwd_dx(&c.gpu, blocks(rows, 256), dout, x, w, rstd, dx, r, d)
+}

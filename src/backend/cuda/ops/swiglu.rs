@@ -1,0 +1,34 @@
+//! Launchers of kernels/swiglu.cu (grid-stride elementwise).
+
+use super::super::runtime::gen::launch::swiglu as k;
+use super::super::runtime::{Bf16, CudaBuf};
+use super::super::Cuda;
+use super::ew;
+use crate::backend::check;
+use crate::Result;
+
+/// out = silu(gate) * up
+pub(crate) fn forward(
+    c: &Cuda,
+    gate: &CudaBuf<Bf16>,
+    up: &CudaBuf<Bf16>,
+    out: &mut CudaBuf<Bf16>,
+    n: usize,
+) -> Result<()> {
+    check::swiglu(gate, up, out, n)?;
+    k::swiglu_fwd(&c.gpu, ew(n), gate, up, out, n as i64)
+}
+
+/// dgate, dup from dout.
+pub(crate) fn backward(
+    c: &Cuda,
+    dout: &CudaBuf<Bf16>,
+    gate: &CudaBuf<Bf16>,
+    up: &CudaBuf<Bf16>,
+    dgate: &mut CudaBuf<Bf16>,
+    dup: &mut CudaBuf<Bf16>,
+    n: usize,
+) -> Result<()> {
+    check::swiglu_bwd(dout, gate, up, dgate, dup, n)?;
+    k::swiglu_bwd(&c.gpu, ew(n), dout, gate, up, dgate, dup, n as i64)
+}
