@@ -134,7 +134,7 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
                 &format!("{tag} grad {} (recompute {recompute})", spec.name),
                 &got,
                 &gc[i][..spec.numel()],
-                3e-2,
+                grad_bound(&spec.name),
             );
         }
     }
@@ -167,7 +167,7 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
             &format!("{tag} logit-row grad {}", spec.name),
             &got,
             &gc[i][..spec.numel()],
-            3e-2,
+            grad_bound(&spec.name),
         );
     }
 
@@ -249,7 +249,7 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
                 &format!("{tag} shared-prompt grad {}", spec.name),
                 &got,
                 &gc[i][..spec.numel()],
-                3e-2,
+                grad_bound(&spec.name),
             );
         }
     }
@@ -280,6 +280,20 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
             &cpu.download_f32(&dc, n).unwrap(),
             3e-2,
         );
+    }
+}
+
+/// The relative-norm bound of a parameter gradient. The key-projection bias gets a wider one:
+/// its gradient sums every key's gradient, and for each query those sum to zero (softmax
+/// ignores a shift common to all of a query's scores), so without RoPE it would be exactly zero;
+/// with RoPE only the rotation's dependence on position survives. It is a small difference of
+/// large terms, and its relative error in bf16 is amplified accordingly (measured 2.0e-2 to
+/// 2.7e-2 where the other gradients stay well inside 3e-2).
+fn grad_bound(name: &str) -> f64 {
+    if name.ends_with("self_attn.k_proj.bias") {
+        6e-2
+    } else {
+        3e-2
     }
 }
 
