@@ -94,7 +94,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-# Qwen2.5 configs (shared facts §2.2); "tiny" is for smoke runs on a CPU.
+# Qwen2.5 configs (from the config.json of each Qwen/Qwen2.5-*-Instruct release); "tiny" is for smoke runs on a CPU.
 MODELS = {
     "0.5b": dict(hidden=896, inter=4864, layers=24, heads=14, kv_heads=2, head_dim=64,
                  vocab=151936, tied=True),
@@ -359,7 +359,7 @@ def make_logprobs_chunked(chunk):
 
 
 def grpo_loss_eager(logp, old, ref, adv, mask):
-    """verl core_algos (facts §3): clipped surrogate + k3 KL, token-mean aggregation."""
+    """verl core_algos (verl/trainer/ppo/core_algos.py): clipped surrogate + k3 KL, token-mean aggregation."""
     neg_kl = torch.clamp(logp - old, -20.0, 20.0)
     ratio = torch.exp(neg_kl)
     pg1 = -adv * ratio
@@ -997,7 +997,7 @@ def check(dev, compile_ok: bool, liger) -> int:
     report("logprobs eager", rel_err(logprobs_eager(hs, wv, tg), lref), 1e-5)
     report("logprobs chunked-5", rel_err(make_logprobs_chunked(5)(hs, wv, tg), lref), 1e-5)
 
-    # GRPO loss against a per-token loop written from facts §3, plus its gradient.
+    # GRPO loss against a per-token loop written from verl's core_algos.py, plus its gradient.
     N = 53
     lp = -torch.rand(N, device=dev, dtype=torch.float64) * 3
     old = lp + (torch.rand(N, device=dev, dtype=torch.float64) - 0.5)

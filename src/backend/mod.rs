@@ -211,7 +211,9 @@ impl LossAgg {
     ];
 }
 
-/// KL estimator between policy and reference (facts §3).
+/// KL estimator between policy and reference (the estimators of verl's `kl_penalty`,
+/// `verl/trainer/ppo/core_algos.py`; k1, k2, k3 as in J. Schulman, "Approximating KL
+/// Divergence", 2020).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KlKind {
@@ -448,8 +450,8 @@ pub trait Backend {
     /// group is packed as its prompt (no prefix) followed by its n responses, each with the
     /// prompt's rows as prefix, so a response never reads a sibling. The table holds 2 entries
     /// per segment, lo == hi for none, and needs lo <= hi <= cu[s] (a prefix lies before its
-    /// segment); `seqs.max_len` bounds the segments and the prefixes. Empty segments are allowed. With every prefix empty this is
-    /// [`Backend::attention`].
+    /// segment); `seqs.max_len` bounds the segments and the prefixes. Empty segments are
+    /// allowed. With every prefix empty this is [`Backend::attention`].
     #[allow(clippy::too_many_arguments)]
     fn attention_prefixed(
         &self,
@@ -595,7 +597,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- RL loss and optimiser
-    /// GRPO clipped surrogate + KL per token and its reduction (facts §3).
+    /// GRPO clipped surrogate + KL per token and its reduction (verl's `compute_policy_loss`,
+    /// `kl_penalty` and `agg_loss` in `verl/trainer/ppo/core_algos.py`).
     /// Per token t with mask[t] != 0: r = exp(clamp(logp - old, -20, 20));
     /// pg = max(-A r, -A clip(r, 1-clip_low, 1+clip_high)); kl per `cfg.kl_kind`;
     /// token loss = pg + kl_coef * kl, aggregated per `cfg.agg` using `seq_id[t]` (0-based

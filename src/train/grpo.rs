@@ -1,5 +1,7 @@
-//! The GRPO update (facts §3): group-normalised advantages, old and reference logprobs, and
-//! mini-batch updates through micro-batches packed by a token budget with gradient accumulation.
+//! The GRPO update (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, as verl implements it in
+//! `verl/trainer/ppo/core_algos.py`): group-normalised advantages, old and reference logprobs,
+//! and mini-batch updates through micro-batches packed by a token budget with gradient
+//! accumulation.
 
 use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
@@ -334,8 +336,9 @@ impl UpdateSums {
 
 /// Forward, GRPO loss and backward over every micro-batch of one mini-batch, accumulating into
 /// `grads`. `old` and `reference` hold per-sequence logprobs (as from [`seq_logprobs`], at the
-/// same `inv_t` as the policy's logprobs and entropy here). The micro-batch losses are scaled so that their sum is the loss the aggregation mode defines over
-/// the whole mini-batch, whatever the split.
+/// same `inv_t` as the policy's logprobs and entropy here). The micro-batch losses are scaled so
+/// that their sum is the loss the aggregation mode defines over the whole mini-batch, whatever
+/// the split.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_minibatch<B: Backend>(
     b: &B,

@@ -871,8 +871,9 @@ pub struct GrpoStats<R> {
     pub n_tokens: R,
 }
 
-/// The KL estimator and its derivative with respect to logp (facts §3; k3 clamps x to
-/// [−20, 20] and the value to [−10, 10], the gradient being 0 where a clamp is active).
+/// The KL estimator and its derivative with respect to logp (verl's `kl_penalty` in
+/// `verl/trainer/ppo/core_algos.py`; k3 clamps x to [−20, 20] and the value to [−10, 10], the
+/// gradient being 0 where a clamp is active).
 pub fn kl_term<R: Real>(kind: KlKind, logp: R, ref_logp: R) -> (R, R) {
     let d = logp - ref_logp;
     match kind {
