@@ -59,10 +59,19 @@ fn micro_batch_split_does_not_change_the_update() {
         assert!(rel(a, b) < 1e-6, "{a:?} vs {b:?}");
     }
     // Old and reference logprobs away from the current ones so ratios clip and KL is non-zero.
-    let old: Vec<Vec<f32>> = cur
+    let mut old: Vec<Vec<f32>> = cur
         .iter()
         .map(|v| v.iter().map(|x| x + rng.random_range(-0.4..0.4)).collect())
         .collect();
+    // Make sure at least one token takes the clipped branch whatever the draw: the first
+    // response token of the first sequence with a non-zero advantage gets a ratio of e^0.5
+    // (advantage > 0, above 1 + clip_high) or e^-0.5 (advantage < 0, below 1 - clip_low).
+    let i = batch
+        .iter()
+        .position(|q| q.adv != 0.0)
+        .expect("test batch has a sequence with a non-zero advantage");
+    let t = batch[i].prompt_len - 1;
+    old[i][t] = cur[i][t] - 0.5f32.copysign(batch[i].adv);
     let reference: Vec<Vec<f32>> = cur
         .iter()
         .map(|v| v.iter().map(|x| x + rng.random_range(-0.3..0.3)).collect())

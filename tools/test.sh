@@ -13,7 +13,7 @@ trap 'rm -f "$log"' EXIT
 cargo test 2>&1 | tee "$log"
 skipped=$(grep -c '^skipped: ' "$log" || true)
 gpu_skipped=$(grep -c '^skipped: .*CUDA' "$log" || true)
-reasons=$(grep '^skipped: ' "$log" | sed 's/^skipped: //; s/ (.*//' | sort | uniq -c | sort -rn |
+reasons=$(grep '^skipped: ' "$log" | grep -v ' \.\.\. ' | sed 's/^skipped: //; s/ (.*//' | sort | uniq -c | sort -rn |
     head -n 4 | awk '{ n = $1; $1 = ""; printf "%s%d x%s", (NR > 1 ? "; " : ""), n, $0 }' || true)
 bash tools/vgpu/test.sh "$@"
 echo "test.sh: summary: cargo test skipped $skipped test(s)${reasons:+ ($reasons)}"
