@@ -1,6 +1,8 @@
-// sampling.cu: one token per row of f32 logits [rows, vocab], seeded and reproducible.
+// sampling.cu: one token per draw from f32 logits [n_rows, vocab], seeded and reproducible.
 //
-// sample_rows: one block (SMP_THREADS threads) per row r.
+// sample_rows: one block (SMP_THREADS threads) per draw r < rows, which reads logits row
+//   table[3r] (checked below n_rows on the host) with the stream offset
+//   table[3r+1] | table[3r+2] << 32 and writes out[r]; "row" below is that logits row.
 //   Rejected like the CPU backend rejects them: a row holding NaN or +inf, or (temperature > 0)
 //   a row that is all -inf, sets ERR_SAMPLE_LOGIT and leaves out[r] unwritten.
 //   temperature == 0: greedy, argmax with the lowest index on ties.
@@ -9,7 +11,7 @@
 //     sort order). top_k > 0 keeps the first top_k entries of that order; top_p < 1
 //     then keeps the shortest prefix whose mass reaches top_p of the kept mass; finally the
 //     token is the first entry of the kept prefix whose inclusive cumulative mass exceeds
-//     u * (kept mass), with u = (splitmix64(seed ^ splitmix64(offset + r)) >> 40) / 2^24 and
+//     u * (kept mass), with u = (splitmix64(seed ^ splitmix64(offset)) >> 40) / 2^24 and
 //     splitmix64 the standard mixer. No sort is done: each "first entry whose cumulative mass
 //     (or count) reaches a target" is found by a 4-pass radix select over the order-preserving
 //     bit pattern of the logit (sign-flipped float bits) with 256-bin count/mass histograms in
@@ -22,7 +24,7 @@
 //     probability, finer than the f32 rounding of e_i itself. The comparisons are exact: the
 //     nucleus target is ceil(top_p * mass) with "reaches" (>=), and "exceeds u * mass" is
 //     "reaches floor(u * mass) + 1", computed exactly in integers (u has 24 bits).
-//   Launch: grid (rows), block SMP_THREADS.
+//   Launch: grid (rows = draws), block SMP_THREADS.
 #include "common.cuh"
 
 #define SMP_THREADS 512
@@ -201,14 +203,15 @@ __device__ __forceinline__ u64 smp_mass(const float* row, int vocab, float inv_t
 }
 
 extern "C" __global__ void __launch_bounds__(SMP_THREADS)
-sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, int vocab, float temperature,
-            float top_p, int top_k, u64 seed, u64 offset, u32* __restrict__ err) {
+sample_rows(const float* __restrict__ logits, u32* __restrict__ out, const u32* __restrict__ table, int rows,
+            int vocab, float temperature, float top_p, int top_k, u64 seed, u32* __restrict__ err) {
     __shared__ SmpSmem sm;
     __shared__ float bvs[32];
     __shared__ int bis[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
-    const float* row = logits + (size_t)r * vocab;
+    const float* row = logits + (size_t)table[3 * r] * vocab;
+    const u64 offset = (u64)table[3 * r + 1] | ((u64)table[3 * r + 2] << 32);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
     if (tid == 0) sm.bad = 0;
     __syncthreads();
@@ -285,7 +288,7 @@ sample_rows(const float* __restrict__ logits, u32* __restrict__ out, int rows, i
         mass = smp_mass(row, vocab, inv_t, zmax, bv, bi, sm);
     }
     // u = ub / 2^24; floor(u * mass) exactly: mass = hi * 2^24 + lo.
-    const u64 ub = splitmix64(seed ^ splitmix64(offset + (u64)r)) >> 40;
+    const u64 ub = splitmix64(seed ^ splitmix64(offset)) >> 40;
     const u64 below = (mass >> 24) * ub + (((mass & 0xffffffull) * ub) >> 24);
     smp_select(row, vocab, inv_t, zmax, bv, bi, false, below + 1, sm, &sel_v, &sel_i);
     if (tid == 0) out[r] = (u32)sel_i;

@@ -889,31 +889,37 @@ fn sample_greedy_top_p_and_determinism() {
         .collect();
     assert_eq!(argmax[0], 5);
     let mut out = vec![u32::MAX; rows];
-    b.sample(&logits, &mut out, rows, vocab, 0.0, 1.0, 0, 1, 0)
-        .unwrap();
+    common::sample_at(&b, &logits, &mut out, rows, vocab, 0.0, 1.0, 0, 1, 0).unwrap();
     assert_eq!(out, argmax, "greedy");
     for seed in 0..20u64 {
-        b.sample(&logits, &mut out, rows, vocab, 0.7, 1e-6, 0, seed, 3)
-            .unwrap();
+        common::sample_at(&b, &logits, &mut out, rows, vocab, 0.7, 1e-6, 0, seed, 3).unwrap();
         assert_eq!(out, argmax, "top_p tiny");
-        b.sample(&logits, &mut out, rows, vocab, 1.3, 1.0, 1, seed, 3)
-            .unwrap();
+        common::sample_at(&b, &logits, &mut out, rows, vocab, 1.3, 1.0, 1, seed, 3).unwrap();
         assert_eq!(out, argmax, "top_k = 1");
     }
     // same (seed, offset) -> same token; row r of a batch == a single row at offset + r
     let seed = r.random::<u64>();
     let mut a = vec![0u32; rows];
     let mut c = vec![0u32; rows];
-    b.sample(&logits, &mut a, rows, vocab, 1.0, 0.9, 0, seed, 100)
-        .unwrap();
-    b.sample(&logits, &mut c, rows, vocab, 1.0, 0.9, 0, seed, 100)
-        .unwrap();
+    common::sample_at(&b, &logits, &mut a, rows, vocab, 1.0, 0.9, 0, seed, 100).unwrap();
+    common::sample_at(&b, &logits, &mut c, rows, vocab, 1.0, 0.9, 0, seed, 100).unwrap();
     assert_eq!(a, c);
     for i in 0..rows {
         let mut one = vec![0u32];
         let row = logits[i * vocab..(i + 1) * vocab].to_vec();
-        b.sample(&row, &mut one, 1, vocab, 1.0, 0.9, 0, seed, 100 + i as u64)
-            .unwrap();
+        common::sample_at(
+            &b,
+            &row,
+            &mut one,
+            1,
+            vocab,
+            1.0,
+            0.9,
+            0,
+            seed,
+            100 + i as u64,
+        )
+        .unwrap();
         assert_eq!(one[0], a[i], "row {i} depends on the batch split");
     }
     // top_k restricts the support to the k largest
@@ -923,8 +929,7 @@ fn sample_greedy_top_p_and_determinism() {
     order.sort_by(|&x, &y| row[y].partial_cmp(&row[x]).unwrap().then(x.cmp(&y)));
     for s in 0..200u64 {
         let mut one = vec![0u32];
-        b.sample(&row, &mut one, 1, vocab, 5.0, 1.0, k, seed, s)
-            .unwrap();
+        common::sample_at(&b, &row, &mut one, 1, vocab, 5.0, 1.0, k, seed, s).unwrap();
         assert!(order[..k].contains(&(one[0] as usize)), "top-k escaped");
     }
 }
@@ -976,8 +981,8 @@ fn sample_frequencies_match_softmax() {
         let mut counts = vec![0usize; vocab];
         let mut out = vec![0u32; rows];
         for off in (0..draws).step_by(rows) {
-            b.sample(
-                &batch, &mut out, rows, vocab, temp, top_p, top_k, seed, off as u64,
+            common::sample_at(
+                &b, &batch, &mut out, rows, vocab, temp, top_p, top_k, seed, off as u64,
             )
             .unwrap();
             for &t in &out {
@@ -1225,8 +1230,7 @@ fn bad_arguments_are_errors() {
         .to_string();
     assert!(e.contains("targets[1]"), "{e}");
     let mut o = vec![0u32; 1];
-    let e = b
-        .sample(&vec![f32::NAN, 0.0], &mut o, 1, 2, 1.0, 1.0, 0, 0, 0)
+    let e = common::sample_at(&b, &vec![f32::NAN, 0.0], &mut o, 1, 2, 1.0, 1.0, 0, 0, 0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("sample"), "{e}");
@@ -1949,6 +1953,73 @@ fn fast_ops_multi_tile_match_f64_math_and_thread_counts() {
         for (i, (a, b)) in run.iter().zip(&runs[0]).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(same, "{}: {} threads differ from 1", NAMES[i], t + 1);
+        }
+    }
+}
+
+/// copy_rows against a plain row copy, odd widths and ranges, the rest of the buffer unchanged.
+#[test]
+fn copy_rows_moves_exactly_the_rows() {
+    let mut r = common::Rng::new("copy_rows_moves_exactly_the_rows");
+    for _ in 0..50 {
+        let width = 1 + r.below(13);
+        let n = r.below(6);
+        let src = r.below(9);
+        // a destination after or before the source rows, never overlapping
+        let dst = if r.below(2) == 0 {
+            src + n + r.below(4)
+        } else if src >= n {
+            r.below(src - n + 1)
+        } else {
+            src + n
+        };
+        let rows = src.max(dst) + n + r.below(3);
+        let before = r.vec(rows * width, 3.0);
+        let mut t = before.clone();
+        Cpu.copy_rows(&mut t, tooln1::backend::RowCopy { src, dst, n, width })
+            .unwrap();
+        let mut want = before.clone();
+        for i in 0..n * width {
+            want[dst * width + i] = before[src * width + i];
+        }
+        assert_eq!(t, want, "src {src} dst {dst} n {n} width {width}");
+    }
+}
+
+/// Per-draw offsets and logits rows: draw r equals a one-row call on row src[r] at offsets[r],
+/// whatever the other draws of the call.
+#[test]
+fn sample_draws_follow_their_row_and_offset() {
+    let mut r = common::Rng::new("sample_draws_follow_their_row_and_offset");
+    let (n_rows, vocab) = (5, 37);
+    let logits = r.vec(n_rows * vocab, 3.0);
+    let draws = 23;
+    let src: Vec<u32> = (0..draws).map(|_| r.below(n_rows) as u32).collect();
+    let offsets: Vec<u64> = (0..draws).map(|_| r.next()).collect();
+    for (temperature, top_p, top_k) in [(0.0f32, 1.0f32, 0usize), (1.0, 1.0, 0), (0.8, 0.9, 5)] {
+        let p = tooln1::backend::SampleParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: r.next(),
+        };
+        let rows = tooln1::backend::SampleRows {
+            offsets: &offsets,
+            src: Some(&src),
+            n_rows,
+            vocab,
+        };
+        let mut out = vec![u32::MAX; draws];
+        Cpu.sample(&logits, &mut out, &rows, &p).unwrap();
+        for d in 0..draws {
+            let s = src[d] as usize;
+            let row = logits[s * vocab..(s + 1) * vocab].to_vec();
+            let mut one = vec![u32::MAX];
+            let single = tooln1::backend::SampleRows::each(&offsets[d..d + 1], vocab);
+            Cpu.sample(&row, &mut one, &single, &p).unwrap();
+            assert_eq!(one[0], out[d], "draw {d} (T = {temperature})");
+            let u = math::sample_uniform(p.seed, offsets[d]);
+            assert_eq!(out[d], math::sample_row(&row, temperature, top_p, top_k, u));
         }
     }
 }

@@ -317,6 +317,33 @@ fn head_dim_128_untied_matches_cpu() {
     );
 }
 
+/// Continuous batching on the device: the rollout's generations do not change with the slot
+/// count, the admission order, or shared vs per-sequence prefill (the device's KV-slot copies
+/// and per-draw sampling offsets). This compares runs on the device with each other; it holds
+/// where a row's logits do not depend on the other rows of its pass, as on the virtual GPU.
+#[test]
+fn rollout_schedules_agree_on_device() {
+    let Some(cuda) = gpu() else { return };
+    let s = seed("rollout_schedules");
+    let mut r = Lcg(s);
+    let c = cfg(128, 256, 1, 2, 1, 64, 211, true);
+    let m = Model::random(&cuda, c.clone(), s).unwrap();
+    let prompts: Vec<Vec<u32>> = [5usize, 9, 2]
+        .iter()
+        .map(|&l| (0..l).map(|_| (r.next() % 211) as u32).collect())
+        .collect();
+    let sp = tooln1::train::rollout::SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        max_new_tokens: 6,
+        stop: (0..20).collect(),
+        max_slots: 4,
+    };
+    let stream = tooln1::train::rollout::Stream { seed: s, offset: 7 };
+    common::check_rollout_schedules(&cuda, &m, &prompts, 2, &sp, stream, 5);
+}
+
 mod trainer {
     use super::common::{gpu, seed};
     use std::path::Path;

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{check, gpu, poison, poison_f32, up, Rng};
+use common::{bf16_round, check, gpu, poison, poison_f32, up, Rng};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::{
@@ -963,15 +963,19 @@ fn sampling_matches_cpu() {
         (0.9, 0.0, 0),
     ] {
         let mut out = c.upload_u32(&vec![u32::MAX; rows]).unwrap();
-        c.sample(&ld, &mut out, rows, vocab, temp, top_p, top_k, seed, 100)
-            .unwrap();
+        common::sample_at(
+            &c, &ld, &mut out, rows, vocab, temp, top_p, top_k, seed, 100,
+        )
+        .unwrap();
         let got = c.download_u32(&out, rows).unwrap();
         // Deterministic: the same call gives the same tokens (the kernel's masses are integer
         // sums, independent of the order in which threads add them).
         for _ in 0..2 {
             let mut again = c.upload_u32(&vec![u32::MAX; rows]).unwrap();
-            c.sample(&ld, &mut again, rows, vocab, temp, top_p, top_k, seed, 100)
-                .unwrap();
+            common::sample_at(
+                &c, &ld, &mut again, rows, vocab, temp, top_p, top_k, seed, 100,
+            )
+            .unwrap();
             assert_eq!(
                 c.download_u32(&again, rows).unwrap(),
                 got,
@@ -979,8 +983,10 @@ fn sampling_matches_cpu() {
             );
         }
         let mut want = vec![u32::MAX; rows];
-        cpu.sample(&lg, &mut want, rows, vocab, temp, top_p, top_k, seed, 100)
-            .unwrap();
+        common::sample_at(
+            &cpu, &lg, &mut want, rows, vocab, temp, top_p, top_k, seed, 100,
+        )
+        .unwrap();
         let agree = got.iter().zip(&want).filter(|(a, b)| a == b).count();
         println!("sample T={temp} p={top_p} k={top_k}: {agree}/{rows} rows agree with the CPU");
         // f32 vs f64 cumulative sums may flip a row sitting on a boundary; more than 2 of 64
@@ -993,6 +999,62 @@ fn sampling_matches_cpu() {
             assert_eq!(got, want, "greedy and top_p = 0 must match exactly");
             assert_eq!(got[5], 17);
         }
+    }
+}
+
+/// Per-draw logits rows and stream offsets (the rollout's shared first-token draws): the device
+/// against the CPU, output poisoned.
+#[test]
+fn sampling_row_map_matches_cpu() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("sampling_row_map");
+    let (n_rows, vocab, draws) = (3, 1009, 29);
+    let lg = r.vec(n_rows * vocab, 4.0);
+    let ld = c.upload_f32(&lg).unwrap();
+    let src: Vec<u32> = (0..draws).map(|_| r.below(n_rows) as u32).collect();
+    let offsets: Vec<u64> = (0..draws).map(|_| r.next()).collect();
+    let rows = tooln1::backend::SampleRows {
+        offsets: &offsets,
+        src: Some(&src),
+        n_rows,
+        vocab,
+    };
+    for temperature in [0.0f32, 1.0] {
+        let p = tooln1::backend::SampleParams {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            seed: r.next(),
+        };
+        let mut out = c.upload_u32(&vec![u32::MAX; draws]).unwrap();
+        c.sample(&ld, &mut out, &rows, &p).unwrap();
+        let got = c.download_u32(&out, draws).unwrap();
+        let mut want = vec![u32::MAX; draws];
+        Cpu.sample(&lg, &mut want, &rows, &p).unwrap();
+        let agree = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+        println!("sample row map T={temperature}: {agree}/{draws} draws agree with the CPU");
+        // f32 vs f64 cumulative sums may flip a draw sitting on a boundary.
+        assert!(agree + 1 >= draws, "got {got:?}\nwant {want:?}");
+        if temperature == 0.0 {
+            assert_eq!(got, want);
+        }
+    }
+}
+
+/// copy_rows on the device: the rows moved, everything else untouched.
+#[test]
+fn copy_rows_matches_cpu() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("copy_rows");
+    let (rows, width) = (17, 13);
+    let host = bf16_round(&r.vec(rows * width, 2.0));
+    for (src, dst, n) in [(0usize, 9usize, 5usize), (11, 2, 6), (3, 4, 1), (5, 5, 0)] {
+        let (mut t, _) = up(&c, &host);
+        let rc = tooln1::backend::RowCopy { src, dst, n, width };
+        c.copy_rows(&mut t, rc).unwrap();
+        let mut want = host.clone();
+        Cpu.copy_rows(&mut want, rc).unwrap();
+        assert_eq!(c.download(&t, rows * width).unwrap(), want, "{rc:?}");
     }
 }
 
@@ -1597,8 +1659,8 @@ fn both_backends_reject_the_same_bad_calls() {
         ("temperature inf", f32::INFINITY, 1.0),
     ] {
         let gd = c.upload_f32(&good).unwrap();
-        let cr = cpu.sample(&good, &mut outc, 2, sv, temp, top_p, 0, 1, 0);
-        let gr = c.sample(&gd, &mut outg, 2, sv, temp, top_p, 0, 1, 0);
+        let cr = common::sample_at(&cpu, &good, &mut outc, 2, sv, temp, top_p, 0, 1, 0);
+        let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, temp, top_p, 0, 1, 0);
         both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
     }
     for (what, val, temp) in [
@@ -1609,31 +1671,29 @@ fn both_backends_reject_the_same_bad_calls() {
         let mut bad = good.clone();
         bad[sv + 17] = val;
         let gd = c.upload_f32(&bad).unwrap();
-        let cr = cpu.sample(&bad, &mut outc, 2, sv, temp, 1.0, 0, 1, 0);
-        let gr = c.sample(&gd, &mut outg, 2, sv, temp, 1.0, 0, 1, 0);
+        let cr = common::sample_at(&cpu, &bad, &mut outc, 2, sv, temp, 1.0, 0, 1, 0);
+        let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, temp, 1.0, 0, 1, 0);
         both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
     }
     let mut ninf = good.clone();
     ninf[sv..].fill(f32::NEG_INFINITY);
     let gd = c.upload_f32(&ninf).unwrap();
-    let cr = cpu.sample(&ninf, &mut outc, 2, sv, 1.0, 1.0, 0, 1, 0);
-    let gr = c.sample(&gd, &mut outg, 2, sv, 1.0, 1.0, 0, 1, 0);
+    let cr = common::sample_at(&cpu, &ninf, &mut outc, 2, sv, 1.0, 1.0, 0, 1, 0);
+    let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, 1.0, 1.0, 0, 1, 0);
     both(
         "sample: a row all -inf at temperature 1",
         cr,
         cuda_rejects(&c, gr),
     );
     // ... which greedy decoding accepts on both (token 0), as it accepts -inf entries.
-    cpu.sample(&ninf, &mut outc, 2, sv, 0.0, 1.0, 0, 1, 0)
-        .unwrap();
-    c.sample(&gd, &mut outg, 2, sv, 0.0, 1.0, 0, 1, 0).unwrap();
+    common::sample_at(&cpu, &ninf, &mut outc, 2, sv, 0.0, 1.0, 0, 1, 0).unwrap();
+    common::sample_at(&c, &gd, &mut outg, 2, sv, 0.0, 1.0, 0, 1, 0).unwrap();
     assert_eq!(c.download_u32(&outg, 2).unwrap(), outc);
     assert_eq!(outc[1], 0);
     // top_p = 0 keeps the single most likely token on both.
     let gd = c.upload_f32(&good).unwrap();
-    cpu.sample(&good, &mut outc, 2, sv, 1.0, 0.0, 0, 1, 0)
-        .unwrap();
-    c.sample(&gd, &mut outg, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
+    common::sample_at(&cpu, &good, &mut outc, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
+    common::sample_at(&c, &gd, &mut outg, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
     assert_eq!(c.download_u32(&outg, 2).unwrap(), outc, "top_p = 0");
 
     // GRPO loss settings, also with no tokens at all; a seq_id out of range; a negative mask.
@@ -2071,13 +2131,14 @@ fn full_vocabulary_logprobs_and_sampling() {
         (1.0, 0.0, 0),
     ] {
         let mut want = vec![u32::MAX; rows];
-        cpu.sample(&lg, &mut want, rows, vocab, temp, top_p, top_k, seed, 7)
-            .unwrap();
+        common::sample_at(
+            &cpu, &lg, &mut want, rows, vocab, temp, top_p, top_k, seed, 7,
+        )
+        .unwrap();
         let mut first = None;
         for run in 0..2 {
             let mut out = c.upload_u32(&vec![u32::MAX; rows]).unwrap();
-            c.sample(&ld, &mut out, rows, vocab, temp, top_p, top_k, seed, 7)
-                .unwrap();
+            common::sample_at(&c, &ld, &mut out, rows, vocab, temp, top_p, top_k, seed, 7).unwrap();
             let got = c.download_u32(&out, rows).unwrap();
             println!(
                 "full vocabulary T={temp} p={top_p} k={top_k} run {run}: cuda {got:?} cpu {want:?}"

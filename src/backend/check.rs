@@ -14,7 +14,10 @@
 //! backend's implementation (the CUDA kernels' head sizes, launch-grid limits) are that
 //! backend's own checks, with the same error variant.
 
-use super::{Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed, Prefix};
+use super::{
+    Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed, Prefix, RowCopy,
+    SampleParams, SampleRows,
+};
 use crate::{Error, Result};
 
 /// Anything an op reads or writes: its length in elements.
@@ -115,6 +118,35 @@ pub fn first_n(op: &'static str, t: &impl Buf, n: usize) -> Result<()> {
 pub fn copy(op: &'static str, src: &impl Buf, dst: &impl Buf, n: usize) -> Result<()> {
     holds(op, "src", src, &[n], "n")?;
     holds(op, "dst", dst, &[n], "n")
+}
+
+/// `copy_rows`: width positive, `t` holds rows up to max(src, dst) + n (overflow-checked), the
+/// source and destination ranges disjoint.
+pub fn copy_rows(t: &impl Buf, c: RowCopy) -> Result<()> {
+    let op = "copy_rows";
+    positive(op, "width", c.width)?;
+    let end = c.src.max(c.dst).checked_add(c.n).ok_or_else(|| {
+        arg_error(
+            op,
+            "n",
+            "row ranges that fit in memory",
+            format!("max(src, dst) = {} + n = {}", c.src.max(c.dst), c.n),
+        )
+    })?;
+    holds(op, "t", t, &[end, c.width], "(max(src, dst) + n) * width")?;
+    if c.n > 0 && c.src < c.dst + c.n && c.dst < c.src + c.n {
+        return Err(arg_error(
+            op,
+            "dst",
+            format!(
+                "a row range disjoint from the source rows {}..{}",
+                c.src,
+                c.src + c.n
+            ),
+            format!("rows {}..{}", c.dst, c.dst + c.n),
+        ));
+    }
+    Ok(())
 }
 
 /// `upload_raw`: exactly `n` elements of `dtype` in `bytes`.
@@ -627,25 +659,60 @@ pub fn logprobs_bwd(
 pub fn sample(
     logits: &impl Buf,
     out: &impl Buf,
-    rows: usize,
-    vocab: usize,
-    temperature: f32,
-    top_p: f32,
+    rows: &SampleRows<'_>,
+    p: &SampleParams,
 ) -> Result<()> {
     let op = "sample";
-    positive(op, "vocab", vocab)?;
-    holds(op, "logits", logits, &[rows, vocab], "rows * vocab")?;
-    holds(op, "out", out, &[rows], "rows")?;
-    if !(temperature.is_finite() && temperature >= 0.0) {
+    let draws = rows.draws();
+    positive(op, "vocab", rows.vocab)?;
+    holds(
+        op,
+        "logits",
+        logits,
+        &[rows.n_rows, rows.vocab],
+        "n_rows * vocab",
+    )?;
+    holds(op, "out", out, &[draws], "draws (offsets.len())")?;
+    match rows.src {
+        None => {
+            if rows.n_rows < draws {
+                return Err(arg_error(
+                    op,
+                    "n_rows",
+                    format!("at least the {draws} draws (src = None reads row r for draw r)"),
+                    rows.n_rows,
+                ));
+            }
+        }
+        Some(src) => {
+            if src.len() != draws {
+                return Err(arg_error(
+                    op,
+                    "src",
+                    format!("one logits row per draw ({draws})"),
+                    format!("{} rows", src.len()),
+                ));
+            }
+            if let Some(r) = src.iter().position(|&s| s as usize >= rows.n_rows) {
+                return Err(arg_error(
+                    op,
+                    "src",
+                    format!("rows below n_rows = {}", rows.n_rows),
+                    format!("src[{r}] = {}", src[r]),
+                ));
+            }
+        }
+    }
+    if !(p.temperature.is_finite() && p.temperature >= 0.0) {
         return Err(arg_error(
             op,
             "temperature",
             "a finite value >= 0",
-            temperature,
+            p.temperature,
         ));
     }
-    if !(0.0..=1.0).contains(&top_p) {
-        return Err(arg_error(op, "top_p", "a value in [0, 1]", top_p));
+    if !(0.0..=1.0).contains(&p.top_p) {
+        return Err(arg_error(op, "top_p", "a value in [0, 1]", p.top_p));
     }
     Ok(())
 }
@@ -788,8 +855,10 @@ pub fn decode_lens(lens: &[u32], n_seq: usize, max_len: usize) -> Result<()> {
 }
 
 /// Sampling logits: finite or -inf, and (temperature > 0) not a whole row of -inf.
-pub fn sample_logits(logits: &[f32], rows: usize, vocab: usize, temperature: f32) -> Result<()> {
-    for r in 0..rows {
+pub fn sample_logits(logits: &[f32], rows: &SampleRows<'_>, temperature: f32) -> Result<()> {
+    let vocab = rows.vocab;
+    for d in 0..rows.draws() {
+        let r = rows.row(d);
         let row = &logits[r * vocab..(r + 1) * vocab];
         if let Some(i) = row.iter().position(|z| z.is_nan() || *z == f32::INFINITY) {
             return Err(arg_error(

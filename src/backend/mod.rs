@@ -173,6 +173,57 @@ impl<I> Packed<'_, I> {
     }
 }
 
+/// A [`Backend::copy_rows`] block: `n` rows of `width` elements from row `src` to row `dst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowCopy {
+    pub src: usize,
+    pub dst: usize,
+    pub n: usize,
+    pub width: usize,
+}
+
+/// The draws of one [`Backend::sample`] call: `offsets.len()` draws over logits of `n_rows`
+/// rows of `vocab`; draw r reads row `src[r]` (< n_rows; row r when None, then n_rows >= the
+/// number of draws) with the random stream (seed, offsets[r]).
+#[derive(Clone, Copy, Debug)]
+pub struct SampleRows<'a> {
+    pub offsets: &'a [u64],
+    pub src: Option<&'a [u32]>,
+    pub n_rows: usize,
+    pub vocab: usize,
+}
+
+impl<'a> SampleRows<'a> {
+    /// Draw r from row r of [offsets.len(), vocab] logits.
+    pub fn each(offsets: &'a [u64], vocab: usize) -> Self {
+        SampleRows {
+            offsets,
+            src: None,
+            n_rows: offsets.len(),
+            vocab,
+        }
+    }
+    /// Number of draws.
+    pub fn draws(&self) -> usize {
+        self.offsets.len()
+    }
+    /// The logits row of draw r.
+    pub fn row(&self, r: usize) -> usize {
+        self.src.map_or(r, |s| s[r] as usize)
+    }
+}
+
+/// The sampling settings of a [`Backend::sample`] call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = no top-k cut.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
 /// Hyper-parameters of one AdamW update (already including the schedule's lr for this step).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -291,6 +342,11 @@ pub trait Backend {
     /// dst[..n] = src[..n] (f32 buffers)
     fn copy_f32(&self, src: &Self::F, dst: &mut Self::F, n: usize) -> Result<()>;
     fn fill_f32(&self, t: &mut Self::F, n: usize, value: f32) -> Result<()>;
+    /// Row block copy inside one buffer viewed as rows of `c.width` elements: rows
+    /// c.dst..c.dst + c.n take the values of rows c.src..c.src + c.n (the two ranges must not
+    /// overlap; c.n = 0 copies nothing). A rollout gives a prompt's cached keys/values to the
+    /// KV-cache slots of its other samples with it.
+    fn copy_rows(&self, t: &mut Self::T, c: RowCopy) -> Result<()>;
     /// Wait for all queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 
@@ -575,25 +631,21 @@ pub trait Backend {
         dim: usize,
         vocab: usize,
     ) -> Result<()>;
-    /// Sample one token per row of f32 logits [rows, vocab]: greedy when temperature == 0,
+    /// Sample one token per draw from f32 logits [`rows.n_rows`, vocab]: draw r reads logits row
+    /// `rows.src[r]` (row r when `src` is None) and writes out[r]; greedy when temperature == 0,
     /// else softmax(logits / temperature) restricted to the smallest top-p nucleus (top_k = 0
     /// means no top-k cut; top_k >= vocab likewise; top_p = 0 keeps the single most likely
-    /// token). Row r uses the counter-based random stream (seed, offset + r), so a run is
-    /// reproducible whatever the batch split. Logits must be finite or -inf, and not all -inf
-    /// when temperature > 0: anything else is an error (on a device, reported at the next
-    /// synchronisation, the row's output left unwritten).
-    #[allow(clippy::too_many_arguments)]
+    /// token). Draw r uses the counter-based random stream (seed, `rows.offsets[r]`), so its token
+    /// depends only on its logits row and its offset, not on the other draws of the call (a
+    /// rollout keys the offset by sequence and position). Logits must be finite or -inf, and not
+    /// all -inf when temperature > 0: anything else is an error (on a device, reported at the
+    /// next synchronisation, the draw's output left unwritten).
     fn sample(
         &self,
         logits: &Self::F,
         out: &mut Self::I,
-        rows: usize,
-        vocab: usize,
-        temperature: f32,
-        top_p: f32,
-        top_k: usize,
-        seed: u64,
-        offset: u64,
+        rows: &SampleRows<'_>,
+        p: &SampleParams,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- RL loss and optimiser

@@ -2,6 +2,7 @@
 //! written once over [`crate::backend::Backend`], and tiny random models for tests and demos.
 
 pub mod config;
+pub mod flops;
 pub mod init;
 pub mod layout;
 pub mod memory;

@@ -4,7 +4,7 @@
 //! residual add -> RMSNorm -> SwiGLU MLP -> residual add; then the final RMSNorm and the fused
 //! lm_head + log-softmax + gather.
 
-use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed, Prefix};
+use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed, Prefix, RowCopy};
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
 
@@ -376,6 +376,37 @@ pub struct KvCache<B: Backend> {
     pub lens: Vec<u32>,
     pub slots: usize,
     pub max_len: usize,
+    /// Elements per cached position (n_kv * head_dim).
+    pub kv_width: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Slot `dst` takes the first `len` cached positions of slot `src` (every layer's keys and
+    /// values, with [`Backend::copy_rows`]) and `lens[dst] = len`: a prompt prefilled once
+    /// serves its other samples, and a slot can move. `len` must not exceed `lens[src]`.
+    pub fn copy_slot(&mut self, b: &B, src: usize, dst: usize, len: usize) -> Result<()> {
+        if src >= self.slots || dst >= self.slots || src == dst || len > self.lens[src] as usize {
+            return Err(Error::Invalid(format!(
+                "copy_slot: slot {src} -> {dst}, {len} positions, in a cache of {} slots \
+                 (expected two distinct slots and len <= lens[src] = {})",
+                self.slots,
+                self.lens.get(src).copied().unwrap_or(0)
+            )));
+        }
+        let width = self.kv_width;
+        let c = RowCopy {
+            src: src * self.max_len,
+            dst: dst * self.max_len,
+            n: len,
+            width,
+        };
+        for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
+            b.copy_rows(k, c)?;
+            b.copy_rows(v, c)?;
+        }
+        self.lens[dst] = len as u32;
+        Ok(())
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -1083,19 +1114,46 @@ impl<B: Backend> Model<B> {
             lens: vec![0; slots],
             slots,
             max_len,
+            kv_width: kvd,
         })
     }
 
     /// Prefill slot i with `prompts[i]` (`prompts.len() <= cache.slots`); returns f32
     /// logits [prompts.len(), vocab] of each prompt's last token.
     pub fn prefill(&self, b: &B, cache: &mut KvCache<B>, prompts: &[Vec<u32>]) -> Result<B::F> {
-        if prompts.is_empty() || prompts.len() > cache.slots {
+        let slots: Vec<usize> = (0..prompts.len()).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        self.prefill_slots(b, cache, &slots, &refs)
+    }
+
+    /// Prefill slot `slots[i]` with `prompts[i]` (distinct slots below `cache.slots`, at most
+    /// `cache.slots` prompts), in one packed pass; other slots are untouched. Returns f32
+    /// logits [prompts.len(), vocab] of each prompt's last token.
+    pub fn prefill_slots(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        slots: &[usize],
+        prompts: &[&[u32]],
+    ) -> Result<B::F> {
+        if prompts.is_empty() || prompts.len() > cache.slots || slots.len() != prompts.len() {
             return Err(Error::Invalid(format!(
-                "prefill: {} prompts for a cache of {} slots (expected 1..={})",
+                "prefill: {} prompts into {} slots of a cache of {} slots (expected 1..={} \
+                 prompts, one slot each)",
                 prompts.len(),
+                slots.len(),
                 cache.slots,
                 cache.slots
             )));
+        }
+        let mut seen = vec![false; cache.slots];
+        for &s in slots {
+            if s >= cache.slots || std::mem::replace(&mut seen[s], true) {
+                return Err(Error::Invalid(format!(
+                    "prefill: slot {s} is out of range or repeated (cache of {} slots)",
+                    cache.slots
+                )));
+            }
         }
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -1114,7 +1172,7 @@ impl<B: Backend> Model<B> {
             tokens.extend_from_slice(p);
             for t in 0..p.len() {
                 positions.push(t as u32);
-                dst.push((i * cache.max_len + t) as u32);
+                dst.push((slots[i] * cache.max_len + t) as u32);
             }
             cu_host.push(tokens.len() as u32);
             last.push(tokens.len() as u32 - 1);
@@ -1139,7 +1197,7 @@ impl<B: Backend> Model<B> {
         let mut out = b.zeros_f32(np * d.vocab)?;
         b.logits(&xf, self.p(self.layout.lm_head), &mut out, np, d.h, d.vocab)?;
         for (i, p) in prompts.iter().enumerate() {
-            cache.lens[i] = p.len() as u32;
+            cache.lens[slots[i]] = p.len() as u32;
         }
         Ok(out)
     }

@@ -9,7 +9,7 @@
 
 use tooln1::backend::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
-    LinearGrads, LossAgg, Packed,
+    LinearGrads, LossAgg, Packed, RowCopy, SampleParams, SampleRows,
 };
 use tooln1::Result;
 
@@ -38,6 +38,54 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             b.copy_f32(&f(3), &mut f(4), 4),
         ),
         ("fill_f32: t shorter than n", b.fill_f32(&mut f(2), 3, 1.0)),
+        (
+            "copy_rows: width 0",
+            b.copy_rows(
+                &mut t(8),
+                RowCopy {
+                    src: 0,
+                    dst: 2,
+                    n: 1,
+                    width: 0,
+                },
+            ),
+        ),
+        (
+            "copy_rows: t shorter than the rows",
+            b.copy_rows(
+                &mut t(11),
+                RowCopy {
+                    src: 0,
+                    dst: 2,
+                    n: 2,
+                    width: 3,
+                },
+            ),
+        ),
+        (
+            "copy_rows: dst overlapping the source rows",
+            b.copy_rows(
+                &mut t(30),
+                RowCopy {
+                    src: 1,
+                    dst: 3,
+                    n: 3,
+                    width: 3,
+                },
+            ),
+        ),
+        (
+            "copy_rows: n overflowing",
+            b.copy_rows(
+                &mut t(30),
+                RowCopy {
+                    src: 1,
+                    dst: 3,
+                    n: usize::MAX,
+                    width: 3,
+                },
+            ),
+        ),
         (
             "upload_raw: bytes 5 for 2 bf16 elements",
             b.upload_raw(DType::BF16, &[0u8; 5], 2).map(drop),
@@ -579,16 +627,59 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     ] {
         out.push((
             what,
-            b.sample(&f(2 * sv), &mut u(&[0, 0]), 2, sv, temp, top_p, 0, 1, 0),
+            super::sample_at(b, &f(2 * sv), &mut u(&[0, 0]), 2, sv, temp, top_p, 0, 1, 0),
         ));
     }
     out.push((
         "sample: vocab 0",
-        b.sample(&f(2), &mut u(&[0, 0]), 2, 0, 1.0, 1.0, 0, 1, 0),
+        super::sample_at(b, &f(2), &mut u(&[0, 0]), 2, 0, 1.0, 1.0, 0, 1, 0),
     ));
     out.push((
         "sample: out shorter than rows",
-        b.sample(&f(2 * sv), &mut u(&[0]), 2, sv, 1.0, 1.0, 0, 1, 0),
+        super::sample_at(b, &f(2 * sv), &mut u(&[0]), 2, sv, 1.0, 1.0, 0, 1, 0),
+    ));
+    let sp = SampleParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 1,
+    };
+    let rows = |offsets: &'static [u64], src: Option<&'static [u32]>, n_rows: usize| SampleRows {
+        offsets,
+        src,
+        n_rows,
+        vocab: sv,
+    };
+    out.push((
+        "sample: n_rows below the draws without src",
+        b.sample(
+            &f(3 * sv),
+            &mut u(&[0, 0, 0]),
+            &rows(&[0, 1, 2], None, 2),
+            &sp,
+        ),
+    ));
+    out.push((
+        "sample: src of another length than offsets",
+        b.sample(
+            &f(2 * sv),
+            &mut u(&[0, 0]),
+            &rows(&[0, 1], Some(&[0]), 2),
+            &sp,
+        ),
+    ));
+    out.push((
+        "sample: src row at n_rows",
+        b.sample(
+            &f(2 * sv),
+            &mut u(&[0, 0, 0]),
+            &rows(&[0, 1, 2], Some(&[0, 2, 1]), 2),
+            &sp,
+        ),
+    ));
+    out.push((
+        "sample: logits shorter than n_rows * vocab",
+        b.sample(&f(2 * sv), &mut u(&[0]), &rows(&[5], Some(&[0]), 3), &sp),
     ));
 
     // RL loss and optimiser

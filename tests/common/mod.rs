@@ -176,3 +176,105 @@ pub fn bf16_round(v: &[f32]) -> Vec<f32> {
         .map(|&x| half::bf16::from_f32(x).to_f32())
         .collect()
 }
+
+/// [`Backend::sample`] with draw r reading logits row r at stream offset `offset + r` (the
+/// per-row offsets of a plain batch of `rows` rows).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_at<B: Backend>(
+    b: &B,
+    logits: &B::F,
+    out: &mut B::I,
+    rows: usize,
+    vocab: usize,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    seed: u64,
+    offset: u64,
+) -> tooln1::Result<()> {
+    let offsets: Vec<u64> = (0..rows as u64).map(|r| offset.wrapping_add(r)).collect();
+    let p = tooln1::backend::SampleParams {
+        temperature,
+        top_p,
+        top_k,
+        seed,
+    };
+    b.sample(
+        logits,
+        out,
+        &tooln1::backend::SampleRows::each(&offsets, vocab),
+        &p,
+    )
+}
+
+/// Runs a rollout under many schedules on backend `b` and checks that the generations never
+/// change: slot counts from 1 to more than the sequences, prompt-major, reversed and shuffled
+/// admission, one shared prefill per prompt or a prefill per sequence. Also checks the work
+/// counts: one prefill per prompt when shared (prompt-major), one per sequence otherwise, and
+/// decode rows only for the tokens that needed one (finished rows cost nothing). `schedules`
+/// limits the runs (the virtual GPU is slow). Returns the generations.
+pub fn check_rollout_schedules<B: Backend>(
+    b: &B,
+    model: &tooln1::model::Model<B>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    sp: &tooln1::train::rollout::SamplingParams,
+    stream: tooln1::train::rollout::Stream,
+    schedules: usize,
+) -> Vec<tooln1::train::rollout::Generation> {
+    use tooln1::train::rollout::{generate_with, Schedule};
+    let total = prompts.len() * n;
+    let mut rng = Rng::from_seed(stream.seed);
+    let mut shuffled: Vec<usize> = (0..total).collect();
+    for i in (1..total).rev() {
+        shuffled.swap(i, rng.below(i + 1));
+    }
+    let reversed: Vec<usize> = (0..total).rev().collect();
+    let mut sp_ref = sp.clone();
+    sp_ref.max_slots = total.max(1);
+    let (want, st) = generate_with(b, model, prompts, n, &sp_ref, stream, &Schedule::default())
+        .expect("reference rollout");
+    assert_eq!(st.prefills, prompts.len(), "one prefill per prompt");
+    let decode_rows: usize = want.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+    assert_eq!(st.decode.rows as usize, decode_rows, "decode rows");
+    let orders: [Option<Vec<usize>>; 3] = [None, Some(reversed), Some(shuffled)];
+    // (max_slots, order, prefill_each), most telling first.
+    let cases = [
+        (1usize, 0usize, false),
+        (2, 2, true),
+        (3, 1, false),
+        (total + 3, 0, true),
+        (5, 2, false),
+        (1, 1, true),
+        (2, 0, false),
+        (3, 2, true),
+        (5, 0, true),
+        (total + 3, 1, false),
+    ];
+    let mut runs = 0;
+    for &(slots, o, prefill_each) in cases.iter().take(schedules) {
+        runs += 1;
+        let order = &orders[o];
+        let mut s = sp.clone();
+        s.max_slots = slots;
+        let sched = Schedule {
+            order: order.clone(),
+            prefill_each,
+        };
+        let (got, st) = generate_with(b, model, prompts, n, &s, stream, &sched).expect("rollout");
+        assert_eq!(
+            got, want,
+            "max_slots {slots}, order {order:?}, prefill_each {prefill_each}"
+        );
+        assert_eq!(st.decode.rows as usize, decode_rows, "decode rows");
+        if prefill_each {
+            assert_eq!(st.prefills, total, "a prefill per sequence");
+        } else if order.is_none() {
+            assert_eq!(st.prefills, prompts.len(), "one prefill per prompt");
+        }
+        assert!(st.prefill.rows <= st.naive_prefill.rows);
+        assert!(st.decode.rows <= st.naive_decode.rows);
+    }
+    println!("rollout: {runs} schedules gave the same {total} generations");
+    want
+}

@@ -1027,9 +1027,9 @@ pub fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The uniform draw of row `r` of a [`sample_row`] call: the top 24 bits of
-/// `splitmix64(seed ^ splitmix64(offset + r))` divided by 2^24, so u ∈ [0, 1) and depends only
-/// on (seed, offset + r). The CUDA sampler reproduces exactly this function.
+/// The uniform draw of a [`sample_row`] call at stream counter `counter` (a draw's offset): the
+/// top 24 bits of `splitmix64(seed ^ splitmix64(counter))` divided by 2^24, so u ∈ [0, 1) and
+/// depends only on (seed, counter). The CUDA sampler reproduces exactly this function.
 pub fn sample_uniform(seed: u64, counter: u64) -> f64 {
     let bits = splitmix64(seed ^ splitmix64(counter)) >> 40;
     bits as f64 / (1u64 << 24) as f64

@@ -19,7 +19,7 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 use crate::backend::check;
 use crate::backend::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed, Prefix,
+    LinearGrads, Packed, Prefix, RowCopy, SampleParams, SampleRows,
 };
 use crate::Result;
 
@@ -88,6 +88,11 @@ impl Backend for Cpu {
     fn copy_f32(&self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) -> Result<()> {
         check::copy("copy_f32", src, dst, n)?;
         dst[..n].copy_from_slice(&src[..n]);
+        Ok(())
+    }
+    fn copy_rows(&self, t: &mut Vec<f32>, c: RowCopy) -> Result<()> {
+        check::copy_rows(t, c)?;
+        t.copy_within(c.src * c.width..(c.src + c.n) * c.width, c.dst * c.width);
         Ok(())
     }
     fn fill_f32(&self, t: &mut Vec<f32>, n: usize, value: f32) -> Result<()> {
@@ -557,20 +562,17 @@ impl Backend for Cpu {
         &self,
         logits: &Vec<f32>,
         out: &mut Vec<u32>,
-        rows: usize,
-        vocab: usize,
-        temperature: f32,
-        top_p: f32,
-        top_k: usize,
-        seed: u64,
-        offset: u64,
+        rows: &SampleRows<'_>,
+        p: &SampleParams,
     ) -> Result<()> {
-        check::sample(logits, out, rows, vocab, temperature, top_p)?;
-        check::sample_logits(logits, rows, vocab, temperature)?;
-        for r in 0..rows {
+        check::sample(logits, out, rows, p)?;
+        check::sample_logits(logits, rows, p.temperature)?;
+        let vocab = rows.vocab;
+        for (d, &offset) in rows.offsets.iter().enumerate() {
+            let r = rows.row(d);
             let row = &logits[r * vocab..(r + 1) * vocab];
-            let u = math::sample_uniform(seed, offset.wrapping_add(r as u64));
-            out[r] = math::sample_row(row, temperature, top_p, top_k, u);
+            let u = math::sample_uniform(p.seed, offset);
+            out[d] = math::sample_row(row, p.temperature, p.top_p, p.top_k, u);
         }
         Ok(())
     }

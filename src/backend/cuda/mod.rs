@@ -23,7 +23,7 @@ use runtime::Gpu;
 
 use super::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed, Prefix,
+    LinearGrads, Packed, Prefix, RowCopy, SampleParams, SampleRows,
 };
 use crate::Result;
 
@@ -148,6 +148,9 @@ impl Backend for Cuda {
     }
     fn copy_f32(&self, src: &Self::F, dst: &mut Self::F, n: usize) -> Result<()> {
         ops::memory::copy(self, src, dst, n, "copy_f32")
+    }
+    fn copy_rows(&self, t: &mut Self::T, c: RowCopy) -> Result<()> {
+        ops::memory::copy_rows(self, t, c)
     }
     fn fill_f32(&self, t: &mut Self::F, n: usize, value: f32) -> Result<()> {
         ops::util::fill_f32(self, t, n, value)
@@ -415,26 +418,10 @@ impl Backend for Cuda {
         &self,
         logits: &Self::F,
         out: &mut Self::I,
-        rows: usize,
-        vocab: usize,
-        temperature: f32,
-        top_p: f32,
-        top_k: usize,
-        seed: u64,
-        offset: u64,
+        rows: &SampleRows<'_>,
+        p: &SampleParams,
     ) -> Result<()> {
-        ops::sampling::sample(
-            self,
-            logits,
-            out,
-            rows,
-            vocab,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            offset,
-        )
+        ops::sampling::sample(self, logits, out, rows, p)
     }
 
     fn grpo_loss(

@@ -2,7 +2,7 @@
 
 use super::super::runtime::{Bf16, CudaBuf, Elem};
 use super::super::Cuda;
-use crate::backend::{check, DType};
+use crate::backend::{check, DType, RowCopy};
 use crate::Result;
 
 /// f32 host values rounded to a bf16 device buffer.
@@ -70,4 +70,19 @@ pub(crate) fn copy<E: Elem>(
     check::copy(op, src, dst, n)?;
     c.gpu.bind()?;
     c.gpu.dtod(src.ptr(), dst.ptr(), n * E::SIZE)
+}
+
+/// Rows c.dst.. = rows c.src.. of one buffer (one device-to-device copy of c.n * c.width
+/// elements on the backend's stream; the contract makes the ranges disjoint).
+pub(crate) fn copy_rows<E: Elem>(c: &Cuda, t: &mut CudaBuf<E>, rc: RowCopy) -> Result<()> {
+    check::copy_rows(t, rc)?;
+    if rc.n == 0 {
+        return Ok(());
+    }
+    c.gpu.bind()?;
+    c.gpu.dtod(
+        t.at(rc.src * rc.width),
+        t.at(rc.dst * rc.width),
+        rc.n * rc.width * E::SIZE,
+    )
 }
