@@ -238,7 +238,13 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
-/// How per-token GRPO losses are reduced to one scalar (verl's `loss_agg_mode`).
+/// How per-token GRPO losses are reduced to one scalar (verl's `loss_agg_mode`), over a whole
+/// mini-batch whatever its micro-batch split (`loss::micro_batch_scale`). The Tool-N1 verl fork
+/// instead takes each micro-batch's token mean and scales it by the micro-batch's share of the
+/// mini-batch's sequences (`verl/workers/actor/dp_actor.py`, `update_policy`), which equals
+/// this token mean only when every micro-batch has the same tokens per sequence. Leaving
+/// zero-signal groups out (`grpo.skip_zero_adv_groups`, off by default) changes the token
+/// mean's denominator and drops those groups' KL terms. Both in `docs/loss-aggregation.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LossAgg {

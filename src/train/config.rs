@@ -105,6 +105,15 @@ pub struct GrpoConfig {
     /// Must be finite and > 0 when set. SFT and evaluation scoring always use T = 1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprob_temperature: Option<f32>,
+    /// Leave groups without signal (every reward of the group equal, so every advantage 0) out
+    /// of the old-logprob, reference and update passes. Off by default: such a group adds no
+    /// policy gradient but its tokens carry KL (and entropy) terms and count in the
+    /// token-mean's denominator, so leaving it out reweights the KL term and scales up the
+    /// remaining tokens' policy gradient, and a step can then make fewer optimizer updates
+    /// (none when every group is left out). See `docs/loss-aggregation.md`. Needs
+    /// `rollout.n >= 2` (a group of one has advantage = its score under GRPO).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_zero_adv_groups: bool,
 }
 
 impl Default for GrpoConfig {
@@ -125,6 +134,7 @@ impl Default for GrpoConfig {
             recompute: true,
             shared_prompt: true,
             logprob_temperature: None,
+            skip_zero_adv_groups: false,
         }
     }
 }
@@ -283,6 +293,12 @@ pub struct TrainConfig {
     pub rollout: RolloutConfig,
     pub grpo: GrpoConfig,
     pub optim: OptimConfig,
+    /// Peak TFLOP/s of the device for the per-phase model FLOP utilisation metrics (`mfu_*`).
+    /// Unset: a CUDA device's dense bf16 figure by its name (`model::flops::cuda_peak_tflops`;
+    /// unknown names report no utilisation); the CPU backend assumes none (set the machine's
+    /// own, e.g. cores x f32 FMA lanes x 2 x clock). Finite and > 0 when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_tflops: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -294,6 +310,7 @@ impl Default for TrainConfig {
             rollout: RolloutConfig::default(),
             grpo: GrpoConfig::default(),
             optim: OptimConfig::default(),
+            peak_tflops: None,
         }
     }
 }
@@ -495,6 +512,24 @@ impl TrainConfig {
         }
         if self.grpo.prompts_per_step == 0 {
             return Err(bad("grpo.prompts_per_step", "must be at least 1".into()));
+        }
+        if let Some(p) = self.peak_tflops {
+            if !(p.is_finite() && p > 0.0) {
+                return Err(bad(
+                    "peak_tflops",
+                    format!("must be finite and > 0 (got {p})"),
+                ));
+            }
+        }
+        if self.grpo.skip_zero_adv_groups && self.rollout.n < 2 {
+            return Err(bad(
+                "grpo.skip_zero_adv_groups",
+                format!(
+                    "needs rollout.n >= 2 (got {}): the GRPO advantage of a group of one is its \
+                     score, not zero",
+                    self.rollout.n
+                ),
+            ));
         }
         if self.step_host_bytes() == u64::MAX {
             return Err(bad(

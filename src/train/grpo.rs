@@ -5,6 +5,7 @@
 
 use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
+use crate::model::flops::Work;
 use crate::model::{Group, Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
@@ -124,6 +125,48 @@ pub fn pass_rows(seqs: &[TrainSeq], layout: Layout) -> (usize, usize) {
             (rows, seqs.iter().map(|s| s.n_response()).sum())
         }
     }
+}
+
+/// The work of one training-side pass over `seqs` in `layout` (token rows and logit rows as
+/// [`pass_rows`], plus the attention's (query, key) pairs), for the FLOP count of
+/// [`crate::model::flops`]. Per sequence: a causal pass over each sequence's L = len - 1
+/// positions. Shared: a causal pass over each group's prompt (P rows), and per response of R
+/// rows R * P prefix pairs plus its own causal R (R + 1) / 2.
+pub fn pass_work(seqs: &[TrainSeq], layout: Layout) -> Work {
+    let (rows, logit_rows) = pass_rows(seqs, layout);
+    let mut pairs = 0u64;
+    match layout {
+        Layout::PerSequence => {
+            for s in seqs {
+                pairs += Work::causal(s.n_pos() as u64, 0).attn_pairs;
+            }
+        }
+        Layout::Shared => {
+            for g in prompt_groups(seqs) {
+                let p = seqs[g.start].prompt_len as u64;
+                pairs += Work::causal(p, 0).attn_pairs;
+                for s in &seqs[g] {
+                    let r = s.n_response().saturating_sub(1) as u64;
+                    pairs += r * p + Work::causal(r, 0).attn_pairs;
+                }
+            }
+        }
+    }
+    Work {
+        rows: rows as u64,
+        logit_rows: logit_rows as u64,
+        attn_pairs: pairs,
+    }
+}
+
+/// Per group of `n` consecutive scores (the last may be shorter): whether all its scores are
+/// equal, so that the group carries no signal (every GRPO or Dr.GRPO advantage 0, up to the
+/// rounding of the mean, for groups of two or more).
+pub fn zero_signal_groups(scores: &[f32], n: usize) -> Vec<bool> {
+    scores
+        .chunks(n.max(1))
+        .map(|c| c.iter().all(|&x| x == c[0]))
+        .collect()
 }
 
 /// Check that every sequence has a prompt and a response.

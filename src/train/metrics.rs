@@ -60,6 +60,57 @@ pub struct StepMetrics {
     pub logit_rows_per_pass: usize,
     #[serde(default)]
     pub logit_rows_naive_per_pass: usize,
+    /// Groups left out of the old, reference and update passes (`grpo.skip_zero_adv_groups`;
+    /// 0 when off).
+    #[serde(default)]
+    pub groups_skipped: usize,
+    /// Rollout token rows: through prefill (each prompt once, when shared), through decode
+    /// (occupied slots only), and what the naive rollout computes for the same generations
+    /// (every sequence prefilling its prompt, static batches of `rollout.max_slots` decoding
+    /// until their longest response ends).
+    #[serde(default)]
+    pub tokens_rollout_prefill: u64,
+    #[serde(default)]
+    pub tokens_rollout_decode: u64,
+    #[serde(default)]
+    pub tokens_rollout_naive: u64,
+    /// Prompt prefills of the rollout.
+    #[serde(default)]
+    pub rollout_prefills: usize,
+    /// Model FLOPs per phase, counted from the config (`model::flops`): forward for the
+    /// rollout and the old and reference passes, 3x forward per PPO epoch for the update
+    /// (recomputation not counted).
+    #[serde(default)]
+    pub flops_rollout: f64,
+    #[serde(default)]
+    pub flops_old_logprobs: f64,
+    #[serde(default)]
+    pub flops_reference: f64,
+    #[serde(default)]
+    pub flops_update: f64,
+    /// Token rows processed per second of each phase (rollout: prefill + decode rows; update:
+    /// the pass's rows times the PPO epochs).
+    #[serde(default)]
+    pub tokens_per_s_rollout: f64,
+    #[serde(default)]
+    pub tokens_per_s_old_logprobs: f64,
+    #[serde(default)]
+    pub tokens_per_s_reference: f64,
+    #[serde(default)]
+    pub tokens_per_s_update: f64,
+    /// The device peak the utilisation is measured against (TFLOP/s; `peak_tflops` in the
+    /// config, else a known CUDA device's; none on the CPU unless configured).
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+    /// Model FLOP utilisation per phase: FLOPs / time / peak (none without a peak).
+    #[serde(default)]
+    pub mfu_rollout: Option<f64>,
+    #[serde(default)]
+    pub mfu_old_logprobs: Option<f64>,
+    #[serde(default)]
+    pub mfu_reference: Option<f64>,
+    #[serde(default)]
+    pub mfu_update: Option<f64>,
     /// Peak resident memory of the process (host), MiB.
     pub peak_host_mib: f64,
 }

@@ -7,6 +7,7 @@
 
 use crate::backend::{Backend, GrpoLossCfg};
 use crate::data::Sample;
+use crate::model::flops::{self, Work};
 use crate::model::Model;
 use crate::reward::Reward;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
@@ -15,7 +16,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, TrainSeq, UpdateSums};
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
 use crate::train::optim::{self, AdamW};
-use crate::train::rollout::{self, Generation, SamplingParams};
+use crate::train::rollout::{self, Generation, RolloutStats, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -141,6 +142,24 @@ struct UpdateOutcome {
     grad_norm: f64,
     lr: f32,
     updates: usize,
+}
+
+/// What a step computed beyond its sequences: the rollout's work, the zero-signal groups, and
+/// the phases' times.
+struct StepWork {
+    rollout: RolloutStats,
+    zero_groups: usize,
+    groups_skipped: usize,
+    times: StepTimes,
+}
+
+/// The sequences of the groups (n consecutive sequences each) that are not flagged in `skip`.
+fn keep_groups(seqs: Vec<TrainSeq>, n: usize, skip: &[bool]) -> Vec<TrainSeq> {
+    seqs.into_iter()
+        .enumerate()
+        .filter(|(i, _)| !skip.get(i / n.max(1)).copied().unwrap_or(false))
+        .map(|(_, s)| s)
+        .collect()
 }
 
 /// Seconds spent in each phase of a step.
@@ -361,9 +380,13 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t_step = Instant::now();
         let batch = self.next_batch();
-        let (gens, time_rollout) = timed(|| self.rollouts(&batch))?;
+        let ((gens, rollout), time_rollout) = timed(|| self.rollouts(&batch))?;
         let (scores, time_reward) = timed(|| self.rewards(&batch, &gens))?;
-        let seqs = self.train_seqs(&batch, &gens, &scores);
+        let zero = grpo::zero_signal_groups(&scores.rewards, self.cfg.rollout.n);
+        let mut seqs = self.train_seqs(&batch, &gens, &scores);
+        if self.cfg.grpo.skip_zero_adv_groups {
+            seqs = keep_groups(seqs, self.cfg.rollout.n, &zero);
+        }
         // The policy before any update ("old") and the frozen reference, both at the rollout
         // temperature as verl's actor computes them (see `GrpoConfig::logprob_temperature`).
         let (old, time_old) = timed(|| self.logprobs(&self.policy, &seqs))?;
@@ -378,7 +401,17 @@ impl<B: Backend> Trainer<B> {
             update: time_update,
             step: t_step.elapsed().as_secs_f64(),
         };
-        Ok(self.step_metrics(&batch, &gens, &scores, &seqs, &upd, &times))
+        let work = StepWork {
+            rollout,
+            zero_groups: zero.iter().filter(|z| **z).count(),
+            groups_skipped: if self.cfg.grpo.skip_zero_adv_groups {
+                zero.iter().filter(|z| **z).count()
+            } else {
+                0
+            },
+            times,
+        };
+        Ok(self.step_metrics(&batch, &gens, &scores, &seqs, &upd, &work))
     }
 
     /// The prompts of the next step: `prompts_per_step` positions of the shuffled data stream
@@ -401,17 +434,32 @@ impl<B: Backend> Trainer<B> {
         StepBatch { idx, epoch, tokens }
     }
 
-    /// `rollout.n` sampled responses per prompt, from the sampling stream at `sample_offset`.
-    fn rollouts(&self, batch: &StepBatch) -> Result<Vec<Generation>> {
-        rollout::generate(
+    /// `rollout.n` sampled responses per prompt, from the sampling stream at `sample_offset`,
+    /// and what the rollout computed.
+    fn rollouts(&self, batch: &StepBatch) -> Result<(Vec<Generation>, RolloutStats)> {
+        let stream = rollout::Stream {
+            seed: self.cfg.run.seed,
+            offset: self.sample_offset,
+        };
+        rollout::generate_with(
             &self.b,
             &self.policy,
             &batch.tokens,
             self.cfg.rollout.n,
             &self.sampling(),
-            self.cfg.run.seed,
-            self.sample_offset,
+            stream,
+            &rollout::Schedule::default(),
         )
+    }
+
+    /// The device's peak TFLOP/s for the utilisation metrics: `peak_tflops` when set, else a
+    /// CUDA device's by its name; None for the CPU backend.
+    fn peak_tflops(&self) -> Option<f64> {
+        let name = self.b.name();
+        self.cfg.peak_tflops.or_else(|| {
+            name.strip_prefix("cuda:")
+                .and_then(crate::model::flops::cuda_peak_tflops)
+        })
     }
 
     /// The reward of every response (checked to be finite) and the format-ok / exact counts.
@@ -455,6 +503,10 @@ impl<B: Backend> Trainer<B> {
     /// Per-sequence response logprobs of `model` (no gradient), in micro-batches, in the
     /// configured layout.
     fn logprobs(&self, model: &Model<B>, seqs: &[TrainSeq]) -> Result<Vec<Vec<f32>>> {
+        if seqs.is_empty() {
+            // Every group left out (`grpo.skip_zero_adv_groups`): nothing to score.
+            return Ok(Vec::new());
+        }
         let budget = self.cfg.grpo.micro_batch_tokens;
         let inv_t = self.cfg.logprob_inv_t();
         grpo::response_logprobs(&self.b, model, seqs, budget, inv_t, self.layout())
@@ -545,8 +597,9 @@ impl<B: Backend> Trainer<B> {
         scores: &Scores,
         seqs: &[TrainSeq],
         upd: &UpdateOutcome,
-        times: &StepTimes,
+        work: &StepWork,
     ) -> StepMetrics {
+        let times = &work.times;
         let n = self.cfg.rollout.n;
         let rewards = &scores.rewards;
         let k = rewards.len() as f64;
@@ -557,10 +610,7 @@ impl<B: Backend> Trainer<B> {
             .sum::<f64>()
             / (k - 1.0).max(1.0))
         .sqrt();
-        let zero_groups = rewards
-            .chunks(n)
-            .filter(|c| c.iter().all(|&x| x == c[0]))
-            .count();
+        let zero_groups = work.zero_groups;
         let resp_lens: Vec<usize> = gens.iter().map(|g| g.tokens.len()).collect();
         let resp_tokens: usize = resp_lens.iter().sum();
         let prompt_tokens: usize = gens.iter().map(|g| batch.tokens[g.prompt].len()).sum();
@@ -570,6 +620,18 @@ impl<B: Backend> Trainer<B> {
         let layout = self.layout();
         let (rows, logit_rows) = grpo::pass_rows(seqs, layout);
         let (rows_naive, logit_rows_naive) = grpo::pass_rows(seqs, grpo::Layout::PerSequence);
+        // FLOPs per phase (model::flops): forward for the rollout and the old and reference
+        // passes, forward + backward (3x) for every PPO epoch of the update.
+        let cfg = &self.policy.cfg;
+        let pass: Work = grpo::pass_work(seqs, layout);
+        let ro = work.rollout.work();
+        let epochs = self.cfg.grpo.ppo_epochs as f64;
+        let flops_rollout = ro.forward_flops(cfg);
+        let flops_pass = pass.forward_flops(cfg);
+        let flops_update = epochs * pass.train_flops(cfg);
+        let peak = self.peak_tflops();
+        let per_s = |tokens: f64, t: f64| if t > 0.0 { tokens / t } else { 0.0 };
+        let pass_rows = rows as f64;
         StepMetrics {
             step: self.step,
             epoch: batch.epoch,
@@ -610,6 +672,24 @@ impl<B: Backend> Trainer<B> {
             logit_rows_per_pass: logit_rows,
             logit_rows_naive_per_pass: logit_rows_naive,
             tokens_per_s: (prompt_tokens + resp_tokens) as f64 / times.step.max(1e-9),
+            groups_skipped: work.groups_skipped,
+            tokens_rollout_prefill: work.rollout.prefill.rows,
+            tokens_rollout_decode: work.rollout.decode.rows,
+            tokens_rollout_naive: work.rollout.naive_work().rows,
+            rollout_prefills: work.rollout.prefills,
+            flops_rollout,
+            flops_old_logprobs: flops_pass,
+            flops_reference: flops_pass,
+            flops_update,
+            tokens_per_s_rollout: per_s(ro.rows as f64, times.rollout),
+            tokens_per_s_old_logprobs: per_s(pass_rows, times.old_logprobs),
+            tokens_per_s_reference: per_s(pass_rows, times.reference),
+            tokens_per_s_update: per_s(pass_rows * epochs, times.update),
+            peak_tflops: peak,
+            mfu_rollout: flops::mfu(flops_rollout, times.rollout, peak),
+            mfu_old_logprobs: flops::mfu(flops_pass, times.old_logprobs, peak),
+            mfu_reference: flops::mfu(flops_pass, times.reference, peak),
+            mfu_update: flops::mfu(flops_update, times.update, peak),
             peak_host_mib: metrics::peak_host_mib(),
         }
     }
