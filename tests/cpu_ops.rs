@@ -2011,8 +2011,8 @@ fn sample_draws_follow_their_row_and_offset() {
         };
         let mut out = vec![u32::MAX; draws];
         Cpu.sample(&logits, &mut out, &rows, &p).unwrap();
-        for d in 0..draws {
-            let s = src[d] as usize;
+        for (d, &s) in src.iter().enumerate() {
+            let s = s as usize;
             let row = logits[s * vocab..(s + 1) * vocab].to_vec();
             let mut one = vec![u32::MAX];
             let single = tooln1::backend::SampleRows::each(&offsets[d..d + 1], vocab);

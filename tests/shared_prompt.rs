@@ -501,6 +501,20 @@ fn shared_layout_gives_the_per_sequence_logprobs() {
     assert!(rows < rows_n || seqs.len() == n_groups);
     assert_eq!(logits, seqs.iter().map(|s| s.n_response()).sum::<usize>());
     assert_eq!(logits_n, rows_n);
+    // The FLOP count's work: the same rows, and the attention pairs of the per-sequence pass
+    // less the prompt's own causal pairs, counted once per group instead of once per response.
+    let w = grpo::pass_work(&seqs, Layout::Shared);
+    let wn = grpo::pass_work(&seqs, Layout::PerSequence);
+    assert_eq!((w.rows as usize, w.logit_rows as usize), (rows, logits));
+    assert_eq!((wn.rows as usize, wn.logit_rows as usize), (rows_n, logits_n));
+    let saved: u64 = grpo::prompt_groups(&seqs)
+        .iter()
+        .map(|g| {
+            let p = seqs[g.start].prompt_len as u64;
+            (g.len() as u64 - 1) * p * (p + 1) / 2
+        })
+        .sum();
+    assert_eq!(w.attn_pairs, wn.attn_pairs - saved);
 }
 
 #[test]
