@@ -396,6 +396,14 @@ fn cuda_benches(c: &mut Criterion) {
         cuda.logits(&x, &wv, &mut lg, 64, h, voc).unwrap();
         let mut smp = cuda.upload_u32(&[0u32; 64]).unwrap();
         let shp = format!("batch=64,vocab={voc}");
+        let offsets: Vec<u64> = (0..64).collect();
+        let rows = tooln1::backend::SampleRows::each(&offsets, voc);
+        let sp = tooln1::backend::SampleParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: 0,
+            seed: 1,
+        };
         timed(
             c,
             &cuda,
@@ -404,10 +412,7 @@ fn cuda_benches(c: &mut Criterion) {
             &shp,
             (64 * voc * 4) as f64,
             0.0,
-            || {
-                cuda.sample(&lg, &mut smp, 64, voc, 0.8, 0.95, 0, 1, 0)
-                    .unwrap()
-            },
+            || cuda.sample(&lg, &mut smp, &rows, &sp).unwrap(),
         );
     }
 

@@ -506,7 +506,10 @@ fn shared_layout_gives_the_per_sequence_logprobs() {
     let w = grpo::pass_work(&seqs, Layout::Shared);
     let wn = grpo::pass_work(&seqs, Layout::PerSequence);
     assert_eq!((w.rows as usize, w.logit_rows as usize), (rows, logits));
-    assert_eq!((wn.rows as usize, wn.logit_rows as usize), (rows_n, logits_n));
+    assert_eq!(
+        (wn.rows as usize, wn.logit_rows as usize),
+        (rows_n, logits_n)
+    );
     let saved: u64 = grpo::prompt_groups(&seqs)
         .iter()
         .map(|g| {

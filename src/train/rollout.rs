@@ -299,7 +299,8 @@ impl<B: Backend> Rollout<'_, B> {
             }
             let feed: Vec<u32> = slots[..m].iter().map(|s| s.feed).collect();
             // The new token attends to its cached positions and itself.
-            self.stats.decode.attn_pairs += cache.lens[..m].iter().map(|&l| l as u64 + 1).sum::<u64>();
+            self.stats.decode.attn_pairs +=
+                cache.lens[..m].iter().map(|&l| l as u64 + 1).sum::<u64>();
             self.stats.decode.rows += m as u64;
             self.stats.decode.logit_rows += m as u64;
             let logits = model.decode(b, &mut cache, &feed)?;
