@@ -49,7 +49,8 @@ pub struct RolloutConfig {
     /// Prompts longer than this are left out of the data (counted and reported).
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
-    /// At most this many sequences share one KV cache at a time (bounds rollout memory).
+    /// Slots of the rollout's KV cache: at most this many sequences decode at a time, a stopped
+    /// sequence's slot taking the next one at once (bounds rollout memory).
     pub max_slots: usize,
 }
 
