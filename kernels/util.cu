@@ -2,6 +2,8 @@
 //
 // fill_f32:       x[i] = value, i < n.                           grid-stride, block 256.
 // add_bf16:       a[i] = bf16(a[i] + b[i]), i < n.                grid-stride, block 256.
+// add_f32:        a[i] += b[i], i < n (f32; a gradient shard accumulating a reduce-scatter).
+//                 grid-stride, block 256.
 // f32_to_bf16:    y[i] = bf16(x[i]).                              grid-stride, block 256.
 // bias_rows:      y[r, j] = bias[j], r < m, j < n (bf16): the GEMM then adds x w^T with beta = 1,
 //                 so the bias is added before the single rounding to bf16.  grid-stride.
@@ -21,6 +23,12 @@ extern "C" __global__ void add_bf16(bf16_t* __restrict__ a, const bf16_t* __rest
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         a[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
+}
+
+extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        a[i] += b[i];
 }
 
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16_t* __restrict__ y, long long n) {

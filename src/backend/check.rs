@@ -892,3 +892,21 @@ pub fn mask_weights(mask: &[f32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// A collective's reduce-scatter (`dist::Collective::reduce_scatter_add`): `send` holds world
+/// shards of n elements, `acc` one.
+pub fn reduce_scatter(send: &impl Buf, acc: &impl Buf, n: usize, world: usize) -> Result<()> {
+    const OP: &str = "reduce_scatter";
+    positive(OP, "n", n)?;
+    holds(OP, "send", send, &[world, n], "world * n")?;
+    holds(OP, "acc", acc, &[n], "n")
+}
+
+/// A collective's all-gather (`dist::Collective::all_gather`): `shard` holds n elements, `out`
+/// world shards of them.
+pub fn all_gather(shard: &impl Buf, out: &impl Buf, n: usize, world: usize) -> Result<()> {
+    const OP: &str = "all_gather";
+    positive(OP, "n", n)?;
+    holds(OP, "shard", shard, &[n], "n")?;
+    holds(OP, "out", out, &[world, n], "world * n")
+}

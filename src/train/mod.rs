@@ -8,6 +8,8 @@
 //! - [`rollout`]: prefill + decode, n samples per prompt, reproducible sampling stream.
 //! - [`grpo`]: group advantages, old/reference logprobs, micro-batched loss + backward.
 //! - [`optim`]: AdamW with global grad-norm clipping and lr schedules.
+//! - [`zero`]: the same AdamW over per-rank shards of gradients and optimizer state (ZeRO
+//!   stage 2), for data-parallel ranks ([`crate::dist`]).
 //! - [`sft`]: cross-entropy on assistant tokens.
 //! - [`runner`]: the GRPO loop ([`runner::Trainer`]), usable as a library.
 //! - [`checkpoint`]: HF model folder + optimizer/trainer state, atomic, exact resume.
@@ -21,6 +23,7 @@ pub mod optim;
 pub mod rollout;
 pub mod runner;
 pub mod sft;
+pub mod zero;
 
 pub use config::{SftConfig, TrainConfig};
 pub use runner::{prepare_prompts, PromptItem, Trainer};

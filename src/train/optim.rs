@@ -104,29 +104,9 @@ impl<B: Backend> AdamW<B> {
             )));
         }
         let grad_norm = Self::grad_norm(b, model, grads)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::msg(format!(
-                "gradient norm is {grad_norm} at optimizer update {}; the update was skipped \
-                 (lower optim.lr or check the data)",
-                self.updates + 1
-            )));
-        }
-        let clip = self.cfg.grad_clip as f64;
-        let grad_scale = if clip > 0.0 && grad_norm > clip {
-            (clip / (grad_norm + 1e-6)) as f32
-        } else {
-            1.0
-        };
-        let lr = self.cfg.lr_at(self.updates, total_updates);
-        let hp = AdamWStep {
-            lr,
-            beta1: self.cfg.beta1,
-            beta2: self.cfg.beta2,
-            eps: self.cfg.eps,
-            weight_decay: self.cfg.weight_decay,
-            step: self.updates + 1,
-            grad_scale,
-        };
+        check_grad_norm(grad_norm, self.updates)?;
+        let hp = step_hparams(&self.cfg, self.updates, total_updates, grad_norm);
+        let (lr, grad_scale) = (hp.lr, hp.grad_scale);
         for i in 0..model.params.len() {
             let n = model.layout.specs[i].numel();
             let master = self.master.as_mut().map(|ms| &mut ms[i]);
@@ -142,16 +122,7 @@ impl<B: Backend> AdamW<B> {
         }
         self.updates += 1;
         let sq = self.param_sum_squares(b, model)?;
-        if !sq.is_finite() {
-            return Err(Error::msg(format!(
-                "the weights are no longer finite after optimizer update {} (sum of squares \
-                 {sq}; gradient norm before it {grad_norm:.4e}, learning rate {lr:e}); the run \
-                 stopped before saving them. Likely cause: optim.lr = {:e} or optim.weight_decay \
-                 = {:e} is too large, or optim.eps = {:e} too small. The last checkpoint \
-                 written is still the latest",
-                self.updates, self.cfg.lr, self.cfg.weight_decay, self.cfg.eps
-            )));
-        }
+        check_weights(&self.cfg, sq, self.updates, grad_norm, lr)?;
         Ok(UpdateStats {
             grad_norm,
             lr,
@@ -166,4 +137,63 @@ pub fn zero_grads<B: Backend>(b: &B, model: &Model<B>, grads: &mut [B::F]) -> Re
         b.fill_f32(g, s.numel(), 0.0)?;
     }
     Ok(())
+}
+
+/// The hyper-parameters of optimizer update `updates + 1` of `total_updates`, with global-norm
+/// clipping: the gradient is scaled by clip / (norm + 1e-6) when its norm exceeds
+/// `cfg.grad_clip` > 0, else by 1.
+pub fn step_hparams(
+    cfg: &OptimConfig,
+    updates: u64,
+    total_updates: u64,
+    grad_norm: f64,
+) -> AdamWStep {
+    let clip = cfg.grad_clip as f64;
+    let grad_scale = if clip > 0.0 && grad_norm > clip {
+        (clip / (grad_norm + 1e-6)) as f32
+    } else {
+        1.0
+    };
+    AdamWStep {
+        lr: cfg.lr_at(updates, total_updates),
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        step: updates + 1,
+        grad_scale,
+    }
+}
+
+/// A non-finite gradient norm stops the update (`updates`: updates taken before it).
+pub fn check_grad_norm(grad_norm: f64, updates: u64) -> Result<()> {
+    if grad_norm.is_finite() {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "gradient norm is {grad_norm} at optimizer update {}; the update was skipped (lower \
+         optim.lr or check the data)",
+        updates + 1
+    )))
+}
+
+/// Weights whose sum of squares `sq` is no longer finite after update `updates` stop the run
+/// before anything is saved.
+pub fn check_weights(
+    cfg: &OptimConfig,
+    sq: f64,
+    updates: u64,
+    grad_norm: f64,
+    lr: f32,
+) -> Result<()> {
+    if sq.is_finite() {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "the weights are no longer finite after optimizer update {updates} (sum of squares \
+         {sq}; gradient norm before it {grad_norm:.4e}, learning rate {lr:e}); the run stopped \
+         before saving them. Likely cause: optim.lr = {:e} or optim.weight_decay = {:e} is too \
+         large, or optim.eps = {:e} too small. The last checkpoint written is still the latest",
+        cfg.lr, cfg.weight_decay, cfg.eps
+    )))
 }

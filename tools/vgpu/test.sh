@@ -5,7 +5,7 @@
 #   2. runs every tests/cuda_*.rs binary with thread order forward (cached allocator), then
 #      reverse with exact-size uncached buffers (TOOLN1_CUDA_POOL=exact, so a read or write past
 #      a buffer's end reaches the guard page after its allocation), with TOOLN1_REQUIRE_CUDA=1 so
-#      that no test can skip (cuda_nccl on 4 virtual devices); the allocator's out-of-memory
+#      that no test can skip (cuda_nccl and cuda_dist on 4 virtual devices); the allocator's out-of-memory
 #      path on a 256 MiB device; cuda_ops in random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
 #      out-of-bounds or use-after-free access is reported with its kernels/*.cu line);
 #   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
@@ -58,9 +58,9 @@ for pass in "${PASSES[@]}"; do
     read -r order pool <<<"$pass"
     while IFS=$'\t' read -r name exe; do
         t=$(date +%s)
-        # cuda_nccl runs its communicators over 2, 3 and 4 virtual devices.
+        # cuda_nccl and cuda_dist run their communicators over 2, 3 and 4 virtual devices.
         devices=1
-        [ "$name" = cuda_nccl ] && devices=4
+        case "$name" in cuda_nccl | cuda_dist) devices=4 ;; esac
         echo "vgpu-test: $name, thread order $order, $pool buffers, $devices device(s)"
         TOOLN1_VGPU_DEVICES=$devices TOOLN1_VGPU_ORDER=$order TOOLN1_CUDA_POOL=$pool \
             run_bin "$name ($order, $pool)" "$exe" --test-threads 2

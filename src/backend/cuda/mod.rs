@@ -10,9 +10,11 @@
 //!
 //! Each method below is one call into `ops::<op>`, the launchers of `kernels/<op>.cu`.
 
+mod comm;
 mod ops;
 mod runtime;
 
+pub use comm::{nccl_available, nccl_group, NcclRank};
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::{
     device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, NVCC_PINNED,

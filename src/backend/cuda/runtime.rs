@@ -409,6 +409,8 @@ pub struct Gpu {
     pub(crate) sync_each: bool,
     pub name: String,
     pub cc: (i32, i32),
+    /// The device's index among the visible devices.
+    pub ordinal: usize,
 }
 
 // SAFETY: raw handles, read-only after loading; cuBLAS calls are behind a mutex, every op binds
@@ -586,6 +588,7 @@ impl Gpu {
             sync_each,
             name,
             cc,
+            ordinal,
         })
     }
 

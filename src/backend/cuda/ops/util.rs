@@ -1,4 +1,4 @@
-//! Launchers of kernels/util.cu: fill, bf16 add, f32 -> bf16, and the bias row broadcast and
+//! Launchers of kernels/util.cu: fill, bf16 and f32 adds, f32 -> bf16, and the bias row broadcast and
 //! column sums of the linear layer.
 
 use super::super::runtime::gen::launch::util as k;
@@ -23,6 +23,11 @@ pub(crate) fn add_inplace(
 ) -> Result<()> {
     check::add_inplace(a, b, n)?;
     k::add_bf16(&c.gpu, ew(n), a, b, n as i64)
+}
+
+/// a[..n] += b[..n] (f32; the caller checked the lengths)
+pub(crate) fn add_f32(c: &Cuda, a: &mut CudaBuf<f32>, b: &CudaBuf<f32>, n: usize) -> Result<()> {
+    k::add_f32(&c.gpu, ew(n), a, b, n as i64)
 }
 
 /// y[..n] = bf16(x[..n])

@@ -1,0 +1,59 @@
+//! The collectives data-parallel training needs, over a backend's buffers: the gradient
+//! reduce-scatter into shards, the weight all-gather, and host sums (metrics, token counts,
+//! norms).
+//!
+//! Implementations: [`HostRank`] for the CPU backend (rank threads of one process, sums in rank
+//! order, so a run is deterministic) and `backend::cuda::NcclRank` for CUDA devices (NCCL).
+//! Every collective must be called by every rank of the group in the same order with the same
+//! sizes; a rank that fails calls [`Collective::abort`] so that the others get an error
+//! instead of waiting for it.
+
+use super::host::HostRank;
+use crate::backend::cpu::Cpu;
+use crate::backend::{check, Backend};
+use crate::Result;
+
+pub trait Collective<B: Backend> {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// v = Σ_ranks v on every rank (host values, f64).
+    fn all_reduce_host(&self, v: &mut [f64]) -> Result<()>;
+    /// acc[..n] += Σ_ranks send[rank*n .. (rank+1)*n]: this rank's shard of the summed
+    /// `send` (world * n elements on every rank) added into its accumulator.
+    fn reduce_scatter_add(&self, b: &B, send: &B::F, acc: &mut B::F, n: usize) -> Result<()>;
+    /// out[r*n .. (r+1)*n] = the n-element `shard` of rank r, for every rank r.
+    fn all_gather(&self, b: &B, shard: &B::T, out: &mut B::T, n: usize) -> Result<()>;
+    /// Stops the group (see the module doc).
+    fn abort(&self, why: &str);
+}
+
+impl Collective<Cpu> for HostRank {
+    fn rank(&self) -> usize {
+        HostRank::rank(self)
+    }
+    fn world(&self) -> usize {
+        HostRank::world(self)
+    }
+    fn all_reduce_host(&self, v: &mut [f64]) -> Result<()> {
+        self.all_reduce_f64(v)
+    }
+    fn reduce_scatter_add(
+        &self,
+        _b: &Cpu,
+        send: &Vec<f32>,
+        acc: &mut Vec<f32>,
+        n: usize,
+    ) -> Result<()> {
+        let world = HostRank::world(self);
+        self.checked(check::reduce_scatter(send, acc, n, world))?;
+        self.reduce_scatter_add_f32(&send[..n * world], &mut acc[..n], n)
+    }
+    fn all_gather(&self, _b: &Cpu, shard: &Vec<f32>, out: &mut Vec<f32>, n: usize) -> Result<()> {
+        let world = HostRank::world(self);
+        self.checked(check::all_gather(shard, out, n, world))?;
+        self.all_gather_f32(&shard[..n], &mut out[..n * world])
+    }
+    fn abort(&self, why: &str) {
+        HostRank::abort(self, why)
+    }
+}

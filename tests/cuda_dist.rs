@@ -1,0 +1,258 @@
+//! Data-parallel building blocks on several CUDA devices over NCCL (`backend::cuda::NcclRank`),
+//! one worker thread per device: the reduce-scatter into accumulating shards and the bf16
+//! all-gather against host references on random inputs, argument errors that stop every rank
+//! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
+//! AdamW given the summed gradients. Seeds are printed; TOOLN1_TEST_SEED replays.
+//!
+//! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
+//! order. Skips with the reason when there is no device, no NCCL or fewer than two devices
+//! (TOOLN1_REQUIRE_CUDA=1 fails instead); on the virtual GPU: TOOLN1_VGPU_DEVICES=4.
+
+mod common;
+
+use common::Rng;
+use tooln1::backend::cuda::{nccl_available, nccl_group, Cuda, NcclRank};
+use tooln1::backend::Backend;
+use tooln1::dist::{Collective, ShardPlan};
+use tooln1::model::layout::ParamLayout;
+use tooln1::model::{init, Model};
+use tooln1::train::config::OptimConfig;
+use tooln1::train::optim::AdamW;
+use tooln1::train::zero::ShardedAdamW;
+use tooln1::Error;
+
+/// Backends on the first 2..=4 devices, or `None` after the skip line.
+fn devices() -> Option<Vec<Cuda>> {
+    let first = common::gpu()?;
+    let mut devs = vec![first];
+    while devs.len() < 4 {
+        match Cuda::with_device(devs.len()) {
+            Ok(c) => devs.push(c),
+            Err(_) => break,
+        }
+    }
+    if devs.len() < 2 {
+        common::skip(&format!(
+            "{} CUDA device(s); these tests need 2 or more (TOOLN1_VGPU_DEVICES=4 on the virtual GPU)",
+            devs.len()
+        ));
+        return None;
+    }
+    if !nccl_available() {
+        common::skip("no NCCL library (libnccl.so.2)");
+        return None;
+    }
+    Some(devs)
+}
+
+/// Runs `f(backend, rank)` on one thread per device; results by rank.
+fn on_devices<R: Send>(devs: &[Cuda], f: impl Fn(&Cuda, NcclRank) -> R + Sync) -> Vec<R> {
+    let ranks = nccl_group(devs).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = devs
+            .iter()
+            .zip(ranks)
+            .map(|(c, r)| {
+                let f = &f;
+                s.spawn(move || f(c, r))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn reduce_scatter_and_all_gather_match_host_sums() {
+    let Some(devs) = devices() else { return };
+    let seed = common::seed("cuda_dist_collectives");
+    let mut rng = Rng::from_seed(seed);
+    for world in 2..=devs.len() {
+        let devs = &devs[..world];
+        let n = 1 + rng.below(300);
+        let sends: Vec<Vec<f32>> = (0..world).map(|_| rng.vec(world * n, 1.0)).collect();
+        let accs: Vec<Vec<f32>> = (0..world).map(|_| rng.vec(n, 1.0)).collect();
+        let shards: Vec<Vec<f32>> = (0..world)
+            .map(|_| common::bf16_round(&rng.vec(n, 1.0)))
+            .collect();
+        let out = on_devices(devs, |c, h| {
+            let r = h.rank();
+            let send = c.upload_f32(&sends[r]).unwrap();
+            let mut acc = c.upload_f32(&accs[r]).unwrap();
+            // Twice: the second call adds into what the first left.
+            h.reduce_scatter_add(c, &send, &mut acc, n).unwrap();
+            h.reduce_scatter_add(c, &send, &mut acc, n).unwrap();
+            let shard = c.upload(&shards[r]).unwrap();
+            let mut gathered = common::poison(c, world * n);
+            h.all_gather(c, &shard, &mut gathered, n).unwrap();
+            let mut v = [r as f64, 1.0];
+            h.all_reduce_host(&mut v).unwrap();
+            (
+                c.download_f32(&acc, n).unwrap(),
+                c.download(&gathered, world * n).unwrap(),
+                v,
+            )
+        });
+        for (r, (acc, gathered, v)) in out.iter().enumerate() {
+            let want: Vec<f64> = (0..n)
+                .map(|i| {
+                    let s: f64 = sends.iter().map(|x| x[r * n + i] as f64).sum();
+                    accs[r][i] as f64 + 2.0 * s
+                })
+                .collect();
+            common::check(
+                &format!("seed {seed} world {world} rank {r} reduce_scatter"),
+                acc,
+                &want,
+                1e-6,
+            );
+            let all: Vec<f32> = shards.concat();
+            assert_eq!(
+                gathered, &all,
+                "seed {seed} world {world} rank {r} all_gather"
+            );
+            let ws = (world * (world - 1) / 2) as f64;
+            assert_eq!(v, &[ws, world as f64], "all_reduce_host");
+        }
+    }
+}
+
+#[test]
+fn a_bad_argument_stops_every_rank() {
+    let Some(devs) = devices() else { return };
+    let devs = &devs[..2];
+    let n = 64;
+    let out = on_devices(devs, |c, h| {
+        // Rank 1's accumulator is one element short.
+        let send = c.zeros_f32(2 * n).unwrap();
+        let mut acc = c.zeros_f32(if h.rank() == 1 { n - 1 } else { n }).unwrap();
+        h.reduce_scatter_add(c, &send, &mut acc, n)
+    });
+    match &out[1] {
+        Err(Error::Arg { op, arg, .. }) => assert_eq!((*op, *arg), ("reduce_scatter", "acc")),
+        other => panic!("rank 1: {other:?}"),
+    }
+    let e = out[0].as_ref().unwrap_err().to_string();
+    assert!(e.contains("rank 1") && e.contains("acc"), "rank 0: {e}");
+    let e = nccl_group(&[devs[0].clone(), devs[0].clone()])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("twice"), "{e}");
+}
+
+#[test]
+fn sharded_adamw_matches_single_device_adamw() {
+    let Some(devs) = devices() else { return };
+    let seed = common::seed("cuda_dist_sharded_adamw");
+    for world in 2..=devs.len() {
+        let devs = &devs[..world];
+        let cfg = init::tiny_config(64, 2, 4, 2, 96, 77, world % 2 == 0);
+        let host = init::random_params(&cfg, seed);
+        let layout = ParamLayout::new(&cfg);
+        let ocfg = OptimConfig {
+            lr: 1e-3,
+            ..OptimConfig::default()
+        };
+        let mut rng = Rng::from_seed(seed ^ world as u64);
+        let (updates, micro) = (2usize, 2usize);
+        // grads[u][mb][rank][tensor]
+        let grads: Vec<Vec<Vec<Vec<Vec<f32>>>>> = (0..updates)
+            .map(|_| {
+                (0..micro)
+                    .map(|_| {
+                        (0..world)
+                            .map(|_| {
+                                layout
+                                    .specs
+                                    .iter()
+                                    .map(|s| rng.vec(s.numel(), 0.1))
+                                    .collect()
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+
+        // Reference: device 0 alone, given the sums (in f64, rounded once).
+        let c0 = &devs[0];
+        let params: Vec<_> = host.iter().map(|p| c0.upload(p).unwrap()).collect();
+        let mut single = Model::new(cfg.clone(), params).unwrap();
+        let mut opt = AdamW::new(c0, &single, ocfg.clone()).unwrap();
+        let mut norms = Vec::new();
+        for u in &grads {
+            let summed: Vec<_> = (0..layout.specs.len())
+                .map(|i| {
+                    let s: Vec<f32> = (0..layout.specs[i].numel())
+                        .map(|j| {
+                            u.iter()
+                                .flat_map(|mb| mb.iter().map(move |r| r[i][j] as f64))
+                                .sum::<f64>() as f32
+                        })
+                        .collect();
+                    c0.upload_f32(&s).unwrap()
+                })
+                .collect();
+            norms.push(opt.step(c0, &mut single, &summed, updates as u64).unwrap());
+        }
+        let want: Vec<Vec<f32>> = single
+            .params
+            .iter()
+            .zip(&layout.specs)
+            .map(|(p, s)| c0.download(p, s.numel()).unwrap())
+            .collect();
+
+        let got = on_devices(devs, |c, h| {
+            let r = h.rank();
+            let params: Vec<_> = host.iter().map(|p| c.upload(p).unwrap()).collect();
+            let mut model = Model::new(cfg.clone(), params).unwrap();
+            let plan = ShardPlan::new(&model.layout, world).unwrap();
+            let mut opt = ShardedAdamW::new(c, &model, ocfg.clone(), plan, r).unwrap();
+            let mut g = opt.alloc_grads(c).unwrap();
+            let mut stats = Vec::new();
+            for u in &grads {
+                for mb in u {
+                    // Each gradient padded with zeros to world * shard, as alloc_grads makes it.
+                    for (i, t) in opt.plan.tensors.iter().enumerate() {
+                        let mut v = mb[r][i].clone();
+                        v.resize(t.padded(world), 0.0);
+                        g[i] = c.upload_f32(&v).unwrap();
+                    }
+                    opt.reduce_all(c, &h, &mut g).unwrap();
+                }
+                stats.push(opt.step(c, &h, &mut model, updates as u64).unwrap());
+            }
+            let ps: Vec<Vec<f32>> = model
+                .params
+                .iter()
+                .zip(&model.layout.specs)
+                .map(|(p, s)| c.download(p, s.numel()).unwrap())
+                .collect();
+            (ps, stats)
+        });
+        for (r, (ps, stats)) in got.iter().enumerate() {
+            for (k, (s, w)) in stats.iter().zip(&norms).enumerate() {
+                let d = (s.grad_norm - w.grad_norm).abs() / w.grad_norm;
+                assert!(
+                    d < 1e-5,
+                    "seed {seed} world {world} rank {r} update {k}: grad norm {} vs {}",
+                    s.grad_norm,
+                    w.grad_norm
+                );
+            }
+            for (i, (p, w)) in ps.iter().zip(&want).enumerate() {
+                let w64: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+                common::check(
+                    &format!(
+                        "seed {seed} world {world} rank {r} {}",
+                        layout.specs[i].name
+                    ),
+                    p,
+                    &w64,
+                    4e-3,
+                );
+            }
+            assert_eq!(ps, &got[0].0, "rank {r}'s weights differ from rank 0's");
+        }
+    }
+}
