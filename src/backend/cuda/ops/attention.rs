@@ -10,13 +10,18 @@ use crate::backend::check::{self, arg_error};
 use crate::backend::{Cached, Heads, Packed, Prefix};
 use crate::{Error, Result};
 
-/// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments (the head
-/// size was checked by [`kernel_limits`]).
+/// Calls the head_dim 64 or 128 entry point of a kernel (launcher and argument struct of
+/// each, in `k`) with the same named arguments (the head size was checked by
+/// [`kernel_limits`]).
 macro_rules! by_head_dim {
-    ($op:expr, $hd:expr, $d64:path, $d128:path, $($arg:expr),* $(,)?) => {
+    (
+        $op:expr, $hd:expr, $gpu:expr, $cfg:expr,
+        $d64:ident, $a64:ident, $d128:ident, $a128:ident,
+        { $($field:tt)* } $(,)?
+    ) => {
         match $hd {
-            64 => $d64($($arg),*),
-            128 => $d128($($arg),*),
+            64 => k::$d64($gpu, $cfg, k::$a64 { $($field)* }),
+            128 => k::$d128($gpu, $cfg, k::$a128 { $($field)* }),
             hd => Err(head_dim_error($op, hd)),
         }
     };
@@ -117,21 +122,25 @@ fn launch_forward(
     by_head_dim!(
         op,
         head_dim,
-        k::attn_fwd_d64,
-        k::attn_fwd_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        q,
-        kk,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        pre.map_or(cu_seqlens, |p| p.prefix),
-        pre.is_some() as i32,
-        n_tok as i32,
-        n_heads as i32,
-        n_kv as i32,
+        attn_fwd_d64,
+        AttnFwdD64,
+        attn_fwd_d128,
+        AttnFwdD128,
+        {
+            q,
+            k: kk,
+            v,
+            out,
+            lse,
+            cu: cu_seqlens,
+            prefix: pre.map_or(cu_seqlens, |p| p.prefix),
+            has_prefix: pre.is_some() as i32,
+            n_tok: n_tok as i32,
+            n_heads: n_heads as i32,
+            n_kv: n_kv as i32,
+        },
     )
 }
 
@@ -240,59 +249,69 @@ fn launch_backward(
     k::attn_bwd_dot(
         &c.gpu,
         blocks((n_tok * n_heads).div_ceil(8), 256),
-        dout,
-        out,
-        &mut dot,
-        nt,
-        nh,
-        head_dim as i32,
+        k::AttnBwdDot {
+            dout,
+            out,
+            dot: &mut dot,
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: head_dim as i32,
+        },
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_heads as u32, n_seq as u32);
     by_head_dim!(
         op,
         head_dim,
-        k::attn_bwd_dq_d64,
-        k::attn_bwd_dq_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        dout,
-        q,
-        kk,
-        v,
-        lse,
-        &dot,
-        &mut *dq,
-        cu_seqlens,
-        table,
-        has,
-        nt,
-        nh,
-        nkv,
+        attn_bwd_dq_d64,
+        AttnBwdDqD64,
+        attn_bwd_dq_d128,
+        AttnBwdDqD128,
+        {
+            dout,
+            q,
+            k: kk,
+            v,
+            lse,
+            dot: &dot,
+            dq: &mut *dq,
+            cu: cu_seqlens,
+            prefix: table,
+            has_prefix: has,
+            n_tok: nt,
+            n_heads: nh,
+            n_kv: nkv,
+        },
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_kv as u32, n_seq as u32);
     by_head_dim!(
         op,
         head_dim,
-        k::attn_bwd_dkdv_d64,
-        k::attn_bwd_dkdv_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        dout,
-        q,
-        kk,
-        v,
-        lse,
-        &dot,
-        &mut *dk,
-        &mut *dv,
-        cu_seqlens,
-        table,
-        rd_off,
-        rd,
-        has,
-        nt,
-        nh,
-        nkv,
+        attn_bwd_dkdv_d64,
+        AttnBwdDkdvD64,
+        attn_bwd_dkdv_d128,
+        AttnBwdDkdvD128,
+        {
+            dout,
+            q,
+            k: kk,
+            v,
+            lse,
+            dot: &dot,
+            dk: &mut *dk,
+            dv: &mut *dv,
+            cu: cu_seqlens,
+            prefix: table,
+            rd_off,
+            rd,
+            has_prefix: has,
+            n_tok: nt,
+            n_heads: nh,
+            n_kv: nkv,
+        },
     )
 }
 
@@ -322,15 +341,17 @@ pub(crate) fn kv_store(
     k::kv_store(
         &c.gpu,
         blocks(n_tok, 256),
-        kk,
-        v,
-        dst,
-        k_cache,
-        v_cache,
-        i32_of(op, "n_tok", n_tok)?,
-        i32_of(op, "kv_dim", kv_dim)?,
-        rows,
-        c.gpu.err(),
+        k::KvStore {
+            k: kk,
+            v,
+            dst,
+            k_cache,
+            v_cache,
+            n_tok: i32_of(op, "n_tok", n_tok)?,
+            kv_dim: i32_of(op, "kv_dim", kv_dim)?,
+            cache_rows: rows,
+            err: c.gpu.err(),
+        },
     )
 }
 
@@ -361,18 +382,22 @@ pub(crate) fn decode(
     by_head_dim!(
         op,
         head_dim,
-        k::attn_decode_d64,
-        k::attn_decode_d128,
         &c.gpu,
         Launch::new((n_heads as u32, n_seq as u32, 1), 128),
-        q,
-        k_cache,
-        v_cache,
-        lens,
-        &mut *out,
-        i32_of(op, "max_len", max_len)?,
-        n_heads as i32,
-        n_kv as i32,
-        c.gpu.err(),
+        attn_decode_d64,
+        AttnDecodeD64,
+        attn_decode_d128,
+        AttnDecodeD128,
+        {
+            q,
+            kc: k_cache,
+            vc: v_cache,
+            lens,
+            out: &mut *out,
+            max_len: i32_of(op, "max_len", max_len)?,
+            n_heads: n_heads as i32,
+            n_kv: n_kv as i32,
+            err: c.gpu.err(),
+        },
     )
 }

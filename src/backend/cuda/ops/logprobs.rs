@@ -76,18 +76,20 @@ pub(crate) fn forward(
             k::lp_chunk_fwd(
                 &c.gpu,
                 blocks(rows, 256),
-                &tile,
-                rows as i32,
-                cols as i32,
-                v0 as i32,
-                targets,
-                t0 as i32,
-                &mut m,
-                &mut s,
-                &mut wsum,
-                &mut tgt,
-                (v0 == 0) as i32,
-                inv_t,
+                k::LpChunkFwd {
+                    logits: &tile,
+                    rows: rows as i32,
+                    vc: cols as i32,
+                    v0: v0 as i32,
+                    targets,
+                    t0: t0 as i32,
+                    m: &mut m,
+                    s: &mut s,
+                    w: &mut wsum,
+                    tgt: &mut tgt,
+                    first: (v0 == 0) as i32,
+                    inv_t,
+                },
             )?;
         }
     }
@@ -95,17 +97,19 @@ pub(crate) fn forward(
     k::lp_finalize(
         &c.gpu,
         ew(n_tok),
-        &m,
-        &s,
-        &wsum,
-        &tgt,
-        targets,
-        vocab as u32,
-        logp,
-        lse,
-        ent,
-        n_tok as i32,
-        c.gpu.err(),
+        k::LpFinalize {
+            m: &m,
+            s: &s,
+            w: &wsum,
+            tgt: &tgt,
+            targets,
+            vocab: vocab as u32,
+            logp,
+            lse,
+            entropy: ent,
+            n: n_tok as i32,
+            err: c.gpu.err(),
+        },
     )
 }
 
@@ -168,16 +172,18 @@ pub(crate) fn backward(
             k::lp_chunk_bwd(
                 &c.gpu,
                 blocks(rows, 256),
-                &tile,
-                rows as i32,
-                cols as i32,
-                v0 as i32,
-                targets,
-                t0 as i32,
-                lse,
-                dlogp,
-                &mut dl,
-                inv_t,
+                k::LpChunkBwd {
+                    logits: &tile,
+                    rows: rows as i32,
+                    vc: cols as i32,
+                    v0: v0 as i32,
+                    targets,
+                    t0: t0 as i32,
+                    lse,
+                    dlogp,
+                    dl: &mut dl,
+                    inv_t,
+                },
             )?;
             // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
             let beta = if v0 == 0 { 0.0 } else { 1.0 };

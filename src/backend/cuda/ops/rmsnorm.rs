@@ -24,13 +24,15 @@ pub(crate) fn forward(
     k::rmsnorm_fwd(
         &c.gpu,
         blocks(rows, 256),
-        x,
-        w,
-        out,
-        rstd,
-        i32_of("rmsnorm", "rows", rows)?,
-        i32_of("rmsnorm", "dim", dim)?,
-        eps,
+        k::RmsnormFwd {
+            x,
+            w,
+            out,
+            rstd,
+            rows: i32_of("rmsnorm", "rows", rows)?,
+            dim: i32_of("rmsnorm", "dim", dim)?,
+            eps,
+        },
     )
 }
 
@@ -52,7 +54,24 @@ pub(crate) fn backward(
     let (r, d) = (i32_of(op, "rows", rows)?, i32_of(op, "dim", dim)?);
     if let Some(dw) = dw {
         let grid = (dim.div_ceil(256) as u32, rows.div_ceil(64).max(1) as u32, 1);
-        k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), dout, x, rstd, dw, r, d)?;
+        let a = k::RmsnormBwdDw {
+            dout,
+            x,
+            rstd,
+            dw,
+            rows: r,
+            dim: d,
+        };
+        k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), a)?;
     }
-    k::rmsnorm_bwd_dx(&c.gpu, blocks(rows, 256), dout, x, w, rstd, dx, r, d)
+    let a = k::RmsnormBwdDx {
+        dout,
+        x,
+        w,
+        rstd,
+        dx,
+        rows: r,
+        dim: d,
+    };
+    k::rmsnorm_bwd_dx(&c.gpu, blocks(rows, 256), a)
 }

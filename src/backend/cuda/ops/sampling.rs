@@ -38,15 +38,17 @@ pub(crate) fn sample(
     k::sample_rows(
         &c.gpu,
         blocks(rows, 512),
-        logits,
-        out,
-        i32_of(op, "rows", rows)?,
-        i32_of(op, "vocab", vocab)?,
-        temperature,
-        top_p,
-        i32_of(op, "top_k", top_k)?,
-        seed,
-        offset,
-        c.gpu.err(),
+        k::SampleRows {
+            logits,
+            out,
+            rows: i32_of(op, "rows", rows)?,
+            vocab: i32_of(op, "vocab", vocab)?,
+            temperature,
+            top_p,
+            top_k: i32_of(op, "top_k", top_k)?,
+            seed,
+            offset,
+            err: c.gpu.err(),
+        },
     )
 }
