@@ -44,6 +44,25 @@ impl DType {
     }
 }
 
+/// Little-endian tensor bytes of `dtype` as f32 values (the one decoding of checkpoint bytes:
+/// safetensors reading and both backends' `upload_raw`).
+pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
 /// Sizes of one GEMM: y[m, n] = x[m, k] · w[n, k]ᵀ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmDims {

@@ -53,20 +53,7 @@ impl Backend for Cpu {
     }
     fn upload_raw(&self, dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         check::upload_raw(dtype, bytes.len(), n)?;
-        Ok(match dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        })
+        Ok(crate::backend::bytes_to_f32(dtype, bytes))
     }
     fn download(&self, t: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
         check::first_n("download", t, n)?;
