@@ -448,8 +448,11 @@ fn scatter_add_rows_matches_reference() {
     c.synchronize().unwrap();
 }
 
+/// The f64 reference of attention: out, lse, dq, dk, dv.
+type AttnRef = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Naive causal GQA attention and its backward in f64 over packed sequences.
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn attn_ref(
     q: &[f32],
     k: &[f32],
@@ -459,7 +462,7 @@ fn attn_ref(
     nh: usize,
     nkv: usize,
     d: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+) -> AttnRef {
     let n = *cu.last().unwrap() as usize;
     let (mut o, mut lse) = (vec![0f64; n * nh * d], vec![0f64; nh * n]);
     let (mut dq, mut dk, mut dv) = (
@@ -528,7 +531,7 @@ struct AttnCase {
     /// The upstream gradient dout.
     g: <Cuda as Backend>::T,
     /// Reference out, lse, dq, dk, dv.
-    reference: (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>),
+    reference: AttnRef,
 }
 
 /// Random q, k, v, dout for heads (`nh`, `nkv`, `d`) over sequences of `lens`.

@@ -270,6 +270,14 @@ struct LayerGrads<B: Backend> {
     dxn1: B::T,
 }
 
+/// What the lm_head pass gives per logit row: logp, lse (for the backward) and, when asked,
+/// the entropy.
+type HeadLogprobs<B> = (
+    <B as Backend>::F,
+    <B as Backend>::F,
+    Option<<B as Backend>::F>,
+);
+
 /// Sizes of one pass over `n` token rows.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -807,7 +815,7 @@ impl<B: Backend> Model<B> {
         d: &Dims,
         entropy: bool,
         inv_t: f32,
-    ) -> Result<(B::F, B::F, Option<B::F>)> {
+    ) -> Result<HeadLogprobs<B>> {
         let m = batch.n_logits;
         let mut logp = b.zeros_f32(m)?;
         let mut lse = b.zeros_f32(m)?;
