@@ -1451,8 +1451,27 @@ fn cuda_rejects(c: &Cuda, r: tooln1::Result<()>) -> bool {
 
 /// The bad calls of one test, each given to both backends: it must be rejected by both (the
 /// CPU at once, CUDA at once or at the next synchronisation for what only the device sees).
+/// The count is printed when the test ends.
 struct BadCalls {
+    what: &'static str,
     cases: usize,
+}
+
+/// The CUDA backend (None: skipped), the CPU backend, the random stream and the bad-call
+/// counter of a test of bad `what` calls.
+fn bad_calls(what: &'static str) -> Option<(Cuda, Cpu, Rng, BadCalls)> {
+    let c = gpu()?;
+    let calls = BadCalls { what, cases: 0 };
+    Some((c, Cpu, Rng::new("bad calls"), calls))
+}
+
+impl Drop for BadCalls {
+    fn drop(&mut self) {
+        println!(
+            "{} bad calls ({}) rejected by both backends",
+            self.cases, self.what
+        );
+    }
 }
 
 impl BadCalls {
@@ -1467,15 +1486,13 @@ impl BadCalls {
     }
 }
 
-/// Bad attention offsets on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad attention offsets: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_attention_offsets() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("attention offsets") else {
+        return;
+    };
 
     // Attention offsets.
     let (nh, nkv, d) = (2usize, 1usize, 64usize);
@@ -1604,21 +1621,15 @@ fn both_backends_reject_bad_attention_offsets() {
             "(device cu_seqlens are compared only with TOOLN1_CUDA_SYNC=1 or in debug builds)"
         );
     }
-    println!(
-        "{} bad calls (attention offsets) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad decode lengths on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad decode lengths: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_decode_lengths() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("decode lengths") else {
+        return;
+    };
 
     // Decode lengths: 0 and above max_len.
     let (nh, nkv, d) = (2usize, 1usize, 64usize);
@@ -1712,21 +1723,15 @@ fn both_backends_reject_bad_decode_lengths() {
     )
     .unwrap();
     c.synchronize().unwrap();
-    println!(
-        "{} bad calls (decode lengths) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad kv_store rows and caches on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad kv_store rows and caches: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_kv_store() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("kv_store rows and caches") else {
+        return;
+    };
 
     // kv_store: a destination row outside the cache; caches of different sizes.
     let (nkv, d, n) = (1usize, 64usize, 12);
@@ -1791,21 +1796,15 @@ fn both_backends_reject_bad_kv_store() {
         cr,
         cuda_rejects(&c, gr),
     );
-    println!(
-        "{} bad calls (kv_store rows and caches) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad targets and ids out of range on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad targets and ids out of range: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_targets_and_ids() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("targets and ids out of range") else {
+        return;
+    };
 
     // Targets and ids out of range.
     let (vocab, dim) = (37usize, 16usize);
@@ -1858,21 +1857,15 @@ fn both_backends_reject_bad_targets_and_ids() {
     let cr = cpu.embedding(&tg, &w, &mut e, 2, dim);
     let gr = c.embedding(&tgg, &wg, &mut eg, 2, dim);
     calls.both("embedding: id == vocab", cr, cuda_rejects(&c, gr));
-    println!(
-        "{} bad calls (targets and ids out of range) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad sampling settings and logits on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad sampling settings and logits: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_sampling() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("sampling settings and logits") else {
+        return;
+    };
 
     // Sampling: bad settings and bad logits.
     let sv = 301;
@@ -1924,20 +1917,15 @@ fn both_backends_reject_bad_sampling() {
         .unwrap();
     c.sample(&gd, &mut outg, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
     assert_eq!(c.download_u32(&outg, 2).unwrap(), outc, "top_p = 0");
-    println!(
-        "{} bad calls (sampling settings and logits) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad GRPO loss settings and data on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad GRPO loss settings and data: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_grpo_loss() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, _, mut calls)) = bad_calls("GRPO loss settings and data") else {
+        return;
+    };
 
     // GRPO loss settings, also with no tokens at all; a seq_id out of range; a negative mask.
     let base = GrpoLossCfg {
@@ -2025,21 +2013,15 @@ fn both_backends_reject_bad_grpo_loss() {
             .map(|_| ());
         calls.both(&format!("grpo_loss: {what}"), cr, cuda_rejects(&c, gr));
     }
-    println!(
-        "{} bad calls (GRPO loss settings and data) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad RoPE settings on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad RoPE settings: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_rope() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("RoPE settings") else {
+        return;
+    };
 
     // RoPE, RMSNorm, AdamW settings.
     let pos = vec![0u32, 1];
@@ -2051,21 +2033,15 @@ fn both_backends_reject_bad_rope() {
         let gr = c.rope(&mut xg, &posg, 2, 1, hd, theta);
         calls.both(&format!("rope: {what}"), cr, cuda_rejects(&c, gr));
     }
-    println!(
-        "{} bad calls (RoPE settings) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad RMSNorm sizes on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad RMSNorm sizes: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_rmsnorm() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("RMSNorm sizes") else {
+        return;
+    };
 
     // RMSNorm: dim 0.
     let xr = r.vec(2 * 64, 1.0);
@@ -2091,20 +2067,15 @@ fn both_backends_reject_bad_rmsnorm() {
         1e-6,
     );
     calls.both("rmsnorm: dim 0", cr, cuda_rejects(&c, gr));
-    println!(
-        "{} bad calls (RMSNorm sizes) rejected by both backends",
-        calls.cases
-    );
 }
 
-/// Bad the AdamW step on both backends: each call is rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values are accepted by both.
+/// Bad the AdamW step: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
 #[test]
 fn both_backends_reject_bad_adamw() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut calls = BadCalls { cases: 0 };
+    let Some((c, cpu, _, mut calls)) = bad_calls("the AdamW step") else {
+        return;
+    };
 
     // AdamW: step 0.
     let hp = AdamWStep {
@@ -2127,10 +2098,6 @@ fn both_backends_reject_bad_adamw() {
     let cr = cpu.adamw(&mut pc, None, &vec![0f32; 2], &mut m1, &mut v1, 2, &hp);
     let gr = c.adamw(&mut pg, None, &gz, &mut m1g, &mut v1g, 2, &hp);
     calls.both("adamw: step 0", cr, cuda_rejects(&c, gr));
-    println!(
-        "{} bad calls (the AdamW step) rejected by both backends",
-        calls.cases
-    );
 }
 
 /// The shared list of contract violations (tests/common/contract.rs): the CUDA backend rejects
