@@ -173,12 +173,12 @@ fn rmsnorm_grad() {
     let fwd = |x: &[f64], w: &[f64]| {
         let mut o = nan(rows * dim);
         let mut s = nan(rows);
-        math::rmsnorm(x, w, &mut o, &mut s, rows, dim, eps);
+        math::rmsnorm(x, w, &mut o, &mut s, NormDims { rows, dim }, eps);
         dot(&o, &c)
     };
     let mut o = nan(rows * dim);
     let mut rstd = nan(rows);
-    math::rmsnorm(&x, &w, &mut o, &mut rstd, rows, dim, eps);
+    math::rmsnorm(&x, &w, &mut o, &mut rstd, NormDims { rows, dim }, eps);
     for i in 0..rows {
         let ms: f64 = x[i * dim..(i + 1) * dim].iter().map(|v| v * v).sum::<f64>() / dim as f64;
         let s = 1.0 / (ms + eps).sqrt();
@@ -190,7 +190,17 @@ fn rmsnorm_grad() {
     let base = randv(&mut r, rows * dim, 1.0);
     let mut dx = base.clone();
     let mut dw = vec![0.0; dim];
-    math::rmsnorm_bwd(&c, &x, &w, &rstd, &mut dx, Some(&mut dw), rows, dim);
+    math::rmsnorm_bwd(
+        &c,
+        &x,
+        &w,
+        &rstd,
+        NormGrads {
+            dx: &mut dx,
+            dw: Some(&mut dw),
+        },
+        NormDims { rows, dim },
+    );
     let dx: Vec<f64> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
     fd_check("rmsnorm dx", &x, &dx, |v| fwd(v, &w), 1e-6);
     fd_check("rmsnorm dw", &w, &dw, |v| fwd(&x, v), 1e-6);
@@ -491,15 +501,21 @@ fn logprobs_forward_and_grad() {
     let c = randv(&mut r, n, 1.0);
     let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
     math::logprobs(
-        &h,
-        &w,
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let (lp2, lse2, ent2, _) = explicit_logprobs(&h, &w, &tg, n, dim, vocab);
@@ -513,21 +529,40 @@ fn logprobs_forward_and_grad() {
     let mut dw = dw0.clone();
     math::logprobs_bwd(
         &c,
-        &h,
-        &w,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dw),
-        n,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dw),
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let f = |h: &[f64], w: &[f64]| {
         let (mut lp, mut lse) = (nan(n), nan(n));
-        math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, 1.0);
+        math::logprobs(
+            LmHead { h, w, targets: &tg },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut lse,
+                entropy: None,
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
+            1.0,
+        );
         dot(&lp, &c)
     };
     fd_check("logprobs dh", &h, &dh, |x| f(x, &w), 1e-6);
@@ -548,15 +583,21 @@ fn logprobs_temperature_forward_and_grad() {
         let c = randv(&mut r, n, 1.0);
         let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
         math::logprobs(
-            &h,
-            &w,
-            &tg,
-            &mut lp,
-            &mut lse,
-            Some(&mut ent),
-            n,
-            dim,
-            vocab,
+            LmHead {
+                h: &h,
+                w: &w,
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut lse,
+                entropy: Some(&mut ent),
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
             inv_t,
         );
         let ws: Vec<f64> = w.iter().map(|x| x * inv_t).collect();
@@ -581,21 +622,40 @@ fn logprobs_temperature_forward_and_grad() {
         let mut dw = dw0.clone();
         math::logprobs_bwd(
             &c,
-            &h,
-            &w,
-            &tg,
+            LmHead {
+                h: &h,
+                w: &w,
+                targets: &tg,
+            },
             &lse,
-            &mut dh,
-            Some(&mut dw),
-            n,
-            dim,
-            vocab,
+            LogprobsGrads {
+                dh: &mut dh,
+                dw: Some(&mut dw),
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
             inv_t,
         );
         let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
         let f = |h: &[f64], w: &[f64]| {
             let (mut lp, mut lse) = (nan(n), nan(n));
-            math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, inv_t);
+            math::logprobs(
+                LmHead { h, w, targets: &tg },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut lse,
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: n,
+                    dim,
+                    vocab,
+                },
+                inv_t,
+            );
             dot(&lp, &c)
         };
         fd_check("logprobs dh (temperature)", &h, &dh, |x| f(x, &w), 1e-6);
@@ -1516,7 +1576,7 @@ fn rmsnorm_backend_matches_f64_math() {
     )
     .unwrap();
     let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
-    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, NormDims { rows, dim }, 1e-6);
     close("rmsnorm", &o[..rows * dim], &o64, 1e-6);
     close("rmsnorm rstd", &s[..rows], &s64, 1e-6);
     untouched("rmsnorm", &o, rows * dim);
@@ -1535,7 +1595,17 @@ fn rmsnorm_backend_matches_f64_math() {
     )
     .unwrap();
     let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
-    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    math::rmsnorm_bwd(
+        &dr,
+        &xr,
+        &wr,
+        &s64,
+        NormGrads {
+            dx: &mut dx64,
+            dw: Some(&mut dw64),
+        },
+        NormDims { rows, dim },
+    );
     close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
     close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
 }
@@ -1658,15 +1728,21 @@ fn logprobs_backend_matches_f64_math() {
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     close("logprobs logp", &lp[..nt], &lp64, 1e-6);
@@ -1697,15 +1773,21 @@ fn logprobs_backend_matches_f64_math() {
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.0; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
@@ -1852,7 +1934,7 @@ fn fast_rmsnorm(r: &mut ChaCha8Rng) -> Outputs {
     )
     .unwrap();
     let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
-    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, NormDims { rows, dim }, 1e-6);
     let (mut dxr, mut dwr) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
     b.rmsnorm_bwd(
         &to32(&dr),
@@ -1867,7 +1949,17 @@ fn fast_rmsnorm(r: &mut ChaCha8Rng) -> Outputs {
     )
     .unwrap();
     let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
-    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    math::rmsnorm_bwd(
+        &dr,
+        &xr,
+        &wr,
+        &s64,
+        NormGrads {
+            dx: &mut dx64,
+            dw: Some(&mut dw64),
+        },
+        NormDims { rows, dim },
+    );
     got.extend([o, s, dxr, dwr]);
     want.extend([o64, s64, dx64, dw64]);
     (got, want)
@@ -2060,15 +2152,21 @@ fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let mut dh = vec![f32::NAN; nt * dim];
@@ -2096,15 +2194,21 @@ fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     got.extend([lp, lse, ent, dh, dwl]);
@@ -2133,15 +2237,21 @@ fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t as f64,
     );
     let mut dh = vec![f32::NAN; nt * dim];
@@ -2169,15 +2279,21 @@ fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t as f64,
     );
     got.extend([lp, lse, ent, dh, dwl]);

@@ -215,7 +215,7 @@ pub struct NormDims {
 /// The gradients [`Backend::rmsnorm_bwd`] writes: `dx` (accumulated into the residual stream's
 /// gradient) and `dw` (accumulated; `None` skips it).
 #[derive(Debug)]
-pub struct NormGrads<'a, T, F> {
+pub struct NormGrads<'a, T: ?Sized, F: ?Sized> {
     pub dx: &'a mut T,
     pub dw: Option<&'a mut F>,
 }
@@ -239,23 +239,23 @@ pub struct VocabDims {
 /// The inputs [`Backend::logprobs`] and its backward share: hidden rows `h` [n_tok, dim], the
 /// lm_head weight `w` [vocab, dim] and one target id per row.
 #[derive(Debug)]
-pub struct LmHead<'a, T, I> {
+pub struct LmHead<'a, T: ?Sized, I: ?Sized> {
     pub h: &'a T,
     pub w: &'a T,
     pub targets: &'a I,
 }
 
-impl<T, I> Clone for LmHead<'_, T, I> {
+impl<T: ?Sized, I: ?Sized> Clone for LmHead<'_, T, I> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T, I> Copy for LmHead<'_, T, I> {}
+impl<T: ?Sized, I: ?Sized> Copy for LmHead<'_, T, I> {}
 
 /// What [`Backend::logprobs`] writes per token: `logp`, `lse` (saved for the backward) and,
 /// when given, `entropy`.
 #[derive(Debug)]
-pub struct LogprobsOut<'a, F> {
+pub struct LogprobsOut<'a, F: ?Sized> {
     pub logp: &'a mut F,
     pub lse: &'a mut F,
     pub entropy: Option<&'a mut F>,
@@ -264,7 +264,7 @@ pub struct LogprobsOut<'a, F> {
 /// The gradients [`Backend::logprobs_bwd`] writes: `dh` (overwritten) and `dw` (accumulated;
 /// `None` skips it).
 #[derive(Debug)]
-pub struct LogprobsGrads<'a, T, F> {
+pub struct LogprobsGrads<'a, T: ?Sized, F: ?Sized> {
     pub dh: &'a mut T,
     pub dw: Option<&'a mut F>,
 }
