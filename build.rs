@@ -12,12 +12,17 @@
 //! that the runtime compiles them with NVRTC. `TOOLN1_REQUIRE_NVCC=1` turns "no nvcc" into an
 //! error (CI sets it).
 //!
-//! Either way the `extern "C" __global__` signatures of the sources become the kernel table and
-//! one typed Rust launcher per kernel (`kernels_gen.rs`, module `launch`), whose parameters
-//! follow the C parameters: `const T*` -> `In<T>`, `T*` -> `Out<T>`, `int` -> `i32`, `float`
-//! -> `f32`, `long long` -> `i64`, `u32` -> `u32`, `u64` -> `u64`. A launch with a missing,
-//! extra or differently typed argument does not compile, and a kernel without a caller fails the
+//! Either way the `extern "C" __global__` signatures of the sources become the kernel table and,
+//! per kernel, an argument struct with one field per C parameter (its C name, in signature order)
+//! and a launcher taking it (`kernels_gen.rs`, module `launch`; the generator is
+//! `build/launchers.rs`): `const T*` -> `In<T>`, `T*` -> `Out<T>`, `int` -> `i32`, `float` ->
+//! `f32`, `long long` -> `i64`, `u32` -> `u32`, `u64` -> `u64`. A launch with a missing, extra,
+//! misnamed or differently typed argument does not compile, a parameter type without a mapping
+//! fails the build with the file, kernel and declaration, and a kernel without a caller fails the
 //! build (the launchers are `deny(dead_code)`).
+#[path = "build/launchers.rs"]
+mod launchers;
+
 use std::env;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -31,6 +36,7 @@ const ARCH_FLAGS: &[&str] = &[
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build/launchers.rs");
     println!("cargo:rerun-if-changed=kernels");
     for v in [
         "NVCC",
@@ -129,250 +135,16 @@ fn main() {
         }
     }
     gen.push_str(&srcs);
-    gen.push_str(&launchers(&kernels(&sources)));
-    fs::write(out.join("kernels_gen.rs"), gen).expect("write kernels_gen.rs");
-}
-
-/// One parameter of a kernel's `extern "C" __global__` signature.
-struct Param {
-    /// The C name (a Rust keyword gets a trailing `_`).
-    name: String,
-    /// The Rust parameter type of the launcher.
-    rust: String,
-    /// The expression that puts the value into its 8-byte argument slot.
-    slot: String,
-    /// The C declaration, for the launcher's doc comment.
-    decl: String,
-}
-
-/// One `extern "C" __global__` kernel of a kernels/*.cu file.
-struct Kernel {
-    module: String,
-    name: String,
-    params: Vec<Param>,
-}
-
-/// The most parameters a kernel may have (the launch builds its pointer array on the stack;
-/// mirrored by `MAX_KERNEL_PARAMS` in src/backend/cuda/runtime.rs).
-const MAX_PARAMS: usize = 24;
-
-const RUST_KEYWORDS: &[&str] = &[
-    "as", "async", "await", "box", "break", "const", "continue", "crate", "do", "dyn", "else",
-    "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl", "in", "let", "loop",
-    "macro", "match", "mod", "move", "mut", "override", "priv", "pub", "ref", "return", "self",
-    "static", "struct", "super", "trait", "true", "try", "type", "typeof", "unsafe", "unsized",
-    "use", "virtual", "where", "while", "yield",
-];
-
-/// Maps one C parameter (`const bf16_t* __restrict__ q`, `int n_tok`, ...) to its launcher
-/// parameter: a device pointer becomes `In<E>` (const) or `Out<E>` (mutable) of its element
-/// type, a scalar its Rust type of the same width.
-fn param(file: &Path, kernel: &str, decl: &str) -> Param {
-    let decl = decl.split_whitespace().collect::<Vec<_>>().join(" ");
-    let name_start = decl
-        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .map(|i| i + 1)
-        .unwrap_or(0);
-    let cname = &decl[name_start..];
-    let ty = &decl[..name_start];
-    if cname.is_empty() || ty.trim().is_empty() {
-        panic!(
-            "{}: kernel {kernel}: parameter `{decl}` needs a type and a name (build.rs)",
-            file.display()
-        );
-    }
-    let mut name = cname.to_string();
-    if RUST_KEYWORDS.contains(&cname) {
-        name.push('_');
-    }
-    if name == "gpu" || name == "cfg" {
-        panic!(
-            "{}: kernel {kernel}: parameter name `{cname}` is taken by the launcher itself (build.rs)",
-            file.display()
-        );
-    }
-    let spaced = ty.replace('*', " * ");
-    let words: Vec<&str> = spaced
-        .split_whitespace()
-        .filter(|w| *w != "__restrict__")
-        .collect();
-    let is_const = words.contains(&"const");
-    let stars = words.iter().filter(|w| **w == "*").count();
-    let base = words
+    let texts: Vec<(String, String, String)> = sources
         .iter()
-        .filter(|w| **w != "const" && **w != "*")
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let (rust, slot) = match stars {
-        0 => {
-            let rust = match base.as_str() {
-                "int" => "i32",
-                "u32" | "unsigned" | "unsigned int" => "u32",
-                "float" => "f32",
-                "long long" | "long" | "int64_t" => "i64",
-                "u64" | "unsigned long long" | "uint64_t" => "u64",
-                other => panic!(
-                    "{}: kernel {kernel}: parameter `{decl}`: scalar type `{other}` has no launcher type (build.rs)",
-                    file.display()
-                ),
-            };
-            let slot = match rust {
-                "i32" => format!("{name} as u32 as u64"),
-                "u32" => format!("{name} as u64"),
-                "f32" => format!("{name}.to_bits() as u64"),
-                "i64" => format!("{name} as u64"),
-                _ => name.clone(),
-            };
-            (rust.to_string(), slot)
-        }
-        1 => {
-            let elem = match base.as_str() {
-                "bf16_t" => "Bf16",
-                "float" => "f32",
-                "u32" | "unsigned" | "unsigned int" => "u32",
-                "double" => "f64",
-                other => panic!(
-                    "{}: kernel {kernel}: parameter `{decl}`: pointer to `{other}` has no device element type (build.rs)",
-                    file.display()
-                ),
-            };
-            let wrap = if is_const { "In" } else { "Out" };
-            (
-                format!("impl Into<{wrap}<'a, {elem}>>"),
-                format!("{name}.into().addr()"),
-            )
-        }
-        _ => panic!(
-            "{}: kernel {kernel}: parameter `{decl}`: pointers to pointers are not supported (build.rs)",
-            file.display()
-        ),
-    };
-    Param {
-        name,
-        rust,
-        slot,
-        decl,
-    }
-}
-
-/// Every `extern "C" __global__` kernel of the sources, with its parameters.
-fn kernels(sources: &[PathBuf]) -> Vec<Kernel> {
-    let mut out = Vec::new();
-    for s in sources {
-        let module = stem(s);
-        let src = fs::read_to_string(s).unwrap_or_else(|e| panic!("{}: {e}", s.display()));
-        let mut rest = src.as_str();
-        while let Some(i) = rest.find("extern \"C\"") {
-            rest = &rest[i + "extern \"C\"".len()..];
-            let head = rest.trim_start();
-            let Some(after) = head.strip_prefix("__global__") else {
-                continue;
-            };
-            let Some(open) = after.find('(') else { break };
-            let mut before = after[..open].trim();
-            let mut args_from = open;
-            if before.ends_with("__launch_bounds__") {
-                // skip the bounds' own parentheses
-                let close = after[open..]
-                    .find(')')
-                    .map(|c| open + c + 1)
-                    .unwrap_or(open);
-                let Some(o2) = after[close..].find('(') else {
-                    break;
-                };
-                before = after[..close + o2].trim();
-                args_from = close + o2;
-            }
-            let name = before
-                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .rfind(|w| !w.is_empty())
-                .unwrap_or_else(|| panic!("{}: kernel without a name", s.display()))
-                .to_string();
-            let close = after[args_from..].find(')').unwrap_or_else(|| {
-                panic!("{}: kernel {name}: unclosed parameter list", s.display())
-            });
-            let params: Vec<Param> = after[args_from + 1..args_from + close]
-                .split(',')
-                .map(|p| p.trim())
-                .filter(|p| !p.is_empty())
-                .map(|p| param(s, &name, p))
-                .collect();
-            if params.len() > MAX_PARAMS {
-                panic!(
-                    "{}: kernel {name} has {} parameters, at most {MAX_PARAMS} are supported (build.rs)",
-                    s.display(),
-                    params.len()
-                );
-            }
-            if out.iter().any(|k: &Kernel| k.name == name) {
-                panic!(
-                    "{}: kernel {name} is declared twice in kernels/ (build.rs)",
-                    s.display()
-                );
-            }
-            out.push(Kernel {
-                module: module.clone(),
-                name,
-                params,
-            });
-        }
-    }
-    out
-}
-
-/// The kernel table and one typed launcher per kernel. A launcher's parameters follow the
-/// kernel's C signature, so a call with a missing, extra or differently typed argument (a
-/// `const` pointer where the kernel writes, an f32 buffer where it reads bf16, an `i64` where
-/// it takes `int`) does not compile. The launchers are `deny(dead_code)`: a kernel that nothing
-/// launches fails the build too.
-fn launchers(kernels: &[Kernel]) -> String {
-    let mut out = String::from(
-        "/// (module, kernel) of every `extern \"C\" __global__` entry point; a launcher's index.\n\
-         pub const KERNELS: &[(&str, &str)] = &[\n",
-    );
-    for k in kernels {
-        out.push_str(&format!("    ({:?}, {:?}),\n", k.module, k.name));
-    }
-    out.push_str("];\n\n");
-    out.push_str(
-        "/// One typed launcher per kernel, by kernel file; parameters as in the kernel's signature.\n\
-         #[deny(dead_code)]\n\
-         pub(crate) mod launch {\n",
-    );
-    let mut modules: Vec<&str> = kernels.iter().map(|k| k.module.as_str()).collect();
-    modules.dedup();
-    for m in modules {
-        out.push_str(&format!(
-            "    /// Launchers of kernels/{m}.cu.\n    pub(crate) mod {m} {{\n        #[allow(unused_imports)]\n        use crate::backend::cuda::runtime::{{Bf16, Gpu, In, Launch, Out}};\n\n"
-        ));
-        for (id, k) in kernels.iter().enumerate().filter(|(_, k)| k.module == m) {
-            let decls: Vec<&str> = k.params.iter().map(|p| p.decl.as_str()).collect();
-            out.push_str(&format!(
-                "        /// `{}({})`\n        #[allow(clippy::too_many_arguments)]\n        pub(crate) fn {}{}(\n            gpu: &Gpu,\n            cfg: Launch,\n",
-                k.name,
-                decls.join(", "),
-                k.name,
-                if k.params.iter().any(|p| p.rust.contains("'a")) {
-                    "<'a>"
-                } else {
-                    ""
-                }
-            ));
-            for p in &k.params {
-                out.push_str(&format!("            {}: {},\n", p.name, p.rust));
-            }
-            out.push_str("        ) -> crate::Result<()> {\n");
-            let slots: Vec<&str> = k.params.iter().map(|p| p.slot.as_str()).collect();
-            out.push_str(&format!(
-                "            gpu.launch_kernel({id}, cfg, &mut [{}])\n        }}\n\n",
-                slots.join(", ")
-            ));
-        }
-        out.push_str("    }\n\n");
-    }
-    out.push_str("}\n");
-    out
+        .map(|s| {
+            let src = fs::read_to_string(s).unwrap_or_else(|e| panic!("{}: {e}", s.display()));
+            (s.display().to_string(), stem(s), src)
+        })
+        .collect();
+    let kernels = launchers::kernels(&texts).unwrap_or_else(|e| panic!("{e}"));
+    gen.push_str(&launchers::launchers(&kernels));
+    fs::write(out.join("kernels_gen.rs"), gen).expect("write kernels_gen.rs");
 }
 
 fn stem(p: &Path) -> String {

@@ -13,6 +13,8 @@ use tooln1::backend::{
     AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
     LossAgg, Packed,
 };
+use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
+use tooln1::backend::{LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
 
 struct Shape {
     name: &'static str,
@@ -167,14 +169,31 @@ fn cuda_benches(c: &mut Criterion) {
         let bx = (TOK * h * 2) as f64;
         let shp = format!("model={md},tokens={TOK},hidden={h}");
         timed(c, &cuda, &grp, "rmsnorm_fwd", &shp, 2.0 * bx, 0.0, || {
-            cuda.rmsnorm(&x, &w, &mut out, &mut rstd, TOK, h, 1e-6)
-                .unwrap()
+            cuda.rmsnorm(
+                &x,
+                &w,
+                &mut out,
+                &mut rstd,
+                NormDims { rows: TOK, dim: h },
+                1e-6,
+            )
+            .unwrap()
         });
         let mut dx = cuda.zeros(TOK * h).unwrap();
         let mut dw = cuda.zeros_f32(h).unwrap();
         timed(c, &cuda, &grp, "rmsnorm_bwd", &shp, 4.0 * bx, 0.0, || {
-            cuda.rmsnorm_bwd(&out, &x, &w, &rstd, &mut dx, Some(&mut dw), TOK, h)
-                .unwrap()
+            cuda.rmsnorm_bwd(
+                &out,
+                &x,
+                &w,
+                &rstd,
+                NormGrads {
+                    dx: &mut dx,
+                    dw: Some(&mut dw),
+                },
+                NormDims { rows: TOK, dim: h },
+            )
+            .unwrap()
         });
 
         let g = cuda.upload(&rnd(TOK * it, 2.0)).unwrap();
@@ -264,9 +283,11 @@ fn cuda_benches(c: &mut Criterion) {
             );
             timed(c, &cuda, &grp, "attention_fwd", &shp, 0.0, afl, || {
                 cuda.attention(
-                    &q,
-                    &k,
-                    &v,
+                    Qkv {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                    },
                     &mut o,
                     &mut lse,
                     &Packed {
@@ -297,15 +318,21 @@ fn cuda_benches(c: &mut Criterion) {
                 2.5 * afl,
                 || {
                     cuda.attention_bwd(
-                        &o,
-                        &q,
-                        &k,
-                        &v,
-                        &o,
-                        &lse,
-                        &mut dq,
-                        &mut dk,
-                        &mut dv,
+                        Qkv {
+                            q: &q,
+                            k: &k,
+                            v: &v,
+                        },
+                        AttnSaved {
+                            dout: &o,
+                            out: &o,
+                            lse: &lse,
+                        },
+                        AttnGrads {
+                            dq: &mut dq,
+                            dk: &mut dk,
+                            dv: &mut dv,
+                        },
                         &Packed {
                             cu_seqlens: &cud,
                             cu_host: &cu,
@@ -370,8 +397,25 @@ fn cuda_benches(c: &mut Criterion) {
         let lfl = 2.0 * (nt * voc * h) as f64;
         let shp = format!("model={md},tokens={nt},hidden={h},vocab={voc}");
         timed(c, &cuda, &grp, "logprobs_fwd", &shp, 0.0, lfl, || {
-            cuda.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, nt, h, voc, 1.0)
-                .unwrap()
+            cuda.logprobs(
+                LmHead {
+                    h: &x,
+                    w: &wv,
+                    targets: &tg,
+                },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut ls,
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: nt,
+                    dim: h,
+                    vocab: voc,
+                },
+                1.0,
+            )
+            .unwrap()
         });
         let dlp = cuda.upload_f32(&rnd(nt, 1.0)).unwrap();
         let mut dh = cuda.zeros(nt * h).unwrap();
@@ -379,21 +423,37 @@ fn cuda_benches(c: &mut Criterion) {
         timed(c, &cuda, &grp, "logprobs_bwd", &shp, 0.0, 3.0 * lfl, || {
             cuda.logprobs_bwd(
                 &dlp,
-                &x,
-                &wv,
-                &tg,
+                LmHead {
+                    h: &x,
+                    w: &wv,
+                    targets: &tg,
+                },
                 &ls,
-                &mut dh,
-                Some(&mut dwv),
-                nt,
-                h,
-                voc,
+                LogprobsGrads {
+                    dh: &mut dh,
+                    dw: Some(&mut dwv),
+                },
+                VocabDims {
+                    n_tok: nt,
+                    dim: h,
+                    vocab: voc,
+                },
                 1.0,
             )
             .unwrap()
         });
         let mut lg = cuda.zeros_f32(64 * voc).unwrap();
-        cuda.logits(&x, &wv, &mut lg, 64, h, voc).unwrap();
+        cuda.logits(
+            &x,
+            &wv,
+            &mut lg,
+            VocabDims {
+                n_tok: 64,
+                dim: h,
+                vocab: voc,
+            },
+        )
+        .unwrap();
         let mut smp = cuda.upload_u32(&[0u32; 64]).unwrap();
         let shp = format!("batch=64,vocab={voc}");
         let offsets: Vec<u64> = (0..64).collect();
@@ -508,8 +568,15 @@ fn cpu_benches(c: &mut Criterion) {
     let mut rstd = b.zeros_f32(tok).unwrap();
     g.bench_function("rmsnorm_fwd", |z| {
         z.iter(|| {
-            b.rmsnorm(&x, &w, &mut out, &mut rstd, tok, h, 1e-6)
-                .unwrap()
+            b.rmsnorm(
+                &x,
+                &w,
+                &mut out,
+                &mut rstd,
+                NormDims { rows: tok, dim: h },
+                1e-6,
+            )
+            .unwrap()
         })
     });
     let gt = b.upload(&rnd(tok * it, 2.0)).unwrap();
@@ -546,9 +613,11 @@ fn cpu_benches(c: &mut Criterion) {
     g.bench_function("attention_fwd", |z| {
         z.iter(|| {
             b.attention(
-                &q,
-                &k,
-                &v,
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
                 &mut o,
                 &mut lse,
                 &Packed {
@@ -572,8 +641,25 @@ fn cpu_benches(c: &mut Criterion) {
     let (mut lp, mut ls) = (b.zeros_f32(tok).unwrap(), b.zeros_f32(tok).unwrap());
     g.bench_function("logprobs_fwd", |z| {
         z.iter(|| {
-            b.logprobs(&x, &wv, &tg, &mut lp, &mut ls, None, tok, h, voc, 1.0)
-                .unwrap()
+            b.logprobs(
+                LmHead {
+                    h: &x,
+                    w: &wv,
+                    targets: &tg,
+                },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut ls,
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: tok,
+                    dim: h,
+                    vocab: voc,
+                },
+                1.0,
+            )
+            .unwrap()
         })
     });
     g.finish();

@@ -2,12 +2,14 @@
 //! code the f32 backend runs), forward checks against naive implementations, sampling
 //! statistics, AdamW, the KV-cache decode path and argument validation.
 //!
-//! Inputs are random and fresh on every run; the seed is printed (and shown on failure).
+//! Inputs are random and fresh on every run; the seed is printed (and shown on failure), and
+//! `TOOLN1_TEST_SEED=<n>` replays it.
 
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 
 mod common;
 
+use common::to32;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
@@ -15,14 +17,12 @@ use tooln1::backend::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
     LinearGrads, LossAgg, Packed,
 };
+use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
+use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
 
+/// The test's random stream from [`common::seed`] (printed; `TOOLN1_TEST_SEED` replays it).
 fn rng(test: &str) -> ChaCha8Rng {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    println!("{test}: seed = {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
+    ChaCha8Rng::seed_from_u64(common::seed(test))
 }
 
 fn randv(r: &mut ChaCha8Rng, n: usize, a: f64) -> Vec<f64> {
@@ -173,12 +173,12 @@ fn rmsnorm_grad() {
     let fwd = |x: &[f64], w: &[f64]| {
         let mut o = nan(rows * dim);
         let mut s = nan(rows);
-        math::rmsnorm(x, w, &mut o, &mut s, rows, dim, eps);
+        math::rmsnorm(x, w, &mut o, &mut s, NormDims { rows, dim }, eps);
         dot(&o, &c)
     };
     let mut o = nan(rows * dim);
     let mut rstd = nan(rows);
-    math::rmsnorm(&x, &w, &mut o, &mut rstd, rows, dim, eps);
+    math::rmsnorm(&x, &w, &mut o, &mut rstd, NormDims { rows, dim }, eps);
     for i in 0..rows {
         let ms: f64 = x[i * dim..(i + 1) * dim].iter().map(|v| v * v).sum::<f64>() / dim as f64;
         let s = 1.0 / (ms + eps).sqrt();
@@ -190,7 +190,17 @@ fn rmsnorm_grad() {
     let base = randv(&mut r, rows * dim, 1.0);
     let mut dx = base.clone();
     let mut dw = vec![0.0; dim];
-    math::rmsnorm_bwd(&c, &x, &w, &rstd, &mut dx, Some(&mut dw), rows, dim);
+    math::rmsnorm_bwd(
+        &c,
+        &x,
+        &w,
+        &rstd,
+        NormGrads {
+            dx: &mut dx,
+            dw: Some(&mut dw),
+        },
+        NormDims { rows, dim },
+    );
     let dx: Vec<f64> = dx.iter().zip(&base).map(|(a, b)| a - b).collect();
     fd_check("rmsnorm dx", &x, &dx, |v| fwd(v, &w), 1e-6);
     fd_check("rmsnorm dw", &w, &dw, |v| fwd(&x, v), 1e-6);
@@ -354,9 +364,11 @@ fn kv_cache_decode_matches_attention() {
         let mut out = vec![f32::NAN; l * nh * hd];
         let mut lse = vec![f32::NAN; nh * l];
         b.attention(
-            &q,
-            &k,
-            &v,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
             &mut out,
             &mut lse,
             &Packed {
@@ -381,8 +393,10 @@ fn kv_cache_decode_matches_attention() {
             &dst[..l - 1].to_vec(),
             &mut k_cache,
             &mut v_cache,
-            l - 1,
-            kvd,
+            KvRows {
+                n_tok: l - 1,
+                kv_dim: kvd,
+            },
         )
         .unwrap();
         let tail = (l - 1) * kvd;
@@ -392,8 +406,10 @@ fn kv_cache_decode_matches_attention() {
             &vec![dst[l - 1]],
             &mut k_cache,
             &mut v_cache,
-            1,
-            kvd,
+            KvRows {
+                n_tok: 1,
+                kv_dim: kvd,
+            },
         )
         .unwrap();
     }
@@ -485,15 +501,21 @@ fn logprobs_forward_and_grad() {
     let c = randv(&mut r, n, 1.0);
     let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
     math::logprobs(
-        &h,
-        &w,
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let (lp2, lse2, ent2, _) = explicit_logprobs(&h, &w, &tg, n, dim, vocab);
@@ -507,21 +529,40 @@ fn logprobs_forward_and_grad() {
     let mut dw = dw0.clone();
     math::logprobs_bwd(
         &c,
-        &h,
-        &w,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dw),
-        n,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dw),
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let f = |h: &[f64], w: &[f64]| {
         let (mut lp, mut lse) = (nan(n), nan(n));
-        math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, 1.0);
+        math::logprobs(
+            LmHead { h, w, targets: &tg },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut lse,
+                entropy: None,
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
+            1.0,
+        );
         dot(&lp, &c)
     };
     fd_check("logprobs dh", &h, &dh, |x| f(x, &w), 1e-6);
@@ -542,15 +583,21 @@ fn logprobs_temperature_forward_and_grad() {
         let c = randv(&mut r, n, 1.0);
         let (mut lp, mut lse, mut ent) = (nan(n), nan(n), nan(n));
         math::logprobs(
-            &h,
-            &w,
-            &tg,
-            &mut lp,
-            &mut lse,
-            Some(&mut ent),
-            n,
-            dim,
-            vocab,
+            LmHead {
+                h: &h,
+                w: &w,
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut lse,
+                entropy: Some(&mut ent),
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
             inv_t,
         );
         let ws: Vec<f64> = w.iter().map(|x| x * inv_t).collect();
@@ -575,21 +622,40 @@ fn logprobs_temperature_forward_and_grad() {
         let mut dw = dw0.clone();
         math::logprobs_bwd(
             &c,
-            &h,
-            &w,
-            &tg,
+            LmHead {
+                h: &h,
+                w: &w,
+                targets: &tg,
+            },
             &lse,
-            &mut dh,
-            Some(&mut dw),
-            n,
-            dim,
-            vocab,
+            LogprobsGrads {
+                dh: &mut dh,
+                dw: Some(&mut dw),
+            },
+            VocabDims {
+                n_tok: n,
+                dim,
+                vocab,
+            },
             inv_t,
         );
         let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
         let f = |h: &[f64], w: &[f64]| {
             let (mut lp, mut lse) = (nan(n), nan(n));
-            math::logprobs(h, w, &tg, &mut lp, &mut lse, None, n, dim, vocab, inv_t);
+            math::logprobs(
+                LmHead { h, w, targets: &tg },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut lse,
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: n,
+                    dim,
+                    vocab,
+                },
+                inv_t,
+            );
             dot(&lp, &c)
         };
         fd_check("logprobs dh (temperature)", &h, &dh, |x| f(x, &w), 1e-6);
@@ -601,12 +667,47 @@ fn logprobs_temperature_forward_and_grad() {
     let (mut lp, mut l2, mut dh) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
     for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
         let e = b
-            .logprobs(&x, &x, &vec![0, 1], &mut lp, &mut l2, None, 2, 1, 5, bad)
+            .logprobs(
+                LmHead {
+                    h: &x,
+                    w: &x,
+                    targets: &vec![0, 1],
+                },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut l2,
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: 2,
+                    dim: 1,
+                    vocab: 5,
+                },
+                bad,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("logprobs") && e.contains("inv_t"), "{e}");
         let e = b
-            .logprobs_bwd(&x, &x, &x, &vec![0, 1], &l2, &mut dh, None, 2, 1, 5, bad)
+            .logprobs_bwd(
+                &x,
+                LmHead {
+                    h: &x,
+                    w: &x,
+                    targets: &vec![0, 1],
+                },
+                &l2,
+                LogprobsGrads {
+                    dh: &mut dh,
+                    dw: None,
+                },
+                VocabDims {
+                    n_tok: 2,
+                    dim: 1,
+                    vocab: 5,
+                },
+                bad,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("logprobs_bwd") && e.contains("inv_t"), "{e}");
@@ -628,15 +729,21 @@ fn logprobs_chunked_large_vocab() {
     let b = Cpu;
     let (mut lp, mut lse, mut ent) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
     b.logprobs(
-        &h,
-        &w,
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
         1.0,
     )
     .unwrap();
@@ -655,8 +762,26 @@ fn logprobs_chunked_large_vocab() {
     // backward: dh = Σ_v dlogp (1[v=target] − p_v) w_v
     let c: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
     let mut dh = vec![f32::NAN; n * dim];
-    b.logprobs_bwd(&c, &h, &w, &tg, &lse, &mut dh, None, n, dim, vocab, 1.0)
-        .unwrap();
+    b.logprobs_bwd(
+        &c,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
+        &lse,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: None,
+        },
+        VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        },
+        1.0,
+    )
+    .unwrap();
     for t in 0..n {
         for j in 0..dim {
             let mut e = 0.0;
@@ -1108,9 +1233,11 @@ fn backend_f32_matches_f64_math() {
     let mut lse = vec![f32::NAN; n * nh];
     let cu = CU.to_vec();
     b.attention(
-        &f(&q),
-        &f(&k),
-        &f(&v),
+        Qkv {
+            q: &f(&q),
+            k: &f(&k),
+            v: &f(&v),
+        },
         &mut out,
         &mut lse,
         &Packed {
@@ -1162,8 +1289,9 @@ fn upload_raw_dtypes() {
     assert!(e.contains("upload_raw"), "{e}");
 }
 
+/// A bad `linear` call (an output shorter than m * n) is an error naming it.
 #[test]
-fn bad_arguments_are_errors() {
+fn bad_linear_arguments_are_errors() {
     let b = Cpu;
     let x = vec![0.0f32; 10];
     let mut y = vec![0.0f32; 3];
@@ -1172,19 +1300,36 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("linear") && e.contains("`y`"), "{e}");
+}
+
+/// A bad `embedding` call (an id outside the table) is an error naming it.
+#[test]
+fn bad_embedding_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
     let mut out = vec![0.0f32; 10];
     let e = b
         .embedding(&vec![7u32], &x, &mut out, 1, 5)
         .unwrap_err()
         .to_string();
     assert!(e.contains("embedding") && e.contains("ids"), "{e}");
+}
+
+/// A bad `attention` call (offsets that decrease) is an error naming it.
+#[test]
+fn bad_attention_offsets_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
+    let mut out = vec![0.0f32; 10];
     let mut lse = vec![0.0f32; 4];
     let cu = vec![0u32, 3, 2];
     let e = b
         .attention(
-            &x,
-            &x,
-            &x,
+            Qkv {
+                q: &x,
+                k: &x,
+                v: &x,
+            },
             &mut out,
             &mut lse,
             &Packed {
@@ -1201,11 +1346,22 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("attention"), "{e}");
+}
+
+/// A bad `attention` call (n_heads not a multiple of n_kv) is an error naming it.
+#[test]
+fn bad_attention_heads_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
+    let mut out = vec![0.0f32; 10];
+    let mut lse = vec![0.0f32; 4];
     let e = b
         .attention(
-            &x,
-            &x,
-            &x,
+            Qkv {
+                q: &x,
+                k: &x,
+                v: &x,
+            },
             &mut out,
             &mut lse,
             &Packed {
@@ -1222,28 +1378,81 @@ fn bad_arguments_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("n_kv"), "{e}");
+}
+
+/// A bad `logprobs` call (a target outside the vocabulary) is an error naming it.
+#[test]
+fn bad_logprobs_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
     let mut lp = vec![0.0f32; 2];
     let mut l2 = vec![0.0f32; 2];
     let e = b
-        .logprobs(&x, &x, &vec![0, 9], &mut lp, &mut l2, None, 2, 1, 5, 1.0)
+        .logprobs(
+            LmHead {
+                h: &x,
+                w: &x,
+                targets: &vec![0, 9],
+            },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut l2,
+                entropy: None,
+            },
+            VocabDims {
+                n_tok: 2,
+                dim: 1,
+                vocab: 5,
+            },
+            1.0,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("targets[1]"), "{e}");
+}
+
+/// A bad `sample` call (a NaN logit) is an error naming it.
+#[test]
+fn bad_sample_arguments_are_errors() {
+    let b = Cpu;
     let mut o = vec![0u32; 1];
     let e = common::sample_at(&b, &vec![f32::NAN, 0.0], &mut o, 1, 2, 1.0, 1.0, 0, 0, 0)
         .unwrap_err()
         .to_string();
     assert!(e.contains("sample"), "{e}");
+}
+
+/// A bad `rope` call (an odd head_dim) is an error naming it.
+#[test]
+fn bad_rope_arguments_are_errors() {
+    let b = Cpu;
     let mut pos = vec![0.0f32; 6];
     let e = b
         .rope(&mut pos, &vec![0], 1, 2, 3, 1e4)
         .unwrap_err()
         .to_string();
     assert!(e.contains("head_dim"), "{e}");
+}
+
+/// A bad `kv_store` call (a cache row outside the cache) is an error naming it.
+#[test]
+fn bad_kv_store_arguments_are_errors() {
+    let b = Cpu;
+    let x = vec![0.0f32; 10];
     let mut kc = vec![0.0f32; 8];
     let mut vc = vec![0.0f32; 8];
     let e = b
-        .kv_store(&x, &x, &vec![4], &mut kc, &mut vc, 1, 2)
+        .kv_store(
+            &x,
+            &x,
+            &vec![4],
+            &mut kc,
+            &mut vc,
+            KvRows {
+                n_tok: 1,
+                kv_dim: 2,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("dst"), "{e}");
@@ -1259,10 +1468,6 @@ fn contract_rejects_bad_calls_with_structured_errors() {
         assert!(!expected.is_empty() && !got.is_empty(), "{what}");
     }
     assert!(cases.len() >= 60, "{} cases", cases.len());
-}
-
-fn to32(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|&v| v as f32).collect()
 }
 
 /// Max |a − b| / max |b| between an f32 backend output and the f64 math.
@@ -1365,10 +1570,17 @@ fn rmsnorm_backend_matches_f64_math() {
         randv(&mut r, rows * dim, 1.0),
     );
     let (mut o, mut s) = (poisoned(rows * dim), poisoned(rows));
-    b.rmsnorm(&to32(&xr), &to32(&wr), &mut o, &mut s, rows, dim, 1e-6)
-        .unwrap();
+    b.rmsnorm(
+        &to32(&xr),
+        &to32(&wr),
+        &mut o,
+        &mut s,
+        NormDims { rows, dim },
+        1e-6,
+    )
+    .unwrap();
     let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
-    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, NormDims { rows, dim }, 1e-6);
     close("rmsnorm", &o[..rows * dim], &o64, 1e-6);
     close("rmsnorm rstd", &s[..rows], &s64, 1e-6);
     untouched("rmsnorm", &o, rows * dim);
@@ -1379,14 +1591,25 @@ fn rmsnorm_backend_matches_f64_math() {
         &to32(&xr),
         &to32(&wr),
         &s,
-        &mut dxr,
-        Some(&mut dwr),
-        rows,
-        dim,
+        NormGrads {
+            dx: &mut dxr,
+            dw: Some(&mut dwr),
+        },
+        NormDims { rows, dim },
     )
     .unwrap();
     let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
-    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    math::rmsnorm_bwd(
+        &dr,
+        &xr,
+        &wr,
+        &s64,
+        NormGrads {
+            dx: &mut dx64,
+            dw: Some(&mut dw64),
+        },
+        NormDims { rows, dim },
+    );
     close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
     close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
 }
@@ -1441,15 +1664,21 @@ fn attention_bwd_backend_matches_f64_math() {
     let (mut dq, mut dk, mut dv) = (poisoned(q.len()), poisoned(kk.len()), poisoned(v.len()));
     let cu = CU.to_vec();
     b.attention_bwd(
-        &to32(&dout),
-        &to32(&q),
-        &to32(&kk),
-        &to32(&v),
-        &to32(&o64),
-        &to32(&l64),
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        Qkv {
+            q: &to32(&q),
+            k: &to32(&kk),
+            v: &to32(&v),
+        },
+        AttnSaved {
+            dout: &to32(&dout),
+            out: &to32(&o64),
+            lse: &to32(&l64),
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
         &Packed {
             cu_seqlens: &cu,
             cu_host: &cu,
@@ -1483,29 +1712,41 @@ fn logprobs_backend_matches_f64_math() {
     let tg: Vec<u32> = (0..nt).map(|_| r.random_range(0..vocab as u32)).collect();
     let (mut lp, mut lse, mut ent) = (poisoned(nt), poisoned(nt), poisoned(nt));
     b.logprobs(
-        &to32(&h),
-        &to32(&wl),
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     )
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     close("logprobs logp", &lp[..nt], &lp64, 1e-6);
@@ -1515,30 +1756,42 @@ fn logprobs_backend_matches_f64_math() {
     let mut dwl = vec![0.0f32; vocab * dim];
     b.logprobs_bwd(
         &to32(&dl),
-        &to32(&h),
-        &to32(&wl),
-        &tg,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dwl),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dwl),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     )
     .unwrap();
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.0; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     close("logprobs_bwd dh", &dh[..nt * dim], &dh64, 1e-5);
@@ -1557,18 +1810,56 @@ fn logits_backend_matches_f64_math() {
         randv(&mut r, vocab * dim, 1.0),
     );
     let mut lg = poisoned(nt * vocab);
-    b.logits(&to32(&h), &to32(&wl), &mut lg, nt, dim, vocab)
-        .unwrap();
+    b.logits(
+        &to32(&h),
+        &to32(&wl),
+        &mut lg,
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
+    )
+    .unwrap();
     let mut lg64 = nan(nt * vocab);
     math::matmul_nt(&h, &wl, &mut lg64, nt, vocab, dim, 0.0);
     close("logits", &lg[..nt * vocab], &lg64, 1e-6);
     untouched("logits", &lg, nt * vocab);
 }
 
-/// Every output of the fast f32 ops at sizes that span several tiles (GEMM blocks split over
-/// rows and over columns, vocabulary tiles and row blocks with ragged ends, attention blocks
-/// with a one-token sequence), in a fixed order.
-fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
+/// Outputs of a fast f32 op and the f64 math's, in the same order.
+type Outputs = (Vec<Vec<f32>>, Vec<Vec<f64>>);
+
+/// Serialises the tests that set the global thread count.
+static THREADS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `outputs` (named `names`) agree with the f64 math at multi-tile sizes, and give the same bits
+/// for 1, 2 and 3 threads (the same random inputs each time).
+fn fast_multi_tile(tag: &str, names: &[&str], outputs: fn(&mut ChaCha8Rng) -> Outputs) {
+    let _lock = THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut runs = Vec::new();
+    let r0 = rng(tag);
+    for threads in [1, 2, 3] {
+        tooln1::backend::cpu::set_num_threads(threads);
+        let mut r = r0.clone();
+        let (got, want) = outputs(&mut r);
+        assert_eq!(got.len(), names.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            close(names[i], g, w, 1e-5);
+        }
+        runs.push(got);
+    }
+    tooln1::backend::cpu::set_num_threads(0);
+    for (t, run) in runs.iter().enumerate().skip(1) {
+        for (i, (a, b)) in run.iter().zip(&runs[0]).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{}: {} threads differ from 1", names[i], t + 1);
+        }
+    }
+}
+
+/// The fast path of linear and linear_bwd, split over rows (m > n) and over columns (n > m): (outputs, f64 math).
+fn fast_linear(r: &mut ChaCha8Rng) -> Outputs {
     let b = Cpu;
     let (mut got, mut want) = (Vec::new(), Vec::new());
     // linear, split over rows (m > n) and over columns (n > m)
@@ -1622,6 +1913,13 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         got.extend([y, dx, dw, db]);
         want.extend([y64, dx64, dw64, db64]);
     }
+    (got, want)
+}
+
+/// The fast path of rmsnorm and rmsnorm_bwd over rows that are not a multiple of the row chunk: (outputs, f64 math).
+fn fast_rmsnorm(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
     // rmsnorm + bwd (rows not a multiple of the row chunk)
     let (rows, dim) = (70, 33);
     let (xr, wr, dr) = (
@@ -1630,26 +1928,51 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         randv(r, rows * dim, 1.0),
     );
     let (mut o, mut s) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
-    b.rmsnorm(&to32(&xr), &to32(&wr), &mut o, &mut s, rows, dim, 1e-6)
-        .unwrap();
+    b.rmsnorm(
+        &to32(&xr),
+        &to32(&wr),
+        &mut o,
+        &mut s,
+        NormDims { rows, dim },
+        1e-6,
+    )
+    .unwrap();
     let (mut o64, mut s64) = (nan(rows * dim), nan(rows));
-    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, rows, dim, 1e-6);
+    math::rmsnorm(&xr, &wr, &mut o64, &mut s64, NormDims { rows, dim }, 1e-6);
     let (mut dxr, mut dwr) = (vec![0.0f32; rows * dim], vec![0.0f32; dim]);
     b.rmsnorm_bwd(
         &to32(&dr),
         &to32(&xr),
         &to32(&wr),
         &s,
-        &mut dxr,
-        Some(&mut dwr),
-        rows,
-        dim,
+        NormGrads {
+            dx: &mut dxr,
+            dw: Some(&mut dwr),
+        },
+        NormDims { rows, dim },
     )
     .unwrap();
     let (mut dx64, mut dw64) = (vec![0.0; rows * dim], vec![0.0; dim]);
-    math::rmsnorm_bwd(&dr, &xr, &wr, &s64, &mut dx64, Some(&mut dw64), rows, dim);
+    math::rmsnorm_bwd(
+        &dr,
+        &xr,
+        &wr,
+        &s64,
+        NormGrads {
+            dx: &mut dx64,
+            dw: Some(&mut dw64),
+        },
+        NormDims { rows, dim },
+    );
     got.extend([o, s, dxr, dwr]);
     want.extend([o64, s64, dx64, dw64]);
+    (got, want)
+}
+
+/// The fast path of rope on 70 tokens: (outputs, f64 math).
+fn fast_rope(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
     // rope on 70 tokens
     let (nt, nh, hd) = (70, 3, 8);
     let xq = randv(r, nt * nh * hd, 1.0);
@@ -1660,7 +1983,14 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     math::rope(&mut x64, &pos, nt, nh, hd, 10000.0, false);
     got.push(xf);
     want.push(x64);
-    // swiglu + bwd, adamw over several element chunks
+    (got, want)
+}
+
+/// The fast path of swiglu and swiglu_bwd over several element chunks: (outputs, f64 math).
+fn fast_swiglu(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    // swiglu + bwd over several element chunks
     let ns = 40_003;
     let (g, u, d) = (randv(r, ns, 3.0), randv(r, ns, 1.0), randv(r, ns, 1.0));
     let mut o = vec![f32::NAN; ns];
@@ -1674,6 +2004,15 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     math::swiglu_bwd(&d, &g, &u, &mut dg64, &mut du64, ns);
     got.extend([o, dg, du]);
     want.extend([o64, dg64, du64]);
+    (got, want)
+}
+
+/// The fast path of adamw over several element chunks: (outputs, f64 math).
+fn fast_adamw(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let ns = 40_003;
+    let g = randv(r, ns, 3.0);
     let hp = AdamWStep {
         lr: 0.01,
         beta1: 0.9,
@@ -1701,6 +2040,13 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     math::adamw(&mut p64, &g, &mut m64, &mut v64, ns, &h64);
     got.extend([p, m, v]);
     want.extend([p64, m64, v64]);
+    (got, want)
+}
+
+/// The fast path of attention and attention_bwd over sequences of 150 (three 64-blocks, ragged), 1 and 129 tokens: (outputs, f64 math).
+fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
     // attention + bwd: sequences of 150 (three 64-blocks, ragged), 1 and 129 tokens
     let cu: Vec<u32> = vec![0, 150, 151, 280];
     let (nh, nkv, hd) = (4, 2, 16);
@@ -1713,9 +2059,11 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     );
     let (mut o, mut l) = (vec![f32::NAN; nt * nh * hd], vec![f32::NAN; nh * nt]);
     b.attention(
-        &to32(&q),
-        &to32(&kk),
-        &to32(&v),
+        Qkv {
+            q: &to32(&q),
+            k: &to32(&kk),
+            v: &to32(&v),
+        },
         &mut o,
         &mut l,
         &Packed {
@@ -1738,15 +2086,21 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
         vec![f32::NAN; v.len()],
     );
     b.attention_bwd(
-        &to32(&dout),
-        &to32(&q),
-        &to32(&kk),
-        &to32(&v),
-        &o,
-        &l,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        Qkv {
+            q: &to32(&q),
+            k: &to32(&kk),
+            v: &to32(&v),
+        },
+        AttnSaved {
+            dout: &to32(&dout),
+            out: &o,
+            lse: &l,
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
         &Packed {
             cu_seqlens: &cu,
             cu_host: &cu,
@@ -1765,6 +2119,13 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     );
     got.extend([o, l, dq, dk, dv]);
     want.extend([o64, l64, dq64, dk64, dv64]);
+    (got, want)
+}
+
+/// The fast path of logprobs and logprobs_bwd over 300 rows (two row blocks) and vocab 1500 (three tiles, the last ragged), at temperature 1 and 0.7: (outputs, f64 math).
+fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
     // logprobs + bwd: 300 rows (two row blocks), vocab 1500 (three tiles, the last ragged)
     let (nt, dim, vocab) = (300, 24, 1500);
     let (h, wl, dl) = (
@@ -1775,59 +2136,83 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     let tg: Vec<u32> = (0..nt).map(|_| r.random_range(0..vocab as u32)).collect();
     let (mut lp, mut lse, mut ent) = (vec![f32::NAN; nt], vec![f32::NAN; nt], vec![f32::NAN; nt]);
     b.logprobs(
-        &to32(&h),
-        &to32(&wl),
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     )
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     let mut dh = vec![f32::NAN; nt * dim];
     let mut dwl = vec![0.125f32; vocab * dim];
     b.logprobs_bwd(
         &to32(&dl),
-        &to32(&h),
-        &to32(&wl),
-        &tg,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dwl),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dwl),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     )
     .unwrap();
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         1.0,
     );
     got.extend([lp, lse, ent, dh, dwl]);
@@ -1836,59 +2221,83 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     let inv_t = 1.0f32 / 0.7;
     let (mut lp, mut lse, mut ent) = (vec![f32::NAN; nt], vec![f32::NAN; nt], vec![f32::NAN; nt]);
     b.logprobs(
-        &to32(&h),
-        &to32(&wl),
-        &tg,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t,
     )
     .unwrap();
     let (mut lp64, mut lse64, mut ent64) = (nan(nt), nan(nt), nan(nt));
     math::logprobs(
-        &h,
-        &wl,
-        &tg,
-        &mut lp64,
-        &mut lse64,
-        Some(&mut ent64),
-        nt,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp64,
+            lse: &mut lse64,
+            entropy: Some(&mut ent64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t as f64,
     );
     let mut dh = vec![f32::NAN; nt * dim];
     let mut dwl = vec![0.125f32; vocab * dim];
     b.logprobs_bwd(
         &to32(&dl),
-        &to32(&h),
-        &to32(&wl),
-        &tg,
+        LmHead {
+            h: &to32(&h),
+            w: &to32(&wl),
+            targets: &tg,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dwl),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dwl),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t,
     )
     .unwrap();
     let (mut dh64, mut dw64) = (nan(nt * dim), vec![0.125; vocab * dim]);
     math::logprobs_bwd(
         &dl,
-        &h,
-        &wl,
-        &tg,
+        LmHead {
+            h: &h,
+            w: &wl,
+            targets: &tg,
+        },
         &lse64,
-        &mut dh64,
-        Some(&mut dw64),
-        nt,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh64,
+            dw: Some(&mut dw64),
+        },
+        VocabDims {
+            n_tok: nt,
+            dim,
+            vocab,
+        },
         inv_t as f64,
     );
     got.extend([lp, lse, ent, dh, dwl]);
@@ -1896,65 +2305,94 @@ fn fast_outputs(r: &mut ChaCha8Rng) -> (Vec<Vec<f32>>, Vec<Vec<f64>>) {
     (got, want)
 }
 
-/// The fast f32 ops agree with the f64 math at multi-tile sizes, and give the same bits for
-/// 1, 2 and 3 threads.
 #[test]
-fn fast_ops_multi_tile_match_f64_math_and_thread_counts() {
-    const NAMES: [&str; 34] = [
-        "linear y (split m)",
-        "linear dx (split m)",
-        "linear dw (split m)",
-        "linear dbias (split m)",
-        "linear y (split n)",
-        "linear dx (split n)",
-        "linear dw (split n)",
-        "linear dbias (split n)",
-        "rmsnorm",
-        "rmsnorm rstd",
-        "rmsnorm_bwd dx",
-        "rmsnorm_bwd dw",
-        "rope",
-        "swiglu",
-        "swiglu_bwd dgate",
-        "swiglu_bwd dup",
-        "adamw p",
-        "adamw m",
-        "adamw v",
-        "attention out",
-        "attention lse",
-        "attention_bwd dq",
-        "attention_bwd dk",
-        "attention_bwd dv",
-        "logprobs logp",
-        "logprobs lse",
-        "logprobs entropy",
-        "logprobs_bwd dh",
-        "logprobs_bwd dw",
-        "logprobs logp (T = 0.7)",
-        "logprobs lse (T = 0.7)",
-        "logprobs entropy (T = 0.7)",
-        "logprobs_bwd dh (T = 0.7)",
-        "logprobs_bwd dw (T = 0.7)",
-    ];
-    let mut runs = Vec::new();
-    let r0 = rng("fast_ops_multi_tile");
-    for threads in [1, 2, 3] {
-        tooln1::backend::cpu::set_num_threads(threads);
-        let mut r = r0.clone();
-        let (got, want) = fast_outputs(&mut r);
-        assert_eq!(got.len(), NAMES.len());
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            close(NAMES[i], g, w, 1e-5);
-        }
-        runs.push(got);
-    }
-    tooln1::backend::cpu::set_num_threads(0);
-    for (t, run) in runs.iter().enumerate().skip(1) {
-        for (i, (a, b)) in run.iter().zip(&runs[0]).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{}: {} threads differ from 1", NAMES[i], t + 1);
-        }
-    }
+fn fast_linear_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_linear_multi_tile",
+        &[
+            "linear y (split m)",
+            "linear dx (split m)",
+            "linear dw (split m)",
+            "linear dbias (split m)",
+            "linear y (split n)",
+            "linear dx (split n)",
+            "linear dw (split n)",
+            "linear dbias (split n)",
+        ],
+        fast_linear,
+    );
+}
+
+#[test]
+fn fast_rmsnorm_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_rmsnorm_multi_tile",
+        &[
+            "rmsnorm",
+            "rmsnorm rstd",
+            "rmsnorm_bwd dx",
+            "rmsnorm_bwd dw",
+        ],
+        fast_rmsnorm,
+    );
+}
+
+#[test]
+fn fast_rope_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile("fast_rope_multi_tile", &["rope"], fast_rope);
+}
+
+#[test]
+fn fast_swiglu_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_swiglu_multi_tile",
+        &["swiglu", "swiglu_bwd dgate", "swiglu_bwd dup"],
+        fast_swiglu,
+    );
+}
+
+#[test]
+fn fast_adamw_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_adamw_multi_tile",
+        &["adamw p", "adamw m", "adamw v"],
+        fast_adamw,
+    );
+}
+
+#[test]
+fn fast_attention_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_attention_multi_tile",
+        &[
+            "attention out",
+            "attention lse",
+            "attention_bwd dq",
+            "attention_bwd dk",
+            "attention_bwd dv",
+        ],
+        fast_attention,
+    );
+}
+
+#[test]
+fn fast_logprobs_multi_tile_matches_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_logprobs_multi_tile",
+        &[
+            "logprobs logp",
+            "logprobs lse",
+            "logprobs entropy",
+            "logprobs_bwd dh",
+            "logprobs_bwd dw",
+            "logprobs logp (T = 0.7)",
+            "logprobs lse (T = 0.7)",
+            "logprobs entropy (T = 0.7)",
+            "logprobs_bwd dh (T = 0.7)",
+            "logprobs_bwd dw (T = 0.7)",
+        ],
+        fast_logprobs,
+    );
 }
 
 /// copy_rows against a plain row copy, odd widths and ranges, the rest of the buffer unchanged.

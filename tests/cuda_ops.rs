@@ -18,6 +18,8 @@ use tooln1::backend::{
     AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
     LossAgg, Packed,
 };
+use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
+use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
 use tooln1::tooln1_skip;
 
 #[test]
@@ -92,7 +94,7 @@ fn rmsnorm_fwd_bwd() {
     let (w, wh) = up(&c, &r.vec(dim, 1.0));
     let mut out = poison(&c, rows * dim);
     let mut rstd = poison_f32(&c, rows);
-    c.rmsnorm(&x, &w, &mut out, &mut rstd, rows, dim, eps)
+    c.rmsnorm(&x, &w, &mut out, &mut rstd, NormDims { rows, dim }, eps)
         .unwrap();
     let mut outr = vec![0f64; rows * dim];
     let mut rsr = vec![0f64; rows];
@@ -122,8 +124,18 @@ fn rmsnorm_fwd_bwd() {
     let (g, gh) = up(&c, &r.vec(rows * dim, 1.0));
     let (mut dx, dx0) = up(&c, &r.vec(rows * dim, 1.0));
     let mut dw = c.zeros_f32(dim).unwrap();
-    c.rmsnorm_bwd(&g, &x, &w, &rstd, &mut dx, Some(&mut dw), rows, dim)
-        .unwrap();
+    c.rmsnorm_bwd(
+        &g,
+        &x,
+        &w,
+        &rstd,
+        NormGrads {
+            dx: &mut dx,
+            dw: Some(&mut dw),
+        },
+        NormDims { rows, dim },
+    )
+    .unwrap();
     let mut dxr: Vec<f64> = dx0.iter().map(|&v| v as f64).collect();
     let mut dwr = vec![0f64; dim];
     for i in 0..rows {
@@ -328,8 +340,19 @@ fn prefixed_attention_matches_cpu_math() {
             n_kv: nkv,
             head_dim: hd,
         };
-        c.attention_prefixed(&q, &k, &v, &mut out, &mut lse, &seqs, &pre, heads)
-            .unwrap();
+        c.attention_prefixed(
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            &mut out,
+            &mut lse,
+            &seqs,
+            &pre,
+            heads,
+        )
+        .unwrap();
         let tag = format!("prefixed attention hd{hd}");
         let og = c.download(&out, qn).unwrap();
         check(&format!("{tag} out"), &og, &o64, 1e-2);
@@ -348,7 +371,24 @@ fn prefixed_attention_matches_cpu_math() {
         );
         let (mut dq, mut dk, mut dv) = (poison(&c, qn), poison(&c, kn), poison(&c, kn));
         c.attention_prefixed_bwd(
-            &dout, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &seqs, &pre, heads,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            AttnSaved {
+                dout: &dout,
+                out: &out,
+                lse: &lse,
+            },
+            AttnGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            },
+            &seqs,
+            &pre,
+            heads,
         )
         .unwrap();
         check(
@@ -408,8 +448,11 @@ fn scatter_add_rows_matches_reference() {
     c.synchronize().unwrap();
 }
 
+/// The f64 reference of attention: out, lse, dq, dk, dv.
+type AttnRef = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// Naive causal GQA attention and its backward in f64 over packed sequences.
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn attn_ref(
     q: &[f32],
     k: &[f32],
@@ -419,7 +462,7 @@ fn attn_ref(
     nh: usize,
     nkv: usize,
     d: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+) -> AttnRef {
     let n = *cu.last().unwrap() as usize;
     let (mut o, mut lse) = (vec![0f64; n * nh * d], vec![0f64; nh * n]);
     let (mut dq, mut dk, mut dv) = (
@@ -476,14 +519,50 @@ fn attn_ref(
     (o, lse, dq, dk, dv)
 }
 
-/// What [`attention_case`] leaves for the decode check.
+/// Random attention inputs over packed sequences of `lens`, on the device and (bf16-rounded)
+/// on the host, with the f64 reference of the forward and backward.
 struct AttnCase {
     cu: Vec<u32>,
     n: usize,
+    q: <Cuda as Backend>::T,
     qh: Vec<f32>,
     k: <Cuda as Backend>::T,
     v: <Cuda as Backend>::T,
-    or: Vec<f64>,
+    /// The upstream gradient dout.
+    g: <Cuda as Backend>::T,
+    /// Reference out, lse, dq, dk, dv.
+    reference: AttnRef,
+}
+
+/// Random q, k, v, dout for heads (`nh`, `nkv`, `d`) over sequences of `lens`.
+fn attention_inputs(
+    c: &Cuda,
+    r: &mut Rng,
+    d: usize,
+    nh: usize,
+    nkv: usize,
+    lens: &[u32],
+) -> AttnCase {
+    let mut cu = vec![0u32];
+    for &l in lens {
+        cu.push(cu.last().unwrap() + l);
+    }
+    let n = *cu.last().unwrap() as usize;
+    let (q, qh) = up(c, &r.vec(n * nh * d, 1.0));
+    let (k, kh) = up(c, &r.vec(n * nkv * d, 1.0));
+    let (v, vh) = up(c, &r.vec(n * nkv * d, 1.0));
+    let (g, gh) = up(c, &r.vec(n * nh * d, 1.0));
+    let reference = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
+    AttnCase {
+        cu,
+        n,
+        q,
+        qh,
+        k,
+        v,
+        g,
+        reference,
+    }
 }
 
 /// Attention forward and backward over packed sequences of `lens` (random q, k, v, dout;
@@ -498,23 +577,26 @@ fn attention_case(
     lens: &[u32],
     max_len: usize,
     tag: &str,
-) -> AttnCase {
-    let mut cu = vec![0u32];
-    for &l in lens {
-        cu.push(cu.last().unwrap() + l);
-    }
-    let n = *cu.last().unwrap() as usize;
-    let (q, qh) = up(c, &r.vec(n * nh * d, 1.0));
-    let (k, kh) = up(c, &r.vec(n * nkv * d, 1.0));
-    let (v, vh) = up(c, &r.vec(n * nkv * d, 1.0));
-    let (g, gh) = up(c, &r.vec(n * nh * d, 1.0));
+) {
+    let AttnCase {
+        cu,
+        n,
+        q,
+        k,
+        v,
+        g,
+        reference: (or, lr, dqr, dkr, dvr),
+        ..
+    } = attention_inputs(c, r, d, nh, nkv, lens);
     let cud = c.upload_u32(&cu).unwrap();
     let mut out = poison(c, n * nh * d);
     let mut lse = poison_f32(c, nh * n);
     c.attention(
-        &q,
-        &k,
-        &v,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
         &mut out,
         &mut lse,
         &Packed {
@@ -529,7 +611,6 @@ fn attention_case(
         },
     )
     .unwrap();
-    let (or, lr, dqr, dkr, dvr) = attn_ref(&qh, &kh, &vh, &gh, &cu, nh, nkv, d);
     check(
         &format!("attention out {tag}"),
         &c.download(&out, n * nh * d).unwrap(),
@@ -548,15 +629,21 @@ fn attention_case(
         poison(c, n * nkv * d),
     );
     c.attention_bwd(
-        &g,
-        &q,
-        &k,
-        &v,
-        &out,
-        &lse,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &g,
+            out: &out,
+            lse: &lse,
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
         &Packed {
             cu_seqlens: &cud,
             cu_host: &cu,
@@ -576,21 +663,30 @@ fn attention_case(
     ] {
         check(&format!("attention {what} {tag}"), &got, want, bound);
     }
-    AttnCase {
-        cu,
-        n,
-        qh,
-        k,
-        v,
-        or,
+}
+
+/// The head shapes the attention tests run: head_dim 64 and 128, GQA, MHA and MQA.
+const ATTN_SHAPES: [(usize, usize, usize); 3] = [(64, 6, 2), (128, 4, 4), (128, 7, 1)];
+
+#[test]
+fn attention_fwd_bwd() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("attention");
+    for (d, nh, nkv) in ATTN_SHAPES {
+        let lens = [37u32, 5, 70, 1];
+        let max_len = *lens.iter().max().unwrap() as usize;
+        let tag = format!("d{d} h{nh} kv{nkv}");
+        attention_case(&c, &mut r, d, nh, nkv, &lens, max_len, &tag);
     }
 }
 
+/// kv_store then decode attention: the last token of each sequence against its cached
+/// keys/values, against the f64 reference of full attention at that row.
 #[test]
-fn attention_fwd_bwd_and_decode() {
+fn kv_store_and_attention_decode() {
     let Some(c) = gpu() else { return };
-    let mut r = Rng::new("attention");
-    for (d, nh, nkv) in [(64usize, 6usize, 2usize), (128, 4, 4), (128, 7, 1)] {
+    let mut r = Rng::new("attention_decode");
+    for (d, nh, nkv) in ATTN_SHAPES {
         let lens = [37u32, 5, 70, 1];
         let max_len = *lens.iter().max().unwrap() as usize;
         let tag = format!("d{d} h{nh} kv{nkv}");
@@ -600,10 +696,9 @@ fn attention_fwd_bwd_and_decode() {
             qh,
             k,
             v,
-            or,
-        } = attention_case(&c, &mut r, d, nh, nkv, &lens, max_len, &tag);
-
-        // Decode: the last token of each sequence against its cached keys/values.
+            reference: (or, ..),
+            ..
+        } = attention_inputs(&c, &mut r, d, nh, nkv, &lens);
         let n_seq = lens.len();
         let cache_len = max_len + 3;
         let kvd = nkv * d;
@@ -613,7 +708,18 @@ fn attention_fwd_bwd_and_decode() {
             .flat_map(|b| (0..lens[b]).map(move |p| (b * cache_len) as u32 + p))
             .collect();
         let dstd = c.upload_u32(&dst).unwrap();
-        c.kv_store(&k, &v, &dstd, &mut kc, &mut vc, n, kvd).unwrap();
+        c.kv_store(
+            &k,
+            &v,
+            &dstd,
+            &mut kc,
+            &mut vc,
+            KvRows {
+                n_tok: n,
+                kv_dim: kvd,
+            },
+        )
+        .unwrap();
         let last: Vec<usize> = (0..n_seq).map(|b| cu[b + 1] as usize - 1).collect();
         let qd: Vec<f32> = last
             .iter()
@@ -670,15 +776,17 @@ fn logprobs_fwd_bwd_chunked() {
         poison_f32(&c, n_tok),
     );
     c.logprobs(
-        &h,
-        &w,
-        &tgd,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n_tok,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims { n_tok, dim, vocab },
         1.0,
     )
     .unwrap();
@@ -728,15 +836,17 @@ fn logprobs_fwd_bwd_chunked() {
     let mut dw = c.zeros_f32(vocab * dim).unwrap();
     c.logprobs_bwd(
         &dld,
-        &h,
-        &w,
-        &tgd,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dw),
-        n_tok,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dw),
+        },
+        VocabDims { n_tok, dim, vocab },
         1.0,
     )
     .unwrap();
@@ -766,7 +876,17 @@ fn logprobs_fwd_bwd_chunked() {
     );
 
     let mut lg = poison_f32(&c, 3 * vocab);
-    c.logits(&h, &w, &mut lg, 3, dim, vocab).unwrap();
+    c.logits(
+        &h,
+        &w,
+        &mut lg,
+        VocabDims {
+            n_tok: 3,
+            dim,
+            vocab,
+        },
+    )
+    .unwrap();
     let lgr: Vec<f64> = (0..3)
         .flat_map(|t| (0..vocab).map(move |v| (t, v)))
         .map(|(t, v)| {
@@ -1248,13 +1368,23 @@ fn rmsnorm_bwd_without_dw() {
     let (wr, wrh) = up(&c, &r.vec(dim, 1.0));
     let mut out = poison(&c, rows * dim);
     let mut rstd = poison_f32(&c, rows);
-    c.rmsnorm(&xr, &wr, &mut out, &mut rstd, rows, dim, 1e-6)
+    c.rmsnorm(&xr, &wr, &mut out, &mut rstd, NormDims { rows, dim }, 1e-6)
         .unwrap();
     let rs = c.download_f32(&rstd, rows).unwrap();
     let (g, gh) = up(&c, &r.vec(rows * dim, 1.0));
     let (mut dxn, dxn0) = up(&c, &r.vec(rows * dim, 1.0));
-    c.rmsnorm_bwd(&g, &xr, &wr, &rstd, &mut dxn, None, rows, dim)
-        .unwrap();
+    c.rmsnorm_bwd(
+        &g,
+        &xr,
+        &wr,
+        &rstd,
+        NormGrads {
+            dx: &mut dxn,
+            dw: None,
+        },
+        NormDims { rows, dim },
+    )
+    .unwrap();
     let mut want: Vec<f64> = dxn0.iter().map(|&v| v as f64).collect();
     for i in 0..rows {
         let s = rs[i] as f64;
@@ -1328,9 +1458,11 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
     let (q, k, v) = (poison(&c, 1), poison(&c, 1), poison(&c, 1));
     let (mut o, mut l) = (poison(&c, 1), poison_f32(&c, 1));
     c.attention(
-        &q,
-        &k,
-        &v,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
         &mut o,
         &mut l,
         &Packed {
@@ -1347,9 +1479,11 @@ fn attention_empty_sequences_long_sequence_and_slack_max_len() {
     .unwrap();
     let (qc, mut oc, mut lc) = (vec![0f32; 1], vec![0f32; 1], vec![0f32; 1]);
     Cpu.attention(
-        &qc,
-        &qc,
-        &qc,
+        Qkv {
+            q: &qc,
+            k: &qc,
+            v: &qc,
+        },
         &mut oc,
         &mut lc,
         &Packed {
@@ -1377,23 +1511,49 @@ fn cuda_rejects(c: &Cuda, r: tooln1::Result<()>) -> bool {
     now || later
 }
 
-/// The same bad calls on both backends: each must be rejected by both (the CPU at once, CUDA at
-/// once or at the next synchronisation for what only the device sees), and the good
-/// neighbours of the bad values accepted by both.
-#[test]
-fn both_backends_reject_the_same_bad_calls() {
-    let Some(c) = gpu() else { return };
-    let cpu = Cpu;
-    let mut r = Rng::new("bad calls");
-    let mut cases = 0;
-    let mut both = |what: &str, cpu_r: tooln1::Result<()>, cuda_r: bool| {
+/// The bad calls of one test, each given to both backends: it must be rejected by both (the
+/// CPU at once, CUDA at once or at the next synchronisation for what only the device sees).
+/// The count is printed when the test ends.
+struct BadCalls {
+    what: &'static str,
+    cases: usize,
+}
+
+/// The CUDA backend (None: skipped), the CPU backend, the random stream and the bad-call
+/// counter of a test of bad `what` calls.
+fn bad_calls(what: &'static str) -> Option<(Cuda, Cpu, Rng, BadCalls)> {
+    let c = gpu()?;
+    let calls = BadCalls { what, cases: 0 };
+    Some((c, Cpu, Rng::new("bad calls"), calls))
+}
+
+impl Drop for BadCalls {
+    fn drop(&mut self) {
+        println!(
+            "{} bad calls ({}) rejected by both backends",
+            self.cases, self.what
+        );
+    }
+}
+
+impl BadCalls {
+    fn both(&mut self, what: &str, cpu_r: tooln1::Result<()>, cuda_r: bool) {
         println!(
             "{what}: cpu {:?}, cuda rejects {cuda_r}",
             cpu_r.as_ref().err()
         );
         assert!(cpu_r.is_err(), "{what}: the CPU backend accepted it");
         assert!(cuda_r, "{what}: the CUDA backend accepted it");
-        cases += 1;
+        self.cases += 1;
+    }
+}
+
+/// Bad attention offsets: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_attention_offsets() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("attention offsets") else {
+        return;
     };
 
     // Attention offsets.
@@ -1433,9 +1593,11 @@ fn both_backends_reject_the_same_bad_calls() {
     ] {
         let cud = c.upload_u32(&cu_dev).unwrap();
         let cr = cpu.attention(
-            &q,
-            &kv,
-            &kv,
+            Qkv {
+                q: &q,
+                k: &kv,
+                v: &kv,
+            },
             &mut oc,
             &mut lc,
             &Packed {
@@ -1450,9 +1612,11 @@ fn both_backends_reject_the_same_bad_calls() {
             },
         );
         let gr = c.attention(
-            &qg,
-            &kg,
-            &kg,
+            Qkv {
+                q: &qg,
+                k: &kg,
+                v: &kg,
+            },
             &mut og,
             &mut lg,
             &Packed {
@@ -1466,15 +1630,17 @@ fn both_backends_reject_the_same_bad_calls() {
                 head_dim: d,
             },
         );
-        both(&format!("attention: {what}"), cr, cuda_rejects(&c, gr));
+        calls.both(&format!("attention: {what}"), cr, cuda_rejects(&c, gr));
     }
     if c.syncs_each_op() {
         let (host, dev) = (vec![0u32, 5, 12], vec![0u32, 6, 12]);
         let cud = c.upload_u32(&dev).unwrap();
         let cr = cpu.attention(
-            &q,
-            &kv,
-            &kv,
+            Qkv {
+                q: &q,
+                k: &kv,
+                v: &kv,
+            },
             &mut oc,
             &mut lc,
             &Packed {
@@ -1489,9 +1655,11 @@ fn both_backends_reject_the_same_bad_calls() {
             },
         );
         let gr = c.attention(
-            &qg,
-            &kg,
-            &kg,
+            Qkv {
+                q: &qg,
+                k: &kg,
+                v: &kg,
+            },
             &mut og,
             &mut lg,
             &Packed {
@@ -1505,7 +1673,7 @@ fn both_backends_reject_the_same_bad_calls() {
                 head_dim: d,
             },
         );
-        both(
+        calls.both(
             "attention: device cu_seqlens differ from cu_host",
             cr,
             cuda_rejects(&c, gr),
@@ -1515,8 +1683,18 @@ fn both_backends_reject_the_same_bad_calls() {
             "(device cu_seqlens are compared only with TOOLN1_CUDA_SYNC=1 or in debug builds)"
         );
     }
+}
+
+/// Bad decode lengths: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_decode_lengths() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("decode lengths") else {
+        return;
+    };
 
     // Decode lengths: 0 and above max_len.
+    let (nh, nkv, d) = (2usize, 1usize, 64usize);
     let (n_seq, max_len) = (2usize, 5usize);
     let cache = r.vec(n_seq * max_len * nkv * d, 1.0);
     let qd = r.vec(n_seq * nh * d, 1.0);
@@ -1568,7 +1746,7 @@ fn both_backends_reject_the_same_bad_calls() {
         assert!(row[bad * nh * d..(bad + 1) * nh * d]
             .iter()
             .all(|x| x.is_nan()));
-        both(&format!("attention_decode: lens {lens:?}"), cr, rej);
+        calls.both(&format!("attention_decode: lens {lens:?}"), cr, rej);
     }
     let ok = [1u32, 5];
     let okd = c.upload_u32(&ok).unwrap();
@@ -1607,27 +1785,88 @@ fn both_backends_reject_the_same_bad_calls() {
     )
     .unwrap();
     c.synchronize().unwrap();
+}
+
+/// Bad kv_store rows and caches: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_kv_store() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("kv_store rows and caches") else {
+        return;
+    };
 
     // kv_store: a destination row outside the cache; caches of different sizes.
+    let (nkv, d, n) = (1usize, 64usize, 12);
+    let kv = r.vec(n * nkv * d, 1.0);
+    let kg = c.upload(&kv).unwrap();
     let kvd = nkv * d;
     let (mut kc, mut vc) = (vec![0f32; 4 * kvd], vec![0f32; 4 * kvd]);
     let (mut kcg, mut vcg) = (poison(&c, 4 * kvd), poison(&c, 4 * kvd));
     let dst = vec![1u32, 4];
     let dstg = c.upload_u32(&dst).unwrap();
-    let cr = cpu.kv_store(&kv, &kv, &dst, &mut kc, &mut vc, 2, kvd);
-    let gr = c.kv_store(&kg, &kg, &dstg, &mut kcg, &mut vcg, 2, kvd);
-    both("kv_store: dst row 4 of 4", cr, cuda_rejects(&c, gr));
+    let cr = cpu.kv_store(
+        &kv,
+        &kv,
+        &dst,
+        &mut kc,
+        &mut vc,
+        KvRows {
+            n_tok: 2,
+            kv_dim: kvd,
+        },
+    );
+    let gr = c.kv_store(
+        &kg,
+        &kg,
+        &dstg,
+        &mut kcg,
+        &mut vcg,
+        KvRows {
+            n_tok: 2,
+            kv_dim: kvd,
+        },
+    );
+    calls.both("kv_store: dst row 4 of 4", cr, cuda_rejects(&c, gr));
     let mut vshort = vec![0f32; 3 * kvd];
     let mut vshortg = poison(&c, 3 * kvd);
     let ok_dst = vec![0u32, 1];
     let ok_dstg = c.upload_u32(&ok_dst).unwrap();
-    let cr = cpu.kv_store(&kv, &kv, &ok_dst, &mut kc, &mut vshort, 2, kvd);
-    let gr = c.kv_store(&kg, &kg, &ok_dstg, &mut kcg, &mut vshortg, 2, kvd);
-    both(
+    let cr = cpu.kv_store(
+        &kv,
+        &kv,
+        &ok_dst,
+        &mut kc,
+        &mut vshort,
+        KvRows {
+            n_tok: 2,
+            kv_dim: kvd,
+        },
+    );
+    let gr = c.kv_store(
+        &kg,
+        &kg,
+        &ok_dstg,
+        &mut kcg,
+        &mut vshortg,
+        KvRows {
+            n_tok: 2,
+            kv_dim: kvd,
+        },
+    );
+    calls.both(
         "kv_store: caches of different sizes",
         cr,
         cuda_rejects(&c, gr),
     );
+}
+
+/// Bad targets and ids out of range: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_targets_and_ids() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("targets and ids out of range") else {
+        return;
+    };
 
     // Targets and ids out of range.
     let (vocab, dim) = (37usize, 16usize);
@@ -1638,14 +1877,57 @@ fn both_backends_reject_the_same_bad_calls() {
     let tgg = c.upload_u32(&tg).unwrap();
     let (mut lp, mut ls) = (vec![0f32; 2], vec![0f32; 2]);
     let (mut lpg, mut lsg) = (poison_f32(&c, 2), poison_f32(&c, 2));
-    let cr = cpu.logprobs(&h, &w, &tg, &mut lp, &mut ls, None, 2, dim, vocab, 1.0);
-    let gr = c.logprobs(&hg, &wg, &tgg, &mut lpg, &mut lsg, None, 2, dim, vocab, 1.0);
-    both("logprobs: target == vocab", cr, cuda_rejects(&c, gr));
+    let cr = cpu.logprobs(
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut ls,
+            entropy: None,
+        },
+        VocabDims {
+            n_tok: 2,
+            dim,
+            vocab,
+        },
+        1.0,
+    );
+    let gr = c.logprobs(
+        LmHead {
+            h: &hg,
+            w: &wg,
+            targets: &tgg,
+        },
+        LogprobsOut {
+            logp: &mut lpg,
+            lse: &mut lsg,
+            entropy: None,
+        },
+        VocabDims {
+            n_tok: 2,
+            dim,
+            vocab,
+        },
+        1.0,
+    );
+    calls.both("logprobs: target == vocab", cr, cuda_rejects(&c, gr));
     let mut e = vec![0f32; 2 * dim];
     let mut eg = poison(&c, 2 * dim);
     let cr = cpu.embedding(&tg, &w, &mut e, 2, dim);
     let gr = c.embedding(&tgg, &wg, &mut eg, 2, dim);
-    both("embedding: id == vocab", cr, cuda_rejects(&c, gr));
+    calls.both("embedding: id == vocab", cr, cuda_rejects(&c, gr));
+}
+
+/// Bad sampling settings and logits: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_sampling() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("sampling settings and logits") else {
+        return;
+    };
 
     // Sampling: bad settings and bad logits.
     let sv = 301;
@@ -1661,7 +1943,7 @@ fn both_backends_reject_the_same_bad_calls() {
         let gd = c.upload_f32(&good).unwrap();
         let cr = common::sample_at(&cpu, &good, &mut outc, 2, sv, temp, top_p, 0, 1, 0);
         let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, temp, top_p, 0, 1, 0);
-        both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
+        calls.both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
     }
     for (what, val, temp) in [
         ("a NaN logit (greedy)", f32::NAN, 0.0f32),
@@ -1673,14 +1955,14 @@ fn both_backends_reject_the_same_bad_calls() {
         let gd = c.upload_f32(&bad).unwrap();
         let cr = common::sample_at(&cpu, &bad, &mut outc, 2, sv, temp, 1.0, 0, 1, 0);
         let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, temp, 1.0, 0, 1, 0);
-        both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
+        calls.both(&format!("sample: {what}"), cr, cuda_rejects(&c, gr));
     }
     let mut ninf = good.clone();
     ninf[sv..].fill(f32::NEG_INFINITY);
     let gd = c.upload_f32(&ninf).unwrap();
     let cr = common::sample_at(&cpu, &ninf, &mut outc, 2, sv, 1.0, 1.0, 0, 1, 0);
     let gr = common::sample_at(&c, &gd, &mut outg, 2, sv, 1.0, 1.0, 0, 1, 0);
-    both(
+    calls.both(
         "sample: a row all -inf at temperature 1",
         cr,
         cuda_rejects(&c, gr),
@@ -1695,6 +1977,15 @@ fn both_backends_reject_the_same_bad_calls() {
     common::sample_at(&cpu, &good, &mut outc, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
     common::sample_at(&c, &gd, &mut outg, 2, sv, 1.0, 0.0, 0, 1, 0).unwrap();
     assert_eq!(c.download_u32(&outg, 2).unwrap(), outc, "top_p = 0");
+}
+
+/// Bad GRPO loss settings and data: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_grpo_loss() {
+    let Some((c, cpu, _, mut calls)) = bad_calls("GRPO loss settings and data") else {
+        return;
+    };
 
     // GRPO loss settings, also with no tokens at all; a seq_id out of range; a negative mask.
     let base = GrpoLossCfg {
@@ -1780,8 +2071,17 @@ fn both_backends_reject_the_same_bad_calls() {
                 &cfg,
             )
             .map(|_| ());
-        both(&format!("grpo_loss: {what}"), cr, cuda_rejects(&c, gr));
+        calls.both(&format!("grpo_loss: {what}"), cr, cuda_rejects(&c, gr));
     }
+}
+
+/// Bad RoPE settings: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_rope() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("RoPE settings") else {
+        return;
+    };
 
     // RoPE, RMSNorm, AdamW settings.
     let pos = vec![0u32, 1];
@@ -1791,15 +2091,53 @@ fn both_backends_reject_the_same_bad_calls() {
     for (what, hd, theta) in [("theta 0", 64usize, 0.0f32), ("head_dim 0", 0, 1e4)] {
         let cr = cpu.rope(&mut xr, &pos, 2, 1, hd, theta);
         let gr = c.rope(&mut xg, &posg, 2, 1, hd, theta);
-        both(&format!("rope: {what}"), cr, cuda_rejects(&c, gr));
+        calls.both(&format!("rope: {what}"), cr, cuda_rejects(&c, gr));
     }
+}
+
+/// Bad RMSNorm sizes: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_rmsnorm() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("RMSNorm sizes") else {
+        return;
+    };
+
+    // RMSNorm: dim 0.
+    let xr = r.vec(2 * 64, 1.0);
+    let xg = c.upload(&xr).unwrap();
     let mut rs = vec![0f32; 2];
     let mut rsg = poison_f32(&c, 2);
     let mut oo = vec![0f32; 2];
     let mut oog = poison(&c, 2);
-    let cr = cpu.rmsnorm(&xr, &xr, &mut oo, &mut rs, 2, 0, 1e-6);
-    let gr = c.rmsnorm(&xg, &xg, &mut oog, &mut rsg, 2, 0, 1e-6);
-    both("rmsnorm: dim 0", cr, cuda_rejects(&c, gr));
+    let cr = cpu.rmsnorm(
+        &xr,
+        &xr,
+        &mut oo,
+        &mut rs,
+        NormDims { rows: 2, dim: 0 },
+        1e-6,
+    );
+    let gr = c.rmsnorm(
+        &xg,
+        &xg,
+        &mut oog,
+        &mut rsg,
+        NormDims { rows: 2, dim: 0 },
+        1e-6,
+    );
+    calls.both("rmsnorm: dim 0", cr, cuda_rejects(&c, gr));
+}
+
+/// Bad the AdamW step: each call rejected by both backends (see [`BadCalls`]), the good neighbours
+/// of the bad values accepted by both.
+#[test]
+fn both_backends_reject_bad_adamw() {
+    let Some((c, cpu, _, mut calls)) = bad_calls("the AdamW step") else {
+        return;
+    };
+
+    // AdamW: step 0.
     let hp = AdamWStep {
         lr: 1e-3,
         beta1: 0.9,
@@ -1819,8 +2157,7 @@ fn both_backends_reject_the_same_bad_calls() {
     let gz = c.zeros_f32(2).unwrap();
     let cr = cpu.adamw(&mut pc, None, &vec![0f32; 2], &mut m1, &mut v1, 2, &hp);
     let gr = c.adamw(&mut pg, None, &gz, &mut m1g, &mut v1g, 2, &hp);
-    both("adamw: step 0", cr, cuda_rejects(&c, gr));
-    println!("{cases} bad calls rejected by both backends");
+    calls.both("adamw: step 0", cr, cuda_rejects(&c, gr));
 }
 
 /// The shared list of contract violations (tests/common/contract.rs): the CUDA backend rejects
@@ -1890,15 +2227,17 @@ fn logprobs_over_1024_tokens_default_chunks() {
         poison_f32(&c, n_tok),
     );
     c.logprobs(
-        &h,
-        &w,
-        &tgd,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n_tok,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims { n_tok, dim, vocab },
         1.0,
     )
     .unwrap();
@@ -1926,7 +2265,19 @@ fn logprobs_over_1024_tokens_default_chunks() {
     let dld = c.upload_f32(&dl).unwrap();
     let mut dh = poison(&c, n_tok * dim);
     c.logprobs_bwd(
-        &dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab, 1.0,
+        &dld,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
+        &lse,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: None,
+        },
+        VocabDims { n_tok, dim, vocab },
+        1.0,
     )
     .unwrap();
     let mut dhr = vec![0f64; n_tok * dim];
@@ -1970,15 +2321,17 @@ fn logprobs_temperature_matches_cpu() {
     let cpu_fwd = |it: f32| {
         let (mut lp, mut ls, mut en) = (vec![0f32; n_tok], vec![0f32; n_tok], vec![0f32; n_tok]);
         cpu.logprobs(
-            &hh,
-            &wh,
-            &tg,
-            &mut lp,
-            &mut ls,
-            Some(&mut en),
-            n_tok,
-            dim,
-            vocab,
+            LmHead {
+                h: &hh,
+                w: &wh,
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut lp,
+                lse: &mut ls,
+                entropy: Some(&mut en),
+            },
+            VocabDims { n_tok, dim, vocab },
             it,
         )
         .unwrap();
@@ -1996,15 +2349,17 @@ fn logprobs_temperature_matches_cpu() {
         poison_f32(&c, n_tok),
     );
     c.logprobs(
-        &h,
-        &w,
-        &tgd,
-        &mut lp,
-        &mut lse,
-        Some(&mut ent),
-        n_tok,
-        dim,
-        vocab,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: Some(&mut ent),
+        },
+        VocabDims { n_tok, dim, vocab },
         inv_t,
     )
     .unwrap();
@@ -2026,15 +2381,17 @@ fn logprobs_temperature_matches_cpu() {
     let (mut dhc, mut dwc) = (vec![0f32; n_tok * dim], vec![0f32; vocab * dim]);
     cpu.logprobs_bwd(
         &dl,
-        &hh,
-        &wh,
-        &tg,
+        LmHead {
+            h: &hh,
+            w: &wh,
+            targets: &tg,
+        },
         &lsc,
-        &mut dhc,
-        Some(&mut dwc),
-        n_tok,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dhc,
+            dw: Some(&mut dwc),
+        },
+        VocabDims { n_tok, dim, vocab },
         inv_t,
     )
     .unwrap();
@@ -2043,15 +2400,17 @@ fn logprobs_temperature_matches_cpu() {
     let mut dw = c.zeros_f32(vocab * dim).unwrap();
     c.logprobs_bwd(
         &dld,
-        &h,
-        &w,
-        &tgd,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
         &lse,
-        &mut dh,
-        Some(&mut dw),
-        n_tok,
-        dim,
-        vocab,
+        LogprobsGrads {
+            dh: &mut dh,
+            dw: Some(&mut dw),
+        },
+        VocabDims { n_tok, dim, vocab },
         inv_t,
     )
     .unwrap();
@@ -2070,14 +2429,37 @@ fn logprobs_temperature_matches_cpu() {
     for bad in [0.0, -0.5, f32::NAN, f32::INFINITY] {
         let e = c
             .logprobs(
-                &h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab, bad,
+                LmHead {
+                    h: &h,
+                    w: &w,
+                    targets: &tgd,
+                },
+                LogprobsOut {
+                    logp: &mut lp,
+                    lse: &mut lse,
+                    entropy: None,
+                },
+                VocabDims { n_tok, dim, vocab },
+                bad,
             )
             .unwrap_err()
             .to_string();
         assert!(e.contains("inv_t"), "{e}");
         let e = c
             .logprobs_bwd(
-                &dld, &h, &w, &tgd, &lse, &mut dh, None, n_tok, dim, vocab, bad,
+                &dld,
+                LmHead {
+                    h: &h,
+                    w: &w,
+                    targets: &tgd,
+                },
+                &lse,
+                LogprobsGrads {
+                    dh: &mut dh,
+                    dw: None,
+                },
+                VocabDims { n_tok, dim, vocab },
+                bad,
             )
             .unwrap_err()
             .to_string();
@@ -2099,7 +2481,18 @@ fn full_vocabulary_logprobs_and_sampling() {
     let tgd = c.upload_u32(&tg).unwrap();
     let (mut lp, mut lse) = (poison_f32(&c, n_tok), poison_f32(&c, n_tok));
     c.logprobs(
-        &h, &w, &tgd, &mut lp, &mut lse, None, n_tok, dim, vocab, 1.0,
+        LmHead {
+            h: &h,
+            w: &w,
+            targets: &tgd,
+        },
+        LogprobsOut {
+            logp: &mut lp,
+            lse: &mut lse,
+            entropy: None,
+        },
+        VocabDims { n_tok, dim, vocab },
+        1.0,
     )
     .unwrap();
     let (lpr, lsr, _) = logprobs_ref(&hh, &wh, &tg, dim, vocab);

@@ -7,8 +7,9 @@
 
 mod common;
 
-use common::{check, check32, Rng};
+use common::{check, check32, to32, Rng};
 use tooln1::backend::cpu::{math, Cpu};
+use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{Backend, GrpoLossCfg, Heads, KlKind, LossAgg, Packed, Prefix};
 use tooln1::model::{init, Group, Model, PackedBatch};
 use tooln1::train::grpo::{self, Layout, TrainSeq};
@@ -117,10 +118,6 @@ fn reference(
     (out, lse, dq, dk, dv)
 }
 
-fn to32(x: &[f64]) -> Vec<f32> {
-    x.iter().map(|&v| v as f32).collect()
-}
-
 fn close64(name: &str, a: &[f64], b: &[f64], tol: f64) {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
@@ -175,9 +172,11 @@ fn prefixed_attention_matches_per_sequence_reference() {
         let b = Cpu;
         let (mut fo, mut fl) = (vec![f32::NAN; n_tok * qs], vec![f32::NAN; nh * n_tok]);
         b.attention_prefixed(
-            &to32(&q),
-            &to32(&k),
-            &to32(&v),
+            Qkv {
+                q: &to32(&q),
+                k: &to32(&k),
+                v: &to32(&v),
+            },
             &mut fo,
             &mut fl,
             &Packed {
@@ -204,15 +203,21 @@ fn prefixed_attention_matches_per_sequence_reference() {
             vec![f32::NAN; n_tok * ks],
         );
         b.attention_prefixed_bwd(
-            &to32(&dout),
-            &to32(&q),
-            &to32(&k),
-            &to32(&v),
-            &to32(&o),
-            &to32(&l),
-            &mut fdq,
-            &mut fdk,
-            &mut fdv,
+            Qkv {
+                q: &to32(&q),
+                k: &to32(&k),
+                v: &to32(&v),
+            },
+            AttnSaved {
+                dout: &to32(&dout),
+                out: &to32(&o),
+                lse: &to32(&l),
+            },
+            AttnGrads {
+                dq: &mut fdq,
+                dk: &mut fdk,
+                dv: &mut fdv,
+            },
             &Packed {
                 cu_seqlens: &p.cu,
                 cu_host: &p.cu,
@@ -306,9 +311,11 @@ fn prefixed_attention_is_independent_of_the_thread_count() {
         tooln1::backend::cpu::set_num_threads(threads);
         let (mut o, mut l) = (vec![f32::NAN; n_tok * qs], vec![f32::NAN; nh * n_tok]);
         b.attention_prefixed(
-            &q,
-            &k,
-            &v,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
             &mut o,
             &mut l,
             &Packed {
@@ -333,15 +340,21 @@ fn prefixed_attention_is_independent_of_the_thread_count() {
             vec![f32::NAN; n_tok * ks],
         );
         b.attention_prefixed_bwd(
-            &dout,
-            &q,
-            &k,
-            &v,
-            &o,
-            &l,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            AttnSaved {
+                dout: &dout,
+                out: &o,
+                lse: &l,
+            },
+            AttnGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            },
             &Packed {
                 cu_seqlens: &p.cu,
                 cu_host: &p.cu,
@@ -381,9 +394,11 @@ fn prefixed_attention_rejects_bad_tables() {
     let run = |prefix_dev: &Vec<u32>, prefix_host: &[u32]| {
         let (mut o, mut l) = (vec![0f32; q.len()], vec![0f32; nh * n_tok]);
         b.attention_prefixed(
-            &q,
-            &kv,
-            &kv,
+            Qkv {
+                q: &q,
+                k: &kv,
+                v: &kv,
+            },
             &mut o,
             &mut l,
             &Packed {

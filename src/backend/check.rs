@@ -15,8 +15,9 @@
 //! backend's own checks, with the same error variant.
 
 use super::{
-    Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, LossAgg, Packed, Prefix, RowCopy,
-    SampleParams, SampleRows,
+    AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KvRows, LmHead,
+    LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy,
+    SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -206,16 +207,14 @@ pub fn linear_bwd(
     holds_opt(op, "dbias", dbias, &[d.n], "n")
 }
 
-/// `logits`: h [rows, dim], w [vocab, dim], out [rows, vocab].
-pub fn logits(
-    h: &impl Buf,
-    w: &impl Buf,
-    out: &impl Buf,
-    rows: usize,
-    dim: usize,
-    vocab: usize,
-) -> Result<()> {
+/// `logits`: h [rows, dim], w [vocab, dim], out [rows, vocab] (rows = `d.n_tok`).
+pub fn logits(h: &impl Buf, w: &impl Buf, out: &impl Buf, d: VocabDims) -> Result<()> {
     let op = "logits";
+    let VocabDims {
+        n_tok: rows,
+        dim,
+        vocab,
+    } = d;
     holds(op, "h", h, &[rows, dim], "rows * dim")?;
     holds(op, "w", w, &[vocab, dim], "vocab * dim")?;
     holds(op, "out", out, &[rows, vocab], "rows * vocab")
@@ -246,10 +245,10 @@ pub fn rmsnorm(
     w: &impl Buf,
     out: &impl Buf,
     rstd: &impl Buf,
-    rows: usize,
-    dim: usize,
+    d: NormDims,
 ) -> Result<()> {
     let op = "rmsnorm";
+    let NormDims { rows, dim } = d;
     holds(op, "x", x, &[rows, dim], "rows * dim")?;
     holds(op, "w", w, &[dim], "dim")?;
     holds(op, "out", out, &[rows, dim], "rows * dim")?;
@@ -258,18 +257,17 @@ pub fn rmsnorm(
 }
 
 /// `rmsnorm_bwd`: dout, x, dx [rows, dim], w, dw [dim], rstd [rows].
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(
     dout: &impl Buf,
     x: &impl Buf,
     w: &impl Buf,
     rstd: &impl Buf,
-    dx: &impl Buf,
-    dw: Option<&impl Buf>,
-    rows: usize,
-    dim: usize,
+    grads: &NormGrads<'_, impl Buf, impl Buf>,
+    d: NormDims,
 ) -> Result<()> {
     let op = "rmsnorm_bwd";
+    let NormDims { rows, dim } = d;
+    let (dx, dw) = (&*grads.dx, grads.dw.as_deref());
     holds(op, "dout", dout, &[rows, dim], "rows * dim")?;
     holds(op, "x", x, &[rows, dim], "rows * dim")?;
     holds(op, "w", w, &[dim], "dim")?;
@@ -391,15 +389,14 @@ pub fn packed<I: Buf>(op: &'static str, p: &Packed<'_, I>) -> Result<usize> {
 /// `attention`: q, out [n_tok, n_heads, head_dim]; k, v [n_tok, n_kv, head_dim];
 /// lse [n_heads, n_tok]. Returns n_tok.
 pub fn attention<I: Buf>(
-    q: &impl Buf,
-    k: &impl Buf,
-    v: &impl Buf,
+    qkv: Qkv<'_, impl Buf>,
     out: &impl Buf,
     lse: &impl Buf,
     p: &Packed<'_, I>,
     h: Heads,
 ) -> Result<usize> {
     let op = "attention";
+    let Qkv { q, k, v } = qkv;
     heads(op, h)?;
     let n = packed(op, p)?;
     let (qs, ks) = ([n, h.n_heads, h.head_dim], [n, h.n_kv, h.head_dim]);
@@ -413,21 +410,16 @@ pub fn attention<I: Buf>(
 
 /// `attention_bwd`: the forward's shapes for dout, q, k, v, out, lse, and dq, dk, dv like q,
 /// k, v. Returns n_tok.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<I: Buf>(
-    dout: &impl Buf,
-    q: &impl Buf,
-    k: &impl Buf,
-    v: &impl Buf,
-    out: &impl Buf,
-    lse: &impl Buf,
-    dq: &impl Buf,
-    dk: &impl Buf,
-    dv: &impl Buf,
+    qkv: Qkv<'_, impl Buf>,
+    saved: AttnSaved<'_, impl Buf, impl Buf>,
+    grads: &AttnGrads<'_, impl Buf>,
     p: &Packed<'_, I>,
     h: Heads,
 ) -> Result<usize> {
     let op = "attention_bwd";
+    let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+    let (dq, dk, dv) = (&*grads.dq, &*grads.dk, &*grads.dv);
     heads(op, h)?;
     let n = packed(op, p)?;
     let (qs, ks) = ([n, h.n_heads, h.head_dim], [n, h.n_kv, h.head_dim]);
@@ -477,20 +469,18 @@ pub fn prefix<I: Buf>(op: &'static str, pre: &Prefix<'_, I>, p: &Packed<'_, I>) 
 }
 
 /// `attention_prefixed` (`bwd` false) and `attention_prefixed_bwd` (`bwd` true): the shapes of
-/// [`attention`] / [`attention_bwd`] plus the prefix table. Returns n_tok.
-#[allow(clippy::too_many_arguments)]
+/// [`attention`] / [`attention_bwd`] plus the prefix table; `(out, lse)` are the forward's
+/// outputs (the backward's inputs). Returns n_tok.
 pub fn attention_prefixed<I: Buf>(
     op: &'static str,
-    q: &impl Buf,
-    k: &impl Buf,
-    v: &impl Buf,
-    out: &impl Buf,
-    lse: &impl Buf,
+    qkv: Qkv<'_, impl Buf>,
+    (out, lse): (&impl Buf, &impl Buf),
     grads: Option<BwdGrads<'_>>,
     p: &Packed<'_, I>,
     pre: &Prefix<'_, I>,
     h: Heads,
 ) -> Result<usize> {
+    let Qkv { q, k, v } = qkv;
     heads(op, h)?;
     let n = packed(op, p)?;
     prefix(op, pre, p)?;
@@ -539,17 +529,16 @@ pub fn scatter_add_rows(
 
 /// `kv_store`: k, v [n_tok, kv_dim], dst [n_tok], kv_dim > 0, caches of one size. Returns the
 /// number of cache rows.
-#[allow(clippy::too_many_arguments)]
 pub fn kv_store(
     k: &impl Buf,
     v: &impl Buf,
     dst: &impl Buf,
     k_cache: &impl Buf,
     v_cache: &impl Buf,
-    n_tok: usize,
-    kv_dim: usize,
+    rows: KvRows,
 ) -> Result<usize> {
     let op = "kv_store";
+    let KvRows { n_tok, kv_dim } = rows;
     holds(op, "k", k, &[n_tok, kv_dim], "n_tok * kv_dim")?;
     holds(op, "v", v, &[n_tok, kv_dim], "n_tok * kv_dim")?;
     holds(op, "dst", dst, &[n_tok], "n_tok")?;
@@ -600,20 +589,16 @@ fn inv_temperature(op: &'static str, inv_t: f32) -> Result<()> {
 
 /// `logprobs`: inv_t finite and > 0, h [n_tok, dim], w [vocab, dim], targets, logp, lse,
 /// entropy [n_tok], vocab and dim positive.
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs(
-    h: &impl Buf,
-    w: &impl Buf,
-    targets: &impl Buf,
-    logp: &impl Buf,
-    lse: &impl Buf,
-    entropy: Option<&impl Buf>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    head: LmHead<'_, impl Buf, impl Buf>,
+    out: &LogprobsOut<'_, impl Buf>,
+    d: VocabDims,
     inv_t: f32,
 ) -> Result<()> {
     let op = "logprobs";
+    let LmHead { h, w, targets } = head;
+    let (logp, lse, entropy) = (&*out.logp, &*out.lse, out.entropy.as_deref());
+    let VocabDims { n_tok, dim, vocab } = d;
     inv_temperature(op, inv_t)?;
     positive(op, "vocab", vocab)?;
     positive(op, "dim", dim)?;
@@ -627,21 +612,18 @@ pub fn logprobs(
 
 /// `logprobs_bwd`: inv_t finite and > 0, dlogp, targets, lse [n_tok], h, dh [n_tok, dim], w,
 /// dw [vocab, dim].
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs_bwd(
     dlogp: &impl Buf,
-    h: &impl Buf,
-    w: &impl Buf,
-    targets: &impl Buf,
+    head: LmHead<'_, impl Buf, impl Buf>,
     lse: &impl Buf,
-    dh: &impl Buf,
-    dw: Option<&impl Buf>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    grads: &LogprobsGrads<'_, impl Buf, impl Buf>,
+    d: VocabDims,
     inv_t: f32,
 ) -> Result<()> {
     let op = "logprobs_bwd";
+    let LmHead { h, w, targets } = head;
+    let (dh, dw) = (&*grads.dh, grads.dw.as_deref());
+    let VocabDims { n_tok, dim, vocab } = d;
     inv_temperature(op, inv_t)?;
     positive(op, "vocab", vocab)?;
     positive(op, "dim", dim)?;

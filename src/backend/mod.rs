@@ -44,6 +44,25 @@ impl DType {
     }
 }
 
+/// Little-endian tensor bytes of `dtype` as f32 values (the one decoding of checkpoint bytes:
+/// safetensors reading and both backends' `upload_raw`).
+pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+    }
+}
+
 /// Sizes of one GEMM: y[m, n] = x[m, k] · w[n, k]ᵀ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmDims {
@@ -145,6 +164,109 @@ impl<'a, T, F> LinearGrads<'a, T, F> {
             ..self
         }
     }
+}
+
+/// The inputs of attention: q [n_tok, n_heads, head_dim], k and v [n_tok, n_kv, head_dim].
+#[derive(Debug)]
+pub struct Qkv<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+}
+
+impl<T> Clone for Qkv<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Qkv<'_, T> {}
+
+/// What the attention backward reads besides q, k, v: the upstream gradient `dout` (like q)
+/// and the forward's `out` and `lse`.
+#[derive(Debug)]
+pub struct AttnSaved<'a, T, F> {
+    pub dout: &'a T,
+    pub out: &'a T,
+    pub lse: &'a F,
+}
+
+impl<T, F> Clone for AttnSaved<'_, T, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T, F> Copy for AttnSaved<'_, T, F> {}
+
+/// The gradients the attention backward writes (overwrites): dq like q, dk and dv like k.
+#[derive(Debug)]
+pub struct AttnGrads<'a, T> {
+    pub dq: &'a mut T,
+    pub dk: &'a mut T,
+    pub dv: &'a mut T,
+}
+
+/// Rows of an RMSNorm: `rows` rows of `dim` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormDims {
+    pub rows: usize,
+    pub dim: usize,
+}
+
+/// The gradients [`Backend::rmsnorm_bwd`] writes: `dx` (accumulated into the residual stream's
+/// gradient) and `dw` (accumulated; `None` skips it).
+#[derive(Debug)]
+pub struct NormGrads<'a, T: ?Sized, F: ?Sized> {
+    pub dx: &'a mut T,
+    pub dw: Option<&'a mut F>,
+}
+
+/// Rows written by [`Backend::kv_store`]: `n_tok` rows of `kv_dim` (= n_kv * head_dim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvRows {
+    pub n_tok: usize,
+    pub kv_dim: usize,
+}
+
+/// Sizes of the vocabulary ops: `n_tok` hidden rows of width `dim` against an lm_head weight
+/// [vocab, dim] (for [`Backend::logits`], `n_tok` is its row count).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VocabDims {
+    pub n_tok: usize,
+    pub dim: usize,
+    pub vocab: usize,
+}
+
+/// The inputs [`Backend::logprobs`] and its backward share: hidden rows `h` [n_tok, dim], the
+/// lm_head weight `w` [vocab, dim] and one target id per row.
+#[derive(Debug)]
+pub struct LmHead<'a, T: ?Sized, I: ?Sized> {
+    pub h: &'a T,
+    pub w: &'a T,
+    pub targets: &'a I,
+}
+
+impl<T: ?Sized, I: ?Sized> Clone for LmHead<'_, T, I> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: ?Sized, I: ?Sized> Copy for LmHead<'_, T, I> {}
+
+/// What [`Backend::logprobs`] writes per token: `logp`, `lse` (saved for the backward) and,
+/// when given, `entropy`.
+#[derive(Debug)]
+pub struct LogprobsOut<'a, F: ?Sized> {
+    pub logp: &'a mut F,
+    pub lse: &'a mut F,
+    pub entropy: Option<&'a mut F>,
+}
+
+/// The gradients [`Backend::logprobs_bwd`] writes: `dh` (overwritten) and `dw` (accumulated;
+/// `None` skips it).
+#[derive(Debug)]
+pub struct LogprobsGrads<'a, T: ?Sized, F: ?Sized> {
+    pub dh: &'a mut T,
+    pub dw: Option<&'a mut F>,
 }
 
 /// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
@@ -419,32 +541,28 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- RMSNorm
-    /// out[r,:] = x[r,:] * rstd[r] * w, rstd[r] = 1/sqrt(mean(x[r,:]²) + eps). `rstd` is saved
-    /// for the backward (f32, one per row).
-    #[allow(clippy::too_many_arguments)]
+    /// out[r,:] = x[r,:] * rstd[r] * w over `d.rows` rows of `d.dim`,
+    /// rstd[r] = 1/sqrt(mean(x[r,:]²) + eps). `rstd` is saved for the backward (f32, one per
+    /// row).
     fn rmsnorm(
         &self,
         x: &Self::T,
         w: &Self::T,
         out: &mut Self::T,
         rstd: &mut Self::F,
-        rows: usize,
-        dim: usize,
+        d: NormDims,
         eps: f32,
     ) -> Result<()>;
-    /// dx[r,:] += ∂L/∂x (accumulates: it is added to the residual stream's gradient);
-    /// dw += Σ_r dout[r,:] * x[r,:] * rstd[r].
-    #[allow(clippy::too_many_arguments)]
+    /// grads.dx[r,:] += ∂L/∂x (accumulates: it is added to the residual stream's gradient);
+    /// grads.dw += Σ_r dout[r,:] * x[r,:] * rstd[r].
     fn rmsnorm_bwd(
         &self,
         dout: &Self::T,
         x: &Self::T,
         w: &Self::T,
         rstd: &Self::F,
-        dx: &mut Self::T,
-        dw: Option<&mut Self::F>,
-        rows: usize,
-        dim: usize,
+        grads: NormGrads<'_, Self::T, Self::F>,
+        d: NormDims,
     ) -> Result<()>;
 
     // ---------------------------------------------------------------- RoPE
@@ -478,30 +596,21 @@ pub trait Backend {
     /// q: [n_tok, n_heads, head_dim]; k, v: [n_tok, n_kv, head_dim]; out like q;
     /// lse: [n_heads, n_tok] f32 logsumexp of the scaled scores (saved for the backward).
     /// Scale = 1/sqrt(head_dim). Query head h reads kv head h / (n_heads/n_kv).
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
+        qkv: Qkv<'_, Self::T>,
         out: &mut Self::T,
         lse: &mut Self::F,
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()>;
-    /// Backward of [`Backend::attention`]: writes (overwrites) dq, dk, dv.
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of [`Backend::attention`] from `saved` (dout, and out, lse of the forward):
+    /// writes (overwrites) dq, dk, dv.
     fn attention_bwd(
         &self,
-        dout: &Self::T,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
-        out: &Self::T,
-        lse: &Self::F,
-        dq: &mut Self::T,
-        dk: &mut Self::T,
-        dv: &mut Self::T,
+        qkv: Qkv<'_, Self::T>,
+        saved: AttnSaved<'_, Self::T, Self::F>,
+        grads: AttnGrads<'_, Self::T>,
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()>;
@@ -514,12 +623,9 @@ pub trait Backend {
     /// per segment, lo == hi for none, and needs lo <= hi <= cu[s] (a prefix lies before its
     /// segment); `seqs.max_len` bounds the segments and the prefixes. Empty segments are
     /// allowed. With every prefix empty this is [`Backend::attention`].
-    #[allow(clippy::too_many_arguments)]
     fn attention_prefixed(
         &self,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
+        qkv: Qkv<'_, Self::T>,
         out: &mut Self::T,
         lse: &mut Self::F,
         seqs: &Packed<'_, Self::I>,
@@ -528,27 +634,19 @@ pub trait Backend {
     ) -> Result<()>;
     /// Backward of [`Backend::attention_prefixed`]: writes (overwrites) dq, dk, dv; a prefix
     /// key's dk/dv sum the contributions of every segment that reads it.
-    #[allow(clippy::too_many_arguments)]
     fn attention_prefixed_bwd(
         &self,
-        dout: &Self::T,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
-        out: &Self::T,
-        lse: &Self::F,
-        dq: &mut Self::T,
-        dk: &mut Self::T,
-        dv: &mut Self::T,
+        qkv: Qkv<'_, Self::T>,
+        saved: AttnSaved<'_, Self::T, Self::F>,
+        grads: AttnGrads<'_, Self::T>,
         seqs: &Packed<'_, Self::I>,
         prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()>;
 
-    /// Write new keys/values into the KV cache: row t of k/v ([n_tok, n_kv*head_dim]) goes to
-    /// cache row dst[t] of k_cache/v_cache ([slots*max_len, n_kv*head_dim]),
-    /// dst[t] = slot * max_len + position.
-    #[allow(clippy::too_many_arguments)]
+    /// Write new keys/values into the KV cache: row t < rows.n_tok of k/v
+    /// ([n_tok, kv_dim], kv_dim = n_kv*head_dim) goes to cache row dst[t] of k_cache/v_cache
+    /// ([slots*max_len, kv_dim]), dst[t] = slot * max_len + position.
     fn kv_store(
         &self,
         k: &Self::T,
@@ -556,8 +654,7 @@ pub trait Backend {
         dst: &Self::I,
         k_cache: &mut Self::T,
         v_cache: &mut Self::T,
-        n_tok: usize,
-        kv_dim: usize,
+        rows: KvRows,
     ) -> Result<()>;
     /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
     /// positions of slot b (the new token's k/v already stored), `cached` = (lens, n_seq,
@@ -590,53 +687,34 @@ pub trait Backend {
 
     // ---------------------------------------------------------------- vocabulary
     /// Fused lm_head + log-softmax + gather at inverse temperature `inv_t`, never materialising
-    /// [n_tok, vocab]: logits[t,v] = (h[t,:]·w[v,:]) · inv_t (the product scaled in the tile);
-    /// lse[t] = logsumexp_v logits[t,v]; logp[t] = logits[t, targets[t]] - lse[t]. Optionally
-    /// the entropy of that softmax per token. `inv_t` must be finite and > 0; at exactly 1 the
-    /// scaling is skipped (the plain log-softmax, bit for bit).
-    #[allow(clippy::too_many_arguments)]
+    /// [n_tok, vocab]: with (h, w, targets) = `head`, logits[t,v] = (h[t,:]·w[v,:]) · inv_t
+    /// (the product scaled in the tile); lse[t] = logsumexp_v logits[t,v];
+    /// logp[t] = logits[t, targets[t]] - lse[t]. Optionally the entropy of that softmax per
+    /// token. `inv_t` must be finite and > 0; at exactly 1 the scaling is skipped (the plain
+    /// log-softmax, bit for bit).
     fn logprobs(
         &self,
-        h: &Self::T,
-        w: &Self::T,
-        targets: &Self::I,
-        logp: &mut Self::F,
-        lse: &mut Self::F,
-        entropy: Option<&mut Self::F>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        head: LmHead<'_, Self::T, Self::I>,
+        out: LogprobsOut<'_, Self::F>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()>;
-    /// Backward of [`Backend::logprobs`] (same `inv_t`, `lse` from that forward) for an
-    /// upstream gradient dlogp[t], with respect to the unscaled product z = h·wᵀ:
+    /// Backward of [`Backend::logprobs`] (same `head` and `inv_t`, `lse` from that forward) for
+    /// an upstream gradient dlogp[t], with respect to the unscaled product z = h·wᵀ:
     /// dz[t,v] = inv_t * dlogp[t] * (1[v = target] - softmax(z·inv_t)[t,v]);
     /// dh (overwritten) = dz · w; dw += dzᵀ · h (skipped when None).
-    #[allow(clippy::too_many_arguments)]
     fn logprobs_bwd(
         &self,
         dlogp: &Self::F,
-        h: &Self::T,
-        w: &Self::T,
-        targets: &Self::I,
+        head: LmHead<'_, Self::T, Self::I>,
         lse: &Self::F,
-        dh: &mut Self::T,
-        dw: Option<&mut Self::F>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        grads: LogprobsGrads<'_, Self::T, Self::F>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()>;
-    /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:].
-    fn logits(
-        &self,
-        h: &Self::T,
-        w: &Self::T,
-        out: &mut Self::F,
-        rows: usize,
-        dim: usize,
-        vocab: usize,
-    ) -> Result<()>;
+    /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:] for
+    /// r < d.n_tok.
+    fn logits(&self, h: &Self::T, w: &Self::T, out: &mut Self::F, d: VocabDims) -> Result<()>;
     /// Sample one token per draw from f32 logits [`rows.n_rows`, vocab]: draw r reads logits row
     /// `rows.src[r]` (row r when `src` is None) and writes out[r]; greedy when temperature == 0,
     /// else softmax(logits / temperature) restricted to the smallest top-p nucleus (top_k = 0

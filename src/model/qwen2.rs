@@ -4,7 +4,10 @@
 //! residual add -> RMSNorm -> SwiGLU MLP -> residual add; then the final RMSNorm and the fused
 //! lm_head + log-softmax + gather.
 
-use crate::backend::{Backend, Cached, GemmDims, Heads, LinearGrads, Packed, Prefix, RowCopy};
+use crate::backend::{
+    AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KvRows, LinearGrads, LmHead,
+    LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy, VocabDims,
+};
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
 
@@ -267,6 +270,14 @@ struct LayerGrads<B: Backend> {
     dxn1: B::T,
 }
 
+/// What the lm_head pass gives per logit row: logp, lse (for the backward) and, when asked,
+/// the entropy.
+type HeadLogprobs<B> = (
+    <B as Backend>::F,
+    <B as Backend>::F,
+    Option<<B as Backend>::F>,
+);
+
 /// Sizes of one pass over `n` token rows.
 #[derive(Clone, Copy, Debug)]
 struct Dims {
@@ -294,6 +305,28 @@ impl Dims {
             n_heads: self.nh,
             n_kv: self.nkv,
             head_dim: self.hd,
+        }
+    }
+
+    /// The RMSNorm of `rows` rows of the hidden size.
+    fn norm(&self, rows: usize) -> NormDims {
+        NormDims { rows, dim: self.h }
+    }
+
+    /// The pass's key/value rows into a KV cache.
+    fn kv_rows(&self) -> KvRows {
+        KvRows {
+            n_tok: self.n,
+            kv_dim: self.kvd,
+        }
+    }
+
+    /// The vocabulary ops over `n_tok` rows.
+    fn vocab(&self, n_tok: usize) -> VocabDims {
+        VocabDims {
+            n_tok,
+            dim: self.h,
+            vocab: self.vocab,
         }
     }
 }
@@ -628,7 +661,7 @@ impl<B: Backend> Model<B> {
         let p = self.layout.layers[l];
         let w = |i: usize| self.p(i);
         let (n, h, eps) = (d.n, d.h, d.eps);
-        b.rmsnorm(x, w(p.input_norm), &mut a.xn1, &mut a.rstd1, n, h, eps)?;
+        b.rmsnorm(x, w(p.input_norm), &mut a.xn1, &mut a.rstd1, d.norm(n), eps)?;
         b.linear(&a.xn1, w(p.wq), Some(w(p.bq)), &mut a.q, d.gemm(d.qd, h))?;
         b.linear(&a.xn1, w(p.wk), Some(w(p.bk)), &mut a.k, d.gemm(d.kvd, h))?;
         b.linear(&a.xn1, w(p.wv), Some(w(p.bv)), &mut a.v, d.gemm(d.kvd, h))?;
@@ -641,14 +674,17 @@ impl<B: Backend> Model<B> {
                 prefix,
             } => {
                 if let Some((dst, kc, vc)) = store {
-                    b.kv_store(&a.k, &a.v, dst, kc, vc, n, d.kvd)?;
+                    b.kv_store(&a.k, &a.v, dst, kc, vc, d.kv_rows())?;
                 }
+                let qkv = Qkv {
+                    q: &a.q,
+                    k: &a.k,
+                    v: &a.v,
+                };
                 let (attn, lse) = (&mut a.attn, &mut a.lse);
                 match prefix {
-                    Some(pre) => {
-                        b.attention_prefixed(&a.q, &a.k, &a.v, attn, lse, &seqs, &pre, d.heads())?
-                    }
-                    None => b.attention(&a.q, &a.k, &a.v, attn, lse, &seqs, d.heads())?,
+                    Some(pre) => b.attention_prefixed(qkv, attn, lse, &seqs, &pre, d.heads())?,
+                    None => b.attention(qkv, attn, lse, &seqs, d.heads())?,
                 }
             }
             Attn::Decode {
@@ -657,13 +693,20 @@ impl<B: Backend> Model<B> {
                 k_cache,
                 v_cache,
             } => {
-                b.kv_store(&a.k, &a.v, dst, k_cache, v_cache, n, d.kvd)?;
+                b.kv_store(&a.k, &a.v, dst, k_cache, v_cache, d.kv_rows())?;
                 b.attention_decode(&a.q, k_cache, v_cache, &cached, &mut a.attn, d.heads())?;
             }
         }
         b.linear(&a.attn, w(p.wo), None, &mut a.h1, d.gemm(h, d.qd))?;
         b.add_inplace(&mut a.h1, x, n * h)?;
-        b.rmsnorm(&a.h1, w(p.post_norm), &mut a.xn2, &mut a.rstd2, n, h, eps)?;
+        b.rmsnorm(
+            &a.h1,
+            w(p.post_norm),
+            &mut a.xn2,
+            &mut a.rstd2,
+            d.norm(n),
+            eps,
+        )?;
         b.linear(&a.xn2, w(p.w_gate), None, &mut a.gate, d.gemm(d.inter, h))?;
         b.linear(&a.xn2, w(p.w_up), None, &mut a.up, d.gemm(d.inter, h))?;
         b.swiglu(&a.gate, &a.up, &mut a.act, n * d.inter)?;
@@ -701,20 +744,33 @@ impl<B: Backend> Model<B> {
         let up = LinearGrads::new(&mut g.dxn2, &mut grads[p.w_up]).accumulate();
         b.linear_bwd(&g.dup, &a.xn2, w(p.w_up), up, d.gemm(d.inter, h))?;
         b.copy(dout, &mut g.dh1, n * h)?;
-        let (dh1, dw) = (&mut g.dh1, Some(&mut grads[p.post_norm]));
-        b.rmsnorm_bwd(&g.dxn2, &a.h1, w(p.post_norm), &a.rstd2, dh1, dw, n, h)?;
+        let post = NormGrads {
+            dx: &mut g.dh1,
+            dw: Some(&mut grads[p.post_norm]),
+        };
+        b.rmsnorm_bwd(&g.dxn2, &a.h1, w(p.post_norm), &a.rstd2, post, d.norm(n))?;
         // Attention: h1 = x + o_proj(attn(rope(q), rope(k), v))
         let o = LinearGrads::new(&mut g.dattn, &mut grads[p.wo]);
         b.linear_bwd(&g.dh1, &a.attn, w(p.wo), o, d.gemm(h, d.qd))?;
-        let (dq, dk, dv) = (&mut g.dq, &mut g.dk, &mut g.dv);
+        let qkv = Qkv {
+            q: &a.q,
+            k: &a.k,
+            v: &a.v,
+        };
+        let saved = AttnSaved {
+            dout: &g.dattn,
+            out: &a.attn,
+            lse: &a.lse,
+        };
+        let dqkv = AttnGrads {
+            dq: &mut g.dq,
+            dk: &mut g.dk,
+            dv: &mut g.dv,
+        };
         let (seqs, heads) = (batch.seqs(), d.heads());
         match batch.prefix() {
-            Some(pre) => b.attention_prefixed_bwd(
-                &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, &pre, heads,
-            )?,
-            None => b.attention_bwd(
-                &g.dattn, &a.q, &a.k, &a.v, &a.attn, &a.lse, dq, dk, dv, &seqs, heads,
-            )?,
+            Some(pre) => b.attention_prefixed_bwd(qkv, saved, dqkv, &seqs, &pre, heads)?,
+            None => b.attention_bwd(qkv, saved, dqkv, &seqs, heads)?,
         }
         b.rope_bwd(&mut g.dq, &batch.positions, n, d.nh, d.hd, d.theta)?;
         b.rope_bwd(&mut g.dk, &batch.positions, n, d.nkv, d.hd, d.theta)?;
@@ -729,8 +785,11 @@ impl<B: Backend> Model<B> {
             b.linear_bwd(dy, &a.xn1, w(wi), qkv, d.gemm(rows, h))?;
         }
         b.copy(&g.dh1, dx, n * h)?;
-        let dw = Some(&mut grads[p.input_norm]);
-        b.rmsnorm_bwd(&g.dxn1, x, w(p.input_norm), &a.rstd1, dx, dw, n, h)?;
+        let input = NormGrads {
+            dx,
+            dw: Some(&mut grads[p.input_norm]),
+        };
+        b.rmsnorm_bwd(&g.dxn1, x, w(p.input_norm), &a.rstd1, input, d.norm(n))?;
         Ok(())
     }
 
@@ -772,16 +831,38 @@ impl<B: Backend> Model<B> {
     fn final_norm(&self, b: &B, x: &B::T, rows: usize, d: &Dims) -> Result<(B::T, B::F)> {
         let mut xf = b.zeros(rows * d.h)?;
         let mut rstd = b.zeros_f32(rows)?;
-        b.rmsnorm(
-            x,
-            self.p(self.layout.norm),
-            &mut xf,
-            &mut rstd,
-            rows,
-            d.h,
-            d.eps,
-        )?;
+        let norm = self.p(self.layout.norm);
+        b.rmsnorm(x, norm, &mut xf, &mut rstd, d.norm(rows), d.eps)?;
         Ok((xf, rstd))
+    }
+
+    /// The lm_head log-probabilities of the batch's targets from the normed logit rows `xf`:
+    /// (logp, lse, entropy when asked), on the backend.
+    fn head_logprobs(
+        &self,
+        b: &B,
+        xf: &B::T,
+        batch: &DeviceBatch<B>,
+        d: &Dims,
+        entropy: bool,
+        inv_t: f32,
+    ) -> Result<HeadLogprobs<B>> {
+        let m = batch.n_logits;
+        let mut logp = b.zeros_f32(m)?;
+        let mut lse = b.zeros_f32(m)?;
+        let mut ent = if entropy { Some(b.zeros_f32(m)?) } else { None };
+        let head = LmHead {
+            h: xf,
+            w: self.p(self.layout.lm_head),
+            targets: &batch.targets,
+        };
+        let out = LogprobsOut {
+            logp: &mut logp,
+            lse: &mut lse,
+            entropy: ent.as_mut(),
+        };
+        b.logprobs(head, out, d.vocab(m), inv_t)?;
+        Ok((logp, lse, ent))
     }
 
     /// Teacher-forced log-probabilities without gradient (eval, tests) at temperature 1.
@@ -817,21 +898,7 @@ impl<B: Backend> Model<B> {
         let m = batch.n_logits;
         let xh = self.gather_head(b, &x, batch, &d)?;
         let (xf, _) = self.final_norm(b, xh.as_ref().unwrap_or(&x), m, &d)?;
-        let mut logp = b.zeros_f32(m)?;
-        let mut lse = b.zeros_f32(m)?;
-        let mut ent = if entropy { Some(b.zeros_f32(m)?) } else { None };
-        b.logprobs(
-            &xf,
-            self.p(self.layout.lm_head),
-            &batch.targets,
-            &mut logp,
-            &mut lse,
-            ent.as_mut(),
-            m,
-            d.h,
-            d.vocab,
-            inv_t,
-        )?;
+        let (logp, _, ent) = self.head_logprobs(b, &xf, batch, &d, entropy, inv_t)?;
         let ent = match ent {
             Some(e) => Some(b.download_f32(&e, m)?),
             None => None,
@@ -873,14 +940,7 @@ impl<B: Backend> Model<B> {
         )?;
         let (xf, _) = self.final_norm(b, &x, d.n, &d)?;
         let mut out = b.zeros_f32(d.n * d.vocab)?;
-        b.logits(
-            &xf,
-            self.p(self.layout.lm_head),
-            &mut out,
-            d.n,
-            d.h,
-            d.vocab,
-        )?;
+        b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(d.n))?;
         b.download_f32(&out, d.n * d.vocab)
     }
 
@@ -939,21 +999,7 @@ impl<B: Backend> Model<B> {
         let x_head = self.gather_head(b, &inputs[n_layers], batch, &d)?;
         let (x_final, rstd_final) =
             self.final_norm(b, x_head.as_ref().unwrap_or(&inputs[n_layers]), m, &d)?;
-        let mut logp = b.zeros_f32(m)?;
-        let mut lse = b.zeros_f32(m)?;
-        let mut ent = if entropy { Some(b.zeros_f32(m)?) } else { None };
-        b.logprobs(
-            &x_final,
-            self.p(self.layout.lm_head),
-            &batch.targets,
-            &mut logp,
-            &mut lse,
-            ent.as_mut(),
-            m,
-            d.h,
-            d.vocab,
-            inv_t,
-        )?;
+        let (logp, lse, ent) = self.head_logprobs(b, &x_final, batch, &d, entropy, inv_t)?;
         Ok(Tape {
             logp,
             entropy: ent,
@@ -1001,29 +1047,28 @@ impl<B: Backend> Model<B> {
         let m = batch.n_logits;
         // Head: logp = log_softmax(norm(x_L[rows]) · lm_headᵀ · inv_t)[target]
         let mut dxf = b.zeros(m * d.h)?;
-        b.logprobs_bwd(
-            dlogp,
-            &tape.x_final,
-            self.p(self.layout.lm_head),
-            &batch.targets,
-            &tape.lse,
-            &mut dxf,
-            Some(&mut grads[self.layout.lm_head]),
-            m,
-            d.h,
-            d.vocab,
-            tape.inv_t,
-        )?;
+        let head = LmHead {
+            h: &tape.x_final,
+            w: self.p(self.layout.lm_head),
+            targets: &batch.targets,
+        };
+        let head_grads = LogprobsGrads {
+            dh: &mut dxf,
+            dw: Some(&mut grads[self.layout.lm_head]),
+        };
+        b.logprobs_bwd(dlogp, head, &tape.lse, head_grads, d.vocab(m), tape.inv_t)?;
         let mut dxh = b.zeros(m * d.h)?;
+        let norm_grads = NormGrads {
+            dx: &mut dxh,
+            dw: Some(&mut grads[self.layout.norm]),
+        };
         b.rmsnorm_bwd(
             &dxf,
             tape.x_head.as_ref().unwrap_or(&tape.inputs[n_layers]),
             self.p(self.layout.norm),
             &tape.rstd_final,
-            &mut dxh,
-            Some(&mut grads[self.layout.norm]),
-            m,
-            d.h,
+            norm_grads,
+            d.norm(m),
         )?;
         drop(dxf);
         // Scatter the logit rows' gradient back to their rows (a repeated row sums).
@@ -1195,7 +1240,7 @@ impl<B: Backend> Model<B> {
         b.embedding(&b.upload_u32(&last)?, &x, &mut xl, np, d.h)?;
         let (xf, _) = self.final_norm(b, &xl, np, &d)?;
         let mut out = b.zeros_f32(np * d.vocab)?;
-        b.logits(&xf, self.p(self.layout.lm_head), &mut out, np, d.h, d.vocab)?;
+        b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(np))?;
         for (i, p) in prompts.iter().enumerate() {
             cache.lens[slots[i]] = p.len() as u32;
         }
@@ -1251,7 +1296,7 @@ impl<B: Backend> Model<B> {
         }
         let (xf, _) = self.final_norm(b, &x, n, &d)?;
         let mut out = b.zeros_f32(n * d.vocab)?;
-        b.logits(&xf, self.p(self.layout.lm_head), &mut out, n, d.h, d.vocab)?;
+        b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(n))?;
         cache.lens[..n].copy_from_slice(&after);
         Ok(out)
     }

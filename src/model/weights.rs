@@ -97,23 +97,7 @@ impl TensorRef<'_> {
     }
 }
 
-/// Convert little-endian checkpoint bytes to f32.
-pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-            .collect(),
-    }
-}
+pub use crate::backend::bytes_to_f32;
 
 /// A model folder opened for reading: its config and memory-mapped tensor files.
 pub struct Checkpoint {

@@ -11,6 +11,8 @@ use tooln1::backend::{
     AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
     LinearGrads, LossAgg, Packed, RowCopy, SampleParams, SampleRows,
 };
+use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
+use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
 use tooln1::Result;
 
 /// (what the case breaks, the op's result with its output dropped).
@@ -183,7 +185,16 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     ));
     out.push((
         "logits: out shorter than rows * vocab",
-        b.logits(&t(2 * 8), &t(10 * 8), &mut f(19), 2, 8, 10),
+        b.logits(
+            &t(2 * 8),
+            &t(10 * 8),
+            &mut f(19),
+            VocabDims {
+                n_tok: 2,
+                dim: 8,
+                vocab: 10,
+            },
+        ),
     ));
 
     // rows
@@ -205,15 +216,39 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     ));
     out.push((
         "rmsnorm: dim 0",
-        b.rmsnorm(&t(4), &t(4), &mut t(4), &mut f(2), 2, 0, 1e-6),
+        b.rmsnorm(
+            &t(4),
+            &t(4),
+            &mut t(4),
+            &mut f(2),
+            NormDims { rows: 2, dim: 0 },
+            1e-6,
+        ),
     ));
     out.push((
         "rmsnorm: rstd shorter than rows",
-        b.rmsnorm(&t(8), &t(4), &mut t(8), &mut f(1), 2, 4, 1e-6),
+        b.rmsnorm(
+            &t(8),
+            &t(4),
+            &mut t(8),
+            &mut f(1),
+            NormDims { rows: 2, dim: 4 },
+            1e-6,
+        ),
     ));
     out.push((
         "rmsnorm_bwd: dx shorter than rows * dim",
-        b.rmsnorm_bwd(&t(8), &t(8), &t(4), &f(2), &mut t(7), None, 2, 4),
+        b.rmsnorm_bwd(
+            &t(8),
+            &t(8),
+            &t(4),
+            &f(2),
+            NormGrads {
+                dx: &mut t(7),
+                dw: None,
+            },
+            NormDims { rows: 2, dim: 4 },
+        ),
     ));
     let pos = u(&[0, 1]);
     for (what, hd, theta, len) in [
@@ -353,9 +388,11 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
         ),
     ] {
         let r = b.attention(
-            &t(q_len),
-            &t(kn),
-            &t(kn),
+            Qkv {
+                q: &t(q_len),
+                k: &t(kn),
+                v: &t(kn),
+            },
             &mut t(qn),
             &mut f(lse_len),
             &Packed {
@@ -375,15 +412,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     out.push((
         "attention_bwd: dk shorter than n_tok * n_kv * head_dim",
         b.attention_bwd(
-            &t(qn),
-            &t(qn),
-            &t(kn),
-            &t(kn),
-            &t(qn),
-            &f(nt * nh),
-            &mut t(qn),
-            &mut t(kn - 1),
-            &mut t(kn),
+            Qkv {
+                q: &t(qn),
+                k: &t(kn),
+                v: &t(kn),
+            },
+            AttnSaved {
+                dout: &t(qn),
+                out: &t(qn),
+                lse: &f(nt * nh),
+            },
+            AttnGrads {
+                dq: &mut t(qn),
+                dk: &mut t(kn - 1),
+                dv: &mut t(kn),
+            },
             &Packed {
                 cu_seqlens: &u(&cu),
                 cu_host: &cu,
@@ -399,15 +442,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     out.push((
         "attention_bwd: head_dim 0",
         b.attention_bwd(
-            &t(qn),
-            &t(qn),
-            &t(kn),
-            &t(kn),
-            &t(qn),
-            &f(nt * nh),
-            &mut t(qn),
-            &mut t(kn),
-            &mut t(kn),
+            Qkv {
+                q: &t(qn),
+                k: &t(kn),
+                v: &t(kn),
+            },
+            AttnSaved {
+                dout: &t(qn),
+                out: &t(qn),
+                lse: &f(nt * nh),
+            },
+            AttnGrads {
+                dq: &mut t(qn),
+                dk: &mut t(kn),
+                dv: &mut t(kn),
+            },
             &Packed {
                 cu_seqlens: &u(&cu),
                 cu_host: &cu,
@@ -429,8 +478,10 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &u(&[0, 1]),
             &mut t(4 * kvd),
             &mut t(4 * kvd),
-            2,
-            0,
+            KvRows {
+                n_tok: 2,
+                kv_dim: 0,
+            },
         ),
     ));
     out.push((
@@ -441,8 +492,10 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &u(&[0, 1]),
             &mut t(4 * kvd),
             &mut t(3 * kvd),
-            2,
-            kvd,
+            KvRows {
+                n_tok: 2,
+                kv_dim: kvd,
+            },
         ),
     ));
     out.push((
@@ -453,8 +506,10 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             &u(&[0]),
             &mut t(4 * kvd),
             &mut t(4 * kvd),
-            2,
-            kvd,
+            KvRows {
+                n_tok: 2,
+                kv_dim: kvd,
+            },
         ),
     ));
     let (slots, max_len) = (2usize, 5usize);
@@ -504,15 +559,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     out.push((
         "logprobs: vocab 0",
         b.logprobs(
-            &t(nt * dim),
-            &t(0),
-            &tg,
-            &mut f(nt),
-            &mut f(nt),
-            None,
-            nt,
-            dim,
-            0,
+            LmHead {
+                h: &t(nt * dim),
+                w: &t(0),
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut f(nt),
+                lse: &mut f(nt),
+                entropy: None,
+            },
+            VocabDims {
+                n_tok: nt,
+                dim,
+                vocab: 0,
+            },
             1.0,
         ),
     ));
@@ -525,15 +586,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
         out.push((
             what,
             b.logprobs(
-                &t(nt * dim),
-                &t(vocab * dim),
-                &tg,
-                &mut f(nt),
-                &mut f(nt),
-                None,
-                nt,
-                dim,
-                vocab,
+                LmHead {
+                    h: &t(nt * dim),
+                    w: &t(vocab * dim),
+                    targets: &tg,
+                },
+                LogprobsOut {
+                    logp: &mut f(nt),
+                    lse: &mut f(nt),
+                    entropy: None,
+                },
+                VocabDims {
+                    n_tok: nt,
+                    dim,
+                    vocab,
+                },
                 inv_t,
             ),
         ));
@@ -542,45 +609,63 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
         "logprobs_bwd: inv_t 0",
         b.logprobs_bwd(
             &f(nt),
-            &t(nt * dim),
-            &t(vocab * dim),
-            &tg,
+            LmHead {
+                h: &t(nt * dim),
+                w: &t(vocab * dim),
+                targets: &tg,
+            },
             &f(nt),
-            &mut t(nt * dim),
-            None,
-            nt,
-            dim,
-            vocab,
+            LogprobsGrads {
+                dh: &mut t(nt * dim),
+                dw: None,
+            },
+            VocabDims {
+                n_tok: nt,
+                dim,
+                vocab,
+            },
             0.0,
         ),
     ));
     out.push((
         "logprobs: entropy shorter than n_tok",
         b.logprobs(
-            &t(nt * dim),
-            &t(vocab * dim),
-            &tg,
-            &mut f(nt),
-            &mut f(nt),
-            Some(&mut f(nt - 1)),
-            nt,
-            dim,
-            vocab,
+            LmHead {
+                h: &t(nt * dim),
+                w: &t(vocab * dim),
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut f(nt),
+                lse: &mut f(nt),
+                entropy: Some(&mut f(nt - 1)),
+            },
+            VocabDims {
+                n_tok: nt,
+                dim,
+                vocab,
+            },
             1.0,
         ),
     ));
     out.push((
         "logprobs: w shorter than vocab * dim",
         b.logprobs(
-            &t(nt * dim),
-            &t(vocab * dim - 1),
-            &tg,
-            &mut f(nt),
-            &mut f(nt),
-            None,
-            nt,
-            dim,
-            vocab,
+            LmHead {
+                h: &t(nt * dim),
+                w: &t(vocab * dim - 1),
+                targets: &tg,
+            },
+            LogprobsOut {
+                logp: &mut f(nt),
+                lse: &mut f(nt),
+                entropy: None,
+            },
+            VocabDims {
+                n_tok: nt,
+                dim,
+                vocab,
+            },
             1.0,
         ),
     ));
@@ -588,15 +673,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
         "logprobs_bwd: dw shorter than vocab * dim",
         b.logprobs_bwd(
             &f(nt),
-            &t(nt * dim),
-            &t(vocab * dim),
-            &tg,
+            LmHead {
+                h: &t(nt * dim),
+                w: &t(vocab * dim),
+                targets: &tg,
+            },
             &f(nt),
-            &mut t(nt * dim),
-            Some(&mut f(vocab * dim - 1)),
-            nt,
-            dim,
-            vocab,
+            LogprobsGrads {
+                dh: &mut t(nt * dim),
+                dw: Some(&mut f(vocab * dim - 1)),
+            },
+            VocabDims {
+                n_tok: nt,
+                dim,
+                vocab,
+            },
             1.0,
         ),
     ));
@@ -604,15 +695,21 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
         "logprobs_bwd: dim 0",
         b.logprobs_bwd(
             &f(nt),
-            &t(0),
-            &t(0),
-            &tg,
+            LmHead {
+                h: &t(0),
+                w: &t(0),
+                targets: &tg,
+            },
             &f(nt),
-            &mut t(0),
-            None,
-            nt,
-            0,
-            vocab,
+            LogprobsGrads {
+                dh: &mut t(0),
+                dw: None,
+            },
+            VocabDims {
+                n_tok: nt,
+                dim: 0,
+                vocab,
+            },
             1.0,
         ),
     ));

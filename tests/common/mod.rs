@@ -68,6 +68,11 @@ pub fn seed(tag: &str) -> u64 {
     s
 }
 
+/// f64 reference values as the f32 inputs of a backend.
+pub fn to32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
 /// xorshift64 (Marsaglia 2003) over the test seed.
 pub struct Rng(u64);
 impl Rng {

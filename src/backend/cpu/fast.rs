@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use rayon::prelude::*;
 
 use super::math::{self, Gemm};
+use crate::backend::{NormDims, NormGrads};
 
 // ------------------------------------------------------------------------------------ threads
 
@@ -1203,7 +1204,14 @@ pub fn rmsnorm(
         .enumerate()
         .for_each(|(c, (o, s))| {
             let n = s.len();
-            math::rmsnorm(&x[c * ROWS * dim..], w, o, s, n, dim, eps);
+            math::rmsnorm(
+                &x[c * ROWS * dim..],
+                w,
+                o,
+                s,
+                NormDims { rows: n, dim },
+                eps,
+            );
         });
 }
 
@@ -1237,7 +1245,9 @@ pub fn rmsnorm_bwd(
                 p.fill(0.0);
                 p
             });
-            math::rmsnorm_bwd(&dout[o..], &x[o..], w, &rstd[c * ROWS..], dxc, part, n, dim);
+            let grads = NormGrads { dx: dxc, dw: part };
+            let d = NormDims { rows: n, dim };
+            math::rmsnorm_bwd(&dout[o..], &x[o..], w, &rstd[c * ROWS..], grads, d);
         });
     if let Some(dw) = dw {
         let parts = &parts;

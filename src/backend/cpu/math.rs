@@ -13,7 +13,9 @@ use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use crate::backend::loss::Aggregation;
-use crate::backend::{GrpoLossCfg, KlKind};
+use crate::backend::{
+    GrpoLossCfg, KlKind, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims,
+};
 
 /// The float operations the CPU math needs (implemented for f32 and f64).
 pub trait Real:
@@ -323,16 +325,8 @@ pub fn embedding_bwd<R: Real>(ids: &[u32], dout: &[R], dtable: &mut [R], n_tok: 
 // ------------------------------------------------------------------------------------ RMSNorm
 
 /// out = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps) saved per row.
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm<R: Real>(
-    x: &[R],
-    w: &[R],
-    out: &mut [R],
-    rstd: &mut [R],
-    rows: usize,
-    dim: usize,
-    eps: R,
-) {
+pub fn rmsnorm<R: Real>(x: &[R], w: &[R], out: &mut [R], rstd: &mut [R], d: NormDims, eps: R) {
+    let NormDims { rows, dim } = d;
     for r in 0..rows {
         let xr = &x[r * dim..(r + 1) * dim];
         let mut ss = R::zero();
@@ -352,17 +346,15 @@ pub fn rmsnorm<R: Real>(
 }
 
 /// dx += rstd·(w∘dout) − x·rstd³/dim · Σ(w∘dout∘x); dw += Σ_r dout∘x·rstd.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<R: Real>(
     dout: &[R],
     x: &[R],
     w: &[R],
     rstd: &[R],
-    dx: &mut [R],
-    mut dw: Option<&mut [R]>,
-    rows: usize,
-    dim: usize,
+    grads: NormGrads<'_, [R], [R]>,
+    d: NormDims,
 ) {
+    let (NormGrads { dx, mut dw }, NormDims { rows, dim }) = (grads, d);
     for r in 0..rows {
         let xr = &x[r * dim..(r + 1) * dim];
         let gr = &dout[r * dim..(r + 1) * dim];
@@ -743,19 +735,18 @@ fn scale_logits<R: Real>(z: &mut [R], inv_t: R) {
 
 /// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (logits = h·wᵀ·inv_t),
 /// chunk of rows by chunk of rows.
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs<R: Real>(
-    h: &[R],
-    w: &[R],
-    targets: &[u32],
-    logp: &mut [R],
-    lse: &mut [R],
-    mut entropy: Option<&mut [R]>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    head: LmHead<'_, [R], [u32]>,
+    out: LogprobsOut<'_, [R]>,
+    d: VocabDims,
     inv_t: R,
 ) {
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsOut {
+        logp,
+        lse,
+        mut entropy,
+    } = out;
     let cr = chunk_rows(vocab);
     let mut buf = vec![R::zero(); cr.min(n_tok) * vocab];
     let mut t0 = 0;
@@ -809,20 +800,16 @@ fn row_lse_entropy<R: Real>(z: &[R], want_entropy: bool) -> (R, R) {
 
 /// Backward of [`logprobs`] (same `inv_t`): with z = h·wᵀ and p = softmax(z·inv_t),
 /// dz = inv_t·dlogp·(onehot − p), recomputed chunk by chunk; dh overwritten, dw accumulated.
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs_bwd<R: Real>(
     dlogp: &[R],
-    h: &[R],
-    w: &[R],
-    targets: &[u32],
+    head: LmHead<'_, [R], [u32]>,
     lse: &[R],
-    dh: &mut [R],
-    mut dw: Option<&mut [R]>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    grads: LogprobsGrads<'_, [R], [R]>,
+    d: VocabDims,
     inv_t: R,
 ) {
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsGrads { dh, mut dw } = grads;
     let cr = chunk_rows(vocab);
     let mut buf = vec![R::zero(); cr.min(n_tok) * vocab];
     let mut t0 = 0;

@@ -18,8 +18,9 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 
 use crate::backend::check;
 use crate::backend::{
-    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed, Prefix, RowCopy, SampleParams, SampleRows,
+    AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
+    GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
+    NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::Result;
 
@@ -53,20 +54,7 @@ impl Backend for Cpu {
     }
     fn upload_raw(&self, dtype: DType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         check::upload_raw(dtype, bytes.len(), n)?;
-        Ok(match dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-        })
+        Ok(crate::backend::bytes_to_f32(dtype, bytes))
     }
     fn download(&self, t: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
         check::first_n("download", t, n)?;
@@ -210,11 +198,11 @@ impl Backend for Cpu {
         w: &Vec<f32>,
         out: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
-        rows: usize,
-        dim: usize,
+        d: NormDims,
         eps: f32,
     ) -> Result<()> {
-        check::rmsnorm(x, w, out, rstd, rows, dim)?;
+        check::rmsnorm(x, w, out, rstd, d)?;
+        let NormDims { rows, dim } = d;
         fast::run(|| fast::rmsnorm(x, w, out, rstd, rows, dim, eps));
         Ok(())
     }
@@ -225,12 +213,11 @@ impl Backend for Cpu {
         x: &Vec<f32>,
         w: &Vec<f32>,
         rstd: &Vec<f32>,
-        dx: &mut Vec<f32>,
-        dw: Option<&mut Vec<f32>>,
-        rows: usize,
-        dim: usize,
+        grads: NormGrads<'_, Vec<f32>, Vec<f32>>,
+        d: NormDims,
     ) -> Result<()> {
-        check::rmsnorm_bwd(dout, x, w, rstd, dx, dw.as_deref(), rows, dim)?;
+        check::rmsnorm_bwd(dout, x, w, rstd, &grads, d)?;
+        let (NormGrads { dx, dw }, NormDims { rows, dim }) = (grads, d);
         fast::run(|| {
             fast::rmsnorm_bwd(
                 dout,
@@ -276,15 +263,14 @@ impl Backend for Cpu {
 
     fn attention(
         &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        qkv: Qkv<'_, Vec<f32>>,
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
         seqs: &Packed<'_, Vec<u32>>,
         heads: Heads,
     ) -> Result<()> {
-        check::attention(q, k, v, out, lse, seqs, heads)?;
+        check::attention(qkv, out, lse, seqs, heads)?;
+        let Qkv { q, k, v } = qkv;
         check::same_offsets("attention", seqs.cu_seqlens, seqs.cu_host)?;
         let Heads {
             n_heads,
@@ -298,19 +284,15 @@ impl Backend for Cpu {
 
     fn attention_bwd(
         &self,
-        dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
+        qkv: Qkv<'_, Vec<f32>>,
+        saved: AttnSaved<'_, Vec<f32>, Vec<f32>>,
+        grads: AttnGrads<'_, Vec<f32>>,
         seqs: &Packed<'_, Vec<u32>>,
         heads: Heads,
     ) -> Result<()> {
-        check::attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, seqs, heads)?;
+        check::attention_bwd(qkv, saved, &grads, seqs, heads)?;
+        let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+        let AttnGrads { dq, dk, dv } = grads;
         check::same_offsets("attention_bwd", seqs.cu_seqlens, seqs.cu_host)?;
         let Heads {
             n_heads,
@@ -328,9 +310,7 @@ impl Backend for Cpu {
 
     fn attention_prefixed(
         &self,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        qkv: Qkv<'_, Vec<f32>>,
         out: &mut Vec<f32>,
         lse: &mut Vec<f32>,
         seqs: &Packed<'_, Vec<u32>>,
@@ -338,7 +318,8 @@ impl Backend for Cpu {
         heads: Heads,
     ) -> Result<()> {
         let op = "attention_prefixed";
-        check::attention_prefixed(op, q, k, v, out, lse, None, seqs, prefix, heads)?;
+        check::attention_prefixed(op, qkv, (out, lse), None, seqs, prefix, heads)?;
+        let Qkv { q, k, v } = qkv;
         check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
         check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
         let Heads {
@@ -353,27 +334,18 @@ impl Backend for Cpu {
 
     fn attention_prefixed_bwd(
         &self,
-        dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
+        qkv: Qkv<'_, Vec<f32>>,
+        saved: AttnSaved<'_, Vec<f32>, Vec<f32>>,
+        grads: AttnGrads<'_, Vec<f32>>,
         seqs: &Packed<'_, Vec<u32>>,
         prefix: &Prefix<'_, Vec<u32>>,
         heads: Heads,
     ) -> Result<()> {
         let op = "attention_prefixed_bwd";
-        let grads: (
-            &dyn check::Buf,
-            &dyn check::Buf,
-            &dyn check::Buf,
-            &dyn check::Buf,
-        ) = (dout, &*dq, &*dk, &*dv);
-        check::attention_prefixed(op, q, k, v, out, lse, Some(grads), seqs, prefix, heads)?;
+        let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+        let AttnGrads { dq, dk, dv } = grads;
+        let bufs: check::BwdGrads<'_> = (dout, &*dq, &*dk, &*dv);
+        check::attention_prefixed(op, qkv, (out, lse), Some(bufs), seqs, prefix, heads)?;
         check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
         check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
         let Heads {
@@ -397,10 +369,10 @@ impl Backend for Cpu {
         dst: &Vec<u32>,
         k_cache: &mut Vec<f32>,
         v_cache: &mut Vec<f32>,
-        n_tok: usize,
-        kv_dim: usize,
+        kv: KvRows,
     ) -> Result<()> {
-        let rows = check::kv_store(k, v, dst, k_cache, v_cache, n_tok, kv_dim)?;
+        let rows = check::kv_store(k, v, dst, k_cache, v_cache, kv)?;
+        let KvRows { n_tok, kv_dim } = kv;
         check::ids_below("kv_store", "dst", dst, n_tok, rows, "cache rows")?;
         math::kv_store(k, v, dst, k_cache, v_cache, n_tok, kv_dim);
         Ok(())
@@ -457,29 +429,14 @@ impl Backend for Cpu {
 
     fn logprobs(
         &self,
-        h: &Vec<f32>,
-        w: &Vec<f32>,
-        targets: &Vec<u32>,
-        logp: &mut Vec<f32>,
-        lse: &mut Vec<f32>,
-        entropy: Option<&mut Vec<f32>>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        head: LmHead<'_, Vec<f32>, Vec<u32>>,
+        out: LogprobsOut<'_, Vec<f32>>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        check::logprobs(
-            h,
-            w,
-            targets,
-            logp,
-            lse,
-            entropy.as_deref(),
-            n_tok,
-            dim,
-            vocab,
-            inv_t,
-        )?;
+        check::logprobs(head, &out, d, inv_t)?;
+        let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+        let LogprobsOut { logp, lse, entropy } = out;
         check::ids_below("logprobs", "targets", targets, n_tok, vocab, "vocab")?;
         fast::run(|| {
             fast::logprobs(
@@ -501,30 +458,15 @@ impl Backend for Cpu {
     fn logprobs_bwd(
         &self,
         dlogp: &Vec<f32>,
-        h: &Vec<f32>,
-        w: &Vec<f32>,
-        targets: &Vec<u32>,
+        head: LmHead<'_, Vec<f32>, Vec<u32>>,
         lse: &Vec<f32>,
-        dh: &mut Vec<f32>,
-        dw: Option<&mut Vec<f32>>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        grads: LogprobsGrads<'_, Vec<f32>, Vec<f32>>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        check::logprobs_bwd(
-            dlogp,
-            h,
-            w,
-            targets,
-            lse,
-            dh,
-            dw.as_deref(),
-            n_tok,
-            dim,
-            vocab,
-            inv_t,
-        )?;
+        check::logprobs_bwd(dlogp, head, lse, &grads, d, inv_t)?;
+        let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+        let LogprobsGrads { dh, dw } = grads;
         check::ids_below("logprobs_bwd", "targets", targets, n_tok, vocab, "vocab")?;
         fast::run(|| {
             fast::logprobs_bwd(
@@ -544,17 +486,9 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn logits(
-        &self,
-        h: &Vec<f32>,
-        w: &Vec<f32>,
-        out: &mut Vec<f32>,
-        rows: usize,
-        dim: usize,
-        vocab: usize,
-    ) -> Result<()> {
-        check::logits(h, w, out, rows, dim, vocab)?;
-        fast::run(|| fast::matmul_nt(h, w, out, rows, vocab, dim, 0.0));
+    fn logits(&self, h: &Vec<f32>, w: &Vec<f32>, out: &mut Vec<f32>, d: VocabDims) -> Result<()> {
+        check::logits(h, w, out, d)?;
+        fast::run(|| fast::matmul_nt(h, w, out, d.n_tok, d.vocab, d.dim, 0.0));
         Ok(())
     }
 

@@ -24,8 +24,9 @@ pub use runtime::{
 use runtime::Gpu;
 
 use super::{
-    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut, GrpoTokens, Heads,
-    LinearGrads, Packed, Prefix, RowCopy, SampleParams, SampleRows,
+    AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
+    GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
+    NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::Result;
 
@@ -228,11 +229,10 @@ impl Backend for Cuda {
         w: &Self::T,
         out: &mut Self::T,
         rstd: &mut Self::F,
-        rows: usize,
-        dim: usize,
+        d: NormDims,
         eps: f32,
     ) -> Result<()> {
-        ops::rmsnorm::forward(self, x, w, out, rstd, rows, dim, eps)
+        ops::rmsnorm::forward(self, x, w, out, rstd, d, eps)
     }
     fn rmsnorm_bwd(
         &self,
@@ -240,12 +240,10 @@ impl Backend for Cuda {
         x: &Self::T,
         w: &Self::T,
         rstd: &Self::F,
-        dx: &mut Self::T,
-        dw: Option<&mut Self::F>,
-        rows: usize,
-        dim: usize,
+        grads: NormGrads<'_, Self::T, Self::F>,
+        d: NormDims,
     ) -> Result<()> {
-        ops::rmsnorm::backward(self, dout, x, w, rstd, dx, dw, rows, dim)
+        ops::rmsnorm::backward(self, dout, x, w, rstd, grads, d)
     }
 
     fn rope(
@@ -273,63 +271,45 @@ impl Backend for Cuda {
 
     fn attention(
         &self,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
+        qkv: Qkv<'_, Self::T>,
         out: &mut Self::T,
         lse: &mut Self::F,
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::forward(self, q, k, v, out, lse, seqs, heads)
+        ops::attention::forward(self, qkv, out, lse, seqs, heads)
     }
     fn attention_bwd(
         &self,
-        dout: &Self::T,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
-        out: &Self::T,
-        lse: &Self::F,
-        dq: &mut Self::T,
-        dk: &mut Self::T,
-        dv: &mut Self::T,
+        qkv: Qkv<'_, Self::T>,
+        saved: AttnSaved<'_, Self::T, Self::F>,
+        grads: AttnGrads<'_, Self::T>,
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::backward(self, dout, q, k, v, out, lse, dq, dk, dv, seqs, heads)
+        ops::attention::backward(self, qkv, saved, grads, seqs, heads)
     }
     fn attention_prefixed(
         &self,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
+        qkv: Qkv<'_, Self::T>,
         out: &mut Self::T,
         lse: &mut Self::F,
         seqs: &Packed<'_, Self::I>,
         prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::forward_prefixed(self, q, k, v, out, lse, seqs, prefix, heads)
+        ops::attention::forward_prefixed(self, qkv, out, lse, seqs, prefix, heads)
     }
     fn attention_prefixed_bwd(
         &self,
-        dout: &Self::T,
-        q: &Self::T,
-        k: &Self::T,
-        v: &Self::T,
-        out: &Self::T,
-        lse: &Self::F,
-        dq: &mut Self::T,
-        dk: &mut Self::T,
-        dv: &mut Self::T,
+        qkv: Qkv<'_, Self::T>,
+        saved: AttnSaved<'_, Self::T, Self::F>,
+        grads: AttnGrads<'_, Self::T>,
         seqs: &Packed<'_, Self::I>,
         prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::backward_prefixed(
-            self, dout, q, k, v, out, lse, dq, dk, dv, seqs, prefix, heads,
-        )
+        ops::attention::backward_prefixed(self, qkv, saved, grads, seqs, prefix, heads)
     }
     fn kv_store(
         &self,
@@ -338,10 +318,9 @@ impl Backend for Cuda {
         dst: &Self::I,
         k_cache: &mut Self::T,
         v_cache: &mut Self::T,
-        n_tok: usize,
-        kv_dim: usize,
+        rows: KvRows,
     ) -> Result<()> {
-        ops::attention::kv_store(self, k, v, dst, k_cache, v_cache, n_tok, kv_dim)
+        ops::attention::kv_store(self, k, v, dst, k_cache, v_cache, rows)
     }
     fn attention_decode(
         &self,
@@ -372,49 +351,26 @@ impl Backend for Cuda {
 
     fn logprobs(
         &self,
-        h: &Self::T,
-        w: &Self::T,
-        targets: &Self::I,
-        logp: &mut Self::F,
-        lse: &mut Self::F,
-        entropy: Option<&mut Self::F>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        head: LmHead<'_, Self::T, Self::I>,
+        out: LogprobsOut<'_, Self::F>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        ops::logprobs::forward(
-            self, h, w, targets, logp, lse, entropy, n_tok, dim, vocab, inv_t,
-        )
+        ops::logprobs::forward(self, head, out, d, inv_t)
     }
     fn logprobs_bwd(
         &self,
         dlogp: &Self::F,
-        h: &Self::T,
-        w: &Self::T,
-        targets: &Self::I,
+        head: LmHead<'_, Self::T, Self::I>,
         lse: &Self::F,
-        dh: &mut Self::T,
-        dw: Option<&mut Self::F>,
-        n_tok: usize,
-        dim: usize,
-        vocab: usize,
+        grads: LogprobsGrads<'_, Self::T, Self::F>,
+        d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        ops::logprobs::backward(
-            self, dlogp, h, w, targets, lse, dh, dw, n_tok, dim, vocab, inv_t,
-        )
+        ops::logprobs::backward(self, dlogp, head, lse, grads, d, inv_t)
     }
-    fn logits(
-        &self,
-        h: &Self::T,
-        w: &Self::T,
-        out: &mut Self::F,
-        rows: usize,
-        dim: usize,
-        vocab: usize,
-    ) -> Result<()> {
-        ops::linear::logits(self, h, w, out, rows, dim, vocab)
+    fn logits(&self, h: &Self::T, w: &Self::T, out: &mut Self::F, d: VocabDims) -> Result<()> {
+        ops::linear::logits(self, h, w, out, d)
     }
     fn sample(
         &self,

@@ -28,20 +28,22 @@ pub(crate) fn adamw(
     k::adamw_step(
         &c.gpu,
         ew(n),
-        param,
-        master,
-        grad,
-        m,
-        v,
-        n as i64,
-        hp.lr,
-        hp.beta1,
-        hp.beta2,
-        hp.eps,
-        hp.weight_decay,
-        hp.grad_scale,
-        bc1,
-        bc2,
+        k::AdamwStep {
+            param,
+            master,
+            grad,
+            m,
+            v,
+            n: n as i64,
+            lr: hp.lr,
+            b1: hp.beta1,
+            b2: hp.beta2,
+            eps: hp.eps,
+            wd: hp.weight_decay,
+            grad_scale: hp.grad_scale,
+            bc1,
+            bc2,
+        },
     )
 }
 
@@ -53,7 +55,12 @@ pub(crate) fn sum_squares(c: &Cuda, t: &CudaBuf<f32>, n: usize) -> Result<f64> {
     }
     let g = n.div_ceil(256).clamp(1, 1024);
     let mut part = c.gpu.alloc::<f64>(g)?;
-    k::sumsq_partial(&c.gpu, blocks(g, 256), t, n as i64, &mut part)?;
+    let a = k::SumsqPartial {
+        x: t,
+        n: n as i64,
+        partial: &mut part,
+    };
+    k::sumsq_partial(&c.gpu, blocks(g, 256), a)?;
     let v: Vec<f64> = c.gpu.dtoh(part.ptr(), g)?;
     Ok(v.iter().sum())
 }

@@ -7,16 +7,21 @@ use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, grid_yz, i32_of};
 use crate::backend::check::{self, arg_error};
-use crate::backend::{Cached, Heads, Packed, Prefix};
+use crate::backend::{AttnGrads, AttnSaved, Cached, Heads, KvRows, Packed, Prefix, Qkv};
 use crate::{Error, Result};
 
-/// Calls the head_dim 64 or 128 entry point of a kernel with the same arguments (the head
-/// size was checked by [`kernel_limits`]).
+/// Calls the head_dim 64 or 128 entry point of a kernel (launcher and argument struct of
+/// each, in `k`) with the same named arguments (the head size was checked by
+/// [`kernel_limits`]).
 macro_rules! by_head_dim {
-    ($op:expr, $hd:expr, $d64:path, $d128:path, $($arg:expr),* $(,)?) => {
+    (
+        $op:expr, $hd:expr, $gpu:expr, $cfg:expr,
+        $d64:ident, $a64:ident, $d128:ident, $a128:ident,
+        { $($field:tt)* } $(,)?
+    ) => {
         match $hd {
-            64 => $d64($($arg),*),
-            128 => $d128($($arg),*),
+            64 => k::$d64($gpu, $cfg, k::$a64 { $($field)* }),
+            128 => k::$d128($gpu, $cfg, k::$a128 { $($field)* }),
             hd => Err(head_dim_error($op, hd)),
         }
     };
@@ -54,29 +59,36 @@ fn device_offsets(c: &Cuda, op: &'static str, seqs: &Packed<'_, CudaBuf<u32>>) -
     Ok(())
 }
 
+/// The checked layout of one attention call: the packed sequences, the prefix table if any,
+/// and the token count.
+struct Rows<'a> {
+    seqs: &'a Packed<'a, CudaBuf<u32>>,
+    pre: Option<&'a Prefix<'a, CudaBuf<u32>>>,
+    n_tok: usize,
+}
+
 /// Causal GQA attention: grid (query blocks of 16, heads, sequences).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     c: &Cuda,
-    q: &CudaBuf<Bf16>,
-    kk: &CudaBuf<Bf16>,
-    v: &CudaBuf<Bf16>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
     out: &mut CudaBuf<Bf16>,
     lse: &mut CudaBuf<f32>,
     seqs: &Packed<'_, CudaBuf<u32>>,
     heads: Heads,
 ) -> Result<()> {
-    let n_tok = check::attention(q, kk, v, out, lse, seqs, heads)?;
-    launch_forward(c, "attention", q, kk, v, out, lse, seqs, None, heads, n_tok)
+    let n_tok = check::attention(qkv, out, lse, seqs, heads)?;
+    let rows = Rows {
+        seqs,
+        pre: None,
+        n_tok,
+    };
+    launch_forward(c, "attention", qkv, (out, lse), rows, heads)
 }
 
 /// Attention with a shared prefix per sequence (see [`crate::backend::Backend::attention_prefixed`]).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_prefixed(
     c: &Cuda,
-    q: &CudaBuf<Bf16>,
-    kk: &CudaBuf<Bf16>,
-    v: &CudaBuf<Bf16>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
     out: &mut CudaBuf<Bf16>,
     lse: &mut CudaBuf<f32>,
     seqs: &Packed<'_, CudaBuf<u32>>,
@@ -84,26 +96,27 @@ pub(crate) fn forward_prefixed(
     heads: Heads,
 ) -> Result<()> {
     let op = "attention_prefixed";
-    let n_tok = check::attention_prefixed(op, q, kk, v, out, lse, None, seqs, pre, heads)?;
-    launch_forward(c, op, q, kk, v, out, lse, seqs, Some(pre), heads, n_tok)
+    let n_tok = check::attention_prefixed(op, qkv, (out, lse), None, seqs, pre, heads)?;
+    let rows = Rows {
+        seqs,
+        pre: Some(pre),
+        n_tok,
+    };
+    launch_forward(c, op, qkv, (out, lse), rows, heads)
 }
 
 /// The forward launch of checked arguments; without a prefix the kernels read no table (the
 /// offsets buffer stands in for it).
-#[allow(clippy::too_many_arguments)]
 fn launch_forward(
     c: &Cuda,
     op: &'static str,
-    q: &CudaBuf<Bf16>,
-    kk: &CudaBuf<Bf16>,
-    v: &CudaBuf<Bf16>,
-    out: &mut CudaBuf<Bf16>,
-    lse: &mut CudaBuf<f32>,
-    seqs: &Packed<'_, CudaBuf<u32>>,
-    pre: Option<&Prefix<'_, CudaBuf<u32>>>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
+    (out, lse): (&mut CudaBuf<Bf16>, &mut CudaBuf<f32>),
+    rows: Rows<'_>,
     heads: Heads,
-    n_tok: usize,
 ) -> Result<()> {
+    let Qkv { q, k: kk, v } = qkv;
+    let Rows { seqs, pre, n_tok } = rows;
     let n_seq = seqs.n_seq();
     kernel_limits(op, heads, n_seq, n_tok)?;
     device_offsets(c, op, seqs)?;
@@ -117,100 +130,83 @@ fn launch_forward(
     by_head_dim!(
         op,
         head_dim,
-        k::attn_fwd_d64,
-        k::attn_fwd_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        q,
-        kk,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        pre.map_or(cu_seqlens, |p| p.prefix),
-        pre.is_some() as i32,
-        n_tok as i32,
-        n_heads as i32,
-        n_kv as i32,
+        attn_fwd_d64,
+        AttnFwdD64,
+        attn_fwd_d128,
+        AttnFwdD128,
+        {
+            q,
+            k: kk,
+            v,
+            out,
+            lse,
+            cu: cu_seqlens,
+            prefix: pre.map_or(cu_seqlens, |p| p.prefix),
+            has_prefix: pre.is_some() as i32,
+            n_tok: n_tok as i32,
+            n_heads: n_heads as i32,
+            n_kv: n_kv as i32,
+        },
     )
 }
 
 /// Backward: dot = rowsum(dout * out) (8 rows of heads per block of 256), then dq (grid over
 /// query blocks of 8, heads, sequences) and dk/dv (over key blocks of 8, kv heads, sequences).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     c: &Cuda,
-    dout: &CudaBuf<Bf16>,
-    q: &CudaBuf<Bf16>,
-    kk: &CudaBuf<Bf16>,
-    v: &CudaBuf<Bf16>,
-    out: &CudaBuf<Bf16>,
-    lse: &CudaBuf<f32>,
-    dq: &mut CudaBuf<Bf16>,
-    dk: &mut CudaBuf<Bf16>,
-    dv: &mut CudaBuf<Bf16>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
+    saved: AttnSaved<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    grads: AttnGrads<'_, CudaBuf<Bf16>>,
     seqs: &Packed<'_, CudaBuf<u32>>,
     heads: Heads,
 ) -> Result<()> {
-    let n_tok = check::attention_bwd(dout, q, kk, v, out, lse, dq, dk, dv, seqs, heads)?;
-    let t = (dout, q, kk, v, out, lse);
-    launch_backward(c, "attention_bwd", t, dq, dk, dv, seqs, None, heads, n_tok)
+    let n_tok = check::attention_bwd(qkv, saved, &grads, seqs, heads)?;
+    let rows = Rows {
+        seqs,
+        pre: None,
+        n_tok,
+    };
+    launch_backward(c, "attention_bwd", qkv, saved, grads, rows, heads)
 }
 
 /// Backward of [`forward_prefixed`]: a prefix key's dk/dv also sum every query of each sequence
 /// that reads it (the readers table built here from the host copy).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_prefixed(
     c: &Cuda,
-    dout: &CudaBuf<Bf16>,
-    q: &CudaBuf<Bf16>,
-    kk: &CudaBuf<Bf16>,
-    v: &CudaBuf<Bf16>,
-    out: &CudaBuf<Bf16>,
-    lse: &CudaBuf<f32>,
-    dq: &mut CudaBuf<Bf16>,
-    dk: &mut CudaBuf<Bf16>,
-    dv: &mut CudaBuf<Bf16>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
+    saved: AttnSaved<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    grads: AttnGrads<'_, CudaBuf<Bf16>>,
     seqs: &Packed<'_, CudaBuf<u32>>,
     pre: &Prefix<'_, CudaBuf<u32>>,
     heads: Heads,
 ) -> Result<()> {
     let op = "attention_prefixed_bwd";
-    let grads: (
-        &dyn check::Buf,
-        &dyn check::Buf,
-        &dyn check::Buf,
-        &dyn check::Buf,
-    ) = (dout, &*dq, &*dk, &*dv);
-    let n_tok = check::attention_prefixed(op, q, kk, v, out, lse, Some(grads), seqs, pre, heads)?;
-    let t = (dout, q, kk, v, out, lse);
-    launch_backward(c, op, t, dq, dk, dv, seqs, Some(pre), heads, n_tok)
+    let bufs: check::BwdGrads<'_> = (saved.dout, &*grads.dq, &*grads.dk, &*grads.dv);
+    let outs = (saved.out, saved.lse);
+    let n_tok = check::attention_prefixed(op, qkv, outs, Some(bufs), seqs, pre, heads)?;
+    let rows = Rows {
+        seqs,
+        pre: Some(pre),
+        n_tok,
+    };
+    launch_backward(c, op, qkv, saved, grads, rows, heads)
 }
 
-/// The inputs of the backward: dout, q, k, v, out, lse.
-type BwdIn<'a> = (
-    &'a CudaBuf<Bf16>,
-    &'a CudaBuf<Bf16>,
-    &'a CudaBuf<Bf16>,
-    &'a CudaBuf<Bf16>,
-    &'a CudaBuf<Bf16>,
-    &'a CudaBuf<f32>,
-);
-
 /// The backward launches of checked arguments.
-#[allow(clippy::too_many_arguments)]
 fn launch_backward(
     c: &Cuda,
     op: &'static str,
-    (dout, q, kk, v, out, lse): BwdIn<'_>,
-    dq: &mut CudaBuf<Bf16>,
-    dk: &mut CudaBuf<Bf16>,
-    dv: &mut CudaBuf<Bf16>,
-    seqs: &Packed<'_, CudaBuf<u32>>,
-    pre: Option<&Prefix<'_, CudaBuf<u32>>>,
+    qkv: Qkv<'_, CudaBuf<Bf16>>,
+    saved: AttnSaved<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    grads: AttnGrads<'_, CudaBuf<Bf16>>,
+    rows: Rows<'_>,
     heads: Heads,
-    n_tok: usize,
 ) -> Result<()> {
+    let (Qkv { q, k: kk, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+    let AttnGrads { dq, dk, dv } = grads;
+    let Rows { seqs, pre, n_tok } = rows;
     let n_seq = seqs.n_seq();
     kernel_limits(op, heads, n_seq, n_tok)?;
     device_offsets(c, op, seqs)?;
@@ -240,65 +236,74 @@ fn launch_backward(
     k::attn_bwd_dot(
         &c.gpu,
         blocks((n_tok * n_heads).div_ceil(8), 256),
-        dout,
-        out,
-        &mut dot,
-        nt,
-        nh,
-        head_dim as i32,
+        k::AttnBwdDot {
+            dout,
+            out,
+            dot: &mut dot,
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: head_dim as i32,
+        },
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_heads as u32, n_seq as u32);
     by_head_dim!(
         op,
         head_dim,
-        k::attn_bwd_dq_d64,
-        k::attn_bwd_dq_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        dout,
-        q,
-        kk,
-        v,
-        lse,
-        &dot,
-        &mut *dq,
-        cu_seqlens,
-        table,
-        has,
-        nt,
-        nh,
-        nkv,
+        attn_bwd_dq_d64,
+        AttnBwdDqD64,
+        attn_bwd_dq_d128,
+        AttnBwdDqD128,
+        {
+            dout,
+            q,
+            k: kk,
+            v,
+            lse,
+            dot: &dot,
+            dq: &mut *dq,
+            cu: cu_seqlens,
+            prefix: table,
+            has_prefix: has,
+            n_tok: nt,
+            n_heads: nh,
+            n_kv: nkv,
+        },
     )?;
     let grid = (max_len.div_ceil(8) as u32, n_kv as u32, n_seq as u32);
     by_head_dim!(
         op,
         head_dim,
-        k::attn_bwd_dkdv_d64,
-        k::attn_bwd_dkdv_d128,
         &c.gpu,
         Launch::new(grid, 128),
-        dout,
-        q,
-        kk,
-        v,
-        lse,
-        &dot,
-        &mut *dk,
-        &mut *dv,
-        cu_seqlens,
-        table,
-        rd_off,
-        rd,
-        has,
-        nt,
-        nh,
-        nkv,
+        attn_bwd_dkdv_d64,
+        AttnBwdDkdvD64,
+        attn_bwd_dkdv_d128,
+        AttnBwdDkdvD128,
+        {
+            dout,
+            q,
+            k: kk,
+            v,
+            lse,
+            dot: &dot,
+            dk: &mut *dk,
+            dv: &mut *dv,
+            cu: cu_seqlens,
+            prefix: table,
+            rd_off,
+            rd,
+            has_prefix: has,
+            n_tok: nt,
+            n_heads: nh,
+            n_kv: nkv,
+        },
     )
 }
 
 /// Rows of k/v into cache rows dst[t] (one block of 256 per token); a row outside the cache
 /// sets ERR_KV_ROW.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_store(
     c: &Cuda,
     kk: &CudaBuf<Bf16>,
@@ -306,11 +311,11 @@ pub(crate) fn kv_store(
     dst: &CudaBuf<u32>,
     k_cache: &mut CudaBuf<Bf16>,
     v_cache: &mut CudaBuf<Bf16>,
-    n_tok: usize,
-    kv_dim: usize,
+    kv: KvRows,
 ) -> Result<()> {
     let op = "kv_store";
-    let rows = check::kv_store(kk, v, dst, k_cache, v_cache, n_tok, kv_dim)?;
+    let rows = check::kv_store(kk, v, dst, k_cache, v_cache, kv)?;
+    let KvRows { n_tok, kv_dim } = kv;
     let rows = u32::try_from(rows).map_err(|_| {
         arg_error(
             op,
@@ -322,15 +327,17 @@ pub(crate) fn kv_store(
     k::kv_store(
         &c.gpu,
         blocks(n_tok, 256),
-        kk,
-        v,
-        dst,
-        k_cache,
-        v_cache,
-        i32_of(op, "n_tok", n_tok)?,
-        i32_of(op, "kv_dim", kv_dim)?,
-        rows,
-        c.gpu.err(),
+        k::KvStore {
+            k: kk,
+            v,
+            dst,
+            k_cache,
+            v_cache,
+            n_tok: i32_of(op, "n_tok", n_tok)?,
+            kv_dim: i32_of(op, "kv_dim", kv_dim)?,
+            cache_rows: rows,
+            err: c.gpu.err(),
+        },
     )
 }
 
@@ -361,18 +368,22 @@ pub(crate) fn decode(
     by_head_dim!(
         op,
         head_dim,
-        k::attn_decode_d64,
-        k::attn_decode_d128,
         &c.gpu,
         Launch::new((n_heads as u32, n_seq as u32, 1), 128),
-        q,
-        k_cache,
-        v_cache,
-        lens,
-        &mut *out,
-        i32_of(op, "max_len", max_len)?,
-        n_heads as i32,
-        n_kv as i32,
-        c.gpu.err(),
+        attn_decode_d64,
+        AttnDecodeD64,
+        attn_decode_d128,
+        AttnDecodeD128,
+        {
+            q,
+            kc: k_cache,
+            vc: v_cache,
+            lens,
+            out: &mut *out,
+            max_len: i32_of(op, "max_len", max_len)?,
+            n_heads: n_heads as i32,
+            n_kv: n_kv as i32,
+            err: c.gpu.err(),
+        },
     )
 }

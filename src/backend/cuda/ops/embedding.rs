@@ -21,13 +21,15 @@ pub(crate) fn forward(
     k::embedding_fwd(
         &c.gpu,
         blocks(n_tok, 256),
-        ids,
-        table,
-        out,
-        i32_of(op, "n_tok", n_tok)?,
-        i32_of(op, "dim", dim)?,
-        u32_rows(op, rows)?,
-        c.gpu.err(),
+        k::EmbeddingFwd {
+            ids,
+            table,
+            out,
+            n_tok: i32_of(op, "n_tok", n_tok)?,
+            dim: i32_of(op, "dim", dim)?,
+            vocab: u32_rows(op, rows)?,
+            err: c.gpu.err(),
+        },
     )
 }
 
@@ -45,13 +47,15 @@ pub(crate) fn backward(
     k::embedding_bwd(
         &c.gpu,
         blocks(n_tok, 256),
-        ids,
-        dout,
-        dtable,
-        i32_of(op, "n_tok", n_tok)?,
-        i32_of(op, "dim", dim)?,
-        u32_rows(op, rows)?,
-        c.gpu.err(),
+        k::EmbeddingBwd {
+            ids,
+            dout,
+            dtable,
+            n_tok: i32_of(op, "n_tok", n_tok)?,
+            dim: i32_of(op, "dim", dim)?,
+            vocab: u32_rows(op, rows)?,
+            err: c.gpu.err(),
+        },
     )
 }
 
@@ -86,12 +90,14 @@ pub(crate) fn scatter_add_rows(
     k::scatter_add_rows(
         &c.gpu,
         blocks(dim.div_ceil(256), 256),
-        ids,
-        src,
-        dst,
-        i32_of(op, "n", n)?,
-        i32_of(op, "dim", dim)?,
-        u32_rows(op, dst_rows)?,
-        c.gpu.err(),
+        k::ScatterAddRows {
+            ids,
+            src,
+            dst,
+            n: i32_of(op, "n", n)?,
+            dim: i32_of(op, "dim", dim)?,
+            dst_rows: u32_rows(op, dst_rows)?,
+            err: c.gpu.err(),
+        },
     )
 }

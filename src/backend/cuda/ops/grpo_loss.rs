@@ -51,33 +51,45 @@ pub(crate) fn grpo_loss(
     k::grpo_token_fwd(
         &c.gpu,
         ew(n_tok),
-        logp,
-        old_logp,
-        ref_logp,
-        adv,
-        &mut stats,
-        n,
-        cfg.clip_low,
-        cfg.clip_high,
-        cfg.kl_coef,
-        kl_code(cfg.kl_kind),
+        k::GrpoTokenFwd {
+            logp,
+            old_logp,
+            ref_logp,
+            adv,
+            stats: &mut stats,
+            n,
+            clip_low: cfg.clip_low,
+            clip_high: cfg.clip_high,
+            kl_coef: cfg.kl_coef,
+            kl_kind: kl_code(cfg.kl_kind),
+        },
     )?;
     let mut sums = c.gpu.alloc::<f64>(3 * n_seq + 4)?;
     k::grpo_seq_sums(
         &c.gpu,
         blocks(n_seq + 1, 256),
-        &stats,
-        mask,
-        seq_id,
-        &mut sums,
-        n,
-        ns,
-        c.gpu.err(),
+        k::GrpoSeqSums {
+            stats: &stats,
+            mask,
+            seq_id,
+            sums: &mut sums,
+            n,
+            n_seq: ns,
+            err: c.gpu.err(),
+        },
     )?;
     let sums: Vec<f64> = c.gpu.dtoh(sums.ptr(), 3 * n_seq + 4)?;
     let (out, wseq) = reduce(&sums, n_seq, cfg);
     let wbuf = c.gpu.htod::<f32, f32>(&wseq)?;
-    k::grpo_token_bwd(&c.gpu, ew(n_tok), &stats, mask, seq_id, &wbuf, dlogp, n)?;
+    let a = k::GrpoTokenBwd {
+        stats: &stats,
+        mask,
+        seq_id,
+        wseq: &wbuf,
+        dlogp,
+        n,
+    };
+    k::grpo_token_bwd(&c.gpu, ew(n_tok), a)?;
     Ok(out)
 }
 

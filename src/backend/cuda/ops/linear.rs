@@ -4,7 +4,7 @@
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
 use super::{i32_of, util};
-use crate::backend::{check, GemmDims, LinearGrads};
+use crate::backend::{check, GemmDims, LinearGrads, VocabDims};
 use crate::Result;
 
 /// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
@@ -120,11 +120,10 @@ pub(crate) fn logits(
     h: &CudaBuf<Bf16>,
     w: &CudaBuf<Bf16>,
     out: &mut CudaBuf<f32>,
-    rows: usize,
-    dim: usize,
-    vocab: usize,
+    d: VocabDims,
 ) -> Result<()> {
-    check::logits(h, w, out, rows, dim, vocab)?;
+    check::logits(h, w, out, d)?;
+    let (rows, vocab) = (d.n_tok, d.vocab);
     gemm_xwt(
         c,
         h.ptr(),
@@ -132,7 +131,7 @@ pub(crate) fn logits(
         out.ptr(),
         rows,
         vocab,
-        dim,
+        d.dim,
         0.0,
         true,
         vocab,

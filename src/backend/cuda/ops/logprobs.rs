@@ -7,7 +7,7 @@ use super::super::runtime::{Bf16, CudaBuf, Out};
 use super::super::Cuda;
 use super::linear::gemm_xwt;
 use super::{blocks, ew, i32_of, util};
-use crate::backend::check;
+use crate::backend::{check, LmHead, LogprobsGrads, LogprobsOut, VocabDims};
 use crate::Result;
 
 /// What the kernels support beyond the shared contract: token and vocabulary positions that
@@ -19,32 +19,16 @@ fn limits(op: &'static str, n_tok: usize, vocab: usize) -> Result<()> {
 }
 
 /// logp[t] = logits[t, targets[t]] - lse[t]; optionally the entropy per token.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     c: &Cuda,
-    h: &CudaBuf<Bf16>,
-    w: &CudaBuf<Bf16>,
-    targets: &CudaBuf<u32>,
-    logp: &mut CudaBuf<f32>,
-    lse: &mut CudaBuf<f32>,
-    entropy: Option<&mut CudaBuf<f32>>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    head: LmHead<'_, CudaBuf<Bf16>, CudaBuf<u32>>,
+    out: LogprobsOut<'_, CudaBuf<f32>>,
+    d: VocabDims,
     inv_t: f32,
 ) -> Result<()> {
-    check::logprobs(
-        h,
-        w,
-        targets,
-        logp,
-        lse,
-        entropy.as_deref(),
-        n_tok,
-        dim,
-        vocab,
-        inv_t,
-    )?;
+    check::logprobs(head, &out, d, inv_t)?;
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsOut { logp, lse, entropy } = out;
     limits("logprobs", n_tok, vocab)?;
     if n_tok == 0 {
         return Ok(());
@@ -76,18 +60,20 @@ pub(crate) fn forward(
             k::lp_chunk_fwd(
                 &c.gpu,
                 blocks(rows, 256),
-                &tile,
-                rows as i32,
-                cols as i32,
-                v0 as i32,
-                targets,
-                t0 as i32,
-                &mut m,
-                &mut s,
-                &mut wsum,
-                &mut tgt,
-                (v0 == 0) as i32,
-                inv_t,
+                k::LpChunkFwd {
+                    logits: &tile,
+                    rows: rows as i32,
+                    vc: cols as i32,
+                    v0: v0 as i32,
+                    targets,
+                    t0: t0 as i32,
+                    m: &mut m,
+                    s: &mut s,
+                    w: &mut wsum,
+                    tgt: &mut tgt,
+                    first: (v0 == 0) as i32,
+                    inv_t,
+                },
             )?;
         }
     }
@@ -95,50 +81,36 @@ pub(crate) fn forward(
     k::lp_finalize(
         &c.gpu,
         ew(n_tok),
-        &m,
-        &s,
-        &wsum,
-        &tgt,
-        targets,
-        vocab as u32,
-        logp,
-        lse,
-        ent,
-        n_tok as i32,
-        c.gpu.err(),
+        k::LpFinalize {
+            m: &m,
+            s: &s,
+            w: &wsum,
+            tgt: &tgt,
+            targets,
+            vocab: vocab as u32,
+            logp,
+            lse,
+            entropy: ent,
+            n: n_tok as i32,
+            err: c.gpu.err(),
+        },
     )
 }
 
 /// dh (overwritten) = dlogits · w, dw += dlogitsᵀ · h, per token x vocabulary chunk: the
 /// logits tile is recomputed, a kernel turns it into bf16 dlogits, two GEMMs accumulate.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     c: &Cuda,
     dlogp: &CudaBuf<f32>,
-    h: &CudaBuf<Bf16>,
-    w: &CudaBuf<Bf16>,
-    targets: &CudaBuf<u32>,
+    head: LmHead<'_, CudaBuf<Bf16>, CudaBuf<u32>>,
     lse: &CudaBuf<f32>,
-    dh: &mut CudaBuf<Bf16>,
-    dw: Option<&mut CudaBuf<f32>>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    grads: LogprobsGrads<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    d: VocabDims,
     inv_t: f32,
 ) -> Result<()> {
-    check::logprobs_bwd(
-        dlogp,
-        h,
-        w,
-        targets,
-        lse,
-        dh,
-        dw.as_deref(),
-        n_tok,
-        dim,
-        vocab,
-        inv_t,
-    )?;
+    check::logprobs_bwd(dlogp, head, lse, &grads, d, inv_t)?;
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsGrads { dh, dw } = grads;
     limits("logprobs_bwd", n_tok, vocab)?;
     let dw_ptr = dw.map(|d| d.ptr());
     if n_tok == 0 {
@@ -168,16 +140,18 @@ pub(crate) fn backward(
             k::lp_chunk_bwd(
                 &c.gpu,
                 blocks(rows, 256),
-                &tile,
-                rows as i32,
-                cols as i32,
-                v0 as i32,
-                targets,
-                t0 as i32,
-                lse,
-                dlogp,
-                &mut dl,
-                inv_t,
+                k::LpChunkBwd {
+                    logits: &tile,
+                    rows: rows as i32,
+                    vc: cols as i32,
+                    v0: v0 as i32,
+                    targets,
+                    t0: t0 as i32,
+                    lse,
+                    dlogp,
+                    dl: &mut dl,
+                    inv_t,
+                },
             )?;
             // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
             let beta = if v0 == 0 { 0.0 } else { 1.0 };

@@ -2,7 +2,7 @@
 
 use super::super::runtime::{Bf16, CudaBuf, Elem};
 use super::super::Cuda;
-use crate::backend::{check, DType, RowCopy};
+use crate::backend::{bytes_to_f32, check, DType, RowCopy};
 use crate::Result;
 
 /// f32 host values rounded to a bf16 device buffer.
@@ -18,22 +18,14 @@ pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
 pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Result<CudaBuf<Bf16>> {
     check::upload_raw(dtype, bytes.len(), n)?;
     let h: Vec<u16> = match dtype {
+        // bf16 bytes are the device format already: copied bit for bit
         DType::BF16 => bytes
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| {
-                half::bf16::from_f32(
-                    half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
-                )
-                .to_bits()
-            })
-            .collect(),
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| half::bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_bits())
+        DType::F16 | DType::F32 => bytes_to_f32(dtype, bytes)
+            .into_iter()
+            .map(|x| half::bf16::from_f32(x).to_bits())
             .collect(),
     };
     c.gpu.htod::<Bf16, u16>(&h)

@@ -76,9 +76,23 @@ impl Cuda {
             let mut dd = g.htod::<f32, f32>(&vec![f32::NAN; tiles * 128])?;
             let launch = blocks(tiles, 32);
             if slot == 0 {
-                k::mma_check_direct(g, launch, &da, &db, &dc, &mut dd, n)?;
+                let a = k::MmaCheckDirect {
+                    a: &da,
+                    b: &db,
+                    c: &dc,
+                    d: &mut dd,
+                    tiles: n,
+                };
+                k::mma_check_direct(g, launch, a)?;
             } else {
-                k::mma_check_staged(g, launch, &da, &db, &dc, &mut dd, n)?;
+                let a = k::MmaCheckStaged {
+                    a: &da,
+                    b: &db,
+                    c: &dc,
+                    d: &mut dd,
+                    tiles: n,
+                };
+                k::mma_check_staged(g, launch, a)?;
             }
             let got: Vec<f32> = g.dtoh(dd.ptr(), tiles * 128)?;
             for t in 0..tiles {

@@ -5,54 +5,70 @@ use super::super::runtime::gen::launch::rmsnorm as k;
 use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, i32_of};
-use crate::backend::check;
+use crate::backend::{check, NormDims, NormGrads};
 use crate::Result;
 
 /// out = x * rstd * w per row, rstd saved.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     c: &Cuda,
     x: &CudaBuf<Bf16>,
     w: &CudaBuf<Bf16>,
     out: &mut CudaBuf<Bf16>,
     rstd: &mut CudaBuf<f32>,
-    rows: usize,
-    dim: usize,
+    d: NormDims,
     eps: f32,
 ) -> Result<()> {
-    check::rmsnorm(x, w, out, rstd, rows, dim)?;
+    check::rmsnorm(x, w, out, rstd, d)?;
+    let NormDims { rows, dim } = d;
     k::rmsnorm_fwd(
         &c.gpu,
         blocks(rows, 256),
-        x,
-        w,
-        out,
-        rstd,
-        i32_of("rmsnorm", "rows", rows)?,
-        i32_of("rmsnorm", "dim", dim)?,
-        eps,
+        k::RmsnormFwd {
+            x,
+            w,
+            out,
+            rstd,
+            rows: i32_of("rmsnorm", "rows", rows)?,
+            dim: i32_of("rmsnorm", "dim", dim)?,
+            eps,
+        },
     )
 }
 
 /// dx += ∂L/∂x; dw += Σ_r dout * x * rstd.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     c: &Cuda,
     dout: &CudaBuf<Bf16>,
     x: &CudaBuf<Bf16>,
     w: &CudaBuf<Bf16>,
     rstd: &CudaBuf<f32>,
-    dx: &mut CudaBuf<Bf16>,
-    dw: Option<&mut CudaBuf<f32>>,
-    rows: usize,
-    dim: usize,
+    grads: NormGrads<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    d: NormDims,
 ) -> Result<()> {
-    check::rmsnorm_bwd(dout, x, w, rstd, dx, dw.as_deref(), rows, dim)?;
+    check::rmsnorm_bwd(dout, x, w, rstd, &grads, d)?;
+    let (NormGrads { dx, dw }, NormDims { rows, dim }) = (grads, d);
     let op = "rmsnorm_bwd";
     let (r, d) = (i32_of(op, "rows", rows)?, i32_of(op, "dim", dim)?);
     if let Some(dw) = dw {
         let grid = (dim.div_ceil(256) as u32, rows.div_ceil(64).max(1) as u32, 1);
-        k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), dout, x, rstd, dw, r, d)?;
+        let a = k::RmsnormBwdDw {
+            dout,
+            x,
+            rstd,
+            dw,
+            rows: r,
+            dim: d,
+        };
+        k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), a)?;
     }
-    k::rmsnorm_bwd_dx(&c.gpu, blocks(rows, 256), dout, x, w, rstd, dx, r, d)
+    let a = k::RmsnormBwdDx {
+        dout,
+        x,
+        w,
+        rstd,
+        dx,
+        rows: r,
+        dim: d,
+    };
+    k::rmsnorm_bwd_dx(&c.gpu, blocks(rows, 256), a)
 }

@@ -42,9 +42,26 @@ pub(crate) fn rotate(
         }
     };
     let grid = blocks(n_tok * n_heads, 64);
+    let inv_freq = &*inv_freq;
     if backward {
-        k::rope_bwd(&c.gpu, grid, x, pos, nt, nh, hd, &*inv_freq)
+        let a = k::RopeBwd {
+            dx: x,
+            pos,
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: hd,
+            inv_freq,
+        };
+        k::rope_bwd(&c.gpu, grid, a)
     } else {
-        k::rope_fwd(&c.gpu, grid, x, pos, nt, nh, hd, &*inv_freq)
+        let a = k::RopeFwd {
+            x,
+            pos,
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: hd,
+            inv_freq,
+        };
+        k::rope_fwd(&c.gpu, grid, a)
     }
 }

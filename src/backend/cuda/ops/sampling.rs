@@ -44,15 +44,17 @@ pub(crate) fn sample(
     k::sample_rows(
         &c.gpu,
         blocks(draws, 512),
-        logits,
-        out,
-        &table,
-        i32_of(op, "draws", draws)?,
-        i32_of(op, "vocab", vocab)?,
-        p.temperature,
-        p.top_p,
-        i32_of(op, "top_k", top_k)?,
-        p.seed,
-        c.gpu.err(),
+        k::SampleRows {
+            logits,
+            out,
+            table: &table,
+            rows: i32_of(op, "draws", draws)?,
+            vocab: i32_of(op, "vocab", vocab)?,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: i32_of(op, "top_k", top_k)?,
+            seed: p.seed,
+            err: c.gpu.err(),
+        },
     )
 }

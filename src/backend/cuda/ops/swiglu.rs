@@ -16,7 +16,16 @@ pub(crate) fn forward(
     n: usize,
 ) -> Result<()> {
     check::swiglu(gate, up, out, n)?;
-    k::swiglu_fwd(&c.gpu, ew(n), gate, up, out, n as i64)
+    k::swiglu_fwd(
+        &c.gpu,
+        ew(n),
+        k::SwigluFwd {
+            gate,
+            up,
+            out,
+            n: n as i64,
+        },
+    )
 }
 
 /// dgate, dup from dout.
@@ -30,5 +39,13 @@ pub(crate) fn backward(
     n: usize,
 ) -> Result<()> {
     check::swiglu_bwd(dout, gate, up, dgate, dup, n)?;
-    k::swiglu_bwd(&c.gpu, ew(n), dout, gate, up, dgate, dup, n as i64)
+    let a = k::SwigluBwd {
+        dout,
+        gate,
+        up,
+        dgate,
+        dup,
+        n: n as i64,
+    };
+    k::swiglu_bwd(&c.gpu, ew(n), a)
 }
