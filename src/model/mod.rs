@@ -5,6 +5,7 @@ pub mod config;
 pub mod init;
 pub mod layout;
 pub mod memory;
+pub mod plan;
 pub mod qwen2;
 pub mod weights;
 
