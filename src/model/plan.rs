@@ -13,6 +13,7 @@
 //! Every size is a saturating product or sum: a size that does not fit in 64 bits reads as
 //! "too large" and fails every fit check instead of wrapping to a small number.
 
+use crate::backend::cuda::size_class;
 use crate::model::memory::{human_bytes, layer_work_per_token, MemoryEstimate, MemoryInputs};
 use crate::model::{ParamLayout, Qwen2Config};
 use serde::{Deserialize, Serialize};
@@ -241,6 +242,10 @@ fn to64(v: usize) -> u64 {
 /// Sizes of the model that do not depend on the run.
 struct ModelSizes {
     params: u64,
+    /// Device bytes of one buffer per parameter tensor of 2 (bf16) and 4 (f32) bytes per
+    /// element, as the CUDA caching pool rounds each allocation ([`size_class`]).
+    pooled_bf16: u64,
+    pooled_f32: u64,
     /// Parameters of one decoder layer.
     layer_params: u64,
     /// Parameters outside the decoder layers (embedding, final norm, untied lm_head).
@@ -278,8 +283,23 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
         .unwrap_or(0);
     let layers = to64(cfg.num_hidden_layers);
     let kv = mul(&[to64(cfg.num_key_value_heads), to64(cfg.head_dim)]);
+    let pooled = |elem: u64| {
+        add(&layout
+            .specs
+            .iter()
+            .map(|s| {
+                let bytes = mul(&[to64(s.numel()), elem]);
+                usize::try_from(bytes)
+                    .ok()
+                    .filter(|&b| b <= usize::MAX / 2)
+                    .map_or(u64::MAX, |b| to64(size_class(b)))
+            })
+            .collect::<Vec<_>>())
+    };
     ModelSizes {
         params,
+        pooled_bf16: pooled(2),
+        pooled_f32: pooled(4),
         layer_params,
         outer_params: params.saturating_sub(mul(&[layers, layer_params])),
         largest: layout
@@ -421,10 +441,18 @@ fn build(
             place,
         })
     };
-    row("policy weights (bf16)", mul(&[p, 2]), Where::Device);
-    row("gradients (f32)", mul(&[p, 4]), grads);
-    row("master weights (f32)", mul(&[p, 4]), opt);
-    row("AdamW m + v (f32)", mul(&[p, 8]), opt);
+    // Device-resident parameter-shaped state is counted as the caching pool allocates it (one
+    // buffer per tensor, rounded to its size class); host-resident state is exact.
+    let (b16, b32) = (m.pooled_bf16, m.pooled_f32);
+    let on = |w: Where, device: u64, host: u64| if w == Where::Device { device } else { host };
+    row("policy weights (bf16)", b16, Where::Device);
+    row("gradients (f32)", on(grads, b32, mul(&[p, 4])), grads);
+    row("master weights (f32)", on(opt, b32, mul(&[p, 4])), opt);
+    row(
+        "AdamW m + v (f32)",
+        on(opt, mul(&[2, b32]), mul(&[p, 8])),
+        opt,
+    );
     if opt == Where::Host {
         // The host update uploads each tensor's new bf16 weights into a fresh buffer before the
         // old one is freed: one tensor's bf16 bytes on top.
@@ -442,7 +470,11 @@ fn build(
         );
     }
     if shape.grpo {
-        row("reference model (bf16)", mul(&[p, 2]), reference);
+        row(
+            "reference model (bf16)",
+            on(reference, b16, mul(&[p, 2])),
+            reference,
+        );
         if reference == Where::Host {
             row(
                 "reference stream buffers (2 layers + embeddings, bf16)",
