@@ -1,6 +1,6 @@
 //! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
-//! AdamW moments), the f32 gradients and the frozen reference model live (device or pinned host
-//! memory), and how many rollout slots and tokens per micro-batch fit beside them.
+//! AdamW moments), the f32 gradients and the frozen reference model live (device or host
+//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned), and how many rollout slots and tokens per micro-batch fit beside them.
 //!
 //! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
 //! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
@@ -50,7 +50,7 @@ impl fmt::Display for Where {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Where::Device => "device",
-            Where::Host => "host (pinned)",
+            Where::Host => "host",
         })
     }
 }
