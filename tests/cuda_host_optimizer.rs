@@ -1,7 +1,8 @@
 //! The host-resident optimizer state on the CUDA backend against the device AdamW kernel:
 //! the op on random inputs (bf16 parameters, f32 master, odd sizes; `TOOLN1_TEST_SEED`
-//! replays) and SFT training with `memory.optimizer = "host"` against `"device"`, weights and
-//! state compared bit for bit.
+//! replays), SFT training and GRPO training (3 steps straight against 2 steps, a checkpoint
+//! and a resume with the host state) with `memory.optimizer = "host"` against `"device"`,
+//! weights and state compared bit for bit.
 //!
 //! The virtual GPU builds the kernel without fused multiply-adds, like the host code, so there
 //! the two agree bit for bit. On a real GPU nvcc contracts multiply-adds (see
@@ -157,4 +158,141 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
     };
     assert_eq!(bits(&wd), bits(&wh), "bf16 weights");
     assert_eq!(bits(&sd), bits(&sh), "optimizer state");
+}
+
+struct LikesE;
+
+impl tooln1::reward::Reward for LikesE {
+    fn score(&self, response: &str, _gt: &serde_json::Value) -> tooln1::reward::RewardOutput {
+        let e = response.matches('e').count() as f32;
+        let r = (e / (1.0 + response.len() as f32 / 8.0)).min(1.0);
+        tooln1::reward::RewardOutput {
+            reward: r,
+            format_ok: !response.is_empty(),
+            calls_ok: r >= 0.5,
+            reason: "ok".into(),
+        }
+    }
+}
+
+#[test]
+fn grpo_with_the_optimizer_on_the_host_matches_the_device_optimizer_including_resume() {
+    use tooln1::tokenizer::Tokenizer;
+    use tooln1::train::config::RunConfig;
+    use tooln1::train::{checkpoint, PromptItem, TrainConfig, Trainer};
+    let Some(c) = gpu() else { return };
+    if !virtual_gpu(&c) {
+        eprintln!(
+            "bit-identity of whole runs is checked on the virtual GPU only (FMA contraction)"
+        );
+        return;
+    }
+    let tok_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden/tokenizer/tokenizer.json");
+    let tok = || Tokenizer::from_file(&tok_path).unwrap();
+    let vocab = tok().inner.get_vocab_size(true).div_ceil(64) * 64;
+    let mut cfg = init::tiny_config(128, 2, 2, 1, 96, vocab, false);
+    cfg.eos_token_id = vec![tok().token_id("<|im_end|>").unwrap()];
+    // A CUDA checkpoint saves bf16 weights and says so in its config; the reference built
+    // here must carry the same dtype for `Trainer::resume`'s config comparison.
+    cfg.torch_dtype = "bfloat16".into();
+    let host = init::random_params(&cfg, 17);
+    let prompts: Vec<PromptItem> = ["the tree", "set a timer", "call me"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| PromptItem {
+            id: format!("p{i}"),
+            tokens: tok()
+                .encode(&format!(
+                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                ))
+                .unwrap(),
+            ground_truth: serde_json::Value::Null,
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = |out: &str, steps: u64, place: Place| {
+        let mut t = TrainConfig {
+            run: RunConfig {
+                out: tmp.path().join(out),
+                steps,
+                seed: 9,
+                ..RunConfig::default()
+            },
+            save_every: 2,
+            ..TrainConfig::default()
+        };
+        t.rollout.n = 2;
+        t.rollout.max_new_tokens = 4;
+        t.rollout.temperature = 1.0;
+        t.rollout.max_slots = 4;
+        t.grpo.prompts_per_step = 2;
+        t.grpo.mini_batch_prompts = 1;
+        t.grpo.kl_coef = 0.05;
+        t.optim.lr = 2e-3;
+        t.memory.optimizer = place;
+        t
+    };
+    let fresh = |tc: TrainConfig| {
+        let c = gpu().unwrap();
+        let policy = Model::from_host(&c, cfg.clone(), &host).unwrap();
+        let reference = Model::from_host(&c, cfg.clone(), &host).unwrap();
+        let mut t = Trainer::new(
+            c,
+            policy,
+            reference,
+            tok(),
+            prompts.clone(),
+            Box::new(LikesE),
+            tc,
+        )
+        .unwrap();
+        t.quiet = true;
+        t
+    };
+    let mut d = fresh(config("d", 3, Place::Device));
+    d.run().unwrap();
+    let wd = d.policy.to_host(&d.b).unwrap();
+    assert_ne!(wd, host);
+    let mut h1 = fresh(config("h", 2, Place::Host));
+    h1.run().unwrap();
+    drop(h1);
+    let ck = checkpoint::resolve_resume(&tmp.path().join("h")).unwrap();
+    let c2 = gpu().unwrap();
+    let reference = Model::from_host(&c2, cfg.clone(), &host).unwrap();
+    let mut h2 = Trainer::resume(
+        c2,
+        &ck,
+        reference,
+        tok(),
+        prompts.clone(),
+        Box::new(LikesE),
+        config("h", 3, Place::Host),
+    )
+    .unwrap();
+    h2.quiet = true;
+    assert!(h2.opt.on_host());
+    h2.run().unwrap();
+    let wh = h2.policy.to_host(&h2.b).unwrap();
+    let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        x.iter()
+            .map(|t| t.iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    assert_eq!(
+        bits(&wd),
+        bits(&wh),
+        "bf16 weights after 3 steps vs 2 + resume + 1"
+    );
+    for g in ["m", "v", "master"] {
+        for (i, s) in d.policy.layout.specs.iter().enumerate() {
+            let a = d.opt.state_to_host(&d.b, g, i, s.numel()).unwrap();
+            let b = h2.opt.state_to_host(&h2.b, g, i, s.numel()).unwrap();
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{g} tensor {i}"
+            );
+        }
+    }
 }
