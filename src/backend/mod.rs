@@ -22,6 +22,7 @@
 pub mod check;
 pub mod cpu;
 pub mod cuda;
+pub mod host_adamw;
 pub mod loss;
 pub mod select;
 

@@ -3,9 +3,11 @@
 use crate::backend::DType;
 use crate::model::init::{write_tiny_model, TinyOptions, TinyVocab};
 use crate::model::memory::{MemoryEstimate, MemoryInputs};
+use crate::model::plan::{plan, Budget, Caps};
 use crate::model::weights::Checkpoint;
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::tokenizer::{Tokenizer, TINY_TOKENIZER_CONFIG_JSON, TINY_TOKENIZER_JSON};
+use crate::train::config::{load_config, TrainConfig};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +27,24 @@ pub struct InspectArgs {
     /// Estimate with the reference model kept in host memory and streamed per layer.
     #[arg(long)]
     pub offload_reference: bool,
+    /// Free GPU memory, in GB (10^9 bytes), of each GPU to plan a GRPO run for (repeatable or
+    /// comma-separated).
+    #[arg(long = "gpu-gb", value_delimiter = ',', default_values_t = [80.0, 141.0])]
+    pub gpu_gb: Vec<f64>,
+    /// Training config whose run settings the plans use (default: Tool-N1's recipe, the
+    /// defaults of `tooln1 train`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Qwen2.5 configs built from their published shapes, for `inspect` without a config file.
+pub fn builtin_config(name: &str) -> Option<Qwen2Config> {
+    let mk = crate::model::init::tiny_config;
+    match name.to_ascii_lowercase().as_str() {
+        "qwen2.5-7b" => Some(mk(3584, 28, 28, 4, 18944, 152064, false)),
+        "qwen2.5-14b" => Some(mk(5120, 48, 40, 8, 13824, 152064, false)),
+        _ => None,
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,7 +78,10 @@ pub struct InitTinyArgs {
 
 /// The config and, for a folder with weights, the stored tensors' summary.
 pub fn inspect_report(a: &InspectArgs) -> anyhow::Result<String> {
-    let (cfg, weights) = if a.model.is_dir() {
+    let builtin = a.model.to_str().and_then(builtin_config);
+    let (cfg, weights) = if let Some(cfg) = builtin {
+        (cfg, None)
+    } else if a.model.is_dir() {
         let has_weights = a.model.join(crate::model::weights::SINGLE_FILE).exists()
             || a.model.join(crate::model::weights::INDEX_FILE).exists();
         if has_weights {
@@ -120,6 +143,64 @@ pub fn inspect_report(a: &InspectArgs) -> anyhow::Result<String> {
         },
     );
     let _ = write!(s, "{est}");
+    s.push_str(&plans_report(&cfg, a)?);
+    Ok(s)
+}
+
+/// The GRPO memory plan of `cfg` on each GPU of `a.gpu_gb`, at the run settings of `a.config`
+/// (Tool-N1's by default): with the placements this build runs and, where that differs, with
+/// every placement of the design.
+fn plans_report(cfg: &Qwen2Config, a: &InspectArgs) -> anyhow::Result<String> {
+    let tc: TrainConfig = load_config(a.config.as_deref(), &[])?;
+    tc.validate()?;
+    let shape = tc.run_shape();
+    let mut s = String::new();
+    let _ =
+        writeln!(
+        s,
+        "\nGRPO memory plans at {} ({} prompts x n = {}, prompt <= {} + response <= {} tokens, \
+         micro-batch {} tokens, rollout slots <= {}, recompute {}, memory = {}):",
+        match &a.config {
+            Some(p) => p.display().to_string(),
+            None => "Tool-N1's settings".to_string(),
+        },
+        tc.grpo.prompts_per_step,
+        tc.rollout.n,
+        tc.rollout.max_prompt_tokens,
+        tc.rollout.max_new_tokens,
+        tc.grpo.micro_batch_tokens,
+        tc.rollout.max_slots,
+        tc.grpo.recompute,
+        toml::Value::try_from(tc.memory).map(|v| v.to_string()).unwrap_or_default(),
+    );
+    for &gb in &a.gpu_gb {
+        if !(gb.is_finite() && gb > 0.0 && gb < 1e9) {
+            anyhow::bail!("--gpu-gb: expected a size in GB greater than 0, got {gb}");
+        }
+        let budget = Budget {
+            device_free: (gb * 1e9) as u64,
+            host_available: None,
+        };
+        let engine =
+            plan(cfg, &shape, &budget, &tc.memory, &Caps::ENGINE).map_err(anyhow::Error::msg)?;
+        let _ = writeln!(
+            s,
+            "\none GPU with {gb} GB free, placements this build runs:"
+        );
+        let _ = write!(s, "{engine}");
+        if engine.refusal.is_some() {
+            let all =
+                plan(cfg, &shape, &budget, &tc.memory, &Caps::ALL).map_err(anyhow::Error::msg)?;
+            if all != engine {
+                let _ = writeln!(
+                    s,
+                    "one GPU with {gb} GB free, with the streamed reference and host gradients \
+                     (planned, not implemented in this build):"
+                );
+                let _ = write!(s, "{all}");
+            }
+        }
+    }
     Ok(s)
 }
 
@@ -221,6 +302,8 @@ mod tests {
             rollout_seqs: 32,
             max_len: 2048,
             offload_reference: false,
+            gpu_gb: vec![80.0, 141.0],
+            config: None,
         }
     }
 

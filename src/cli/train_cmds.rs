@@ -5,6 +5,7 @@ use crate::backend::Backend;
 use crate::data::read_samples;
 use crate::demo::{run_demo, DemoConfig, DemoReport};
 use crate::model::memory::{human_bytes as gib, MemoryEstimate, MemoryInputs};
+use crate::model::plan::{plan, Budget, Caps, Place, Placement, Plan, RunShape, Where};
 use crate::model::weights::load_model;
 use crate::model::Qwen2Config;
 use crate::safefs::host_available;
@@ -146,14 +147,17 @@ impl Default for DemoArgs {
     }
 }
 
-/// Print the memory estimate; refuse the run when it cannot fit.
+/// Print the memory estimate (and on CUDA the memory plan); refuse the run when it cannot fit.
+/// On CUDA the plan's placement, rollout slots and micro-batch tokens are returned for the run
+/// to use (the slots and tokens are the configured ones, or lower where those do not fit).
 fn check_memory(
     model_cfg: &Qwen2Config,
     inputs: MemoryInputs,
-    recompute: bool,
+    shape: &RunShape,
+    choice: &Placement,
     device: DeviceKind,
-    host_extra: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Plan>> {
+    let (recompute, host_extra) = (shape.recompute, shape.host_extra);
     let est = MemoryEstimate::new(model_cfg, inputs);
     if host_extra > 0 {
         eprintln!(
@@ -176,24 +180,33 @@ fn check_memory(
     let cuda = cuda_memory();
     if uses_cuda(device, cuda) {
         if let Some((free, total)) = cuda {
-            let need = est.peak(recompute);
+            let budget = Budget {
+                device_free: free,
+                host_available: host_available(),
+            };
+            let p = plan(model_cfg, shape, &budget, choice, &Caps::ENGINE)
+                .map_err(|e| anyhow::anyhow!("memory: {e}"))?;
             eprintln!(
-                "GPU memory: {} free of {}; this run needs about {}",
+                "GPU memory: {} free of {}; memory plan:\n{p}",
                 gib(free),
-                gib(total),
-                gib(need)
+                gib(total)
             );
-            if need > free {
+            if let Some(why) = &p.refusal {
                 bail!(
-                    "this run does not fit in GPU memory: it needs about {} and {} are free \
-                     (lower grpo.micro_batch_tokens or rollout.max_slots, turn grpo.recompute on, \
-                     or use a smaller model)",
-                    gib(need),
-                    gib(free)
+                    "this run does not fit: {why}\n{p}(lower grpo.micro_batch_tokens, \
+                     rollout.max_new_tokens or rollout.max_prompt_tokens, turn grpo.recompute \
+                     on, set memory.optimizer = \"host\", or use a smaller model)"
                 );
             }
+            return Ok(Some(p));
         }
     } else {
+        if choice.grads == Place::Host || choice.reference == Place::Host {
+            bail!(
+                "memory.grads and memory.reference: \"host\" is not implemented in this \
+                 build; expected \"auto\" or \"device\""
+            );
+        }
         let need = est.cpu_peak(recompute).saturating_add(host_extra);
         if let Some(avail) = host_available() {
             eprintln!(
@@ -212,7 +225,35 @@ fn check_memory(
             }
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Put the plan's choices into the run's settings, saying what changed.
+fn apply_plan(
+    p: &Plan,
+    memory: &mut Placement,
+    slots: Option<&mut usize>,
+    micro_batch_tokens: &mut usize,
+) {
+    memory.optimizer = match p.optimizer {
+        Where::Device => Place::Device,
+        Where::Host => Place::Host,
+    };
+    if let Some(slots) = slots {
+        let s = usize::try_from(p.slots).unwrap_or(usize::MAX);
+        if s < *slots {
+            eprintln!("memory plan: rollout.max_slots {} -> {s}", *slots);
+            *slots = s;
+        }
+    }
+    let t = usize::try_from(p.micro_batch_tokens).unwrap_or(usize::MAX);
+    if t < *micro_batch_tokens {
+        eprintln!(
+            "memory plan: micro-batch tokens {} -> {t}",
+            *micro_batch_tokens
+        );
+        *micro_batch_tokens = t;
+    }
 }
 
 fn print_config<T: serde::Serialize>(what: &str, cfg: &T) {
@@ -248,7 +289,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     print_config("training", &cfg);
-    check_train_memory(&cfg, &model_dir)?;
+    check_train_memory(&mut cfg, &model_dir)?;
     if a.dry_run {
         return Ok(());
     }
@@ -298,7 +339,7 @@ fn output_dir(r: &RunArgs, resume: Option<&Path>) -> anyhow::Result<Option<PathB
 }
 
 /// The memory a GRPO run of `cfg` needs on the model in `model_dir`, printed and checked.
-fn check_train_memory(cfg: &TrainConfig, model_dir: &Path) -> anyhow::Result<()> {
+fn check_train_memory(cfg: &mut TrainConfig, model_dir: &Path) -> anyhow::Result<()> {
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
         micro_batch_tokens: cfg.grpo.micro_batch_tokens as u64,
@@ -313,13 +354,22 @@ fn check_train_memory(cfg: &TrainConfig, model_dir: &Path) -> anyhow::Result<()>
             .saturating_add(cfg.rollout.max_new_tokens) as u64,
         ..MemoryInputs::default()
     };
-    check_memory(
+    let plan = check_memory(
         &model_cfg,
         inputs,
-        cfg.grpo.recompute,
+        &cfg.run_shape(),
+        &cfg.memory,
         cfg.run.device,
-        cfg.step_host_bytes(),
-    )
+    )?;
+    if let Some(p) = plan {
+        apply_plan(
+            &p,
+            &mut cfg.memory,
+            Some(&mut cfg.rollout.max_slots),
+            &mut cfg.grpo.micro_batch_tokens,
+        );
+    }
+    Ok(())
 }
 
 /// A GRPO run, ready for a backend.
@@ -397,7 +447,16 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         max_len: cfg.max_seq_tokens as u64,
         ..MemoryInputs::default()
     };
-    check_memory(&model_cfg, inputs, cfg.recompute, cfg.run.device, 0)?;
+    let plan = check_memory(
+        &model_cfg,
+        inputs,
+        &cfg.run_shape(),
+        &cfg.memory,
+        cfg.run.device,
+    )?;
+    if let Some(p) = plan {
+        apply_plan(&p, &mut cfg.memory, None, &mut cfg.micro_batch_tokens);
+    }
     let job = SftJob {
         cfg,
         model_dir,

@@ -95,6 +95,18 @@ fn layer_saved_per_token(cfg: &Qwen2Config) -> (u64, u64) {
     (bf16_elems, f32_elems)
 }
 
+/// Device bytes per token of one decoder layer's working set in a forward without a tape
+/// (prefill, scoring): the tensors a layer keeps for its backward, plus the residual stream
+/// in and out (bf16).
+pub fn layer_work_per_token(cfg: &Qwen2Config) -> u64 {
+    let (saved_bf16, saved_f32) = layer_saved_per_token(cfg);
+    add(&[
+        mul(&[saved_bf16, BF16]),
+        mul(&[saved_f32, F32]),
+        mul(&[2, to64(cfg.hidden_size), BF16]),
+    ])
+}
+
 impl MemoryEstimate {
     /// The estimate for `cfg` (a validated config, see `Qwen2Config::validate`). All arithmetic
     /// saturates at `u64::MAX`, so an absurd run shape gives an absurd figure that fails every

@@ -6,6 +6,7 @@ pub mod flops;
 pub mod init;
 pub mod layout;
 pub mod memory;
+pub mod plan;
 pub mod qwen2;
 pub mod weights;
 

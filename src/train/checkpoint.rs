@@ -323,15 +323,28 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     })
 }
 
-/// Load the policy and optimizer of a checkpoint into backend `b`.
+/// Load the policy and optimizer of a checkpoint into backend `b` (the optimizer state on the
+/// backend).
 pub fn load<B: Backend>(
     dir: &Path,
     b: &B,
     optim_cfg: crate::train::config::OptimConfig,
 ) -> Result<(Model<B>, AdamW<B>, TrainerState)> {
+    load_placed(dir, b, optim_cfg, false)
+}
+
+/// [`load`] with the optimizer state on the backend (`host_optimizer` false) or in host
+/// memory (true). The file is the same either way, so a run may resume with the other
+/// placement.
+pub fn load_placed<B: Backend>(
+    dir: &Path,
+    b: &B,
+    optim_cfg: crate::train::config::OptimConfig,
+    host_optimizer: bool,
+) -> Result<(Model<B>, AdamW<B>, TrainerState)> {
     let state = read_state(dir)?;
     let model = load_model(&dir.join("model"), b)?;
-    let mut opt = AdamW::new(b, &model, optim_cfg)?;
+    let mut opt = AdamW::placed(b, &model, optim_cfg, host_optimizer)?;
     load_optimizer(
         &dir.join("optimizer.safetensors"),
         b,
@@ -342,14 +355,6 @@ pub fn load<B: Backend>(
     Ok((model, opt, state))
 }
 
-fn tensor_groups<B: Backend>(opt: &AdamW<B>) -> Vec<(&'static str, &Vec<B::F>)> {
-    let mut g = vec![("m", &opt.m), ("v", &opt.v)];
-    if let Some(ms) = &opt.master {
-        g.push(("master", ms));
-    }
-    g
-}
-
 /// Stream the optimizer tensors into a safetensors file (f32), one tensor in host memory at a
 /// time.
 fn save_optimizer<B: Backend>(
@@ -358,10 +363,10 @@ fn save_optimizer<B: Backend>(
     layout: &ParamLayout,
     opt: &AdamW<B>,
 ) -> Result<()> {
-    let groups = tensor_groups(opt);
+    let groups = opt.groups();
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (prefix, _) in &groups {
+    for prefix in &groups {
         for s in &layout.specs {
             let n = s.numel() * 4;
             header.insert(
@@ -385,9 +390,9 @@ fn save_optimizer<B: Backend>(
     w.write_all(&(hbytes.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&hbytes).map_err(io)?;
-    for (prefix, bufs) in &groups {
-        for (s, t) in layout.specs.iter().zip(bufs.iter()) {
-            let host = b.download_f32(t, s.numel())?;
+    for prefix in &groups {
+        for (i, s) in layout.specs.iter().enumerate() {
+            let host = opt.state_to_host(b, prefix, i, s.numel())?;
             if let Some(j) = host.iter().position(|x| !x.is_finite()) {
                 drop(w);
                 let _ = std::fs::remove_file(&tmp);
@@ -424,13 +429,9 @@ fn load_optimizer<B: Backend>(
         tensor: "(header)".into(),
         msg: e.to_string(),
     })?;
-    let has_master = opt.master.is_some();
-    let mut groups: Vec<(&str, &mut Vec<B::F>)> = vec![("m", &mut opt.m), ("v", &mut opt.v)];
-    if let Some(ms) = opt.master.as_mut() {
-        groups.push(("master", ms));
-    }
-    for (prefix, bufs) in groups {
-        for (s, t) in layout.specs.iter().zip(bufs.iter_mut()) {
+    let has_master = opt.has_master();
+    for prefix in opt.groups() {
+        for (i, s) in layout.specs.iter().enumerate() {
             let name = format!("{prefix}.{}", s.name);
             if prefix == "master" && !st.names().iter().any(|n| *n == name) {
                 // Written by a backend without a master copy: keep the one derived from the
@@ -455,7 +456,7 @@ fn load_optimizer<B: Backend>(
                 });
             }
             let host = bytes_to_f32(DType::F32, view.data());
-            *t = b.upload_f32(&host)?;
+            opt.set_state(b, prefix, i, host)?;
         }
     }
     if !has_master && st.names().iter().any(|n| n.starts_with("master.")) {

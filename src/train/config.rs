@@ -8,6 +8,8 @@
 
 pub use crate::backend::select::DeviceKind;
 use crate::backend::{KlKind, LossAgg};
+use crate::model::plan::RunShape;
+pub use crate::model::plan::{Place, Placement};
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -300,6 +302,9 @@ pub struct TrainConfig {
     /// own, e.g. cores x f32 FMA lanes x 2 x clock). Finite and > 0 when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_tflops: Option<f64>,
+    /// Where the optimizer state, gradients and reference model live (`memory = "auto"`, or a
+    /// `[memory]` table; see [`crate::model::plan`]).
+    pub memory: Placement,
 }
 
 impl Default for TrainConfig {
@@ -312,6 +317,7 @@ impl Default for TrainConfig {
             grpo: GrpoConfig::default(),
             optim: OptimConfig::default(),
             peak_tflops: None,
+            memory: Placement::default(),
         }
     }
 }
@@ -329,6 +335,8 @@ pub struct SftConfig {
     pub recompute: bool,
     pub save_every: u64,
     pub optim: OptimConfig,
+    /// Where the optimizer state and gradients live (as for `train`; SFT has no reference).
+    pub memory: Placement,
 }
 
 impl Default for SftConfig {
@@ -346,6 +354,7 @@ impl Default for SftConfig {
                 warmup_steps: 10,
                 ..OptimConfig::default()
             },
+            memory: Placement::default(),
         }
     }
 }
@@ -471,6 +480,31 @@ impl TrainConfig {
         let tokens = (self.rollout.max_prompt_tokens as u64)
             .saturating_add(self.rollout.max_new_tokens as u64);
         seqs.saturating_mul(tokens).saturating_mul(16)
+    }
+
+    /// The run settings the memory planner needs: rollout slots at most `rollout.max_slots`
+    /// (and at most one step's sequences), KV-cache slots of prompt + response tokens, and the
+    /// smallest micro-batch, one whole group (shared prompt: the prompt once and n responses;
+    /// per sequence: n prompt + response sequences). Saturating arithmetic.
+    pub fn run_shape(&self) -> RunShape {
+        let (r, g) = (&self.rollout, &self.grpo);
+        let n = r.n as u64;
+        let (prompt, new) = (r.max_prompt_tokens as u64, r.max_new_tokens as u64);
+        let group = if g.shared_prompt {
+            prompt.saturating_add(n.saturating_mul(new))
+        } else {
+            n.saturating_mul(prompt.saturating_add(new))
+        };
+        RunShape {
+            grpo: true,
+            max_slots: (r.max_slots as u64).min((g.prompts_per_step as u64).saturating_mul(n)),
+            max_prompt: prompt,
+            max_len: prompt.saturating_add(new),
+            micro_batch_tokens: g.micro_batch_tokens as u64,
+            min_micro_batch_tokens: group,
+            recompute: g.recompute,
+            host_extra: self.step_host_bytes(),
+        }
     }
 
     /// The temperature of the training-side logprobs: `grpo.logprob_temperature`, else
@@ -665,6 +699,21 @@ impl OptimConfig {
 }
 
 impl SftConfig {
+    /// The run settings the memory planner needs: no rollout, no reference, micro-batches of at
+    /// least one sequence of `max_seq_tokens`.
+    pub fn run_shape(&self) -> RunShape {
+        RunShape {
+            grpo: false,
+            max_slots: 0,
+            max_prompt: 0,
+            max_len: self.max_seq_tokens as u64,
+            micro_batch_tokens: self.micro_batch_tokens as u64,
+            min_micro_batch_tokens: self.max_seq_tokens as u64,
+            recompute: self.recompute,
+            host_extra: 0,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, msg: &str| Error::Config {
             file: "sft config".into(),

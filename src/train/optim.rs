@@ -1,8 +1,13 @@
-//! AdamW over a model's parameters on the backend: f32 moments, an f32 master copy where the
-//! backend stores parameters narrower than f32 (`Backend::needs_master`), the global gradient
-//! norm (`sum_squares_f32`) and its clip.
+//! AdamW over a model's parameters: f32 moments, an f32 master copy where the backend stores
+//! parameters narrower than f32 (`Backend::needs_master`), the global gradient norm
+//! (`sum_squares_f32`) and its clip. The state lives on the backend (the `adamw` op) or, with
+//! `memory.optimizer = "host"`, in host memory: then each parameter's f32 gradient is
+//! downloaded, the update runs on the host ([`crate::backend::host_adamw`], the device
+//! kernel's math) and the new weights are uploaded (rounded to bf16 on CUDA, to nearest even as
+//! the kernel does). The host buffers are ordinary (pageable) allocations and the copies are
+//! synchronous, one tensor at a time: no pinned memory and no copy-stream overlap yet.
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{host_adamw, AdamWStep, Backend};
 use crate::model::Model;
 use crate::train::config::OptimConfig;
 use crate::{Error, Result};
@@ -13,10 +18,24 @@ pub struct AdamW<B: Backend> {
     pub v: Vec<B::F>,
     /// f32 master copies (only where the backend needs them).
     pub master: Option<Vec<B::F>>,
+    /// The state in host memory (`m`, `v` empty and `master` None then).
+    pub host: Option<HostState>,
     /// Updates taken so far (the bias-correction step is `updates + 1` for the next one).
     pub updates: u64,
     pub cfg: OptimConfig,
 }
+
+/// Host-resident optimizer state, one entry per parameter tensor in layout order.
+pub struct HostState {
+    pub m: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    /// f32 master copies where the backend needs them (else the parameters are f32 and the
+    /// update downloads them).
+    pub master: Option<Vec<Vec<f32>>>,
+}
+
+/// The optimizer tensor groups of a checkpoint, in file order.
+pub const STATE_GROUPS: [&str; 3] = ["m", "v", "master"];
 
 /// What one optimizer update did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -29,9 +48,44 @@ pub struct UpdateStats {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// Fresh state: zero moments and, where needed, a master copy of the current parameters.
+    /// Fresh state on the backend: zero moments and, where needed, a master copy of the
+    /// current parameters.
     pub fn new(b: &B, model: &Model<B>, cfg: OptimConfig) -> Result<Self> {
+        Self::placed(b, model, cfg, false)
+    }
+
+    /// Fresh state on the backend (`host` false) or in host memory (`host` true).
+    pub fn placed(b: &B, model: &Model<B>, cfg: OptimConfig, host: bool) -> Result<Self> {
         let specs = &model.layout.specs;
+        if host {
+            let total: Option<u64> = specs.iter().try_fold(0u64, |a, s| {
+                let per = if b.needs_master() { 12 } else { 8 };
+                a.checked_add((s.numel() as u64).checked_mul(per)?)
+            });
+            crate::safefs::check_host_memory(total, "the host-resident optimizer state")?;
+            let zeros = || specs.iter().map(|s| vec![0.0f32; s.numel()]).collect();
+            let master = if b.needs_master() {
+                let mut ms = Vec::with_capacity(specs.len());
+                for (s, p) in specs.iter().zip(&model.params) {
+                    ms.push(b.download(p, s.numel())?);
+                }
+                Some(ms)
+            } else {
+                None
+            };
+            return Ok(AdamW {
+                m: Vec::new(),
+                v: Vec::new(),
+                master: None,
+                host: Some(HostState {
+                    m: zeros(),
+                    v: zeros(),
+                    master,
+                }),
+                updates: 0,
+                cfg,
+            });
+        }
         let m = specs
             .iter()
             .map(|s| b.zeros_f32(s.numel()))
@@ -54,9 +108,84 @@ impl<B: Backend> AdamW<B> {
             m,
             v,
             master,
+            host: None,
             updates: 0,
             cfg,
         })
+    }
+
+    /// Whether the state lives in host memory.
+    pub fn on_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Whether the state has a master copy (saved as the `master` group).
+    pub fn has_master(&self) -> bool {
+        match &self.host {
+            Some(h) => h.master.is_some(),
+            None => self.master.is_some(),
+        }
+    }
+
+    /// The groups of [`STATE_GROUPS`] this state has.
+    pub fn groups(&self) -> Vec<&'static str> {
+        let n = if self.has_master() { 3 } else { 2 };
+        STATE_GROUPS[..n].to_vec()
+    }
+
+    /// Tensor `i` (of `n` elements) of `group` on the host.
+    pub fn state_to_host(&self, b: &B, group: &str, i: usize, n: usize) -> Result<Vec<f32>> {
+        let missing = || Error::Invalid(format!("optimizer state has no `{group}` tensor {i}"));
+        match &self.host {
+            Some(h) => {
+                let t = match group {
+                    "m" => h.m.get(i),
+                    "v" => h.v.get(i),
+                    "master" => h.master.as_ref().and_then(|ms| ms.get(i)),
+                    _ => None,
+                }
+                .ok_or_else(missing)?;
+                Ok(t[..n.min(t.len())].to_vec())
+            }
+            None => {
+                let t = match group {
+                    "m" => self.m.get(i),
+                    "v" => self.v.get(i),
+                    "master" => self.master.as_ref().and_then(|ms| ms.get(i)),
+                    _ => None,
+                }
+                .ok_or_else(missing)?;
+                b.download_f32(t, n)
+            }
+        }
+    }
+
+    /// Replace tensor `i` of `group` with `data`.
+    pub fn set_state(&mut self, b: &B, group: &str, i: usize, data: Vec<f32>) -> Result<()> {
+        let missing = || Error::Invalid(format!("optimizer state has no `{group}` tensor {i}"));
+        match &mut self.host {
+            Some(h) => {
+                let t = match group {
+                    "m" => h.m.get_mut(i),
+                    "v" => h.v.get_mut(i),
+                    "master" => h.master.as_mut().and_then(|ms| ms.get_mut(i)),
+                    _ => None,
+                }
+                .ok_or_else(missing)?;
+                *t = data;
+            }
+            None => {
+                let t = match group {
+                    "m" => self.m.get_mut(i),
+                    "v" => self.v.get_mut(i),
+                    "master" => self.master.as_mut().and_then(|ms| ms.get_mut(i)),
+                    _ => None,
+                }
+                .ok_or_else(missing)?;
+                *t = b.upload_f32(&data)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sum of squares of every parameter (f64): a NaN or Inf anywhere makes it non-finite. It
@@ -65,6 +194,20 @@ impl<B: Backend> AdamW<B> {
     /// such a backend, through a download.
     pub fn param_sum_squares(&self, b: &B, model: &Model<B>) -> Result<f64> {
         let mut total = 0.0f64;
+        if let Some(h) = &self.host {
+            for (i, s) in model.layout.specs.iter().enumerate() {
+                let host;
+                let x: &[f32] = match &h.master {
+                    Some(ms) => &ms[i],
+                    None => {
+                        host = b.download(&model.params[i], s.numel())?;
+                        &host
+                    }
+                };
+                total += x.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            }
+            return Ok(total);
+        }
         for (i, s) in model.layout.specs.iter().enumerate() {
             total += match &self.master {
                 Some(ms) => b.sum_squares_f32(&ms[i], s.numel())?,
@@ -107,7 +250,23 @@ impl<B: Backend> AdamW<B> {
         check_grad_norm(grad_norm, self.updates)?;
         let hp = step_hparams(&self.cfg, self.updates, total_updates, grad_norm);
         let (lr, grad_scale) = (hp.lr, hp.grad_scale);
-        for i in 0..model.params.len() {
+        if let Some(h) = &mut self.host {
+            for i in 0..model.params.len() {
+                let n = model.layout.specs[i].numel();
+                let g = b.download_f32(&grads[i], n)?;
+                let mut downloaded;
+                let p: &mut Vec<f32> = match &mut h.master {
+                    Some(ms) => &mut ms[i],
+                    None => {
+                        downloaded = b.download(&model.params[i], n)?;
+                        &mut downloaded
+                    }
+                };
+                host_adamw::adamw(p, &g, &mut h.m[i], &mut h.v[i], n, &hp);
+                model.params[i] = b.upload(p)?;
+            }
+        }
+        for i in 0..self.m.len().min(model.params.len()) {
             let n = model.layout.specs[i].numel();
             let master = self.master.as_mut().map(|ms| &mut ms[i]);
             b.adamw(

@@ -12,6 +12,7 @@ use crate::model::Model;
 use crate::reward::Reward;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::{self, TrainerState};
+use crate::train::config::Place;
 use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, TrainSeq, UpdateSums};
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
@@ -262,7 +263,8 @@ impl<B: Backend> Trainer<B> {
                 "the reference model's config differs from the policy's",
             ));
         }
-        let opt = AdamW::new(&b, &policy, cfg.optim.clone())?;
+        let host = cfg.memory.optimizer == Place::Host;
+        let opt = AdamW::placed(&b, &policy, cfg.optim.clone(), host)?;
         let grads = policy.zero_grads(&b)?;
         let stop = stop_tokens(&tokenizer, &policy.cfg);
         if stop.is_empty() {
@@ -307,7 +309,12 @@ impl<B: Backend> Trainer<B> {
         reward: Box<dyn Reward>,
         cfg: TrainConfig,
     ) -> Result<Self> {
-        let (policy, opt, state) = checkpoint::load(ckpt, &b, cfg.optim.clone())?;
+        let (policy, opt, state) = checkpoint::load_placed(
+            ckpt,
+            &b,
+            cfg.optim.clone(),
+            cfg.memory.optimizer == Place::Host,
+        )?;
         if state.kind != "grpo" {
             return Err(Error::msg(format!(
                 "{}: a {} checkpoint cannot resume a GRPO run (start a new run from its model/ \

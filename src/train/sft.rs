@@ -148,7 +148,8 @@ impl<B: Backend> SftTrainer<B> {
         if items.is_empty() {
             return Err(Error::msg("no SFT samples"));
         }
-        let opt = AdamW::new(&b, &model, cfg.optim.clone())?;
+        let host = cfg.memory.optimizer == crate::train::config::Place::Host;
+        let opt = AdamW::placed(&b, &model, cfg.optim.clone(), host)?;
         let grads = model.zero_grads(&b)?;
         let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {

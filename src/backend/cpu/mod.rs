@@ -17,6 +17,7 @@ pub mod math;
 pub use fast::{default_num_threads, num_threads, set_num_threads};
 
 use crate::backend::check;
+use crate::backend::host_adamw;
 use crate::backend::{
     AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
     GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
@@ -554,20 +555,12 @@ impl Backend for Cpu {
         hp: &AdamWStep,
     ) -> Result<()> {
         check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
-        let h = math::AdamW {
-            lr: hp.lr,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            weight_decay: hp.weight_decay,
-            step: hp.step,
-            grad_scale: hp.grad_scale,
-        };
+        // The host AdamW shared with the host-offloaded optimizer (the CUDA kernel's math).
         match master {
-            None => fast::run(|| fast::adamw(param, grad, m, v, n, &h)),
+            None => host_adamw::adamw(param, grad, m, v, n, hp),
             Some(master) => {
                 // Not needed where T is f32, but honoured: update the master, copy it back.
-                fast::run(|| fast::adamw(master, grad, m, v, n, &h));
+                host_adamw::adamw(master, grad, m, v, n, hp);
                 param[..n].copy_from_slice(&master[..n]);
             }
         }

@@ -100,7 +100,9 @@ pub struct PoolStats {
 unsafe impl Send for Pool {}
 unsafe impl Sync for Pool {}
 
-fn size_class(bytes: usize) -> usize {
+/// Bytes the caching pool takes from the driver for a request of `bytes`: a power of two up to
+/// 1 MiB (at least 256 B), above that a multiple of 2 MiB (the memory planner counts the same).
+pub fn size_class(bytes: usize) -> usize {
     let b = bytes.max(256);
     if b <= 1 << 20 {
         b.next_power_of_two()

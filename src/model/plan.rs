@@ -1,0 +1,660 @@
+//! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
+//! AdamW moments), the f32 gradients and the frozen reference model live (device or host
+//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned), and how many rollout slots and tokens per micro-batch fit beside them.
+//!
+//! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
+//! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
+//! their cost to the step (everything on the device; the optimizer on the host; the reference
+//! on the host, streamed layer by layer; the gradients on the host; and their combinations),
+//! keeps the explicit choices of the config, and takes the first placement whose device and
+//! host totals fit with at least one rollout slot and the smallest micro-batch the run can form
+//! (one whole GRPO group, or one SFT sequence). It then lowers the rollout slots and the
+//! micro-batch token budget, never raising them, until the rollout and training peaks fit.
+//! Every size is a saturating product or sum: a size that does not fit in 64 bits reads as
+//! "too large" and fails every fit check instead of wrapping to a small number.
+
+use crate::backend::cuda::size_class;
+use crate::model::memory::{human_bytes, layer_work_per_token, MemoryEstimate, MemoryInputs};
+use crate::model::{ParamLayout, Qwen2Config};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Where one part of the run's state lives, as the config asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Place {
+    /// The planner decides.
+    #[default]
+    Auto,
+    Device,
+    Host,
+}
+
+/// Where one part of the run's state lives, as the plan decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Where {
+    Device,
+    Host,
+}
+
+impl Where {
+    fn allowed_by(self, p: Place) -> bool {
+        matches!(
+            (p, self),
+            (Place::Auto, _) | (Place::Device, Where::Device) | (Place::Host, Where::Host)
+        )
+    }
+}
+
+impl fmt::Display for Where {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Where::Device => "device",
+            Where::Host => "host",
+        })
+    }
+}
+
+/// The placement choices of a run: `memory = "auto"` (the default) or a `[memory]` table with
+/// any of `optimizer`, `grads`, `reference` set to `"auto"`, `"device"` or `"host"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlacementTable {
+    pub optimizer: Place,
+    pub grads: Place,
+    pub reference: Place,
+}
+
+/// The placement choices of a run (see [`PlacementTable`] for the config syntax).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Placement {
+    /// f32 master weights and the AdamW moments m and v (they move together: the update reads
+    /// and writes all three).
+    pub optimizer: Place,
+    /// f32 parameter gradients.
+    pub grads: Place,
+    /// The frozen reference model of GRPO (bf16; on the host it is streamed per layer).
+    pub reference: Place,
+}
+
+impl Placement {
+    /// Whether every part is left to the planner.
+    pub fn is_auto(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+impl Serialize for Placement {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.is_auto() {
+            s.serialize_str("auto")
+        } else {
+            PlacementTable {
+                optimizer: self.optimizer,
+                grads: self.grads,
+                reference: self.reference,
+            }
+            .serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Placement {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Placement;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "\"auto\" or a table with optimizer, grads, reference each \"auto\", \
+                     \"device\" or \"host\"",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Placement, E> {
+                if v == "auto" {
+                    Ok(Placement::default())
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Placement, A::Error> {
+                let t =
+                    PlacementTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Placement {
+                    optimizer: t.optimizer,
+                    grads: t.grads,
+                    reference: t.reference,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Which host placements the engine can run. The planner never picks a placement outside
+/// this set; `inspect` also shows the plans with every placement of the design.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    pub host_optimizer: bool,
+    pub host_grads: bool,
+    pub host_reference: bool,
+}
+
+impl Caps {
+    /// What this build runs: the host-offloaded optimizer. Host gradients and the streamed
+    /// reference are planned but not implemented.
+    pub const ENGINE: Caps = Caps {
+        host_optimizer: true,
+        host_grads: false,
+        host_reference: false,
+    };
+    /// Every placement of the design, for `inspect`'s second plan.
+    pub const ALL: Caps = Caps {
+        host_optimizer: true,
+        host_grads: true,
+        host_reference: true,
+    };
+}
+
+/// The run settings the plan is made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunShape {
+    /// GRPO (rollouts and a reference model) or SFT (neither).
+    pub grpo: bool,
+    /// Configured upper bound of the sequences decoded at once (`rollout.max_slots`, at most
+    /// the sequences of one step).
+    pub max_slots: u64,
+    /// Longest prompt (`rollout.max_prompt_tokens`; for SFT 0).
+    pub max_prompt: u64,
+    /// Longest prompt + response a KV-cache slot holds (SFT: the longest sequence).
+    pub max_len: u64,
+    /// Configured token budget of one micro-batch.
+    pub micro_batch_tokens: u64,
+    /// The smallest micro-batch the run can form: one whole GRPO group (micro-batches never
+    /// split a group) or one SFT sequence. The activation estimate uses at least this many
+    /// tokens, whatever the budget.
+    pub min_micro_batch_tokens: u64,
+    pub recompute: bool,
+    /// Host bytes of one step's sequences, logprobs and advantages.
+    pub host_extra: u64,
+}
+
+/// The memory the plan may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Free device bytes (cuMemGetInfo), before the run allocates anything.
+    pub device_free: u64,
+    /// Available host bytes (`MemAvailable`), when known.
+    pub host_available: Option<u64>,
+}
+
+/// Device bytes kept free of the plan: the cuBLAS workspace, the kernel modules and the
+/// caching allocator's rounding.
+pub const DEVICE_RESERVE: u64 = 1 << 30;
+
+/// One line of the plan's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub item: String,
+    pub bytes: u64,
+    pub place: Where,
+}
+
+/// A placement and the rollout and micro-batch sizes that fit with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub optimizer: Where,
+    pub grads: Where,
+    pub reference: Where,
+    /// Rollout slots (sequences decoded at once).
+    pub slots: u64,
+    /// Token budget of one micro-batch.
+    pub micro_batch_tokens: u64,
+    /// Items held all run, then the rollout and training working sets at the chosen sizes.
+    pub rows: Vec<Row>,
+    /// Device bytes held all run.
+    pub device_resident: u64,
+    /// Peak device bytes during rollout and during a training micro-batch.
+    pub rollout_peak: u64,
+    pub train_peak: u64,
+    /// Host bytes the plan needs (host-placed items plus one step's sequences).
+    pub host_total: u64,
+    pub budget: Budget,
+    /// None when the plan fits; else why not.
+    pub refusal: Option<String>,
+}
+
+fn mul(xs: &[u64]) -> u64 {
+    xs.iter().fold(1u64, |a, &x| a.saturating_mul(x))
+}
+
+fn add(xs: &[u64]) -> u64 {
+    xs.iter().fold(0u64, |a, &x| a.saturating_add(x))
+}
+
+fn to64(v: usize) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// Sizes of the model that do not depend on the run.
+struct ModelSizes {
+    params: u64,
+    /// Device bytes of one buffer per parameter tensor of 2 (bf16) and 4 (f32) bytes per
+    /// element, as the CUDA caching pool rounds each allocation ([`size_class`]).
+    pooled_bf16: u64,
+    pooled_f32: u64,
+    /// Parameters of one decoder layer.
+    layer_params: u64,
+    /// Parameters outside the decoder layers (embedding, final norm, untied lm_head).
+    outer_params: u64,
+    /// Elements of the largest parameter tensor.
+    largest: u64,
+    /// bf16 KV-cache bytes of one token, all layers.
+    kv_per_token: u64,
+    vocab: u64,
+}
+
+fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
+    let layout = ParamLayout::new(cfg);
+    let params = layout.num_params();
+    let numel = |ix: usize| to64(layout.specs[ix].numel());
+    let layer_params = layout
+        .layers
+        .first()
+        .map(|l| {
+            add(&[
+                numel(l.input_norm),
+                numel(l.wq),
+                numel(l.bq),
+                numel(l.wk),
+                numel(l.bk),
+                numel(l.wv),
+                numel(l.bv),
+                numel(l.wo),
+                numel(l.post_norm),
+                numel(l.w_gate),
+                numel(l.w_up),
+                numel(l.w_down),
+            ])
+        })
+        .unwrap_or(0);
+    let layers = to64(cfg.num_hidden_layers);
+    let kv = mul(&[to64(cfg.num_key_value_heads), to64(cfg.head_dim)]);
+    let pooled = |elem: u64| {
+        add(&layout
+            .specs
+            .iter()
+            .map(|s| {
+                let bytes = mul(&[to64(s.numel()), elem]);
+                usize::try_from(bytes)
+                    .ok()
+                    .filter(|&b| b <= usize::MAX / 2)
+                    .map_or(u64::MAX, |b| to64(size_class(b)))
+            })
+            .collect::<Vec<_>>())
+    };
+    ModelSizes {
+        params,
+        pooled_bf16: pooled(2),
+        pooled_f32: pooled(4),
+        layer_params,
+        outer_params: params.saturating_sub(mul(&[layers, layer_params])),
+        largest: layout
+            .specs
+            .iter()
+            .map(|s| to64(s.numel()))
+            .max()
+            .unwrap_or(0),
+        kv_per_token: mul(&[layers, 2, kv, 2]),
+        vocab: to64(cfg.vocab_size),
+    }
+}
+
+/// The device working set of rollout at `slots` sequences: the KV cache, the f32 logits of one
+/// decode step, and the prefill of every slot's prompt at once (one layer's working set, as in
+/// a training forward without a tape).
+fn rollout_work(cfg: &Qwen2Config, m: &ModelSizes, shape: &RunShape, slots: u64) -> [u64; 3] {
+    if !shape.grpo || slots == 0 {
+        return [0, 0, 0];
+    }
+    let kv = mul(&[slots, shape.max_len, m.kv_per_token]);
+    let logits = mul(&[slots, m.vocab, 4]);
+    let prefill = mul(&[slots, shape.max_prompt, layer_work_per_token(cfg)]);
+    [kv, logits, prefill]
+}
+
+fn estimate(cfg: &Qwen2Config, tokens: u64) -> MemoryEstimate {
+    MemoryEstimate::new(
+        cfg,
+        MemoryInputs {
+            micro_batch_tokens: tokens,
+            rollout_seqs: 0,
+            ..MemoryInputs::default()
+        },
+    )
+}
+
+/// Activations and fused vocabulary buffers of a micro-batch of `tokens` tokens.
+fn train_work(cfg: &Qwen2Config, shape: &RunShape, tokens: u64) -> [u64; 2] {
+    let t = tokens.max(shape.min_micro_batch_tokens);
+    let e = estimate(cfg, t);
+    let act = if shape.recompute {
+        e.activations_recompute
+    } else {
+        e.activations_full
+    };
+    [act, e.vocab_buffers]
+}
+
+/// Largest x in [lo, hi] with fits(x), given fits is monotone (true then false); None when
+/// fits(lo) is false.
+fn largest_fitting(lo: u64, hi: u64, fits: impl Fn(u64) -> bool) -> Option<u64> {
+    if lo > hi || !fits(lo) {
+        return None;
+    }
+    let (mut a, mut b) = (lo, hi);
+    while a < b {
+        let mid = a + (b - a).div_ceil(2);
+        if fits(mid) {
+            a = mid;
+        } else {
+            b = mid - 1;
+        }
+    }
+    Some(a)
+}
+
+/// The candidate placements (optimizer, grads, reference) in order of cost to the step.
+fn candidates(shape: &RunShape, choice: &Placement, caps: &Caps) -> Vec<(Where, Where, Where)> {
+    use Where::{Device as D, Host as H};
+    let mut out = Vec::new();
+    for bits in 0u32..8 {
+        let opt = if bits & 1 != 0 { H } else { D };
+        let reference = if bits & 2 != 0 { H } else { D };
+        let grads = if bits & 4 != 0 { H } else { D };
+        let capable = (opt == D || caps.host_optimizer)
+            && (grads == D || caps.host_grads)
+            && (reference == D || caps.host_reference);
+        let chosen = opt.allowed_by(choice.optimizer)
+            && grads.allowed_by(choice.grads)
+            && reference.allowed_by(choice.reference);
+        // SFT has no reference: only the device variant, which costs nothing.
+        if capable && chosen && (shape.grpo || reference == D) {
+            out.push((opt, grads, reference));
+        }
+    }
+    out
+}
+
+/// Plan `cfg` under `shape` within `budget`, keeping `choice` and using only placements in
+/// `caps`. Always returns a plan: when nothing fits, the cheapest placement allowed, at one
+/// rollout slot and the smallest micro-batch, with `refusal` saying what does not fit.
+pub fn plan(
+    cfg: &Qwen2Config,
+    shape: &RunShape,
+    budget: &Budget,
+    choice: &Placement,
+    caps: &Caps,
+) -> std::result::Result<Plan, String> {
+    let cands = candidates(shape, choice, caps);
+    let Some(&first) = cands.first() else {
+        return Err(format!(
+            "no placement satisfies memory = {choice:?} with what this build runs (host \
+             optimizer: {}, host gradients: {}, streamed reference: {})",
+            caps.host_optimizer, caps.host_grads, caps.host_reference
+        ));
+    };
+    let m = model_sizes(cfg);
+    for &c in &cands {
+        let p = build(cfg, &m, shape, budget, c);
+        if p.refusal.is_none() {
+            return Ok(p);
+        }
+    }
+    // Nothing fits: report the placement that offloads the most (the last candidate), the
+    // closest to fitting.
+    Ok(build(
+        cfg,
+        &m,
+        shape,
+        budget,
+        *cands.last().unwrap_or(&first),
+    ))
+}
+
+fn build(
+    cfg: &Qwen2Config,
+    m: &ModelSizes,
+    shape: &RunShape,
+    budget: &Budget,
+    (opt, grads, reference): (Where, Where, Where),
+) -> Plan {
+    let p = m.params;
+    let mut rows = Vec::new();
+    let mut row = |item: &str, bytes: u64, place: Where| {
+        rows.push(Row {
+            item: item.to_string(),
+            bytes,
+            place,
+        })
+    };
+    // Device-resident parameter-shaped state is counted as the caching pool allocates it (one
+    // buffer per tensor, rounded to its size class); host-resident state is exact.
+    let (b16, b32) = (m.pooled_bf16, m.pooled_f32);
+    let on = |w: Where, device: u64, host: u64| if w == Where::Device { device } else { host };
+    row("policy weights (bf16)", b16, Where::Device);
+    row("gradients (f32)", on(grads, b32, mul(&[p, 4])), grads);
+    row("master weights (f32)", on(opt, b32, mul(&[p, 4])), opt);
+    row(
+        "AdamW m + v (f32)",
+        on(opt, mul(&[2, b32]), mul(&[p, 8])),
+        opt,
+    );
+    if opt == Where::Host {
+        // The host update uploads each tensor's new bf16 weights into a fresh buffer before the
+        // old one is freed: one tensor's bf16 bytes on top.
+        row(
+            "optimizer upload staging (largest tensor, bf16)",
+            mul(&[m.largest, 2]),
+            Where::Device,
+        );
+    }
+    if grads == Where::Host {
+        row(
+            "gradient staging (largest tensor, f32)",
+            mul(&[m.largest, 4]),
+            Where::Device,
+        );
+    }
+    if shape.grpo {
+        row(
+            "reference model (bf16)",
+            on(reference, b16, mul(&[p, 2])),
+            reference,
+        );
+        if reference == Where::Host {
+            row(
+                "reference stream buffers (2 layers + embeddings, bf16)",
+                mul(&[add(&[mul(&[2, m.layer_params]), m.outer_params]), 2]),
+                Where::Device,
+            );
+        }
+    }
+    let sum = |rows: &[Row], w: Where| {
+        add(&rows
+            .iter()
+            .filter(|r| r.place == w)
+            .map(|r| r.bytes)
+            .collect::<Vec<_>>())
+    };
+    let device_resident = sum(&rows, Where::Device);
+    let host_total = add(&[sum(&rows, Where::Host), shape.host_extra]);
+    let usable = budget.device_free.saturating_sub(DEVICE_RESERVE);
+    let rollout_at = |s: u64| add(&[device_resident, add(&rollout_work(cfg, m, shape, s))]);
+    let train_at = |t: u64| add(&[device_resident, add(&train_work(cfg, shape, t))]);
+    let min_slots = u64::from(shape.grpo);
+    let max_slots = if shape.grpo {
+        shape.max_slots.max(1)
+    } else {
+        0
+    };
+    let min_tokens = shape
+        .micro_batch_tokens
+        .min(shape.min_micro_batch_tokens.max(1));
+    let slots = largest_fitting(min_slots, max_slots, |s| rollout_at(s) <= usable);
+    let tokens = largest_fitting(min_tokens, shape.micro_batch_tokens.max(1), |t| {
+        train_at(t) <= usable
+    });
+    let mut refusal = Vec::new();
+    if device_resident > usable {
+        refusal.push(format!(
+            "the device-resident state needs {} and {} of the device are usable ({} free less a \
+             {} reserve)",
+            human_bytes(device_resident),
+            human_bytes(usable),
+            human_bytes(budget.device_free),
+            human_bytes(DEVICE_RESERVE)
+        ));
+    } else {
+        if slots.is_none() {
+            refusal.push(format!(
+                "one rollout slot needs {} of the device (KV cache of {} tokens, decode logits, \
+                 prefill) and {} are usable",
+                human_bytes(rollout_at(min_slots)),
+                shape.max_len,
+                human_bytes(usable)
+            ));
+        }
+        if tokens.is_none() {
+            refusal.push(format!(
+                "the smallest micro-batch ({} tokens) needs {} of the device and {} are usable",
+                shape.min_micro_batch_tokens.max(min_tokens),
+                human_bytes(train_at(min_tokens)),
+                human_bytes(usable)
+            ));
+        }
+    }
+    if let Some(avail) = budget.host_available {
+        if host_total > avail {
+            refusal.push(format!(
+                "the host part needs {} and {} of host memory are available",
+                human_bytes(host_total),
+                human_bytes(avail)
+            ));
+        }
+    }
+    let slots = slots.unwrap_or(min_slots);
+    let tokens = tokens.unwrap_or(min_tokens);
+    if shape.grpo {
+        let [kv, logits, prefill] = rollout_work(cfg, m, shape, slots);
+        row_push(
+            &mut rows,
+            &format!("KV cache ({slots} slots x {} tokens, bf16)", shape.max_len),
+            kv,
+        );
+        row_push(&mut rows, "decode logits (f32)", logits);
+        row_push(
+            &mut rows,
+            &format!(
+                "prefill working set ({slots} x {} tokens)",
+                shape.max_prompt
+            ),
+            prefill,
+        );
+    }
+    let [act, vocab] = train_work(cfg, shape, tokens);
+    let eff = tokens.max(shape.min_micro_batch_tokens);
+    let act_label = if shape.recompute {
+        format!("activations ({eff} tokens, per-layer recomputation)")
+    } else {
+        format!("activations ({eff} tokens, all layers saved)")
+    };
+    row_push(&mut rows, &act_label, act);
+    row_push(&mut rows, "fused vocab logprob buffers", vocab);
+    Plan {
+        optimizer: opt,
+        grads,
+        reference,
+        slots,
+        micro_batch_tokens: tokens,
+        rows,
+        device_resident,
+        rollout_peak: rollout_at(slots),
+        train_peak: train_at(tokens),
+        host_total,
+        budget: *budget,
+        refusal: if refusal.is_empty() {
+            None
+        } else {
+            Some(refusal.join("; "))
+        },
+    }
+}
+
+fn row_push(rows: &mut Vec<Row>, item: &str, bytes: u64) {
+    rows.push(Row {
+        item: item.to_string(),
+        bytes,
+        place: Where::Device,
+    });
+}
+
+impl Plan {
+    /// Peak device bytes (the larger of the rollout and training peaks).
+    pub fn device_peak(&self) -> u64 {
+        self.rollout_peak.max(self.train_peak)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "  {:<62} {:>12}  where", "item", "size")?;
+        for r in &self.rows {
+            writeln!(
+                f,
+                "  {:<62} {:>12}  {}",
+                r.item,
+                human_bytes(r.bytes),
+                r.place
+            )?;
+        }
+        let usable = self.budget.device_free.saturating_sub(DEVICE_RESERVE);
+        writeln!(
+            f,
+            "  device: {} resident, rollout peak {}, training peak {}; {} free, {} usable \
+             (less a {} reserve)",
+            human_bytes(self.device_resident),
+            human_bytes(self.rollout_peak),
+            human_bytes(self.train_peak),
+            human_bytes(self.budget.device_free),
+            human_bytes(usable),
+            human_bytes(DEVICE_RESERVE)
+        )?;
+        writeln!(
+            f,
+            "  KV-cache and activation budget: {} beside the resident state",
+            human_bytes(usable.saturating_sub(self.device_resident))
+        )?;
+        let host_avail = match self.budget.host_available {
+            Some(a) => format!("{} available", human_bytes(a)),
+            None => "availability unknown".to_string(),
+        };
+        writeln!(
+            f,
+            "  host: {} needed (host-placed state and one step's sequences), {host_avail}",
+            human_bytes(self.host_total)
+        )?;
+        writeln!(
+            f,
+            "  rollout slots {}, micro-batch tokens {}",
+            self.slots, self.micro_batch_tokens
+        )?;
+        match &self.refusal {
+            None => writeln!(f, "  fits"),
+            Some(why) => writeln!(f, "  does not fit: {why}"),
+        }
+    }
+}

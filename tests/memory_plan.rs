@@ -1,0 +1,222 @@
+//! The memory planner: placements it picks, explicit choices it keeps, refusals, overflow, the
+//! `memory` config setting and `inspect`'s plans for Qwen2.5-7B and 14B.
+
+use tooln1::cli::model_cmds::{builtin_config, inspect_report, InspectArgs};
+use tooln1::model::init::tiny_config;
+use tooln1::model::plan::{plan, Budget, Caps, Place, Placement, Where, DEVICE_RESERVE};
+use tooln1::train::config::{parse_config, SftConfig, TrainConfig};
+
+const GB: u64 = 1_000_000_000;
+
+fn tool_n1() -> TrainConfig {
+    TrainConfig::default()
+}
+
+fn budget(gb: u64) -> Budget {
+    Budget {
+        device_free: gb * GB,
+        host_available: None,
+    }
+}
+
+#[test]
+fn qwen7b_fits_one_80gb_gpu_with_the_optimizer_and_reference_on_the_host() {
+    let cfg = builtin_config("qwen2.5-7b").unwrap();
+    let shape = tool_n1().run_shape();
+    let p = plan(&cfg, &shape, &budget(80), &Placement::default(), &Caps::ALL).unwrap();
+    assert!(p.refusal.is_none(), "{p}");
+    assert_eq!(p.optimizer, Where::Host);
+    assert_eq!(p.reference, Where::Host);
+    assert_eq!(p.grads, Where::Device);
+    assert!(p.slots >= 1 && p.slots <= 256, "{p}");
+    assert!(p.device_peak() <= 80 * GB - DEVICE_RESERVE, "{p}");
+    // The host holds master + moments (12 bytes per parameter) and the bf16 reference.
+    assert!(p.host_total >= 14 * 7_615_616_512, "{p}");
+    // With only what this build runs, the smallest micro-batch (one whole group of 4096 +
+    // 5 x 8192 tokens) does not fit beside the device reference: a refusal, not a crash.
+    let e = plan(
+        &cfg,
+        &shape,
+        &budget(80),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert_eq!(e.optimizer, Where::Host);
+    let why = e.refusal.as_deref().unwrap();
+    assert!(why.contains("smallest micro-batch (45056 tokens)"), "{why}");
+}
+
+#[test]
+fn a_small_model_stays_on_the_device_and_explicit_choices_are_kept() {
+    let cfg = tiny_config(64, 2, 4, 2, 96, 300, false);
+    let mut tc = tool_n1();
+    tc.rollout.max_prompt_tokens = 100;
+    tc.rollout.max_new_tokens = 50;
+    let shape = tc.run_shape();
+    let p = plan(
+        &cfg,
+        &shape,
+        &budget(80),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert!(p.refusal.is_none(), "{p}");
+    assert_eq!(
+        (p.optimizer, p.grads, p.reference),
+        (Where::Device, Where::Device, Where::Device)
+    );
+    assert_eq!(p.slots, 256);
+    assert_eq!(p.micro_batch_tokens, 16384);
+    let host = Placement {
+        optimizer: Place::Host,
+        ..Placement::default()
+    };
+    let p = plan(&cfg, &shape, &budget(80), &host, &Caps::ENGINE).unwrap();
+    assert_eq!(p.optimizer, Where::Host);
+    assert!(p.host_total > 0);
+    // A placement this build cannot run is an error naming what it runs.
+    let g = Placement {
+        grads: Place::Host,
+        ..Placement::default()
+    };
+    let e = plan(&cfg, &shape, &budget(80), &g, &Caps::ENGINE).unwrap_err();
+    assert!(e.contains("host gradients: false"), "{e}");
+}
+
+#[test]
+fn slots_and_micro_batch_tokens_are_lowered_to_fit_and_never_raised() {
+    let cfg = builtin_config("qwen2.5-7b").unwrap();
+    let mut tc = tool_n1();
+    tc.rollout.max_prompt_tokens = 4096;
+    tc.rollout.max_new_tokens = 2048;
+    tc.grpo.micro_batch_tokens = 1 << 20;
+    let shape = tc.run_shape();
+    let p = plan(
+        &cfg,
+        &shape,
+        &budget(141),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert!(p.refusal.is_none(), "{p}");
+    assert!(p.slots < 256 && p.slots >= 1, "{p}");
+    assert!(p.micro_batch_tokens < 1 << 20, "{p}");
+    assert!(p.train_peak <= 141 * GB - DEVICE_RESERVE);
+    assert!(p.rollout_peak <= 141 * GB - DEVICE_RESERVE);
+    // One more slot or token would not fit (the planner took the largest).
+    let mut more = shape;
+    more.max_slots = p.slots + 1;
+    more.micro_batch_tokens = p.micro_batch_tokens + 1;
+    let q = plan(
+        &cfg,
+        &more,
+        &budget(141),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert_eq!(
+        (q.slots, q.micro_batch_tokens),
+        (p.slots, p.micro_batch_tokens)
+    );
+}
+
+#[test]
+fn nothing_fits_gives_a_refusal_with_the_table_and_huge_sizes_do_not_wrap() {
+    let cfg = builtin_config("qwen2.5-14b").unwrap();
+    let shape = tool_n1().run_shape();
+    let p = plan(&cfg, &shape, &budget(16), &Placement::default(), &Caps::ALL).unwrap();
+    let why = p.refusal.clone().unwrap();
+    assert!(why.contains("device-resident state"), "{why}");
+    assert!(p.to_string().contains("does not fit"), "{p}");
+    let mut huge = shape;
+    huge.max_len = u64::MAX / 2;
+    huge.max_prompt = u64::MAX / 2;
+    huge.min_micro_batch_tokens = u64::MAX;
+    let p = plan(
+        &cfg,
+        &huge,
+        &budget(1 << 30),
+        &Placement::default(),
+        &Caps::ALL,
+    )
+    .unwrap();
+    assert!(p.refusal.is_some(), "{p}");
+    assert!(p.to_string().contains("overflows"), "{p}");
+    let host = Budget {
+        device_free: 1 << 50,
+        host_available: Some(1 << 30),
+    };
+    let p = plan(
+        &cfg,
+        &shape,
+        &host,
+        &Placement {
+            optimizer: Place::Host,
+            ..Placement::default()
+        },
+        &Caps::ALL,
+    )
+    .unwrap();
+    assert!(p.refusal.unwrap().contains("host memory"));
+}
+
+#[test]
+fn the_memory_setting_parses_as_a_word_or_a_table() {
+    let c: TrainConfig = parse_config("", "t", &[]).unwrap();
+    assert!(c.memory.is_auto());
+    let c: TrainConfig = parse_config("memory = \"auto\"\n", "t", &[]).unwrap();
+    assert!(c.memory.is_auto());
+    let c: TrainConfig = parse_config(
+        "[memory]\noptimizer = \"host\"\n",
+        "t",
+        &["memory.reference=device".into()],
+    )
+    .unwrap();
+    assert_eq!(c.memory.optimizer, Place::Host);
+    assert_eq!(c.memory.reference, Place::Device);
+    assert_eq!(c.memory.grads, Place::Auto);
+    // Round trip through the saved config (what a resume reads).
+    let text = toml::to_string(&c).unwrap();
+    let back: TrainConfig = parse_config(&text, "saved", &[]).unwrap();
+    assert_eq!(back.memory, c.memory);
+    let s: SftConfig = parse_config("memory = \"auto\"\n", "s", &[]).unwrap();
+    assert!(s.memory.is_auto());
+    for bad in [
+        "memory = \"gpu\"\n",
+        "[memory]\noptimizer = \"disk\"\n",
+        "[memory]\nmaster = \"host\"\n",
+    ] {
+        let e = parse_config::<TrainConfig>(bad, "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("memory") || e.contains("optimizer"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn inspect_prints_the_7b_and_14b_plans_on_80_and_141_gb() {
+    for (name, params) in [("qwen2.5-7b", "7615616512"), ("qwen2.5-14b", "14770033664")] {
+        let r = inspect_report(&InspectArgs {
+            model: name.into(),
+            micro_batch_tokens: 16384,
+            rollout_seqs: 64,
+            max_len: 4096,
+            offload_reference: false,
+            gpu_gb: vec![80.0, 141.0],
+            config: None,
+        })
+        .unwrap();
+        assert!(r.contains(&format!("parameters: {params}")), "{r}");
+        assert!(r.contains("one GPU with 80 GB free"), "{r}");
+        assert!(r.contains("one GPU with 141 GB free"), "{r}");
+        assert!(r.contains("KV-cache and activation budget"), "{r}");
+        assert!(r.contains("host:"), "{r}");
+    }
+}
