@@ -388,7 +388,10 @@ pub fn linear_bwd(
 // ------------------------------------------------------------------------------------ vocabulary
 
 /// Rows of a vocabulary tile (the row block the lm_head weight tiles are streamed against).
-pub const LP_ROWS: usize = 256;
+/// The GEMM packs (transposes) its slice of the lm_head weight once per row block, so a tall
+/// block packs the weight fewer times: 1024 rows measured 6-8% less CPU time for forward +
+/// backward than 256 at hidden 896, vocab 32000, 1024 tokens, on one thread.
+pub const LP_ROWS: usize = 1024;
 /// Vocabulary columns of a tile.
 pub const LP_VT: usize = 512;
 /// The backward sums dh over this many groups of vocabulary tiles (fixed, so the result does
