@@ -141,6 +141,205 @@ impl Ptr {
     }
 }
 
+// ------------------------------------------------------------------------------------ vector math
+
+/// Lanes of the explicit-lane loops below: sums over a row accumulate in this many partial sums
+/// (lane j takes elements j, j + LANES, ...), added in lane order at the end, so the bits
+/// depend on the row length only and not on the vector width the CPU offers.
+const LANES: usize = 16;
+
+/// 0: plain code; 1: AVX2 + FMA; 2: AVX-512 (detected once).
+#[cfg(target_arch = "x86_64")]
+fn simd_level() -> u8 {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+    let l = LEVEL.load(Ordering::Relaxed);
+    if l != u8::MAX {
+        return l;
+    }
+    let l = if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+        2
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        1
+    } else {
+        0
+    };
+    LEVEL.store(l, Ordering::Relaxed);
+    l
+}
+
+/// Defines `fn name(args) -> ret` that runs `body` compiled for AVX-512 or AVX2 where the CPU
+/// has them (chosen at run time), else as plain code. Rust never fuses a multiply and an add
+/// on its own, so every variant computes the same bits.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
+                match simd_level() {
+                    // SAFETY: the CPU has the features these variants were compiled for.
+                    2 => return unsafe { v4($($arg),*) },
+                    1 => return unsafe { v3($($arg),*) },
+                    _ => {}
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+/// `e^x` in f32 with no branches and no calls, so that loops over it vectorize: Cody-Waite
+/// reduction x = n·ln 2 + r (|r| <= ln 2 / 2), the degree-6 polynomial of Cephes' `expf` for
+/// e^r (about 1 ulp), and 2^n put into the exponent bits. Below ln(2^-126) it returns 0 (so
+/// e^-inf = 0); above ln(f32::MAX) it returns inf; NaN stays NaN.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.722_84;
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding it rounds to an integer, which lands in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = if x < LO {
+        LO
+    } else if x > HI {
+        HI
+    } else {
+        x
+    };
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    p = p * (r * r) + r + 1.0;
+    // t's low bits hold n + 0x400000; (n + 127) << 23 is 2^n (the high bits shift out).
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
+    if x < LO {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Sums the lanes of `a` in lane order.
+#[inline(always)]
+fn lane_sum(a: &[f32; LANES]) -> f32 {
+    a.iter().fold(0.0, |s, &x| s + x)
+}
+
+/// The largest element (ignoring NaN, as `f32::max` does), from `init`.
+#[inline(always)]
+fn row_max(z: &[f32], init: f32) -> f32 {
+    let mut m = [init; LANES];
+    let mut ch = z.chunks_exact(LANES);
+    for c in &mut ch {
+        for j in 0..LANES {
+            m[j] = m[j].max(c[j]);
+        }
+    }
+    for (j, &v) in ch.remainder().iter().enumerate() {
+        m[j] = m[j].max(v);
+    }
+    m.iter().fold(init, |a, &b| a.max(b))
+}
+
+simd_fn! {
+    /// A row's (max, Σ e^(z − max), Σ e^(z − max)·z); the last is 0 unless `want_pz`.
+    fn softmax_stats(z: &[f32], want_pz: bool) -> (f32, f32, f32) {
+        let mx = row_max(z, f32::NEG_INFINITY);
+        let (mut s, mut pz) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut ch = z.chunks_exact(LANES);
+        if want_pz {
+            for c in &mut ch {
+                for j in 0..LANES {
+                    let e = exp_f32(c[j] - mx);
+                    s[j] += e;
+                    pz[j] += e * c[j];
+                }
+            }
+            for (j, &v) in ch.remainder().iter().enumerate() {
+                let e = exp_f32(v - mx);
+                s[j] += e;
+                pz[j] += e * v;
+            }
+        } else {
+            for c in &mut ch {
+                for j in 0..LANES {
+                    s[j] += exp_f32(c[j] - mx);
+                }
+            }
+            for (j, &v) in ch.remainder().iter().enumerate() {
+                s[j] += exp_f32(v - mx);
+            }
+        }
+        (mx, lane_sum(&s), lane_sum(&pz))
+    }
+}
+
+simd_fn! {
+    /// `z = −g · e^(z − l)` element-wise.
+    fn neg_scaled_exp(z: &mut [f32], g: f32, l: f32) -> () {
+        for v in z.iter_mut() {
+            *v = -g * exp_f32(*v - l);
+        }
+    }
+}
+
+simd_fn! {
+    /// One online-softmax step of an attention row: the new max m = max(m_prev, row[c0..c1]),
+    /// row[c0..c1] = e^(row − m), zeros elsewhere; returns (m, Σ row[c0..c1]).
+    fn attn_row_exp(row: &mut [f32], c0: usize, c1: usize, m_prev: f32) -> (f32, f32) {
+        let mx = row_max(&row[c0..c1], m_prev);
+        let mut s = [0.0f32; LANES];
+        let mut ch = row[c0..c1].chunks_exact_mut(LANES);
+        for c in &mut ch {
+            for j in 0..LANES {
+                c[j] = exp_f32(c[j] - mx);
+                s[j] += c[j];
+            }
+        }
+        for (j, v) in ch.into_remainder().iter_mut().enumerate() {
+            *v = exp_f32(*v - mx);
+            s[j] += *v;
+        }
+        row[..c0].fill(0.0);
+        row[c1..].fill(0.0);
+        (mx, lane_sum(&s))
+    }
+}
+
+simd_fn! {
+    /// One row of the attention backward: p[c0..c1] = e^(p − l), ds[c0..c1] = p·(ds − d),
+    /// zeros elsewhere in both.
+    fn attn_row_bwd(p: &mut [f32], ds: &mut [f32], c0: usize, c1: usize, l: f32, d: f32) -> () {
+        for (pv, dv) in p[c0..c1].iter_mut().zip(&mut ds[c0..c1]) {
+            *pv = exp_f32(*pv - l);
+            *dv = *pv * (*dv - d);
+        }
+        p[..c0].fill(0.0);
+        ds[..c0].fill(0.0);
+        p[c1..].fill(0.0);
+        ds[c1..].fill(0.0);
+    }
+}
+
 // ------------------------------------------------------------------------------------ GEMM
 
 /// Single-threaded `C = alpha·A·B + beta·C` on raw strided pointers (beta = 0 overwrites C).
@@ -467,19 +666,7 @@ pub fn logprobs(
                     tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
-                        let mx = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let (mut s, mut pz) = (0.0f32, 0.0f32);
-                        if want_ent {
-                            for &v in zr {
-                                let e = (v - mx).exp();
-                                s += e;
-                                pz += e * v;
-                            }
-                        } else {
-                            for &v in zr {
-                                s += (v - mx).exp();
-                            }
-                        }
+                        let (mx, s, pz) = softmax_stats(zr, want_ent);
                         let t = tg[r] as usize;
                         let zt = if (v0..v0 + vn).contains(&t) {
                             zr[t - v0]
@@ -571,9 +758,7 @@ pub fn logprobs_bwd(
                             // The chain rule through z·inv_t (exact at inv_t = 1).
                             let (g, l) = (dlogp[t] * inv_t, lse[t]);
                             let zr = &mut z[r * vn..(r + 1) * vn];
-                            for v in zr.iter_mut() {
-                                *v = -g * (*v - l).exp();
-                            }
+                            neg_scaled_exp(zr, g, l);
                             let tg = targets[t] as usize;
                             if (v0..v0 + vn).contains(&tg) {
                                 zr[tg - v0] += g;
@@ -772,19 +957,12 @@ pub fn attention_prefixed(
                     for r in 0..nq {
                         let row = &mut s[r * nk..(r + 1) * nk];
                         let (c0, c1) = mask.cols(i0 + r, j0, nk);
-                        let mx = row[c0..c1].iter().fold(mrow[r], |m, &x| m.max(x));
+                        let (mx, sum) = attn_row_exp(row, c0, c1, mrow[r]);
                         let alpha = if mx == f32::NEG_INFINITY {
                             1.0
                         } else {
                             (mrow[r] - mx).exp()
                         };
-                        let mut sum = 0.0f32;
-                        for x in row[c0..c1].iter_mut() {
-                            *x = (*x - mx).exp();
-                            sum += *x;
-                        }
-                        row[..c0].fill(0.0);
-                        row[c1..].fill(0.0);
                         lrow[r] = lrow[r] * alpha + sum;
                         mrow[r] = mx;
                         if alpha != 1.0 {
@@ -889,14 +1067,7 @@ fn bwd_tile(
         let di = dd[i * n_heads + h];
         let (c0, c1) = mask.cols(i, j0, nk);
         let (pr, dr) = (&mut p[r * nk..(r + 1) * nk], &mut ds[r * nk..(r + 1) * nk]);
-        for c in c0..c1 {
-            pr[c] = (pr[c] - l).exp();
-            dr[c] = pr[c] * (dr[c] - di);
-        }
-        pr[..c0].fill(0.0);
-        dr[..c0].fill(0.0);
-        pr[c1..].fill(0.0);
-        dr[c1..].fill(0.0);
+        attn_row_bwd(pr, dr, c0, c1, l, di);
     }
 }
 
