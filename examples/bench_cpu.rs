@@ -37,7 +37,11 @@ fn cpu_ms() -> f64 {
         let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) else {
             return f64::NAN;
         };
-        match s.split_whitespace().next().and_then(|x| x.parse::<u64>().ok()) {
+        match s
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse::<u64>().ok())
+        {
             Some(v) => ns += v,
             None => return f64::NAN,
         }

@@ -340,6 +340,44 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// `dst[c, r] = src[r, c]` for a row-major `src` of `rows` × `cols` (dst is `cols` ×
+    /// `rows`), in 16 × 16 blocks.
+    fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> () {
+        const B: usize = 16;
+        assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+        for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
+            for c0 in (0..cols).step_by(B) {
+                for c in c0..(c0 + B).min(cols) {
+                    let d = &mut dst[c * rows + r0..c * rows + r1];
+                    for (i, dv) in d.iter_mut().enumerate() {
+                        *dv = src[(r0 + i) * cols + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`transpose`] in parallel over blocks of 64 columns of `src` (rows of `dst`).
+fn transpose_par(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const CB: usize = 64;
+    dst[..rows * cols]
+        .par_chunks_mut(CB * rows)
+        .enumerate()
+        .for_each(|(b, d)| {
+            let (c0, nc) = (b * CB, d.len() / rows.max(1));
+            // The block's columns of src, as a strided view copied row by row.
+            with_scratch(rows * nc, |tmp| {
+                for r in 0..rows {
+                    tmp[r * nc..(r + 1) * nc].copy_from_slice(&src[r * cols + c0..][..nc]);
+                }
+                transpose(tmp, rows, nc, d);
+            });
+        });
+}
+
 // ------------------------------------------------------------------------------------ GEMM
 
 /// Single-threaded `C = alpha·A·B + beta·C` on raw strided pointers (beta = 0 overwrites C).
@@ -489,8 +527,44 @@ pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32])
     });
 }
 
-/// `y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y`
+/// From this many rows of x, [`matmul_nt`] transposes w first.
+const NT_TRANSPOSE_MIN_ROWS: usize = 32;
+/// The most elements of w that [`matmul_nt`] transposes at once (64 MiB); a larger w goes in
+/// slabs of rows.
+const NT_SLAB_ELEMS: usize = 1 << 24;
+
+/// `y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y`. The GEMM kernels want w with unit stride along n:
+/// given w as stored (unit stride along k) they gather it while packing, element by element,
+/// once per block of C; from [`NT_TRANSPOSE_MIN_ROWS`] rows w is transposed once instead (in
+/// slabs of at most [`NT_SLAB_ELEMS`]), and the blocks read the transposed copy.
 pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize, beta: f32) {
+    if m >= NT_TRANSPOSE_MIN_ROWS && n > 0 && k > 0 {
+        assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+        let slab = ((NT_SLAB_ELEMS / k) / GEMM_BLOCK * GEMM_BLOCK)
+            .max(GEMM_BLOCK)
+            .min(n);
+        let mut wt = take_buf(slab * k);
+        let mut n0 = 0;
+        while n0 < n {
+            let nn = slab.min(n - n0);
+            transpose_par(&w[n0 * k..(n0 + nn) * k], nn, k, &mut wt[..nn * k]);
+            let g = Gemm {
+                m,
+                k,
+                n: nn,
+                rsa: k,
+                csa: 1,
+                rsb: nn,
+                csb: 1,
+                rsc: n,
+                csc: 1,
+            };
+            gemm(g, 1.0, x, &wt[..nn * k], beta, &mut y[n0..]);
+            n0 += nn;
+        }
+        give_buf(wt);
+        return;
+    }
     let g = Gemm {
         m,
         k,
@@ -604,6 +678,7 @@ fn tile_logits(
     h: &[f32],
     w: &[f32],
     z: &mut [f32],
+    wt: &mut [f32],
     rows: usize,
     dim: usize,
     v0: usize,
@@ -611,7 +686,10 @@ fn tile_logits(
     inv_t: f32,
 ) {
     assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
-    // SAFETY: bounds asserted above; z is a distinct &mut.
+    // The weight slice transposed to [dim, vn] (unit stride along the vocabulary, which the
+    // GEMM kernels read without packing).
+    transpose(&w[v0 * dim..(v0 + vn) * dim], vn, dim, wt);
+    // SAFETY: bounds asserted above (wt by `transpose`); z is a distinct &mut.
     unsafe {
         sgemm(
             rows,
@@ -621,9 +699,9 @@ fn tile_logits(
             h.as_ptr(),
             dim,
             1,
-            w.as_ptr().add(v0 * dim),
+            wt.as_ptr(),
+            vn,
             1,
-            dim,
             0.0,
             z.as_mut_ptr(),
             vn,
@@ -662,8 +740,9 @@ pub fn logprobs(
             .for_each(|(tile, st)| {
                 let v0 = tile * LP_VT;
                 let vn = LP_VT.min(vocab - v0);
-                with_scratch(rows * vn, |z| {
-                    tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
+                with_scratch(rows * vn + dim * vn, |buf| {
+                    let (z, wt) = buf.split_at_mut(rows * vn);
+                    tile_logits(hb, w, z, wt, rows, dim, v0, vn, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
                         let (mx, s, pz) = softmax_stats(zr, want_ent);
@@ -751,8 +830,9 @@ pub fn logprobs_bwd(
                 for tile in tiles {
                     let v0 = tile * LP_VT;
                     let vn = LP_VT.min(vocab - v0);
-                    with_scratch(rows * vn, |z| {
-                        tile_logits(hb, w, z, rows, dim, v0, vn, inv_t);
+                    with_scratch(rows * vn + dim * vn, |buf| {
+                        let (z, wt) = buf.split_at_mut(rows * vn);
+                        tile_logits(hb, w, z, wt, rows, dim, v0, vn, inv_t);
                         for r in 0..rows {
                             let t = t0 + r;
                             // The chain rule through z·inv_t (exact at inv_t = 1).
