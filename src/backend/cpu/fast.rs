@@ -172,7 +172,10 @@ fn simd_level() -> u8 {
 /// has them (chosen at run time), else as plain code. Rust never fuses a multiply and an add
 /// on its own, so every variant computes the same bits.
 macro_rules! simd_fn {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        simd_fn! { $(#[$m])* fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
         fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
@@ -212,13 +215,7 @@ fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding it rounds to an integer, which lands in the low mantissa bits.
     const MAGIC: f32 = 12_582_912.0;
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI);
     let t = xc * LOG2E + MAGIC;
     let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
@@ -227,7 +224,7 @@ fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     p = p * (r * r) + r + 1.0;
     // t's low bits hold n + 0x400000; (n + 127) << 23 is 2^n (the high bits shift out).
     let scale = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
@@ -295,7 +292,7 @@ simd_fn! {
 
 simd_fn! {
     /// `z = −g · e^(z − l)` element-wise.
-    fn neg_scaled_exp(z: &mut [f32], g: f32, l: f32) -> () {
+    fn neg_scaled_exp(z: &mut [f32], g: f32, l: f32) {
         for v in z.iter_mut() {
             *v = -g * exp_f32(*v - l);
         }
@@ -328,7 +325,7 @@ simd_fn! {
 simd_fn! {
     /// One row of the attention backward: p[c0..c1] = e^(p − l), ds[c0..c1] = p·(ds − d),
     /// zeros elsewhere in both.
-    fn attn_row_bwd(p: &mut [f32], ds: &mut [f32], c0: usize, c1: usize, l: f32, d: f32) -> () {
+    fn attn_row_bwd(p: &mut [f32], ds: &mut [f32], c0: usize, c1: usize, l: f32, d: f32) {
         for (pv, dv) in p[c0..c1].iter_mut().zip(&mut ds[c0..c1]) {
             *pv = exp_f32(*pv - l);
             *dv = *pv * (*dv - d);
@@ -343,7 +340,7 @@ simd_fn! {
 simd_fn! {
     /// `dst[c, r] = src[r, c]` for a row-major `src` of `rows` × `cols` (dst is `cols` ×
     /// `rows`), in 16 × 16 blocks.
-    fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> () {
+    fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         const B: usize = 16;
         assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
         for r0 in (0..rows).step_by(B) {
@@ -1537,18 +1534,46 @@ pub fn rope(
         });
 }
 
-/// [`math::swiglu`] in parallel (bit-identical to it).
+simd_fn! {
+    /// [`math::swiglu`] on one chunk with [`exp_f32`].
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * (1.0 / (1.0 + exp_f32(-g))) * u;
+        }
+    }
+}
+
+simd_fn! {
+    /// [`math::swiglu_bwd`] on one chunk with [`exp_f32`].
+    fn swiglu_bwd_chunk(
+        dout: &[f32],
+        gate: &[f32],
+        up: &[f32],
+        dgate: &mut [f32],
+        dup: &mut [f32]
+    ) {
+        let n = dgate.len().min(dup.len());
+        for i in 0..n {
+            let g = gate[i];
+            let sg = 1.0 / (1.0 + exp_f32(-g));
+            dgate[i] = dout[i] * up[i] * sg * (1.0 + g * (1.0 - sg));
+            dup[i] = dout[i] * g * sg;
+        }
+    }
+}
+
+/// [`math::swiglu`] in parallel, with the vectorized [`exp_f32`] for the sigmoid.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
     out[..n]
         .par_chunks_mut(ELEMS)
         .enumerate()
         .for_each(|(c, o)| {
-            let m = o.len();
-            math::swiglu(&gate[c * ELEMS..], &up[c * ELEMS..], o, m);
+            let (m, at) = (o.len(), c * ELEMS);
+            swiglu_chunk(&gate[at..at + m], &up[at..at + m], o);
         });
 }
 
-/// [`math::swiglu_bwd`] in parallel (bit-identical to it).
+/// [`math::swiglu_bwd`] in parallel, with the vectorized [`exp_f32`] for the sigmoid.
 pub fn swiglu_bwd(
     dout: &[f32],
     gate: &[f32],
@@ -1563,7 +1588,7 @@ pub fn swiglu_bwd(
         .enumerate()
         .for_each(|(c, (dg, du))| {
             let (m, o) = (dg.len(), c * ELEMS);
-            math::swiglu_bwd(&dout[o..], &gate[o..], &up[o..], dg, du, m);
+            swiglu_bwd_chunk(&dout[o..o + m], &gate[o..o + m], &up[o..o + m], dg, du);
         });
 }
 
