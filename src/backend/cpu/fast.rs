@@ -5,11 +5,14 @@
 //! - GEMMs: the `gemm` crate's single-threaded f32 kernels (AVX-512 where the CPU has it, else
 //!   AVX2/FMA, chosen at run time) on disjoint row (or column) blocks of C,
 //!   one block per thread. The reduction over k is the same whatever the split, so a GEMM gives
-//!   the same bits for every thread count.
+//!   the same bits for every thread count. `x · wᵀ` (a linear's forward) transposes w once
+//!   first: the kernels gather a k-contiguous operand element by element while packing it.
 //! - Vocabulary ops (lm_head + log-softmax): tiles of [`LP_ROWS`] rows × [`LP_VT`] vocabulary
-//!   columns, in parallel over the vocabulary tiles; each tile packs only its slice of the
+//!   columns, in parallel over the vocabulary tiles; each tile transposes only its slice of the
 //!   lm_head weight, and the log-sum-exp is combined across tiles (online softmax). The [n_tok,
 //!   vocab] logits are never formed.
+//! - Exponentials (log-softmax, attention, SwiGLU): `exp_f32`, a branch-free polynomial, in
+//!   loops with explicit lanes, compiled for AVX-512, AVX2 or plain code (chosen at run time).
 //! - Attention: flash-attention style (Dao et al. 2022, "FlashAttention", arXiv:2205.14135;
 //!   Dao 2023, "FlashAttention-2", arXiv:2307.08691): tiles of [`BQ`] queries × [`BK`] keys, in
 //!   parallel over (sequence, head, query block) for the forward and dq, and over
@@ -532,8 +535,8 @@ const NT_SLAB_ELEMS: usize = 1 << 24;
 
 /// `y[m,n] = x[m,k] · w[n,k]ᵀ + beta · y`. The GEMM kernels want w with unit stride along n:
 /// given w as stored (unit stride along k) they gather it while packing, element by element,
-/// once per block of C; from [`NT_TRANSPOSE_MIN_ROWS`] rows w is transposed once instead (in
-/// slabs of at most [`NT_SLAB_ELEMS`]), and the blocks read the transposed copy.
+/// once per block of C; from `NT_TRANSPOSE_MIN_ROWS` rows w is transposed once instead (in
+/// slabs of at most `NT_SLAB_ELEMS`), and the blocks read the transposed copy.
 pub fn matmul_nt(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize, beta: f32) {
     if m >= NT_TRANSPOSE_MIN_ROWS && n > 0 && k > 0 {
         assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
@@ -1535,7 +1538,7 @@ pub fn rope(
 }
 
 simd_fn! {
-    /// [`math::swiglu`] on one chunk with [`exp_f32`].
+    /// [`math::swiglu`] on one chunk with `exp_f32`.
     fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = g * (1.0 / (1.0 + exp_f32(-g))) * u;
@@ -1544,7 +1547,7 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// [`math::swiglu_bwd`] on one chunk with [`exp_f32`].
+    /// [`math::swiglu_bwd`] on one chunk with `exp_f32`.
     fn swiglu_bwd_chunk(
         dout: &[f32],
         gate: &[f32],
@@ -1562,7 +1565,7 @@ simd_fn! {
     }
 }
 
-/// [`math::swiglu`] in parallel, with the vectorized [`exp_f32`] for the sigmoid.
+/// [`math::swiglu`] in parallel, with the vectorized `exp_f32` for the sigmoid.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
     out[..n]
         .par_chunks_mut(ELEMS)
@@ -1573,7 +1576,7 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32], n: usize) {
         });
 }
 
-/// [`math::swiglu_bwd`] in parallel, with the vectorized [`exp_f32`] for the sigmoid.
+/// [`math::swiglu_bwd`] in parallel, with the vectorized `exp_f32` for the sigmoid.
 pub fn swiglu_bwd(
     dout: &[f32],
     gate: &[f32],
