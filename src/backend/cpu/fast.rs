@@ -341,18 +341,35 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `dst[c, r] = src[r, c]` for a row-major `src` of `rows` × `cols` (dst is `cols` ×
-    /// `rows`), in 16 × 16 blocks.
-    fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    /// `dst[c, r] = src[r, c]` for `src` of `rows` × `cols` with row stride `ld` (dst is
+    /// `cols` × `rows`, packed), in 16 × 16 blocks.
+    fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, dst: &mut [f32]) {
         const B: usize = 16;
-        assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+        assert!(ld >= cols && dst.len() >= rows * cols);
+        assert!(rows == 0 || src.len() >= (rows - 1) * ld + cols);
         for r0 in (0..rows).step_by(B) {
             let r1 = (r0 + B).min(rows);
             for c0 in (0..cols).step_by(B) {
+                if r1 - r0 == B && c0 + B <= cols {
+                    // A whole block through fixed-size arrays (no bounds checks, vector loads
+                    // and stores).
+                    let mut t = [[0.0f32; B]; B];
+                    for (i, tr) in t.iter_mut().enumerate() {
+                        tr.copy_from_slice(&src[(r0 + i) * ld + c0..][..B]);
+                    }
+                    for c in 0..B {
+                        let mut col = [0.0f32; B];
+                        for (i, v) in col.iter_mut().enumerate() {
+                            *v = t[i][c];
+                        }
+                        dst[(c0 + c) * rows + r0..][..B].copy_from_slice(&col);
+                    }
+                    continue;
+                }
                 for c in c0..(c0 + B).min(cols) {
                     let d = &mut dst[c * rows + r0..c * rows + r1];
                     for (i, dv) in d.iter_mut().enumerate() {
-                        *dv = src[(r0 + i) * cols + c];
+                        *dv = src[(r0 + i) * ld + c];
                     }
                 }
             }
@@ -360,7 +377,7 @@ simd_fn! {
     }
 }
 
-/// [`transpose`] in parallel over blocks of 64 columns of `src` (rows of `dst`).
+/// [`transpose`] (packed `src`) in parallel over blocks of 64 columns of `src` (rows of `dst`).
 fn transpose_par(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const CB: usize = 64;
     dst[..rows * cols]
@@ -368,13 +385,7 @@ fn transpose_par(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         .enumerate()
         .for_each(|(b, d)| {
             let (c0, nc) = (b * CB, d.len() / rows.max(1));
-            // The block's columns of src, as a strided view copied row by row.
-            with_scratch(rows * nc, |tmp| {
-                for r in 0..rows {
-                    tmp[r * nc..(r + 1) * nc].copy_from_slice(&src[r * cols + c0..][..nc]);
-                }
-                transpose(tmp, rows, nc, d);
-            });
+            transpose(&src[c0..], rows, nc, cols, d);
         });
 }
 
@@ -688,7 +699,7 @@ fn tile_logits(
     assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
     // The weight slice transposed to [dim, vn] (unit stride along the vocabulary, which the
     // GEMM kernels read without packing).
-    transpose(&w[v0 * dim..(v0 + vn) * dim], vn, dim, wt);
+    transpose(&w[v0 * dim..(v0 + vn) * dim], vn, dim, dim, wt);
     // SAFETY: bounds asserted above (wt by `transpose`); z is a distinct &mut.
     unsafe {
         sgemm(
