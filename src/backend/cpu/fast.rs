@@ -1626,23 +1626,3 @@ pub fn add_inplace(a: &mut [f32], b: &[f32]) {
             }
         });
 }
-
-/// [`math::adamw`] in parallel (bit-identical to it).
-pub fn adamw(
-    p: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    n: usize,
-    hp: &math::AdamW<f32>,
-) {
-    p[..n]
-        .par_chunks_mut(ELEMS)
-        .zip(m[..n].par_chunks_mut(ELEMS))
-        .zip(v[..n].par_chunks_mut(ELEMS))
-        .enumerate()
-        .for_each(|(c, ((p, m), v))| {
-            let len = p.len();
-            math::adamw(p, &grad[c * ELEMS..], m, v, len, hp);
-        });
-}
