@@ -74,20 +74,7 @@ impl ShardPlan {
         let mut buckets = Vec::with_capacity(layout.layers.len() + 2);
         let mut next = 0;
         for l in &layout.layers {
-            let idx = [
-                l.input_norm,
-                l.wq,
-                l.bq,
-                l.wk,
-                l.bk,
-                l.wv,
-                l.bv,
-                l.wo,
-                l.post_norm,
-                l.w_gate,
-                l.w_up,
-                l.w_down,
-            ];
+            let idx = l.all();
             let (lo, hi) = (
                 *idx.iter().min().unwrap_or(&next),
                 *idx.iter().max().unwrap_or(&next) + 1,

@@ -34,6 +34,26 @@ pub struct LayerParams {
     pub w_down: usize,
 }
 
+impl LayerParams {
+    /// The layer's twelve tensor indices, in layout order.
+    pub fn all(&self) -> [usize; 12] {
+        [
+            self.input_norm,
+            self.wq,
+            self.bq,
+            self.wk,
+            self.bk,
+            self.wv,
+            self.bv,
+            self.wo,
+            self.post_norm,
+            self.w_gate,
+            self.w_up,
+            self.w_down,
+        ]
+    }
+}
+
 /// Every parameter of a Qwen2 model in a fixed order, by HF name. With tied embeddings there is
 /// no `lm_head.weight` and `lm_head == embed`.
 #[derive(Clone, Debug, PartialEq, Eq)]

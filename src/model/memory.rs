@@ -68,16 +68,16 @@ pub struct MemoryEstimate {
 
 /// Saturating product: every figure here is a product of user-given sizes, and a size that
 /// does not fit in 64 bits must read as "too large", never wrap to a small number.
-fn mul(xs: &[u64]) -> u64 {
+pub(crate) fn mul(xs: &[u64]) -> u64 {
     xs.iter().fold(1u64, |a, &x| a.saturating_mul(x))
 }
 
 /// Saturating sum (see [`mul`]).
-fn add(xs: &[u64]) -> u64 {
+pub(crate) fn add(xs: &[u64]) -> u64 {
     xs.iter().fold(0u64, |a, &x| a.saturating_add(x))
 }
 
-fn to64(v: usize) -> u64 {
+pub(crate) fn to64(v: usize) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
@@ -124,23 +124,10 @@ impl MemoryEstimate {
             .layers
             .first()
             .map(|l| {
-                [
-                    l.input_norm,
-                    l.wq,
-                    l.bq,
-                    l.wk,
-                    l.bk,
-                    l.wv,
-                    l.bv,
-                    l.wo,
-                    l.post_norm,
-                    l.w_gate,
-                    l.w_up,
-                    l.w_down,
-                ]
-                .iter()
-                .map(|&ix| layout.specs[ix].numel() as u64)
-                .sum()
+                l.all()
+                    .iter()
+                    .map(|&ix| layout.specs[ix].numel() as u64)
+                    .sum()
             })
             .unwrap_or(0);
         let reference = if inputs.offload_reference {

@@ -14,7 +14,9 @@
 //! "too large" and fails every fit check instead of wrapping to a small number.
 
 use crate::backend::cuda::size_class;
-use crate::model::memory::{human_bytes, layer_work_per_token, MemoryEstimate, MemoryInputs};
+use crate::model::memory::{
+    add, human_bytes, layer_work_per_token, mul, to64, MemoryEstimate, MemoryInputs,
+};
 use crate::model::{ParamLayout, Qwen2Config};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -225,18 +227,6 @@ pub struct Plan {
     pub budget: Budget,
     /// None when the plan fits; else why not.
     pub refusal: Option<String>,
-}
-
-fn mul(xs: &[u64]) -> u64 {
-    xs.iter().fold(1u64, |a, &x| a.saturating_mul(x))
-}
-
-fn add(xs: &[u64]) -> u64 {
-    xs.iter().fold(0u64, |a, &x| a.saturating_add(x))
-}
-
-fn to64(v: usize) -> u64 {
-    u64::try_from(v).unwrap_or(u64::MAX)
 }
 
 /// Sizes of the model that do not depend on the run.
