@@ -2122,12 +2122,16 @@ fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
     (got, want)
 }
 
-/// The fast path of logprobs and logprobs_bwd over 300 rows (two row blocks) and vocab 1500 (three tiles, the last ragged), at temperature 1 and 0.7: (outputs, f64 math).
+/// The fast path of logprobs and logprobs_bwd over 1100 rows (two blocks of `fast::LP_ROWS` = 1024) and vocab 1500 (three tiles, the last ragged), at temperature 1 and 0.7: (outputs, f64 math).
 fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     let b = Cpu;
     let (mut got, mut want) = (Vec::new(), Vec::new());
-    // logprobs + bwd: 300 rows (two row blocks), vocab 1500 (three tiles, the last ragged)
-    let (nt, dim, vocab) = (300, 24, 1500);
+    // logprobs + bwd: 1100 rows (two row blocks of 1024), vocab 1500 (three tiles of 512, the
+    // last ragged)
+    assert!(
+        1100 > tooln1::backend::cpu::fast::LP_ROWS && 1500 > 2 * tooln1::backend::cpu::fast::LP_VT
+    );
+    let (nt, dim, vocab) = (1100, 24, 1500);
     let (h, wl, dl) = (
         randv(r, nt * dim, 0.5),
         randv(r, vocab * dim, 0.5),
@@ -2320,6 +2324,40 @@ fn fast_linear_multi_tile_matches_f64_math_and_thread_counts() {
             "linear dbias (split n)",
         ],
         fast_linear,
+    );
+}
+
+/// The fast path of a linear forward whose weight is transposed in slabs (more than 2^24
+/// elements: 4200 x 4100 goes in two slabs, 3840 rows and a ragged 360): (outputs, f64 math).
+fn fast_linear_slabs(r: &mut ChaCha8Rng) -> Outputs {
+    let b = Cpu;
+    let (m, n, k) = (33, 4200, 4100);
+    assert!(n * k > 1 << 24, "the weight must exceed one slab");
+    let (x, w, bias) = (
+        randv(r, m * k, 1.0),
+        randv(r, n * k, 0.05),
+        randv(r, n, 1.0),
+    );
+    let mut y = vec![f32::NAN; m * n];
+    b.linear(
+        &to32(&x),
+        &to32(&w),
+        Some(&to32(&bias)),
+        &mut y,
+        GemmDims { m, n, k },
+    )
+    .unwrap();
+    let mut y64 = nan(m * n);
+    math::linear(&x, &w, Some(&bias), &mut y64, m, n, k);
+    (vec![y], vec![y64])
+}
+
+#[test]
+fn fast_linear_weight_slabs_match_f64_math_and_thread_counts() {
+    fast_multi_tile(
+        "fast_linear_slabs",
+        &["linear y (weight in slabs)"],
+        fast_linear_slabs,
     );
 }
 
