@@ -245,3 +245,17 @@ fn bad_json_and_missing_file() {
         "{e}"
     );
 }
+
+#[test]
+fn same_model_ignores_only_the_storage_dtype() {
+    let a = tooln1::model::init::tiny_config(32, 2, 4, 2, 40, 64, false);
+    let mut b = a.clone();
+    b.torch_dtype = "bfloat16".into();
+    assert!(a.same_model(&b) && b.same_model(&a));
+    let mut c = a.clone();
+    c.rope_theta = 1e6;
+    assert!(!a.same_model(&c));
+    let mut d = b.clone();
+    d.num_key_value_heads = 1;
+    assert!(!a.same_model(&d));
+}

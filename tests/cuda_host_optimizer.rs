@@ -193,9 +193,8 @@ fn grpo_with_the_optimizer_on_the_host_matches_the_device_optimizer_including_re
     let vocab = tok().inner.get_vocab_size(true).div_ceil(64) * 64;
     let mut cfg = init::tiny_config(128, 2, 2, 1, 96, vocab, false);
     cfg.eos_token_id = vec![tok().token_id("<|im_end|>").unwrap()];
-    // A CUDA checkpoint saves bf16 weights and says so in its config; the reference built
-    // here must carry the same dtype for `Trainer::resume`'s config comparison.
-    cfg.torch_dtype = "bfloat16".into();
+    // The reference keeps this f32 config while a CUDA checkpoint (the resumed policy) says
+    // bfloat16: the same model, which `Trainer::resume` must accept.
     let host = init::random_params(&cfg, 17);
     let prompts: Vec<PromptItem> = ["the tree", "set a timer", "call me"]
         .iter()

@@ -33,6 +33,16 @@ pub struct Qwen2Config {
     pub hidden_act: String,
 }
 
+impl Qwen2Config {
+    /// Whether `other` describes the same model: every field but `torch_dtype`, which only
+    /// says how the weights were stored (a bf16 checkpoint of an f32 model is the same model).
+    pub fn same_model(&self, other: &Qwen2Config) -> bool {
+        let mut o = other.clone();
+        o.torch_dtype.clone_from(&self.torch_dtype);
+        *self == o
+    }
+}
+
 /// The architecture name written into saved configs.
 pub const ARCHITECTURE: &str = "Qwen2ForCausalLM";
 /// The `model_type` written into saved configs.

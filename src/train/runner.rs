@@ -258,9 +258,10 @@ impl<B: Backend> Trainer<B> {
                 prompts.len()
             );
         }
-        if policy.cfg != reference.cfg {
+        if !policy.cfg.same_model(&reference.cfg) {
             return Err(Error::msg(
-                "the reference model's config differs from the policy's",
+                "the reference model's config differs from the policy's (beyond the storage \
+                 dtype): they must be the same model",
             ));
         }
         let host = cfg.memory.optimizer == Place::Host;
