@@ -2128,9 +2128,12 @@ fn fast_logprobs(r: &mut ChaCha8Rng) -> Outputs {
     let (mut got, mut want) = (Vec::new(), Vec::new());
     // logprobs + bwd: 1100 rows (two row blocks of 1024), vocab 1500 (three tiles of 512, the
     // last ragged)
-    assert!(
-        1100 > tooln1::backend::cpu::fast::LP_ROWS && 1500 > 2 * tooln1::backend::cpu::fast::LP_VT
-    );
+    const {
+        assert!(
+            1100 > tooln1::backend::cpu::fast::LP_ROWS
+                && 1500 > 2 * tooln1::backend::cpu::fast::LP_VT
+        )
+    };
     let (nt, dim, vocab) = (1100, 24, 1500);
     let (h, wl, dl) = (
         randv(r, nt * dim, 0.5),
