@@ -160,8 +160,8 @@ def write_doc(a, rows, load_before, load_after):
         "",
         f"Measured {datetime.date.today().isoformat()} on {cpu}, {os.cpu_count()} cores"
         f" ({platform.system()} {platform.release()}); load average before"
-        f" {load_before[0]:.2f}, after {load_after[0]:.2f} (the machine was shared, so times"
-        " carry noise). Versions: " + rustc + f", torch {torch.__version__},"
+        f" {load_before[0]:.2f}, after {load_after[0]:.2f} (the benchmark's own processes"
+        " included; above the core count, times carry noise). Versions: " + rustc + f", torch {torch.__version__},"
         f" transformers {transformers.__version__}. Command: `{a.command}` (medians of"
         f" {a.runs} runs after a warm-up).",
         "",
