@@ -29,7 +29,8 @@ use rayon::prelude::*;
 /// Elements per parallel chunk.
 const CHUNK: usize = 1 << 14;
 
-/// The f32 constants of one update, exactly as the CUDA launcher passes them to the kernel.
+/// The f32 constants of one update: the host update's, and the ones the CUDA launcher passes
+/// to the kernel (`backend::cuda::ops::adamw`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HostStep {
     pub lr: f32,

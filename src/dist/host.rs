@@ -80,13 +80,6 @@ impl HostRank {
         self.shared.cv.notify_all();
     }
 
-    /// A local argument error: stops the group (the other ranks would otherwise wait for this
-    /// one forever) and returns the error.
-    pub(crate) fn fail(&self, msg: String) -> Error {
-        self.abort(&msg);
-        Error::Invalid(msg)
-    }
-
     /// Passes `r` through, stopping the group first when it is an error (an argument error of
     /// one rank would otherwise leave the others waiting for it).
     pub fn checked<T>(&self, r: Result<T>) -> Result<T> {
@@ -128,11 +121,6 @@ impl HostRank {
     fn slots(&self) -> Vec<(usize, usize)> {
         let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.slots.clone()
-    }
-
-    /// Waits for every rank.
-    pub fn barrier_all(&self) -> Result<()> {
-        self.barrier(None)
     }
 
     /// Runs one collective: publish `input`, then `body` reads every rank's input (as slices
@@ -197,26 +185,15 @@ impl HostRank {
         Ok(())
     }
 
-    /// v = Σ_ranks v, in rank order (f32), on every rank.
-    pub fn all_reduce_f32(&self, v: &mut [f32]) -> Result<()> {
-        let sums = self.collective("all_reduce", v, |ins| sum_range(ins, 0, v_len(ins)))?;
-        v.copy_from_slice(&sums);
-        Ok(())
-    }
-
     /// acc[..n] += Σ_ranks send[rank*n .. (rank+1)*n], the rank's shard of the summed `send`
     /// (`send` holds world * n elements on every rank), summed in rank order in f32 and then
-    /// added to `acc`.
-    pub fn reduce_scatter_add_f32(&self, send: &[f32], acc: &mut [f32], n: usize) -> Result<()> {
-        let w = self.world();
-        if n.checked_mul(w) != Some(send.len()) || acc.len() < n {
-            return Err(self.fail(format!(
-                "reduce_scatter: send holds {} elements and acc {}, expected {n} x {w} ranks and \
-                 at least {n}",
-                send.len(),
-                acc.len()
-            )));
-        }
+    /// added to `acc`. The caller checked the sizes (`backend::check::reduce_scatter`).
+    pub(crate) fn reduce_scatter_add_f32(
+        &self,
+        send: &[f32],
+        acc: &mut [f32],
+        n: usize,
+    ) -> Result<()> {
         let start = self.rank * n;
         let sums = self.collective("reduce_scatter", send, |ins| sum_range(ins, start, n))?;
         for (a, s) in acc[..n].iter_mut().zip(&sums) {
@@ -225,26 +202,16 @@ impl HostRank {
         Ok(())
     }
 
-    /// out[r*n .. (r+1)*n] = shard of rank r, for every rank r (`shard` holds n elements).
-    pub fn all_gather_f32(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+    /// out[r*n .. (r+1)*n] = shard of rank r, for every rank r (`shard` holds n elements; the
+    /// caller checked the sizes, `backend::check::all_gather`).
+    pub(crate) fn all_gather_f32(&self, shard: &[f32], out: &mut [f32]) -> Result<()> {
         let n = shard.len();
-        let w = self.world();
-        if out.len() < n * w {
-            return Err(self.fail(format!(
-                "all_gather: out holds {} elements, expected at least {n} x {w} ranks",
-                out.len()
-            )));
-        }
         self.collective("all_gather", shard, |ins| {
             for (r, s) in ins.iter().enumerate() {
                 out[r * n..(r + 1) * n].copy_from_slice(s);
             }
         })
     }
-}
-
-fn v_len(ins: &[&[f32]]) -> usize {
-    ins[0].len()
 }
 
 /// Σ_r ins[r][start..start + n] in rank order.

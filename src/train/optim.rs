@@ -208,17 +208,8 @@ impl<B: Backend> AdamW<B> {
             }
             return Ok(total);
         }
-        for (i, s) in model.layout.specs.iter().enumerate() {
-            total += match &self.master {
-                Some(ms) => b.sum_squares_f32(&ms[i], s.numel())?,
-                None => b
-                    .download(&model.params[i], s.numel())?
-                    .iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum::<f64>(),
-            };
-        }
-        Ok(total)
+        let lens: Vec<usize> = model.layout.specs.iter().map(|s| s.numel()).collect();
+        weights_sum_squares(b, self.master.as_deref(), &model.params, &lens)
     }
 
     /// Global gradient L2 norm over every parameter.
@@ -355,4 +346,27 @@ pub fn check_weights(
          large, or optim.eps = {:e} too small. The last checkpoint written is still the latest",
         cfg.lr, cfg.weight_decay, cfg.eps
     )))
+}
+
+/// Sum of squares (f64) of `lens[i]` elements of every tensor i: of its f32 master copy where
+/// there are masters, else of the weights themselves (f32 on such a backend) through a
+/// download.
+pub fn weights_sum_squares<B: Backend>(
+    b: &B,
+    master: Option<&[B::F]>,
+    params: &[B::T],
+    lens: &[usize],
+) -> Result<f64> {
+    let mut total = 0.0f64;
+    for (i, &n) in lens.iter().enumerate() {
+        total += match master {
+            Some(ms) => b.sum_squares_f32(&ms[i], n)?,
+            None => b
+                .download(&params[i], n)?
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>(),
+        };
+    }
+    Ok(total)
 }

@@ -21,7 +21,9 @@ use crate::backend::Backend;
 use crate::dist::{Collective, ShardPlan};
 use crate::model::Model;
 use crate::train::config::OptimConfig;
-use crate::train::optim::{check_grad_norm, check_weights, step_hparams, UpdateStats};
+use crate::train::optim::{
+    check_grad_norm, check_weights, step_hparams, weights_sum_squares, UpdateStats,
+};
 use crate::{Error, Result};
 
 /// Sharded optimizer state of one rank, one entry per tensor in layout order; every buffer
@@ -222,17 +224,7 @@ impl<B: Backend> ShardedAdamW<B> {
 
     /// Sum of squares of this rank's weight shards (the master where there is one).
     fn param_sum_squares(&self, b: &B) -> Result<f64> {
-        let mut total = 0.0f64;
-        for (i, t) in self.plan.tensors.iter().enumerate() {
-            total += match &self.master {
-                Some(ms) => b.sum_squares_f32(&ms[i], t.shard)?,
-                None => b
-                    .download(&self.param[i], t.shard)?
-                    .iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum::<f64>(),
-            };
-        }
-        Ok(total)
+        let lens: Vec<usize> = self.plan.tensors.iter().map(|t| t.shard).collect();
+        weights_sum_squares(b, self.master.as_deref(), &self.param, &lens)
     }
 }

@@ -5,6 +5,7 @@ use super::super::runtime::gen::launch::adamw as k;
 use super::super::runtime::{Bf16, CudaBuf, Out};
 use super::super::Cuda;
 use super::{blocks, ew};
+use crate::backend::host_adamw::HostStep;
 use crate::backend::{check, AdamWStep};
 use crate::Result;
 
@@ -22,9 +23,8 @@ pub(crate) fn adamw(
 ) -> Result<()> {
     check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
     let master: Out<'_, f32> = master.into();
-    let t = hp.step.min(i32::MAX as u64) as i32;
-    let bc1 = (1.0 - (hp.beta1 as f64).powi(t)) as f32;
-    let bc2 = (1.0 - (hp.beta2 as f64).powi(t)) as f32;
+    // The same f32 constants as the host update (bias corrections rounded once from f64).
+    let h = HostStep::new(hp);
     k::adamw_step(
         &c.gpu,
         ew(n),
@@ -35,14 +35,14 @@ pub(crate) fn adamw(
             m,
             v,
             n: n as i64,
-            lr: hp.lr,
-            b1: hp.beta1,
-            b2: hp.beta2,
-            eps: hp.eps,
-            wd: hp.weight_decay,
-            grad_scale: hp.grad_scale,
-            bc1,
-            bc2,
+            lr: h.lr,
+            b1: h.beta1,
+            b2: h.beta2,
+            eps: h.eps,
+            wd: h.weight_decay,
+            grad_scale: h.grad_scale,
+            bc1: h.bc1,
+            bc2: h.bc2,
         },
     )
 }
