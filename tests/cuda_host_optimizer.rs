@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::train::LikesE;
+
 use common::{gpu, seed};
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::host_adamw;
@@ -158,21 +160,6 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
     };
     assert_eq!(bits(&wd), bits(&wh), "bf16 weights");
     assert_eq!(bits(&sd), bits(&sh), "optimizer state");
-}
-
-struct LikesE;
-
-impl tooln1::reward::Reward for LikesE {
-    fn score(&self, response: &str, _gt: &serde_json::Value) -> tooln1::reward::RewardOutput {
-        let e = response.matches('e').count() as f32;
-        let r = (e / (1.0 + response.len() as f32 / 8.0)).min(1.0);
-        tooln1::reward::RewardOutput {
-            reward: r,
-            format_ok: !response.is_empty(),
-            calls_ok: r >= 0.5,
-            reason: "ok".into(),
-        }
-    }
 }
 
 #[test]

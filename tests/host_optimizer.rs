@@ -4,12 +4,15 @@
 //! and SFT training with the state on the host giving bit-identical weights to the state on
 //! the backend on the CPU backend, including a resume from a host-state checkpoint.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::train::LikesE;
+
+use std::path::Path;
 use tooln1::backend::cpu::{set_num_threads, Cpu};
 use tooln1::backend::host_adamw::{self, HostStep};
 use tooln1::backend::AdamWStep;
 use tooln1::model::{init, Model, Qwen2Config};
-use tooln1::reward::{Reward, RewardOutput};
 use tooln1::tokenizer::Tokenizer;
 use tooln1::train::checkpoint;
 use tooln1::train::config::{Place, RunConfig, SftConfig};
@@ -119,29 +122,8 @@ fn host_adamw_is_the_kernel_math_bit_for_bit_for_every_thread_count() {
     }
 }
 
-struct LikesE;
-
-impl Reward for LikesE {
-    fn score(&self, response: &str, _gt: &serde_json::Value) -> RewardOutput {
-        let e = response.matches('e').count() as f32;
-        let r = (e / (1.0 + response.len() as f32 / 8.0)).min(1.0);
-        RewardOutput {
-            reward: r,
-            format_ok: !response.is_empty(),
-            calls_ok: r >= 0.5,
-            reason: "ok".into(),
-        }
-    }
-}
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(&fixture("golden/tokenizer/tokenizer.json")).unwrap()
+    common::train::golden_tokenizer()
 }
 
 fn setup(tied: bool) -> (Qwen2Config, Vec<Vec<f32>>, Vec<PromptItem>) {

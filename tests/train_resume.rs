@@ -3,7 +3,11 @@
 //! model folder loads back; metrics lines are written per step; the training-side passes take
 //! their logprobs at the rollout temperature.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::train::LikesE;
+
+use std::path::Path;
 use tooln1::backend::cpu::Cpu;
 use tooln1::model::weights::load_model;
 use tooln1::model::PackedBatch;
@@ -15,31 +19,8 @@ use tooln1::train::config::RunConfig;
 use tooln1::train::rollout::{self, SamplingParams};
 use tooln1::train::{PromptItem, TrainConfig, Trainer};
 
-/// A reward a library user might write: likes responses that contain the letter `e` and are
-/// short.
-struct LikesE;
-
-impl Reward for LikesE {
-    fn score(&self, response: &str, _gt: &serde_json::Value) -> RewardOutput {
-        let e = response.matches('e').count() as f32;
-        let r = (e / (1.0 + response.len() as f32 / 8.0)).min(1.0);
-        RewardOutput {
-            reward: r,
-            format_ok: !response.is_empty(),
-            calls_ok: r >= 0.5,
-            reason: "ok".into(),
-        }
-    }
-}
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
 fn tokenizer() -> Tokenizer {
-    Tokenizer::from_file(&fixture("golden/tokenizer/tokenizer.json")).unwrap()
+    common::train::golden_tokenizer()
 }
 
 fn setup() -> (Qwen2Config, Vec<Vec<f32>>, Vec<PromptItem>) {

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod train;
 
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::Backend;
