@@ -139,7 +139,21 @@ fn main() -> anyhow::Result<()> {
             let mut grads = policy.zero_grads(&b)?;
             let t = Instant::now();
             let s = grpo::accumulate_responses(
-                &b, &policy, &seqs, &old, &rf, &loss_cfg, 0.0, budget, recompute, inv_t, layout,
+                &b,
+                &policy,
+                grpo::Scored {
+                    seqs: &seqs,
+                    old: &old,
+                    reference: &rf,
+                },
+                &grpo::PassCfg {
+                    loss: loss_cfg,
+                    entropy_coef: 0.0,
+                    budget,
+                    recompute,
+                    inv_t,
+                    layout,
+                },
                 &mut grads,
             )?;
             t_pol.push(t.elapsed().as_secs_f64());

@@ -2,7 +2,8 @@
 //! one worker thread per device: the reduce-scatter into accumulating shards and the bf16
 //! all-gather against host references on random inputs, argument errors that stop every rank
 //! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
-//! AdamW given the summed gradients. Seeds are printed; TOOLN1_TEST_SEED replays.
+//! AdamW given the summed gradients; whole GRPO trainer steps on 2 devices against one device
+//! for the same global batch. Seeds are printed; TOOLN1_TEST_SEED replays.
 //!
 //! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
 //! order. Skips with the reason when there is no device, no NCCL or fewer than two devices
@@ -255,4 +256,126 @@ fn sharded_adamw_matches_single_device_adamw() {
             assert_eq!(ps, &got[0].0, "rank {r}'s weights differ from rank 0's");
         }
     }
+}
+
+/// Two GRPO trainer steps data parallel on 2 devices (ZeRO-2 AdamW over NCCL) against the same
+/// steps on one device, same global batch: sampled rollouts that draw the same random numbers
+/// (the same tokens unless bf16 rounding moves a draw across a token boundary: the response
+/// counts are checked first), then losses and gradient norms within a bf16-accumulation bound,
+/// and the ranks' weights identical to each other.
+#[test]
+fn trainer_on_two_devices_matches_one() {
+    use common::train::LikesE;
+    use tooln1::train::config::RunConfig;
+    use tooln1::train::parallel::on_ranks;
+    use tooln1::train::{PromptItem, RankComm, TrainConfig, TrainData, Trainer};
+    let Some(devs) = devices() else { return };
+    let s = common::seed("cuda_dist_trainer");
+    let tok = common::train::golden_tokenizer();
+    let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
+    // head_dim 64 (the CUDA attention kernels take 64 and 128).
+    let mut cfg = init::tiny_config(128, 1, 2, 1, 96, vocab, true);
+    cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
+    let host: Vec<Vec<f32>> = init::random_params(&cfg, s)
+        .iter()
+        .map(|t| common::bf16_round(t))
+        .collect();
+    let prompts: Vec<PromptItem> = ["the tree", "set a timer", "weather here", "one"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| PromptItem {
+            id: format!("p{i}"),
+            tokens: tok
+                .encode(&format!(
+                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                ))
+                .unwrap(),
+            ground_truth: serde_json::Value::Null,
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let tc = |out: &str| {
+        let mut c = TrainConfig {
+            run: RunConfig {
+                out: tmp.path().join(out),
+                steps: 2,
+                seed: s,
+                ..RunConfig::default()
+            },
+            save_every: 0,
+            ..TrainConfig::default()
+        };
+        c.rollout.n = 2;
+        c.rollout.max_new_tokens = 5;
+        c.rollout.temperature = 1.0;
+        c.grpo.prompts_per_step = 4;
+        c.grpo.mini_batch_prompts = 4;
+        c.grpo.kl_coef = 0.05;
+        c.optim.lr = 1e-3;
+        c
+    };
+    let train = |c: &Cuda, comm: Option<RankComm<Cuda>>, out: &str| {
+        let policy = Model::from_host(c, cfg.clone(), &host)?;
+        let reference = Model::from_host(c, cfg.clone(), &host)?;
+        let data = TrainData {
+            tokenizer: common::train::golden_tokenizer(),
+            prompts: prompts.clone(),
+            reward: Box::new(LikesE),
+        };
+        let mut t = Trainer::new_in(c.clone(), policy, reference, data, tc(out), comm)?;
+        t.quiet = true;
+        let m = t.run()?;
+        Ok((m, t.policy.to_host(c)?))
+    };
+    let (one_m, one_w) = train(&devs[0], None, "one").unwrap();
+    let ranks = nccl_group(&devs[..2]).unwrap();
+    let pairs: Vec<(Cuda, NcclRank)> = devs[..2].iter().cloned().zip(ranks).collect();
+    let two = on_ranks(pairs, |_, (c, r)| {
+        train(&c, Some(Box::new(r) as RankComm<Cuda>), "two")
+    })
+    .unwrap();
+    let (two_m, two_w) = &two[0];
+    assert_eq!(&two[1].1, two_w, "the two ranks' weights differ");
+    for (k, (a, b)) in two_m.iter().zip(&one_m).enumerate() {
+        println!(
+            "step {}: loss {:.6} vs {:.6}, grad norm {:.6} vs {:.6}, response tokens {} vs {}",
+            k + 1,
+            a.loss,
+            b.loss,
+            a.grad_norm,
+            b.grad_norm,
+            a.response_tokens,
+            b.response_tokens
+        );
+        assert_eq!(
+            a.response_tokens,
+            b.response_tokens,
+            "step {}: rollouts differ",
+            k + 1
+        );
+        assert_eq!(a.reward_mean, b.reward_mean);
+        assert!(
+            b.grad_norm > 0.0,
+            "step {}: no gradient (all samples alike?)",
+            k + 1
+        );
+        assert!(
+            (a.loss - b.loss).abs() < 2e-3 * (1.0 + b.loss.abs()),
+            "step {}: loss",
+            k + 1
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() < 1e-2 * (1.0 + b.grad_norm),
+            "step {}: grad norm",
+            k + 1
+        );
+    }
+    let mut worst = 0.0f32;
+    for (x, y) in two_w.iter().zip(&one_w) {
+        for (&u, &v) in x.iter().zip(y) {
+            worst = worst.max((u - v).abs());
+        }
+    }
+    println!("2 devices vs 1: largest weight difference {worst:.3e}");
+    assert!(worst < 2e-2, "weights differ by {worst}");
 }

@@ -209,15 +209,19 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
         let sc = grpo::accumulate_responses(
             &cpu,
             &mc,
-            &seqs_g,
-            &lc,
-            &lc,
-            &loss_cfg,
-            0.0,
-            4096,
-            true,
-            1.0,
-            Layout::PerSequence,
+            grpo::Scored {
+                seqs: &seqs_g,
+                old: &lc,
+                reference: &lc,
+            },
+            &grpo::PassCfg {
+                loss: loss_cfg,
+                entropy_coef: 0.0,
+                budget: 4096,
+                recompute: true,
+                inv_t: 1.0,
+                layout: Layout::PerSequence,
+            },
             &mut gc,
         )
         .unwrap();
@@ -225,15 +229,19 @@ fn compare(tag: &str, cfg: Qwen2Config, lens: &[usize]) {
         let sg = grpo::accumulate_responses(
             &cuda,
             &mg,
-            &seqs_g,
-            &lc,
-            &lc,
-            &loss_cfg,
-            0.0,
-            4096,
-            true,
-            1.0,
-            Layout::Shared,
+            grpo::Scored {
+                seqs: &seqs_g,
+                old: &lc,
+                reference: &lc,
+            },
+            &grpo::PassCfg {
+                loss: loss_cfg,
+                entropy_coef: 0.0,
+                budget: 4096,
+                recompute: true,
+                inv_t: 1.0,
+                layout: Layout::Shared,
+            },
             &mut gg,
         )
         .unwrap();
@@ -340,7 +348,7 @@ fn rollout_schedules_agree_on_device() {
         stop: (0..20).collect(),
         max_slots: 4,
     };
-    let stream = tooln1::train::rollout::Stream { seed: s, offset: 7 };
+    let stream = tooln1::train::rollout::Stream::new(s, 7);
     common::check_rollout_schedules(&cuda, &m, &prompts, 2, &sp, stream, 5);
 }
 

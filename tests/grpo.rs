@@ -7,7 +7,7 @@ use tooln1::backend::cpu::Cpu;
 use tooln1::backend::{GrpoLossCfg, KlKind, LossAgg};
 use tooln1::model::{init, Model};
 use tooln1::train::config::OptimConfig;
-use tooln1::train::grpo::{accumulate_minibatch, seq_logprobs, TrainSeq};
+use tooln1::train::grpo::{accumulate_minibatch, seq_logprobs, Layout, PassCfg, Scored, TrainSeq};
 use tooln1::train::optim::{zero_grads, AdamW};
 
 fn seed() -> u64 {
@@ -90,14 +90,19 @@ fn micro_batch_split_does_not_change_the_update() {
         let whole = accumulate_minibatch(
             &Cpu,
             &m,
-            &batch,
-            &old,
-            &reference,
-            &cfg,
-            0.0,
-            10_000,
-            false,
-            1.0,
+            Scored {
+                seqs: &batch,
+                old: &old,
+                reference: &reference,
+            },
+            &PassCfg {
+                loss: cfg,
+                entropy_coef: 0.0,
+                budget: 10_000,
+                recompute: false,
+                inv_t: 1.0,
+                layout: Layout::PerSequence,
+            },
             &mut g_whole,
         )
         .unwrap();
@@ -105,7 +110,22 @@ fn micro_batch_split_does_not_change_the_update() {
         for (budget, recompute) in [(6, false), (9, true), (1, false)] {
             let mut g = m.zero_grads(&Cpu).unwrap();
             let split = accumulate_minibatch(
-                &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, budget, recompute, 1.0, &mut g,
+                &Cpu,
+                &m,
+                Scored {
+                    seqs: &batch,
+                    old: &old,
+                    reference: &reference,
+                },
+                &PassCfg {
+                    loss: cfg,
+                    entropy_coef: 0.0,
+                    budget,
+                    recompute,
+                    inv_t: 1.0,
+                    layout: Layout::PerSequence,
+                },
+                &mut g,
             )
             .unwrap();
             assert!(split.micro_batches > 1);
@@ -186,7 +206,22 @@ fn updates_follow_the_advantage() {
         let old = seq_logprobs(&Cpu, &m, &batch, 1000, 1.0).unwrap();
         zero_grads(&Cpu, &m, &mut grads).unwrap();
         let sums = accumulate_minibatch(
-            &Cpu, &m, &batch, &old, &reference, &cfg, 0.0, 1000, true, 1.0, &mut grads,
+            &Cpu,
+            &m,
+            Scored {
+                seqs: &batch,
+                old: &old,
+                reference: &reference,
+            },
+            &PassCfg {
+                loss: cfg,
+                entropy_coef: 0.0,
+                budget: 1000,
+                recompute: true,
+                inv_t: 1.0,
+                layout: Layout::PerSequence,
+            },
+            &mut grads,
         )
         .unwrap();
         assert!(sums.loss.is_finite());

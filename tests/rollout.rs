@@ -169,10 +169,7 @@ fn continuous_batching_is_schedule_independent() {
         stop: vec![3, 5, 7, 11, 13, 17, 19],
         max_slots: 4,
     };
-    let stream = Stream {
-        seed: s,
-        offset: 1000,
-    };
+    let stream = Stream::new(s, 1000);
     let gens = common::check_rollout_schedules(&Cpu, &m, &ps, 3, &sp, stream, 10);
     let mut lens: Vec<usize> = gens.iter().map(|g| g.tokens.len()).collect();
     lens.sort();

@@ -572,15 +572,19 @@ fn shared_layout_gives_the_per_sequence_loss_and_gradients() {
         let naive = grpo::accumulate_responses(
             &Cpu,
             &m,
-            &seqs,
-            &old,
-            &reference,
-            &cfg,
-            entropy_coef,
-            100_000,
-            false,
-            inv_t,
-            Layout::PerSequence,
+            grpo::Scored {
+                seqs: &seqs,
+                old: &old,
+                reference: &reference,
+            },
+            &grpo::PassCfg {
+                loss: cfg,
+                entropy_coef,
+                budget: 100_000,
+                recompute: false,
+                inv_t,
+                layout: Layout::PerSequence,
+            },
             &mut g_naive,
         )
         .unwrap();
@@ -589,15 +593,19 @@ fn shared_layout_gives_the_per_sequence_loss_and_gradients() {
             let shared = grpo::accumulate_responses(
                 &Cpu,
                 &m,
-                &seqs,
-                &old,
-                &reference,
-                &cfg,
-                entropy_coef,
-                budget,
-                recompute,
-                inv_t,
-                Layout::Shared,
+                grpo::Scored {
+                    seqs: &seqs,
+                    old: &old,
+                    reference: &reference,
+                },
+                &grpo::PassCfg {
+                    loss: cfg,
+                    entropy_coef,
+                    budget,
+                    recompute,
+                    inv_t,
+                    layout: Layout::Shared,
+                },
                 &mut g,
             )
             .unwrap();

@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// auto (CUDA when present, else CPU), cpu or cuda.
     #[arg(long)]
     pub device: Option<DeviceKind>,
+    /// CUDA devices to train on: `all` (the default: every visible device, CUDA_VISIBLE_DEVICES
+    /// decides which) or a count N (devices 0..N). More than one runs data parallel over NCCL
+    /// (`train` only; `sft` runs on one device).
+    #[arg(long, value_name = "N|all")]
+    pub gpus: Option<crate::dist::GpuRequest>,
     /// Total steps (0 = the config's `epochs` passes over the data).
     #[arg(long)]
     pub steps: Option<u64>,
@@ -293,8 +298,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     if a.dry_run {
         return Ok(());
     }
+    crate::reward::reward_by_name(&a.reward)?;
+    let world = gpu_world(r.gpus, cfg.run.device)?;
     let job = TrainJob {
-        reward: crate::reward::reward_by_name(&a.reward)?,
+        reward: a.reward.clone(),
         cfg,
         model_dir,
         data,
@@ -302,8 +309,34 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         quiet: r.quiet,
         discard_later: r.discard_later_checkpoints,
     };
-    run_on(job.cfg.run.device, job)?;
+    if world > 1 {
+        eprintln!("data parallel over {world} CUDA devices (NCCL)");
+        let group = crate::train::parallel::cuda_group(world)?;
+        crate::train::parallel::on_ranks(group, |_, (c, comm)| job.run_rank(c, Some(comm)))?;
+    } else {
+        run_on(job.cfg.run.device, job)?;
+    }
     Ok(())
+}
+
+/// The number of ranks of a run: `--gpus` (default all) over the visible CUDA devices; 1 on
+/// the CPU backend or when no CUDA device is visible under `--device auto` (which then runs on
+/// the CPU); an explicit count above 1 without CUDA devices is an error.
+fn gpu_world(req: Option<crate::dist::GpuRequest>, device: DeviceKind) -> anyhow::Result<usize> {
+    use crate::dist::GpuRequest;
+    let explicit_many = matches!(req, Some(GpuRequest::Count(n)) if n > 1);
+    if device == DeviceKind::Cpu {
+        if explicit_many {
+            bail!("--gpus asks for several CUDA devices, but --device cpu runs on the CPU");
+        }
+        return Ok(1);
+    }
+    let visible = crate::backend::cuda::device_count().unwrap_or(0);
+    if visible == 0 && !explicit_many {
+        // `run_on` reports the missing device (cuda) or falls back to the CPU (auto).
+        return Ok(1);
+    }
+    Ok(req.unwrap_or(GpuRequest::All).resolve(visible)?)
 }
 
 /// The training config: `--config` (or the defaults) with `--set`; when resuming without
@@ -378,7 +411,8 @@ struct TrainJob {
     model_dir: PathBuf,
     data: PathBuf,
     resume: Option<PathBuf>,
-    reward: Box<dyn crate::reward::Reward>,
+    /// The reward variant's name (each rank builds its own).
+    reward: String,
     quiet: bool,
     discard_later: bool,
 }
@@ -386,13 +420,31 @@ struct TrainJob {
 impl BackendJob for TrainJob {
     type Output = ();
     fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
-        eprintln!("backend: {}", b.name());
+        self.run_rank(b, None)
+    }
+}
+
+impl TrainJob {
+    /// The run on backend `b`, as one rank of a data-parallel group when `comm` is given (only
+    /// rank 0 reports).
+    fn run_rank<B: Backend + 'static>(
+        &self,
+        b: B,
+        comm: Option<crate::train::RankComm<B>>,
+    ) -> crate::Result<()> {
+        let talk = comm.as_ref().is_none_or(|c| c.rank() == 0);
+        let say = |m: String| {
+            if talk {
+                eprintln!("{m}");
+            }
+        };
+        say(format!("backend: {}", b.name()));
         let tok = Tokenizer::from_dir(&self.model_dir)?;
         let template = ChatTemplate::from_model_dir(&self.model_dir)?;
         let samples = read_samples(&self.data)?;
         let max_prompt = self.cfg.rollout.max_prompt_tokens;
         let (prompts, dropped) = prepare_prompts(&samples, &tok, &template, max_prompt)?;
-        eprintln!(
+        say(format!(
             "{}: {} samples, {} prompts kept, {} longer than rollout.max_prompt_tokens = {} \
              left out",
             self.data.display(),
@@ -400,19 +452,28 @@ impl BackendJob for TrainJob {
             prompts.len(),
             dropped,
             max_prompt
-        );
+        ));
         let reference = load_model(&self.model_dir, &b)?;
+        let data = crate::train::TrainData {
+            tokenizer: tok,
+            prompts,
+            reward: crate::reward::reward_by_name(&self.reward)?,
+        };
+        let cfg = self.cfg.clone();
         let mut t = match &self.resume {
-            Some(ck) => Trainer::resume(b, ck, reference, tok, prompts, self.reward, self.cfg)?,
+            Some(ck) => Trainer::resume_in(b, ck, reference, data, cfg, comm)?,
             None => {
                 let policy = load_model(&self.model_dir, &b)?;
-                Trainer::new(b, policy, reference, tok, prompts, self.reward, self.cfg)?
+                Trainer::new_in(b, policy, reference, data, cfg, comm)?
             }
         };
         t.reference_dir = Some(self.model_dir.clone());
         t.source_dir = Some(self.model_dir.clone());
         t.quiet = self.quiet;
         t.discard_later = self.discard_later;
+        if !talk {
+            return t.run().map(|_| ());
+        }
         eprintln!(
             "training {} steps from step {} ({} prompts x {} samples per step)",
             t.total_steps(),
@@ -436,6 +497,9 @@ impl BackendJob for TrainJob {
 /// memory, then the run on the selected backend.
 pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     let r = &a.run;
+    if matches!(r.gpus, Some(crate::dist::GpuRequest::Count(n)) if n > 1) {
+        bail!("--gpus: `tooln1 sft` runs on one device (data-parallel SFT is not built yet)");
+    }
     let mut cfg: SftConfig = load_config(r.config.as_deref(), &r.set)?;
     let (model_dir, data) = r.apply(&mut cfg.run, r.out.clone(), "data")?;
     cfg.validate()?;

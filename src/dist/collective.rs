@@ -23,8 +23,27 @@ pub trait Collective<B: Backend> {
     fn reduce_scatter_add(&self, b: &B, send: &B::F, acc: &mut B::F, n: usize) -> Result<()>;
     /// out[r*n .. (r+1)*n] = the n-element `shard` of rank r, for every rank r.
     fn all_gather(&self, b: &B, shard: &B::T, out: &mut B::T, n: usize) -> Result<()>;
+    /// The concatenation of every rank's `v` in rank order, on every rank (host values; every
+    /// rank passes the same length).
+    fn all_gather_host(&self, v: &[f32]) -> Result<Vec<f32>>;
     /// Stops the group (see the module doc).
     fn abort(&self, why: &str);
+
+    /// v = the elementwise maximum over the ranks of v (host values), through
+    /// [`Collective::all_reduce_host`]: each rank places its values in its own row of a
+    /// world x len table of zeros, so the sum holds every rank's values exactly.
+    fn all_max_host(&self, v: &mut [f64]) -> Result<()> {
+        let (k, world, rank) = (v.len(), self.world(), self.rank());
+        let mut table = vec![0.0f64; k * world];
+        table[rank * k..(rank + 1) * k].copy_from_slice(v);
+        self.all_reduce_host(&mut table)?;
+        for (j, x) in v.iter_mut().enumerate() {
+            *x = (0..world)
+                .map(|r| table[r * k + j])
+                .fold(f64::NEG_INFINITY, f64::max);
+        }
+        Ok(())
+    }
 }
 
 impl Collective<Cpu> for HostRank {
@@ -52,6 +71,9 @@ impl Collective<Cpu> for HostRank {
         let world = HostRank::world(self);
         self.checked(check::all_gather(shard, out, n, world))?;
         self.all_gather_f32(&shard[..n], &mut out[..n * world])
+    }
+    fn all_gather_host(&self, v: &[f32]) -> Result<Vec<f32>> {
+        self.all_gather_host_f32(v)
     }
     fn abort(&self, why: &str) {
         HostRank::abort(self, why)

@@ -214,6 +214,14 @@ impl HostRank {
     }
 }
 
+impl HostRank {
+    /// The concatenation of every rank's `v` in rank order (host values; every rank passes
+    /// the same length).
+    pub fn all_gather_host_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        self.collective("all_gather_host", v, |ins| ins.concat())
+    }
+}
+
 /// Σ_r ins[r][start..start + n] in rank order.
 fn sum_range(ins: &[&[f32]], start: usize, n: usize) -> Vec<f32> {
     let mut acc = ins[0][start..start + n].to_vec();

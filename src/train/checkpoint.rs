@@ -8,6 +8,7 @@
 //! optimizer state keeps the exact values).
 
 use crate::backend::{Backend, DType};
+use crate::dist::Collective;
 use crate::model::weights::{bytes_to_f32, load_model, save_params, SaveOptions};
 use crate::model::{Model, ParamLayout};
 use crate::train::optim::AdamW;
@@ -223,6 +224,53 @@ pub fn save<B: Backend>(
     state: &TrainerState,
     source_dir: Option<&Path>,
 ) -> Result<()> {
+    save_in(dir, b, model, opt, state, source_dir, None)
+}
+
+/// [`save`] by every rank of a data-parallel group (`comm`; None: a single process). The
+/// folder is the one a single process writes: rank 0 writes the (replicated) model and the
+/// optimizer state gathered tensor by tensor from every rank's shards, the other ranks take
+/// part in the gathers; so a run resumes on any number of ranks (each keeps its shard of the
+/// whole tensors it reads). Every rank returns the same outcome.
+pub fn save_in<B: Backend>(
+    dir: &Path,
+    b: &B,
+    model: &Model<B>,
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    source_dir: Option<&Path>,
+    comm: Option<&dyn Collective<B>>,
+) -> Result<()> {
+    let Some(c) = comm else {
+        return save_one(dir, b, model, opt, state, source_dir, None);
+    };
+    if c.rank() == 0 {
+        let r = save_one(dir, b, model, opt, state, source_dir, comm);
+        if let Err(e) = &r {
+            c.abort(&format!("saving {}: {e}", dir.display()));
+            return r;
+        }
+    } else {
+        // The same gathers as rank 0's optimizer file, in the same order.
+        for group in opt.groups() {
+            for (i, s) in model.layout.specs.iter().enumerate() {
+                opt.gather_state(b, comm, group, i, s.numel())?;
+            }
+        }
+    }
+    // Every rank leaves once rank 0 has written (an abort above reaches the others here).
+    c.all_reduce_host(&mut [0.0])
+}
+
+fn save_one<B: Backend>(
+    dir: &Path,
+    b: &B,
+    model: &Model<B>,
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    source_dir: Option<&Path>,
+    comm: Option<&dyn Collective<B>>,
+) -> Result<()> {
     let parent = dir
         .parent()
         .ok_or_else(|| Error::msg(format!("{}: checkpoint path has no parent", dir.display())))?;
@@ -254,7 +302,15 @@ pub fn save<B: Backend>(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_checkpoint(&tmp, dir, b, model, &host, opt, state, source_dir);
+    let parts = Parts {
+        model,
+        host: &host,
+        opt,
+        state,
+        source_dir,
+        comm,
+    };
+    let result = write_checkpoint(&tmp, dir, b, &parts);
     if result.is_err() {
         // A failed write (e.g. a full disk) leaves no partial folder behind.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -262,17 +318,26 @@ pub fn save<B: Backend>(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_checkpoint<B: Backend>(
-    tmp: &Path,
-    dir: &Path,
-    b: &B,
-    model: &Model<B>,
-    host: &[Vec<f32>],
-    opt: &AdamW<B>,
-    state: &TrainerState,
-    source_dir: Option<&Path>,
-) -> Result<()> {
+/// What a checkpoint folder holds, and the group its optimizer state is gathered over.
+struct Parts<'a, B: Backend> {
+    model: &'a Model<B>,
+    /// The model's weights on the host (f32).
+    host: &'a [Vec<f32>],
+    opt: &'a AdamW<B>,
+    state: &'a TrainerState,
+    source_dir: Option<&'a Path>,
+    comm: Option<&'a dyn Collective<B>>,
+}
+
+fn write_checkpoint<B: Backend>(tmp: &Path, dir: &Path, b: &B, parts: &Parts<'_, B>) -> Result<()> {
+    let Parts {
+        model,
+        host,
+        opt,
+        state,
+        source_dir,
+        comm,
+    } = *parts;
     let opts = SaveOptions {
         dtype: if b.needs_master() {
             DType::BF16
@@ -283,7 +348,13 @@ fn write_checkpoint<B: Backend>(
         ..SaveOptions::default()
     };
     save_params(&tmp.join("model"), &model.cfg, host, &opts)?;
-    save_optimizer(&tmp.join("optimizer.safetensors"), b, &model.layout, opt)?;
+    save_optimizer(
+        &tmp.join("optimizer.safetensors"),
+        b,
+        &model.layout,
+        opt,
+        comm,
+    )?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
     write_atomic(&tmp.join("trainer.json"), &json)?;
     if dir.exists() {
@@ -342,16 +413,27 @@ pub fn load_placed<B: Backend>(
     optim_cfg: crate::train::config::OptimConfig,
     host_optimizer: bool,
 ) -> Result<(Model<B>, AdamW<B>, TrainerState)> {
+    load_with(dir, b, |m| AdamW::placed(b, m, optim_cfg, host_optimizer))
+}
+
+/// [`load`] with the optimizer state made by `make` for the loaded model (for example rank r's
+/// shards, [`AdamW::sharded`]) and then filled from the file (each sharded rank keeps its part
+/// of every whole tensor, so the file of any rank count resumes on any other).
+pub fn load_with<B: Backend>(
+    dir: &Path,
+    b: &B,
+    make: impl FnOnce(&Model<B>) -> Result<AdamW<B>>,
+) -> Result<(Model<B>, AdamW<B>, TrainerState)> {
     let state = read_state(dir)?;
     let model = load_model(&dir.join("model"), b)?;
-    let mut opt = AdamW::placed(b, &model, optim_cfg, host_optimizer)?;
+    let mut opt = make(&model)?;
     load_optimizer(
         &dir.join("optimizer.safetensors"),
         b,
         &model.layout,
         &mut opt,
     )?;
-    opt.updates = state.updates;
+    opt.set_updates(state.updates);
     Ok((model, opt, state))
 }
 
@@ -362,6 +444,7 @@ fn save_optimizer<B: Backend>(
     b: &B,
     layout: &ParamLayout,
     opt: &AdamW<B>,
+    comm: Option<&dyn Collective<B>>,
 ) -> Result<()> {
     let groups = opt.groups();
     let mut header = serde_json::Map::new();
@@ -392,7 +475,7 @@ fn save_optimizer<B: Backend>(
     w.write_all(&hbytes).map_err(io)?;
     for prefix in &groups {
         for (i, s) in layout.specs.iter().enumerate() {
-            let host = opt.state_to_host(b, prefix, i, s.numel())?;
+            let host = opt.gather_state(b, comm, prefix, i, s.numel())?;
             if let Some(j) = host.iter().position(|x| !x.is_finite()) {
                 drop(w);
                 let _ = std::fs::remove_file(&tmp);

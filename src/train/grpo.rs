@@ -377,82 +377,109 @@ impl UpdateSums {
     }
 }
 
+/// How the update passes run.
+#[derive(Clone, Copy, Debug)]
+pub struct PassCfg {
+    /// The GRPO loss settings.
+    pub loss: GrpoLossCfg,
+    /// Weight of the entropy bonus (0 = none).
+    pub entropy_coef: f32,
+    /// Micro-batch budget in rows.
+    pub budget: usize,
+    /// Recompute the activations in the backward instead of keeping them.
+    pub recompute: bool,
+    /// Inverse temperature of the logprobs (see [`crate::train::config::TrainConfig::logprob_inv_t`]).
+    pub inv_t: f32,
+    pub layout: Layout,
+}
+
+/// Sequences with their old and reference logprobs, one entry per sequence each.
+#[derive(Clone, Copy, Debug)]
+pub struct Scored<'a> {
+    pub seqs: &'a [TrainSeq],
+    pub old: &'a [Vec<f32>],
+    pub reference: &'a [Vec<f32>],
+}
+
+/// The size of a whole mini-batch, the denominators of the loss aggregation and of the entropy
+/// bonus: when one rank runs part of a mini-batch, its losses and gradients are scaled by the
+/// whole mini-batch's size, so that the ranks' parts sum to the loss and gradient of the whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MiniBatchSize {
+    pub response_tokens: usize,
+    pub seqs: usize,
+}
+
+impl MiniBatchSize {
+    /// The size of `seqs` as a whole mini-batch.
+    pub fn of(seqs: &[TrainSeq]) -> Self {
+        MiniBatchSize {
+            response_tokens: seqs.iter().map(|s| s.n_response()).sum(),
+            seqs: seqs.len(),
+        }
+    }
+}
+
 /// Forward, GRPO loss and backward over every micro-batch of one mini-batch, accumulating into
-/// `grads`. `old` and `reference` hold per-sequence logprobs (as from [`seq_logprobs`], at the
-/// same `inv_t` as the policy's logprobs and entropy here). The micro-batch losses are scaled so
-/// that their sum is the loss the aggregation mode defines over the whole mini-batch, whatever
-/// the split.
-#[allow(clippy::too_many_arguments)]
+/// `grads`. `batch.old` and `batch.reference` hold per-sequence logprobs with one entry per
+/// position (as from [`seq_logprobs`], at the same `inv_t` as the policy's logprobs and entropy
+/// here); the passes are per sequence whatever `cfg.layout` says. The micro-batch losses are
+/// scaled so that their sum is the loss the aggregation mode defines over the whole
+/// mini-batch, whatever the split.
 pub fn accumulate_minibatch<B: Backend>(
     b: &B,
     model: &Model<B>,
-    seqs: &[TrainSeq],
-    old: &[Vec<f32>],
-    reference: &[Vec<f32>],
-    loss_cfg: &GrpoLossCfg,
-    entropy_coef: f32,
-    budget: usize,
-    recompute: bool,
-    inv_t: f32,
+    batch: Scored<'_>,
+    cfg: &PassCfg,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
-    accumulate_impl(
-        b,
-        model,
-        seqs,
-        old,
-        reference,
-        loss_cfg,
-        entropy_coef,
-        budget,
-        recompute,
-        inv_t,
-        Layout::PerSequence,
-        grads,
-    )
+    let cfg = PassCfg {
+        layout: Layout::PerSequence,
+        ..*cfg
+    };
+    accumulate_impl(b, model, batch, MiniBatchSize::of(batch.seqs), &cfg, grads)
 }
 
 /// [`accumulate_minibatch`] with `old` and `reference` holding response logprobs only (as from
-/// [`response_logprobs`]) and the passes in `layout`: the same loss, metrics and gradient in
-/// either layout (micro-batches of whole groups in [`Layout::Shared`]).
-#[allow(clippy::too_many_arguments)]
+/// [`response_logprobs`]) and the passes in `cfg.layout`: the same loss, metrics and gradient
+/// in either layout (micro-batches of whole groups in [`Layout::Shared`]).
 pub fn accumulate_responses<B: Backend>(
     b: &B,
     model: &Model<B>,
-    seqs: &[TrainSeq],
-    old: &[Vec<f32>],
-    reference: &[Vec<f32>],
-    loss_cfg: &GrpoLossCfg,
-    entropy_coef: f32,
-    budget: usize,
-    recompute: bool,
-    inv_t: f32,
-    layout: Layout,
+    batch: Scored<'_>,
+    cfg: &PassCfg,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
+    accumulate_part(b, model, batch, MiniBatchSize::of(batch.seqs), cfg, grads)
+}
+
+/// [`accumulate_responses`] over `batch`, one rank's part of a mini-batch of size `whole`: the
+/// losses and gradients are those of `batch`'s tokens in the whole mini-batch's aggregate, so
+/// the parts of all ranks sum to [`accumulate_responses`] over the whole.
+pub fn accumulate_part<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    batch: Scored<'_>,
+    whole: MiniBatchSize,
+    cfg: &PassCfg,
+    grads: &mut [B::F],
+) -> Result<UpdateSums> {
+    let seqs = batch.seqs;
     check_seqs(seqs)?;
     crate::ensure!(
-        old.len() == seqs.len() && reference.len() == seqs.len(),
+        batch.old.len() == seqs.len() && batch.reference.len() == seqs.len(),
         "GRPO: {} old and {} reference logprob vectors for {} sequences",
-        old.len(),
-        reference.len(),
+        batch.old.len(),
+        batch.reference.len(),
         seqs.len()
     );
-    if layout == Layout::Shared {
-        return accumulate_impl(
-            b,
-            model,
-            seqs,
-            old,
-            reference,
-            loss_cfg,
-            entropy_coef,
-            budget,
-            recompute,
-            inv_t,
-            layout,
-            grads,
-        );
+    let part = MiniBatchSize::of(seqs);
+    crate::ensure!(
+        part.seqs <= whole.seqs && part.response_tokens <= whole.response_tokens,
+        "GRPO: a part of {part:?} in a mini-batch of {whole:?}"
+    );
+    if cfg.layout == Layout::Shared {
+        return accumulate_impl(b, model, batch, whole, cfg, grads);
     }
     // Per-sequence passes take an entry per position: the prompt positions are masked out of
     // the loss, so any finite value serves there.
@@ -474,41 +501,32 @@ pub fn accumulate_responses<B: Backend>(
             })
             .collect()
     };
-    let (old, reference) = (pad(old, "old")?, pad(reference, "reference")?);
-    accumulate_impl(
-        b,
-        model,
+    let (old, reference) = (pad(batch.old, "old")?, pad(batch.reference, "reference")?);
+    let padded = Scored {
         seqs,
-        &old,
-        &reference,
-        loss_cfg,
-        entropy_coef,
-        budget,
-        recompute,
-        inv_t,
-        layout,
-        grads,
-    )
+        old: &old,
+        reference: &reference,
+    };
+    accumulate_impl(b, model, padded, whole, cfg, grads)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn accumulate_impl<B: Backend>(
     b: &B,
     model: &Model<B>,
-    seqs: &[TrainSeq],
-    old: &[Vec<f32>],
-    reference: &[Vec<f32>],
-    loss_cfg: &GrpoLossCfg,
-    entropy_coef: f32,
-    budget: usize,
-    recompute: bool,
-    inv_t: f32,
-    layout: Layout,
+    batch: Scored<'_>,
+    whole: MiniBatchSize,
+    cfg: &PassCfg,
     grads: &mut [B::F],
 ) -> Result<UpdateSums> {
+    let Scored {
+        seqs,
+        old,
+        reference,
+    } = batch;
+    let (loss_cfg, entropy_coef, budget) = (&cfg.loss, cfg.entropy_coef, cfg.budget);
+    let (recompute, inv_t, layout) = (cfg.recompute, cfg.inv_t, cfg.layout);
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
-    let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();
-    let total_seqs = seqs.len();
+    let (total_resp, total_seqs) = (whole.response_tokens, whole.seqs);
     let mut sums = UpdateSums::default();
     let ranges = match layout {
         Layout::PerSequence => micro_batches(&lens, budget),

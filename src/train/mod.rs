@@ -12,6 +12,8 @@
 //!   stage 2), for data-parallel ranks ([`crate::dist`]).
 //! - [`sft`]: cross-entropy on assistant tokens.
 //! - [`runner`]: the GRPO loop ([`runner::Trainer`]), usable as a library.
+//! - [`parallel`]: one trainer per rank in threads of its own (data parallel over the GPUs of
+//!   a machine, or CPU rank groups).
 //! - [`checkpoint`]: HF model folder + optimizer/trainer state, atomic, exact resume.
 //! - [`metrics`]: JSONL metrics, progress bar, summary.
 
@@ -20,11 +22,12 @@ pub mod config;
 pub mod grpo;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod rollout;
 pub mod runner;
 pub mod sft;
 pub mod zero;
 
 pub use config::{SftConfig, TrainConfig};
-pub use runner::{prepare_prompts, PromptItem, Trainer};
+pub use runner::{prepare_prompts, PromptItem, RankComm, TrainData, Trainer};
 pub use sft::SftTrainer;

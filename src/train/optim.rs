@@ -5,11 +5,15 @@
 //! downloaded, the update runs on the host ([`crate::backend::host_adamw`], the device
 //! kernel's math) and the new weights are uploaded (rounded to bf16 on CUDA, to nearest even as
 //! the kernel does). The host buffers are ordinary (pageable) allocations and the copies are
-//! synchronous, one tensor at a time: no pinned memory and no copy-stream overlap yet.
+//! synchronous, one tensor at a time: no pinned memory and no copy-stream overlap yet. In a
+//! data-parallel run the state is sharded over the ranks ([`ShardedAdamW`], ZeRO stage 2) and
+//! every update goes through [`AdamW::step_in`] with the rank's communicator.
 
 use crate::backend::{host_adamw, AdamWStep, Backend};
+use crate::dist::{Collective, ShardPlan};
 use crate::model::Model;
 use crate::train::config::OptimConfig;
+use crate::train::zero::ShardedAdamW;
 use crate::{Error, Result};
 
 /// Optimizer state, one entry per parameter tensor in layout order.
@@ -20,6 +24,9 @@ pub struct AdamW<B: Backend> {
     pub master: Option<Vec<B::F>>,
     /// The state in host memory (`m`, `v` empty and `master` None then).
     pub host: Option<HostState>,
+    /// This rank's shards of the state in a data-parallel run (`m`, `v` empty, `master` and
+    /// `host` None then).
+    pub shards: Option<ShardedAdamW<B>>,
     /// Updates taken so far (the bias-correction step is `updates + 1` for the next one).
     pub updates: u64,
     pub cfg: OptimConfig,
@@ -82,6 +89,7 @@ impl<B: Backend> AdamW<B> {
                     v: zeros(),
                     master,
                 }),
+                shards: None,
                 updates: 0,
                 cfg,
             });
@@ -109,9 +117,87 @@ impl<B: Backend> AdamW<B> {
             v,
             master,
             host: None,
+            shards: None,
             updates: 0,
             cfg,
         })
+    }
+
+    /// Fresh state of rank `rank` of `plan`, sharded (see [`ShardedAdamW::new`]).
+    pub fn sharded(
+        b: &B,
+        model: &Model<B>,
+        cfg: OptimConfig,
+        plan: ShardPlan,
+        rank: usize,
+    ) -> Result<Self> {
+        let z = ShardedAdamW::new(b, model, cfg.clone(), plan, rank)?;
+        Ok(AdamW {
+            m: Vec::new(),
+            v: Vec::new(),
+            master: None,
+            host: None,
+            shards: Some(z),
+            updates: 0,
+            cfg,
+        })
+    }
+
+    /// Zeroed gradient buffers for the model's backward (padded to whole shards when sharded).
+    pub fn alloc_grads(&self, b: &B, model: &Model<B>) -> Result<Vec<B::F>> {
+        match &self.shards {
+            Some(z) => z.alloc_grads(b),
+            None => model.zero_grads(b),
+        }
+    }
+
+    /// Sets the count of updates taken (a resumed run's).
+    pub fn set_updates(&mut self, updates: u64) {
+        self.updates = updates;
+        if let Some(z) = &mut self.shards {
+            z.updates = updates;
+        }
+    }
+
+    /// Tensor `i` (of `n` elements) of `group` on the host, whole: from every rank's shard
+    /// through `comm` when the state is sharded (every rank calls it, in the same order), else
+    /// [`AdamW::state_to_host`].
+    pub fn gather_state(
+        &self,
+        b: &B,
+        comm: Option<&dyn Collective<B>>,
+        group: &str,
+        i: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let (Some(z), Some(comm)) = (&self.shards, comm) else {
+            return self.state_to_host(b, group, i, n);
+        };
+        let t = z.plan.tensors.get(i).copied().ok_or_else(|| {
+            Error::Invalid(format!("optimizer state has no `{group}` tensor {i}"))
+        })?;
+        let shard = match group {
+            "m" => z.m.get(i),
+            "v" => z.v.get(i),
+            "master" => z.master.as_ref().and_then(|ms| ms.get(i)),
+            _ => None,
+        };
+        let r = match shard {
+            Some(s) => b.download_f32(s, t.shard),
+            None => Err(Error::Invalid(format!(
+                "optimizer state has no `{group}` tensor {i}"
+            ))),
+        };
+        let local = match r {
+            Ok(v) => v,
+            Err(e) => {
+                comm.abort(&e.to_string());
+                return Err(e);
+            }
+        };
+        let mut full = comm.all_gather_host(&local)?;
+        full.truncate(n.min(t.numel));
+        Ok(full)
     }
 
     /// Whether the state lives in host memory.
@@ -121,6 +207,9 @@ impl<B: Backend> AdamW<B> {
 
     /// Whether the state has a master copy (saved as the `master` group).
     pub fn has_master(&self) -> bool {
+        if let Some(z) = &self.shards {
+            return z.master.is_some();
+        }
         match &self.host {
             Some(h) => h.master.is_some(),
             None => self.master.is_some(),
@@ -136,6 +225,12 @@ impl<B: Backend> AdamW<B> {
     /// Tensor `i` (of `n` elements) of `group` on the host.
     pub fn state_to_host(&self, b: &B, group: &str, i: usize, n: usize) -> Result<Vec<f32>> {
         let missing = || Error::Invalid(format!("optimizer state has no `{group}` tensor {i}"));
+        if self.shards.is_some() {
+            return Err(Error::Invalid(format!(
+                "optimizer tensor `{group}` {i} is sharded over ranks: gather it \
+                 (AdamW::gather_state)"
+            )));
+        }
         match &self.host {
             Some(h) => {
                 let t = match group {
@@ -160,9 +255,31 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// Replace tensor `i` of `group` with `data`.
+    /// Replace tensor `i` of `group` with `data` (the whole tensor: a sharded state keeps its
+    /// rank's shard of it).
     pub fn set_state(&mut self, b: &B, group: &str, i: usize, data: Vec<f32>) -> Result<()> {
         let missing = || Error::Invalid(format!("optimizer state has no `{group}` tensor {i}"));
+        if let Some(z) = &mut self.shards {
+            let t = z.plan.tensors.get(i).copied().ok_or_else(missing)?;
+            crate::ensure!(
+                data.len() == t.numel,
+                "optimizer tensor `{group}` {i}: {} values for a tensor of {}",
+                data.len(),
+                t.numel
+            );
+            let own = t.owned(z.rank);
+            let mut shard = vec![0.0f32; t.shard];
+            shard[..own.len()].copy_from_slice(&data[own]);
+            let slot = match group {
+                "m" => z.m.get_mut(i),
+                "v" => z.v.get_mut(i),
+                "master" => z.master.as_mut().and_then(|ms| ms.get_mut(i)),
+                _ => None,
+            }
+            .ok_or_else(missing)?;
+            *slot = b.upload_f32(&shard)?;
+            return Ok(());
+        }
         match &mut self.host {
             Some(h) => {
                 let t = match group {
@@ -230,6 +347,11 @@ impl<B: Backend> AdamW<B> {
         grads: &[B::F],
         total_updates: u64,
     ) -> Result<UpdateStats> {
+        if self.shards.is_some() {
+            return Err(Error::Invalid(
+                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_in)".into(),
+            ));
+        }
         if grads.len() != model.params.len() {
             return Err(Error::Invalid(format!(
                 "AdamW: {} gradients for {} parameters",
@@ -278,6 +400,29 @@ impl<B: Backend> AdamW<B> {
             lr,
             grad_scale,
         })
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// One update: [`AdamW::step`] without a group; with one, the gradients of every rank are
+    /// summed into the shards (which zeroes `grads`), then the sharded step runs and the new
+    /// weights are gathered into `model` on every rank. Without a group the caller zeroes
+    /// `grads` for the next update.
+    pub fn step_in(
+        &mut self,
+        b: &B,
+        comm: Option<&dyn Collective<B>>,
+        model: &mut Model<B>,
+        grads: &mut [B::F],
+        total_updates: u64,
+    ) -> Result<UpdateStats> {
+        let (Some(z), Some(comm)) = (&mut self.shards, comm) else {
+            return self.step(b, model, grads, total_updates);
+        };
+        z.reduce_all(b, comm, grads)?;
+        let u = z.step(b, comm, model, total_updates)?;
+        self.updates = z.updates;
+        Ok(u)
     }
 }
 

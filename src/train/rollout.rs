@@ -3,7 +3,8 @@
 //!
 //! Keying. Sequence `i` (prompt-major order: prompt `i / n`, sample `i % n`) draws its response
 //! token `s` from the backend's counter-based stream `(seed, offset + s * total + i)`, where
-//! `total` is the number of sequences of the call. A token therefore depends only on
+//! `total` is the number of sequences of the call (of the whole batch, and `i` the index in it,
+//! when the call runs one rank's part: [`Stream::within`]). A token therefore depends only on
 //! `(seed, offset, i, s)` and the sequence's own logits: not on the slot it ran in, the slot
 //! count, the order sequences were admitted in, or which other sequences have stopped. A run is
 //! reproducible, and a resumed run (which restores `offset`; one call consumes
@@ -65,10 +66,34 @@ impl SamplingParams {
 }
 
 /// The sampling stream of one call: its seed and first counter.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stream {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream<'a> {
     pub seed: u64,
     pub offset: u64,
+    /// Set when the call runs part of a larger batch (one rank's groups of a step split over
+    /// ranks): keys then follow the sequences' indices in that batch, so every token equals the
+    /// one a single call over the whole batch would draw. None: the call is the whole batch.
+    pub within: Option<Within<'a>>,
+}
+
+impl Stream<'_> {
+    /// The stream of a call that is the whole batch.
+    pub fn new(seed: u64, offset: u64) -> Stream<'static> {
+        Stream {
+            seed,
+            offset,
+            within: None,
+        }
+    }
+}
+
+/// Where a call's prompts sit in a larger batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Within<'a> {
+    /// The batch index of each of the call's prompts.
+    pub prompt_index: &'a [usize],
+    /// The batch's number of prompts.
+    pub prompts: usize,
 }
 
 /// Scheduling choices of [`generate_with`] that leave the generations unchanged (tests and
@@ -153,7 +178,7 @@ pub fn generate<B: Backend>(
     seed: u64,
     offset: u64,
 ) -> Result<Vec<Generation>> {
-    let stream = Stream { seed, offset };
+    let stream = Stream::new(seed, offset);
     Ok(generate_with(b, model, prompts, n, sp, stream, &Schedule::default())?.0)
 }
 
@@ -164,10 +189,19 @@ pub fn generate_with<B: Backend>(
     prompts: &[Vec<u32>],
     n: usize,
     sp: &SamplingParams,
-    stream: Stream,
+    stream: Stream<'_>,
     sched: &Schedule,
 ) -> Result<(Vec<Generation>, RolloutStats)> {
     crate::ensure!(n >= 1, "generate: n must be at least 1");
+    if let Some(w) = stream.within {
+        crate::ensure!(
+            w.prompt_index.len() == prompts.len() && w.prompt_index.iter().all(|&p| p < w.prompts),
+            "generate: {} batch indices (each below {}) for {} prompts",
+            w.prompt_index.len(),
+            w.prompts,
+            prompts.len()
+        );
+    }
     crate::ensure!(sp.max_slots >= 1, "generate: max_slots must be at least 1");
     for (i, p) in prompts.iter().enumerate() {
         crate::ensure!(!p.is_empty(), "generate: prompt {i} is empty");
@@ -219,7 +253,7 @@ struct Rollout<'a, B: Backend> {
     prompts: &'a [Vec<u32>],
     n: usize,
     sp: &'a SamplingParams,
-    stream: Stream,
+    stream: Stream<'a>,
     prefill_each: bool,
     total: usize,
     out: Vec<Generation>,
@@ -259,9 +293,14 @@ impl<B: Backend> Rollout<'_, B> {
 
     /// The stream counter of sequence `i`'s response token `s`.
     fn key(&self, i: usize, s: usize) -> u64 {
-        let c = (s as u64)
-            .wrapping_mul(self.total as u64)
-            .wrapping_add(i as u64);
+        let (i, total) = match self.stream.within {
+            None => (i, self.total),
+            Some(w) => (
+                w.prompt_index[i / self.n] * self.n + i % self.n,
+                w.prompts * self.n,
+            ),
+        };
+        let c = (s as u64).wrapping_mul(total as u64).wrapping_add(i as u64);
         self.stream.offset.wrapping_add(c)
     }
 

@@ -4,9 +4,25 @@
 //! Library use (no CLI): build a [`Trainer`] from a policy, a frozen reference (a second model
 //! holding the starting weights), a tokenizer, prompts ([`PromptItem`], e.g. from
 //! [`prepare_prompts`]) and any [`Reward`], then call [`Trainer::run`] or [`Trainer::step`].
+//!
+//! Data parallel ([`Trainer::new_in`] with a rank's communicator, one trainer per rank in its own
+//! thread, see [`crate::train::parallel`]): every rank draws the same step batch; each global
+//! mini-batch of `mini_batch_prompts` groups is split over the ranks
+//! ([`crate::dist::split::rank_groups`]; a group never spans two ranks, so advantages need no
+//! communication), and each rank rolls out, scores and trains its groups. A rank's rollout
+//! draws the random numbers of its sequences' places in the whole batch
+//! ([`rollout::Stream::within`]), its losses are scaled by the whole mini-batch's size
+//! (summed over the ranks first), its gradients are summed into the optimizer shards, and the
+//! step's metrics are reduced over the ranks. So N ranks compute the losses and gradients of
+//! one rank on the same global batch, up to the order of float sums (per rank, then over
+//! ranks). Rank 0 alone writes the metrics, the progress bar and the checkpoints (gathered:
+//! the same folder one rank writes). With `grpo.skip_zero_adv_groups`, left-out groups drop
+//! out of their mini-batch instead of the kept groups being re-cut into mini-batches as one
+//! rank does, so a mini-batch can shrink.
 
 use crate::backend::{Backend, GrpoLossCfg};
 use crate::data::Sample;
+use crate::dist::{split::rank_groups, Collective, ShardPlan};
 use crate::model::flops::{self, Work};
 use crate::model::Model;
 use crate::reward::Reward;
@@ -14,15 +30,26 @@ use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::Place;
 use crate::train::config::TrainConfig;
-use crate::train::grpo::{self, TrainSeq, UpdateSums};
+use crate::train::grpo::{self, MiniBatchSize, PassCfg, Scored, TrainSeq, UpdateSums};
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
 use crate::train::optim::{self, AdamW};
 use crate::train::rollout::{self, Generation, RolloutStats, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// What a run trains on: the tokenizer, the prompts and the reward.
+pub struct TrainData {
+    pub tokenizer: Tokenizer,
+    pub prompts: Vec<PromptItem>,
+    pub reward: Box<dyn Reward>,
+}
+
+/// One rank's communicator in a data-parallel run.
+pub type RankComm<B> = Box<dyn Collective<B> + Send>;
 
 /// One training prompt: its token ids (chat template applied, generation prompt included) and
 /// whatever the reward compares the response against.
@@ -126,6 +153,14 @@ struct StepBatch {
     tokens: Vec<Vec<u32>>,
 }
 
+/// This rank's share of a step batch: its prompts (as a batch of their own), their indices in
+/// the step batch, and the global mini-batch of each.
+struct RankShare {
+    local: StepBatch,
+    index: Vec<usize>,
+    mini_batch: Vec<usize>,
+}
+
 /// The rewards of one step's responses, with the format-ok and exact-match counts.
 struct Scores {
     rewards: Vec<f32>,
@@ -154,9 +189,11 @@ struct StepWork {
     times: StepTimes,
 }
 
-/// The sequences of the groups (n consecutive sequences each) that are not flagged in `skip`.
-fn keep_groups(seqs: Vec<TrainSeq>, n: usize, skip: &[bool]) -> Vec<TrainSeq> {
-    seqs.into_iter()
+/// The items (one per sequence) of the groups (n consecutive sequences each) that are not
+/// flagged in `skip`.
+fn keep_groups<T>(items: Vec<T>, n: usize, skip: &[bool]) -> Vec<T> {
+    items
+        .into_iter()
         .enumerate()
         .filter(|(i, _)| !skip.get(i / n.max(1)).copied().unwrap_or(false))
         .map(|(_, s)| s)
@@ -171,6 +208,21 @@ struct StepTimes {
     reference: f64,
     update: f64,
     step: f64,
+}
+
+/// The mini-batches of `seqs` (consecutive ranges, possibly empty), where sequence i belongs
+/// to mini-batch `of[i]` (non-decreasing) of `count`.
+fn mini_batch_ranges(of: &[usize], count: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(count);
+    let mut at = 0;
+    for k in 0..count {
+        let start = at;
+        while at < of.len() && of[at] == k {
+            at += 1;
+        }
+        out.push(start..at);
+    }
+    out
 }
 
 /// Run `f` and measure it.
@@ -206,6 +258,8 @@ pub struct Trainer<B: Backend> {
     /// Delete checkpoints in the output folder after the current step instead of refusing to
     /// start (see [`checkpoint::claim_run_dir`]).
     pub discard_later: bool,
+    /// This rank's communicator in a data-parallel run (None: one device, no communication).
+    comm: Option<RankComm<B>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -219,6 +273,65 @@ impl<B: Backend> Trainer<B> {
         reward: Box<dyn Reward>,
         cfg: TrainConfig,
     ) -> Result<Self> {
+        let data = TrainData {
+            tokenizer,
+            prompts,
+            reward,
+        };
+        Self::new_in(b, policy, reference, data, cfg, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel group (`comm`; None: a single device).
+    /// Every rank gets the same models, data and config; the optimizer state is this rank's
+    /// shards.
+    pub fn new_in(
+        b: B,
+        policy: Model<B>,
+        reference: Model<B>,
+        data: TrainData,
+        cfg: TrainConfig,
+        comm: Option<RankComm<B>>,
+    ) -> Result<Self> {
+        let opt = Self::optimizer(&b, &policy, &cfg, comm.as_deref())?;
+        Self::assemble(b, policy, reference, data, cfg, opt, comm)
+    }
+
+    /// Fresh optimizer state: this rank's shards in a group, else placed as configured.
+    fn optimizer(
+        b: &B,
+        policy: &Model<B>,
+        cfg: &TrainConfig,
+        comm: Option<&(dyn Collective<B> + Send)>,
+    ) -> Result<AdamW<B>> {
+        let host = cfg.memory.optimizer == Place::Host;
+        match comm {
+            Some(c) => {
+                crate::ensure!(
+                    !host,
+                    "memory.optimizer = \"host\" is not available with more than one rank (the \
+                     optimizer state is sharded over the devices instead)"
+                );
+                let plan = ShardPlan::new(&policy.layout, c.world())?;
+                AdamW::sharded(b, policy, cfg.optim.clone(), plan, c.rank())
+            }
+            None => AdamW::placed(b, policy, cfg.optim.clone(), host),
+        }
+    }
+
+    fn assemble(
+        b: B,
+        policy: Model<B>,
+        reference: Model<B>,
+        data: TrainData,
+        cfg: TrainConfig,
+        opt: AdamW<B>,
+        comm: Option<RankComm<B>>,
+    ) -> Result<Self> {
+        let TrainData {
+            tokenizer,
+            prompts,
+            reward,
+        } = data;
         cfg.validate()?;
         crate::safefs::check_host_memory(
             Some(cfg.step_host_bytes()),
@@ -264,9 +377,7 @@ impl<B: Backend> Trainer<B> {
                  dtype): they must be the same model",
             ));
         }
-        let host = cfg.memory.optimizer == Place::Host;
-        let opt = AdamW::placed(&b, &policy, cfg.optim.clone(), host)?;
-        let grads = policy.zero_grads(&b)?;
+        let grads = opt.alloc_grads(&b, &policy)?;
         let stop = stop_tokens(&tokenizer, &policy.cfg);
         if stop.is_empty() {
             return Err(Error::msg(
@@ -294,13 +405,13 @@ impl<B: Backend> Trainer<B> {
             source_dir: None,
             quiet: false,
             discard_later: false,
+            comm,
         })
     }
 
     /// Continue from a checkpoint folder: policy, optimizer and counters come from it; the
     /// reference, prompts and reward are given again (they must be the same as before for an
     /// exact continuation; the data size is checked).
-    #[allow(clippy::too_many_arguments)]
     pub fn resume(
         b: B,
         ckpt: &Path,
@@ -310,12 +421,26 @@ impl<B: Backend> Trainer<B> {
         reward: Box<dyn Reward>,
         cfg: TrainConfig,
     ) -> Result<Self> {
-        let (policy, opt, state) = checkpoint::load_placed(
-            ckpt,
-            &b,
-            cfg.optim.clone(),
-            cfg.memory.optimizer == Place::Host,
-        )?;
+        let data = TrainData {
+            tokenizer,
+            prompts,
+            reward,
+        };
+        Self::resume_in(b, ckpt, reference, data, cfg, None)
+    }
+
+    /// [`Trainer::resume`] for one rank of a data-parallel group (`comm`): the checkpoint of a
+    /// run on any number of ranks, each rank keeping its shards of the saved state.
+    pub fn resume_in(
+        b: B,
+        ckpt: &Path,
+        reference: Model<B>,
+        data: TrainData,
+        cfg: TrainConfig,
+        comm: Option<RankComm<B>>,
+    ) -> Result<Self> {
+        let (policy, opt, state) =
+            checkpoint::load_with(ckpt, &b, |m| Self::optimizer(&b, m, &cfg, comm.as_deref()))?;
         if state.kind != "grpo" {
             return Err(Error::msg(format!(
                 "{}: a {} checkpoint cannot resume a GRPO run (start a new run from its model/ \
@@ -324,17 +449,16 @@ impl<B: Backend> Trainer<B> {
                 state.kind
             )));
         }
-        if state.data_len != prompts.len() {
+        if state.data_len != data.prompts.len() {
             return Err(Error::msg(format!(
                 "{}: the checkpoint was trained on {} prompts, this data has {}; resume with the \
                  same data",
                 ckpt.display(),
                 state.data_len,
-                prompts.len()
+                data.prompts.len()
             )));
         }
-        let mut t = Trainer::new(b, policy, reference, tokenizer, prompts, reward, cfg)?;
-        t.opt = opt;
+        let mut t = Trainer::assemble(b, policy, reference, data, cfg, opt, comm)?;
         t.step = state.step;
         t.sample_offset = state.sample_offset;
         t.data_pos = state.data_pos;
@@ -384,22 +508,42 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// One GRPO step on the next `prompts_per_step` prompts: rollouts, rewards and advantages,
-    /// old and reference logprobs, the mini-batch updates, then the step's metrics.
+    /// old and reference logprobs, the mini-batch updates, then the step's metrics. In a
+    /// data-parallel run every rank calls it; each runs its share of the groups.
     pub fn step(&mut self) -> Result<StepMetrics> {
         let t_step = Instant::now();
         let batch = self.next_batch();
-        let ((gens, rollout), time_rollout) = timed(|| self.rollouts(&batch))?;
-        let (scores, time_reward) = timed(|| self.rewards(&batch, &gens))?;
-        let zero = grpo::zero_signal_groups(&scores.rewards, self.cfg.rollout.n);
-        let mut seqs = self.train_seqs(&batch, &gens, &scores);
+        let share = self.share(&batch);
+        let local = &share.local;
+        let ((gens, rollout), time_rollout) = timed(|| self.rollouts(&share, batch.tokens.len()))?;
+        let (scores, time_reward) = timed(|| self.rewards(local, &gens))?;
+        let n = self.cfg.rollout.n;
+        let zero = grpo::zero_signal_groups(&scores.rewards, n);
+        let mut seqs = self.train_seqs(local, &gens, &scores);
+        let mut of: Vec<usize> = (0..seqs.len()).map(|i| share.mini_batch[i / n]).collect();
         if self.cfg.grpo.skip_zero_adv_groups {
-            seqs = keep_groups(seqs, self.cfg.rollout.n, &zero);
+            seqs = keep_groups(seqs, n, &zero);
+            of = keep_groups(of, n, &zero);
         }
+        let ranges = if self.comm.is_some() {
+            let count = batch
+                .tokens
+                .len()
+                .div_ceil(self.cfg.grpo.mini_batch_prompts.max(1));
+            mini_batch_ranges(&of, count)
+        } else {
+            // One rank: the (kept) sequences cut into mini-batches of mini_batch_prompts groups.
+            let mini = self.cfg.grpo.mini_batch_prompts * n;
+            (0..seqs.len())
+                .step_by(mini.max(1))
+                .map(|s| s..(s + mini).min(seqs.len()))
+                .collect()
+        };
         // The policy before any update ("old") and the frozen reference, both at the rollout
         // temperature as verl's actor computes them (see `GrpoConfig::logprob_temperature`).
         let (old, time_old) = timed(|| self.logprobs(&self.policy, &seqs))?;
         let (reference, time_ref) = timed(|| self.logprobs(&self.reference, &seqs))?;
-        let (upd, time_update) = timed(|| self.updates(&seqs, &old, &reference))?;
+        let (upd, time_update) = timed(|| self.updates(&seqs, &ranges, &old, &reference))?;
         self.advance(batch.tokens.len());
         let times = StepTimes {
             rollout: time_rollout,
@@ -409,17 +553,48 @@ impl<B: Backend> Trainer<B> {
             update: time_update,
             step: t_step.elapsed().as_secs_f64(),
         };
+        let zero_groups = zero.iter().filter(|z| **z).count();
         let work = StepWork {
             rollout,
-            zero_groups: zero.iter().filter(|z| **z).count(),
+            zero_groups,
             groups_skipped: if self.cfg.grpo.skip_zero_adv_groups {
-                zero.iter().filter(|z| **z).count()
+                zero_groups
             } else {
                 0
             },
             times,
         };
-        Ok(self.step_metrics(&batch, &gens, &scores, &seqs, &upd, &work))
+        self.step_metrics(&batch, local, &gens, &scores, &seqs, &upd, &work)
+    }
+
+    /// This rank's communicator in a data-parallel run.
+    fn comm(&self) -> Option<&dyn Collective<B>> {
+        self.comm.as_deref().map(|c| c as &dyn Collective<B>)
+    }
+
+    /// This rank's share of `batch`: within each global mini-batch of `mini_batch_prompts`
+    /// groups, a contiguous near-equal part ([`rank_groups`]); all of it on a single rank.
+    fn share(&self, batch: &StepBatch) -> RankShare {
+        let p = batch.tokens.len();
+        let (world, rank) = self.comm().map_or((1, 0), |c| (c.world(), c.rank()));
+        let m = self.cfg.grpo.mini_batch_prompts.max(1);
+        let (mut index, mut mini_batch) = (Vec::new(), Vec::new());
+        for (k, start) in (0..p).step_by(m).enumerate() {
+            for g in rank_groups(m.min(p - start), world, rank) {
+                index.push(start + g);
+                mini_batch.push(k);
+            }
+        }
+        let local = StepBatch {
+            idx: index.iter().map(|&g| batch.idx[g]).collect(),
+            epoch: batch.epoch,
+            tokens: index.iter().map(|&g| batch.tokens[g].clone()).collect(),
+        };
+        RankShare {
+            local,
+            index,
+            mini_batch,
+        }
     }
 
     /// The prompts of the next step: `prompts_per_step` positions of the shuffled data stream
@@ -442,17 +617,26 @@ impl<B: Backend> Trainer<B> {
         StepBatch { idx, epoch, tokens }
     }
 
-    /// `rollout.n` sampled responses per prompt, from the sampling stream at `sample_offset`,
-    /// and what the rollout computed.
-    fn rollouts(&self, batch: &StepBatch) -> Result<(Vec<Generation>, RolloutStats)> {
+    /// `rollout.n` sampled responses per prompt of this rank's share of a step batch of
+    /// `prompts` prompts, from the sampling stream at `sample_offset` (at the share's places in
+    /// the whole batch), and what the rollout computed.
+    fn rollouts(
+        &self,
+        share: &RankShare,
+        prompts: usize,
+    ) -> Result<(Vec<Generation>, RolloutStats)> {
         let stream = rollout::Stream {
             seed: self.cfg.run.seed,
             offset: self.sample_offset,
+            within: self.comm.as_ref().map(|_| rollout::Within {
+                prompt_index: &share.index,
+                prompts,
+            }),
         };
         rollout::generate_with(
             &self.b,
             &self.policy,
-            &batch.tokens,
+            &share.local.tokens,
             self.cfg.rollout.n,
             &self.sampling(),
             stream,
@@ -538,44 +722,75 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// `ppo_epochs` passes over the sequences in mini-batches of `mini_batch_prompts` groups,
-    /// one optimizer update each.
+    /// `ppo_epochs` passes over the sequences in the mini-batches `ranges` (this rank's part of
+    /// each global mini-batch), one optimizer update each. In a data-parallel run the parts'
+    /// sizes are summed over the ranks first (the loss denominators), and a mini-batch that is
+    /// empty on every rank is no update.
     fn updates(
         &mut self,
         seqs: &[TrainSeq],
+        ranges: &[Range<usize>],
         old: &[Vec<f32>],
         reference: &[Vec<f32>],
     ) -> Result<UpdateOutcome> {
-        let loss_cfg = self.loss_cfg();
         let g = &self.cfg.grpo;
-        let mini = g.mini_batch_prompts * self.cfg.rollout.n;
-        let (entropy_coef, recompute, ppo_epochs) = (g.entropy_coef, g.recompute, g.ppo_epochs);
-        let budget = g.micro_batch_tokens;
-        let inv_t = self.cfg.logprob_inv_t();
-        let layout = self.layout();
+        let pass = PassCfg {
+            loss: self.loss_cfg(),
+            entropy_coef: g.entropy_coef,
+            budget: g.micro_batch_tokens,
+            recompute: g.recompute,
+            inv_t: self.cfg.logprob_inv_t(),
+            layout: self.layout(),
+        };
+        let ppo_epochs = g.ppo_epochs;
         let total_updates = self.total_steps() * self.updates_per_step();
+        let comm = self.comm.as_deref().map(|c| c as &dyn Collective<B>);
         let mut out = UpdateOutcome::default();
         for _ in 0..ppo_epochs {
-            for start in (0..seqs.len()).step_by(mini) {
-                let end = (start + mini).min(seqs.len());
-                optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
-                let s = grpo::accumulate_responses(
+            for r in ranges {
+                let part = Scored {
+                    seqs: &seqs[r.clone()],
+                    old: &old[r.clone()],
+                    reference: &reference[r.clone()],
+                };
+                let mut whole = MiniBatchSize::of(part.seqs);
+                if let Some(c) = comm {
+                    let mut v = [whole.response_tokens as f64, whole.seqs as f64];
+                    c.all_reduce_host(&mut v)?;
+                    whole = MiniBatchSize {
+                        response_tokens: v[0] as usize,
+                        seqs: v[1] as usize,
+                    };
+                    if whole.seqs == 0 {
+                        continue;
+                    }
+                } else {
+                    // A group's step zeroes the full gradients itself (reduce-scatter).
+                    optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
+                }
+                let s = if part.seqs.is_empty() {
+                    UpdateSums::default()
+                } else {
+                    let r = grpo::accumulate_part(
+                        &self.b,
+                        &self.policy,
+                        part,
+                        whole,
+                        &pass,
+                        &mut self.grads,
+                    );
+                    if let (Err(e), Some(c)) = (&r, comm) {
+                        c.abort(&e.to_string());
+                    }
+                    r?
+                };
+                let u = self.opt.step_in(
                     &self.b,
-                    &self.policy,
-                    &seqs[start..end],
-                    &old[start..end],
-                    &reference[start..end],
-                    &loss_cfg,
-                    entropy_coef,
-                    budget,
-                    recompute,
-                    inv_t,
-                    layout,
+                    comm,
+                    &mut self.policy,
                     &mut self.grads,
+                    total_updates,
                 )?;
-                let u = self
-                    .opt
-                    .step(&self.b, &mut self.policy, &self.grads, total_updates)?;
                 out.grad_norm = u.grad_norm;
                 out.lr = u.lr;
                 out.updates += 1;
@@ -597,109 +812,175 @@ impl<B: Backend> Trainer<B> {
         self.step += 1;
     }
 
-    /// The metrics line of the step just finished.
+    /// The metrics line of the step just finished (over every rank's share in a data-parallel
+    /// run: counts and sums are summed over the ranks, times and the longest response are the
+    /// ranks' maxima).
+    #[allow(clippy::too_many_arguments)] // the step's seven results, each used here
     fn step_metrics(
         &self,
         batch: &StepBatch,
+        local: &StepBatch,
         gens: &[Generation],
         scores: &Scores,
         seqs: &[TrainSeq],
         upd: &UpdateOutcome,
         work: &StepWork,
-    ) -> StepMetrics {
-        let times = &work.times;
+    ) -> Result<StepMetrics> {
+        let comm = self.comm();
+        let sum = |v: &mut [f64]| comm.map_or(Ok(()), |c| c.all_reduce_host(v));
         let n = self.cfg.rollout.n;
-        let rewards = &scores.rewards;
-        let k = rewards.len() as f64;
-        let mean = rewards.iter().map(|&s| s as f64).sum::<f64>() / k;
-        let std = (rewards
-            .iter()
-            .map(|&s| (s as f64 - mean).powi(2))
-            .sum::<f64>()
-            / (k - 1.0).max(1.0))
-        .sqrt();
-        let zero_groups = work.zero_groups;
-        let resp_lens: Vec<usize> = gens.iter().map(|g| g.tokens.len()).collect();
-        let resp_tokens: usize = resp_lens.iter().sum();
-        let prompt_tokens: usize = gens.iter().map(|g| batch.tokens[g.prompt].len()).sum();
-        let sums = &upd.sums;
-        let tok = sums.tokens.max(1.0);
-        let updates = upd.updates.max(1) as f64;
         let layout = self.layout();
+        let rewards = &scores.rewards;
+        let resp_lens: Vec<usize> = gens.iter().map(|g| g.tokens.len()).collect();
         let (rows, logit_rows) = grpo::pass_rows(seqs, layout);
         let (rows_naive, logit_rows_naive) = grpo::pass_rows(seqs, grpo::Layout::PerSequence);
+        let pass: Work = grpo::pass_work(seqs, layout);
+        let ro = &work.rollout;
+        // The additive counts of this rank, then of all.
+        let mut c = [
+            rewards.len() as f64,
+            rewards.iter().map(|&s| s as f64).sum::<f64>(),
+            scores.format_ok as f64,
+            scores.exact as f64,
+            work.zero_groups as f64,
+            work.groups_skipped as f64,
+            gens.iter().filter(|g| !g.stopped).count() as f64,
+            resp_lens.iter().sum::<usize>() as f64,
+            gens.iter()
+                .map(|g| local.tokens[g.prompt].len())
+                .sum::<usize>() as f64,
+            rows as f64,
+            logit_rows as f64,
+            rows_naive as f64,
+            logit_rows_naive as f64,
+            ro.prefills as f64,
+        ];
+        sum(&mut c)?;
+        let [k, reward_sum, format_ok, exact, zero_groups, groups_skipped, truncated, resp_tokens, prompt_tokens, rows, logit_rows, rows_naive, logit_rows_naive, prefills] =
+            c;
+        let k = k.max(1.0);
+        let mean = reward_sum / k;
+        let mut dev = [rewards
+            .iter()
+            .map(|&s| (s as f64 - mean).powi(2))
+            .sum::<f64>()];
+        sum(&mut dev)?;
+        let std = (dev[0] / (k - 1.0).max(1.0)).sqrt();
+        let mut works = [
+            pass,
+            ro.prefill,
+            ro.decode,
+            ro.naive_prefill,
+            ro.naive_decode,
+        ];
+        let mut wv: Vec<f64> = works
+            .iter()
+            .flat_map(|w| [w.rows as f64, w.logit_rows as f64, w.attn_pairs as f64])
+            .collect();
+        sum(&mut wv)?;
+        for (w, v) in works.iter_mut().zip(wv.chunks(3)) {
+            *w = Work {
+                rows: v[0] as u64,
+                logit_rows: v[1] as u64,
+                attn_pairs: v[2] as u64,
+            };
+        }
+        let [pass, prefill, decode, naive_prefill, naive_decode] = works;
+        let sums = reduce_sums(comm, upd.sums)?;
+        let first = match upd.first {
+            Some(f) => Some(reduce_sums(comm, f)?),
+            None => None,
+        };
+        let times = &work.times;
+        let mut mx = [
+            resp_lens.iter().copied().max().unwrap_or(0) as f64,
+            times.rollout,
+            times.reward,
+            times.old_logprobs,
+            times.reference,
+            times.update,
+            times.step,
+        ];
+        if let Some(c) = comm {
+            c.all_max_host(&mut mx)?;
+        }
+        let [len_max, t_rollout, t_reward, t_old, t_ref, t_update, t_step] = mx;
+        let tok = sums.tokens.max(1.0);
+        let updates = upd.updates.max(1) as f64;
         // FLOPs per phase (model::flops): forward for the rollout and the old and reference
         // passes, forward + backward (3x) for every PPO epoch of the update.
         let cfg = &self.policy.cfg;
-        let pass: Work = grpo::pass_work(seqs, layout);
-        let ro = work.rollout.work();
+        let mut ro_work = prefill;
+        ro_work.add(decode);
+        let mut ro_naive = naive_prefill;
+        ro_naive.add(naive_decode);
         let epochs = self.cfg.grpo.ppo_epochs as f64;
-        let flops_rollout = ro.forward_flops(cfg);
+        let flops_rollout = ro_work.forward_flops(cfg);
         let flops_pass = pass.forward_flops(cfg);
         let flops_update = epochs * pass.train_flops(cfg);
         let peak = self.peak_tflops();
+        // Utilisation against the peak of every rank's device.
+        let peak_all = peak.map(|p| p * comm.map_or(1, |c| c.world()) as f64);
         let per_s = |tokens: f64, t: f64| if t > 0.0 { tokens / t } else { 0.0 };
-        let pass_rows = rows as f64;
-        StepMetrics {
+        Ok(StepMetrics {
             step: self.step,
             epoch: batch.epoch,
             lr: upd.lr,
             reward_mean: mean,
             reward_std: std,
-            format_ok_rate: scores.format_ok as f64 / k,
-            exact_match_rate: scores.exact as f64 / k,
-            zero_adv_groups: zero_groups as f64 / (k / n as f64),
+            format_ok_rate: format_ok / k,
+            exact_match_rate: exact / k,
+            zero_adv_groups: zero_groups / (k / n as f64),
             loss: sums.loss / updates,
             pg_loss: sums.pg_loss / updates,
             kl: sums.kl_sum / tok,
             clip_frac: sums.clip_sum / tok,
             ratio_mean: sums.ratio_sum / tok,
-            entropy: upd
-                .first
+            entropy: first
                 .as_ref()
                 .map(|f| f.entropy_sum / f.tokens.max(1.0))
                 .unwrap_or(0.0),
             grad_norm: upd.grad_norm,
-            response_len_mean: resp_tokens as f64 / k,
-            response_len_max: resp_lens.iter().copied().max().unwrap_or(0),
-            truncated_rate: gens.iter().filter(|g| !g.stopped).count() as f64 / k,
-            prompt_tokens,
-            response_tokens: resp_tokens,
+            response_len_mean: resp_tokens / k,
+            response_len_max: len_max as usize,
+            truncated_rate: truncated / k,
+            prompt_tokens: prompt_tokens as usize,
+            response_tokens: resp_tokens as usize,
             updates: upd.updates,
-            time_rollout_s: times.rollout,
-            time_reward_s: times.reward,
-            time_old_logprobs_s: times.old_logprobs,
-            time_reference_s: times.reference,
-            time_update_s: times.update,
-            time_step_s: times.step,
+            time_rollout_s: t_rollout,
+            time_reward_s: t_reward,
+            time_old_logprobs_s: t_old,
+            time_reference_s: t_ref,
+            time_update_s: t_update,
+            time_step_s: t_step,
             shared_prompt: layout == grpo::Layout::Shared,
-            tokens_old_logprobs: rows,
-            tokens_reference: rows,
-            tokens_update: rows * self.cfg.grpo.ppo_epochs,
-            tokens_naive_per_pass: rows_naive,
-            logit_rows_per_pass: logit_rows,
-            logit_rows_naive_per_pass: logit_rows_naive,
-            tokens_per_s: (prompt_tokens + resp_tokens) as f64 / times.step.max(1e-9),
-            groups_skipped: work.groups_skipped,
-            tokens_rollout_prefill: work.rollout.prefill.rows,
-            tokens_rollout_decode: work.rollout.decode.rows,
-            tokens_rollout_naive: work.rollout.naive_work().rows,
-            rollout_prefills: work.rollout.prefills,
+            tokens_old_logprobs: rows as usize,
+            tokens_reference: rows as usize,
+            tokens_update: rows as usize * self.cfg.grpo.ppo_epochs,
+            tokens_naive_per_pass: rows_naive as usize,
+            logit_rows_per_pass: logit_rows as usize,
+            logit_rows_naive_per_pass: logit_rows_naive as usize,
+            tokens_per_s: (prompt_tokens + resp_tokens) / t_step.max(1e-9),
+            groups_skipped: groups_skipped as usize,
+            tokens_rollout_prefill: prefill.rows,
+            tokens_rollout_decode: decode.rows,
+            tokens_rollout_naive: ro_naive.rows,
+            rollout_prefills: prefills as usize,
             flops_rollout,
             flops_old_logprobs: flops_pass,
             flops_reference: flops_pass,
             flops_update,
-            tokens_per_s_rollout: per_s(ro.rows as f64, times.rollout),
-            tokens_per_s_old_logprobs: per_s(pass_rows, times.old_logprobs),
-            tokens_per_s_reference: per_s(pass_rows, times.reference),
-            tokens_per_s_update: per_s(pass_rows * epochs, times.update),
+            tokens_per_s_rollout: per_s(ro_work.rows as f64, t_rollout),
+            tokens_per_s_old_logprobs: per_s(rows, t_old),
+            tokens_per_s_reference: per_s(rows, t_ref),
+            tokens_per_s_update: per_s(rows * epochs, t_update),
             peak_tflops: peak,
-            mfu_rollout: flops::mfu(flops_rollout, times.rollout, peak),
-            mfu_old_logprobs: flops::mfu(flops_pass, times.old_logprobs, peak),
-            mfu_reference: flops::mfu(flops_pass, times.reference, peak),
-            mfu_update: flops::mfu(flops_update, times.update, peak),
+            mfu_rollout: flops::mfu(flops_rollout, t_rollout, peak_all),
+            mfu_old_logprobs: flops::mfu(flops_pass, t_old, peak_all),
+            mfu_reference: flops::mfu(flops_pass, t_ref, peak_all),
+            mfu_update: flops::mfu(flops_update, t_update, peak_all),
             peak_host_mib: metrics::peak_host_mib(),
-        }
+        })
     }
 
     /// The counters a checkpoint records.
@@ -718,31 +999,65 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    /// Write a checkpoint of the current state into `dir`.
+    /// Write a checkpoint of the current state into `dir` (in a data-parallel run every rank
+    /// calls it; rank 0 writes, see [`checkpoint::save_in`]).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        checkpoint::save(
+        checkpoint::save_in(
             dir,
             &self.b,
             &self.policy,
             &self.opt,
             &self.state(),
             self.source_dir.as_deref(),
+            self.comm(),
         )
     }
 
+    /// Whether this trainer writes the run's files: a single device, or rank 0 of a group.
+    pub fn is_writer(&self) -> bool {
+        self.comm().is_none_or(|c| c.rank() == 0)
+    }
+
+    /// `r` on every rank: an error of the writer's file work stops the group (the other ranks
+    /// would wait for it at their next collective).
+    fn on_writer<T>(&self, r: Result<T>) -> Result<T> {
+        if let (Err(e), Some(c)) = (&r, self.comm()) {
+            c.abort(&e.to_string());
+        }
+        r
+    }
+
     /// Run until `total_steps`, writing `<out>/metrics.jsonl`, a progress bar, checkpoints
-    /// every `save_every` steps and at the end. Returns the metrics of the steps run.
+    /// every `save_every` steps and at the end. Returns the metrics of the steps run. In a
+    /// data-parallel run every rank calls it and gets the same metrics; rank 0 writes the files
+    /// and shows the progress.
     pub fn run(&mut self) -> Result<Vec<StepMetrics>> {
         let total = self.total_steps();
         let out = self.cfg.run.out.clone();
-        let _lock = checkpoint::claim_run_dir(&out, self.step, self.discard_later)?;
-        let mut writer = MetricsWriter::open(&out.join("metrics.jsonl"), self.step + 1)?;
-        let pb = metrics::progress_bar(total, self.quiet, "grpo");
+        let writer = self.is_writer();
+        let (_lock, mut file) = if writer {
+            let lock = self.on_writer(checkpoint::claim_run_dir(
+                &out,
+                self.step,
+                self.discard_later,
+            ))?;
+            let w = self.on_writer(MetricsWriter::open(
+                &out.join("metrics.jsonl"),
+                self.step + 1,
+            ))?;
+            (Some(lock), Some(w))
+        } else {
+            (None, None)
+        };
+        let pb = metrics::progress_bar(total, self.quiet || !writer, "grpo");
         pb.set_position(self.step);
         let mut all = Vec::new();
         while self.step < total {
             let m = self.step()?;
-            writer.write(&m)?;
+            if let Some(w) = &mut file {
+                let r = w.write(&m);
+                self.on_writer(r)?;
+            }
             pb.set_position(self.step);
             pb.set_message(format!(
                 "reward {:.3} kl {:.4} len {:.0} pass tokens {}/{}",
@@ -756,12 +1071,41 @@ impl<B: Backend> Trainer<B> {
             let every = self.cfg.save_every;
             if (every > 0 && self.step % every == 0) || self.step == total {
                 self.save_checkpoint(&checkpoint::step_dir(&out, self.step))?;
-                checkpoint::prune(&out, self.cfg.keep_checkpoints)?;
+                if writer {
+                    self.on_writer(checkpoint::prune(&out, self.cfg.keep_checkpoints))?;
+                }
             }
         }
         pb.finish_and_clear();
         Ok(all)
     }
+}
+
+/// `s` summed over the ranks of `comm` (unchanged without one).
+fn reduce_sums<B: Backend>(comm: Option<&dyn Collective<B>>, s: UpdateSums) -> Result<UpdateSums> {
+    let Some(c) = comm else { return Ok(s) };
+    let mut v = [
+        s.loss,
+        s.pg_loss,
+        s.kl_sum,
+        s.clip_sum,
+        s.ratio_sum,
+        s.entropy_sum,
+        s.tokens,
+        s.micro_batches as f64,
+    ];
+    c.all_reduce_host(&mut v)?;
+    let [loss, pg_loss, kl_sum, clip_sum, ratio_sum, entropy_sum, tokens, micro_batches] = v;
+    Ok(UpdateSums {
+        loss,
+        pg_loss,
+        kl_sum,
+        clip_sum,
+        ratio_sum,
+        entropy_sum,
+        tokens,
+        micro_batches: micro_batches as usize,
+    })
 }
 
 /// A reward must be finite: a NaN or Inf would turn the whole group's advantages into NaN.

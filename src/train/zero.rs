@@ -115,7 +115,7 @@ impl<B: Backend> ShardedAdamW<B> {
     pub fn reduce_bucket(
         &mut self,
         b: &B,
-        comm: &impl Collective<B>,
+        comm: &dyn Collective<B>,
         grads: &mut [B::F],
         bucket: usize,
     ) -> Result<()> {
@@ -153,7 +153,7 @@ impl<B: Backend> ShardedAdamW<B> {
     pub fn reduce_all(
         &mut self,
         b: &B,
-        comm: &impl Collective<B>,
+        comm: &dyn Collective<B>,
         grads: &mut [B::F],
     ) -> Result<()> {
         for k in 0..self.plan.buckets.len() {
@@ -169,7 +169,7 @@ impl<B: Backend> ShardedAdamW<B> {
     pub fn step(
         &mut self,
         b: &B,
-        comm: &impl Collective<B>,
+        comm: &dyn Collective<B>,
         model: &mut Model<B>,
         total_updates: u64,
     ) -> Result<UpdateStats> {
@@ -183,7 +183,7 @@ impl<B: Backend> ShardedAdamW<B> {
     fn step_inner(
         &mut self,
         b: &B,
-        comm: &impl Collective<B>,
+        comm: &dyn Collective<B>,
         model: &mut Model<B>,
         total_updates: u64,
     ) -> Result<UpdateStats> {

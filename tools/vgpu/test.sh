@@ -9,7 +9,8 @@
 #      path on a 256 MiB device; cuda_ops in random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
 #      out-of-bounds or use-after-free access is reported with its kernels/*.cu line);
 #   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
-#      finish its steps and write finite losses.
+#      finish its steps and write finite losses; then the same data parallel with --gpus 4 on 4
+#      virtual devices (one metrics file, one checkpoint folder).
 # Usage: tools/vgpu/test.sh [--quick]   (--quick: forward order only, no CLI run)
 # Logs the time of each part; exits non-zero on the first failure.
 set -euo pipefail
@@ -116,8 +117,31 @@ for r in rows:
 print("vgpu-test: GRPO on --device cuda: " + "; ".join(
     f"step {r.get('step')} loss {r.get('loss')}" for r in rows))
 PY
-    rm -rf "$RUN"
     echo "vgpu-test: CLI GRPO run passed in $(( $(date +%s) - t )) s"
+
+    # The same run data parallel on 4 virtual devices: one metrics file, one checkpoint folder.
+    t=$(date +%s)
+    TOOLN1_VGPU_DEVICES=4 target/debug/tooln1 train --model "$RUN/model" --data "$RUN/train.jsonl" \
+        --out "$RUN/run4" --device cuda --gpus 4 --steps 2 --quiet --set grpo.prompts_per_step=4 \
+        --set grpo.mini_batch_prompts=4 --set rollout.n=3 --set rollout.max_new_tokens=8 --set save_every=2
+    python3 - "$RUN/run4" <<'PY'
+import json, math, os, sys
+run = sys.argv[1]
+rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if l.strip()]
+assert len(rows) == 2, f"expected 2 metric lines, got {len(rows)}"
+for r in rows:
+    for k, v in r.items():
+        if isinstance(v, float):
+            assert math.isfinite(v), f"step {r.get('step')}: {k} = {v}"
+ck = sorted(os.listdir(os.path.join(run, "checkpoints")))
+assert ck == ["step-00000002"], f"checkpoint folders: {ck}"
+for f in ["model/config.json", "optimizer.safetensors", "trainer.json"]:
+    assert os.path.isfile(os.path.join(run, "checkpoints", ck[0], f)), f
+print("vgpu-test: GRPO on --gpus 4: " + "; ".join(
+    f"step {r.get('step')} loss {r.get('loss')} updates {r.get('updates')}" for r in rows))
+PY
+    rm -rf "$RUN"
+    echo "vgpu-test: CLI GRPO run on 4 virtual devices passed in $(( $(date +%s) - t )) s"
 fi
 for c in "${CRASHES[@]}"; do echo "vgpu-test: WARNING: $c crashed once and passed when rerun" >&2; done
 echo "vgpu-test: all CUDA tests passed on the virtual GPU in $(( $(date +%s) - t0 )) s"

@@ -164,6 +164,9 @@ impl Collective<Cuda> for NcclRank {
         )
     }
 
+    fn all_gather_host(&self, v: &[f32]) -> Result<Vec<f32>> {
+        self.host.all_gather_host_f32(v)
+    }
     fn abort(&self, why: &str) {
         self.host.abort(why)
     }

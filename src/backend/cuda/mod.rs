@@ -18,8 +18,8 @@ pub use comm::{nccl_available, nccl_group, NcclRank};
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::size_class;
 pub use runtime::{
-    device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND, NVCC_PINNED,
-    PTXAS_REPORT,
+    device_count, device_memory, nvrtc_check, Bf16, CudaBuf, Elem, PoolStats, Timer, KERNEL_KIND,
+    NVCC_PINNED, PTXAS_REPORT,
 };
 
 use runtime::Gpu;

@@ -463,6 +463,17 @@ fn probe(ordinal: usize) -> Result<()> {
     Ok(())
 }
 
+/// The number of CUDA devices visible to this process (CUDA_VISIBLE_DEVICES applies);
+/// `Error::NoCuda` without a driver or a device, as [`Gpu::open`] reports it.
+pub fn device_count() -> Result<usize> {
+    std::panic::catch_unwind(|| -> Result<usize> {
+        probe(0)?;
+        let count = dr::device::get_count().map_err(|e| drv("cuDeviceGetCount", e))?;
+        Ok(count.max(0) as usize)
+    })
+    .unwrap_or_else(|p| Err(Error::Cuda(panic_text(p.as_ref()))))
+}
+
 /// (free, total) bytes of device `ordinal`, probed the same way as [`Gpu::open`] (so the same
 /// `Error::NoCuda` / `Error::Cuda` split) through its primary context.
 pub fn device_memory(ordinal: usize) -> Result<(u64, u64)> {
