@@ -46,7 +46,7 @@ pub struct RunArgs {
     pub device: Option<DeviceKind>,
     /// CUDA devices to train on: `all` (the default: every visible device, CUDA_VISIBLE_DEVICES
     /// decides which) or a count N (devices 0..N). More than one runs data parallel over NCCL
-    /// (`train` only; `sft` runs on one device).
+    /// (`train` and `sft`).
     #[arg(long, value_name = "N|all")]
     pub gpus: Option<crate::dist::GpuRequest>,
     /// Total steps (0 = the config's `epochs` passes over the data).
@@ -497,9 +497,6 @@ impl TrainJob {
 /// memory, then the run on the selected backend.
 pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     let r = &a.run;
-    if matches!(r.gpus, Some(crate::dist::GpuRequest::Count(n)) if n > 1) {
-        bail!("--gpus: `tooln1 sft` runs on one device (data-parallel SFT is not built yet)");
-    }
     let mut cfg: SftConfig = load_config(r.config.as_deref(), &r.set)?;
     let (model_dir, data) = r.apply(&mut cfg.run, r.out.clone(), "data")?;
     cfg.validate()?;
@@ -521,6 +518,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     if let Some(p) = plan {
         apply_plan(&p, &mut cfg.memory, None, &mut cfg.micro_batch_tokens);
     }
+    let world = gpu_world(r.gpus, cfg.run.device)?;
     let job = SftJob {
         cfg,
         model_dir,
@@ -528,7 +526,13 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
         quiet: r.quiet,
         discard_later: r.discard_later_checkpoints,
     };
-    run_on(job.cfg.run.device, job)?;
+    if world > 1 {
+        eprintln!("data parallel over {world} CUDA devices (NCCL)");
+        let group = crate::train::parallel::cuda_group(world)?;
+        crate::train::parallel::on_ranks(group, |_, (c, comm)| job.run_rank(c, Some(comm)))?;
+    } else {
+        run_on(job.cfg.run.device, job)?;
+    }
     Ok(())
 }
 
@@ -544,25 +548,45 @@ struct SftJob {
 impl BackendJob for SftJob {
     type Output = ();
     fn run<B: Backend + 'static>(self, b: B) -> crate::Result<()> {
-        eprintln!("backend: {}", b.name());
+        self.run_rank(b, None)
+    }
+}
+
+impl SftJob {
+    /// The run on backend `b`, as one rank of a data-parallel group when `comm` is given (only
+    /// rank 0 reports).
+    fn run_rank<B: Backend + 'static>(
+        &self,
+        b: B,
+        comm: Option<crate::train::RankComm<B>>,
+    ) -> crate::Result<()> {
+        let talk = comm.as_ref().is_none_or(|c| c.rank() == 0);
+        if talk {
+            eprintln!("backend: {}", b.name());
+        }
         let tok = Tokenizer::from_dir(&self.model_dir)?;
         let template = ChatTemplate::from_model_dir(&self.model_dir)?;
         let samples = read_samples(&self.data)?;
         let (items, dropped) = prepare_sft(&samples, &tok, &template, self.cfg.max_seq_tokens)?;
-        eprintln!(
-            "{}: {} samples, {} kept, {} longer than max_seq_tokens left out",
-            self.data.display(),
-            samples.len(),
-            items.len(),
-            dropped
-        );
+        if talk {
+            eprintln!(
+                "{}: {} samples, {} kept, {} longer than max_seq_tokens left out",
+                self.data.display(),
+                samples.len(),
+                items.len(),
+                dropped
+            );
+        }
         let model = load_model(&self.model_dir, &b)?;
         let out = self.cfg.run.out.clone();
-        let mut t = SftTrainer::new(b, model, items, self.cfg)?;
+        let mut t = SftTrainer::new_in(b, model, items, self.cfg.clone(), comm)?;
         t.source_dir = Some(self.model_dir.clone());
         t.quiet = self.quiet;
         t.discard_later = self.discard_later;
         let m = t.run(Some(&out))?;
+        if !talk {
+            return Ok(());
+        }
         if let (Some(f), Some(l)) = (m.first(), m.last()) {
             eprintln!(
                 "SFT: {} steps, loss {:.4} -> {:.4}; model: {}",

@@ -1,9 +1,12 @@
 //! Supervised fine-tuning: cross-entropy on the assistant tokens only (the prompt's tokens are
 //! context, not targets), for the paper's SFT / RL / SFT-then-RL comparison and the demo's warm
-//! start.
+//! start. Data parallel like GRPO ([`SftTrainer::new_in`] with a rank's communicator): each
+//! step's batch is split over the ranks, the loss is the whole batch's token mean, the
+//! optimizer state is sharded, and rank 0 writes the metrics and checkpoints.
 
 use crate::backend::Backend;
 use crate::data::{Message, Sample};
+use crate::dist::{split::rank_groups, Collective, ShardPlan};
 use crate::model::{Model, PackedBatch};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::{self, TrainerState};
@@ -11,7 +14,7 @@ use crate::train::config::SftConfig;
 use crate::train::grpo::micro_batches;
 use crate::train::metrics::{self, MetricsWriter};
 use crate::train::optim::{self, AdamW};
-use crate::train::runner::DataOrder;
+use crate::train::runner::{DataOrder, RankComm};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -100,9 +103,34 @@ pub fn accumulate_ce<B: Backend>(
     recompute: bool,
     grads: &mut [B::F],
 ) -> Result<(f64, usize)> {
+    let total = target_tokens(items);
+    let loss = accumulate_ce_part(b, model, items, total, budget, recompute, grads)?;
+    Ok((loss, total))
+}
+
+/// The assistant (target) tokens of `items`.
+pub fn target_tokens(items: &[SftItem]) -> usize {
+    items.iter().map(|s| s.tokens.len() - s.prompt_len).sum()
+}
+
+/// [`accumulate_ce`] over `items`, one rank's part of a batch of `total` target tokens: the
+/// part's share of the whole batch's token-mean loss (returned) and gradient.
+pub fn accumulate_ce_part<B: Backend>(
+    b: &B,
+    model: &Model<B>,
+    items: &[SftItem],
+    total: usize,
+    budget: usize,
+    recompute: bool,
+    grads: &mut [B::F],
+) -> Result<f64> {
     let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
-    let total: usize = items.iter().map(|s| s.tokens.len() - s.prompt_len).sum();
     crate::ensure!(total > 0, "SFT batch has no target tokens");
+    crate::ensure!(
+        target_tokens(items) <= total,
+        "SFT: a part of {} target tokens in a batch of {total}",
+        target_tokens(items)
+    );
     let mut loss = 0.0f64;
     for r in micro_batches(&lens, budget) {
         let toks: Vec<Vec<u32>> = items[r.clone()].iter().map(|s| s.tokens.clone()).collect();
@@ -121,7 +149,7 @@ pub fn accumulate_ce<B: Backend>(
         let dlogp = b.upload_f32(&d)?;
         model.backward(b, &db, tape, &dlogp, grads)?;
     }
-    Ok((loss, total))
+    Ok(loss)
 }
 
 /// An SFT run.
@@ -140,17 +168,41 @@ pub struct SftTrainer<B: Backend> {
     /// Delete checkpoints in the output folder after the current step instead of refusing to
     /// start (see [`checkpoint::claim_run_dir`]).
     pub discard_later: bool,
+    /// This rank's communicator in a data-parallel run.
+    comm: Option<RankComm<B>>,
 }
 
 impl<B: Backend> SftTrainer<B> {
     pub fn new(b: B, model: Model<B>, items: Vec<SftItem>, cfg: SftConfig) -> Result<Self> {
+        Self::new_in(b, model, items, cfg, None)
+    }
+
+    /// [`SftTrainer::new`] for one rank of a data-parallel group (`comm`; None: one device).
+    pub fn new_in(
+        b: B,
+        model: Model<B>,
+        items: Vec<SftItem>,
+        cfg: SftConfig,
+        comm: Option<RankComm<B>>,
+    ) -> Result<Self> {
         cfg.validate()?;
         if items.is_empty() {
             return Err(Error::msg("no SFT samples"));
         }
         let host = cfg.memory.optimizer == crate::train::config::Place::Host;
-        let opt = AdamW::placed(&b, &model, cfg.optim.clone(), host)?;
-        let grads = model.zero_grads(&b)?;
+        let opt = match &comm {
+            Some(c) => {
+                crate::ensure!(
+                    !host,
+                    "memory.optimizer = \"host\" is not available with more than one rank (the \
+                     optimizer state is sharded over the devices instead)"
+                );
+                let plan = ShardPlan::new(&model.layout, c.world())?;
+                AdamW::sharded(&b, &model, cfg.optim.clone(), plan, c.rank())?
+            }
+            None => AdamW::placed(&b, &model, cfg.optim.clone(), host)?,
+        };
+        let grads = opt.alloc_grads(&b, &model)?;
         let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {
             b,
@@ -165,7 +217,20 @@ impl<B: Backend> SftTrainer<B> {
             source_dir: None,
             quiet: false,
             discard_later: false,
+            comm,
         })
+    }
+
+    fn comm(&self) -> Option<&dyn Collective<B>> {
+        self.comm.as_deref().map(|c| c as &dyn Collective<B>)
+    }
+
+    /// `r` on every rank: an error of rank 0's file work stops the group.
+    fn on_writer<T>(&self, r: Result<T>) -> Result<T> {
+        if let (Err(e), Some(c)) = (&r, self.comm()) {
+            c.abort(&e.to_string());
+        }
+        r
     }
 
     /// The backend and the trained model.
@@ -183,29 +248,56 @@ impl<B: Backend> SftTrainer<B> {
         }
     }
 
-    /// One optimizer step on the next `batch_size` items.
+    /// One optimizer step on the next `batch_size` items (in a data-parallel run every rank
+    /// calls it and trains its contiguous, near-equal part of them).
     pub fn step(&mut self) -> Result<SftMetrics> {
         let t = Instant::now();
-        let batch: Vec<SftItem> = (0..self.cfg.batch_size)
+        let comm = self.comm.as_deref().map(|c| c as &dyn Collective<B>);
+        let (world, rank) = comm.map_or((1, 0), |c| (c.world(), c.rank()));
+        let batch: Vec<SftItem> = rank_groups(self.cfg.batch_size, world, rank)
             .map(|k| self.items[self.order.at(self.data_pos + k as u64).0].clone())
             .collect();
-        optim::zero_grads(&self.b, &self.model, &mut self.grads)?;
-        let (loss, target_tokens) = accumulate_ce(
-            &self.b,
-            &self.model,
-            &batch,
-            self.cfg.micro_batch_tokens,
-            self.cfg.recompute,
-            &mut self.grads,
-        )?;
+        // Target and all tokens of the whole batch.
+        let mut sizes = [
+            target_tokens(&batch) as f64,
+            batch.iter().map(|s| s.tokens.len()).sum::<usize>() as f64,
+        ];
+        if let Some(c) = comm {
+            c.all_reduce_host(&mut sizes)?;
+        } else {
+            optim::zero_grads(&self.b, &self.model, &mut self.grads)?;
+        }
+        let (target_tokens, tokens) = (sizes[0] as usize, sizes[1] as usize);
+        let mut loss = [0.0f64];
+        if !batch.is_empty() {
+            let r = accumulate_ce_part(
+                &self.b,
+                &self.model,
+                &batch,
+                target_tokens,
+                self.cfg.micro_batch_tokens,
+                self.cfg.recompute,
+                &mut self.grads,
+            );
+            if let (Err(e), Some(c)) = (&r, comm) {
+                c.abort(&e.to_string());
+            }
+            loss[0] = r?;
+        }
+        if let Some(c) = comm {
+            c.all_reduce_host(&mut loss)?;
+        }
         let total = self.total_steps();
         let u = self
             .opt
-            .step(&self.b, &mut self.model, &self.grads, total)?;
+            .step_in(&self.b, comm, &mut self.model, &mut self.grads, total)?;
         self.data_pos += self.cfg.batch_size as u64;
         self.step += 1;
-        let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let time = t.elapsed().as_secs_f64();
+        let mut time = [t.elapsed().as_secs_f64()];
+        if let Some(c) = comm {
+            c.all_max_host(&mut time)?;
+        }
+        let (loss, time) = (loss[0], time[0]);
         Ok(SftMetrics {
             step: self.step,
             lr: u.lr,
@@ -237,23 +329,29 @@ impl<B: Backend> SftTrainer<B> {
     /// checkpoints every `save_every` steps and at the end.
     pub fn run(&mut self, out: Option<&Path>) -> Result<Vec<SftMetrics>> {
         let total = self.total_steps();
-        let _lock = match out {
-            Some(o) => Some(checkpoint::claim_run_dir(o, self.step, self.discard_later)?),
+        let writes = self.comm().is_none_or(|c| c.rank() == 0);
+        let files = out.filter(|_| writes);
+        let _lock = match files {
+            Some(o) => {
+                let r = checkpoint::claim_run_dir(o, self.step, self.discard_later);
+                Some(self.on_writer(r)?)
+            }
             None => None,
         };
-        let mut writer = match out {
-            Some(o) => Some(MetricsWriter::open(
-                &o.join("metrics.jsonl"),
-                self.step + 1,
-            )?),
+        let mut writer = match files {
+            Some(o) => {
+                let r = MetricsWriter::open(&o.join("metrics.jsonl"), self.step + 1);
+                Some(self.on_writer(r)?)
+            }
             None => None,
         };
-        let pb = metrics::progress_bar(total, self.quiet, "sft ");
+        let pb = metrics::progress_bar(total, self.quiet || !writes, "sft ");
         let mut all = Vec::new();
         while self.step < total {
             let m = self.step()?;
             if let Some(w) = writer.as_mut() {
-                w.write(&m)?;
+                let r = w.write(&m);
+                self.on_writer(r)?;
             }
             pb.set_position(self.step);
             pb.set_message(format!("loss {:.4}", m.loss));
@@ -261,13 +359,14 @@ impl<B: Backend> SftTrainer<B> {
             if let Some(o) = out {
                 let every = self.cfg.save_every;
                 if (every > 0 && self.step % every == 0) || self.step == total {
-                    checkpoint::save(
+                    checkpoint::save_in(
                         &checkpoint::step_dir(o, self.step),
                         &self.b,
                         &self.model,
                         &self.opt,
                         &self.state(),
                         self.source_dir.as_deref(),
+                        self.comm(),
                     )?;
                 }
             }
