@@ -6,7 +6,7 @@
 use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
 use crate::model::flops::Work;
-use crate::model::{Group, Model, PackedBatch};
+use crate::model::{GradSink, Group, Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
 use std::ops::Range;
@@ -383,7 +383,7 @@ impl UpdateSums {
 /// that their sum is the loss the aggregation mode defines over the whole mini-batch, whatever
 /// the split.
 #[allow(clippy::too_many_arguments)]
-pub fn accumulate_minibatch<B: Backend>(
+pub fn accumulate_minibatch<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     seqs: &[TrainSeq],
@@ -394,7 +394,7 @@ pub fn accumulate_minibatch<B: Backend>(
     budget: usize,
     recompute: bool,
     inv_t: f32,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     accumulate_impl(
         b,
@@ -416,7 +416,7 @@ pub fn accumulate_minibatch<B: Backend>(
 /// [`response_logprobs`]) and the passes in `layout`: the same loss, metrics and gradient in
 /// either layout (micro-batches of whole groups in [`Layout::Shared`]).
 #[allow(clippy::too_many_arguments)]
-pub fn accumulate_responses<B: Backend>(
+pub fn accumulate_responses<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     seqs: &[TrainSeq],
@@ -428,7 +428,7 @@ pub fn accumulate_responses<B: Backend>(
     recompute: bool,
     inv_t: f32,
     layout: Layout,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     check_seqs(seqs)?;
     crate::ensure!(
@@ -492,7 +492,7 @@ pub fn accumulate_responses<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn accumulate_impl<B: Backend>(
+fn accumulate_impl<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     seqs: &[TrainSeq],
@@ -504,7 +504,7 @@ fn accumulate_impl<B: Backend>(
     recompute: bool,
     inv_t: f32,
     layout: Layout,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let total_resp: usize = seqs.iter().map(|s| s.n_response()).sum();

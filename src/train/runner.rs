@@ -15,8 +15,9 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::Place;
 use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, TrainSeq, UpdateSums};
+use crate::train::host_grads::Grads;
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
-use crate::train::optim::{self, AdamW};
+use crate::train::optim::AdamW;
 use crate::train::rollout::{self, Generation, RolloutStats, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
@@ -186,7 +187,7 @@ pub struct Trainer<B: Backend> {
     pub policy: Model<B>,
     pub reference: Model<B>,
     pub opt: AdamW<B>,
-    grads: Vec<B::F>,
+    grads: Grads<B>,
     pub tokenizer: Tokenizer,
     pub prompts: Vec<PromptItem>,
     pub reward: Box<dyn Reward>,
@@ -264,9 +265,13 @@ impl<B: Backend> Trainer<B> {
                  dtype): they must be the same model",
             ));
         }
+        let reference = match cfg.memory.reference {
+            Place::Host => reference.into_streamed(&b)?,
+            _ => reference,
+        };
         let host = cfg.memory.optimizer == Place::Host;
         let opt = AdamW::placed(&b, &policy, cfg.optim.clone(), host)?;
-        let grads = policy.zero_grads(&b)?;
+        let grads = Grads::new(&b, &policy, cfg.memory.grads == Place::Host)?;
         let stop = stop_tokens(&tokenizer, &policy.cfg);
         if stop.is_empty() {
             return Err(Error::msg(
@@ -558,7 +563,7 @@ impl<B: Backend> Trainer<B> {
         for _ in 0..ppo_epochs {
             for start in (0..seqs.len()).step_by(mini) {
                 let end = (start + mini).min(seqs.len());
-                optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
+                self.grads.zero(&self.b, &self.policy)?;
                 let s = grpo::accumulate_responses(
                     &self.b,
                     &self.policy,
@@ -573,9 +578,9 @@ impl<B: Backend> Trainer<B> {
                     layout,
                     &mut self.grads,
                 )?;
-                let u = self
-                    .opt
-                    .step(&self.b, &mut self.policy, &self.grads, total_updates)?;
+                let u =
+                    self.opt
+                        .step_grads(&self.b, &mut self.policy, &self.grads, total_updates)?;
                 out.grad_norm = u.grad_norm;
                 out.lr = u.lr;
                 out.updates += 1;

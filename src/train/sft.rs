@@ -4,13 +4,14 @@
 
 use crate::backend::Backend;
 use crate::data::{Message, Sample};
-use crate::model::{Model, PackedBatch};
+use crate::model::{GradSink, Model, PackedBatch};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::config::SftConfig;
+use crate::train::config::{Place, SftConfig};
 use crate::train::grpo::micro_batches;
+use crate::train::host_grads::Grads;
 use crate::train::metrics::{self, MetricsWriter};
-use crate::train::optim::{self, AdamW};
+use crate::train::optim::AdamW;
 use crate::train::runner::DataOrder;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -92,13 +93,13 @@ pub struct SftMetrics {
 
 /// Forward + backward of the token-mean cross-entropy over `items`, accumulated into `grads`;
 /// returns (loss, target tokens).
-pub fn accumulate_ce<B: Backend>(
+pub fn accumulate_ce<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     items: &[SftItem],
     budget: usize,
     recompute: bool,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<(f64, usize)> {
     let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
     let total: usize = items.iter().map(|s| s.tokens.len() - s.prompt_len).sum();
@@ -129,7 +130,7 @@ pub struct SftTrainer<B: Backend> {
     pub b: B,
     pub model: Model<B>,
     pub opt: AdamW<B>,
-    grads: Vec<B::F>,
+    grads: Grads<B>,
     pub items: Vec<SftItem>,
     pub cfg: SftConfig,
     order: DataOrder,
@@ -148,9 +149,9 @@ impl<B: Backend> SftTrainer<B> {
         if items.is_empty() {
             return Err(Error::msg("no SFT samples"));
         }
-        let host = cfg.memory.optimizer == crate::train::config::Place::Host;
+        let host = cfg.memory.optimizer == Place::Host;
         let opt = AdamW::placed(&b, &model, cfg.optim.clone(), host)?;
-        let grads = model.zero_grads(&b)?;
+        let grads = Grads::new(&b, &model, cfg.memory.grads == Place::Host)?;
         let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {
             b,
@@ -189,7 +190,7 @@ impl<B: Backend> SftTrainer<B> {
         let batch: Vec<SftItem> = (0..self.cfg.batch_size)
             .map(|k| self.items[self.order.at(self.data_pos + k as u64).0].clone())
             .collect();
-        optim::zero_grads(&self.b, &self.model, &mut self.grads)?;
+        self.grads.zero(&self.b, &self.model)?;
         let (loss, target_tokens) = accumulate_ce(
             &self.b,
             &self.model,
@@ -201,7 +202,7 @@ impl<B: Backend> SftTrainer<B> {
         let total = self.total_steps();
         let u = self
             .opt
-            .step(&self.b, &mut self.model, &self.grads, total)?;
+            .step_grads(&self.b, &mut self.model, &self.grads, total)?;
         self.data_pos += self.cfg.batch_size as u64;
         self.step += 1;
         let tokens: usize = batch.iter().map(|s| s.tokens.len()).sum();
