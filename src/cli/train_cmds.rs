@@ -201,12 +201,6 @@ fn check_memory(
             return Ok(Some(p));
         }
     } else {
-        if choice.grads == Place::Host || choice.reference == Place::Host {
-            bail!(
-                "memory.grads and memory.reference: \"host\" is not implemented in this \
-                 build; expected \"auto\" or \"device\""
-            );
-        }
         let need = est.cpu_peak(recompute).saturating_add(host_extra);
         if let Some(avail) = host_available() {
             eprintln!(
@@ -235,10 +229,13 @@ fn apply_plan(
     slots: Option<&mut usize>,
     micro_batch_tokens: &mut usize,
 ) {
-    memory.optimizer = match p.optimizer {
+    let place = |w: Where| match w {
         Where::Device => Place::Device,
         Where::Host => Place::Host,
     };
+    memory.optimizer = place(p.optimizer);
+    memory.grads = place(p.grads);
+    memory.reference = place(p.reference);
     if let Some(slots) = slots {
         let s = usize::try_from(p.slots).unwrap_or(usize::MAX);
         if s < *slots {

@@ -1,6 +1,7 @@
 //! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
 //! AdamW moments), the f32 gradients and the frozen reference model live (device or host
-//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned), and how many rollout slots and tokens per micro-batch fit beside them.
+//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned),
+//! and how many rollout slots and tokens per micro-batch fit beside them.
 //!
 //! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
 //! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
@@ -146,14 +147,10 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// What this build runs: the host-offloaded optimizer. Host gradients and the streamed
-    /// reference are planned but not implemented.
-    pub const ENGINE: Caps = Caps {
-        host_optimizer: true,
-        host_grads: false,
-        host_reference: false,
-    };
-    /// Every placement of the design, for `inspect`'s second plan.
+    /// What this build runs: every placement of the design (the host-resident optimizer,
+    /// host gradients, the streamed reference).
+    pub const ENGINE: Caps = Caps::ALL;
+    /// Every placement of the design.
     pub const ALL: Caps = Caps {
         host_optimizer: true,
         host_grads: true,
@@ -242,6 +239,10 @@ struct ModelSizes {
     outer_params: u64,
     /// Elements of the largest parameter tensor.
     largest: u64,
+    /// Elements of the gradient buffers on the device at once with host gradients: the
+    /// largest group of the backward (`model::grad_sink`), plus the embedding, which stays
+    /// open through the layers when it is tied to the lm_head.
+    grad_groups: u64,
     /// bf16 KV-cache bytes of one token, all layers.
     kv_per_token: u64,
     vocab: u64,
@@ -298,6 +299,16 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             .map(|s| to64(s.numel()))
             .max()
             .unwrap_or(0),
+        grad_groups: {
+            let (embed, norm) = (numel(layout.embed), numel(layout.norm));
+            if layout.lm_head == layout.embed {
+                add(&[embed, layer_params.max(norm)])
+            } else {
+                add(&[norm, numel(layout.lm_head)])
+                    .max(layer_params)
+                    .max(embed)
+            }
+        },
         kv_per_token: mul(&[layers, 2, kv, 2]),
         vocab: to64(cfg.vocab_size),
     }
@@ -454,8 +465,8 @@ fn build(
     }
     if grads == Where::Host {
         row(
-            "gradient staging (largest tensor, f32)",
-            mul(&[m.largest, 4]),
+            "gradient staging (largest backward group, f32)",
+            mul(&[m.grad_groups.max(m.largest), 4]),
             Where::Device,
         );
     }
