@@ -59,7 +59,7 @@ fn grpo_with_host_reference_and_grads_matches_the_device_placement_including_res
     let tmp = tempfile::tempdir().unwrap();
     let mut r = Rng::new("host_placement grpo");
     for tied in [false, true] {
-        let case = pl::grpo_case(24, 4, 2, tied, r.next());
+        let case = pl::grpo_case((24, 4, 2, 40), tied, r.next());
         let seed = r.next() % 1000;
         let dev = pl::device_placement();
         let out = |name: &str| tmp.path().join(format!("{name}{tied}"));

@@ -239,9 +239,9 @@ struct ModelSizes {
     outer_params: u64,
     /// Elements of the largest parameter tensor.
     largest: u64,
-    /// Elements of the gradient buffers on the device at once with host gradients: the
-    /// largest group of the backward (`model::grad_sink`), plus the embedding, which stays
-    /// open through the layers when it is tied to the lm_head.
+    /// Device bytes of the f32 gradient buffers held at once with host gradients, at the
+    /// pool's size classes: the largest group of the backward (`model::grad_sink`), plus the
+    /// embedding, which stays open through the layers when it is tied to the lm_head.
     grad_groups: u64,
     /// bf16 KV-cache bytes of one token, all layers.
     kv_per_token: u64,
@@ -300,13 +300,23 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             .max()
             .unwrap_or(0),
         grad_groups: {
-            let (embed, norm) = (numel(layout.embed), numel(layout.norm));
+            let f32_of = |ix: &[usize]| {
+                add(&ix
+                    .iter()
+                    .map(|&i| {
+                        usize::try_from(mul(&[numel(i), 4]))
+                            .ok()
+                            .filter(|&b| b <= usize::MAX / 2)
+                            .map_or(u64::MAX, |b| to64(size_class(b)))
+                    })
+                    .collect::<Vec<_>>())
+            };
+            let layer = layout.layers.first().map_or(0, |l| f32_of(&l.all()));
+            let (embed, norm) = (f32_of(&[layout.embed]), f32_of(&[layout.norm]));
             if layout.lm_head == layout.embed {
-                add(&[embed, layer_params.max(norm)])
+                add(&[embed, layer.max(norm)])
             } else {
-                add(&[norm, numel(layout.lm_head)])
-                    .max(layer_params)
-                    .max(embed)
+                f32_of(&[layout.norm, layout.lm_head]).max(layer).max(embed)
             }
         },
         kv_per_token: mul(&[layers, 2, kv, 2]),
@@ -466,7 +476,7 @@ fn build(
     if grads == Where::Host {
         row(
             "gradient staging (largest backward group, f32)",
-            mul(&[m.grad_groups.max(m.largest), 4]),
+            m.grad_groups,
             Where::Device,
         );
     }

@@ -549,14 +549,32 @@ impl<B: Backend> Model<B> {
         Self::new(cfg, params)
     }
 
-    /// Parameters as host f32 vectors in layout order.
+    /// Parameters as host f32 vectors in layout order (a streamed model's layers from its host
+    /// copy).
     pub fn to_host(&self, b: &B) -> Result<Vec<Vec<f32>>> {
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(self.params.len());
+        for (i, (s, p)) in self.layout.specs.iter().zip(&self.params).enumerate() {
+            out.push(match &self.host_layers {
+                Some(_) if self.layer_of(i).is_some() => Vec::new(),
+                _ => b.download(p, s.numel())?,
+            });
+        }
+        if let Some(host) = &self.host_layers {
+            for (l, lp) in self.layout.layers.iter().enumerate() {
+                for (i, t) in lp.all().into_iter().zip(host.layer_f32(l)?) {
+                    out[i] = t;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoder layer tensor `i` belongs to, if any.
+    fn layer_of(&self, i: usize) -> Option<usize> {
         self.layout
-            .specs
+            .layers
             .iter()
-            .zip(&self.params)
-            .map(|(s, p)| b.download(p, s.numel()))
-            .collect()
+            .position(|lp| (lp.input_norm..lp.input_norm + LAYER_TENSORS).contains(&i))
     }
 
     /// One zeroed f32 gradient buffer per parameter.

@@ -102,14 +102,34 @@ impl HostLayers {
         self.dtype == DType::BF16
     }
 
-    /// Upload layer `l`'s twelve tensors (layout order) to the backend.
-    pub fn upload<B: Backend>(&self, b: &B, l: usize) -> Result<Vec<B::T>> {
-        let bytes = self.layers.get(l).ok_or_else(|| {
+    /// Layer `l`'s twelve tensors (layout order) as f32 host vectors.
+    pub fn layer_f32(&self, l: usize) -> Result<Vec<Vec<f32>>> {
+        let bytes = self.layer(l)?;
+        let size = self.dtype.size();
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.numel.len());
+        for &n in &self.numel {
+            out.push(crate::backend::bytes_to_f32(
+                self.dtype,
+                &bytes[at..at + n * size],
+            ));
+            at += n * size;
+        }
+        Ok(out)
+    }
+
+    fn layer(&self, l: usize) -> Result<&[u8]> {
+        self.layers.get(l).map(|v| v.as_slice()).ok_or_else(|| {
             Error::Invalid(format!(
                 "streamed layer {l} requested, the model has {} layers",
                 self.layers.len()
             ))
-        })?;
+        })
+    }
+
+    /// Upload layer `l`'s twelve tensors (layout order) to the backend.
+    pub fn upload<B: Backend>(&self, b: &B, l: usize) -> Result<Vec<B::T>> {
+        let bytes = self.layer(l)?;
         let size = self.dtype.size();
         let mut at = 0;
         let mut out = Vec::with_capacity(self.numel.len());

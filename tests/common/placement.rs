@@ -91,6 +91,11 @@ pub fn check_streamed_reference<B: Backend>(
         .unwrap();
     let hl = streamed.host_layers().unwrap();
     assert_eq!(hl.len(), cfg.num_hidden_layers);
+    same(
+        &resident.to_host(b).unwrap(),
+        &streamed.to_host(b).unwrap(),
+        "weights read back",
+    );
     let v = cfg.vocab_size;
     for shared in [false, true, false, true] {
         let batch = random_batch(r, v, shared);
@@ -189,10 +194,12 @@ pub struct GrpoCase {
     pub prompts: Vec<PromptItem>,
 }
 
-pub fn grpo_case(hidden: usize, heads: usize, kv: usize, tied: bool, seed: u64) -> GrpoCase {
+/// `dims` = (hidden, heads, kv heads, intermediate).
+pub fn grpo_case(dims: (usize, usize, usize, usize), tied: bool, seed: u64) -> GrpoCase {
     let tok = golden_tokenizer();
     let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
-    let mut cfg = init::tiny_config(hidden, 2, heads, kv, 40, vocab, tied);
+    let (hidden, heads, kv, inter) = dims;
+    let mut cfg = init::tiny_config(hidden, 2, heads, kv, inter, vocab, tied);
     cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
     let host = init::random_params(&cfg, seed);
     let prompts = ["the tree", "set a timer", "weather here", "call me"]
