@@ -9,7 +9,7 @@ mod common;
 use common::placement::{self as pl, bits, same};
 use common::Rng;
 use tooln1::backend::cpu::Cpu;
-use tooln1::model::{init, Model};
+use tooln1::model::{init, GradSink, Model};
 
 #[test]
 fn the_streamed_reference_gives_the_resident_bits() {
@@ -92,5 +92,75 @@ fn sft_with_host_grads_matches_the_device_placement() {
             same(&want, &got, &format!("SFT weights, {p:?}"));
             assert_eq!(bits(&want[0]), bits(&got[0]));
         }
+    }
+}
+
+/// A sink over resident buffers that records every call and each group's values when it is
+/// closed.
+struct Recording {
+    grads: Vec<Vec<f32>>,
+    calls: Vec<(&'static str, usize, usize)>,
+    closed: Vec<(usize, Vec<Vec<f32>>)>,
+}
+
+impl GradSink<Cpu> for Recording {
+    fn tensors(&self) -> usize {
+        self.grads.len()
+    }
+    fn open(&mut self, b: &Cpu, first: usize, n: usize) -> tooln1::Result<&mut [Vec<f32>]> {
+        self.calls.push(("open", first, n));
+        self.grads.open(b, first, n)
+    }
+    fn close(&mut self, _b: &Cpu, first: usize, n: usize) -> tooln1::Result<()> {
+        self.calls.push(("close", first, n));
+        self.closed
+            .push((first, self.grads[first..first + n].to_vec()));
+        Ok(())
+    }
+}
+
+#[test]
+fn backward_hands_out_the_documented_groups_and_a_closed_group_is_final() {
+    let mut r = Rng::new("host_placement groups");
+    for tied in [false, true] {
+        let cfg = init::tiny_config(32, 3, 4, 2, 48, 96, tied);
+        let m = Model::random(&Cpu, cfg.clone(), r.next()).unwrap();
+        let (l, norm, embed) = (&m.layout, m.layout.norm, m.layout.embed);
+        let mut want = if tied {
+            vec![("open", embed, 1), ("open", norm, 1), ("close", norm, 1)]
+        } else {
+            assert_eq!(l.lm_head, norm + 1);
+            vec![("open", norm, 2), ("open", norm, 2), ("close", norm, 2)]
+        };
+        for lp in l.layers.iter().rev() {
+            want.push(("open", lp.input_norm, 12));
+            want.push(("close", lp.input_norm, 12));
+        }
+        want.extend([("open", embed, 1), ("close", embed, 1)]);
+        let mut sink = Recording {
+            grads: m.zero_grads(&Cpu).unwrap(),
+            calls: Vec::new(),
+            closed: Vec::new(),
+        };
+        let batch = pl::random_batch(&mut r, cfg.vocab_size, tied);
+        let db = m.upload_batch(&Cpu, &batch).unwrap();
+        let dl = r.vec(batch.n_logits(), 1.0);
+        let tape = m.forward_train(&Cpu, &db, false, false).unwrap();
+        m.backward(&Cpu, &db, tape, &dl, &mut sink).unwrap();
+        assert_eq!(sink.calls, want, "tied {tied}");
+        // Every tensor is in exactly one closed group, and nothing changed it afterwards.
+        let mut seen = vec![0; l.specs.len()];
+        for (first, vals) in &sink.closed {
+            for (k, v) in vals.iter().enumerate() {
+                seen[first + k] += 1;
+                assert_eq!(
+                    bits(v),
+                    bits(&sink.grads[first + k]),
+                    "tensor {}",
+                    first + k
+                );
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "{seen:?}");
     }
 }
