@@ -398,7 +398,11 @@ impl BackendJob for TrainJob {
             dropped,
             max_prompt
         );
-        let reference = load_model(&self.model_dir, &b)?;
+        let mut reference = load_model(&self.model_dir, &b)?;
+        if self.cfg.memory.reference == Place::Host {
+            // To host memory before the policy is loaded: one model on the device at a time.
+            reference = reference.into_streamed(&b)?;
+        }
         let mut t = match &self.resume {
             Some(ck) => Trainer::resume(b, ck, reference, tok, prompts, self.reward, self.cfg)?,
             None => {
