@@ -164,3 +164,21 @@ fn backward_hands_out_the_documented_groups_and_a_closed_group_is_final() {
         assert!(seen.iter().all(|&c| c == 1), "{seen:?}");
     }
 }
+
+#[test]
+fn sft_refuses_a_host_reference_naming_the_field() {
+    let cfg = init::tiny_config(24, 1, 4, 2, 40, 80, false);
+    let host = init::random_params(&cfg, 1);
+    let model = Model::from_host(&Cpu, cfg, &host).unwrap();
+    let mut c = tooln1::train::config::SftConfig::default();
+    c.memory.reference = tooln1::train::config::Place::Host;
+    let items = vec![tooln1::train::sft::SftItem {
+        tokens: vec![1, 2, 3],
+        prompt_len: 1,
+    }];
+    let e = tooln1::train::SftTrainer::new(Cpu, model, items, c)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("memory.reference"), "{e}");
+}
