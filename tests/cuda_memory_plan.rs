@@ -1,13 +1,15 @@
 //! The memory planner's device estimate against the peak device bytes the virtual GPU measures
-//! (`vgpuMemStats`) for SFT steps of small models under two placements (optimizer state on the
-//! device, on the host). Prints estimate, measured peak and their ratio for each, then checks
+//! (`vgpuMemStats`) for SFT steps of small models under three placements (everything on the
+//! device; the optimizer state on the host; the gradients on the host, `memory.grads`). Prints estimate, measured peak and their ratio for each, then checks
 //! the issue's criterion: the estimate within 10% of the measured peak either way. On a real GPU
 //! (no `vgpuMemStats`) the test says so and checks nothing.
 //!
 //! Ignored for now because the criterion does not hold yet: with the caching pool the estimate
 //! is up to 25% below the measured peak (activation buffers rounded to power-of-two classes and
 //! freed blocks of other classes kept cached, which the planner does not model); with
-//! `TOOLN1_CUDA_POOL=exact` it is 0-16% above. Run it with
+//! `TOOLN1_CUDA_POOL=exact` it is 0-16% above. The host-gradient placement is no exception:
+//! 0.885 and 0.825 of the measured peak with the pool, 1.042 and 1.063 with exact buffers (the
+//! two models below, on the virtual GPU). Run it with
 //! `tools/vgpu/run.sh cargo test --test cuda_memory_plan -- --ignored --nocapture`.
 
 mod common;
@@ -57,7 +59,11 @@ fn planner_estimate_against_the_measured_peak() {
                 }
             })
             .collect();
-        for place in [Place::Device, Place::Host] {
+        for (place, grads) in [
+            (Place::Device, Place::Device),
+            (Place::Host, Place::Device),
+            (Place::Device, Place::Host),
+        ] {
             let mut sc = SftConfig {
                 batch_size: 2,
                 micro_batch_tokens: 2 * seq as usize,
@@ -66,9 +72,11 @@ fn planner_estimate_against_the_measured_peak() {
             };
             sc.run.steps = 1;
             sc.memory.optimizer = place;
+            sc.memory.grads = grads;
             let choice = Placement {
                 optimizer: place,
-                ..Placement::default()
+                grads,
+                reference: Place::Device,
             };
             let budget = Budget {
                 device_free: 1 << 40,
@@ -91,7 +99,7 @@ fn planner_estimate_against_the_measured_peak() {
             report.push((
                 ratio,
                 format!(
-                    "hidden {hidden} layers {layers} vocab {vocab} seq {seq} optimizer {place:?}: \
+                    "hidden {hidden} layers {layers} vocab {vocab} seq {seq} optimizer {place:?} grads {grads:?}: \
                      estimate {est} B, measured peak {measured} B, estimate / measured {ratio:.3}"
                 ),
             ));

@@ -32,19 +32,29 @@ fn qwen7b_fits_one_80gb_gpu_with_the_optimizer_and_reference_on_the_host() {
     assert!(p.device_peak() <= 80 * GB - DEVICE_RESERVE, "{p}");
     // The host holds master + moments (12 bytes per parameter) and the bf16 reference.
     assert!(p.host_total >= 14 * 7_615_616_512, "{p}");
-    // With only what this build runs, the smallest micro-batch (one whole group of 4096 +
-    // 5 x 8192 tokens) does not fit beside the device reference: a refusal, not a crash.
-    let e = plan(
-        &cfg,
-        &shape,
-        &budget(80),
-        &Placement::default(),
-        &Caps::ENGINE,
-    )
-    .unwrap();
+    // This build runs every placement of the design.
+    assert_eq!(Caps::ENGINE, Caps::ALL);
+    // With the reference and the gradients kept on the device, the smallest micro-batch (one
+    // whole group of 4096 + 5 x 8192 tokens) does not fit: a refusal, not a crash.
+    let on_device = Placement {
+        reference: Place::Device,
+        grads: Place::Device,
+        ..Placement::default()
+    };
+    let e = plan(&cfg, &shape, &budget(80), &on_device, &Caps::ENGINE).unwrap();
     assert_eq!(e.optimizer, Where::Host);
     let why = e.refusal.as_deref().unwrap();
     assert!(why.contains("smallest micro-batch (45056 tokens)"), "{why}");
+    // Gradients on the host as well: a smaller device peak than with them on the device.
+    let all_host = Placement {
+        optimizer: Place::Host,
+        grads: Place::Host,
+        reference: Place::Host,
+    };
+    let h = plan(&cfg, &shape, &budget(80), &all_host, &Caps::ENGINE).unwrap();
+    assert!(h.refusal.is_none(), "{h}");
+    assert_eq!(h.grads, Where::Host);
+    assert!(h.train_peak < p.train_peak, "{h}\n{p}");
 }
 
 #[test]
@@ -76,13 +86,20 @@ fn a_small_model_stays_on_the_device_and_explicit_choices_are_kept() {
     let p = plan(&cfg, &shape, &budget(80), &host, &Caps::ENGINE).unwrap();
     assert_eq!(p.optimizer, Where::Host);
     assert!(p.host_total > 0);
-    // A placement this build cannot run is an error naming what it runs.
+    // A placement outside what a build runs is an error naming what it runs.
     let g = Placement {
         grads: Place::Host,
         ..Placement::default()
     };
-    let e = plan(&cfg, &shape, &budget(80), &g, &Caps::ENGINE).unwrap_err();
+    let device_only = Caps {
+        host_optimizer: true,
+        host_grads: false,
+        host_reference: false,
+    };
+    let e = plan(&cfg, &shape, &budget(80), &g, &device_only).unwrap_err();
     assert!(e.contains("host gradients: false"), "{e}");
+    let p = plan(&cfg, &shape, &budget(80), &g, &Caps::ENGINE).unwrap();
+    assert_eq!(p.grads, Where::Host);
 }
 
 #[test]
@@ -219,4 +236,19 @@ fn inspect_prints_the_7b_and_14b_plans_on_80_and_141_gb() {
         assert!(r.contains("KV-cache and activation budget"), "{r}");
         assert!(r.contains("host:"), "{r}");
     }
+    // Qwen2.5-7B fits one 80 GB GPU with the placements this build runs.
+    let r = inspect_report(&InspectArgs {
+        model: "qwen2.5-7b".into(),
+        micro_batch_tokens: 16384,
+        rollout_seqs: 64,
+        max_len: 4096,
+        offload_reference: false,
+        gpu_gb: vec![80.0],
+        config: None,
+    })
+    .unwrap();
+    let plan80 = &r[r.find("one GPU with 80 GB free").unwrap()..];
+    assert!(plan80.contains("  fits"), "{r}");
+    assert!(plan80.contains("reference stream buffers"), "{r}");
+    assert!(!r.contains("does not fit"), "{r}");
 }

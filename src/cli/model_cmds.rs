@@ -148,8 +148,7 @@ pub fn inspect_report(a: &InspectArgs) -> anyhow::Result<String> {
 }
 
 /// The GRPO memory plan of `cfg` on each GPU of `a.gpu_gb`, at the run settings of `a.config`
-/// (Tool-N1's by default): with the placements this build runs and, where that differs, with
-/// every placement of the design.
+/// (Tool-N1's by default), with every placement this build runs.
 fn plans_report(cfg: &Qwen2Config, a: &InspectArgs) -> anyhow::Result<String> {
     let tc: TrainConfig = load_config(a.config.as_deref(), &[])?;
     tc.validate()?;
@@ -188,18 +187,6 @@ fn plans_report(cfg: &Qwen2Config, a: &InspectArgs) -> anyhow::Result<String> {
             "\none GPU with {gb} GB free, placements this build runs:"
         );
         let _ = write!(s, "{engine}");
-        if engine.refusal.is_some() {
-            let all =
-                plan(cfg, &shape, &budget, &tc.memory, &Caps::ALL).map_err(anyhow::Error::msg)?;
-            if all != engine {
-                let _ = writeln!(
-                    s,
-                    "one GPU with {gb} GB free, with the streamed reference and host gradients \
-                     (planned, not implemented in this build):"
-                );
-                let _ = write!(s, "{all}");
-            }
-        }
     }
     Ok(s)
 }

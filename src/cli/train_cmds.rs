@@ -206,12 +206,6 @@ fn check_memory(
             return Ok(Some(p));
         }
     } else {
-        if choice.grads == Place::Host || choice.reference == Place::Host {
-            bail!(
-                "memory.grads and memory.reference: \"host\" is not implemented in this \
-                 build; expected \"auto\" or \"device\""
-            );
-        }
         let need = est.cpu_peak(recompute).saturating_add(host_extra);
         if let Some(avail) = host_available() {
             eprintln!(
@@ -240,10 +234,13 @@ fn apply_plan(
     slots: Option<&mut usize>,
     micro_batch_tokens: &mut usize,
 ) {
-    memory.optimizer = match p.optimizer {
+    let place = |w: Where| match w {
         Where::Device => Place::Device,
         Where::Host => Place::Host,
     };
+    memory.optimizer = place(p.optimizer);
+    memory.grads = place(p.grads);
+    memory.reference = place(p.reference);
     if let Some(slots) = slots {
         let s = usize::try_from(p.slots).unwrap_or(usize::MAX);
         if s < *slots {
@@ -453,7 +450,11 @@ impl TrainJob {
             dropped,
             max_prompt
         ));
-        let reference = load_model(&self.model_dir, &b)?;
+        let mut reference = load_model(&self.model_dir, &b)?;
+        if self.cfg.memory.reference == Place::Host {
+            // To host memory before the policy is loaded: one model on the device at a time.
+            reference = reference.into_streamed(&b)?;
+        }
         let data = crate::train::TrainData {
             tokenizer: tok,
             prompts,

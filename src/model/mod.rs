@@ -3,13 +3,16 @@
 
 pub mod config;
 pub mod flops;
+pub mod grad_sink;
 pub mod init;
 pub mod layout;
 pub mod memory;
 pub mod plan;
 pub mod qwen2;
+pub mod stream;
 pub mod weights;
 
 pub use config::Qwen2Config;
+pub use grad_sink::GradSink;
 pub use layout::{LayerParams, ParamLayout, ParamSpec};
 pub use qwen2::{DeviceBatch, Group, KvCache, Model, PackedBatch, Tape};

@@ -1,6 +1,7 @@
 //! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
 //! AdamW moments), the f32 gradients and the frozen reference model live (device or host
-//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned), and how many rollout slots and tokens per micro-batch fit beside them.
+//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned),
+//! and how many rollout slots and tokens per micro-batch fit beside them.
 //!
 //! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
 //! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
@@ -146,14 +147,10 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// What this build runs: the host-offloaded optimizer. Host gradients and the streamed
-    /// reference are planned but not implemented.
-    pub const ENGINE: Caps = Caps {
-        host_optimizer: true,
-        host_grads: false,
-        host_reference: false,
-    };
-    /// Every placement of the design, for `inspect`'s second plan.
+    /// What this build runs: every placement of the design (the host-resident optimizer,
+    /// host gradients, the streamed reference).
+    pub const ENGINE: Caps = Caps::ALL;
+    /// Every placement of the design.
     pub const ALL: Caps = Caps {
         host_optimizer: true,
         host_grads: true,
@@ -242,6 +239,10 @@ struct ModelSizes {
     outer_params: u64,
     /// Elements of the largest parameter tensor.
     largest: u64,
+    /// Device bytes of the f32 gradient buffers held at once with host gradients, at the
+    /// pool's size classes: the largest group of the backward (`model::grad_sink`), plus the
+    /// embedding, which stays open through the layers when it is tied to the lm_head.
+    grad_groups: u64,
     /// bf16 KV-cache bytes of one token, all layers.
     kv_per_token: u64,
     vocab: u64,
@@ -298,6 +299,26 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             .map(|s| to64(s.numel()))
             .max()
             .unwrap_or(0),
+        grad_groups: {
+            let f32_of = |ix: &[usize]| {
+                add(&ix
+                    .iter()
+                    .map(|&i| {
+                        usize::try_from(mul(&[numel(i), 4]))
+                            .ok()
+                            .filter(|&b| b <= usize::MAX / 2)
+                            .map_or(u64::MAX, |b| to64(size_class(b)))
+                    })
+                    .collect::<Vec<_>>())
+            };
+            let layer = layout.layers.first().map_or(0, |l| f32_of(&l.all()));
+            let (embed, norm) = (f32_of(&[layout.embed]), f32_of(&[layout.norm]));
+            if layout.lm_head == layout.embed {
+                add(&[embed, layer.max(norm)])
+            } else {
+                f32_of(&[layout.norm, layout.lm_head]).max(layer).max(embed)
+            }
+        },
         kv_per_token: mul(&[layers, 2, kv, 2]),
         vocab: to64(cfg.vocab_size),
     }
@@ -454,8 +475,8 @@ fn build(
     }
     if grads == Where::Host {
         row(
-            "gradient staging (largest tensor, f32)",
-            mul(&[m.largest, 4]),
+            "gradient staging (largest backward group, f32)",
+            m.grad_groups,
             Where::Device,
         );
     }

@@ -8,6 +8,8 @@ use crate::backend::{
     AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KvRows, LinearGrads, LmHead,
     LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy, VocabDims,
 };
+use crate::model::grad_sink::GradSink;
+use crate::model::stream::HostLayers;
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
 
@@ -206,11 +208,19 @@ impl<B: Backend> DeviceBatch<B> {
     }
 }
 
+/// Tensors of one decoder layer ([`crate::model::LayerParams::all`]).
+const LAYER_TENSORS: usize = 12;
+
 /// A Qwen2 model whose parameters live on backend `B`, indexed by [`ParamLayout`].
+///
+/// A streamed model ([`Model::into_streamed`]) keeps its decoder layers in host memory: their
+/// entries of `params` are then empty buffers, and every forward uploads each layer as it
+/// reaches it (the backward needs resident weights).
 pub struct Model<B: Backend> {
     pub cfg: Qwen2Config,
     pub layout: ParamLayout,
     pub params: Vec<B::T>,
+    host_layers: Option<HostLayers>,
 }
 
 /// What a training forward keeps for the backward: per-token logprobs (and entropy when asked
@@ -457,7 +467,77 @@ impl<B: Backend> Model<B> {
             cfg,
             layout,
             params,
+            host_layers: None,
         })
+    }
+
+    /// Move the decoder layers to host memory (see [`crate::model::stream`]); the embedding,
+    /// final norm and lm_head stay on the backend. Forward passes give the same bits as before.
+    pub fn into_streamed(mut self, b: &B) -> Result<Self> {
+        if self.host_layers.is_some() {
+            return Ok(self);
+        }
+        let host = HostLayers::from_device(b, &self.layout, &self.params)?;
+        for lp in &self.layout.layers {
+            for i in lp.all() {
+                self.params[i] = b.zeros(0)?;
+            }
+        }
+        self.host_layers = Some(host);
+        Ok(self)
+    }
+
+    /// The host copy of the decoder layers when the model is streamed.
+    pub fn host_layers(&self) -> Option<&HostLayers> {
+        self.host_layers.as_ref()
+    }
+
+    /// Run `f(l, weights of layer l)` for every decoder layer in order: the resident tensors,
+    /// or, streamed, each layer uploaded from the host, the next layer's upload issued right
+    /// after `f` queued the current layer's work (two layers on the backend at a time).
+    fn each_layer(&self, b: &B, mut f: impl FnMut(usize, &[B::T]) -> Result<()>) -> Result<()> {
+        let n = self.layout.layers.len();
+        match &self.host_layers {
+            None => {
+                for l in 0..n {
+                    f(l, self.layer_params(l))?;
+                }
+            }
+            Some(host) => {
+                let mut next = if n > 0 {
+                    Some(host.upload(b, 0)?)
+                } else {
+                    None
+                };
+                for l in 0..n {
+                    let cur = next.take().ok_or_else(|| {
+                        Error::Invalid(format!("streamed layer {l} was not uploaded"))
+                    })?;
+                    f(l, &cur)?;
+                    if l + 1 < n {
+                        next = Some(host.upload(b, l + 1)?);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The resident tensors of layer `l` (its twelve entries of `params`, layout order).
+    fn layer_params(&self, l: usize) -> &[B::T] {
+        let first = self.layout.layers[l].input_norm;
+        &self.params[first..first + LAYER_TENSORS]
+    }
+
+    /// An error for passes that need every weight on the backend.
+    fn need_resident(&self, what: &str) -> Result<()> {
+        if self.host_layers.is_some() {
+            return Err(Error::Invalid(format!(
+                "{what}: this model's layers are streamed from host memory (the frozen \
+                 reference); only forward passes run on it"
+            )));
+        }
+        Ok(())
     }
 
     /// Upload parameters given as host f32 vectors in layout order.
@@ -469,14 +549,32 @@ impl<B: Backend> Model<B> {
         Self::new(cfg, params)
     }
 
-    /// Parameters as host f32 vectors in layout order.
+    /// Parameters as host f32 vectors in layout order (a streamed model's layers from its host
+    /// copy).
     pub fn to_host(&self, b: &B) -> Result<Vec<Vec<f32>>> {
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(self.params.len());
+        for (i, (s, p)) in self.layout.specs.iter().zip(&self.params).enumerate() {
+            out.push(match &self.host_layers {
+                Some(_) if self.layer_of(i).is_some() => Vec::new(),
+                _ => b.download(p, s.numel())?,
+            });
+        }
+        if let Some(host) = &self.host_layers {
+            for (l, lp) in self.layout.layers.iter().enumerate() {
+                for (i, t) in lp.all().into_iter().zip(host.layer_f32(l)?) {
+                    out[i] = t;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoder layer tensor `i` belongs to, if any.
+    fn layer_of(&self, i: usize) -> Option<usize> {
         self.layout
-            .specs
+            .layers
             .iter()
-            .zip(&self.params)
-            .map(|(s, p)| b.download(p, s.numel()))
-            .collect()
+            .position(|lp| (lp.input_norm..lp.input_norm + LAYER_TENSORS).contains(&i))
     }
 
     /// One zeroed f32 gradient buffer per parameter.
@@ -646,11 +744,13 @@ impl<B: Backend> Model<B> {
     /// One decoder layer, the single place the layer schedule is written:
     /// RMSNorm -> q/k/v (+bias) -> RoPE -> attention -> o_proj -> +residual -> RMSNorm ->
     /// SwiGLU MLP -> +residual. Reads `x`, fills `a`, writes the layer output to `out`.
+    /// `ws` holds the layer's twelve tensors in layout order.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         b: &B,
         l: usize,
+        ws: &[B::T],
         d: &Dims,
         x: &B::T,
         pos: &B::I,
@@ -659,7 +759,13 @@ impl<B: Backend> Model<B> {
         out: &mut B::T,
     ) -> Result<()> {
         let p = self.layout.layers[l];
-        let w = |i: usize| self.p(i);
+        if ws.len() != LAYER_TENSORS {
+            return Err(Error::Invalid(format!(
+                "layer {l}: {} weight tensors given, expected {LAYER_TENSORS}",
+                ws.len()
+            )));
+        }
+        let w = |i: usize| &ws[i - p.input_norm];
         let (n, h, eps) = (d.n, d.h, d.eps);
         b.rmsnorm(x, w(p.input_norm), &mut a.xn1, &mut a.rstd1, d.norm(n), eps)?;
         b.linear(&a.xn1, w(p.wq), Some(w(p.bq)), &mut a.q, d.gemm(d.qd, h))?;
@@ -716,7 +822,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// Backward of [`Model::layer_forward`]: from `dout` (gradient of the layer output) writes
-    /// `dx` (gradient of the layer input) and accumulates the layer's parameter gradients.
+    /// `dx` (gradient of the layer input) and accumulates the layer's parameter gradients into
+    /// `grads` (the layer's twelve tensors, layout order).
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -733,24 +840,32 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let p = self.layout.layers[l];
         let w = |i: usize| self.p(i);
+        let base = p.input_norm;
+        let gi = |i: usize| i - base;
+        if grads.len() != LAYER_TENSORS {
+            return Err(Error::Invalid(format!(
+                "layer {l} backward: {} gradient buffers given, expected {LAYER_TENSORS}",
+                grads.len()
+            )));
+        }
         let (n, h) = (d.n, d.h);
         // MLP: out = h1 + down(silu(gate(xn2)) * up(xn2))
-        let down = LinearGrads::new(&mut g.dact, &mut grads[p.w_down]);
+        let down = LinearGrads::new(&mut g.dact, &mut grads[gi(p.w_down)]);
         b.linear_bwd(dout, &a.act, w(p.w_down), down, d.gemm(h, d.inter))?;
         let (dgate, dup) = (&mut g.dgate, &mut g.dup);
         b.swiglu_bwd(&g.dact, &a.gate, &a.up, dgate, dup, n * d.inter)?;
-        let gate = LinearGrads::new(&mut g.dxn2, &mut grads[p.w_gate]);
+        let gate = LinearGrads::new(&mut g.dxn2, &mut grads[gi(p.w_gate)]);
         b.linear_bwd(&g.dgate, &a.xn2, w(p.w_gate), gate, d.gemm(d.inter, h))?;
-        let up = LinearGrads::new(&mut g.dxn2, &mut grads[p.w_up]).accumulate();
+        let up = LinearGrads::new(&mut g.dxn2, &mut grads[gi(p.w_up)]).accumulate();
         b.linear_bwd(&g.dup, &a.xn2, w(p.w_up), up, d.gemm(d.inter, h))?;
         b.copy(dout, &mut g.dh1, n * h)?;
         let post = NormGrads {
             dx: &mut g.dh1,
-            dw: Some(&mut grads[p.post_norm]),
+            dw: Some(&mut grads[gi(p.post_norm)]),
         };
         b.rmsnorm_bwd(&g.dxn2, &a.h1, w(p.post_norm), &a.rstd2, post, d.norm(n))?;
         // Attention: h1 = x + o_proj(attn(rope(q), rope(k), v))
-        let o = LinearGrads::new(&mut g.dattn, &mut grads[p.wo]);
+        let o = LinearGrads::new(&mut g.dattn, &mut grads[gi(p.wo)]);
         b.linear_bwd(&g.dh1, &a.attn, w(p.wo), o, d.gemm(h, d.qd))?;
         let qkv = Qkv {
             q: &a.q,
@@ -779,7 +894,7 @@ impl<B: Backend> Model<B> {
             (&g.dk, p.wk, p.bk, d.kvd, false),
             (&g.dv, p.wv, p.bv, d.kvd, false),
         ] {
-            let (gw, gb) = two_mut(grads, wi, bi);
+            let (gw, gb) = two_mut(grads, gi(wi), gi(bi));
             let mut qkv = LinearGrads::new(&mut g.dxn1, gw).bias(gb);
             qkv.accumulate_dx = !first;
             b.linear_bwd(dy, &a.xn1, w(wi), qkv, d.gemm(rows, h))?;
@@ -787,7 +902,7 @@ impl<B: Backend> Model<B> {
         b.copy(&g.dh1, dx, n * h)?;
         let input = NormGrads {
             dx,
-            dw: Some(&mut grads[p.input_norm]),
+            dw: Some(&mut grads[gi(p.input_norm)]),
         };
         b.rmsnorm_bwd(&g.dxn1, x, w(p.input_norm), &a.rstd1, input, d.norm(n))?;
         Ok(())
@@ -811,7 +926,7 @@ impl<B: Backend> Model<B> {
         b.embedding(tokens, self.p(self.layout.embed), &mut x, d.n, d.h)?;
         let mut y = b.zeros(d.n * d.h)?;
         let mut acts = LayerActs::new(b, d)?;
-        for l in 0..self.layout.layers.len() {
+        self.each_layer(b, |l, ws| {
             let store = match cache.as_mut() {
                 Some((dst, c)) => Some((*dst, &mut c.k[l], &mut c.v[l])),
                 None => None,
@@ -821,9 +936,10 @@ impl<B: Backend> Model<B> {
                 store,
                 prefix,
             };
-            self.layer_forward(b, l, d, &x, pos, attn, &mut acts, &mut y)?;
+            self.layer_forward(b, l, ws, d, &x, pos, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);
-        }
+            Ok(())
+        })?;
         Ok(x)
     }
 
@@ -979,6 +1095,7 @@ impl<B: Backend> Model<B> {
         } else {
             None
         };
+        self.need_resident("forward_train")?;
         for l in 0..n_layers {
             let mut out = b.zeros(d.n * d.h)?;
             let mut fresh = None;
@@ -991,7 +1108,8 @@ impl<B: Backend> Model<B> {
                 store: None,
                 prefix: batch.prefix(),
             };
-            self.layer_forward(b, l, &d, &inputs[l], &batch.positions, attn, a, &mut out)?;
+            let (ws, x) = (self.layer_params(l), &inputs[l]);
+            self.layer_forward(b, l, ws, &d, x, &batch.positions, attn, a, &mut out)?;
             acts.extend(fresh);
             inputs.push(out);
         }
@@ -1017,19 +1135,22 @@ impl<B: Backend> Model<B> {
     }
 
     /// Backward from dL/dlogp (n_logits f32 entries on the backend); accumulates (+=) into
-    /// `grads` (one per parameter, as from [`Model::zero_grads`]).
-    pub fn backward(
+    /// `grads`: one buffer per parameter (as from [`Model::zero_grads`], a slice or a `Vec`), or
+    /// any [`GradSink`], which is handed the head's, each layer's and the embedding's
+    /// gradients group by group in the order [`crate::model::grad_sink`] describes.
+    pub fn backward<G: GradSink<B> + ?Sized>(
         &self,
         b: &B,
         batch: &DeviceBatch<B>,
         tape: Tape<B>,
         dlogp: &B::F,
-        grads: &mut [B::F],
+        grads: &mut G,
     ) -> Result<()> {
-        if grads.len() != self.layout.specs.len() {
+        self.need_resident("backward")?;
+        if grads.tensors() != self.layout.specs.len() {
             return Err(Error::Invalid(format!(
                 "backward: {} gradient buffers given, the model has {} parameters",
-                grads.len(),
+                grads.tensors(),
                 self.layout.specs.len()
             )));
         }
@@ -1045,31 +1166,56 @@ impl<B: Backend> Model<B> {
         }
         let d = self.dims(batch.n_tok)?;
         let m = batch.n_logits;
-        // Head: logp = log_softmax(norm(x_L[rows]) · lm_headᵀ · inv_t)[target]
+        let (norm, lm_head, embed) = (self.layout.norm, self.layout.lm_head, self.layout.embed);
+        let tied = lm_head == embed;
+        // Head: logp = log_softmax(norm(x_L[rows]) · lm_headᵀ · inv_t)[target]. Untied, the
+        // final norm and lm_head are one group (norm, lm_head adjacent in the layout).
         let mut dxf = b.zeros(m * d.h)?;
         let head = LmHead {
             h: &tape.x_final,
-            w: self.p(self.layout.lm_head),
+            w: self.p(lm_head),
             targets: &batch.targets,
         };
+        let (head_first, head_n, w_at) = if tied {
+            (embed, 1, 0)
+        } else {
+            (norm, 2, lm_head - norm)
+        };
+        if !tied && lm_head != norm + 1 {
+            return Err(Error::Invalid(format!(
+                "backward: lm_head is tensor {lm_head}, expected {} (after the final norm)",
+                norm + 1
+            )));
+        }
+        let g = grads.open(b, head_first, head_n)?;
         let head_grads = LogprobsGrads {
             dh: &mut dxf,
-            dw: Some(&mut grads[self.layout.lm_head]),
+            dw: Some(&mut g[w_at]),
         };
         b.logprobs_bwd(dlogp, head, &tape.lse, head_grads, d.vocab(m), tape.inv_t)?;
         let mut dxh = b.zeros(m * d.h)?;
+        let g = if tied {
+            grads.open(b, norm, 1)?
+        } else {
+            grads.open(b, head_first, head_n)?
+        };
         let norm_grads = NormGrads {
             dx: &mut dxh,
-            dw: Some(&mut grads[self.layout.norm]),
+            dw: Some(&mut g[0]),
         };
         b.rmsnorm_bwd(
             &dxf,
             tape.x_head.as_ref().unwrap_or(&tape.inputs[n_layers]),
-            self.p(self.layout.norm),
+            self.p(norm),
             &tape.rstd_final,
             norm_grads,
             d.norm(m),
         )?;
+        if tied {
+            grads.close(b, norm, 1)?;
+        } else {
+            grads.close(b, head_first, head_n)?;
+        }
         drop(dxf);
         // Scatter the logit rows' gradient back to their rows (a repeated row sums).
         let mut dx = match &batch.logit_rows {
@@ -1081,13 +1227,14 @@ impl<B: Backend> Model<B> {
             None => dxh,
         };
         let mut dx_in = b.zeros(d.n * d.h)?;
-        let mut g = LayerGrads::new(b, &d)?;
+        let mut lg = LayerGrads::new(b, &d)?;
         let mut scratch = if tape.recompute {
             Some((LayerActs::new(b, &d)?, b.zeros(d.n * d.h)?))
         } else {
             None
         };
         for l in (0..n_layers).rev() {
+            let ws = self.layer_params(l);
             let a = match scratch.as_mut() {
                 Some((a, out)) => {
                     let attn = Attn::Packed {
@@ -1095,11 +1242,14 @@ impl<B: Backend> Model<B> {
                         store: None,
                         prefix: batch.prefix(),
                     };
-                    self.layer_forward(b, l, &d, &tape.inputs[l], &batch.positions, attn, a, out)?;
+                    let (x, pos) = (&tape.inputs[l], &batch.positions);
+                    self.layer_forward(b, l, ws, &d, x, pos, attn, a, out)?;
                     &*a
                 }
                 None => &tape.acts[l],
             };
+            let first = self.layout.layers[l].input_norm;
+            let g = grads.open(b, first, LAYER_TENSORS)?;
             self.layer_backward(
                 b,
                 l,
@@ -1109,12 +1259,15 @@ impl<B: Backend> Model<B> {
                 a,
                 &dx,
                 &mut dx_in,
-                &mut g,
-                grads,
+                &mut lg,
+                g,
             )?;
+            grads.close(b, first, LAYER_TENSORS)?;
             std::mem::swap(&mut dx, &mut dx_in);
         }
-        b.embedding_bwd(&batch.tokens, &dx, &mut grads[self.layout.embed], d.n, d.h)?;
+        let g = grads.open(b, embed, 1)?;
+        b.embedding_bwd(&batch.tokens, &dx, &mut g[0], d.n, d.h)?;
+        grads.close(b, embed, 1)?;
         Ok(())
     }
 
@@ -1280,7 +1433,7 @@ impl<B: Backend> Model<B> {
         b.embedding(&tok_d, self.p(self.layout.embed), &mut x, n, d.h)?;
         let mut y = b.zeros(n * d.h)?;
         let mut acts = LayerActs::new(b, &d)?;
-        for l in 0..self.layout.layers.len() {
+        self.each_layer(b, |l, ws| {
             let attn = Attn::Decode {
                 dst: &dst_d,
                 cached: Cached {
@@ -1291,9 +1444,10 @@ impl<B: Backend> Model<B> {
                 k_cache: &mut cache.k[l],
                 v_cache: &mut cache.v[l],
             };
-            self.layer_forward(b, l, &d, &x, &pos_d, attn, &mut acts, &mut y)?;
+            self.layer_forward(b, l, ws, &d, &x, &pos_d, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);
-        }
+            Ok(())
+        })?;
         let (xf, _) = self.final_norm(b, &x, n, &d)?;
         let mut out = b.zeros_f32(n * d.vocab)?;
         b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(n))?;

@@ -729,6 +729,12 @@ impl SftConfig {
         if self.max_seq_tokens < 2 {
             return Err(bad("max_seq_tokens", "must be at least 2"));
         }
+        if self.memory.reference == Place::Host {
+            return Err(bad(
+                "memory.reference",
+                "SFT has no reference model; expected \"auto\" or \"device\"",
+            ));
+        }
         self.optim.validate()
     }
 }

@@ -6,7 +6,7 @@
 use crate::backend::loss::micro_batch_scale;
 use crate::backend::{Backend, GrpoLossCfg, GrpoLossOut, GrpoTokens};
 use crate::model::flops::Work;
-use crate::model::{Group, Model, PackedBatch};
+use crate::model::{GradSink, Group, Model, PackedBatch};
 use crate::train::config::AdvantageKind;
 use crate::Result;
 use std::ops::Range;
@@ -426,12 +426,12 @@ impl MiniBatchSize {
 /// here); the passes are per sequence whatever `cfg.layout` says. The micro-batch losses are
 /// scaled so that their sum is the loss the aggregation mode defines over the whole
 /// mini-batch, whatever the split.
-pub fn accumulate_minibatch<B: Backend>(
+pub fn accumulate_minibatch<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     batch: Scored<'_>,
     cfg: &PassCfg,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     let cfg = PassCfg {
         layout: Layout::PerSequence,
@@ -443,12 +443,12 @@ pub fn accumulate_minibatch<B: Backend>(
 /// [`accumulate_minibatch`] with `old` and `reference` holding response logprobs only (as from
 /// [`response_logprobs`]) and the passes in `cfg.layout`: the same loss, metrics and gradient
 /// in either layout (micro-batches of whole groups in [`Layout::Shared`]).
-pub fn accumulate_responses<B: Backend>(
+pub fn accumulate_responses<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     batch: Scored<'_>,
     cfg: &PassCfg,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     accumulate_part(b, model, batch, MiniBatchSize::of(batch.seqs), cfg, grads)
 }
@@ -456,13 +456,13 @@ pub fn accumulate_responses<B: Backend>(
 /// [`accumulate_responses`] over `batch`, one rank's part of a mini-batch of size `whole`: the
 /// losses and gradients are those of `batch`'s tokens in the whole mini-batch's aggregate, so
 /// the parts of all ranks sum to [`accumulate_responses`] over the whole.
-pub fn accumulate_part<B: Backend>(
+pub fn accumulate_part<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     batch: Scored<'_>,
     whole: MiniBatchSize,
     cfg: &PassCfg,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     let seqs = batch.seqs;
     check_seqs(seqs)?;
@@ -510,13 +510,13 @@ pub fn accumulate_part<B: Backend>(
     accumulate_impl(b, model, padded, whole, cfg, grads)
 }
 
-fn accumulate_impl<B: Backend>(
+fn accumulate_impl<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     batch: Scored<'_>,
     whole: MiniBatchSize,
     cfg: &PassCfg,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<UpdateSums> {
     let Scored {
         seqs,

@@ -8,6 +8,7 @@
 //! - [`rollout`]: prefill + decode, n samples per prompt, reproducible sampling stream.
 //! - [`grpo`]: group advantages, old/reference logprobs, micro-batched loss + backward.
 //! - [`optim`]: AdamW with global grad-norm clipping and lr schedules.
+//! - [`host_grads`]: the run's gradients on the backend or summed in host memory.
 //! - [`zero`]: the same AdamW over per-rank shards of gradients and optimizer state (ZeRO
 //!   stage 2), for data-parallel ranks ([`crate::dist`]).
 //! - [`sft`]: cross-entropy on assistant tokens.
@@ -20,6 +21,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod grpo;
+pub mod host_grads;
 pub mod metrics;
 pub mod optim;
 pub mod parallel;

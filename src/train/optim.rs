@@ -9,10 +9,13 @@
 //! data-parallel run the state is sharded over the ranks ([`ShardedAdamW`], ZeRO stage 2) and
 //! every update goes through [`AdamW::step_in`] with the rank's communicator.
 
+use std::borrow::Cow;
+
 use crate::backend::{host_adamw, AdamWStep, Backend};
 use crate::dist::{Collective, ShardPlan};
 use crate::model::Model;
 use crate::train::config::OptimConfig;
+use crate::train::host_grads::Grads;
 use crate::train::zero::ShardedAdamW;
 use crate::{Error, Result};
 
@@ -143,11 +146,18 @@ impl<B: Backend> AdamW<B> {
         })
     }
 
-    /// Zeroed gradient buffers for the model's backward (padded to whole shards when sharded).
-    pub fn alloc_grads(&self, b: &B, model: &Model<B>) -> Result<Vec<B::F>> {
+    /// Zeroed gradients for the model's backward: device buffers padded to whole shards when
+    /// sharded, else [`Grads::new`] (in host memory when `host`).
+    pub fn alloc_grads(&self, b: &B, model: &Model<B>, host: bool) -> Result<Grads<B>> {
         match &self.shards {
-            Some(z) => z.alloc_grads(b),
-            None => model.zero_grads(b),
+            Some(z) => {
+                crate::ensure!(
+                    !host,
+                    "memory.grads = \"host\" is not available with more than one rank"
+                );
+                Ok(Grads::Device(z.alloc_grads(b)?))
+            }
+            None => Grads::new(b, model, host),
         }
     }
 
@@ -360,13 +370,71 @@ impl<B: Backend> AdamW<B> {
             )));
         }
         let grad_norm = Self::grad_norm(b, model, grads)?;
+        self.update(b, model, grad_norm, total_updates, |i| {
+            Ok(Grad::Device(&grads[i]))
+        })
+    }
+
+    /// [`AdamW::step`] on the gradients of a run, on the backend or in host memory. Host
+    /// gradients are uploaded one tensor at a time for the norm (so it is the backend's
+    /// reduction, the same as for resident gradients) and, with the state on the backend, again
+    /// for the update; with the state on the host the update reads them where they are.
+    pub fn step_grads(
+        &mut self,
+        b: &B,
+        model: &mut Model<B>,
+        grads: &Grads<B>,
+        total_updates: u64,
+    ) -> Result<UpdateStats> {
+        if self.shards.is_some() {
+            return Err(Error::Invalid(
+                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_in)".into(),
+            ));
+        }
+        let h = match grads {
+            Grads::Device(g) => return self.step(b, model, g, total_updates),
+            Grads::Host(h) => h,
+        };
+        if h.len() != model.params.len() {
+            return Err(Error::Invalid(format!(
+                "AdamW: {} gradients for {} parameters",
+                h.len(),
+                model.params.len()
+            )));
+        }
+        let mut total = 0.0f64;
+        for (i, s) in model.layout.specs.iter().enumerate() {
+            let g = b.upload_f32(&h.tensor(i))?;
+            total += b.sum_squares_f32(&g, s.numel())?;
+        }
+        let grad_norm = total.sqrt();
+        self.update(b, model, grad_norm, total_updates, |i| {
+            Ok(Grad::Host(h.tensor(i)))
+        })
+    }
+
+    /// The clip and AdamW update after the gradient norm, tensor `i`'s gradient from `grad(i)`.
+    fn update<'g>(
+        &mut self,
+        b: &B,
+        model: &mut Model<B>,
+        grad_norm: f64,
+        total_updates: u64,
+        grad: impl Fn(usize) -> Result<Grad<'g, B>>,
+    ) -> Result<UpdateStats>
+    where
+        B::F: 'g,
+    {
         check_grad_norm(grad_norm, self.updates)?;
         let hp = step_hparams(&self.cfg, self.updates, total_updates, grad_norm);
         let (lr, grad_scale) = (hp.lr, hp.grad_scale);
         if let Some(h) = &mut self.host {
             for i in 0..model.params.len() {
                 let n = model.layout.specs[i].numel();
-                let g = b.download_f32(&grads[i], n)?;
+                let g = match grad(i)? {
+                    Grad::Device(d) => Cow::Owned(b.download_f32(d, n)?),
+                    Grad::Host(h) => h,
+                };
                 let mut downloaded;
                 let p: &mut Vec<f32> = match &mut h.master {
                     Some(ms) => &mut ms[i],
@@ -382,10 +450,18 @@ impl<B: Backend> AdamW<B> {
         for i in 0..self.m.len().min(model.params.len()) {
             let n = model.layout.specs[i].numel();
             let master = self.master.as_mut().map(|ms| &mut ms[i]);
+            let uploaded;
+            let g = match grad(i)? {
+                Grad::Device(d) => d,
+                Grad::Host(h) => {
+                    uploaded = b.upload_f32(&h)?;
+                    &uploaded
+                }
+            };
             b.adamw(
                 &mut model.params[i],
                 master,
-                &grads[i],
+                g,
                 &mut self.m[i],
                 &mut self.v[i],
                 n,
@@ -413,17 +489,31 @@ impl<B: Backend> AdamW<B> {
         b: &B,
         comm: Option<&dyn Collective<B>>,
         model: &mut Model<B>,
-        grads: &mut [B::F],
+        grads: &mut Grads<B>,
         total_updates: u64,
     ) -> Result<UpdateStats> {
         let (Some(z), Some(comm)) = (&mut self.shards, comm) else {
-            return self.step(b, model, grads, total_updates);
+            return self.step_grads(b, model, grads, total_updates);
+        };
+        let Grads::Device(grads) = grads else {
+            let msg = "memory.grads = \"host\" is not available with more than one rank";
+            comm.abort(msg);
+            return Err(Error::Invalid(msg.into()));
         };
         z.reduce_all(b, comm, grads)?;
         let u = z.step(b, comm, model, total_updates)?;
         self.updates = z.updates;
         Ok(u)
     }
+}
+
+/// One tensor's gradient as the update reads it.
+enum Grad<'a, B: Backend>
+where
+    B::F: 'a,
+{
+    Device(&'a B::F),
+    Host(Cow<'a, [f32]>),
 }
 
 /// Zero every gradient buffer.

@@ -31,8 +31,9 @@ use crate::train::checkpoint::{self, TrainerState};
 use crate::train::config::Place;
 use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, MiniBatchSize, PassCfg, Scored, TrainSeq, UpdateSums};
+use crate::train::host_grads::Grads;
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
-use crate::train::optim::{self, AdamW};
+use crate::train::optim::AdamW;
 use crate::train::rollout::{self, Generation, RolloutStats, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
@@ -238,7 +239,7 @@ pub struct Trainer<B: Backend> {
     pub policy: Model<B>,
     pub reference: Model<B>,
     pub opt: AdamW<B>,
-    grads: Vec<B::F>,
+    grads: Grads<B>,
     pub tokenizer: Tokenizer,
     pub prompts: Vec<PromptItem>,
     pub reward: Box<dyn Reward>,
@@ -377,7 +378,11 @@ impl<B: Backend> Trainer<B> {
                  dtype): they must be the same model",
             ));
         }
-        let grads = opt.alloc_grads(&b, &policy)?;
+        let reference = match cfg.memory.reference {
+            Place::Host => reference.into_streamed(&b)?,
+            _ => reference,
+        };
+        let grads = opt.alloc_grads(&b, &policy, cfg.memory.grads == Place::Host)?;
         let stop = stop_tokens(&tokenizer, &policy.cfg);
         if stop.is_empty() {
             return Err(Error::msg(
@@ -766,7 +771,7 @@ impl<B: Backend> Trainer<B> {
                     }
                 } else {
                     // A group's step zeroes the full gradients itself (reduce-scatter).
-                    optim::zero_grads(&self.b, &self.policy, &mut self.grads)?;
+                    self.grads.zero(&self.b, &self.policy)?;
                 }
                 let s = if part.seqs.is_empty() {
                     UpdateSums::default()

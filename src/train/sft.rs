@@ -7,13 +7,14 @@
 use crate::backend::Backend;
 use crate::data::{Message, Sample};
 use crate::dist::{split::rank_groups, Collective, ShardPlan};
-use crate::model::{Model, PackedBatch};
+use crate::model::{GradSink, Model, PackedBatch};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint::{self, TrainerState};
-use crate::train::config::SftConfig;
+use crate::train::config::{Place, SftConfig};
 use crate::train::grpo::micro_batches;
+use crate::train::host_grads::Grads;
 use crate::train::metrics::{self, MetricsWriter};
-use crate::train::optim::{self, AdamW};
+use crate::train::optim::AdamW;
 use crate::train::runner::{DataOrder, RankComm};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -95,13 +96,13 @@ pub struct SftMetrics {
 
 /// Forward + backward of the token-mean cross-entropy over `items`, accumulated into `grads`;
 /// returns (loss, target tokens).
-pub fn accumulate_ce<B: Backend>(
+pub fn accumulate_ce<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     items: &[SftItem],
     budget: usize,
     recompute: bool,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<(f64, usize)> {
     let total = target_tokens(items);
     let loss = accumulate_ce_part(b, model, items, total, budget, recompute, grads)?;
@@ -115,14 +116,14 @@ pub fn target_tokens(items: &[SftItem]) -> usize {
 
 /// [`accumulate_ce`] over `items`, one rank's part of a batch of `total` target tokens: the
 /// part's share of the whole batch's token-mean loss (returned) and gradient.
-pub fn accumulate_ce_part<B: Backend>(
+pub fn accumulate_ce_part<B: Backend, G: GradSink<B> + ?Sized>(
     b: &B,
     model: &Model<B>,
     items: &[SftItem],
     total: usize,
     budget: usize,
     recompute: bool,
-    grads: &mut [B::F],
+    grads: &mut G,
 ) -> Result<f64> {
     let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
     crate::ensure!(total > 0, "SFT batch has no target tokens");
@@ -157,7 +158,7 @@ pub struct SftTrainer<B: Backend> {
     pub b: B,
     pub model: Model<B>,
     pub opt: AdamW<B>,
-    grads: Vec<B::F>,
+    grads: Grads<B>,
     pub items: Vec<SftItem>,
     pub cfg: SftConfig,
     order: DataOrder,
@@ -189,7 +190,7 @@ impl<B: Backend> SftTrainer<B> {
         if items.is_empty() {
             return Err(Error::msg("no SFT samples"));
         }
-        let host = cfg.memory.optimizer == crate::train::config::Place::Host;
+        let host = cfg.memory.optimizer == Place::Host;
         let opt = match &comm {
             Some(c) => {
                 crate::ensure!(
@@ -202,7 +203,7 @@ impl<B: Backend> SftTrainer<B> {
             }
             None => AdamW::placed(&b, &model, cfg.optim.clone(), host)?,
         };
-        let grads = opt.alloc_grads(&b, &model)?;
+        let grads = opt.alloc_grads(&b, &model, cfg.memory.grads == Place::Host)?;
         let order = DataOrder::new(cfg.run.seed, items.len());
         Ok(SftTrainer {
             b,
@@ -265,7 +266,7 @@ impl<B: Backend> SftTrainer<B> {
         if let Some(c) = comm {
             c.all_reduce_host(&mut sizes)?;
         } else {
-            optim::zero_grads(&self.b, &self.model, &mut self.grads)?;
+            self.grads.zero(&self.b, &self.model)?;
         }
         let (target_tokens, tokens) = (sizes[0] as usize, sizes[1] as usize);
         let mut loss = [0.0f64];

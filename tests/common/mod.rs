@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod placement;
 pub mod train;
 
 use tooln1::backend::cuda::Cuda;

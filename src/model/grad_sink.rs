@@ -1,0 +1,70 @@
+//! Where [`crate::model::Model::backward`] accumulates parameter gradients: a [`GradSink`]
+//! hands out the f32 gradient buffers of one group of tensors at a time and is told when the
+//! group's gradients are final for the current backward.
+//!
+//! The backward visits the groups in this order (indices are [`crate::model::ParamLayout`]
+//! positions):
+//! 1. the head: `lm_head` and the final `norm`. Untied, they are adjacent (`norm`, then
+//!    `lm_head`) and form one group `norm..norm + 2`, closed after the head's backward. With
+//!    tied embeddings `lm_head` is the embedding (index `embed`): the head opens
+//!    `embed..embed + 1` and leaves it open, then opens and closes `norm..norm + 1`;
+//! 2. each decoder layer from the last to the first: its twelve tensors
+//!    (`LayerParams::all`, contiguous), opened before and closed after the layer's backward;
+//! 3. the embedding: `embed..embed + 1` (the same group the tied head left open), closed last.
+//!
+//! A group opened again before it is closed must come back with the same buffers (the tied
+//! embedding). Every buffer is accumulated into (+=), never overwritten. The resident
+//! placement is a plain slice of every tensor's buffer (`[B::F]`, `Vec<B::F>`), for which open
+//! is a borrow and close does nothing; `train::host_grads::HostGrads` keeps the sums in host
+//! memory; a data-parallel sink can start a group's reduction when it is closed.
+
+use crate::backend::Backend;
+use crate::{Error, Result};
+
+/// A destination for the parameter gradients of one backward pass (see the module docs for
+/// the order of the groups).
+pub trait GradSink<B: Backend> {
+    /// Number of parameter tensors the sink covers (the model's tensor count).
+    fn tensors(&self) -> usize;
+    /// The f32 gradient buffers of tensors `first..first + n` in layout order, each of the
+    /// tensor's element count, for the backward to accumulate (+=) into.
+    fn open(&mut self, b: &B, first: usize, n: usize) -> Result<&mut [B::F]>;
+    /// The gradients of tensors `first..first + n` are final for this backward: nothing later
+    /// in it writes them (the group was opened with the same `first` and `n`).
+    fn close(&mut self, b: &B, first: usize, n: usize) -> Result<()>;
+}
+
+fn range_error(first: usize, n: usize, len: usize) -> Error {
+    Error::Invalid(format!(
+        "gradient group {first}..{} asked of {len} gradient buffers",
+        first.saturating_add(n)
+    ))
+}
+
+impl<B: Backend> GradSink<B> for [B::F] {
+    fn tensors(&self) -> usize {
+        self.len()
+    }
+    fn open(&mut self, _b: &B, first: usize, n: usize) -> Result<&mut [B::F]> {
+        let len = self.len();
+        match first.checked_add(n) {
+            Some(end) if end <= len => Ok(&mut self[first..end]),
+            _ => Err(range_error(first, n, len)),
+        }
+    }
+    fn close(&mut self, _b: &B, _first: usize, _n: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl<B: Backend> GradSink<B> for Vec<B::F> {
+    fn tensors(&self) -> usize {
+        self.len()
+    }
+    fn open(&mut self, b: &B, first: usize, n: usize) -> Result<&mut [B::F]> {
+        self.as_mut_slice().open(b, first, n)
+    }
+    fn close(&mut self, _b: &B, _first: usize, _n: usize) -> Result<()> {
+        Ok(())
+    }
+}
