@@ -107,13 +107,13 @@ fn linear_grad() {
         &c,
         &x,
         &w,
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     );
     let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let db: Vec<f64> = db.iter().zip(&db0).map(|(a, b)| a - b).collect();
@@ -123,7 +123,18 @@ fn linear_grad() {
     // accumulate_dx adds to what is there
     let base = randv(&mut r, m * k, 1.0);
     let mut dx2 = base.clone();
-    math::linear_bwd(&c, &x, &w, Some(&mut dx2), true, None, None, m, n, k);
+    math::linear_bwd(
+        &c,
+        &x,
+        &w,
+        LinearGrads {
+            dx: Some(&mut dx2),
+            accumulate_dx: true,
+            dw: None,
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    );
     for i in 0..m * k {
         assert!((dx2[i] - base[i] - dx[i]).abs() < 1e-12);
     }
@@ -315,7 +326,21 @@ fn attention_forward_and_grad() {
     let c = randv(&mut r, n * nh * hd, 1.0);
     let mut out = nan(n * nh * hd);
     let mut lse = nan(nh * n);
-    math::attention(&q, &k, &v, &mut out, &mut lse, &CU, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        &mut out,
+        &mut lse,
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (o2, l2) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
     let e1 = out
         .iter()
@@ -329,12 +354,42 @@ fn attention_forward_and_grad() {
     assert!(e1 < 1e-12 && e2 < 1e-12);
     let (mut dq, mut dk, mut dv) = (nan(q.len()), nan(k.len()), nan(v.len()));
     math::attention_bwd(
-        &c, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &CU, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &c,
+            out: &out,
+            lse: &lse,
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     let f = |q: &[f64], k: &[f64], v: &[f64]| {
         let mut o = nan(n * nh * hd);
         let mut l = nan(nh * n);
-        math::attention(q, k, v, &mut o, &mut l, &CU, nh, nkv, hd);
+        math::attention(
+            Qkv { q, k, v },
+            &mut o,
+            &mut l,
+            &CU,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        );
         dot(&o, &c)
     };
     fd_check("attention dq", &q, &dq, |x| f(x, &k, &v), 1e-6);
@@ -916,7 +971,20 @@ fn grpo_loss_grad_every_mode() {
                 loss_scale_div: 3.0,
             };
             let mut d = nan(n);
-            let st = math::grpo_loss(&lp, &old, &rf, &adv, &mask, &sid, &mut d, n, n_seq, &cfg);
+            let st = math::grpo_loss(
+                &GrpoTokens {
+                    logp: &lp,
+                    old_logp: &old,
+                    ref_logp: &rf,
+                    adv: &adv,
+                    mask: &mask,
+                    seq_id: &sid,
+                    n_tok: n,
+                    n_seq,
+                },
+                &mut d,
+                &cfg,
+            );
             let (want, clipfrac) = naive_grpo(&lp, &old, &rf, &adv, &mask, &sid, n_seq, &cfg);
             assert!(
                 (st.loss - want).abs() < 1e-12 * (1.0 + want.abs()),
@@ -936,7 +1004,21 @@ fn grpo_loss_grad_every_mode() {
                 &d,
                 |x| {
                     let mut dd = nan(n);
-                    math::grpo_loss(x, &old, &rf, &adv, &mask, &sid, &mut dd, n, n_seq, &cfg).loss
+                    math::grpo_loss(
+                        &GrpoTokens {
+                            logp: x,
+                            old_logp: &old,
+                            ref_logp: &rf,
+                            adv: &adv,
+                            mask: &mask,
+                            seq_id: &sid,
+                            n_tok: n,
+                            n_seq,
+                        },
+                        &mut dd,
+                        &cfg,
+                    )
+                    .loss
                 },
                 1e-6,
             );
@@ -1543,13 +1625,13 @@ fn linear_backend_matches_f64_math() {
         &dy,
         &x,
         &w,
-        Some(&mut dx64),
-        false,
-        Some(&mut dw64),
-        Some(&mut db64),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx64),
+            accumulate_dx: false,
+            dw: Some(&mut dw64),
+            dbias: Some(&mut db64),
+        },
+        GemmDims { m, n, k },
     );
     close("linear_bwd dx", &dx[..m * k], &dx64, 1e-6);
     close("linear_bwd dw", &dw, &dw64, 1e-6);
@@ -1656,10 +1738,44 @@ fn attention_bwd_backend_matches_f64_math() {
         randv(&mut r, nt * nh * hd, 1.0),
     );
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
-    math::attention(&q, &kk, &v, &mut o64, &mut l64, &CU, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        &mut o64,
+        &mut l64,
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
     math::attention_bwd(
-        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &CU, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &dout,
+            out: &o64,
+            lse: &l64,
+        },
+        AttnGrads {
+            dq: &mut dq64,
+            dk: &mut dk64,
+            dv: &mut dv64,
+        },
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     let (mut dq, mut dk, mut dv) = (poisoned(q.len()), poisoned(kk.len()), poisoned(v.len()));
     let cu = CU.to_vec();
@@ -1902,13 +2018,13 @@ fn fast_linear(r: &mut ChaCha8Rng) -> Outputs {
             &dy,
             &x,
             &w,
-            Some(&mut dx64),
-            true,
-            Some(&mut dw64),
-            Some(&mut db64),
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: Some(&mut dx64),
+                accumulate_dx: true,
+                dw: Some(&mut dw64),
+                dbias: Some(&mut db64),
+            },
+            GemmDims { m, n, k },
         );
         got.extend([y, dx, dw, db]);
         want.extend([y64, dx64, dw64, db64]);
@@ -2079,7 +2195,21 @@ fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
     )
     .unwrap();
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
-    math::attention(&q, &kk, &v, &mut o64, &mut l64, &cu, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        &mut o64,
+        &mut l64,
+        &cu,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (mut dq, mut dk, mut dv) = (
         vec![f32::NAN; q.len()],
         vec![f32::NAN; kk.len()],
@@ -2115,7 +2245,27 @@ fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
     .unwrap();
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
     math::attention_bwd(
-        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &dout,
+            out: &o64,
+            lse: &l64,
+        },
+        AttnGrads {
+            dq: &mut dq64,
+            dk: &mut dk64,
+            dv: &mut dv64,
+        },
+        &cu,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     got.extend([o, l, dq, dk, dv]);
     want.extend([o64, l64, dq64, dk64, dv64]);

@@ -321,7 +321,20 @@ fn prefixed_attention_matches_cpu_math() {
         let (q64, k64, v64, d64) = (f64v(&qh), f64v(&kh), f64v(&vh), f64v(&dh));
         let (mut o64, mut l64) = (vec![f64::NAN; qn], vec![f64::NAN; nh * n_tok]);
         tooln1::backend::cpu::math::attention_prefixed(
-            &q64, &k64, &v64, &mut o64, &mut l64, &cu, &prefix, nh, nkv, hd,
+            Qkv {
+                q: &q64,
+                k: &k64,
+                v: &v64,
+            },
+            &mut o64,
+            &mut l64,
+            &cu,
+            &prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         );
         let (cud, pd) = (c.upload_u32(&cu).unwrap(), c.upload_u32(&prefix).unwrap());
         let mut out = poison(&c, qn);
@@ -366,8 +379,28 @@ fn prefixed_attention_matches_cpu_math() {
         let (mut dq64, mut dk64, mut dv64) =
             (vec![f64::NAN; qn], vec![f64::NAN; kn], vec![f64::NAN; kn]);
         tooln1::backend::cpu::math::attention_prefixed_bwd(
-            &d64, &q64, &k64, &v64, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, &prefix, nh,
-            nkv, hd,
+            Qkv {
+                q: &q64,
+                k: &k64,
+                v: &v64,
+            },
+            AttnSaved {
+                dout: &d64,
+                out: &o64,
+                lse: &l64,
+            },
+            AttnGrads {
+                dq: &mut dq64,
+                dk: &mut dk64,
+                dv: &mut dv64,
+            },
+            &cu,
+            &prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         );
         let (mut dq, mut dk, mut dv) = (poison(&c, qn), poison(&c, kn), poison(&c, kn));
         c.attention_prefixed_bwd(

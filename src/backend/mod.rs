@@ -118,30 +118,30 @@ impl<I> Copy for Prefix<'_, I> {}
 /// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
 /// cached positions (the new token's key and value already stored).
 #[derive(Debug)]
-pub struct Cached<'a, I> {
+pub struct Cached<'a, I: ?Sized> {
     pub lens: &'a I,
     pub n_seq: usize,
     pub max_len: usize,
 }
 
-impl<I> Clone for Cached<'_, I> {
+impl<I: ?Sized> Clone for Cached<'_, I> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<I> Copy for Cached<'_, I> {}
+impl<I: ?Sized> Copy for Cached<'_, I> {}
 
 /// The gradients [`Backend::linear_bwd`] writes: `dx` (overwritten, or accumulated when
 /// `accumulate_dx`), `dw` and `dbias` (accumulated); `None` skips one.
 #[derive(Debug)]
-pub struct LinearGrads<'a, T, F> {
+pub struct LinearGrads<'a, T: ?Sized, F: ?Sized> {
     pub dx: Option<&'a mut T>,
     pub accumulate_dx: bool,
     pub dw: Option<&'a mut F>,
     pub dbias: Option<&'a mut F>,
 }
 
-impl<'a, T, F> LinearGrads<'a, T, F> {
+impl<'a, T: ?Sized, F: ?Sized> LinearGrads<'a, T, F> {
     /// `dx` overwritten, `dw` accumulated, no bias gradient.
     pub fn new(dx: &'a mut T, dw: &'a mut F) -> Self {
         LinearGrads {
@@ -169,38 +169,38 @@ impl<'a, T, F> LinearGrads<'a, T, F> {
 
 /// The inputs of attention: q [n_tok, n_heads, head_dim], k and v [n_tok, n_kv, head_dim].
 #[derive(Debug)]
-pub struct Qkv<'a, T> {
+pub struct Qkv<'a, T: ?Sized> {
     pub q: &'a T,
     pub k: &'a T,
     pub v: &'a T,
 }
 
-impl<T> Clone for Qkv<'_, T> {
+impl<T: ?Sized> Clone for Qkv<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for Qkv<'_, T> {}
+impl<T: ?Sized> Copy for Qkv<'_, T> {}
 
 /// What the attention backward reads besides q, k, v: the upstream gradient `dout` (like q)
 /// and the forward's `out` and `lse`.
 #[derive(Debug)]
-pub struct AttnSaved<'a, T, F> {
+pub struct AttnSaved<'a, T: ?Sized, F: ?Sized> {
     pub dout: &'a T,
     pub out: &'a T,
     pub lse: &'a F,
 }
 
-impl<T, F> Clone for AttnSaved<'_, T, F> {
+impl<T: ?Sized, F: ?Sized> Clone for AttnSaved<'_, T, F> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T, F> Copy for AttnSaved<'_, T, F> {}
+impl<T: ?Sized, F: ?Sized> Copy for AttnSaved<'_, T, F> {}
 
 /// The gradients the attention backward writes (overwrites): dq like q, dk and dv like k.
 #[derive(Debug)]
-pub struct AttnGrads<'a, T> {
+pub struct AttnGrads<'a, T: ?Sized> {
     pub dq: &'a mut T,
     pub dk: &'a mut T,
     pub dv: &'a mut T,
@@ -272,7 +272,7 @@ pub struct LogprobsGrads<'a, T: ?Sized, F: ?Sized> {
 
 /// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
 #[derive(Debug)]
-pub struct GrpoTokens<'a, F, I> {
+pub struct GrpoTokens<'a, F: ?Sized, I: ?Sized> {
     pub logp: &'a F,
     pub old_logp: &'a F,
     pub ref_logp: &'a F,
