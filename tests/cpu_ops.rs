@@ -14,8 +14,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
 use tooln1::backend::{
-    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
-    LinearGrads, LossAgg, Packed,
+    AdamWState, AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
+    KlKind, LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
@@ -1244,7 +1244,18 @@ fn adamw_hand_computed() {
     let g = vec![1.0f32, -4.0]; // scaled: 0.5, -2
     let mut m = vec![0.0f32; 2];
     let mut v = vec![0.0f32; 2];
-    b.adamw(&mut p, None, &g, &mut m, &mut v, 2, &hp).unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &g,
+        2,
+        &hp,
+    )
+    .unwrap();
     assert!((m[0] - 0.05).abs() < 1e-7 && (m[1] + 0.2).abs() < 1e-7);
     // (1 - b2) is 0.00099998713 in f32
     assert!((v[0] - 0.00025).abs() < 1e-4 * 0.00025 && (v[1] - 0.004).abs() < 1e-4 * 0.004);
@@ -1262,8 +1273,18 @@ fn adamw_hand_computed() {
     };
     let (p0, g0, m0, v0) = (0.3f64, -0.7f64, 0.2f64, 0.05f64);
     let (mut p, mut m, mut v) = (vec![p0 as f32], vec![m0 as f32], vec![v0 as f32]);
-    b.adamw(&mut p, None, &vec![g0 as f32], &mut m, &mut v, 1, &hp3)
-        .unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &vec![g0 as f32],
+        1,
+        &hp3,
+    )
+    .unwrap();
     let m1 = 0.9 * m0 + 0.1 * g0;
     let v1 = 0.999 * v0 + 0.001 * g0 * g0;
     let mh = m1 / (1.0 - 0.9f64.powi(3));
@@ -1275,11 +1296,13 @@ fn adamw_hand_computed() {
     let mut master = vec![1.0f32; 3];
     let (mut m, mut v) = (vec![0.0f32; 3], vec![0.0f32; 3]);
     b.adamw(
-        &mut p,
-        Some(&mut master),
+        AdamWState {
+            param: &mut p,
+            master: Some(&mut master),
+            m: &mut m,
+            v: &mut v,
+        },
         &vec![1.0; 3],
-        &mut m,
-        &mut v,
         3,
         &hp,
     )
@@ -1288,11 +1311,13 @@ fn adamw_hand_computed() {
     let mut short = vec![0.0f32; 2];
     assert!(b
         .adamw(
-            &mut p,
-            Some(&mut short),
+            AdamWState {
+                param: &mut p,
+                master: Some(&mut short),
+                m: &mut m,
+                v: &mut v
+            },
             &vec![1.0; 3],
-            &mut m,
-            &mut v,
             3,
             &hp
         )
@@ -2141,8 +2166,18 @@ fn fast_adamw(r: &mut ChaCha8Rng) -> Outputs {
     let (p0, m0, v0) = (randv(r, ns, 1.0), randv(r, ns, 0.1), randv(r, ns, 0.01));
     let v0: Vec<f64> = v0.iter().map(|x| x.abs()).collect();
     let (mut p, mut m, mut v) = (to32(&p0), to32(&m0), to32(&v0));
-    b.adamw(&mut p, None, &to32(&g), &mut m, &mut v, ns, &hp)
-        .unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &to32(&g),
+        ns,
+        &hp,
+    )
+    .unwrap();
     let (mut p64, mut m64, mut v64) = (p0.clone(), m0.clone(), v0.clone());
     let h64 = math::AdamW {
         lr: 0.01,

@@ -15,9 +15,9 @@
 //! backend's own checks, with the same error variant.
 
 use super::{
-    AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KvRows, LmHead,
-    LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy,
-    SampleParams, SampleRows, VocabDims,
+    AdamWState, AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv,
+    RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -739,22 +739,18 @@ pub fn grpo_loss<F: Buf, I: Buf>(
 }
 
 /// `adamw`: param, grad, m, v (and master when given) hold `n`; step is 1-based.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    param: &impl Buf,
-    master: Option<&impl Buf>,
-    grad: &impl Buf,
-    m: &impl Buf,
-    v: &impl Buf,
+pub fn adamw<T: Buf, F: Buf>(
+    state: &AdamWState<'_, T, F>,
+    grad: &F,
     n: usize,
     step: u64,
 ) -> Result<()> {
     let op = "adamw";
-    holds(op, "param", param, &[n], "n")?;
+    holds(op, "param", &*state.param, &[n], "n")?;
     holds(op, "grad", grad, &[n], "n")?;
-    holds(op, "m", m, &[n], "n")?;
-    holds(op, "v", v, &[n], "n")?;
-    holds_opt(op, "master", master, &[n], "n")?;
+    holds(op, "m", &*state.m, &[n], "n")?;
+    holds(op, "v", &*state.v, &[n], "n")?;
+    holds_opt(op, "master", state.master.as_deref(), &[n], "n")?;
     if step == 0 {
         return Err(arg_error(op, "step", "a 1-based step count", 0));
     }

@@ -347,6 +347,16 @@ pub struct SampleParams {
     pub seed: u64,
 }
 
+/// The tensors one [`Backend::adamw`] step updates in place: the parameter, its f32 master
+/// copy where `T` is narrower than f32 (None where `T` is f32), and the two moments.
+#[derive(Debug)]
+pub struct AdamWState<'a, T: ?Sized, F: ?Sized> {
+    pub param: &'a mut T,
+    pub master: Option<&'a mut F>,
+    pub m: &'a mut F,
+    pub v: &'a mut F,
+}
+
 /// Hyper-parameters of one AdamW update (already including the schedule's lr for this step).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -746,19 +756,15 @@ pub trait Backend {
         dlogp: &mut Self::F,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut>;
-    /// One AdamW step on n elements (decoupled weight decay, bias-corrected moments):
-    /// g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
+    /// One AdamW step on n elements of `state` (decoupled weight decay, bias-corrected
+    /// moments): g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
     /// p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p).
-    /// `master` is an f32 copy of the parameter used where `T` is narrower than f32 (the update
-    /// is applied to the master and rounded into `param`); None where `T` is f32.
-    #[allow(clippy::too_many_arguments)]
+    /// `state.master` is an f32 copy of the parameter used where `T` is narrower than f32 (the
+    /// update is applied to the master and rounded into `param`); None where `T` is f32.
     fn adamw(
         &self,
-        param: &mut Self::T,
-        master: Option<&mut Self::F>,
+        state: AdamWState<'_, Self::T, Self::F>,
         grad: &Self::F,
-        m: &mut Self::F,
-        v: &mut Self::F,
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()>;

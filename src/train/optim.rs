@@ -261,11 +261,13 @@ impl<B: Backend> AdamW<B> {
             let n = model.layout.specs[i].numel();
             let master = self.master.as_mut().map(|ms| &mut ms[i]);
             b.adamw(
-                &mut model.params[i],
-                master,
+                crate::backend::AdamWState {
+                    param: &mut model.params[i],
+                    master,
+                    m: &mut self.m[i],
+                    v: &mut self.v[i],
+                },
                 &grads[i],
-                &mut self.m[i],
-                &mut self.v[i],
                 n,
                 &hp,
             )?;

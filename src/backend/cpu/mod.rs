@@ -19,9 +19,9 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 use crate::backend::check;
 use crate::backend::host_adamw;
 use crate::backend::{
-    AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
-    GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
-    NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
+    AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
+    GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
+    NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::Result;
 
@@ -484,15 +484,18 @@ impl Backend for Cpu {
 
     fn adamw(
         &self,
-        param: &mut Vec<f32>,
-        master: Option<&mut Vec<f32>>,
+        state: AdamWState<'_, Vec<f32>, Vec<f32>>,
         grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()> {
-        check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
+        check::adamw(&state, grad, n, hp.step)?;
+        let AdamWState {
+            param,
+            master,
+            m,
+            v,
+        } = state;
         // The host AdamW shared with the host-offloaded optimizer (the CUDA kernel's math).
         match master {
             None => host_adamw::adamw(param, grad, m, v, n, hp),
