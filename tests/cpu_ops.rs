@@ -18,7 +18,9 @@ use tooln1::backend::{
     KlKind, LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
-use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
+use tooln1::backend::{
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, RopeRows, VocabDims,
+};
 
 /// The test's random stream from [`common::seed`] (printed; `TOOLN1_TEST_SEED` replays it).
 fn rng(test: &str) -> ChaCha8Rng {
@@ -229,7 +231,17 @@ fn rope_grad_and_transpose() {
     let c = randv(&mut r, n * nh * hd, 1.0);
     // forward vs the formula
     let mut y = x.clone();
-    math::rope(&mut y, &pos, n, nh, hd, theta, false);
+    math::rope(
+        &mut y,
+        &pos,
+        RopeRows {
+            n_tok: n,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        theta,
+        false,
+    );
     for t in 0..n {
         for h in 0..nh {
             for i in 0..hd / 2 {
@@ -242,14 +254,34 @@ fn rope_grad_and_transpose() {
         }
     }
     let mut g = c.clone();
-    math::rope(&mut g, &pos, n, nh, hd, theta, true);
+    math::rope(
+        &mut g,
+        &pos,
+        RopeRows {
+            n_tok: n,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        theta,
+        true,
+    );
     fd_check(
         "rope dx",
         &x,
         &g,
         |v| {
             let mut y = v.to_vec();
-            math::rope(&mut y, &pos, n, nh, hd, theta, false);
+            math::rope(
+                &mut y,
+                &pos,
+                RopeRows {
+                    n_tok: n,
+                    n_heads: nh,
+                    head_dim: hd,
+                },
+                theta,
+                false,
+            );
             dot(&y, &c)
         },
         1e-7,
@@ -2121,7 +2153,17 @@ fn fast_rope(r: &mut ChaCha8Rng) -> Outputs {
     let mut xf = to32(&xq);
     b.rope(&mut xf, &pos, nt, nh, hd, 10000.0).unwrap();
     let mut x64 = xq.clone();
-    math::rope(&mut x64, &pos, nt, nh, hd, 10000.0, false);
+    math::rope(
+        &mut x64,
+        &pos,
+        RopeRows {
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        10000.0,
+        false,
+    );
     got.push(xf);
     want.push(x64);
     (got, want)

@@ -17,7 +17,7 @@
 use super::{
     AdamWState, AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
     KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv,
-    RowCopy, SampleParams, SampleRows, VocabDims,
+    RopeRows, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -278,15 +278,12 @@ pub fn rmsnorm_bwd(
 
 /// `rope` and `rope_bwd`: x [n_tok, n_heads, head_dim], pos [n_tok], head_dim even and
 /// positive, theta finite and positive (inv_freq = theta^(-2i/head_dim) needs theta > 0).
-pub fn rope(
-    op: &'static str,
-    x: &impl Buf,
-    pos: &impl Buf,
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: f32,
-) -> Result<()> {
+pub fn rope(op: &'static str, x: &impl Buf, pos: &impl Buf, d: RopeRows, theta: f32) -> Result<()> {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let x_arg = if op == "rope" { "x" } else { "dx" };
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(arg_error(

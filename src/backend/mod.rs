@@ -81,6 +81,16 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+/// Rows a rotary embedding turns: `n_tok` tokens of `n_heads` heads of `head_dim` (the shape
+/// arguments of [`Backend::rope`] and [`Backend::rope_bwd`], as their implementations pass them
+/// on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeRows {
+    pub n_tok: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Packed sequences: sequence b owns token rows `cu_host[b]..cu_host[b+1]`. `cu_seqlens` is the
 /// backend's copy of the same n_seq + 1 offsets (the device reads it), `cu_host` the host copy
 /// (checks and launch shapes); `max_len` bounds every sequence's length. The token count is the

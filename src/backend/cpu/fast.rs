@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use super::math::{self, Gemm};
 use crate::backend::{
     AttnGrads, AttnSaved, Cached, GemmDims, Heads, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
-    NormDims, NormGrads, Qkv, VocabDims,
+    NormDims, NormGrads, Qkv, RopeRows, VocabDims,
 };
 
 // ------------------------------------------------------------------------------------ threads
@@ -1492,15 +1492,12 @@ pub fn rmsnorm_bwd(
 }
 
 /// [`math::rope`] on chunks of tokens in parallel (bit-identical to it).
-pub fn rope(
-    x: &mut [f32],
-    pos: &[u32],
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: f32,
-    inverse: bool,
-) {
+pub fn rope(x: &mut [f32], pos: &[u32], d: RopeRows, theta: f32, inverse: bool) {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let ts = n_heads * head_dim;
     x[..n_tok * ts]
         .par_chunks_mut(ROWS * ts)
@@ -1510,9 +1507,7 @@ pub fn rope(
             math::rope(
                 xc,
                 &pos[c * ROWS..c * ROWS + n],
-                n,
-                n_heads,
-                head_dim,
+                RopeRows { n_tok: n, ..d },
                 theta,
                 inverse,
             );

@@ -15,7 +15,7 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 use crate::backend::loss::Aggregation;
 use crate::backend::{
     AttnGrads, AttnSaved, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
-    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Qkv, VocabDims,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Qkv, RopeRows, VocabDims,
 };
 
 /// The float operations the CPU math needs (implemented for f32 and f64).
@@ -390,15 +390,12 @@ pub fn rope_inv_freq<R: Real>(head_dim: usize, theta: R) -> Vec<R> {
 
 /// Rotary embedding in place (half-split layout); `inverse` rotates by −angle, which is both
 /// the inverse and the transpose of the forward rotation (so it is the backward).
-pub fn rope<R: Real>(
-    x: &mut [R],
-    pos: &[u32],
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: R,
-    inverse: bool,
-) {
+pub fn rope<R: Real>(x: &mut [R], pos: &[u32], d: RopeRows, theta: R, inverse: bool) {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let half = head_dim / 2;
     let inv_freq = rope_inv_freq(head_dim, theta);
     let mut cs = vec![(R::zero(), R::zero()); half];

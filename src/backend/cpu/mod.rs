@@ -21,7 +21,8 @@ use crate::backend::host_adamw;
 use crate::backend::{
     AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
     GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
-    NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
+    NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
+    VocabDims,
 };
 use crate::Result;
 
@@ -226,8 +227,13 @@ impl Backend for Cpu {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        check::rope("rope", x, pos, n_tok, n_heads, head_dim, theta)?;
-        fast::run(|| fast::rope(x, pos, n_tok, n_heads, head_dim, theta, false));
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        check::rope("rope", x, pos, d, theta)?;
+        fast::run(|| fast::rope(x, pos, d, theta, false));
         Ok(())
     }
 
@@ -240,8 +246,13 @@ impl Backend for Cpu {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        check::rope("rope_bwd", dx, pos, n_tok, n_heads, head_dim, theta)?;
-        fast::run(|| fast::rope(dx, pos, n_tok, n_heads, head_dim, theta, true));
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        check::rope("rope_bwd", dx, pos, d, theta)?;
+        fast::run(|| fast::rope(dx, pos, d, theta, true));
         Ok(())
     }
 
