@@ -254,7 +254,8 @@ pub fn save<B: Backend>(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_checkpoint(&tmp, dir, b, model, &host, opt, state, source_dir);
+    let result = write_checkpoint(&tmp, b, model, &host, opt, state, source_dir)
+        .and_then(|()| replace_dir(&tmp, dir));
     if result.is_err() {
         // A failed write (e.g. a full disk) leaves no partial folder behind.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -262,10 +263,9 @@ pub fn save<B: Backend>(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Write the model (host copy `host`), the optimizer and `state` into the folder `tmp`.
 fn write_checkpoint<B: Backend>(
     tmp: &Path,
-    dir: &Path,
     b: &B,
     model: &Model<B>,
     host: &[Vec<f32>],
@@ -285,7 +285,11 @@ fn write_checkpoint<B: Backend>(
     save_params(&tmp.join("model"), &model.cfg, host, &opts)?;
     save_optimizer(&tmp.join("optimizer.safetensors"), b, &model.layout, opt)?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&tmp.join("trainer.json"), &json)?;
+    write_atomic(&tmp.join("trainer.json"), &json)
+}
+
+/// Put the complete checkpoint folder `tmp` in place as `dir`, replacing an older one.
+fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         // Move the old checkpoint of this step aside, put the new one in place, then delete the
         // old one: at every moment one complete checkpoint exists under some name.
