@@ -454,14 +454,12 @@ pub fn attention_prefixed<R: Real>(
     prefix: &[u32],
     heads: Heads,
 ) {
-    let (
-        Qkv { q, k, v },
-        Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        },
-    ) = (qkv, heads);
+    let Qkv { q, k, v } = qkv;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
@@ -536,14 +534,12 @@ pub fn attention_prefixed_bwd<R: Real>(
     heads: Heads,
 ) {
     let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
-    let (
-        AttnGrads { dq, dk, dv },
-        Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        },
-    ) = (grads, heads);
+    let AttnGrads { dq, dk, dv } = grads;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
