@@ -10,8 +10,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::{
-    AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
-    LossAgg, Packed,
+    AdamWState, AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
+    LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
@@ -546,8 +546,18 @@ fn cuda_benches(c: &mut Criterion) {
         (n * 32) as f64,
         0.0,
         || {
-            cuda.adamw(&mut p, Some(&mut ms), &gr, &mut m1, &mut m2, n, &hp)
-                .unwrap()
+            cuda.adamw(
+                AdamWState {
+                    param: &mut p,
+                    master: Some(&mut ms),
+                    m: &mut m1,
+                    v: &mut m2,
+                },
+                &gr,
+                n,
+                &hp,
+            )
+            .unwrap()
         },
     );
 }

@@ -14,11 +14,13 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tooln1::backend::cpu::{math, Cpu};
 use tooln1::backend::{
-    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
-    LinearGrads, LossAgg, Packed,
+    AdamWState, AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
+    KlKind, LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
-use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
+use tooln1::backend::{
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, RopeRows, VocabDims,
+};
 
 /// The test's random stream from [`common::seed`] (printed; `TOOLN1_TEST_SEED` replays it).
 fn rng(test: &str) -> ChaCha8Rng {
@@ -107,13 +109,13 @@ fn linear_grad() {
         &c,
         &x,
         &w,
-        Some(&mut dx),
-        false,
-        Some(&mut dw),
-        Some(&mut db),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx),
+            accumulate_dx: false,
+            dw: Some(&mut dw),
+            dbias: Some(&mut db),
+        },
+        GemmDims { m, n, k },
     );
     let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
     let db: Vec<f64> = db.iter().zip(&db0).map(|(a, b)| a - b).collect();
@@ -123,7 +125,18 @@ fn linear_grad() {
     // accumulate_dx adds to what is there
     let base = randv(&mut r, m * k, 1.0);
     let mut dx2 = base.clone();
-    math::linear_bwd(&c, &x, &w, Some(&mut dx2), true, None, None, m, n, k);
+    math::linear_bwd(
+        &c,
+        &x,
+        &w,
+        LinearGrads {
+            dx: Some(&mut dx2),
+            accumulate_dx: true,
+            dw: None,
+            dbias: None,
+        },
+        GemmDims { m, n, k },
+    );
     for i in 0..m * k {
         assert!((dx2[i] - base[i] - dx[i]).abs() < 1e-12);
     }
@@ -218,7 +231,17 @@ fn rope_grad_and_transpose() {
     let c = randv(&mut r, n * nh * hd, 1.0);
     // forward vs the formula
     let mut y = x.clone();
-    math::rope(&mut y, &pos, n, nh, hd, theta, false);
+    math::rope(
+        &mut y,
+        &pos,
+        RopeRows {
+            n_tok: n,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        theta,
+        false,
+    );
     for t in 0..n {
         for h in 0..nh {
             for i in 0..hd / 2 {
@@ -231,14 +254,34 @@ fn rope_grad_and_transpose() {
         }
     }
     let mut g = c.clone();
-    math::rope(&mut g, &pos, n, nh, hd, theta, true);
+    math::rope(
+        &mut g,
+        &pos,
+        RopeRows {
+            n_tok: n,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        theta,
+        true,
+    );
     fd_check(
         "rope dx",
         &x,
         &g,
         |v| {
             let mut y = v.to_vec();
-            math::rope(&mut y, &pos, n, nh, hd, theta, false);
+            math::rope(
+                &mut y,
+                &pos,
+                RopeRows {
+                    n_tok: n,
+                    n_heads: nh,
+                    head_dim: hd,
+                },
+                theta,
+                false,
+            );
             dot(&y, &c)
         },
         1e-7,
@@ -315,7 +358,21 @@ fn attention_forward_and_grad() {
     let c = randv(&mut r, n * nh * hd, 1.0);
     let mut out = nan(n * nh * hd);
     let mut lse = nan(nh * n);
-    math::attention(&q, &k, &v, &mut out, &mut lse, &CU, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        &mut out,
+        &mut lse,
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (o2, l2) = naive_attention(&q, &k, &v, &CU, nh, nkv, hd);
     let e1 = out
         .iter()
@@ -329,12 +386,42 @@ fn attention_forward_and_grad() {
     assert!(e1 < 1e-12 && e2 < 1e-12);
     let (mut dq, mut dk, mut dv) = (nan(q.len()), nan(k.len()), nan(v.len()));
     math::attention_bwd(
-        &c, &q, &k, &v, &out, &lse, &mut dq, &mut dk, &mut dv, &CU, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &c,
+            out: &out,
+            lse: &lse,
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     let f = |q: &[f64], k: &[f64], v: &[f64]| {
         let mut o = nan(n * nh * hd);
         let mut l = nan(nh * n);
-        math::attention(q, k, v, &mut o, &mut l, &CU, nh, nkv, hd);
+        math::attention(
+            Qkv { q, k, v },
+            &mut o,
+            &mut l,
+            &CU,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        );
         dot(&o, &c)
     };
     fd_check("attention dq", &q, &dq, |x| f(x, &k, &v), 1e-6);
@@ -916,7 +1003,20 @@ fn grpo_loss_grad_every_mode() {
                 loss_scale_div: 3.0,
             };
             let mut d = nan(n);
-            let st = math::grpo_loss(&lp, &old, &rf, &adv, &mask, &sid, &mut d, n, n_seq, &cfg);
+            let st = math::grpo_loss(
+                &GrpoTokens {
+                    logp: &lp,
+                    old_logp: &old,
+                    ref_logp: &rf,
+                    adv: &adv,
+                    mask: &mask,
+                    seq_id: &sid,
+                    n_tok: n,
+                    n_seq,
+                },
+                &mut d,
+                &cfg,
+            );
             let (want, clipfrac) = naive_grpo(&lp, &old, &rf, &adv, &mask, &sid, n_seq, &cfg);
             assert!(
                 (st.loss - want).abs() < 1e-12 * (1.0 + want.abs()),
@@ -936,7 +1036,21 @@ fn grpo_loss_grad_every_mode() {
                 &d,
                 |x| {
                     let mut dd = nan(n);
-                    math::grpo_loss(x, &old, &rf, &adv, &mask, &sid, &mut dd, n, n_seq, &cfg).loss
+                    math::grpo_loss(
+                        &GrpoTokens {
+                            logp: x,
+                            old_logp: &old,
+                            ref_logp: &rf,
+                            adv: &adv,
+                            mask: &mask,
+                            seq_id: &sid,
+                            n_tok: n,
+                            n_seq,
+                        },
+                        &mut dd,
+                        &cfg,
+                    )
+                    .loss
                 },
                 1e-6,
             );
@@ -1162,7 +1276,18 @@ fn adamw_hand_computed() {
     let g = vec![1.0f32, -4.0]; // scaled: 0.5, -2
     let mut m = vec![0.0f32; 2];
     let mut v = vec![0.0f32; 2];
-    b.adamw(&mut p, None, &g, &mut m, &mut v, 2, &hp).unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &g,
+        2,
+        &hp,
+    )
+    .unwrap();
     assert!((m[0] - 0.05).abs() < 1e-7 && (m[1] + 0.2).abs() < 1e-7);
     // (1 - b2) is 0.00099998713 in f32
     assert!((v[0] - 0.00025).abs() < 1e-4 * 0.00025 && (v[1] - 0.004).abs() < 1e-4 * 0.004);
@@ -1180,8 +1305,18 @@ fn adamw_hand_computed() {
     };
     let (p0, g0, m0, v0) = (0.3f64, -0.7f64, 0.2f64, 0.05f64);
     let (mut p, mut m, mut v) = (vec![p0 as f32], vec![m0 as f32], vec![v0 as f32]);
-    b.adamw(&mut p, None, &vec![g0 as f32], &mut m, &mut v, 1, &hp3)
-        .unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &vec![g0 as f32],
+        1,
+        &hp3,
+    )
+    .unwrap();
     let m1 = 0.9 * m0 + 0.1 * g0;
     let v1 = 0.999 * v0 + 0.001 * g0 * g0;
     let mh = m1 / (1.0 - 0.9f64.powi(3));
@@ -1193,11 +1328,13 @@ fn adamw_hand_computed() {
     let mut master = vec![1.0f32; 3];
     let (mut m, mut v) = (vec![0.0f32; 3], vec![0.0f32; 3]);
     b.adamw(
-        &mut p,
-        Some(&mut master),
+        AdamWState {
+            param: &mut p,
+            master: Some(&mut master),
+            m: &mut m,
+            v: &mut v,
+        },
         &vec![1.0; 3],
-        &mut m,
-        &mut v,
         3,
         &hp,
     )
@@ -1206,11 +1343,13 @@ fn adamw_hand_computed() {
     let mut short = vec![0.0f32; 2];
     assert!(b
         .adamw(
-            &mut p,
-            Some(&mut short),
+            AdamWState {
+                param: &mut p,
+                master: Some(&mut short),
+                m: &mut m,
+                v: &mut v
+            },
             &vec![1.0; 3],
-            &mut m,
-            &mut v,
             3,
             &hp
         )
@@ -1543,13 +1682,13 @@ fn linear_backend_matches_f64_math() {
         &dy,
         &x,
         &w,
-        Some(&mut dx64),
-        false,
-        Some(&mut dw64),
-        Some(&mut db64),
-        m,
-        n,
-        k,
+        LinearGrads {
+            dx: Some(&mut dx64),
+            accumulate_dx: false,
+            dw: Some(&mut dw64),
+            dbias: Some(&mut db64),
+        },
+        GemmDims { m, n, k },
     );
     close("linear_bwd dx", &dx[..m * k], &dx64, 1e-6);
     close("linear_bwd dw", &dw, &dw64, 1e-6);
@@ -1656,10 +1795,44 @@ fn attention_bwd_backend_matches_f64_math() {
         randv(&mut r, nt * nh * hd, 1.0),
     );
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
-    math::attention(&q, &kk, &v, &mut o64, &mut l64, &CU, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        &mut o64,
+        &mut l64,
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
     math::attention_bwd(
-        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &CU, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &dout,
+            out: &o64,
+            lse: &l64,
+        },
+        AttnGrads {
+            dq: &mut dq64,
+            dk: &mut dk64,
+            dv: &mut dv64,
+        },
+        &CU,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     let (mut dq, mut dk, mut dv) = (poisoned(q.len()), poisoned(kk.len()), poisoned(v.len()));
     let cu = CU.to_vec();
@@ -1902,13 +2075,13 @@ fn fast_linear(r: &mut ChaCha8Rng) -> Outputs {
             &dy,
             &x,
             &w,
-            Some(&mut dx64),
-            true,
-            Some(&mut dw64),
-            Some(&mut db64),
-            m,
-            n,
-            k,
+            LinearGrads {
+                dx: Some(&mut dx64),
+                accumulate_dx: true,
+                dw: Some(&mut dw64),
+                dbias: Some(&mut db64),
+            },
+            GemmDims { m, n, k },
         );
         got.extend([y, dx, dw, db]);
         want.extend([y64, dx64, dw64, db64]);
@@ -1980,7 +2153,17 @@ fn fast_rope(r: &mut ChaCha8Rng) -> Outputs {
     let mut xf = to32(&xq);
     b.rope(&mut xf, &pos, nt, nh, hd, 10000.0).unwrap();
     let mut x64 = xq.clone();
-    math::rope(&mut x64, &pos, nt, nh, hd, 10000.0, false);
+    math::rope(
+        &mut x64,
+        &pos,
+        RopeRows {
+            n_tok: nt,
+            n_heads: nh,
+            head_dim: hd,
+        },
+        10000.0,
+        false,
+    );
     got.push(xf);
     want.push(x64);
     (got, want)
@@ -2025,8 +2208,18 @@ fn fast_adamw(r: &mut ChaCha8Rng) -> Outputs {
     let (p0, m0, v0) = (randv(r, ns, 1.0), randv(r, ns, 0.1), randv(r, ns, 0.01));
     let v0: Vec<f64> = v0.iter().map(|x| x.abs()).collect();
     let (mut p, mut m, mut v) = (to32(&p0), to32(&m0), to32(&v0));
-    b.adamw(&mut p, None, &to32(&g), &mut m, &mut v, ns, &hp)
-        .unwrap();
+    b.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut m,
+            v: &mut v,
+        },
+        &to32(&g),
+        ns,
+        &hp,
+    )
+    .unwrap();
     let (mut p64, mut m64, mut v64) = (p0.clone(), m0.clone(), v0.clone());
     let h64 = math::AdamW {
         lr: 0.01,
@@ -2079,7 +2272,21 @@ fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
     )
     .unwrap();
     let (mut o64, mut l64) = (nan(nt * nh * hd), nan(nh * nt));
-    math::attention(&q, &kk, &v, &mut o64, &mut l64, &cu, nh, nkv, hd);
+    math::attention(
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        &mut o64,
+        &mut l64,
+        &cu,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (mut dq, mut dk, mut dv) = (
         vec![f32::NAN; q.len()],
         vec![f32::NAN; kk.len()],
@@ -2115,7 +2322,27 @@ fn fast_attention(r: &mut ChaCha8Rng) -> Outputs {
     .unwrap();
     let (mut dq64, mut dk64, mut dv64) = (nan(q.len()), nan(kk.len()), nan(v.len()));
     math::attention_bwd(
-        &dout, &q, &kk, &v, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &kk,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &dout,
+            out: &o64,
+            lse: &l64,
+        },
+        AttnGrads {
+            dq: &mut dq64,
+            dk: &mut dk64,
+            dv: &mut dv64,
+        },
+        &cu,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     got.extend([o, l, dq, dk, dv]);
     want.extend([o64, l64, dq64, dk64, dv64]);

@@ -15,7 +15,7 @@ use common::train::LikesE;
 use common::{gpu, seed};
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::host_adamw;
-use tooln1::backend::{AdamWStep, Backend};
+use tooln1::backend::{AdamWState, AdamWStep, Backend};
 use tooln1::model::{init, Model};
 use tooln1::train::config::{Place, SftConfig};
 use tooln1::train::sft::{SftItem, SftTrainer};
@@ -69,8 +69,18 @@ fn device_kernel_and_host_adamw_agree() {
         let gd = c.upload_f32(&g).unwrap();
         let mut m = c.upload_f32(&m0).unwrap();
         let mut v = c.upload_f32(&v0).unwrap();
-        c.adamw(&mut p, Some(&mut master), &gd, &mut m, &mut v, n, &hp)
-            .unwrap();
+        c.adamw(
+            AdamWState {
+                param: &mut p,
+                master: Some(&mut master),
+                m: &mut m,
+                v: &mut v,
+            },
+            &gd,
+            n,
+            &hp,
+        )
+        .unwrap();
         let (mut hp_, mut hm, mut hv) = (master0.clone(), m0.clone(), v0.clone());
         host_adamw::adamw(&mut hp_, &g, &mut hm, &mut hv, n, &hp);
         let dev = [

@@ -15,8 +15,8 @@ use common::{bf16_round, check, gpu, poison, poison_f32, up, Rng};
 use tooln1::backend::cpu::Cpu;
 use tooln1::backend::cuda::Cuda;
 use tooln1::backend::{
-    AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
-    LossAgg, Packed,
+    AdamWState, AdamWStep, Backend, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
+    LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
@@ -321,7 +321,20 @@ fn prefixed_attention_matches_cpu_math() {
         let (q64, k64, v64, d64) = (f64v(&qh), f64v(&kh), f64v(&vh), f64v(&dh));
         let (mut o64, mut l64) = (vec![f64::NAN; qn], vec![f64::NAN; nh * n_tok]);
         tooln1::backend::cpu::math::attention_prefixed(
-            &q64, &k64, &v64, &mut o64, &mut l64, &cu, &prefix, nh, nkv, hd,
+            Qkv {
+                q: &q64,
+                k: &k64,
+                v: &v64,
+            },
+            &mut o64,
+            &mut l64,
+            &cu,
+            &prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         );
         let (cud, pd) = (c.upload_u32(&cu).unwrap(), c.upload_u32(&prefix).unwrap());
         let mut out = poison(&c, qn);
@@ -366,8 +379,28 @@ fn prefixed_attention_matches_cpu_math() {
         let (mut dq64, mut dk64, mut dv64) =
             (vec![f64::NAN; qn], vec![f64::NAN; kn], vec![f64::NAN; kn]);
         tooln1::backend::cpu::math::attention_prefixed_bwd(
-            &d64, &q64, &k64, &v64, &o64, &l64, &mut dq64, &mut dk64, &mut dv64, &cu, &prefix, nh,
-            nkv, hd,
+            Qkv {
+                q: &q64,
+                k: &k64,
+                v: &v64,
+            },
+            AttnSaved {
+                dout: &d64,
+                out: &o64,
+                lse: &l64,
+            },
+            AttnGrads {
+                dq: &mut dq64,
+                dk: &mut dk64,
+                dv: &mut dv64,
+            },
+            &cu,
+            &prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         );
         let (mut dq, mut dk, mut dv) = (poison(&c, qn), poison(&c, kn), poison(&c, kn));
         c.attention_prefixed_bwd(
@@ -1023,8 +1056,18 @@ fn adamw_with_master_copy() {
         step: 7,
         grad_scale: 0.5,
     };
-    c.adamw(&mut p, Some(&mut master), &gd, &mut m, &mut v, n, &hp)
-        .unwrap();
+    c.adamw(
+        AdamWState {
+            param: &mut p,
+            master: Some(&mut master),
+            m: &mut m,
+            v: &mut v,
+        },
+        &gd,
+        n,
+        &hp,
+    )
+    .unwrap();
     let (mut pr, mut mr, mut vr) = (vec![0f64; n], vec![0f64; n], vec![0f64; n]);
     let bc1 = 1.0 - 0.9f64.powi(7);
     let bc2 = 1.0 - 0.999f64.powi(7);
@@ -1423,8 +1466,18 @@ fn adamw_without_master_copy() {
         step: 1,
         grad_scale: 1.0,
     };
-    c.adamw(&mut p, None, &gd, &mut mm, &mut vv, na, &hp)
-        .unwrap();
+    c.adamw(
+        AdamWState {
+            param: &mut p,
+            master: None,
+            m: &mut mm,
+            v: &mut vv,
+        },
+        &gd,
+        na,
+        &hp,
+    )
+    .unwrap();
     let pr: Vec<f64> = (0..na)
         .map(|i| {
             let g = gr[i] as f64;
@@ -2155,8 +2208,28 @@ fn both_backends_reject_bad_adamw() {
         c.zeros_f32(2).unwrap(),
     );
     let gz = c.zeros_f32(2).unwrap();
-    let cr = cpu.adamw(&mut pc, None, &vec![0f32; 2], &mut m1, &mut v1, 2, &hp);
-    let gr = c.adamw(&mut pg, None, &gz, &mut m1g, &mut v1g, 2, &hp);
+    let cr = cpu.adamw(
+        AdamWState {
+            param: &mut pc,
+            master: None,
+            m: &mut m1,
+            v: &mut v1,
+        },
+        &vec![0f32; 2],
+        2,
+        &hp,
+    );
+    let gr = c.adamw(
+        AdamWState {
+            param: &mut pg,
+            master: None,
+            m: &mut m1g,
+            v: &mut v1g,
+        },
+        &gz,
+        2,
+        &hp,
+    );
     calls.both("adamw: step 0", cr, cuda_rejects(&c, gr));
 }
 

@@ -92,11 +92,45 @@ fn reference(
             }
             let cu = [0u32, m as u32];
             let (mut o, mut l) = (vec![f64::NAN; m * qs], vec![f64::NAN; nh * m]);
-            math::attention(&qq, &kk, &vv, &mut o, &mut l, &cu, nh, nkv, hd);
+            math::attention(
+                Qkv {
+                    q: &qq,
+                    k: &kk,
+                    v: &vv,
+                },
+                &mut o,
+                &mut l,
+                &cu,
+                Heads {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+            );
             let (mut gq, mut gk, mut gv) =
                 (vec![0.0; m * qs], vec![0.0; m * ks], vec![0.0; m * ks]);
             math::attention_bwd(
-                &dd, &qq, &kk, &vv, &o, &l, &mut gq, &mut gk, &mut gv, &cu, nh, nkv, hd,
+                Qkv {
+                    q: &qq,
+                    k: &kk,
+                    v: &vv,
+                },
+                AttnSaved {
+                    dout: &dd,
+                    out: &o,
+                    lse: &l,
+                },
+                AttnGrads {
+                    dq: &mut gq,
+                    dk: &mut gk,
+                    dv: &mut gv,
+                },
+                &cu,
+                Heads {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
             );
             for (a, &i) in idx.iter().enumerate() {
                 if a >= *plen || j == 0 {
@@ -154,7 +188,22 @@ fn prefixed_attention_matches_per_sequence_reference() {
         let (ro, rl, rdq, rdk, rdv) = reference(&p, (&q, &k, &v, &dout), (nh, nkv, hd));
         // f64 generic math against the reference
         let (mut o, mut l) = (vec![f64::NAN; n_tok * qs], vec![f64::NAN; nh * n_tok]);
-        math::attention_prefixed(&q, &k, &v, &mut o, &mut l, &p.cu, &p.prefix, nh, nkv, hd);
+        math::attention_prefixed(
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            &mut o,
+            &mut l,
+            &p.cu,
+            &p.prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        );
         close64(&format!("case {case}: f64 out"), &o, &ro, 1e-12);
         close64(&format!("case {case}: f64 lse"), &l, &rl, 1e-12);
         let (mut dq, mut dk, mut dv) = (
@@ -163,7 +212,28 @@ fn prefixed_attention_matches_per_sequence_reference() {
             vec![f64::NAN; n_tok * ks],
         );
         math::attention_prefixed_bwd(
-            &dout, &q, &k, &v, &o, &l, &mut dq, &mut dk, &mut dv, &p.cu, &p.prefix, nh, nkv, hd,
+            Qkv {
+                q: &q,
+                k: &k,
+                v: &v,
+            },
+            AttnSaved {
+                dout: &dout,
+                out: &o,
+                lse: &l,
+            },
+            AttnGrads {
+                dq: &mut dq,
+                dk: &mut dk,
+                dv: &mut dv,
+            },
+            &p.cu,
+            &p.prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
         );
         close64(&format!("case {case}: f64 dq"), &dq, &rdq, 1e-11);
         close64(&format!("case {case}: f64 dk"), &dk, &rdk, 1e-11);
@@ -255,18 +325,65 @@ fn prefixed_attention_backward_matches_finite_differences() {
     );
     let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
         let (mut o, mut l) = (vec![f64::NAN; n_tok * qs], vec![f64::NAN; nh * n_tok]);
-        math::attention_prefixed(q, k, v, &mut o, &mut l, &p.cu, &p.prefix, nh, nkv, hd);
+        math::attention_prefixed(
+            Qkv { q, k, v },
+            &mut o,
+            &mut l,
+            &p.cu,
+            &p.prefix,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        );
         o.iter().zip(&w).map(|(a, b)| a * b).sum()
     };
     let (mut o, mut l) = (vec![f64::NAN; n_tok * qs], vec![f64::NAN; nh * n_tok]);
-    math::attention_prefixed(&q, &k, &v, &mut o, &mut l, &p.cu, &p.prefix, nh, nkv, hd);
+    math::attention_prefixed(
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        &mut o,
+        &mut l,
+        &p.cu,
+        &p.prefix,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
+    );
     let (mut dq, mut dk, mut dv) = (
         vec![f64::NAN; n_tok * qs],
         vec![f64::NAN; n_tok * ks],
         vec![f64::NAN; n_tok * ks],
     );
     math::attention_prefixed_bwd(
-        &w, &q, &k, &v, &o, &l, &mut dq, &mut dk, &mut dv, &p.cu, &p.prefix, nh, nkv, hd,
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &w,
+            out: &o,
+            lse: &l,
+        },
+        AttnGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+        },
+        &p.cu,
+        &p.prefix,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        },
     );
     let eps = 1e-6;
     let fd = |which: usize| -> Vec<f64> {

@@ -15,9 +15,9 @@
 //! backend's own checks, with the same error variant.
 
 use super::{
-    AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KvRows, LmHead,
-    LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy,
-    SampleParams, SampleRows, VocabDims,
+    AdamWState, AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv,
+    RopeRows, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -278,15 +278,12 @@ pub fn rmsnorm_bwd(
 
 /// `rope` and `rope_bwd`: x [n_tok, n_heads, head_dim], pos [n_tok], head_dim even and
 /// positive, theta finite and positive (inv_freq = theta^(-2i/head_dim) needs theta > 0).
-pub fn rope(
-    op: &'static str,
-    x: &impl Buf,
-    pos: &impl Buf,
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: f32,
-) -> Result<()> {
+pub fn rope(op: &'static str, x: &impl Buf, pos: &impl Buf, d: RopeRows, theta: f32) -> Result<()> {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let x_arg = if op == "rope" { "x" } else { "dx" };
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(arg_error(
@@ -739,22 +736,18 @@ pub fn grpo_loss<F: Buf, I: Buf>(
 }
 
 /// `adamw`: param, grad, m, v (and master when given) hold `n`; step is 1-based.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw(
-    param: &impl Buf,
-    master: Option<&impl Buf>,
-    grad: &impl Buf,
-    m: &impl Buf,
-    v: &impl Buf,
+pub fn adamw<T: Buf, F: Buf>(
+    state: &AdamWState<'_, T, F>,
+    grad: &F,
     n: usize,
     step: u64,
 ) -> Result<()> {
     let op = "adamw";
-    holds(op, "param", param, &[n], "n")?;
+    holds(op, "param", &*state.param, &[n], "n")?;
     holds(op, "grad", grad, &[n], "n")?;
-    holds(op, "m", m, &[n], "n")?;
-    holds(op, "v", v, &[n], "n")?;
-    holds_opt(op, "master", master, &[n], "n")?;
+    holds(op, "m", &*state.m, &[n], "n")?;
+    holds(op, "v", &*state.v, &[n], "n")?;
+    holds_opt(op, "master", state.master.as_deref(), &[n], "n")?;
     if step == 0 {
         return Err(arg_error(op, "step", "a 1-based step count", 0));
     }

@@ -81,6 +81,16 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+/// Rows a rotary embedding turns: `n_tok` tokens of `n_heads` heads of `head_dim` (the shape
+/// arguments of [`Backend::rope`] and [`Backend::rope_bwd`], as their implementations pass them
+/// on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeRows {
+    pub n_tok: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Packed sequences: sequence b owns token rows `cu_host[b]..cu_host[b+1]`. `cu_seqlens` is the
 /// backend's copy of the same n_seq + 1 offsets (the device reads it), `cu_host` the host copy
 /// (checks and launch shapes); `max_len` bounds every sequence's length. The token count is the
@@ -118,30 +128,30 @@ impl<I> Copy for Prefix<'_, I> {}
 /// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
 /// cached positions (the new token's key and value already stored).
 #[derive(Debug)]
-pub struct Cached<'a, I> {
+pub struct Cached<'a, I: ?Sized> {
     pub lens: &'a I,
     pub n_seq: usize,
     pub max_len: usize,
 }
 
-impl<I> Clone for Cached<'_, I> {
+impl<I: ?Sized> Clone for Cached<'_, I> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<I> Copy for Cached<'_, I> {}
+impl<I: ?Sized> Copy for Cached<'_, I> {}
 
 /// The gradients [`Backend::linear_bwd`] writes: `dx` (overwritten, or accumulated when
 /// `accumulate_dx`), `dw` and `dbias` (accumulated); `None` skips one.
 #[derive(Debug)]
-pub struct LinearGrads<'a, T, F> {
+pub struct LinearGrads<'a, T: ?Sized, F: ?Sized> {
     pub dx: Option<&'a mut T>,
     pub accumulate_dx: bool,
     pub dw: Option<&'a mut F>,
     pub dbias: Option<&'a mut F>,
 }
 
-impl<'a, T, F> LinearGrads<'a, T, F> {
+impl<'a, T: ?Sized, F: ?Sized> LinearGrads<'a, T, F> {
     /// `dx` overwritten, `dw` accumulated, no bias gradient.
     pub fn new(dx: &'a mut T, dw: &'a mut F) -> Self {
         LinearGrads {
@@ -169,38 +179,38 @@ impl<'a, T, F> LinearGrads<'a, T, F> {
 
 /// The inputs of attention: q [n_tok, n_heads, head_dim], k and v [n_tok, n_kv, head_dim].
 #[derive(Debug)]
-pub struct Qkv<'a, T> {
+pub struct Qkv<'a, T: ?Sized> {
     pub q: &'a T,
     pub k: &'a T,
     pub v: &'a T,
 }
 
-impl<T> Clone for Qkv<'_, T> {
+impl<T: ?Sized> Clone for Qkv<'_, T> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T> Copy for Qkv<'_, T> {}
+impl<T: ?Sized> Copy for Qkv<'_, T> {}
 
 /// What the attention backward reads besides q, k, v: the upstream gradient `dout` (like q)
 /// and the forward's `out` and `lse`.
 #[derive(Debug)]
-pub struct AttnSaved<'a, T, F> {
+pub struct AttnSaved<'a, T: ?Sized, F: ?Sized> {
     pub dout: &'a T,
     pub out: &'a T,
     pub lse: &'a F,
 }
 
-impl<T, F> Clone for AttnSaved<'_, T, F> {
+impl<T: ?Sized, F: ?Sized> Clone for AttnSaved<'_, T, F> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<T, F> Copy for AttnSaved<'_, T, F> {}
+impl<T: ?Sized, F: ?Sized> Copy for AttnSaved<'_, T, F> {}
 
 /// The gradients the attention backward writes (overwrites): dq like q, dk and dv like k.
 #[derive(Debug)]
-pub struct AttnGrads<'a, T> {
+pub struct AttnGrads<'a, T: ?Sized> {
     pub dq: &'a mut T,
     pub dk: &'a mut T,
     pub dv: &'a mut T,
@@ -272,7 +282,7 @@ pub struct LogprobsGrads<'a, T: ?Sized, F: ?Sized> {
 
 /// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
 #[derive(Debug)]
-pub struct GrpoTokens<'a, F, I> {
+pub struct GrpoTokens<'a, F: ?Sized, I: ?Sized> {
     pub logp: &'a F,
     pub old_logp: &'a F,
     pub ref_logp: &'a F,
@@ -345,6 +355,16 @@ pub struct SampleParams {
     /// 0 = no top-k cut.
     pub top_k: usize,
     pub seed: u64,
+}
+
+/// The tensors one [`Backend::adamw`] step updates in place: the parameter, its f32 master
+/// copy where `T` is narrower than f32 (None where `T` is f32), and the two moments.
+#[derive(Debug)]
+pub struct AdamWState<'a, T: ?Sized, F: ?Sized> {
+    pub param: &'a mut T,
+    pub master: Option<&'a mut F>,
+    pub m: &'a mut F,
+    pub v: &'a mut F,
 }
 
 /// Hyper-parameters of one AdamW update (already including the schedule's lr for this step).
@@ -746,19 +766,15 @@ pub trait Backend {
         dlogp: &mut Self::F,
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut>;
-    /// One AdamW step on n elements (decoupled weight decay, bias-corrected moments):
-    /// g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
+    /// One AdamW step on n elements of `state` (decoupled weight decay, bias-corrected
+    /// moments): g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
     /// p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p).
-    /// `master` is an f32 copy of the parameter used where `T` is narrower than f32 (the update
-    /// is applied to the master and rounded into `param`); None where `T` is f32.
-    #[allow(clippy::too_many_arguments)]
+    /// `state.master` is an f32 copy of the parameter used where `T` is narrower than f32 (the
+    /// update is applied to the master and rounded into `param`); None where `T` is f32.
     fn adamw(
         &self,
-        param: &mut Self::T,
-        master: Option<&mut Self::F>,
+        state: AdamWState<'_, Self::T, Self::F>,
         grad: &Self::F,
-        m: &mut Self::F,
-        v: &mut Self::F,
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()>;

@@ -4,7 +4,7 @@ use crate::backend::select::{run_on, BackendJob, DeviceKind};
 use crate::backend::Backend;
 use crate::data::DEFAULT_BASE_SYSTEM;
 use crate::eval::generate::{
-    generate_outputs, partial_path, write_outputs, GenConfig, GenPrompt, PartialOutputs,
+    generate_outputs, partial_path, write_outputs, Chat, GenConfig, GenPrompt, PartialOutputs,
 };
 use crate::eval::{apibank, bfcl};
 use crate::model::weights::load_model;
@@ -372,13 +372,16 @@ pub fn eval_run(kind: EvalKind, a: EvalRunArgs) -> anyhow::Result<()> {
             let stop = stop_tokens(&tok, &model.cfg);
             let pb =
                 crate::train::metrics::progress_bar(self.prompts.len() as u64, false, "generate");
+            let chat = Chat {
+                tok: &tok,
+                template: &template,
+                stop: &stop,
+            };
             let (outs, stats) = generate_outputs(
                 &b,
                 &model,
-                &tok,
-                &template,
+                chat,
                 &self.prompts,
-                &stop,
                 &self.gen,
                 |done, _, batch| {
                     pb.set_position(done as u64);

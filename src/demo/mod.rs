@@ -17,4 +17,4 @@ pub mod run;
 pub mod task;
 pub mod tokenizer;
 
-pub use run::{evaluate_reward, run_demo, DemoConfig, DemoReport};
+pub use run::{evaluate_reward, run_demo, DemoConfig, DemoReport, Draws};

@@ -118,19 +118,26 @@ fn say(quiet: bool, msg: &str) {
     }
 }
 
-/// Mean reward of `n` responses per prompt (sampled with `sp`) over `prompts`, with the
-/// format-ok and exact-match rates: (reward, format_ok, exact).
-#[allow(clippy::too_many_arguments)]
+/// How [`evaluate_reward`] draws its responses: `n` per prompt, sampled with `sp` from the
+/// random stream `seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct Draws<'a> {
+    pub n: usize,
+    pub sp: &'a SamplingParams,
+    pub seed: u64,
+}
+
+/// Mean reward of the responses `draws` gives per prompt over `prompts`, with the format-ok
+/// and exact-match rates: (reward, format_ok, exact).
 pub fn evaluate_reward<B: Backend>(
     b: &B,
     model: &Model<B>,
     tok: &Tokenizer,
     prompts: &[PromptItem],
     reward: &dyn Reward,
-    n: usize,
-    sp: &SamplingParams,
-    seed: u64,
+    draws: Draws<'_>,
 ) -> Result<(f64, f64, f64)> {
+    let Draws { n, sp, seed } = draws;
     let toks: Vec<Vec<u32>> = prompts.iter().map(|p| p.tokens.clone()).collect();
     let gens = generate(b, model, &toks, n, sp, seed, 0)?;
     let (mut r, mut f, mut e) = (0.0f64, 0usize, 0usize);
@@ -310,13 +317,23 @@ impl HeldOut<'_> {
         n: usize,
     ) -> Result<(f64, f64, f64)> {
         let r = &self.reward as &dyn Reward;
-        evaluate_reward(b, m, tok, self.prompts, r, n, &self.sampled, self.seed)
+        let draws = Draws {
+            n,
+            sp: &self.sampled,
+            seed: self.seed,
+        };
+        evaluate_reward(b, m, tok, self.prompts, r, draws)
     }
 
     /// The greedy reward.
     fn greedy<B: Backend>(&self, b: &B, m: &Model<B>, tok: &Tokenizer) -> Result<f64> {
         let r = &self.reward as &dyn Reward;
-        Ok(evaluate_reward(b, m, tok, self.prompts, r, 1, &self.greedy, self.seed)?.0)
+        let draws = Draws {
+            n: 1,
+            sp: &self.greedy,
+            seed: self.seed,
+        };
+        Ok(evaluate_reward(b, m, tok, self.prompts, r, draws)?.0)
     }
 
     /// Print greedy answers to the first two held-out prompts (unless quiet).

@@ -18,6 +18,15 @@ pub struct GenPrompt {
     pub messages: Vec<Message>,
 }
 
+/// How prompts become tokens and outputs text: the tokenizer, the chat template the messages
+/// are rendered with, and the token ids that end an output.
+#[derive(Clone, Copy)]
+pub struct Chat<'a> {
+    pub tok: &'a Tokenizer,
+    pub template: &'a ChatTemplate,
+    pub stop: &'a [u32],
+}
+
 /// Generation settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenConfig {
@@ -52,17 +61,19 @@ pub struct GenStats {
 /// token). Prompts are batched by similar length. After each batch, `on_batch(done, total,
 /// outputs)` gets the progress and that batch's (id, output) pairs (e.g. to save them as they
 /// come); an error from it stops the generation.
-#[allow(clippy::too_many_arguments)]
 pub fn generate_outputs<B: Backend>(
     b: &B,
     model: &Model<B>,
-    tok: &Tokenizer,
-    template: &ChatTemplate,
+    chat: Chat<'_>,
     prompts: &[GenPrompt],
-    stop: &[u32],
     cfg: &GenConfig,
     mut on_batch: impl FnMut(usize, usize, &[(String, String)]) -> Result<()>,
 ) -> Result<(Vec<(String, String)>, GenStats)> {
+    let Chat {
+        tok,
+        template,
+        stop,
+    } = chat;
     crate::ensure!(
         cfg.batch_size >= 1,
         "eval generation: batch size must be at least 1"

@@ -310,7 +310,7 @@ fn save_one<B: Backend>(
         source_dir,
         comm,
     };
-    let result = write_checkpoint(&tmp, dir, b, &parts);
+    let result = write_checkpoint(&tmp, b, &parts).and_then(|()| replace_dir(&tmp, dir));
     if result.is_err() {
         // A failed write (e.g. a full disk) leaves no partial folder behind.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -329,7 +329,8 @@ struct Parts<'a, B: Backend> {
     comm: Option<&'a dyn Collective<B>>,
 }
 
-fn write_checkpoint<B: Backend>(tmp: &Path, dir: &Path, b: &B, parts: &Parts<'_, B>) -> Result<()> {
+/// Write the model (host copy `parts.host`), the optimizer and the state into the folder `tmp`.
+fn write_checkpoint<B: Backend>(tmp: &Path, b: &B, parts: &Parts<'_, B>) -> Result<()> {
     let Parts {
         model,
         host,
@@ -356,7 +357,11 @@ fn write_checkpoint<B: Backend>(tmp: &Path, dir: &Path, b: &B, parts: &Parts<'_,
         comm,
     )?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::msg(e.to_string()))?;
-    write_atomic(&tmp.join("trainer.json"), &json)?;
+    write_atomic(&tmp.join("trainer.json"), &json)
+}
+
+/// Put the complete checkpoint folder `tmp` in place as `dir`, replacing an older one.
+fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         // Move the old checkpoint of this step aside, put the new one in place, then delete the
         // old one: at every moment one complete checkpoint exists under some name.

@@ -459,11 +459,13 @@ impl<B: Backend> AdamW<B> {
                 }
             };
             b.adamw(
-                &mut model.params[i],
-                master,
+                crate::backend::AdamWState {
+                    param: &mut model.params[i],
+                    master,
+                    m: &mut self.m[i],
+                    v: &mut self.v[i],
+                },
                 g,
-                &mut self.m[i],
-                &mut self.v[i],
                 n,
                 &hp,
             )?;

@@ -199,11 +199,13 @@ impl<B: Backend> ShardedAdamW<B> {
             let t = self.plan.tensors[i];
             let master = self.master.as_mut().map(|ms| &mut ms[i]);
             b.adamw(
-                &mut self.param[i],
-                master,
+                crate::backend::AdamWState {
+                    param: &mut self.param[i],
+                    master,
+                    m: &mut self.m[i],
+                    v: &mut self.v[i],
+                },
                 &self.grad[i],
-                &mut self.m[i],
-                &mut self.v[i],
                 t.shard,
                 &hp,
             )?;

@@ -8,8 +8,8 @@
 //! reported at the next synchronisation (`cuda_ops::both_backends_reject_the_same_bad_calls`).
 
 use tooln1::backend::{
-    AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind,
-    LinearGrads, LossAgg, Packed, RowCopy, SampleParams, SampleRows,
+    AdamWState, AdamWStep, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
+    KlKind, LinearGrads, LossAgg, Packed, RowCopy, SampleParams, SampleRows,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
@@ -860,16 +860,28 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     };
     out.push((
         "adamw: step 0",
-        b.adamw(&mut t(2), None, &f(2), &mut f(2), &mut f(2), 2, &hp),
+        b.adamw(
+            AdamWState {
+                param: &mut t(2),
+                master: None,
+                m: &mut f(2),
+                v: &mut f(2),
+            },
+            &f(2),
+            2,
+            &hp,
+        ),
     ));
     out.push((
         "adamw: master shorter than n",
         b.adamw(
-            &mut t(2),
-            Some(&mut f(1)),
+            AdamWState {
+                param: &mut t(2),
+                master: Some(&mut f(1)),
+                m: &mut f(2),
+                v: &mut f(2),
+            },
             &f(2),
-            &mut f(2),
-            &mut f(2),
             2,
             &AdamWStep { step: 1, ..hp },
         ),
@@ -877,11 +889,13 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
     out.push((
         "adamw: m shorter than n",
         b.adamw(
-            &mut t(2),
-            None,
+            AdamWState {
+                param: &mut t(2),
+                master: None,
+                m: &mut f(1),
+                v: &mut f(2),
+            },
             &f(2),
-            &mut f(1),
-            &mut f(2),
             2,
             &AdamWStep { step: 1, ..hp },
         ),

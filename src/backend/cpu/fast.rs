@@ -32,7 +32,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use rayon::prelude::*;
 
 use super::math::{self, Gemm};
-use crate::backend::{NormDims, NormGrads};
+use crate::backend::{
+    AttnGrads, AttnSaved, Cached, GemmDims, Heads, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
+    NormDims, NormGrads, Qkv, RopeRows, VocabDims,
+};
 
 // ------------------------------------------------------------------------------------ threads
 
@@ -392,27 +395,23 @@ fn transpose_par(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 
 // ------------------------------------------------------------------------------------ GEMM
 
-/// Single-threaded `C = alpha·A·B + beta·C` on raw strided pointers (beta = 0 overwrites C).
+/// Single-threaded `C = alpha·A·B + beta·C` on raw pointers, shapes and strides in `g` (beta = 0
+/// overwrites C).
 ///
 /// # Safety
 /// Every element the strides reach must be in bounds, and C must not alias A or B.
-#[allow(clippy::too_many_arguments)]
-unsafe fn sgemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    rsb: usize,
-    csb: usize,
-    beta: f32,
-    c: *mut f32,
-    rsc: usize,
-    csc: usize,
-) {
+unsafe fn sgemm(g: Gemm, alpha: f32, a: *const f32, b: *const f32, beta: f32, c: *mut f32) {
+    let Gemm {
+        m,
+        k,
+        n,
+        rsa,
+        csa,
+        rsb,
+        csb,
+        rsc,
+        csc,
+    } = g;
     if m == 0 || n == 0 {
         return;
     }
@@ -467,24 +466,7 @@ pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32])
     let len = if split_m { g.m } else { g.n };
     if g.m * g.n * g.k < PAR_GEMM_MIN || len <= GEMM_BLOCK {
         // SAFETY: `check` proved every reached element in bounds; c is a distinct &mut.
-        unsafe {
-            sgemm(
-                g.m,
-                g.k,
-                g.n,
-                alpha,
-                ap,
-                g.rsa,
-                g.csa,
-                bp,
-                g.rsb,
-                g.csb,
-                beta,
-                cp.get(),
-                g.rsc,
-                g.csc,
-            )
-        };
+        unsafe { sgemm(g, alpha, ap, bp, beta, cp.get()) };
         return;
     }
     let parts = len.div_ceil(GEMM_BLOCK);
@@ -502,37 +484,21 @@ pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32])
         unsafe {
             if split_m {
                 sgemm(
-                    hi - lo,
-                    g.k,
-                    g.n,
+                    Gemm { m: hi - lo, ..g },
                     alpha,
                     a.add(lo * g.rsa),
-                    g.rsa,
-                    g.csa,
                     b,
-                    g.rsb,
-                    g.csb,
                     beta,
                     cp.get().add(lo * g.rsc),
-                    g.rsc,
-                    g.csc,
                 )
             } else {
                 sgemm(
-                    g.m,
-                    g.k,
-                    hi - lo,
+                    Gemm { n: hi - lo, ..g },
                     alpha,
                     a,
-                    g.rsa,
-                    g.csa,
                     b.add(lo * g.csb),
-                    g.rsb,
-                    g.csb,
                     beta,
                     cp.get().add(lo * g.csc),
-                    g.rsc,
-                    g.csc,
                 )
             }
         }
@@ -613,19 +579,20 @@ pub fn linear(
 
 /// dx (=, or += when `accumulate_dx`) dy·w; dw += dyᵀ·x; dbias += Σ_m dy (rows summed in
 /// order, columns in parallel).
-#[allow(clippy::too_many_arguments)]
 pub fn linear_bwd(
     dy: &[f32],
     x: &[f32],
     w: &[f32],
-    dx: Option<&mut [f32]>,
-    accumulate_dx: bool,
-    dw: Option<&mut [f32]>,
-    dbias: Option<&mut [f32]>,
-    m: usize,
-    n: usize,
-    k: usize,
+    grads: LinearGrads<'_, [f32], [f32]>,
+    d: GemmDims,
 ) {
+    let LinearGrads {
+        dx,
+        accumulate_dx,
+        dw,
+        dbias,
+    } = grads;
+    let GemmDims { m, n, k } = d;
     if let Some(dx) = dx {
         let beta = if accumulate_dx { 1.0 } else { 0.0 };
         let g = Gemm {
@@ -683,20 +650,21 @@ pub const LP_VT: usize = 512;
 /// not depend on the thread count).
 const LP_GROUPS: usize = 8;
 
-/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ · inv_t` on this thread (the GEMM's alpha,
-/// so the tile is scaled as it is written; alpha = 1 is the plain product).
-#[allow(clippy::too_many_arguments)]
-fn tile_logits(
-    h: &[f32],
-    w: &[f32],
-    z: &mut [f32],
-    wt: &mut [f32],
+/// A vocabulary tile: `rows` hidden rows of width `dim` against the `vn` vocabulary rows of
+/// the lm_head weight from `v0`.
+#[derive(Clone, Copy)]
+struct VocabTile {
     rows: usize,
     dim: usize,
     v0: usize,
     vn: usize,
-    inv_t: f32,
-) {
+}
+
+/// `z[rows, vn] = h[rows, dim] · w[v0..v0+vn, dim]ᵀ · inv_t` on this thread (the GEMM's alpha,
+/// so the tile is scaled as it is written; alpha = 1 is the plain product); `wt` is scratch
+/// for the transposed weight slice.
+fn tile_logits(h: &[f32], w: &[f32], (z, wt): (&mut [f32], &mut [f32]), t: VocabTile, inv_t: f32) {
+    let VocabTile { rows, dim, v0, vn } = t;
     assert!(h.len() >= rows * dim && w.len() >= (v0 + vn) * dim && z.len() >= rows * vn);
     // The weight slice transposed to [dim, vn] (unit stride along the vocabulary, which the
     // GEMM kernels read without packing).
@@ -704,39 +672,40 @@ fn tile_logits(
     // SAFETY: bounds asserted above (wt by `transpose`); z is a distinct &mut.
     unsafe {
         sgemm(
-            rows,
-            dim,
-            vn,
+            Gemm {
+                m: rows,
+                k: dim,
+                n: vn,
+                rsa: dim,
+                csa: 1,
+                rsb: vn,
+                csb: 1,
+                rsc: vn,
+                csc: 1,
+            },
             inv_t,
             h.as_ptr(),
-            dim,
-            1,
             wt.as_ptr(),
-            vn,
-            1,
             0.0,
             z.as_mut_ptr(),
-            vn,
-            1,
         )
     }
 }
 
 /// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (see
 /// [`math::logprobs`]).
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs(
-    h: &[f32],
-    w: &[f32],
-    targets: &[u32],
-    logp: &mut [f32],
-    lse: &mut [f32],
-    mut entropy: Option<&mut [f32]>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    head: LmHead<'_, [f32], [u32]>,
+    out: LogprobsOut<'_, [f32]>,
+    d: VocabDims,
     inv_t: f32,
 ) {
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsOut {
+        logp,
+        lse,
+        mut entropy,
+    } = out;
     let n_tiles = vocab.div_ceil(LP_VT);
     let want_ent = entropy.is_some();
     // Per (tile, row): max, Σ exp(z − max), Σ exp(z − max)·z, z[target] (NaN if elsewhere).
@@ -754,7 +723,7 @@ pub fn logprobs(
                 let vn = LP_VT.min(vocab - v0);
                 with_scratch(rows * vn + dim * vn, |buf| {
                     let (z, wt) = buf.split_at_mut(rows * vn);
-                    tile_logits(hb, w, z, wt, rows, dim, v0, vn, inv_t);
+                    tile_logits(hb, w, (&mut *z, wt), VocabTile { rows, dim, v0, vn }, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
                         let (mx, s, pz) = softmax_stats(zr, want_ent);
@@ -807,20 +776,16 @@ pub fn logprobs(
 }
 
 /// Backward of [`logprobs`] (see [`math::logprobs_bwd`]): dh overwritten, dw accumulated.
-#[allow(clippy::too_many_arguments)]
 pub fn logprobs_bwd(
     dlogp: &[f32],
-    h: &[f32],
-    w: &[f32],
-    targets: &[u32],
+    head: LmHead<'_, [f32], [u32]>,
     lse: &[f32],
-    dh: &mut [f32],
-    dw: Option<&mut [f32]>,
-    n_tok: usize,
-    dim: usize,
-    vocab: usize,
+    grads: LogprobsGrads<'_, [f32], [f32]>,
+    d: VocabDims,
     inv_t: f32,
 ) {
+    let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
+    let LogprobsGrads { dh, dw } = grads;
     let n_tiles = vocab.div_ceil(LP_VT);
     let groups = LP_GROUPS.min(n_tiles);
     let per_group = n_tiles.div_ceil(groups);
@@ -844,7 +809,7 @@ pub fn logprobs_bwd(
                     let vn = LP_VT.min(vocab - v0);
                     with_scratch(rows * vn + dim * vn, |buf| {
                         let (z, wt) = buf.split_at_mut(rows * vn);
-                        tile_logits(hb, w, z, wt, rows, dim, v0, vn, inv_t);
+                        tile_logits(hb, w, (&mut *z, wt), VocabTile { rows, dim, v0, vn }, inv_t);
                         for r in 0..rows {
                             let t = t0 + r;
                             // The chain rule through z·inv_t (exact at inv_t = 1).
@@ -860,37 +825,41 @@ pub fn logprobs_bwd(
                         // in bounds; dw rows v0..v0+vn belong to this tile alone.
                         unsafe {
                             sgemm(
-                                rows,
-                                vn,
-                                dim,
+                                Gemm {
+                                    m: rows,
+                                    k: vn,
+                                    n: dim,
+                                    rsa: vn,
+                                    csa: 1,
+                                    rsb: dim,
+                                    csb: 1,
+                                    rsc: dim,
+                                    csc: 1,
+                                },
                                 1.0,
                                 z.as_ptr(),
-                                vn,
-                                1,
                                 w.as_ptr().add(v0 * dim),
-                                dim,
-                                1,
                                 1.0,
                                 part.as_mut_ptr(),
-                                dim,
-                                1,
                             );
                             if let Some(dwp) = dwp {
                                 sgemm(
-                                    vn,
-                                    rows,
-                                    dim,
+                                    Gemm {
+                                        m: vn,
+                                        k: rows,
+                                        n: dim,
+                                        rsa: 1,
+                                        csa: vn,
+                                        rsb: dim,
+                                        csb: 1,
+                                        rsc: dim,
+                                        csc: 1,
+                                    },
                                     1.0,
                                     z.as_ptr(),
-                                    1,
-                                    vn,
                                     hb.as_ptr(),
-                                    dim,
-                                    1,
                                     1.0,
                                     dwp.get().add(v0 * dim),
-                                    dim,
-                                    1,
                                 );
                             }
                         }
@@ -970,36 +939,26 @@ fn key_tiles(
 }
 
 /// Causal GQA attention over packed sequences (see [`math::attention`]).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &mut [f32],
-    lse: &mut [f32],
-    cu: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
-) {
-    attention_prefixed(q, k, v, out, lse, cu, &[], n_heads, n_kv, hd)
+pub fn attention(qkv: Qkv<'_, [f32]>, out: &mut [f32], lse: &mut [f32], cu: &[u32], heads: Heads) {
+    attention_prefixed(qkv, out, lse, cu, &[], heads)
 }
 
 /// Attention with a shared prefix per segment (see [`math::attention_prefixed`]): each query
 /// block runs an online softmax over the prefix's key tiles, then its own causal tiles.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_prefixed(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: Qkv<'_, [f32]>,
     out: &mut [f32],
     lse: &mut [f32],
     cu: &[u32],
     prefix: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
+    heads: Heads,
 ) {
+    let Qkv { q, k, v } = qkv;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim: hd,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -1030,20 +989,22 @@ pub fn attention_prefixed(
                     // (asserted above); s and acc are this task's scratch.
                     unsafe {
                         sgemm(
-                            nq,
-                            hd,
-                            nk,
+                            Gemm {
+                                m: nq,
+                                k: hd,
+                                n: nk,
+                                rsa: qs,
+                                csa: 1,
+                                rsb: 1,
+                                csb: ks,
+                                rsc: nk,
+                                csc: 1,
+                            },
                             scale,
                             q.as_ptr().add(i0 * qs + h * hd),
-                            qs,
-                            1,
                             k.as_ptr().add(j0 * ks + kh * hd),
-                            1,
-                            ks,
                             0.0,
                             s.as_mut_ptr(),
-                            nk,
-                            1,
                         );
                     }
                     for r in 0..nq {
@@ -1066,20 +1027,22 @@ pub fn attention_prefixed(
                     // SAFETY: as above.
                     unsafe {
                         sgemm(
-                            nq,
-                            nk,
-                            hd,
+                            Gemm {
+                                m: nq,
+                                k: nk,
+                                n: hd,
+                                rsa: nk,
+                                csa: 1,
+                                rsb: ks,
+                                csb: 1,
+                                rsc: hd,
+                                csc: 1,
+                            },
                             1.0,
                             s.as_ptr(),
-                            nk,
-                            1,
                             v.as_ptr().add(j0 * ks + kh * hd),
-                            ks,
-                            1,
                             1.0,
                             acc.as_mut_ptr(),
-                            hd,
-                            1,
                         );
                     }
                 }
@@ -1099,58 +1062,87 @@ pub fn attention_prefixed(
         });
 }
 
+/// What every tile of the attention backward reads: q, k, v [n_tok, heads, hd], dout like q,
+/// lse [n_heads, n_tok], D = rowsum(dO∘O) [n_tok, n_heads]; qs, ks the row strides of q and k,
+/// `scale` the score scale.
+#[derive(Clone, Copy)]
+struct BwdIn<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dout: &'a [f32],
+    lse: &'a [f32],
+    dd: &'a [f32],
+    n_tok: usize,
+    n_heads: usize,
+    hd: usize,
+    qs: usize,
+    ks: usize,
+    scale: f32,
+}
+
 /// One tile of the attention backward: for queries i0..i0+nq of head h against keys
 /// j0..j0+nk, P (into `p`) and dS = P∘(dO·Vᵀ − D) (into `ds`), both [nq, nk] with P = 0 where
 /// `mask` hides a key from the query.
-#[allow(clippy::too_many_arguments)]
 fn bwd_tile(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    dout: &[f32],
-    lse: &[f32],
-    dd: &[f32],
-    p: &mut [f32],
-    ds: &mut [f32],
+    x: &BwdIn<'_>,
+    (p, ds): (&mut [f32], &mut [f32]),
     (i0, nq, j0, nk): (usize, usize, usize, usize),
-    (h, kh, n_tok, n_heads, hd, qs, ks): (usize, usize, usize, usize, usize, usize, usize),
-    scale: f32,
+    (h, kh): (usize, usize),
     mask: Mask,
 ) {
+    let BwdIn {
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        dd,
+        n_tok,
+        n_heads,
+        hd,
+        qs,
+        ks,
+        scale,
+    } = *x;
     // SAFETY: rows i0..i0+nq and j0..j0+nk lie inside q, dout and k, v (asserted by the
     // callers); p and ds are the task's scratch, at least [nq, nk].
     unsafe {
         sgemm(
-            nq,
-            hd,
-            nk,
+            Gemm {
+                m: nq,
+                k: hd,
+                n: nk,
+                rsa: qs,
+                csa: 1,
+                rsb: 1,
+                csb: ks,
+                rsc: nk,
+                csc: 1,
+            },
             scale,
             q.as_ptr().add(i0 * qs + h * hd),
-            qs,
-            1,
             k.as_ptr().add(j0 * ks + kh * hd),
-            1,
-            ks,
             0.0,
             p.as_mut_ptr(),
-            nk,
-            1,
         );
         sgemm(
-            nq,
-            hd,
-            nk,
+            Gemm {
+                m: nq,
+                k: hd,
+                n: nk,
+                rsa: qs,
+                csa: 1,
+                rsb: 1,
+                csb: ks,
+                rsc: nk,
+                csc: 1,
+            },
             1.0,
             dout.as_ptr().add(i0 * qs + h * hd),
-            qs,
-            1,
             v.as_ptr().add(j0 * ks + kh * hd),
-            1,
-            ks,
             0.0,
             ds.as_mut_ptr(),
-            nk,
-            1,
         );
     }
     for r in 0..nq {
@@ -1164,61 +1156,35 @@ fn bwd_tile(
 }
 
 /// Backward of [`attention`] (see [`math::attention_bwd`]); dq, dk, dv overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    qkv: Qkv<'_, [f32]>,
+    saved: AttnSaved<'_, [f32], [f32]>,
+    grads: AttnGrads<'_, [f32]>,
     cu: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
+    heads: Heads,
 ) {
-    attention_prefixed_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-        cu,
-        &[],
-        n_heads,
-        n_kv,
-        hd,
-    )
+    attention_prefixed_bwd(qkv, saved, grads, cu, &[], heads)
 }
 
 /// Backward of [`attention_prefixed`] (see [`math::attention_prefixed_bwd`]); dq, dk, dv
 /// overwritten. A key block's task sums, in a fixed order, its own segment's causal query
 /// blocks and then every query block of each segment (in segment order) that reads it as
 /// prefix, so the result does not depend on the thread count.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_prefixed_bwd(
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    qkv: Qkv<'_, [f32]>,
+    saved: AttnSaved<'_, [f32], [f32]>,
+    grads: AttnGrads<'_, [f32]>,
     cu: &[u32],
     prefix: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
+    heads: Heads,
 ) {
+    let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+    let AttnGrads { dq, dk, dv } = grads;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim: hd,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -1260,7 +1226,20 @@ pub fn attention_prefixed_bwd(
                 .collect()
         })
         .collect();
-    let dims = |h: usize, kh: usize| (h, kh, n_tok, n_heads, hd, qs, ks);
+    let tile_in = BwdIn {
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        dd,
+        n_tok,
+        n_heads,
+        hd,
+        qs,
+        ks,
+        scale,
+    };
     // dk, dv: one task per (key block, kv head), over the query blocks that read it.
     let (dkp, dvp) = (Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
     (0..tasks.len() * n_kv).into_par_iter().for_each(|ti| {
@@ -1289,53 +1268,50 @@ pub fn attention_prefixed_bwd(
                 for &(i0, i1, mask) in &qblocks {
                     let nq = i1 - i0;
                     bwd_tile(
-                        q,
-                        k,
-                        v,
-                        dout,
-                        lse,
-                        dd,
-                        p,
-                        ds,
+                        &tile_in,
+                        (&mut *p, &mut *ds),
                         (i0, nq, j0, nk),
-                        dims(h, kh),
-                        scale,
+                        (h, kh),
                         mask,
                     );
                     // SAFETY: p, ds are [nq, nk]; q, dout rows i0..i0+nq in bounds;
                     // dkl, dvl are [nk, hd] scratch.
                     unsafe {
                         sgemm(
-                            nk,
-                            nq,
-                            hd,
+                            Gemm {
+                                m: nk,
+                                k: nq,
+                                n: hd,
+                                rsa: 1,
+                                csa: nk,
+                                rsb: qs,
+                                csb: 1,
+                                rsc: hd,
+                                csc: 1,
+                            },
                             1.0,
                             p.as_ptr(),
-                            1,
-                            nk,
                             dout.as_ptr().add(i0 * qs + h * hd),
-                            qs,
-                            1,
                             1.0,
                             dvl.as_mut_ptr(),
-                            hd,
-                            1,
                         );
                         sgemm(
-                            nk,
-                            nq,
-                            hd,
+                            Gemm {
+                                m: nk,
+                                k: nq,
+                                n: hd,
+                                rsa: 1,
+                                csa: nk,
+                                rsb: qs,
+                                csb: 1,
+                                rsc: hd,
+                                csc: 1,
+                            },
                             scale,
                             ds.as_ptr(),
-                            1,
-                            nk,
                             q.as_ptr().add(i0 * qs + h * hd),
-                            qs,
-                            1,
                             1.0,
                             dkl.as_mut_ptr(),
-                            hd,
-                            1,
                         );
                     }
                 }
@@ -1366,36 +1342,31 @@ pub fn attention_prefixed_bwd(
             dql.fill(0.0);
             for (j0, nk, mask) in key_tiles(math::prefix_range(prefix, seg), start, i0 + nq) {
                 bwd_tile(
-                    q,
-                    k,
-                    v,
-                    dout,
-                    lse,
-                    dd,
-                    p,
-                    ds,
+                    &tile_in,
+                    (&mut *p, &mut *ds),
                     (i0, nq, j0, nk),
-                    dims(h, kh),
-                    scale,
+                    (h, kh),
                     mask,
                 );
                 // SAFETY: ds is [nq, nk]; k rows j0..j0+nk in bounds; dql is [nq, hd].
                 unsafe {
                     sgemm(
-                        nq,
-                        nk,
-                        hd,
+                        Gemm {
+                            m: nq,
+                            k: nk,
+                            n: hd,
+                            rsa: nk,
+                            csa: 1,
+                            rsb: ks,
+                            csb: 1,
+                            rsc: hd,
+                            csc: 1,
+                        },
                         scale,
                         ds.as_ptr(),
-                        nk,
-                        1,
                         k.as_ptr().add(j0 * ks + kh * hd),
-                        ks,
-                        1,
                         1.0,
                         dql.as_mut_ptr(),
-                        hd,
-                        1,
                     );
                 }
             }
@@ -1411,20 +1382,20 @@ pub fn attention_prefixed_bwd(
 }
 
 /// Decode attention (see [`math::attention_decode`]), one slot per task.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
-    lens: &[u32],
+    cached: &Cached<'_, [u32]>,
     out: &mut [f32],
-    n_seq: usize,
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
+    heads: Heads,
 ) {
-    let (qs, ks) = (n_heads * hd, n_kv * hd);
+    let Cached {
+        lens,
+        n_seq,
+        max_len,
+    } = *cached;
+    let (qs, ks) = (heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim);
     let slot = max_len * ks;
     out[..n_seq * qs]
         .par_chunks_mut(qs)
@@ -1434,13 +1405,13 @@ pub fn attention_decode(
                 &q[b * qs..(b + 1) * qs],
                 &k_cache[b * slot..(b + 1) * slot],
                 &v_cache[b * slot..(b + 1) * slot],
-                &lens[b..b + 1],
+                &Cached {
+                    lens: &lens[b..b + 1],
+                    n_seq: 1,
+                    max_len,
+                },
                 o,
-                1,
-                max_len,
-                n_heads,
-                n_kv,
-                hd,
+                heads,
             )
         });
 }
@@ -1453,16 +1424,8 @@ const ROWS: usize = 32;
 const ELEMS: usize = 1 << 14;
 
 /// [`math::rmsnorm`] on chunks of rows in parallel (bit-identical to it).
-#[allow(clippy::too_many_arguments)]
-pub fn rmsnorm(
-    x: &[f32],
-    w: &[f32],
-    out: &mut [f32],
-    rstd: &mut [f32],
-    rows: usize,
-    dim: usize,
-    eps: f32,
-) {
+pub fn rmsnorm(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], d: NormDims, eps: f32) {
+    let NormDims { rows, dim } = d;
     out[..rows * dim]
         .par_chunks_mut(ROWS * dim)
         .zip(rstd[..rows].par_chunks_mut(ROWS))
@@ -1482,17 +1445,15 @@ pub fn rmsnorm(
 
 /// [`math::rmsnorm_bwd`] on chunks of rows in parallel; dw sums the per-chunk partials in
 /// chunk order.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(
     dout: &[f32],
     x: &[f32],
     w: &[f32],
     rstd: &[f32],
-    dx: &mut [f32],
-    dw: Option<&mut [f32]>,
-    rows: usize,
-    dim: usize,
+    grads: NormGrads<'_, [f32], [f32]>,
+    d: NormDims,
 ) {
+    let (NormGrads { dx, dw }, NormDims { rows, dim }) = (grads, d);
     let chunks = rows.div_ceil(ROWS);
     let want_dw = dw.is_some();
     let mut parts = take_buf(if want_dw { chunks * dim } else { 0 });
@@ -1531,15 +1492,12 @@ pub fn rmsnorm_bwd(
 }
 
 /// [`math::rope`] on chunks of tokens in parallel (bit-identical to it).
-pub fn rope(
-    x: &mut [f32],
-    pos: &[u32],
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: f32,
-    inverse: bool,
-) {
+pub fn rope(x: &mut [f32], pos: &[u32], d: RopeRows, theta: f32, inverse: bool) {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let ts = n_heads * head_dim;
     x[..n_tok * ts]
         .par_chunks_mut(ROWS * ts)
@@ -1549,9 +1507,7 @@ pub fn rope(
             math::rope(
                 xc,
                 &pos[c * ROWS..c * ROWS + n],
-                n,
-                n_heads,
-                head_dim,
+                RopeRows { n_tok: n, ..d },
                 theta,
                 inverse,
             );

@@ -14,7 +14,8 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 
 use crate::backend::loss::Aggregation;
 use crate::backend::{
-    GrpoLossCfg, KlKind, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims,
+    AttnGrads, AttnSaved, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Qkv, RopeRows, VocabDims,
 };
 
 /// The float operations the CPU math needs (implemented for f32 and f64).
@@ -48,7 +49,6 @@ pub trait Real:
     fn neg_infinity() -> Self;
     /// `C[m,n] = alpha · A[m,k] · B[k,n] + beta · C`, with arbitrary row/column strides
     /// (beta = 0 overwrites C, whatever it held, NaN included).
-    #[allow(clippy::too_many_arguments)]
     fn gemm_raw(g: Gemm, alpha: Self, a: &[Self], b: &[Self], beta: Self, c: &mut [Self]);
 
     fn zero() -> Self {
@@ -270,19 +270,20 @@ pub fn linear<R: Real>(
 }
 
 /// dx (=, or += when `accumulate_dx`) dy·w; dw += dyᵀ·x; dbias += Σ_m dy.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_bwd<R: Real>(
     dy: &[R],
     x: &[R],
     w: &[R],
-    dx: Option<&mut [R]>,
-    accumulate_dx: bool,
-    dw: Option<&mut [R]>,
-    dbias: Option<&mut [R]>,
-    m: usize,
-    n: usize,
-    k: usize,
+    grads: LinearGrads<'_, [R], [R]>,
+    d: GemmDims,
 ) {
+    let LinearGrads {
+        dx,
+        accumulate_dx,
+        dw,
+        dbias,
+    } = grads;
+    let GemmDims { m, n, k } = d;
     if let Some(dx) = dx {
         let beta = if accumulate_dx { R::one() } else { R::zero() };
         matmul_nn(dy, w, dx, m, n, k, beta);
@@ -389,16 +390,12 @@ pub fn rope_inv_freq<R: Real>(head_dim: usize, theta: R) -> Vec<R> {
 
 /// Rotary embedding in place (half-split layout); `inverse` rotates by −angle, which is both
 /// the inverse and the transpose of the forward rotation (so it is the backward).
-#[allow(clippy::too_many_arguments)]
-pub fn rope<R: Real>(
-    x: &mut [R],
-    pos: &[u32],
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    theta: R,
-    inverse: bool,
-) {
+pub fn rope<R: Real>(x: &mut [R], pos: &[u32], d: RopeRows, theta: R, inverse: bool) {
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let half = head_dim / 2;
     let inv_freq = rope_inv_freq(head_dim, theta);
     let mut cs = vec![(R::zero(), R::zero()); half];
@@ -423,20 +420,16 @@ pub fn rope<R: Real>(
 
 // ------------------------------------------------------------------------------------ attention
 
-/// Causal GQA attention over packed sequences; lse saved per [head, token].
-#[allow(clippy::too_many_arguments)]
+/// Causal GQA attention over the packed sequences of offsets `cu`; lse saved per
+/// [head, token].
 pub fn attention<R: Real>(
-    q: &[R],
-    k: &[R],
-    v: &[R],
+    qkv: Qkv<'_, [R]>,
     out: &mut [R],
     lse: &mut [R],
     cu: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) {
-    attention_prefixed(q, k, v, out, lse, cu, &[], n_heads, n_kv, head_dim)
+    attention_prefixed(qkv, out, lse, cu, &[], heads)
 }
 
 /// Key rows a query of segment `s` attends to fully before its own causal keys: rows
@@ -453,19 +446,20 @@ pub fn prefix_range(prefix: &[u32], s: usize) -> std::ops::Range<usize> {
 /// `cu[s]..cu[s+1]`) attends to every key of `prefix_range(prefix, s)` and causally to the keys
 /// `cu[s]..=i` of its own segment (the shared-prompt layout of Prefix Grouper,
 /// arXiv 2506.05433: a prompt segment, then its responses, each with the prompt as prefix).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_prefixed<R: Real>(
-    q: &[R],
-    k: &[R],
-    v: &[R],
+    qkv: Qkv<'_, [R]>,
     out: &mut [R],
     lse: &mut [R],
     cu: &[u32],
     prefix: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) {
+    let Qkv { q, k, v } = qkv;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
@@ -519,59 +513,33 @@ fn dot<R: Real>(a: &[R], b: &[R]) -> R {
 
 /// Backward of [`attention`] (flash-attention style): P recomputed from lse,
 /// D_i = dO_i·O_i, dS = P∘(dO·Vᵀ − D); dq, dk, dv overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<R: Real>(
-    dout: &[R],
-    q: &[R],
-    k: &[R],
-    v: &[R],
-    out: &[R],
-    lse: &[R],
-    dq: &mut [R],
-    dk: &mut [R],
-    dv: &mut [R],
+    qkv: Qkv<'_, [R]>,
+    saved: AttnSaved<'_, [R], [R]>,
+    grads: AttnGrads<'_, [R]>,
     cu: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) {
-    attention_prefixed_bwd(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-        cu,
-        &[],
-        n_heads,
-        n_kv,
-        head_dim,
-    )
+    attention_prefixed_bwd(qkv, saved, grads, cu, &[], heads)
 }
 
 /// Backward of [`attention_prefixed`]: a prefix key's dK/dV collect the contributions of every
 /// segment that reads it (and of its own segment's causal queries); dq, dk, dv overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_prefixed_bwd<R: Real>(
-    dout: &[R],
-    q: &[R],
-    k: &[R],
-    v: &[R],
-    out: &[R],
-    lse: &[R],
-    dq: &mut [R],
-    dk: &mut [R],
-    dv: &mut [R],
+    qkv: Qkv<'_, [R]>,
+    saved: AttnSaved<'_, [R], [R]>,
+    grads: AttnGrads<'_, [R]>,
     cu: &[u32],
     prefix: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) {
+    let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
+    let AttnGrads { dq, dk, dv } = grads;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    } = heads;
     let n_tok = *cu.last().unwrap_or(&0) as usize;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
@@ -636,20 +604,25 @@ pub fn kv_store<R: Real>(
     }
 }
 
-/// One query per slot b against cache rows `b*max_len .. b*max_len + lens[b]`.
-#[allow(clippy::too_many_arguments)]
+/// One query per slot b < n_seq against cache rows `b*max_len .. b*max_len + lens[b]`.
 pub fn attention_decode<R: Real>(
     q: &[R],
     k_cache: &[R],
     v_cache: &[R],
-    lens: &[u32],
+    cached: &Cached<'_, [u32]>,
     out: &mut [R],
-    n_seq: usize,
-    max_len: usize,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
+    heads: Heads,
 ) {
+    let Cached {
+        lens,
+        n_seq,
+        max_len,
+    } = *cached;
+    let Heads {
+        n_heads,
+        n_kv,
+        head_dim,
+    } = heads;
     let group = n_heads / n_kv;
     let scale = R::one() / R::from_usize(head_dim).sqrt();
     let (qs, ks) = (n_heads * head_dim, n_kv * head_dim);
@@ -904,19 +877,21 @@ pub fn kl_term<R: Real>(kind: KlKind, logp: R, ref_logp: R) -> (R, R) {
 ///
 /// Stats: `pg_loss` is the same aggregation of pg alone (not divided); `kl`, `clip_frac` and
 /// `ratio_mean` are masked token means; `n_tokens` = Σ m_t.
-#[allow(clippy::too_many_arguments)]
 pub fn grpo_loss<R: Real>(
-    logp: &[R],
-    old_logp: &[R],
-    ref_logp: &[R],
-    adv: &[R],
-    mask: &[R],
-    seq_id: &[u32],
+    tokens: &GrpoTokens<'_, [R], [u32]>,
     dlogp: &mut [R],
-    n_tok: usize,
-    n_seq: usize,
     cfg: &GrpoLossCfg,
 ) -> GrpoStats<R> {
+    let GrpoTokens {
+        logp,
+        old_logp,
+        ref_logp,
+        adv,
+        mask,
+        seq_id,
+        n_tok,
+        n_seq,
+    } = *tokens;
     let lo = R::one() - R::from_f64(cfg.clip_low as f64);
     let hi = R::one() + R::from_f64(cfg.clip_high as f64);
     let kl_coef = R::from_f64(cfg.kl_coef as f64);

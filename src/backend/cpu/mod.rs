@@ -19,9 +19,10 @@ pub use fast::{default_num_threads, num_threads, set_num_threads};
 use crate::backend::check;
 use crate::backend::host_adamw;
 use crate::backend::{
-    AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
-    GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
-    NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
+    AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
+    GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
+    NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
+    VocabDims,
 };
 use crate::Result;
 
@@ -132,21 +133,13 @@ impl Backend for Cpu {
             dbias,
         } = grads;
         check::linear_bwd(dy, x, w, dx.as_deref(), dw.as_deref(), dbias.as_deref(), d)?;
-        let GemmDims { m, n, k } = d;
-        fast::run(|| {
-            fast::linear_bwd(
-                dy,
-                x,
-                w,
-                dx.map(|d| d.as_mut_slice()),
-                accumulate_dx,
-                dw.map(|d| d.as_mut_slice()),
-                dbias.map(|d| d.as_mut_slice()),
-                m,
-                n,
-                k,
-            )
-        });
+        let grads = LinearGrads {
+            dx: dx.map(|d| d.as_mut_slice()),
+            accumulate_dx,
+            dw: dw.map(|d| d.as_mut_slice()),
+            dbias: dbias.map(|d| d.as_mut_slice()),
+        };
+        fast::run(|| fast::linear_bwd(dy, x, w, grads, d));
         Ok(())
     }
 
@@ -203,8 +196,7 @@ impl Backend for Cpu {
         eps: f32,
     ) -> Result<()> {
         check::rmsnorm(x, w, out, rstd, d)?;
-        let NormDims { rows, dim } = d;
-        fast::run(|| fast::rmsnorm(x, w, out, rstd, rows, dim, eps));
+        fast::run(|| fast::rmsnorm(x, w, out, rstd, d, eps));
         Ok(())
     }
 
@@ -218,19 +210,11 @@ impl Backend for Cpu {
         d: NormDims,
     ) -> Result<()> {
         check::rmsnorm_bwd(dout, x, w, rstd, &grads, d)?;
-        let (NormGrads { dx, dw }, NormDims { rows, dim }) = (grads, d);
-        fast::run(|| {
-            fast::rmsnorm_bwd(
-                dout,
-                x,
-                w,
-                rstd,
-                dx,
-                dw.map(|d| d.as_mut_slice()),
-                rows,
-                dim,
-            )
-        });
+        let grads = NormGrads {
+            dx: grads.dx.as_mut_slice(),
+            dw: grads.dw.map(|d| d.as_mut_slice()),
+        };
+        fast::run(|| fast::rmsnorm_bwd(dout, x, w, rstd, grads, d));
         Ok(())
     }
 
@@ -243,8 +227,13 @@ impl Backend for Cpu {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        check::rope("rope", x, pos, n_tok, n_heads, head_dim, theta)?;
-        fast::run(|| fast::rope(x, pos, n_tok, n_heads, head_dim, theta, false));
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        check::rope("rope", x, pos, d, theta)?;
+        fast::run(|| fast::rope(x, pos, d, theta, false));
         Ok(())
     }
 
@@ -257,8 +246,13 @@ impl Backend for Cpu {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        check::rope("rope_bwd", dx, pos, n_tok, n_heads, head_dim, theta)?;
-        fast::run(|| fast::rope(dx, pos, n_tok, n_heads, head_dim, theta, true));
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        check::rope("rope_bwd", dx, pos, d, theta)?;
+        fast::run(|| fast::rope(dx, pos, d, theta, true));
         Ok(())
     }
 
@@ -271,15 +265,9 @@ impl Backend for Cpu {
         heads: Heads,
     ) -> Result<()> {
         check::attention(qkv, out, lse, seqs, heads)?;
-        let Qkv { q, k, v } = qkv;
         check::same_offsets("attention", seqs.cu_seqlens, seqs.cu_host)?;
-        let Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        } = heads;
-        let cu = seqs.cu_host;
-        fast::run(|| fast::attention(q, k, v, out, lse, cu, n_heads, n_kv, head_dim));
+        let qkv = slices(qkv);
+        fast::run(|| fast::attention(qkv, out, lse, seqs.cu_host, heads));
         Ok(())
     }
 
@@ -292,20 +280,9 @@ impl Backend for Cpu {
         heads: Heads,
     ) -> Result<()> {
         check::attention_bwd(qkv, saved, &grads, seqs, heads)?;
-        let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
-        let AttnGrads { dq, dk, dv } = grads;
         check::same_offsets("attention_bwd", seqs.cu_seqlens, seqs.cu_host)?;
-        let Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        } = heads;
-        let cu = seqs.cu_host;
-        fast::run(|| {
-            fast::attention_bwd(
-                dout, q, k, v, out, lse, dq, dk, dv, cu, n_heads, n_kv, head_dim,
-            )
-        });
+        let (qkv, saved, grads) = (slices(qkv), saved_slices(saved), grad_slices(grads));
+        fast::run(|| fast::attention_bwd(qkv, saved, grads, seqs.cu_host, heads));
         Ok(())
     }
 
@@ -320,16 +297,10 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "attention_prefixed";
         check::attention_prefixed(op, qkv, (out, lse), None, seqs, prefix, heads)?;
-        let Qkv { q, k, v } = qkv;
         check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
         check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
-        let Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        } = heads;
-        let (cu, pre) = (seqs.cu_host, prefix.prefix_host);
-        fast::run(|| fast::attention_prefixed(q, k, v, out, lse, cu, pre, n_heads, n_kv, head_dim));
+        let (qkv, cu, pre) = (slices(qkv), seqs.cu_host, prefix.prefix_host);
+        fast::run(|| fast::attention_prefixed(qkv, out, lse, cu, pre, heads));
         Ok(())
     }
 
@@ -343,23 +314,14 @@ impl Backend for Cpu {
         heads: Heads,
     ) -> Result<()> {
         let op = "attention_prefixed_bwd";
-        let (Qkv { q, k, v }, AttnSaved { dout, out, lse }) = (qkv, saved);
-        let AttnGrads { dq, dk, dv } = grads;
-        let bufs: check::BwdGrads<'_> = (dout, &*dq, &*dk, &*dv);
+        let AttnSaved { dout, out, lse } = saved;
+        let bufs: check::BwdGrads<'_> = (dout, &*grads.dq, &*grads.dk, &*grads.dv);
         check::attention_prefixed(op, qkv, (out, lse), Some(bufs), seqs, prefix, heads)?;
         check::same_offsets(op, seqs.cu_seqlens, seqs.cu_host)?;
         check::same_prefix(op, prefix.prefix, prefix.prefix_host)?;
-        let Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        } = heads;
+        let (qkv, saved, grads) = (slices(qkv), saved_slices(saved), grad_slices(grads));
         let (cu, pre) = (seqs.cu_host, prefix.prefix_host);
-        fast::run(|| {
-            fast::attention_prefixed_bwd(
-                dout, q, k, v, out, lse, dq, dk, dv, cu, pre, n_heads, n_kv, head_dim,
-            )
-        });
+        fast::run(|| fast::attention_prefixed_bwd(qkv, saved, grads, cu, pre, heads));
         Ok(())
     }
 
@@ -395,16 +357,12 @@ impl Backend for Cpu {
             max_len,
         } = *cached;
         check::decode_lens(lens, n_seq, max_len)?;
-        let Heads {
-            n_heads,
-            n_kv,
-            head_dim,
-        } = heads;
-        fast::run(|| {
-            fast::attention_decode(
-                q, k_cache, v_cache, lens, out, n_seq, max_len, n_heads, n_kv, head_dim,
-            )
-        });
+        let cached = Cached {
+            lens: lens.as_slice(),
+            n_seq,
+            max_len,
+        };
+        fast::run(|| fast::attention_decode(q, k_cache, v_cache, &cached, out, heads));
         Ok(())
     }
 
@@ -436,23 +394,20 @@ impl Backend for Cpu {
         inv_t: f32,
     ) -> Result<()> {
         check::logprobs(head, &out, d, inv_t)?;
-        let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
-        let LogprobsOut { logp, lse, entropy } = out;
-        check::ids_below("logprobs", "targets", targets, n_tok, vocab, "vocab")?;
-        fast::run(|| {
-            fast::logprobs(
-                h,
-                w,
-                targets,
-                logp,
-                lse,
-                entropy.map(|e| e.as_mut_slice()),
-                n_tok,
-                dim,
-                vocab,
-                inv_t,
-            )
-        });
+        check::ids_below(
+            "logprobs",
+            "targets",
+            head.targets,
+            d.n_tok,
+            d.vocab,
+            "vocab",
+        )?;
+        let out = LogprobsOut {
+            logp: out.logp.as_mut_slice(),
+            lse: out.lse.as_mut_slice(),
+            entropy: out.entropy.map(|e| e.as_mut_slice()),
+        };
+        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t));
         Ok(())
     }
 
@@ -466,24 +421,19 @@ impl Backend for Cpu {
         inv_t: f32,
     ) -> Result<()> {
         check::logprobs_bwd(dlogp, head, lse, &grads, d, inv_t)?;
-        let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
-        let LogprobsGrads { dh, dw } = grads;
-        check::ids_below("logprobs_bwd", "targets", targets, n_tok, vocab, "vocab")?;
-        fast::run(|| {
-            fast::logprobs_bwd(
-                dlogp,
-                h,
-                w,
-                targets,
-                lse,
-                dh,
-                dw.map(|d| d.as_mut_slice()),
-                n_tok,
-                dim,
-                vocab,
-                inv_t,
-            )
-        });
+        check::ids_below(
+            "logprobs_bwd",
+            "targets",
+            head.targets,
+            d.n_tok,
+            d.vocab,
+            "vocab",
+        )?;
+        let grads = LogprobsGrads {
+            dh: grads.dh.as_mut_slice(),
+            dw: grads.dw.map(|d| d.as_mut_slice()),
+        };
+        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), lse, grads, d, inv_t));
         Ok(())
     }
 
@@ -519,21 +469,20 @@ impl Backend for Cpu {
         cfg: &GrpoLossCfg,
     ) -> Result<GrpoLossOut> {
         check::grpo_loss(tokens, dlogp, cfg)?;
-        let GrpoTokens {
-            logp,
-            old_logp,
-            ref_logp,
-            adv,
-            mask,
-            seq_id,
+        let GrpoTokens { seq_id, n_tok, .. } = *tokens;
+        check::ids_below("grpo_loss", "seq_id", seq_id, n_tok, tokens.n_seq, "n_seq")?;
+        check::mask_weights(&tokens.mask[..n_tok])?;
+        let tokens = GrpoTokens {
+            logp: tokens.logp.as_slice(),
+            old_logp: tokens.old_logp.as_slice(),
+            ref_logp: tokens.ref_logp.as_slice(),
+            adv: tokens.adv.as_slice(),
+            mask: tokens.mask.as_slice(),
+            seq_id: seq_id.as_slice(),
             n_tok,
-            n_seq,
-        } = *tokens;
-        check::ids_below("grpo_loss", "seq_id", seq_id, n_tok, n_seq, "n_seq")?;
-        check::mask_weights(&mask[..n_tok])?;
-        let s = math::grpo_loss(
-            logp, old_logp, ref_logp, adv, mask, seq_id, dlogp, n_tok, n_seq, cfg,
-        );
+            n_seq: tokens.n_seq,
+        };
+        let s = math::grpo_loss(&tokens, dlogp, cfg);
         Ok(GrpoLossOut {
             loss: s.loss,
             pg_loss: s.pg_loss,
@@ -546,15 +495,18 @@ impl Backend for Cpu {
 
     fn adamw(
         &self,
-        param: &mut Vec<f32>,
-        master: Option<&mut Vec<f32>>,
+        state: AdamWState<'_, Vec<f32>, Vec<f32>>,
         grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()> {
-        check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
+        check::adamw(&state, grad, n, hp.step)?;
+        let AdamWState {
+            param,
+            master,
+            m,
+            v,
+        } = state;
         // The host AdamW shared with the host-offloaded optimizer (the CUDA kernel's math).
         match master {
             None => host_adamw::adamw(param, grad, m, v, n, hp),
@@ -569,5 +521,38 @@ impl Backend for Cpu {
 
     fn needs_master(&self) -> bool {
         false
+    }
+}
+
+/// The backend's buffers as the slices [`fast`] and [`math`] take.
+fn slices<'a>(qkv: Qkv<'a, Vec<f32>>) -> Qkv<'a, [f32]> {
+    Qkv {
+        q: qkv.q,
+        k: qkv.k,
+        v: qkv.v,
+    }
+}
+
+fn saved_slices<'a>(s: AttnSaved<'a, Vec<f32>, Vec<f32>>) -> AttnSaved<'a, [f32], [f32]> {
+    AttnSaved {
+        dout: s.dout,
+        out: s.out,
+        lse: s.lse,
+    }
+}
+
+fn grad_slices<'a>(g: AttnGrads<'a, Vec<f32>>) -> AttnGrads<'a, [f32]> {
+    AttnGrads {
+        dq: g.dq,
+        dk: g.dk,
+        dv: g.dv,
+    }
+}
+
+fn head_slices<'a>(h: LmHead<'a, Vec<f32>, Vec<u32>>) -> LmHead<'a, [f32], [u32]> {
+    LmHead {
+        h: h.h,
+        w: h.w,
+        targets: h.targets,
     }
 }

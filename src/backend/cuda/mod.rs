@@ -25,9 +25,10 @@ pub use runtime::{
 use runtime::Gpu;
 
 use super::{
-    AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg, GrpoLossOut,
-    GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut, NormDims,
-    NormGrads, Packed, Prefix, Qkv, RowCopy, SampleParams, SampleRows, VocabDims,
+    AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
+    GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
+    NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
+    VocabDims,
 };
 use crate::Result;
 
@@ -256,7 +257,12 @@ impl Backend for Cuda {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        ops::rope::rotate(self, false, x, pos, n_tok, n_heads, head_dim, theta)
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        ops::rope::rotate(self, false, x, pos, d, theta)
     }
     fn rope_bwd(
         &self,
@@ -267,7 +273,12 @@ impl Backend for Cuda {
         head_dim: usize,
         theta: f32,
     ) -> Result<()> {
-        ops::rope::rotate(self, true, dx, pos, n_tok, n_heads, head_dim, theta)
+        let d = RopeRows {
+            n_tok,
+            n_heads,
+            head_dim,
+        };
+        ops::rope::rotate(self, true, dx, pos, d, theta)
     }
 
     fn attention(
@@ -393,15 +404,12 @@ impl Backend for Cuda {
     }
     fn adamw(
         &self,
-        param: &mut Self::T,
-        master: Option<&mut Self::F>,
+        state: AdamWState<'_, Self::T, Self::F>,
         grad: &Self::F,
-        m: &mut Self::F,
-        v: &mut Self::F,
         n: usize,
         hp: &AdamWStep,
     ) -> Result<()> {
-        ops::adamw::adamw(self, param, master, grad, m, v, n, hp)
+        ops::adamw::adamw(self, state, grad, n, hp)
     }
     fn needs_master(&self) -> bool {
         true

@@ -398,6 +398,24 @@ impl Drop for Timer {
     }
 }
 
+/// The shape of a [`Gpu::gemm`] in cuBLAS's column-major terms: op(A)[m,k] · op(B)[k,n], A
+/// transposed when `ta`, B when `tb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlasGemm {
+    pub ta: bool,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// A [`Gpu::gemm`] operand: device address and leading dimension (column-major).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Operand {
+    pub ptr: u64,
+    pub ld: usize,
+}
+
 /// Context, stream, modules, cuBLAS handle and allocator of one device.
 pub struct Gpu {
     pub(crate) ctx: sys::CUcontext,
@@ -771,23 +789,18 @@ impl Gpu {
 
     /// cublasGemmEx in column-major terms: C[m,n] = alpha op(A)[m,k] op(B)[k,n] + beta C, with A and
     /// B bf16, C bf16 (`c_f32` false) or f32, f32 compute.
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         &self,
-        ta: bool,
-        tb: bool,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
+        g: BlasGemm,
+        a: Operand,
+        b: Operand,
         beta: f32,
-        c: u64,
-        ldc: usize,
+        c: Operand,
         c_f32: bool,
     ) -> Result<()> {
+        let BlasGemm { ta, tb, m, n, k } = g;
+        let (Operand { ptr: a, ld: lda }, Operand { ptr: b, ld: ldb }) = (a, b);
+        let Operand { ptr: c, ld: ldc } = c;
         if m == 0 || n == 0 {
             return Ok(());
         }

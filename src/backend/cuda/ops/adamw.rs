@@ -6,22 +6,24 @@ use super::super::runtime::{Bf16, CudaBuf, Out};
 use super::super::Cuda;
 use super::{blocks, ew};
 use crate::backend::host_adamw::HostStep;
-use crate::backend::{check, AdamWStep};
+use crate::backend::{check, AdamWState, AdamWStep};
 use crate::Result;
 
 /// One AdamW step on n elements, through the f32 master copy when given.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn adamw(
     c: &Cuda,
-    param: &mut CudaBuf<Bf16>,
-    master: Option<&mut CudaBuf<f32>>,
+    state: AdamWState<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
     grad: &CudaBuf<f32>,
-    m: &mut CudaBuf<f32>,
-    v: &mut CudaBuf<f32>,
     n: usize,
     hp: &AdamWStep,
 ) -> Result<()> {
-    check::adamw(param, master.as_deref(), grad, m, v, n, hp.step)?;
+    check::adamw(&state, grad, n, hp.step)?;
+    let AdamWState {
+        param,
+        master,
+        m,
+        v,
+    } = state;
     let master: Out<'_, f32> = master.into();
     // The same f32 constants as the host update (bias corrections rounded once from f64).
     let h = HostStep::new(hp);

@@ -1,30 +1,34 @@
 //! The linear layer and the full logits: cuBLAS GEMMs (bf16 inputs, f32 compute), with the
 //! bias broadcast and bias-gradient column sums of kernels/util.cu.
 
-use super::super::runtime::{Bf16, CudaBuf};
+use super::super::runtime::{Bf16, BlasGemm, CudaBuf, Operand};
 use super::super::Cuda;
 use super::{i32_of, util};
 use crate::backend::{check, GemmDims, LinearGrads, VocabDims};
 use crate::Result;
 
-/// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `ldy` the row stride of y
+/// Row-major y[m, n] (= or += by `beta`) x[m, k] · w[n, k]ᵀ, with `y.ld` the row stride of y
 /// and y f32 (`y_f32`) or bf16; x and w are device addresses of bf16 data.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_xwt(
     c: &Cuda,
     x: u64,
     w: u64,
-    y: u64,
-    m: usize,
-    n: usize,
-    k: usize,
+    y: Operand,
+    d: GemmDims,
     beta: f32,
     y_f32: bool,
-    ldy: usize,
 ) -> Result<()> {
+    let GemmDims { m, n, k } = d;
     // Row-major y[m,n] = x[m,k] w[n,k]^T  <=>  column-major y^T[n,m] = w^T x^T.
-    c.gpu
-        .gemm(true, false, n, m, k, w, k, x, k, beta, y, ldy, y_f32)
+    let g = BlasGemm {
+        ta: true,
+        tb: false,
+        m: n,
+        n: m,
+        k,
+    };
+    let (w, x) = (Operand { ptr: w, ld: k }, Operand { ptr: x, ld: k });
+    c.gpu.gemm(g, w, x, beta, y, y_f32)
 }
 
 /// y[m,n] = x[m,k] · w[n,k]ᵀ (+ bias[n])
@@ -50,7 +54,18 @@ pub(crate) fn forward(
     } else {
         0.0
     };
-    gemm_xwt(c, x.ptr(), w.ptr(), y.ptr(), m, n, k, beta, false, n)
+    gemm_xwt(
+        c,
+        x.ptr(),
+        w.ptr(),
+        Operand {
+            ptr: y.ptr(),
+            ld: n,
+        },
+        GemmDims { m, n, k },
+        beta,
+        false,
+    )
 }
 
 /// dx (= or +=) dy · w; dw += dyᵀ · x (f32); dbias += column sums of dy.
@@ -74,36 +89,52 @@ pub(crate) fn backward(
         // column-major dx^T[k,m] = w^T[k,n] dy^T[n,m]
         let beta = if accumulate_dx { 1.0 } else { 0.0 };
         c.gpu.gemm(
-            false,
-            false,
-            k,
-            m,
-            n,
-            w.ptr(),
-            k,
-            dy.ptr(),
-            n,
+            BlasGemm {
+                ta: false,
+                tb: false,
+                m: k,
+                n: m,
+                k: n,
+            },
+            Operand {
+                ptr: w.ptr(),
+                ld: k,
+            },
+            Operand {
+                ptr: dy.ptr(),
+                ld: n,
+            },
             beta,
-            dx.ptr(),
-            k,
+            Operand {
+                ptr: dx.ptr(),
+                ld: k,
+            },
             false,
         )?;
     }
     if let Some(dw) = dw {
         // column-major dw^T[k,n] += x^T[k,m] dy[m,n]
         c.gpu.gemm(
-            false,
-            true,
-            k,
-            n,
-            m,
-            x.ptr(),
-            k,
-            dy.ptr(),
-            n,
+            BlasGemm {
+                ta: false,
+                tb: true,
+                m: k,
+                n,
+                k: m,
+            },
+            Operand {
+                ptr: x.ptr(),
+                ld: k,
+            },
+            Operand {
+                ptr: dy.ptr(),
+                ld: n,
+            },
             1.0,
-            dw.ptr(),
-            k,
+            Operand {
+                ptr: dw.ptr(),
+                ld: k,
+            },
             true,
         )?;
     }
@@ -128,12 +159,16 @@ pub(crate) fn logits(
         c,
         h.ptr(),
         w.ptr(),
-        out.ptr(),
-        rows,
-        vocab,
-        d.dim,
+        Operand {
+            ptr: out.ptr(),
+            ld: vocab,
+        },
+        GemmDims {
+            m: rows,
+            n: vocab,
+            k: d.dim,
+        },
         0.0,
         true,
-        vocab,
     )
 }

@@ -3,11 +3,11 @@
 //! 256 threads per tile row folds it into running statistics), then a finalize pass per token.
 
 use super::super::runtime::gen::launch::logprobs as k;
-use super::super::runtime::{Bf16, CudaBuf, Out};
+use super::super::runtime::{Bf16, BlasGemm, CudaBuf, Operand, Out};
 use super::super::Cuda;
 use super::linear::gemm_xwt;
 use super::{blocks, ew, i32_of, util};
-use crate::backend::{check, LmHead, LogprobsGrads, LogprobsOut, VocabDims};
+use crate::backend::{check, GemmDims, LmHead, LogprobsGrads, LogprobsOut, VocabDims};
 use crate::Result;
 
 /// What the kernels support beyond the shared contract: token and vocabulary positions that
@@ -49,13 +49,17 @@ pub(crate) fn forward(
                 c,
                 h.at(t0 * dim),
                 w.at(v0 * dim),
-                tile.ptr(),
-                rows,
-                cols,
-                dim,
+                Operand {
+                    ptr: tile.ptr(),
+                    ld: cols,
+                },
+                GemmDims {
+                    m: rows,
+                    n: cols,
+                    k: dim,
+                },
                 0.0,
                 true,
-                cols,
             )?;
             k::lp_chunk_fwd(
                 &c.gpu,
@@ -129,13 +133,17 @@ pub(crate) fn backward(
                 c,
                 h.at(t0 * dim),
                 w.at(v0 * dim),
-                tile.ptr(),
-                rows,
-                cols,
-                dim,
+                Operand {
+                    ptr: tile.ptr(),
+                    ld: cols,
+                },
+                GemmDims {
+                    m: rows,
+                    n: cols,
+                    k: dim,
+                },
                 0.0,
                 true,
-                cols,
             )?;
             k::lp_chunk_bwd(
                 &c.gpu,
@@ -156,35 +164,51 @@ pub(crate) fn backward(
             // dh32[rows, dim] (+)= dl[rows, cols] w[v0.., dim]: column-major dh^T = w^T dl^T
             let beta = if v0 == 0 { 0.0 } else { 1.0 };
             c.gpu.gemm(
-                false,
-                false,
-                dim,
-                rows,
-                cols,
-                w.at(v0 * dim),
-                dim,
-                dl.ptr(),
-                cols,
+                BlasGemm {
+                    ta: false,
+                    tb: false,
+                    m: dim,
+                    n: rows,
+                    k: cols,
+                },
+                Operand {
+                    ptr: w.at(v0 * dim),
+                    ld: dim,
+                },
+                Operand {
+                    ptr: dl.ptr(),
+                    ld: cols,
+                },
                 beta,
-                dh32.ptr(),
-                dim,
+                Operand {
+                    ptr: dh32.ptr(),
+                    ld: dim,
+                },
                 true,
             )?;
             if let Some(dwp) = dw_ptr {
                 // dw[v0.., dim] += dl^T h: column-major dw^T[dim, cols] += h^T[dim, rows] dl[rows, cols]
                 c.gpu.gemm(
-                    false,
-                    true,
-                    dim,
-                    cols,
-                    rows,
-                    h.at(t0 * dim),
-                    dim,
-                    dl.ptr(),
-                    cols,
+                    BlasGemm {
+                        ta: false,
+                        tb: true,
+                        m: dim,
+                        n: cols,
+                        k: rows,
+                    },
+                    Operand {
+                        ptr: h.at(t0 * dim),
+                        ld: dim,
+                    },
+                    Operand {
+                        ptr: dl.ptr(),
+                        ld: cols,
+                    },
                     1.0,
-                    dwp + (v0 * dim * 4) as u64,
-                    dim,
+                    Operand {
+                        ptr: dwp + (v0 * dim * 4) as u64,
+                        ld: dim,
+                    },
                     true,
                 )?;
             }

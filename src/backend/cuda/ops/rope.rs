@@ -5,23 +5,25 @@ use super::super::runtime::gen::launch::rope as k;
 use super::super::runtime::{Bf16, CudaBuf};
 use super::super::Cuda;
 use super::{blocks, i32_of};
-use crate::backend::check;
+use crate::backend::{check, RopeRows};
 use crate::{Error, Result};
 
 /// The forward rotation, or (`backward`) the inverse rotation of a gradient, in place.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn rotate(
     c: &Cuda,
     backward: bool,
     x: &mut CudaBuf<Bf16>,
     pos: &CudaBuf<u32>,
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
+    d: RopeRows,
     theta: f32,
 ) -> Result<()> {
     let op = if backward { "rope_bwd" } else { "rope" };
-    check::rope(op, x, pos, n_tok, n_heads, head_dim, theta)?;
+    check::rope(op, x, pos, d, theta)?;
+    let RopeRows {
+        n_tok,
+        n_heads,
+        head_dim,
+    } = d;
     let nt = i32_of(op, "n_tok", n_tok)?;
     let (nh, hd) = (
         i32_of(op, "n_heads", n_heads)?,
