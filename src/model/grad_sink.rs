@@ -18,8 +18,33 @@
 //! is a borrow and close does nothing; `train::host_grads::HostGrads` keeps the sums in host
 //! memory; a data-parallel sink can start a group's reduction when it is closed.
 
+use std::ops::Range;
+
 use crate::backend::Backend;
+use crate::model::ParamLayout;
 use crate::{Error, Result};
+
+/// The groups [`crate::model::Model::backward`] closes, in the order it closes them (see the
+/// module docs; tests check the backward against it). A data-parallel sink whose rank has no
+/// micro-batch left replays this order with zero gradients, so that every rank makes the same
+/// collective calls.
+pub fn close_order(layout: &ParamLayout) -> Vec<Range<usize>> {
+    let (norm, embed) = (layout.norm, layout.embed);
+    let mut out = Vec::with_capacity(layout.layers.len() + 2);
+    out.push(if layout.lm_head == embed {
+        norm..norm + 1
+    } else {
+        norm..norm + 2
+    });
+    for lp in layout.layers.iter().rev() {
+        out.push(lp.input_norm..lp.input_norm + LAYER_GROUP);
+    }
+    out.push(embed..embed + 1);
+    out
+}
+
+/// Tensors of one decoder layer's group.
+const LAYER_GROUP: usize = 12;
 
 /// A destination for the parameter gradients of one backward pass (see the module docs for
 /// the order of the groups).

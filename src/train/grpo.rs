@@ -182,6 +182,18 @@ fn check_seqs(seqs: &[TrainSeq]) -> Result<()> {
     Ok(())
 }
 
+/// The micro-batches (ranges of `seqs`) of the update passes in `layout` within `budget` rows:
+/// whole groups in [`Layout::Shared`].
+pub fn pass_batches(seqs: &[TrainSeq], layout: Layout, budget: usize) -> Vec<Range<usize>> {
+    match layout {
+        Layout::PerSequence => {
+            let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
+            micro_batches(&lens, budget)
+        }
+        Layout::Shared => group_micro_batches(seqs, budget),
+    }
+}
+
 /// Micro-batches of whole groups (ranges of sequences) whose shared-layout rows fit `budget`
 /// (a group longer than the budget gets a micro-batch of its own).
 fn group_micro_batches(seqs: &[TrainSeq], budget: usize) -> Vec<Range<usize>> {
@@ -525,13 +537,9 @@ fn accumulate_impl<B: Backend, G: GradSink<B> + ?Sized>(
     } = batch;
     let (loss_cfg, entropy_coef, budget) = (&cfg.loss, cfg.entropy_coef, cfg.budget);
     let (recompute, inv_t, layout) = (cfg.recompute, cfg.inv_t, cfg.layout);
-    let lens: Vec<usize> = seqs.iter().map(|s| s.n_pos()).collect();
     let (total_resp, total_seqs) = (whole.response_tokens, whole.seqs);
     let mut sums = UpdateSums::default();
-    let ranges = match layout {
-        Layout::PerSequence => micro_batches(&lens, budget),
-        Layout::Shared => group_micro_batches(seqs, budget),
-    };
+    let ranges = pass_batches(seqs, layout, budget);
     for r in ranges {
         let mb = MicroBatch::with_layout(&seqs[r.clone()], layout)?;
         // logprob entries of this micro-batch

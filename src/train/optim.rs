@@ -146,16 +146,17 @@ impl<B: Backend> AdamW<B> {
         })
     }
 
-    /// Zeroed gradients for the model's backward: device buffers padded to whole shards when
-    /// sharded, else [`Grads::new`] (in host memory when `host`).
+    /// Zeroed gradients for the model's backward ([`Grads::new`], in host memory when `host`);
+    /// none for a sharded state, whose backward writes into [`ShardedAdamW::sink`].
     pub fn alloc_grads(&self, b: &B, model: &Model<B>, host: bool) -> Result<Grads<B>> {
         match &self.shards {
-            Some(z) => {
+            Some(_) => {
                 crate::ensure!(
                     !host,
-                    "memory.grads = \"host\" is not available with more than one rank"
+                    "memory.grads = \"host\" is not available with more than one rank (the \
+                     gradients are reduced into shards per layer instead)"
                 );
-                Ok(Grads::Device(z.alloc_grads(b)?))
+                Ok(Grads::Device(Vec::new()))
             }
             None => Grads::new(b, model, host),
         }
@@ -482,27 +483,24 @@ impl<B: Backend> AdamW<B> {
 }
 
 impl<B: Backend> AdamW<B> {
-    /// One update: [`AdamW::step`] without a group; with one, the gradients of every rank are
-    /// summed into the shards (which zeroes `grads`), then the sharded step runs and the new
-    /// weights are gathered into `model` on every rank. Without a group the caller zeroes
-    /// `grads` for the next update.
-    pub fn step_in(
+    /// This rank's shards of a sharded state (their gradient sink for the backward).
+    pub fn shards_mut(&mut self) -> Result<&mut ShardedAdamW<B>> {
+        self.shards.as_mut().ok_or_else(|| {
+            Error::Invalid("AdamW: the optimizer state is not sharded over ranks".into())
+        })
+    }
+
+    /// One update of a sharded state from the gradient shards the ranks' backward passes
+    /// summed (through [`ShardedAdamW::sink`]): global-norm clip, AdamW on the shards, the new
+    /// weights gathered into `model` on every rank.
+    pub fn step_shards(
         &mut self,
         b: &B,
-        comm: Option<&dyn Collective<B>>,
+        comm: &dyn Collective<B>,
         model: &mut Model<B>,
-        grads: &mut Grads<B>,
         total_updates: u64,
     ) -> Result<UpdateStats> {
-        let (Some(z), Some(comm)) = (&mut self.shards, comm) else {
-            return self.step_grads(b, model, grads, total_updates);
-        };
-        let Grads::Device(grads) = grads else {
-            let msg = "memory.grads = \"host\" is not available with more than one rank";
-            comm.abort(msg);
-            return Err(Error::Invalid(msg.into()));
-        };
-        z.reduce_all(b, comm, grads)?;
+        let z = self.shards_mut()?;
         let u = z.step(b, comm, model, total_updates)?;
         self.updates = z.updates;
         Ok(u)

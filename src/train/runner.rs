@@ -33,7 +33,7 @@ use crate::train::config::TrainConfig;
 use crate::train::grpo::{self, MiniBatchSize, PassCfg, Scored, TrainSeq, UpdateSums};
 use crate::train::host_grads::Grads;
 use crate::train::metrics::{self, MetricsWriter, StepMetrics};
-use crate::train::optim::AdamW;
+use crate::train::optim::{AdamW, UpdateStats};
 use crate::train::rollout::{self, Generation, RolloutStats, SamplingParams};
 use crate::{Error, Result};
 use rand::seq::SliceRandom;
@@ -749,7 +749,7 @@ impl<B: Backend> Trainer<B> {
         };
         let ppo_epochs = g.ppo_epochs;
         let total_updates = self.total_steps() * self.updates_per_step();
-        let comm = self.comm.as_deref().map(|c| c as &dyn Collective<B>);
+        let dp = self.comm.is_some();
         let mut out = UpdateOutcome::default();
         for _ in 0..ppo_epochs {
             for r in ranges {
@@ -758,44 +758,32 @@ impl<B: Backend> Trainer<B> {
                     old: &old[r.clone()],
                     reference: &reference[r.clone()],
                 };
-                let mut whole = MiniBatchSize::of(part.seqs);
-                if let Some(c) = comm {
-                    let mut v = [whole.response_tokens as f64, whole.seqs as f64];
-                    c.all_reduce_host(&mut v)?;
-                    whole = MiniBatchSize {
-                        response_tokens: v[0] as usize,
-                        seqs: v[1] as usize,
-                    };
-                    if whole.seqs == 0 {
-                        continue;
+                let whole = MiniBatchSize::of(part.seqs);
+                let (u, s) = match dp {
+                    true => match self.update_part(part, whole, &pass, total_updates)? {
+                        Some(us) => us,
+                        // Empty on every rank.
+                        None => continue,
+                    },
+                    false => {
+                        self.grads.zero(&self.b, &self.policy)?;
+                        let s = grpo::accumulate_part(
+                            &self.b,
+                            &self.policy,
+                            part,
+                            whole,
+                            &pass,
+                            &mut self.grads,
+                        )?;
+                        let u = self.opt.step_grads(
+                            &self.b,
+                            &mut self.policy,
+                            &self.grads,
+                            total_updates,
+                        )?;
+                        (u, s)
                     }
-                } else {
-                    // A group's step zeroes the full gradients itself (reduce-scatter).
-                    self.grads.zero(&self.b, &self.policy)?;
-                }
-                let s = if part.seqs.is_empty() {
-                    UpdateSums::default()
-                } else {
-                    let r = grpo::accumulate_part(
-                        &self.b,
-                        &self.policy,
-                        part,
-                        whole,
-                        &pass,
-                        &mut self.grads,
-                    );
-                    if let (Err(e), Some(c)) = (&r, comm) {
-                        c.abort(&e.to_string());
-                    }
-                    r?
                 };
-                let u = self.opt.step_in(
-                    &self.b,
-                    comm,
-                    &mut self.policy,
-                    &mut self.grads,
-                    total_updates,
-                )?;
                 out.grad_norm = u.grad_norm;
                 out.lr = u.lr;
                 out.updates += 1;
@@ -806,6 +794,53 @@ impl<B: Backend> Trainer<B> {
             }
         }
         Ok(out)
+    }
+
+    /// One update of a data-parallel rank from its `part` of a mini-batch (of local size
+    /// `mine`): the whole mini-batch's size and the most micro-batches of any rank agreed, this
+    /// rank's backward passes (padded to that count) reduced into the gradient shards per
+    /// group, then the sharded AdamW step. None when the mini-batch is empty on every rank.
+    fn update_part(
+        &mut self,
+        part: Scored<'_>,
+        mine: MiniBatchSize,
+        pass: &PassCfg,
+        total_updates: u64,
+    ) -> Result<Option<(UpdateStats, UpdateSums)>> {
+        let c: &dyn Collective<B> = match self.comm.as_deref() {
+            Some(c) => c,
+            None => return Err(Error::Invalid("update_part: no rank group".into())),
+        };
+        let mut v = [
+            mine.response_tokens as f64,
+            mine.seqs as f64,
+            grpo::pass_batches(part.seqs, pass.layout, pass.budget).len() as f64,
+        ];
+        let mut most = [v[2]];
+        c.all_reduce_host(&mut v[..2])?;
+        c.all_max_host(&mut most)?;
+        let whole = MiniBatchSize {
+            response_tokens: v[0] as usize,
+            seqs: v[1] as usize,
+        };
+        if whole.seqs == 0 {
+            return Ok(None);
+        }
+        let mut sink = self.opt.shards_mut()?.sink(c, self.policy.layout.embed);
+        let s = if part.seqs.is_empty() {
+            UpdateSums::default()
+        } else {
+            let r = grpo::accumulate_part(&self.b, &self.policy, part, whole, pass, &mut sink);
+            if let Err(e) = &r {
+                c.abort(&e.to_string());
+            }
+            r?
+        };
+        sink.pad_passes(&self.b, &self.policy.layout, most[0] as usize)?;
+        let u = self
+            .opt
+            .step_shards(&self.b, c, &mut self.policy, total_updates)?;
+        Ok(Some((u, s)))
     }
 
     /// Move the counters past a step of `prompts` prompts: the sampling stream, the data

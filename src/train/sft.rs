@@ -109,6 +109,12 @@ pub fn accumulate_ce<B: Backend, G: GradSink<B> + ?Sized>(
     Ok((loss, total))
 }
 
+/// The micro-batches (ranges of `items`) of the SFT passes within `budget` positions.
+pub fn sft_micro_batches(items: &[SftItem], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
+    micro_batches(&lens, budget)
+}
+
 /// The assistant (target) tokens of `items`.
 pub fn target_tokens(items: &[SftItem]) -> usize {
     items.iter().map(|s| s.tokens.len() - s.prompt_len).sum()
@@ -125,7 +131,6 @@ pub fn accumulate_ce_part<B: Backend, G: GradSink<B> + ?Sized>(
     recompute: bool,
     grads: &mut G,
 ) -> Result<f64> {
-    let lens: Vec<usize> = items.iter().map(|s| s.tokens.len() - 1).collect();
     crate::ensure!(total > 0, "SFT batch has no target tokens");
     crate::ensure!(
         target_tokens(items) <= total,
@@ -133,7 +138,7 @@ pub fn accumulate_ce_part<B: Backend, G: GradSink<B> + ?Sized>(
         target_tokens(items)
     );
     let mut loss = 0.0f64;
-    for r in micro_batches(&lens, budget) {
+    for r in sft_micro_batches(items, budget) {
         let toks: Vec<Vec<u32>> = items[r.clone()].iter().map(|s| s.tokens.clone()).collect();
         // Logprobs at the assistant-token positions only (the lm_head skips the prompt).
         let starts: Vec<usize> = items[r.clone()].iter().map(|s| s.prompt_len).collect();
@@ -269,36 +274,59 @@ impl<B: Backend> SftTrainer<B> {
             self.grads.zero(&self.b, &self.model)?;
         }
         let (target_tokens, tokens) = (sizes[0] as usize, sizes[1] as usize);
-        let mut loss = [0.0f64];
-        if !batch.is_empty() {
-            let r = accumulate_ce_part(
-                &self.b,
-                &self.model,
-                &batch,
-                target_tokens,
-                self.cfg.micro_batch_tokens,
-                self.cfg.recompute,
-                &mut self.grads,
-            );
-            if let (Err(e), Some(c)) = (&r, comm) {
-                c.abort(&e.to_string());
-            }
-            loss[0] = r?;
-        }
-        if let Some(c) = comm {
-            c.all_reduce_host(&mut loss)?;
-        }
+        let (budget, recompute) = (self.cfg.micro_batch_tokens, self.cfg.recompute);
         let total = self.total_steps();
-        let u = self
-            .opt
-            .step_in(&self.b, comm, &mut self.model, &mut self.grads, total)?;
+        let (loss, u) = match comm {
+            None => {
+                let loss = accumulate_ce_part(
+                    &self.b,
+                    &self.model,
+                    &batch,
+                    target_tokens,
+                    budget,
+                    recompute,
+                    &mut self.grads,
+                )?;
+                let u = self
+                    .opt
+                    .step_grads(&self.b, &mut self.model, &self.grads, total)?;
+                (loss, u)
+            }
+            Some(c) => {
+                // Every rank runs as many backward passes as the rank with the most
+                // micro-batches (see train::zero::ShardSink).
+                let mut most = [sft_micro_batches(&batch, budget).len() as f64];
+                c.all_max_host(&mut most)?;
+                let mut sink = self.opt.shards_mut()?.sink(c, self.model.layout.embed);
+                let mut loss = [0.0f64];
+                if !batch.is_empty() {
+                    let r = accumulate_ce_part(
+                        &self.b,
+                        &self.model,
+                        &batch,
+                        target_tokens,
+                        budget,
+                        recompute,
+                        &mut sink,
+                    );
+                    if let Err(e) = &r {
+                        c.abort(&e.to_string());
+                    }
+                    loss[0] = r?;
+                }
+                sink.pad_passes(&self.b, &self.model.layout, most[0] as usize)?;
+                c.all_reduce_host(&mut loss)?;
+                let u = self.opt.step_shards(&self.b, c, &mut self.model, total)?;
+                (loss[0], u)
+            }
+        };
         self.data_pos += self.cfg.batch_size as u64;
         self.step += 1;
         let mut time = [t.elapsed().as_secs_f64()];
         if let Some(c) = comm {
             c.all_max_host(&mut time)?;
         }
-        let (loss, time) = (loss[0], time[0]);
+        let time = time[0];
         Ok(SftMetrics {
             step: self.step,
             lr: u.lr,

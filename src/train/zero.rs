@@ -19,7 +19,7 @@
 
 use crate::backend::Backend;
 use crate::dist::{Collective, ShardPlan};
-use crate::model::Model;
+use crate::model::{GradSink, Model};
 use crate::train::config::OptimConfig;
 use crate::train::optim::{
     check_grad_norm, check_weights, step_hparams, weights_sum_squares, UpdateStats,
@@ -162,6 +162,11 @@ impl<B: Backend> ShardedAdamW<B> {
         Ok(())
     }
 
+    /// The sink a backward writes this rank's gradients into ([`ShardSink`]).
+    pub fn sink<'a>(&'a mut self, comm: &'a dyn Collective<B>, embed: usize) -> ShardSink<'a, B> {
+        ShardSink::new(self, comm, embed)
+    }
+
     /// Global-norm clipping and one AdamW step on the shards, then the new weights gathered into
     /// `model` on every rank. `total_updates` sizes the learning-rate schedule. A non-finite
     /// gradient norm is an error on every rank (the norm is the same everywhere), and the
@@ -228,5 +233,146 @@ impl<B: Backend> ShardedAdamW<B> {
     fn param_sum_squares(&self, b: &B) -> Result<f64> {
         let lens: Vec<usize> = self.plan.tensors.iter().map(|t| t.shard).collect();
         weights_sum_squares(b, self.master.as_deref(), &self.param, &lens)
+    }
+}
+
+/// The gradient sink of a data-parallel rank's backward (ZeRO stage 2): each group the backward
+/// opens gets zeroed full-size buffers (padded to whole shards); when it closes, its tensors
+/// are reduce-scattered and added into this rank's gradient shards and the buffers dropped. A
+/// rank thus holds the full-size gradients of the groups open at once (the head or one decoder
+/// layer, plus a tied embedding), not the whole model's, and a layer's reduction is queued as
+/// soon as its backward is done.
+///
+/// Every rank must close the same groups in the same order, so every rank runs the same
+/// number of backward passes per update: a rank with fewer micro-batches than another calls
+/// [`ShardSink::pad_passes`], which replays the backward's close order
+/// ([`crate::model::grad_sink::close_order`]) with zero gradients.
+pub struct ShardSink<'a, B: Backend> {
+    opt: &'a mut ShardedAdamW<B>,
+    comm: &'a dyn Collective<B>,
+    /// The groups now open: (first tensor, buffers).
+    open: Vec<(usize, Vec<B::F>)>,
+    /// Backward passes completed (closes of the embedding's group, always the last).
+    passes: usize,
+    embed: usize,
+}
+
+impl<'a, B: Backend> ShardSink<'a, B> {
+    /// A sink adding into `opt`'s gradient shards through `comm`; `embed` is the layout's
+    /// embedding index (its group's close ends a backward).
+    pub fn new(opt: &'a mut ShardedAdamW<B>, comm: &'a dyn Collective<B>, embed: usize) -> Self {
+        ShardSink {
+            opt,
+            comm,
+            open: Vec::new(),
+            passes: 0,
+            embed,
+        }
+    }
+
+    /// Backward passes completed into this sink.
+    pub fn passes(&self) -> usize {
+        self.passes
+    }
+
+    /// Replays the backward's group closes with zero gradients until `passes` passes are done
+    /// (see the type's docs).
+    pub fn pad_passes(
+        &mut self,
+        b: &B,
+        layout: &crate::model::ParamLayout,
+        passes: usize,
+    ) -> Result<()> {
+        if self.passes >= passes {
+            return Ok(());
+        }
+        let world = self.opt.plan.world;
+        let widest = self
+            .opt
+            .plan
+            .tensors
+            .iter()
+            .map(|t| t.padded(world))
+            .max()
+            .unwrap_or(0);
+        let zeros = b.zeros_f32(widest)?;
+        let order = crate::model::grad_sink::close_order(layout);
+        while self.passes < passes {
+            for g in &order {
+                for i in g.clone() {
+                    self.reduce(b, &zeros, i)?;
+                }
+            }
+            self.passes += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds tensor `i`'s full gradient `send` (padded) summed over the ranks into this rank's
+    /// shard; stops the group on an error.
+    fn reduce(&mut self, b: &B, send: &B::F, i: usize) -> Result<()> {
+        let t = self.opt.plan.tensors[i];
+        let r = self
+            .comm
+            .reduce_scatter_add(b, send, &mut self.opt.grad[i], t.shard);
+        if let Err(e) = &r {
+            self.comm.abort(&e.to_string());
+        }
+        r
+    }
+}
+
+impl<B: Backend> GradSink<B> for ShardSink<'_, B> {
+    fn tensors(&self) -> usize {
+        self.opt.plan.tensors.len()
+    }
+
+    fn open(&mut self, b: &B, first: usize, n: usize) -> Result<&mut [B::F]> {
+        let len = self.opt.plan.tensors.len();
+        crate::ensure!(
+            first.checked_add(n).is_some_and(|e| e <= len),
+            "gradient group {first}..{} asked of {len} tensors",
+            first.saturating_add(n)
+        );
+        let at = match self.open.iter().position(|(f, _)| *f == first) {
+            Some(at) => at,
+            None => {
+                let world = self.opt.plan.world;
+                let bufs = self.opt.plan.tensors[first..first + n]
+                    .iter()
+                    .map(|t| b.zeros_f32(t.padded(world)))
+                    .collect::<Result<Vec<_>>>()?;
+                self.open.push((first, bufs));
+                self.open.len() - 1
+            }
+        };
+        let bufs = &mut self.open[at].1;
+        crate::ensure!(
+            bufs.len() == n,
+            "gradient group at tensor {first} opened with {n} tensors, it is open with {}",
+            bufs.len()
+        );
+        Ok(bufs)
+    }
+
+    fn close(&mut self, b: &B, first: usize, n: usize) -> Result<()> {
+        let at = self
+            .open
+            .iter()
+            .position(|(f, bufs)| *f == first && bufs.len() == n)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "gradient group {first}..{} closed without being open",
+                    first.saturating_add(n)
+                ))
+            })?;
+        let (_, bufs) = self.open.swap_remove(at);
+        for (i, buf) in (first..first + n).zip(&bufs) {
+            self.reduce(b, buf, i)?;
+        }
+        if first == self.embed {
+            self.passes += 1;
+        }
+        Ok(())
     }
 }
