@@ -4,8 +4,9 @@
 //! (random models and batches; `TOOLN1_TEST_SEED` replays), and GRPO (with a resume onto the
 //! device placement) and SFT runs with bit-identical final weights.
 //!
-//! Streaming and host sums run the same kernels on the same values, so they are exact on any
-//! GPU. The runs that also move the optimizer to the host are compared only on the virtual
+//! The streamed layers are in page-locked memory and uploaded on the copy stream while the
+//! previous layer computes. Streaming and host sums run the same kernels on the same values, so
+//! they are exact on any GPU. The runs that also move the optimizer to the host are compared only on the virtual
 //! GPU, where the AdamW kernel is built without fused multiply-adds like the host update
 //! (`backend::host_adamw`).
 
@@ -35,6 +36,8 @@ fn the_streamed_reference_gives_the_resident_bits() {
             .into_streamed(&c)
             .unwrap();
         assert!(s.host_layers().unwrap().is_bf16(), "bf16 device weights");
+        // Page-locked host memory, so that the uploads run on the copy stream.
+        assert!(s.host_layers().unwrap().pinned(), "pinned host layers");
         pl::check_streamed_reference(&c, &cfg, &host, &mut r);
     }
 }

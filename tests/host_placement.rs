@@ -27,6 +27,7 @@ fn the_streamed_reference_gives_the_resident_bits() {
                 .unwrap();
             let hl = s.host_layers().unwrap();
             assert_eq!(hl.is_bf16(), bf16, "host copy dtype");
+            assert!(!hl.pinned(), "the CPU backend keeps pageable memory");
             let per_layer: usize = s.layout.layers[0]
                 .all()
                 .iter()

@@ -47,6 +47,52 @@ impl DType {
 
 /// Little-endian tensor bytes of `dtype` as f32 values (the one decoding of checkpoint bytes:
 /// safetensors reading and both backends' `upload_raw`).
+/// Host bytes kept for repeated uploads (a streamed model's layers), page-locked where the
+/// backend can ([`Backend::host_buffer`]) so that a copy from them runs beside queued work.
+pub trait HostMem: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    /// Whether the memory is page-locked (pinned) for the backend's copies.
+    fn pinned(&self) -> bool;
+}
+
+impl HostMem for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn pinned(&self) -> bool {
+        false
+    }
+}
+
+/// An upload started by [`Backend::upload_raw_async`]: [`PendingUpload::wait`] orders it before
+/// any work queued afterwards (dropping it does the same).
+pub struct PendingUpload(Option<Box<dyn FnOnce() -> Result<()>>>);
+
+impl PendingUpload {
+    /// An upload that is already complete.
+    pub fn done() -> Self {
+        PendingUpload(None)
+    }
+    /// An upload that `wait` orders before later work.
+    pub fn new(wait: Box<dyn FnOnce() -> Result<()>>) -> Self {
+        PendingUpload(Some(wait))
+    }
+    pub fn wait(mut self) -> Result<()> {
+        match self.0.take() {
+            Some(w) => w(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PendingUpload {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            let _ = w();
+        }
+    }
+}
+
 pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
         DType::F32 => bytes
@@ -496,6 +542,30 @@ pub trait Backend {
     /// overlap; c.n = 0 copies nothing). A rollout gives a prompt's cached keys/values to the
     /// KV-cache slots of its other samples with it.
     fn copy_rows(&self, t: &mut Self::T, c: RowCopy) -> Result<()>;
+    /// `data` as host memory for repeated uploads: page-locked where the backend can (CUDA,
+    /// when the driver grants it), else the vector itself (the CPU backend).
+    fn host_buffer(&self, data: Vec<u8>) -> Result<Box<dyn HostMem>> {
+        Ok(Box::new(data))
+    }
+    /// [`Backend::upload_raw`] of `src.bytes()[range]`, possibly asynchronous: the copy may run
+    /// beside work already queued (CUDA: bf16 bytes from page-locked memory, on a copy stream
+    /// that first waits for the work queued so far), and the tensor may be used only by work
+    /// queued after the returned upload's [`PendingUpload::wait`]. `src` must outlive the copy.
+    fn upload_raw_async(
+        &self,
+        dtype: DType,
+        src: &dyn HostMem,
+        range: std::ops::Range<usize>,
+        n: usize,
+    ) -> Result<(Self::T, PendingUpload)> {
+        let bytes = src.bytes().get(range.clone()).ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "upload_raw_async: bytes {range:?} of a {}-byte host buffer",
+                src.bytes().len()
+            ))
+        })?;
+        Ok((self.upload_raw(dtype, bytes, n)?, PendingUpload::done()))
+    }
     /// Wait for all queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
 

@@ -1,6 +1,7 @@
 //! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
 //! AdamW moments), the f32 gradients and the frozen reference model live (device or host
-//! memory; the host state is ordinary pageable memory in this build, pinned memory is planned),
+//! memory; the optimizer state and gradients are ordinary pageable memory, the streamed
+//! reference's layers page-locked on CUDA),
 //! and how many rollout slots and tokens per micro-batch fit beside them.
 //!
 //! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and

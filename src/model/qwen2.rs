@@ -493,8 +493,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// Run `f(l, weights of layer l)` for every decoder layer in order: the resident tensors,
-    /// or, streamed, each layer uploaded from the host, the next layer's upload issued right
-    /// after `f` queued the current layer's work (two layers on the backend at a time).
+    /// or, streamed, each layer uploaded from the host, the next layer's upload issued before
+    /// `f` queues the current layer's work, so that the copy can run beside it (two layers on
+    /// the backend at a time; the upload reuses the memory of the layer before).
     fn each_layer(&self, b: &B, mut f: impl FnMut(usize, &[B::T]) -> Result<()>) -> Result<()> {
         let n = self.layout.layers.len();
         match &self.host_layers {
@@ -510,13 +511,16 @@ impl<B: Backend> Model<B> {
                     None
                 };
                 for l in 0..n {
-                    let cur = next.take().ok_or_else(|| {
+                    let (cur, pending) = next.take().ok_or_else(|| {
                         Error::Invalid(format!("streamed layer {l} was not uploaded"))
                     })?;
-                    f(l, &cur)?;
+                    for p in pending {
+                        p.wait()?;
+                    }
                     if l + 1 < n {
                         next = Some(host.upload(b, l + 1)?);
                     }
+                    f(l, &cur)?;
                 }
             }
         }

@@ -7,14 +7,16 @@
 //! to a bf16 device and widens them exactly to f32 on the CPU), so a streamed pass runs the
 //! same kernels on the same values as the resident model and gives the same bits.
 //!
-//! The host buffers are ordinary pageable allocations (the backend's upload copies from any
-//! host memory; no pinned allocation is made). During a pass two layers are on the device: the
-//! one computing and the next one, whose upload is issued right after the current layer's
-//! kernels are queued ([`crate::model::Model`]'s layer loop). On the CUDA backend the copy goes
-//! on the compute stream: the host-side staging of the next layer overlaps the device's work
-//! on the queued layer, the transfer itself is ordered after it.
+//! Each layer's bytes live in [`Backend::host_buffer`] memory: page-locked (pinned) on the CUDA
+//! backend when the driver grants it, ordinary pageable memory otherwise and on the CPU backend
+//! ([`HostLayers::pinned`] says which). During a pass two layers are on the device: the one
+//! computing and the next one, whose upload ([`Backend::upload_raw_async`]) is issued before
+//! the current layer's kernels are queued ([`crate::model::Model`]'s layer loop). On CUDA, from
+//! pinned bf16 bytes, it runs on a copy stream beside those kernels (after the work queued
+//! before it, which last read the buffer it reuses), and the next layer's kernels wait for it;
+//! from pageable memory the upload is synchronous.
 
-use crate::backend::{Backend, DType};
+use crate::backend::{Backend, DType, HostMem, PendingUpload};
 use crate::model::ParamLayout;
 use crate::{Error, Result};
 
@@ -22,7 +24,7 @@ use crate::{Error, Result};
 pub struct HostLayers {
     dtype: DType,
     /// Per layer: its twelve tensors' bytes, one after the other in layout order.
-    layers: Vec<Vec<u8>>,
+    layers: Vec<Box<dyn HostMem>>,
     /// Element counts of a layer's tensors, in layout order (every layer has the same).
     numel: Vec<usize>,
 }
@@ -76,11 +78,20 @@ impl HostLayers {
                 _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             });
         }
+        let layers = layers
+            .into_iter()
+            .map(|l| b.host_buffer(l))
+            .collect::<Result<Vec<_>>>()?;
         Ok(HostLayers {
             dtype,
             layers,
             numel,
         })
+    }
+
+    /// Whether every layer is in page-locked (pinned) host memory.
+    pub fn pinned(&self) -> bool {
+        !self.layers.is_empty() && self.layers.iter().all(|l| l.pinned())
     }
 
     /// Number of layers held.
@@ -94,7 +105,7 @@ impl HostLayers {
 
     /// Host bytes held.
     pub fn host_bytes(&self) -> u64 {
-        self.layers.iter().map(|l| l.len() as u64).sum()
+        self.layers.iter().map(|l| l.bytes().len() as u64).sum()
     }
 
     /// Whether the host copy holds bf16 bytes (else f32).
@@ -119,7 +130,7 @@ impl HostLayers {
     }
 
     fn layer(&self, l: usize) -> Result<&[u8]> {
-        self.layers.get(l).map(|v| v.as_slice()).ok_or_else(|| {
+        self.layers.get(l).map(|v| v.bytes()).ok_or_else(|| {
             Error::Invalid(format!(
                 "streamed layer {l} requested, the model has {} layers",
                 self.layers.len()
@@ -127,16 +138,25 @@ impl HostLayers {
         })
     }
 
-    /// Upload layer `l`'s twelve tensors (layout order) to the backend.
-    pub fn upload<B: Backend>(&self, b: &B, l: usize) -> Result<Vec<B::T>> {
-        let bytes = self.layer(l)?;
+    /// Start uploading layer `l`'s twelve tensors (layout order) to the backend; the tensors
+    /// may be used by work queued after the returned uploads are waited for.
+    pub fn upload<B: Backend>(&self, b: &B, l: usize) -> Result<(Vec<B::T>, Vec<PendingUpload>)> {
+        let src = self.layers.get(l).ok_or_else(|| {
+            Error::Invalid(format!(
+                "streamed layer {l} requested, the model has {} layers",
+                self.layers.len()
+            ))
+        })?;
         let size = self.dtype.size();
         let mut at = 0;
         let mut out = Vec::with_capacity(self.numel.len());
+        let mut pending = Vec::with_capacity(self.numel.len());
         for &n in &self.numel {
-            out.push(b.upload_raw(self.dtype, &bytes[at..at + n * size], n)?);
+            let (t, p) = b.upload_raw_async(self.dtype, src.as_ref(), at..at + n * size, n)?;
+            out.push(t);
+            pending.push(p);
             at += n * size;
         }
-        Ok(out)
+        Ok((out, pending))
     }
 }

@@ -139,6 +139,22 @@ impl Backend for Cuda {
     fn upload_raw(&self, dtype: DType, bytes: &[u8], n: usize) -> Result<Self::T> {
         ops::memory::upload_raw(self, dtype, bytes, n)
     }
+    fn host_buffer(&self, data: Vec<u8>) -> Result<Box<dyn crate::backend::HostMem>> {
+        // Pageable when the driver refuses to lock that much memory.
+        Ok(match self.gpu.pinned(&data) {
+            Ok(p) => Box::new(p),
+            Err(_) => Box::new(data),
+        })
+    }
+    fn upload_raw_async(
+        &self,
+        dtype: DType,
+        src: &dyn crate::backend::HostMem,
+        range: std::ops::Range<usize>,
+        n: usize,
+    ) -> Result<(Self::T, crate::backend::PendingUpload)> {
+        ops::memory::upload_raw_async(self, dtype, src, range, n)
+    }
     fn download(&self, t: &Self::T, n: usize) -> Result<Vec<f32>> {
         ops::memory::download_bf16(self, t, n)
     }

@@ -1,6 +1,7 @@
-//! The CUDA runtime under the backend: driver detection without panics, one context and stream,
-//! module loading (embedded fatbins or NVRTC), a caching device allocator, kernel launches with
-//! error checks, cuBLAS handles and CUDA events.
+//! The CUDA runtime under the backend: driver detection without panics, one context and compute
+//! stream (plus a copy stream for uploads from page-locked memory), module loading (embedded
+//! fatbins or NVRTC), a caching device allocator, kernel launches with error checks, cuBLAS
+//! handles and CUDA events.
 //!
 //! Everything here talks to the driver API through cudarc's raw `result`/`sys` layers, so the
 //! backend controls every allocation (the caching pool) and every launch (one stream).
@@ -68,7 +69,9 @@ impl Elem for f64 {
 /// 2 MiB) with a free list each. A dropped buffer returns to its list and is handed out again
 /// to the next request of the same class, so after warm-up a training step allocates nothing
 /// from the driver. Reuse is safe because every kernel runs on the pool's single stream: work
-/// queued after the reuse runs after the work queued before it. Freeing a block back to the
+/// queued after the reuse runs after the work queued before it (a copy on the copy stream,
+/// `Gpu::htod_pinned`, first waits for the work queued so far, and the compute stream waits for
+/// the copy before reading its buffer, so it keeps that order). Freeing a block back to the
 /// driver is not ordered by the stream, so [`Pool::trim`] waits for the stream first (work
 /// still queued may read or write a cached block). The pool owns the stream and destroys it
 /// last, after every buffer (each holds the pool) is gone.
@@ -416,10 +419,45 @@ pub struct Operand {
     pub ld: usize,
 }
 
+/// Page-locked host memory (cuMemHostAlloc); freed after the copy stream is idle.
+pub struct PinnedMem {
+    ptr: *mut u8,
+    len: usize,
+    gpu: Arc<Gpu>,
+}
+
+// SAFETY: plain host memory owned by this value; only read through `bytes` after creation.
+unsafe impl Send for PinnedMem {}
+unsafe impl Sync for PinnedMem {}
+
+impl crate::backend::HostMem for PinnedMem {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialised bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn pinned(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for PinnedMem {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::ctx::set_current(self.gpu.ctx);
+            let _ = dr::stream::synchronize(self.gpu.copy_stream);
+            let _ = dr::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
 /// Context, stream, modules, cuBLAS handle and allocator of one device.
 pub struct Gpu {
     pub(crate) ctx: sys::CUcontext,
     pub(crate) stream: sys::CUstream,
+    /// The stream of asynchronous host-to-device copies (streamed layers): each copy waits for
+    /// an event of `stream` recorded when it is issued, and `stream` waits for the copy's event
+    /// before using its buffer, so pool blocks are never shared unordered between the two.
+    copy_stream: sys::CUstream,
     pub(crate) blas: Mutex<cublas_sys::cublasHandle_t>,
     modules: Vec<sys::CUmodule>,
     /// The function handle of every kernel, by its index in `gen::KERNELS` (resolved at load).
@@ -608,9 +646,12 @@ impl Gpu {
         };
         let sync_each =
             cfg!(debug_assertions) || std::env::var("TOOLN1_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let copy_stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
+            .map_err(|e| drv("cuStreamCreate", e))?;
         Ok(Gpu {
             ctx,
             stream,
+            copy_stream,
             blas: Mutex::new(handle),
             modules,
             funcs,
@@ -682,6 +723,65 @@ impl Gpu {
         }
         self.sync()?;
         Ok(v)
+    }
+
+    /// `data` in page-locked host memory (cuMemHostAlloc, portable to every context).
+    pub fn pinned(self: &Arc<Self>, data: &[u8]) -> Result<PinnedMem> {
+        self.bind()?;
+        let len = data.len().max(1);
+        let ptr = unsafe { dr::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| drv("cuMemHostAlloc", e))? as *mut u8;
+        // SAFETY: `ptr` holds `len` >= data.len() writable bytes just allocated.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
+        Ok(PinnedMem {
+            ptr,
+            len: data.len(),
+            gpu: self.clone(),
+        })
+    }
+
+    /// Queue a copy of `bytes` bytes from page-locked `src` to device address `dst` on the copy
+    /// stream, after the work queued on the compute stream so far; the returned wait makes the
+    /// compute stream wait for the copy.
+    pub fn htod_pinned(&self, dst: u64, src: &[u8]) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+        let issued = dr::event::create(flags).map_err(|e| drv("cuEventCreate", e))?;
+        let copied = match dr::event::create(flags) {
+            Ok(e) => e,
+            Err(e) => {
+                unsafe {
+                    let _ = dr::event::destroy(issued);
+                }
+                return Err(drv("cuEventCreate", e));
+            }
+        };
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        let queued = unsafe {
+            dr::event::record(issued, self.stream)
+                .and_then(|_| dr::stream::wait_event(self.copy_stream, issued, wait))
+                .and_then(|_| dr::memcpy_htod_async(dst, src, self.copy_stream))
+                .and_then(|_| dr::event::record(copied, self.copy_stream))
+        };
+        unsafe {
+            let _ = dr::event::destroy(issued);
+        }
+        if let Err(e) = queued {
+            unsafe {
+                let _ = dr::event::destroy(copied);
+            }
+            return Err(drv("asynchronous host-to-device copy", e));
+        }
+        let (ctx, stream) = (self.ctx, self.stream);
+        Ok(Box::new(move || {
+            let r = unsafe {
+                dr::ctx::set_current(ctx).and_then(|_| dr::stream::wait_event(stream, copied, wait))
+            };
+            unsafe {
+                let _ = dr::event::destroy(copied);
+            }
+            r.map_err(|e| drv("cuStreamWaitEvent", e))
+        }))
     }
 
     pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
@@ -856,6 +956,8 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         unsafe {
             let _ = dr::ctx::set_current(self.ctx);
+            let _ = dr::stream::synchronize(self.copy_stream);
+            let _ = dr::stream::destroy(self.copy_stream);
             let _ = dr::stream::synchronize(self.stream);
             if let Ok(h) = self.blas.lock() {
                 let _ = cudarc::cublas::result::destroy_handle(*h);

@@ -2,7 +2,7 @@
 
 use super::super::runtime::{Bf16, CudaBuf, Elem};
 use super::super::Cuda;
-use crate::backend::{bytes_to_f32, check, DType, RowCopy};
+use crate::backend::{bytes_to_f32, check, DType, HostMem, PendingUpload, RowCopy};
 use crate::Result;
 
 /// f32 host values rounded to a bf16 device buffer.
@@ -29,6 +29,33 @@ pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Resu
             .collect(),
     };
     c.gpu.htod::<Bf16, u16>(&h)
+}
+
+/// [`upload_raw`] of `src.bytes()[range]`; bf16 bytes from page-locked memory go on the copy
+/// stream (`Gpu::htod_pinned`), anything else is a synchronous upload.
+pub(crate) fn upload_raw_async(
+    c: &Cuda,
+    dtype: DType,
+    src: &dyn HostMem,
+    range: std::ops::Range<usize>,
+    n: usize,
+) -> Result<(CudaBuf<Bf16>, PendingUpload)> {
+    let bytes = src.bytes().get(range.clone()).ok_or_else(|| {
+        crate::Error::Invalid(format!(
+            "upload_raw_async: bytes {range:?} of a {}-byte host buffer",
+            src.bytes().len()
+        ))
+    })?;
+    if dtype != DType::BF16 || !src.pinned() {
+        return Ok((upload_raw(c, dtype, bytes, n)?, PendingUpload::done()));
+    }
+    check::upload_raw(dtype, bytes.len(), n)?;
+    let buf = c.gpu.alloc::<Bf16>(n)?;
+    if bytes.is_empty() {
+        return Ok((buf, PendingUpload::done()));
+    }
+    let wait = c.gpu.htod_pinned(buf.ptr(), bytes)?;
+    Ok((buf, PendingUpload::new(wait)))
 }
 
 /// The first `n` bf16 elements as f32 on the host.
