@@ -149,6 +149,18 @@ fn backward_hands_out_the_documented_groups_and_a_closed_group_is_final() {
         let tape = m.forward_train(&Cpu, &db, false, false).unwrap();
         m.backward(&Cpu, &db, tape, &dl, &mut sink).unwrap();
         assert_eq!(sink.calls, want, "tied {tied}");
+        // The close order a data-parallel rank replays when it has no micro-batch left.
+        let closes: Vec<std::ops::Range<usize>> = sink
+            .calls
+            .iter()
+            .filter(|c| c.0 == "close")
+            .map(|c| c.1..c.1 + c.2)
+            .collect();
+        assert_eq!(
+            closes,
+            tooln1::model::grad_sink::close_order(l),
+            "tied {tied}"
+        );
         // Every tensor is in exactly one closed group, and nothing changed it afterwards.
         let mut seen = vec![0; l.specs.len()];
         for (first, vals) in &sink.closed {

@@ -211,6 +211,38 @@ impl<B: Backend> DeviceBatch<B> {
 /// Tensors of one decoder layer ([`crate::model::LayerParams::all`]).
 const LAYER_TENSORS: usize = 12;
 
+/// What one decoder layer's forward reads: the layer's index, its twelve weights (layout
+/// order), its input and the rows' positions.
+struct LayerIn<'a, B: Backend> {
+    l: usize,
+    ws: &'a [B::T],
+    x: &'a B::T,
+    pos: &'a B::I,
+}
+
+/// What one decoder layer's backward reads: the layer's index, its input, the activations
+/// its forward saved and the gradient of its output.
+struct LayerBwdIn<'a, B: Backend> {
+    l: usize,
+    x: &'a B::T,
+    a: &'a LayerActs<B>,
+    dout: &'a B::T,
+}
+
+/// What one decoder layer's backward writes: the gradient of its input, its scratch, and the
+/// layer's twelve parameter gradients (accumulated).
+struct LayerBwdOut<'a, B: Backend> {
+    dx: &'a mut B::T,
+    g: &'a mut LayerGrads<B>,
+    grads: &'a mut [B::F],
+}
+
+/// The token ids and positions of a pass's rows.
+struct Rows<'a, B: Backend> {
+    tokens: &'a B::I,
+    pos: &'a B::I,
+}
+
 /// A Qwen2 model whose parameters live on backend `B`, indexed by [`ParamLayout`].
 ///
 /// A streamed model ([`Model::into_streamed`]) keeps its decoder layers in host memory: their
@@ -749,19 +781,16 @@ impl<B: Backend> Model<B> {
     /// RMSNorm -> q/k/v (+bias) -> RoPE -> attention -> o_proj -> +residual -> RMSNorm ->
     /// SwiGLU MLP -> +residual. Reads `x`, fills `a`, writes the layer output to `out`.
     /// `ws` holds the layer's twelve tensors in layout order.
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         b: &B,
-        l: usize,
-        ws: &[B::T],
         d: &Dims,
-        x: &B::T,
-        pos: &B::I,
+        input: LayerIn<'_, B>,
         attn: Attn<'_, B>,
         a: &mut LayerActs<B>,
         out: &mut B::T,
     ) -> Result<()> {
+        let LayerIn { l, ws, x, pos } = input;
         let p = self.layout.layers[l];
         if ws.len() != LAYER_TENSORS {
             return Err(Error::Invalid(format!(
@@ -828,20 +857,16 @@ impl<B: Backend> Model<B> {
     /// Backward of [`Model::layer_forward`]: from `dout` (gradient of the layer output) writes
     /// `dx` (gradient of the layer input) and accumulates the layer's parameter gradients into
     /// `grads` (the layer's twelve tensors, layout order).
-    #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
         b: &B,
-        l: usize,
         d: &Dims,
         batch: &DeviceBatch<B>,
-        x: &B::T,
-        a: &LayerActs<B>,
-        dout: &B::T,
-        dx: &mut B::T,
-        g: &mut LayerGrads<B>,
-        grads: &mut [B::F],
+        input: LayerBwdIn<'_, B>,
+        output: LayerBwdOut<'_, B>,
     ) -> Result<()> {
+        let LayerBwdIn { l, x, a, dout } = input;
+        let LayerBwdOut { dx, g, grads } = output;
         let p = self.layout.layers[l];
         let w = |i: usize| self.p(i);
         let base = p.input_norm;
@@ -915,17 +940,16 @@ impl<B: Backend> Model<B> {
     /// Residual stream after the last layer for a packed batch, without saving activations
     /// (one scratch set reused per layer). With `cache`, every layer's keys/values are also
     /// written to cache rows `dst`.
-    #[allow(clippy::too_many_arguments)]
     fn hidden_packed(
         &self,
         b: &B,
         d: &Dims,
-        tokens: &B::I,
-        pos: &B::I,
+        rows: Rows<'_, B>,
         seqs: Packed<'_, B::I>,
         prefix: Option<Prefix<'_, B::I>>,
         mut cache: Option<(&B::I, &mut KvCache<B>)>,
     ) -> Result<B::T> {
+        let Rows { tokens, pos } = rows;
         let mut x = b.zeros(d.n * d.h)?;
         b.embedding(tokens, self.p(self.layout.embed), &mut x, d.n, d.h)?;
         let mut y = b.zeros(d.n * d.h)?;
@@ -940,7 +964,7 @@ impl<B: Backend> Model<B> {
                 store,
                 prefix,
             };
-            self.layer_forward(b, l, ws, d, &x, pos, attn, &mut acts, &mut y)?;
+            self.layer_forward(b, d, LayerIn { l, ws, x: &x, pos }, attn, &mut acts, &mut y)?;
             std::mem::swap(&mut x, &mut y);
             Ok(())
         })?;
@@ -1009,8 +1033,10 @@ impl<B: Backend> Model<B> {
         let x = self.hidden_packed(
             b,
             &d,
-            &batch.tokens,
-            &batch.positions,
+            Rows {
+                tokens: &batch.tokens,
+                pos: &batch.positions,
+            },
             batch.seqs(),
             batch.prefix(),
             None,
@@ -1052,8 +1078,10 @@ impl<B: Backend> Model<B> {
         let x = self.hidden_packed(
             b,
             &d,
-            &batch.tokens,
-            &batch.positions,
+            Rows {
+                tokens: &batch.tokens,
+                pos: &batch.positions,
+            },
             batch.seqs(),
             batch.prefix(),
             None,
@@ -1113,7 +1141,19 @@ impl<B: Backend> Model<B> {
                 prefix: batch.prefix(),
             };
             let (ws, x) = (self.layer_params(l), &inputs[l]);
-            self.layer_forward(b, l, ws, &d, x, &batch.positions, attn, a, &mut out)?;
+            self.layer_forward(
+                b,
+                &d,
+                LayerIn {
+                    l,
+                    ws,
+                    x,
+                    pos: &batch.positions,
+                },
+                attn,
+                a,
+                &mut out,
+            )?;
             acts.extend(fresh);
             inputs.push(out);
         }
@@ -1247,7 +1287,7 @@ impl<B: Backend> Model<B> {
                         prefix: batch.prefix(),
                     };
                     let (x, pos) = (&tape.inputs[l], &batch.positions);
-                    self.layer_forward(b, l, ws, &d, x, pos, attn, a, out)?;
+                    self.layer_forward(b, &d, LayerIn { l, ws, x, pos }, attn, a, out)?;
                     &*a
                 }
                 None => &tape.acts[l],
@@ -1256,15 +1296,19 @@ impl<B: Backend> Model<B> {
             let g = grads.open(b, first, LAYER_TENSORS)?;
             self.layer_backward(
                 b,
-                l,
                 &d,
                 batch,
-                &tape.inputs[l],
-                a,
-                &dx,
-                &mut dx_in,
-                &mut lg,
-                g,
+                LayerBwdIn {
+                    l,
+                    x: &tape.inputs[l],
+                    a,
+                    dout: &dx,
+                },
+                LayerBwdOut {
+                    dx: &mut dx_in,
+                    g: &mut lg,
+                    grads: g,
+                },
             )?;
             grads.close(b, first, LAYER_TENSORS)?;
             std::mem::swap(&mut dx, &mut dx_in);
@@ -1390,7 +1434,17 @@ impl<B: Backend> Model<B> {
             cu_host: &cu_host,
             max_len,
         };
-        let x = self.hidden_packed(b, &d, &tok_d, &pos_d, seqs, None, Some((&dst_d, cache)))?;
+        let x = self.hidden_packed(
+            b,
+            &d,
+            Rows {
+                tokens: &tok_d,
+                pos: &pos_d,
+            },
+            seqs,
+            None,
+            Some((&dst_d, cache)),
+        )?;
         // Gather each prompt's last row (the embedding op is a row gather).
         let np = prompts.len();
         let mut xl = b.zeros(np * d.h)?;
@@ -1448,7 +1502,19 @@ impl<B: Backend> Model<B> {
                 k_cache: &mut cache.k[l],
                 v_cache: &mut cache.v[l],
             };
-            self.layer_forward(b, l, ws, &d, &x, &pos_d, attn, &mut acts, &mut y)?;
+            self.layer_forward(
+                b,
+                &d,
+                LayerIn {
+                    l,
+                    ws,
+                    x: &x,
+                    pos: &pos_d,
+                },
+                attn,
+                &mut acts,
+                &mut y,
+            )?;
             std::mem::swap(&mut x, &mut y);
             Ok(())
         })?;

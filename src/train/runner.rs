@@ -162,6 +162,13 @@ struct RankShare {
     mini_batch: Vec<usize>,
 }
 
+/// This rank's prompts of a step, their responses and the responses' scores.
+struct Rolled<'a> {
+    local: &'a StepBatch,
+    gens: &'a [Generation],
+    scores: &'a Scores,
+}
+
 /// The rewards of one step's responses, with the format-ok and exact-match counts.
 struct Scores {
     rewards: Vec<f32>,
@@ -569,7 +576,12 @@ impl<B: Backend> Trainer<B> {
             },
             times,
         };
-        self.step_metrics(&batch, local, &gens, &scores, &seqs, &upd, &work)
+        let rolled = Rolled {
+            local,
+            gens: &gens,
+            scores: &scores,
+        };
+        self.step_metrics(&batch, rolled, &seqs, &upd, &work)
     }
 
     /// This rank's communicator in a data-parallel run.
@@ -855,17 +867,19 @@ impl<B: Backend> Trainer<B> {
     /// The metrics line of the step just finished (over every rank's share in a data-parallel
     /// run: counts and sums are summed over the ranks, times and the longest response are the
     /// ranks' maxima).
-    #[allow(clippy::too_many_arguments)] // the step's seven results, each used here
     fn step_metrics(
         &self,
         batch: &StepBatch,
-        local: &StepBatch,
-        gens: &[Generation],
-        scores: &Scores,
+        rolled: Rolled<'_>,
         seqs: &[TrainSeq],
         upd: &UpdateOutcome,
         work: &StepWork,
     ) -> Result<StepMetrics> {
+        let Rolled {
+            local,
+            gens,
+            scores,
+        } = rolled;
         let comm = self.comm();
         let sum = |v: &mut [f64]| comm.map_or(Ok(()), |c| c.all_reduce_host(v));
         let n = self.cfg.rollout.n;
