@@ -227,6 +227,7 @@ fn inspect_prints_the_7b_and_14b_plans_on_80_and_141_gb() {
             max_len: 4096,
             offload_reference: false,
             gpu_gb: vec![80.0, 141.0],
+            gpus: vec![1],
             config: None,
         })
         .unwrap();
@@ -244,6 +245,7 @@ fn inspect_prints_the_7b_and_14b_plans_on_80_and_141_gb() {
         max_len: 4096,
         offload_reference: false,
         gpu_gb: vec![80.0],
+        gpus: vec![1],
         config: None,
     })
     .unwrap();
@@ -251,4 +253,106 @@ fn inspect_prints_the_7b_and_14b_plans_on_80_and_141_gb() {
     assert!(plan80.contains("  fits"), "{r}");
     assert!(plan80.contains("reference stream buffers"), "{r}");
     assert!(!r.contains("does not fit"), "{r}");
+}
+
+#[test]
+fn qwen7b_fits_each_of_8_80gb_gpus_with_sharded_optimizer_state() {
+    use tooln1::model::plan::RunShape;
+    let cfg = builtin_config("qwen2.5-7b").unwrap();
+    let one = tool_n1().run_shape();
+    let shape = RunShape { ranks: 8, ..one };
+    let p = plan(
+        &cfg,
+        &shape,
+        &budget(80),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert!(p.refusal.is_none(), "{p}");
+    // Several ranks keep the optimizer and the gradients on the device, sharded.
+    assert_eq!(
+        (p.optimizer, p.grads),
+        (Where::Device, Where::Device),
+        "{p}"
+    );
+    assert!(p.device_peak() <= 80 * GB - DEVICE_RESERVE, "{p}");
+    let row = |what: &str| {
+        p.rows
+            .iter()
+            .find(|r| r.item.starts_with(what))
+            .unwrap_or_else(|| panic!("no row {what}:\n{p}"))
+            .bytes
+    };
+    // One eighth of the f32 master (4 bytes per parameter), within the per-tensor padding and
+    // the pool's rounding.
+    let master = row("master weights (f32, 1/8)") as f64;
+    let eighth = 4.0 * 7_615_616_512.0 / 8.0;
+    assert!(
+        master >= eighth && master < 1.1 * eighth,
+        "{master} vs {eighth}"
+    );
+    assert_eq!(
+        row("AdamW m + v (f32, 1/8)"),
+        2 * row("master weights (f32, 1/8)")
+    );
+    // Only the open backward group's full-size gradients: far below the 30 GB of all of them.
+    assert!(row("gradients of the open backward group") < 3 * GB, "{p}");
+    // The one-GPU plan of the same run needs more device memory per GPU before activations.
+    let single = plan(
+        &cfg,
+        &one,
+        &budget(80),
+        &Placement::default(),
+        &Caps::ENGINE,
+    )
+    .unwrap();
+    assert!(
+        p.device_resident < single.device_resident + 14 * GB,
+        "{p}\n{single}"
+    );
+    // A host optimizer is one-GPU only: asked for with 8 ranks, no placement satisfies it.
+    let host_opt = Placement {
+        optimizer: Place::Host,
+        ..Placement::default()
+    };
+    let e = plan(&cfg, &shape, &budget(80), &host_opt, &Caps::ENGINE).unwrap_err();
+    assert!(e.contains("no placement"), "{e}");
+    // `inspect` prints the per-GPU plan for 1 and 8 GPUs by default.
+    let r = inspect_report(&InspectArgs {
+        model: "qwen2.5-7b".into(),
+        micro_batch_tokens: 16384,
+        rollout_seqs: 64,
+        max_len: 4096,
+        offload_reference: false,
+        gpu_gb: vec![80.0],
+        gpus: vec![1, 8],
+        config: None,
+    })
+    .unwrap();
+    assert!(r.contains("one GPU with 80 GB free"), "{r}");
+    assert!(r.contains("each of 8 GPUs with 80 GB free"), "{r}");
+    assert!(r.contains("to spare at the device peak"), "{r}");
+}
+
+#[test]
+fn shard_lengths_match_the_shard_plan() {
+    use tooln1::dist::ShardPlan;
+    use tooln1::model::plan::shard_len;
+    use tooln1::model::ParamLayout;
+    for (hidden, layers, vocab) in [(32, 1, 96), (48, 2, 200), (3584, 1, 152064)] {
+        let cfg = tiny_config(hidden, layers, 4, 2, hidden * 3 + 1, vocab, false);
+        let layout = ParamLayout::new(&cfg);
+        for world in [1usize, 2, 3, 7, 8] {
+            let sp = ShardPlan::new(&layout, world).unwrap();
+            for (t, s) in sp.tensors.iter().zip(&layout.specs) {
+                assert_eq!(
+                    t.shard as u64,
+                    shard_len(s.numel() as u64, world as u64),
+                    "{} over {world}",
+                    s.name
+                );
+            }
+        }
+    }
 }

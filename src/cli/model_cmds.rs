@@ -3,7 +3,7 @@
 use crate::backend::DType;
 use crate::model::init::{write_tiny_model, TinyOptions, TinyVocab};
 use crate::model::memory::{MemoryEstimate, MemoryInputs};
-use crate::model::plan::{plan, Budget, Caps};
+use crate::model::plan::{plan, Budget, Caps, RunShape};
 use crate::model::weights::Checkpoint;
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::tokenizer::{Tokenizer, TINY_TOKENIZER_CONFIG_JSON, TINY_TOKENIZER_JSON};
@@ -31,6 +31,10 @@ pub struct InspectArgs {
     /// comma-separated).
     #[arg(long = "gpu-gb", value_delimiter = ',', default_values_t = [80.0, 141.0])]
     pub gpu_gb: Vec<f64>,
+    /// GPU counts of one machine to plan for (data parallel: the plan is each GPU's; repeatable
+    /// or comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 8])]
+    pub gpus: Vec<u64>,
     /// Training config whose run settings the plans use (default: Tool-N1's recipe, the
     /// defaults of `tooln1 train`).
     #[arg(long)]
@@ -172,6 +176,11 @@ fn plans_report(cfg: &Qwen2Config, a: &InspectArgs) -> anyhow::Result<String> {
         tc.grpo.recompute,
         toml::Value::try_from(tc.memory).map(|v| v.to_string()).unwrap_or_default(),
     );
+    for &n in &a.gpus {
+        if n == 0 || n > 1024 {
+            anyhow::bail!("--gpus: expected a GPU count from 1 to 1024, got {n}");
+        }
+    }
     for &gb in &a.gpu_gb {
         if !(gb.is_finite() && gb > 0.0 && gb < 1e9) {
             anyhow::bail!("--gpu-gb: expected a size in GB greater than 0, got {gb}");
@@ -180,13 +189,18 @@ fn plans_report(cfg: &Qwen2Config, a: &InspectArgs) -> anyhow::Result<String> {
             device_free: (gb * 1e9) as u64,
             host_available: None,
         };
-        let engine =
-            plan(cfg, &shape, &budget, &tc.memory, &Caps::ENGINE).map_err(anyhow::Error::msg)?;
-        let _ = writeln!(
-            s,
-            "\none GPU with {gb} GB free, placements this build runs:"
-        );
-        let _ = write!(s, "{engine}");
+        for &n in &a.gpus {
+            let shape = RunShape { ranks: n, ..shape };
+            let engine = plan(cfg, &shape, &budget, &tc.memory, &Caps::ENGINE)
+                .map_err(anyhow::Error::msg)?;
+            let what = if n == 1 {
+                format!("one GPU with {gb} GB free")
+            } else {
+                format!("each of {n} GPUs with {gb} GB free (data parallel, ZeRO-2 shards)")
+            };
+            let _ = writeln!(s, "\n{what}, placements this build runs:");
+            let _ = write!(s, "{engine}");
+        }
     }
     Ok(s)
 }
@@ -290,6 +304,7 @@ mod tests {
             max_len: 2048,
             offload_reference: false,
             gpu_gb: vec![80.0, 141.0],
+            gpus: vec![1, 8],
             config: None,
         }
     }

@@ -291,12 +291,12 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     print_config("training", &cfg);
-    check_train_memory(&mut cfg, &model_dir)?;
+    let world = gpu_world(r.gpus, cfg.run.device)?;
+    check_train_memory(&mut cfg, &model_dir, world)?;
     if a.dry_run {
         return Ok(());
     }
     crate::reward::reward_by_name(&a.reward)?;
-    let world = gpu_world(r.gpus, cfg.run.device)?;
     let job = TrainJob {
         reward: a.reward.clone(),
         cfg,
@@ -369,7 +369,8 @@ fn output_dir(r: &RunArgs, resume: Option<&Path>) -> anyhow::Result<Option<PathB
 }
 
 /// The memory a GRPO run of `cfg` needs on the model in `model_dir`, printed and checked.
-fn check_train_memory(cfg: &mut TrainConfig, model_dir: &Path) -> anyhow::Result<()> {
+/// With `world` > 1 the plan is each GPU's of the data-parallel run.
+fn check_train_memory(cfg: &mut TrainConfig, model_dir: &Path, world: usize) -> anyhow::Result<()> {
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
         micro_batch_tokens: cfg.grpo.micro_batch_tokens as u64,
@@ -387,7 +388,10 @@ fn check_train_memory(cfg: &mut TrainConfig, model_dir: &Path) -> anyhow::Result
     let plan = check_memory(
         &model_cfg,
         inputs,
-        &cfg.run_shape(),
+        &crate::model::plan::RunShape {
+            ranks: world as u64,
+            ..cfg.run_shape()
+        },
         &cfg.memory,
         cfg.run.device,
     )?;
@@ -502,6 +506,7 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     let (model_dir, data) = r.apply(&mut cfg.run, r.out.clone(), "data")?;
     cfg.validate()?;
     print_config("SFT", &cfg);
+    let world = gpu_world(r.gpus, cfg.run.device)?;
     let model_cfg = Qwen2Config::from_file(&model_dir.join("config.json"))?;
     let inputs = MemoryInputs {
         micro_batch_tokens: cfg.micro_batch_tokens as u64,
@@ -512,14 +517,16 @@ pub fn sft(a: SftArgs) -> anyhow::Result<()> {
     let plan = check_memory(
         &model_cfg,
         inputs,
-        &cfg.run_shape(),
+        &crate::model::plan::RunShape {
+            ranks: world as u64,
+            ..cfg.run_shape()
+        },
         &cfg.memory,
         cfg.run.device,
     )?;
     if let Some(p) = plan {
         apply_plan(&p, &mut cfg.memory, None, &mut cfg.micro_batch_tokens);
     }
-    let world = gpu_world(r.gpus, cfg.run.device)?;
     let job = SftJob {
         cfg,
         model_dir,

@@ -180,6 +180,12 @@ pub struct RunShape {
     pub recompute: bool,
     /// Host bytes of one step's sequences, logprobs and advantages.
     pub host_extra: u64,
+    /// Data-parallel ranks (GPUs of the machine; 1 = one GPU). The plan is then each GPU's:
+    /// weights and reference replicated, the f32 master, AdamW moments and gradient sums
+    /// sharded (1/ranks each, `dist::shard`), the full-size f32 gradients only of the backward
+    /// group being reduced (`train::zero::ShardSink`); the host placements of the optimizer
+    /// and gradients are one-GPU only.
+    pub ranks: u64,
 }
 
 /// The memory the plan may use.
@@ -247,6 +253,8 @@ struct ModelSizes {
     /// bf16 KV-cache bytes of one token, all layers.
     kv_per_token: u64,
     vocab: u64,
+    /// Elements of every parameter tensor, in layout order.
+    numels: Vec<u64>,
 }
 
 fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
@@ -322,7 +330,38 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
         },
         kv_per_token: mul(&[layers, 2, kv, 2]),
         vocab: to64(cfg.vocab_size),
+        numels: layout.specs.iter().map(|s| to64(s.numel())).collect(),
     }
+}
+
+impl ModelSizes {
+    /// Device bytes of one buffer per tensor holding one rank's shard of `ranks` (elements of
+    /// `elem` bytes), at the pool's size classes.
+    fn pooled_shards(&self, ranks: u64, elem: u64) -> u64 {
+        add(&self
+            .numels
+            .iter()
+            .map(|&n| {
+                let bytes = mul(&[shard_len(n, ranks), elem]);
+                usize::try_from(bytes)
+                    .ok()
+                    .filter(|&b| b <= usize::MAX / 2)
+                    .map_or(u64::MAX, |b| to64(size_class(b)))
+            })
+            .collect::<Vec<_>>())
+    }
+
+    /// Elements of the largest tensor padded to whole shards of `ranks`.
+    fn largest_padded(&self, ranks: u64) -> u64 {
+        mul(&[shard_len(self.largest, ranks), ranks])
+    }
+}
+
+/// Elements of one rank's shard of a tensor of `numel` elements over `ranks` ranks:
+/// ceil(numel / ranks) rounded up to 16 (as `dist::ShardPlan` cuts them). Saturating.
+pub fn shard_len(numel: u64, ranks: u64) -> u64 {
+    let per = numel.div_ceil(ranks.max(1));
+    per.checked_next_multiple_of(16).unwrap_or(u64::MAX)
 }
 
 /// The device working set of rollout at `slots` sequences: the KV cache, the f32 logits of one
@@ -393,8 +432,10 @@ fn candidates(shape: &RunShape, choice: &Placement, caps: &Caps) -> Vec<(Where, 
         let chosen = opt.allowed_by(choice.optimizer)
             && grads.allowed_by(choice.grads)
             && reference.allowed_by(choice.reference);
-        // SFT has no reference: only the device variant, which costs nothing.
-        if capable && chosen && (shape.grpo || reference == D) {
+        // SFT has no reference: only the device variant, which costs nothing. Several ranks
+        // keep the optimizer and gradients on the device (sharded).
+        let ranks_ok = shape.ranks <= 1 || (opt == D && grads == D);
+        if capable && chosen && ranks_ok && (shape.grpo || reference == D) {
             out.push((opt, grads, reference));
         }
     }
@@ -458,13 +499,49 @@ fn build(
     let (b16, b32) = (m.pooled_bf16, m.pooled_f32);
     let on = |w: Where, device: u64, host: u64| if w == Where::Device { device } else { host };
     row("policy weights (bf16)", b16, Where::Device);
-    row("gradients (f32)", on(grads, b32, mul(&[p, 4])), grads);
-    row("master weights (f32)", on(opt, b32, mul(&[p, 4])), opt);
-    row(
-        "AdamW m + v (f32)",
-        on(opt, mul(&[2, b32]), mul(&[p, 8])),
-        opt,
-    );
+    let ranks = shape.ranks.max(1);
+    if ranks > 1 {
+        // One rank's shards (dist::shard: ceil(numel / ranks) rounded up to 16 elements per
+        // tensor), at the pool's size classes; every buffer of a rank's shard state is one
+        // per tensor.
+        let w = ranks;
+        let sh32 = m.pooled_shards(w, 4);
+        let sh16 = m.pooled_shards(w, 2);
+        row(
+            &format!("gradient shards (f32, 1/{w})"),
+            sh32,
+            Where::Device,
+        );
+        row(
+            "gradients of the open backward group (f32, full size)",
+            m.grad_groups,
+            Where::Device,
+        );
+        row(&format!("master weights (f32, 1/{w})"), sh32, Where::Device);
+        row(
+            &format!("AdamW m + v (f32, 1/{w})"),
+            mul(&[2, sh32]),
+            Where::Device,
+        );
+        row(
+            &format!("updated weight shards (bf16, 1/{w})"),
+            sh16,
+            Where::Device,
+        );
+        row(
+            "all-gather and zero-gradient buffers (largest tensor, bf16 + f32)",
+            mul(&[m.largest_padded(w), 6]),
+            Where::Device,
+        );
+    } else {
+        row("gradients (f32)", on(grads, b32, mul(&[p, 4])), grads);
+        row("master weights (f32)", on(opt, b32, mul(&[p, 4])), opt);
+        row(
+            "AdamW m + v (f32)",
+            on(opt, mul(&[2, b32]), mul(&[p, 8])),
+            opt,
+        );
+    }
     if opt == Where::Host {
         // The host update uploads each tensor's new bf16 weights into a fresh buffer before the
         // old one is freed: one tensor's bf16 bytes on top.
@@ -482,11 +559,12 @@ fn build(
         );
     }
     if shape.grpo {
-        row(
-            "reference model (bf16)",
-            on(reference, b16, mul(&[p, 2])),
-            reference,
-        );
+        let label = if ranks > 1 && reference == Where::Host {
+            format!("reference model (bf16; in host memory once per GPU, x{ranks})")
+        } else {
+            "reference model (bf16)".to_string()
+        };
+        row(&label, on(reference, b16, mul(&[p, 2])), reference);
         if reference == Where::Host {
             row(
                 "reference stream buffers (2 layers + embeddings, bf16)",
@@ -503,7 +581,8 @@ fn build(
             .collect::<Vec<_>>())
     };
     let device_resident = sum(&rows, Where::Device);
-    let host_total = add(&[sum(&rows, Where::Host), shape.host_extra]);
+    // Each rank keeps its own host-placed state (a streamed reference copy per GPU).
+    let host_total = add(&[mul(&[sum(&rows, Where::Host), ranks]), shape.host_extra]);
     let usable = budget.device_free.saturating_sub(DEVICE_RESERVE);
     let rollout_at = |s: u64| add(&[device_resident, add(&rollout_work(cfg, m, shape, s))]);
     let train_at = |t: u64| add(&[device_resident, add(&train_work(cfg, shape, t))]);
@@ -665,7 +744,11 @@ impl fmt::Display for Plan {
             self.slots, self.micro_batch_tokens
         )?;
         match &self.refusal {
-            None => writeln!(f, "  fits"),
+            None => writeln!(
+                f,
+                "  fits, {} to spare at the device peak",
+                human_bytes(usable.saturating_sub(self.device_peak()))
+            ),
             Some(why) => writeln!(f, "  does not fit: {why}"),
         }
     }

@@ -504,6 +504,7 @@ impl TrainConfig {
             min_micro_batch_tokens: group,
             recompute: g.recompute,
             host_extra: self.step_host_bytes(),
+            ranks: 1,
         }
     }
 
@@ -711,6 +712,7 @@ impl SftConfig {
             min_micro_batch_tokens: self.max_seq_tokens as u64,
             recompute: self.recompute,
             host_extra: 0,
+            ranks: 1,
         }
     }
 
