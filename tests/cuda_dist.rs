@@ -2,8 +2,8 @@
 //! one worker thread per device: the reduce-scatter into accumulating shards and the bf16
 //! all-gather against host references on random inputs, argument errors that stop every rank
 //! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
-//! AdamW given the summed gradients; whole GRPO trainer steps on 2 devices against one device
-//! for the same global batch. Seeds are printed; TOOLN1_TEST_SEED replays.
+//! AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices against one
+//! device for the same global batch, a 2-device resume, and SFT on 2 devices against one. Seeds are printed; TOOLN1_TEST_SEED replays.
 //!
 //! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
 //! order. Skips with the reason when there is no device, no NCCL or fewer than two devices
@@ -258,17 +258,22 @@ fn sharded_adamw_matches_single_device_adamw() {
     }
 }
 
-/// Two GRPO trainer steps data parallel on 2 devices (ZeRO-2 AdamW over NCCL) against the same
-/// steps on one device, same global batch: sampled rollouts that draw the same random numbers
-/// (the same tokens unless bf16 rounding moves a draw across a token boundary: the response
-/// counts are checked first), then losses and gradient norms within a bf16-accumulation bound,
-/// and the ranks' weights identical to each other.
+/// GRPO trainer steps data parallel on 2 and 4 devices (ZeRO-2 AdamW over NCCL, gradients
+/// reduced per backward group) against the same steps on one device, same global batch: sampled
+/// rollouts that draw the same random numbers (the same tokens unless bf16 rounding moves a
+/// draw across a token boundary: the response counts are checked first), then losses and
+/// gradient norms within a bf16-accumulation bound, and every rank's weights identical. Then a
+/// 2-device run resumed from its step-2 checkpoint on 2 devices equals the uninterrupted one,
+/// and SFT on 2 devices matches one device.
 #[test]
-fn trainer_on_two_devices_matches_one() {
+fn trainer_on_several_devices_matches_one() {
     use common::train::LikesE;
-    use tooln1::train::config::RunConfig;
+    use tooln1::train::config::{RunConfig, SftConfig};
     use tooln1::train::parallel::on_ranks;
-    use tooln1::train::{PromptItem, RankComm, TrainConfig, TrainData, Trainer};
+    use tooln1::train::sft::SftItem;
+    use tooln1::train::{
+        checkpoint, PromptItem, RankComm, SftTrainer, TrainConfig, TrainData, Trainer,
+    };
     let Some(devs) = devices() else { return };
     let s = common::seed("cuda_dist_trainer");
     let tok = common::train::golden_tokenizer();
@@ -294,15 +299,15 @@ fn trainer_on_two_devices_matches_one() {
         })
         .collect();
     let tmp = tempfile::tempdir().unwrap();
-    let tc = |out: &str| {
+    let tc = |out: &str, steps: u64| {
         let mut c = TrainConfig {
             run: RunConfig {
                 out: tmp.path().join(out),
-                steps: 2,
+                steps,
                 seed: s,
                 ..RunConfig::default()
             },
-            save_every: 0,
+            save_every: 2,
             ..TrainConfig::default()
         };
         c.rollout.n = 2;
@@ -310,72 +315,143 @@ fn trainer_on_two_devices_matches_one() {
         c.rollout.temperature = 1.0;
         c.grpo.prompts_per_step = 4;
         c.grpo.mini_batch_prompts = 4;
+        c.grpo.micro_batch_tokens = 64;
         c.grpo.kl_coef = 0.05;
         c.optim.lr = 1e-3;
         c
     };
-    let train = |c: &Cuda, comm: Option<RankComm<Cuda>>, out: &str| {
-        let policy = Model::from_host(c, cfg.clone(), &host)?;
+    let train = |c: &Cuda, comm: Option<RankComm<Cuda>>, out: &str, steps, resume: bool| {
         let reference = Model::from_host(c, cfg.clone(), &host)?;
         let data = TrainData {
             tokenizer: common::train::golden_tokenizer(),
             prompts: prompts.clone(),
             reward: Box::new(LikesE),
         };
-        let mut t = Trainer::new_in(c.clone(), policy, reference, data, tc(out), comm)?;
+        let mut t = if resume {
+            let ck = checkpoint::resolve_resume(&tmp.path().join(out))?;
+            Trainer::resume_in(c.clone(), &ck, reference, data, tc(out, steps), comm)?
+        } else {
+            let policy = Model::from_host(c, cfg.clone(), &host)?;
+            Trainer::new_in(c.clone(), policy, reference, data, tc(out, steps), comm)?
+        };
         t.quiet = true;
         let m = t.run()?;
         Ok((m, t.policy.to_host(c)?))
     };
-    let (one_m, one_w) = train(&devs[0], None, "one").unwrap();
-    let ranks = nccl_group(&devs[..2]).unwrap();
-    let pairs: Vec<(Cuda, NcclRank)> = devs[..2].iter().cloned().zip(ranks).collect();
-    let two = on_ranks(pairs, |_, (c, r)| {
-        train(&c, Some(Box::new(r) as RankComm<Cuda>), "two")
-    })
-    .unwrap();
-    let (two_m, two_w) = &two[0];
-    assert_eq!(&two[1].1, two_w, "the two ranks' weights differ");
-    for (k, (a, b)) in two_m.iter().zip(&one_m).enumerate() {
-        println!(
-            "step {}: loss {:.6} vs {:.6}, grad norm {:.6} vs {:.6}, response tokens {} vs {}",
-            k + 1,
-            a.loss,
-            b.loss,
-            a.grad_norm,
-            b.grad_norm,
-            a.response_tokens,
-            b.response_tokens
-        );
-        assert_eq!(
-            a.response_tokens,
-            b.response_tokens,
-            "step {}: rollouts differ",
-            k + 1
-        );
-        assert_eq!(a.reward_mean, b.reward_mean);
-        assert!(
-            b.grad_norm > 0.0,
-            "step {}: no gradient (all samples alike?)",
-            k + 1
-        );
-        assert!(
-            (a.loss - b.loss).abs() < 2e-3 * (1.0 + b.loss.abs()),
-            "step {}: loss",
-            k + 1
-        );
-        assert!(
-            (a.grad_norm - b.grad_norm).abs() < 1e-2 * (1.0 + b.grad_norm),
-            "step {}: grad norm",
-            k + 1
-        );
-    }
-    let mut worst = 0.0f32;
-    for (x, y) in two_w.iter().zip(&one_w) {
-        for (&u, &v) in x.iter().zip(y) {
-            worst = worst.max((u - v).abs());
+    let group = |world: usize| -> Vec<(Cuda, RankComm<Cuda>)> {
+        let ranks = nccl_group(&devs[..world]).unwrap();
+        devs[..world]
+            .iter()
+            .cloned()
+            .zip(ranks)
+            .map(|(c, r)| (c, Box::new(r) as RankComm<Cuda>))
+            .collect()
+    };
+    let close_weights = |a: &[Vec<f32>], b: &[Vec<f32>], what: &str| {
+        // AdamW moves an element whose summed gradient is nearly zero by up to lr in the
+        // direction of that sum's sign, which the order of float additions can flip.
+        let mut worst = 0.0f32;
+        for (x, y) in a.iter().zip(b) {
+            for (&u, &v) in x.iter().zip(y) {
+                worst = worst.max((u - v).abs());
+            }
         }
+        println!("{what}: largest weight difference {worst:.3e}");
+        assert!(worst < 2e-2, "{what}: weights differ by {worst}");
+    };
+    let (one_m, one_w) = train(&devs[0], None, "one", 2, false).unwrap();
+    for world in [2usize, 4].into_iter().filter(|&w| w <= devs.len()) {
+        let out = format!("w{world}");
+        let ranks = on_ranks(group(world), |_, (c, r)| train(&c, Some(r), &out, 2, false)).unwrap();
+        let (m, w) = &ranks[0];
+        for (r, (_, wr)) in ranks.iter().enumerate() {
+            assert_eq!(
+                wr, w,
+                "{world} devices: rank {r}'s weights differ from rank 0's"
+            );
+        }
+        for (k, (a, b)) in m.iter().zip(&one_m).enumerate() {
+            println!(
+                "{world} devices step {}: loss {:.6} vs {:.6}, grad norm {:.6} vs {:.6}, \
+                 response tokens {} vs {}",
+                k + 1,
+                a.loss,
+                b.loss,
+                a.grad_norm,
+                b.grad_norm,
+                a.response_tokens,
+                b.response_tokens
+            );
+            assert_eq!(
+                a.response_tokens,
+                b.response_tokens,
+                "step {}: rollouts differ",
+                k + 1
+            );
+            assert_eq!(a.reward_mean, b.reward_mean);
+            assert!(
+                b.grad_norm > 0.0,
+                "step {}: no gradient (all samples alike?)",
+                k + 1
+            );
+            assert!(
+                (a.loss - b.loss).abs() < 2e-3 * (1.0 + b.loss.abs()),
+                "step {}: loss",
+                k + 1
+            );
+            assert!(
+                (a.grad_norm - b.grad_norm).abs() < 1e-2 * (1.0 + b.grad_norm),
+                "step {}: grad norm",
+                k + 1
+            );
+        }
+        close_weights(w, &one_w, &format!("{world} devices vs 1"));
     }
-    println!("2 devices vs 1: largest weight difference {worst:.3e}");
-    assert!(worst < 2e-2, "weights differ by {worst}");
+
+    // 2 devices: 4 steps straight against 2 + resume on 2 devices + 2.
+    let straight = on_ranks(group(2), |_, (c, r)| train(&c, Some(r), "a", 4, false)).unwrap();
+    on_ranks(group(2), |_, (c, r)| train(&c, Some(r), "b", 2, false)).unwrap();
+    let resumed = on_ranks(group(2), |_, (c, r)| train(&c, Some(r), "b", 4, true)).unwrap();
+    assert_eq!(resumed[0].0.len(), 2);
+    assert_eq!(
+        resumed[0].1, straight[0].1,
+        "2 -> 2 resume on the devices is not exact"
+    );
+
+    // SFT on 2 devices against one.
+    let mut rng = Rng::from_seed(s ^ 0x5f7);
+    let items: Vec<SftItem> = (0..5)
+        .map(|_| {
+            let len = 4 + rng.below(9);
+            SftItem {
+                tokens: (0..len).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
+                prompt_len: 1 + rng.below(len - 1),
+            }
+        })
+        .collect();
+    let sft = |c: &Cuda, comm: Option<RankComm<Cuda>>| {
+        let mut sc = SftConfig {
+            batch_size: 3,
+            micro_batch_tokens: 16,
+            ..SftConfig::default()
+        };
+        sc.run.steps = 2;
+        sc.optim.lr = 1e-3;
+        let model = Model::from_host(c, cfg.clone(), &host)?;
+        let mut t = SftTrainer::new_in(c.clone(), model, items.clone(), sc, comm)?;
+        t.quiet = true;
+        let m = t.run(None)?;
+        Ok((m, t.model.to_host(c)?))
+    };
+    let (m1, w1) = sft(&devs[0], None).unwrap();
+    let two = on_ranks(group(2), |_, (c, r)| sft(&c, Some(r))).unwrap();
+    assert_eq!(two[0].1, two[1].1, "SFT: the ranks' weights differ");
+    for (a, b) in two[0].0.iter().zip(&m1) {
+        println!(
+            "SFT 2 devices step {}: loss {:.6} vs {:.6}",
+            a.step, a.loss, b.loss
+        );
+        assert!((a.loss - b.loss).abs() < 2e-3 * (1.0 + b.loss.abs()));
+    }
+    close_weights(&two[0].1, &w1, "SFT 2 devices vs 1");
 }
