@@ -3,7 +3,8 @@
 //! all-gather against host references on random inputs, argument errors that stop every rank
 //! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
 //! AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices against one
-//! device for the same global batch, a 2-device resume, and SFT on 2 devices against one. Seeds are printed; TOOLN1_TEST_SEED replays.
+//! device for the same global batch, a 2-device resume, and SFT on 2 devices against one.
+//! Seeds are printed; TOOLN1_TEST_SEED replays.
 //!
 //! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
 //! order. Skips with the reason when there is no device, no NCCL or fewer than two devices
@@ -271,9 +272,7 @@ fn trainer_on_several_devices_matches_one() {
     use tooln1::train::config::{RunConfig, SftConfig};
     use tooln1::train::parallel::on_ranks;
     use tooln1::train::sft::SftItem;
-    use tooln1::train::{
-        checkpoint, PromptItem, RankComm, SftTrainer, TrainConfig, TrainData, Trainer,
-    };
+    use tooln1::train::{checkpoint, RankComm, SftTrainer, TrainConfig, TrainData, Trainer};
     let Some(devs) = devices() else { return };
     let s = common::seed("cuda_dist_trainer");
     let tok = common::train::golden_tokenizer();
@@ -285,19 +284,8 @@ fn trainer_on_several_devices_matches_one() {
         .iter()
         .map(|t| common::bf16_round(t))
         .collect();
-    let prompts: Vec<PromptItem> = ["the tree", "set a timer", "weather here", "one"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| PromptItem {
-            id: format!("p{i}"),
-            tokens: tok
-                .encode(&format!(
-                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
-                ))
-                .unwrap(),
-            ground_truth: serde_json::Value::Null,
-        })
-        .collect();
+    let prompts =
+        common::train::chat_prompts(&tok, &["the tree", "set a timer", "weather here", "one"]);
     let tmp = tempfile::tempdir().unwrap();
     let tc = |out: &str, steps: u64| {
         let mut c = TrainConfig {

@@ -430,19 +430,8 @@ mod trainer {
             .iter()
             .map(|t| super::common::bf16_round(t))
             .collect();
-        let prompts: Vec<PromptItem> = ["the tree", "set a timer", "weather here"]
-            .iter()
-            .enumerate()
-            .map(|(i, t)| PromptItem {
-                id: format!("p{i}"),
-                tokens: tok
-                    .encode(&format!(
-                        "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
-                    ))
-                    .unwrap(),
-                ground_truth: serde_json::Value::Null,
-            })
-            .collect();
+        let prompts =
+            super::common::train::chat_prompts(&tok, &["the tree", "set a timer", "weather here"]);
         let tmp = tempfile::tempdir().unwrap();
         let mut tc = TrainConfig {
             run: RunConfig {

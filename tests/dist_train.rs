@@ -52,19 +52,7 @@ fn setup(tag: &str) -> Setup {
         "eleven",
         "where is the bee",
     ];
-    let prompts = texts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| PromptItem {
-            id: format!("p{i}"),
-            tokens: tok
-                .encode(&format!(
-                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
-                ))
-                .unwrap(),
-            ground_truth: serde_json::Value::Null,
-        })
-        .collect();
+    let prompts = common::train::chat_prompts(&tok, &texts);
     Setup {
         cfg,
         host,

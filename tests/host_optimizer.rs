@@ -132,19 +132,10 @@ fn setup(tied: bool) -> (Qwen2Config, Vec<Vec<f32>>, Vec<PromptItem>) {
     let mut cfg = init::tiny_config(24, 2, 4, 2, 40, vocab, tied);
     cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
     let host = init::random_params(&cfg, 13);
-    let prompts = ["the tree", "set a timer", "weather here", "call me"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| PromptItem {
-            id: format!("p{i}"),
-            tokens: tok
-                .encode(&format!(
-                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
-                ))
-                .unwrap(),
-            ground_truth: serde_json::Value::Null,
-        })
-        .collect();
+    let prompts = common::train::chat_prompts(
+        &tok,
+        &["the tree", "set a timer", "weather here", "call me"],
+    );
     (cfg, host, prompts)
 }
 

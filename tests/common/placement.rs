@@ -202,19 +202,10 @@ pub fn grpo_case(dims: (usize, usize, usize, usize), tied: bool, seed: u64) -> G
     let mut cfg = init::tiny_config(hidden, 2, heads, kv, inter, vocab, tied);
     cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
     let host = init::random_params(&cfg, seed);
-    let prompts = ["the tree", "set a timer", "weather here", "call me"]
-        .iter()
-        .enumerate()
-        .map(|(i, t)| PromptItem {
-            id: format!("p{i}"),
-            tokens: tok
-                .encode(&format!(
-                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
-                ))
-                .unwrap(),
-            ground_truth: serde_json::Value::Null,
-        })
-        .collect();
+    let prompts = super::train::chat_prompts(
+        &tok,
+        &["the tree", "set a timer", "weather here", "call me"],
+    );
     GrpoCase { cfg, host, prompts }
 }
 

@@ -30,3 +30,21 @@ pub fn golden_tokenizer() -> Tokenizer {
     )
     .unwrap()
 }
+
+/// One training prompt per text: a user turn in Qwen's chat format, with the generation
+/// prompt, ids `p0`, `p1`, ... and no ground truth.
+pub fn chat_prompts(tok: &Tokenizer, texts: &[&str]) -> Vec<tooln1::train::PromptItem> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| tooln1::train::PromptItem {
+            id: format!("p{i}"),
+            tokens: tok
+                .encode(&format!(
+                    "<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n"
+                ))
+                .unwrap(),
+            ground_truth: serde_json::Value::Null,
+        })
+        .collect()
+}
