@@ -4,9 +4,10 @@
 //   table [vocab, dim] bf16, ids [n_tok] u32, out [n_tok, dim] bf16.
 //   Launch: grid (n_tok), block 256; each block copies one row.
 //   An id >= vocab sets ERR_EMBED_ID and writes NaN into that row.
-// embedding_bwd: dtable[ids[t], :] += dout[t, :]   (f32 gradient, atomics: rows may repeat)
+// embedding_bwd: dtable[ids[t], :] += dout[t, :]   (f32 gradient; rows may repeat)
 //   dout [n_tok, dim] bf16, dtable [vocab, dim] f32.
-//   Launch: grid (n_tok), block 256.
+//   Launch: grid ceil(dim/256), block 256; one thread per column adds the tokens in order, so
+//   the sums are deterministic (parallel over columns only: fine for one call per backward).
 #include "common.cuh"
 
 extern "C" __global__ void embedding_fwd(const u32* __restrict__ ids, const bf16_t* __restrict__ table,
@@ -28,16 +29,18 @@ extern "C" __global__ void embedding_fwd(const u32* __restrict__ ids, const bf16
 extern "C" __global__ void embedding_bwd(const u32* __restrict__ ids, const bf16_t* __restrict__ dout,
                                          float* __restrict__ dtable, int n_tok, int dim, u32 vocab,
                                          u32* err) {
-    const int t = blockIdx.x;
-    if (t >= n_tok) return;
-    const u32 id = ids[t];
-    if (id >= vocab) {
-        if (threadIdx.x == 0) atomicOr(err, ERR_EMBED_ID);
-        return;
+    // One thread per column walks the tokens in increasing order, so a repeated id sums its
+    // rows in a fixed order (deterministic, no atomics on the table).
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= dim) return;
+    for (int t = 0; t < n_tok; ++t) {
+        const u32 id = ids[t];
+        if (id >= vocab) {
+            if (j == 0) atomicOr(err, ERR_EMBED_ID);
+            continue;
+        }
+        dtable[(size_t)id * dim + j] += bf2f(dout[(size_t)t * dim + j]);
     }
-    const bf16_t* g = dout + (size_t)t * dim;
-    float* d = dtable + (size_t)id * dim;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) atomicAdd(d + j, bf2f(g[j]));
 }
 
 // scatter_add_rows: dst[ids[t], :] += src[t, :] for t < n (bf16 activations, each sum in f32

@@ -6,9 +6,10 @@
 // rmsnorm_bwd_dx: with g = dout, c[r] = sum_j g[r,j] w[j] x[r,j]:
 //   dx[r,j] += rstd[r] * w[j] * g[r,j] - x[r,j] * rstd[r]^3 * c[r] / dim   (accumulates into the
 //   residual-stream gradient, bf16). Launch: grid (rows), block 256.
-// rmsnorm_bwd_dw: dw[j] += sum_r g[r,j] x[r,j] rstd[r]   (f32 parameter gradient).
-//   Launch: grid (ceil(dim/256), ceil(rows/RMS_DW_ROWS)), block 256; each thread owns one column
-//   over a chunk of rows (coalesced reads) and adds its partial sum with one atomic.
+// rmsnorm_bwd_dw: part[c, j] = sum_{r in chunk c} g[r,j] x[r,j] rstd[r], chunks of RMS_DW_ROWS
+//   rows (f32); util.cu's sum_partials then adds the chunks in order into dw[j], so the
+//   parameter gradient is deterministic (no atomics). Launch: grid (ceil(dim/256),
+//   ceil(rows/RMS_DW_ROWS)), block 256; each thread owns one column of one chunk (coalesced).
 //
 // The residual add is not fused here: the op interface keeps the residual add (add_inplace)
 // separate from the norm, so the model code stays identical on every backend.
@@ -54,7 +55,7 @@ extern "C" __global__ void rmsnorm_bwd_dx(const bf16_t* __restrict__ dout, const
 }
 
 extern "C" __global__ void rmsnorm_bwd_dw(const bf16_t* __restrict__ dout, const bf16_t* __restrict__ x,
-                                          const float* __restrict__ rstd, float* __restrict__ dw,
+                                          const float* __restrict__ rstd, float* __restrict__ part,
                                           int rows, int dim) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= dim) return;
@@ -62,5 +63,5 @@ extern "C" __global__ void rmsnorm_bwd_dw(const bf16_t* __restrict__ dout, const
     const int r1 = min(rows, r0 + RMS_DW_ROWS);
     float acc = 0.f;
     for (int r = r0; r < r1; ++r) acc += bf2f(dout[(size_t)r * dim + j]) * bf2f(x[(size_t)r * dim + j]) * rstd[r];
-    atomicAdd(dw + j, acc);
+    part[(size_t)blockIdx.y * dim + j] = acc;
 }

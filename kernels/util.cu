@@ -7,8 +7,11 @@
 // f32_to_bf16:    y[i] = bf16(x[i]).                              grid-stride, block 256.
 // bias_rows:      y[r, j] = bias[j], r < m, j < n (bf16): the GEMM then adds x w^T with beta = 1,
 //                 so the bias is added before the single rounding to bf16.  grid-stride.
-// colsum_accum:   db[j] += sum_r dy[r, j] (f32 gradient of a bias). grid (ceil(n/256),
-//                 ceil(m/64)), block 256; one atomic per (column, chunk of 64 rows).
+// colsum_accum:   part[c, j] = sum_{r in chunk c} dy[r, j] over chunks of 64 rows (f32): the
+//                 first pass of a bias gradient. grid (ceil(n/256), ceil(m/64)), block 256.
+// sum_partials:   out[j] += sum_c part[c, j] for c < parts in increasing c (f32): the second
+//                 pass, so a column sum over row chunks is deterministic (no atomics).
+//                 grid ceil(n/256), block 256.
 #include "common.cuh"
 
 #define COLSUM_ROWS 64
@@ -44,12 +47,21 @@ extern "C" __global__ void bias_rows(const bf16_t* __restrict__ bias, bf16_t* __
         y[i] = bias[i % n];
 }
 
-extern "C" __global__ void colsum_accum(const bf16_t* __restrict__ dy, float* __restrict__ db, int m, int n) {
+extern "C" __global__ void colsum_accum(const bf16_t* __restrict__ dy, float* __restrict__ part, int m, int n) {
     const int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     const int r0 = blockIdx.y * COLSUM_ROWS;
     const int r1 = min(m, r0 + COLSUM_ROWS);
     float acc = 0.f;
     for (int r = r0; r < r1; ++r) acc += bf2f(dy[(size_t)r * n + j]);
-    atomicAdd(db + j, acc);
+    part[(size_t)blockIdx.y * n + j] = acc;
+}
+
+extern "C" __global__ void sum_partials(const float* __restrict__ part, float* __restrict__ out, int parts,
+                                        int n) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    float acc = out[j];
+    for (int c = 0; c < parts; ++c) acc += part[(size_t)c * n + j];
+    out[j] = acc;
 }

@@ -46,6 +46,75 @@ pub fn close_order(layout: &ParamLayout) -> Vec<Range<usize>> {
 /// Tensors of one decoder layer's group.
 const LAYER_GROUP: usize = 12;
 
+/// The groups a sink has open, each with the buffers it handed out (for sinks that make their
+/// buffers per group: `train::host_grads`, `train::zero`).
+pub struct OpenGroups<F> {
+    open: Vec<(usize, Vec<F>)>,
+}
+
+impl<F> Default for OpenGroups<F> {
+    fn default() -> Self {
+        OpenGroups { open: Vec::new() }
+    }
+}
+
+impl<F> OpenGroups<F> {
+    /// The buffers of group `first..first + n` of a sink over `len` tensors: the open group's
+    /// own when it is open (the tied embedding), else `make(first..first + n)`'s.
+    pub fn open(
+        &mut self,
+        first: usize,
+        n: usize,
+        len: usize,
+        make: impl FnOnce(Range<usize>) -> Result<Vec<F>>,
+    ) -> Result<&mut [F]> {
+        let end = match first.checked_add(n) {
+            Some(end) if end <= len => end,
+            _ => return Err(range_error(first, n, len)),
+        };
+        let at = match self.open.iter().position(|(f, _)| *f == first) {
+            Some(at) => at,
+            None => {
+                let bufs = make(first..end)?;
+                crate::ensure!(
+                    bufs.len() == n,
+                    "gradient group {first}..{end}: {} buffers made for {n} tensors",
+                    bufs.len()
+                );
+                self.open.push((first, bufs));
+                self.open.len() - 1
+            }
+        };
+        let bufs = &mut self.open[at].1;
+        crate::ensure!(
+            bufs.len() == n,
+            "gradient group at tensor {first} opened with {n} tensors, it is open with {}",
+            bufs.len()
+        );
+        Ok(bufs)
+    }
+
+    /// Takes the buffers of open group `first..first + n` (it is closed).
+    pub fn close(&mut self, first: usize, n: usize) -> Result<Vec<F>> {
+        let at = self
+            .open
+            .iter()
+            .position(|(f, bufs)| *f == first && bufs.len() == n)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "gradient group {first}..{} closed without being open",
+                    first.saturating_add(n)
+                ))
+            })?;
+        Ok(self.open.swap_remove(at).1)
+    }
+
+    /// Forgets every open group.
+    pub fn clear(&mut self) {
+        self.open.clear();
+    }
+}
+
 /// A destination for the parameter gradients of one backward pass (see the module docs for
 /// the order of the groups).
 pub trait GradSink<B: Backend> {

@@ -17,8 +17,9 @@
 use std::borrow::Cow;
 
 use crate::backend::Backend;
+use crate::model::grad_sink::OpenGroups;
 use crate::model::{GradSink, Model};
-use crate::{Error, Result};
+use crate::Result;
 
 /// f32 gradient sums in host memory, one per parameter tensor in layout order.
 pub struct HostGrads<B: Backend> {
@@ -28,7 +29,7 @@ pub struct HostGrads<B: Backend> {
     /// Whether tensor i's sum is zero since the last [`HostGrads::zero`].
     zero: Vec<bool>,
     /// Groups open in the current backward: (first tensor, backend buffers).
-    open: Vec<(usize, Vec<B::F>)>,
+    open: OpenGroups<B::F>,
 }
 
 impl<B: Backend> HostGrads<B> {
@@ -43,7 +44,7 @@ impl<B: Backend> HostGrads<B> {
             host: numel.iter().map(|_| Vec::new()).collect(),
             zero: vec![true; numel.len()],
             numel,
-            open: Vec::new(),
+            open: OpenGroups::default(),
         })
     }
 
@@ -78,55 +79,22 @@ impl<B: Backend> GradSink<B> for HostGrads<B> {
     }
 
     fn open(&mut self, b: &B, first: usize, n: usize) -> Result<&mut [B::F]> {
-        let end = first
-            .checked_add(n)
-            .filter(|&e| e <= self.numel.len())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "gradient group {first}..{} asked of {} tensors",
-                    first.saturating_add(n),
-                    self.numel.len()
-                ))
-            })?;
-        let at = match self.open.iter().position(|(f, _)| *f == first) {
-            Some(at) => {
-                if self.open[at].1.len() != n {
-                    return Err(Error::Invalid(format!(
-                        "gradient group at tensor {first} opened with {n} tensors, it is open \
-                         with {}",
-                        self.open[at].1.len()
-                    )));
-                }
-                at
-            }
-            None => {
-                let mut bufs = Vec::with_capacity(n);
-                for i in first..end {
-                    bufs.push(if self.zero[i] {
-                        b.zeros_f32(self.numel[i])?
+        let (zero, host, numel) = (&self.zero, &self.host, &self.numel);
+        self.open.open(first, n, numel.len(), |range| {
+            range
+                .map(|i| {
+                    if zero[i] {
+                        b.zeros_f32(numel[i])
                     } else {
-                        b.upload_f32(&self.host[i])?
-                    });
-                }
-                self.open.push((first, bufs));
-                self.open.len() - 1
-            }
-        };
-        Ok(&mut self.open[at].1)
+                        b.upload_f32(&host[i])
+                    }
+                })
+                .collect()
+        })
     }
 
     fn close(&mut self, b: &B, first: usize, n: usize) -> Result<()> {
-        let at = self
-            .open
-            .iter()
-            .position(|(f, bufs)| *f == first && bufs.len() == n)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "gradient group {first}..{} closed without being open",
-                    first.saturating_add(n)
-                ))
-            })?;
-        let (_, bufs) = self.open.swap_remove(at);
+        let bufs = self.open.close(first, n)?;
         for (i, buf) in (first..first + n).zip(&bufs) {
             self.host[i] = b.download_f32(buf, self.numel[i])?;
             self.zero[i] = false;

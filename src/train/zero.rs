@@ -19,6 +19,7 @@
 
 use crate::backend::Backend;
 use crate::dist::{Collective, ShardPlan};
+use crate::model::grad_sink::OpenGroups;
 use crate::model::{GradSink, Model};
 use crate::train::config::OptimConfig;
 use crate::train::optim::{
@@ -250,8 +251,8 @@ impl<B: Backend> ShardedAdamW<B> {
 pub struct ShardSink<'a, B: Backend> {
     opt: &'a mut ShardedAdamW<B>,
     comm: &'a dyn Collective<B>,
-    /// The groups now open: (first tensor, buffers).
-    open: Vec<(usize, Vec<B::F>)>,
+    /// The groups now open, with their full-size buffers.
+    open: OpenGroups<B::F>,
     /// Backward passes completed (closes of the embedding's group, always the last).
     passes: usize,
     embed: usize,
@@ -264,7 +265,7 @@ impl<'a, B: Backend> ShardSink<'a, B> {
         ShardSink {
             opt,
             comm,
-            open: Vec::new(),
+            open: OpenGroups::default(),
             passes: 0,
             embed,
         }
@@ -328,45 +329,17 @@ impl<B: Backend> GradSink<B> for ShardSink<'_, B> {
     }
 
     fn open(&mut self, b: &B, first: usize, n: usize) -> Result<&mut [B::F]> {
-        let len = self.opt.plan.tensors.len();
-        crate::ensure!(
-            first.checked_add(n).is_some_and(|e| e <= len),
-            "gradient group {first}..{} asked of {len} tensors",
-            first.saturating_add(n)
-        );
-        let at = match self.open.iter().position(|(f, _)| *f == first) {
-            Some(at) => at,
-            None => {
-                let world = self.opt.plan.world;
-                let bufs = self.opt.plan.tensors[first..first + n]
-                    .iter()
-                    .map(|t| b.zeros_f32(t.padded(world)))
-                    .collect::<Result<Vec<_>>>()?;
-                self.open.push((first, bufs));
-                self.open.len() - 1
-            }
-        };
-        let bufs = &mut self.open[at].1;
-        crate::ensure!(
-            bufs.len() == n,
-            "gradient group at tensor {first} opened with {n} tensors, it is open with {}",
-            bufs.len()
-        );
-        Ok(bufs)
+        let plan = &self.opt.plan;
+        self.open.open(first, n, plan.tensors.len(), |range| {
+            plan.tensors[range]
+                .iter()
+                .map(|t| b.zeros_f32(t.padded(plan.world)))
+                .collect()
+        })
     }
 
     fn close(&mut self, b: &B, first: usize, n: usize) -> Result<()> {
-        let at = self
-            .open
-            .iter()
-            .position(|(f, bufs)| *f == first && bufs.len() == n)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "gradient group {first}..{} closed without being open",
-                    first.saturating_add(n)
-                ))
-            })?;
-        let (_, bufs) = self.open.swap_remove(at);
+        let bufs = self.open.close(first, n)?;
         for (i, buf) in (first..first + n).zip(&bufs) {
             self.reduce(b, buf, i)?;
         }

@@ -1,7 +1,7 @@
 //! Launchers of kernels/embedding.cu: one block of 256 threads per token row.
 
 use super::super::runtime::gen::launch::embedding as k;
-use super::super::runtime::{Bf16, CudaBuf};
+use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, i32_of};
 use crate::backend::check;
@@ -46,7 +46,7 @@ pub(crate) fn backward(
     let rows = check::embedding(op, ids, dout, dtable, n_tok, dim)?;
     k::embedding_bwd(
         &c.gpu,
-        blocks(n_tok, 256),
+        Launch::new((dim.div_ceil(256) as u32, 1, 1), 256),
         k::EmbeddingBwd {
             ids,
             dout,

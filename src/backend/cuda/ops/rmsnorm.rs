@@ -50,16 +50,20 @@ pub(crate) fn backward(
     let op = "rmsnorm_bwd";
     let (r, d) = (i32_of(op, "rows", rows)?, i32_of(op, "dim", dim)?);
     if let Some(dw) = dw {
-        let grid = (dim.div_ceil(256) as u32, rows.div_ceil(64).max(1) as u32, 1);
+        // Per-chunk column sums of 64 rows, then the chunks added in order: deterministic.
+        let chunks = rows.div_ceil(64).max(1);
+        let mut part = c.gpu.alloc::<f32>(chunks * dim)?;
+        let grid = (dim.div_ceil(256) as u32, chunks as u32, 1);
         let a = k::RmsnormBwdDw {
             dout,
             x,
             rstd,
-            dw,
+            part: &mut part,
             rows: r,
             dim: d,
         };
         k::rmsnorm_bwd_dw(&c.gpu, Launch::new(grid, 256), a)?;
+        super::util::sum_partials(c, &part, dw, chunks, d)?;
     }
     let a = k::RmsnormBwdDx {
         dout,

@@ -55,7 +55,9 @@ pub(crate) fn bias_rows(
     )
 }
 
-/// db[j] += Σ_r dy[r, j] over dy[m, n]: a block of 256 columns by 64 rows each.
+/// db[j] += Σ_r dy[r, j] over dy[m, n], deterministically: per-chunk column sums of 64 rows
+/// into a scratch buffer (a block of 256 columns by 64 rows each), then the chunks added in
+/// order ([`sum_partials`]).
 pub(crate) fn colsum_accum(
     c: &Cuda,
     dy: &CudaBuf<Bf16>,
@@ -63,14 +65,41 @@ pub(crate) fn colsum_accum(
     m: i32,
     n: i32,
 ) -> Result<()> {
-    let grid = (
-        (n as usize).div_ceil(256) as u32,
-        (m as usize).div_ceil(64).max(1) as u32,
-        1,
-    );
+    let chunks = (m.max(0) as usize).div_ceil(64).max(1);
+    let mut part = c.gpu.alloc::<f32>(chunks * n.max(0) as usize)?;
+    let grid = ((n as usize).div_ceil(256) as u32, chunks as u32, 1);
     k::colsum_accum(
         &c.gpu,
         Launch::new(grid, 256),
-        k::ColsumAccum { dy, db, m, n },
+        k::ColsumAccum {
+            dy,
+            part: &mut part,
+            m,
+            n,
+        },
+    )?;
+    sum_partials(c, &part, db, chunks, n)
+}
+
+/// out[j] += Σ_c part[c, j] for c < parts, in increasing c.
+pub(crate) fn sum_partials(
+    c: &Cuda,
+    part: &CudaBuf<f32>,
+    out: &mut CudaBuf<f32>,
+    parts: usize,
+    n: i32,
+) -> Result<()> {
+    let parts = i32::try_from(parts)
+        .map_err(|_| crate::Error::Invalid(format!("sum_partials: {parts} parts")))?;
+    let grid = ((n.max(0) as usize).div_ceil(256).max(1) as u32, 1, 1);
+    k::sum_partials(
+        &c.gpu,
+        Launch::new(grid, 256),
+        k::SumPartials {
+            part,
+            out,
+            parts,
+            n,
+        },
     )
 }
