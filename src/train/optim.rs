@@ -7,7 +7,7 @@
 //! the kernel does). The host buffers are ordinary (pageable) allocations and the copies are
 //! synchronous, one tensor at a time: no pinned memory and no copy-stream overlap yet. In a
 //! data-parallel run the state is sharded over the ranks ([`ShardedAdamW`], ZeRO stage 2) and
-//! every update goes through [`AdamW::step_in`] with the rank's communicator.
+//! every update is [`AdamW::step_shards`] after the backward summed into [`ShardedAdamW::sink`].
 
 use std::borrow::Cow;
 
@@ -360,7 +360,7 @@ impl<B: Backend> AdamW<B> {
     ) -> Result<UpdateStats> {
         if self.shards.is_some() {
             return Err(Error::Invalid(
-                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_in)".into(),
+                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_shards)".into(),
             ));
         }
         if grads.len() != model.params.len() {
@@ -389,7 +389,7 @@ impl<B: Backend> AdamW<B> {
     ) -> Result<UpdateStats> {
         if self.shards.is_some() {
             return Err(Error::Invalid(
-                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_in)".into(),
+                "AdamW: a sharded optimizer steps with its rank group (AdamW::step_shards)".into(),
             ));
         }
         let h = match grads {
