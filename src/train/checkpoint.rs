@@ -252,10 +252,8 @@ pub fn save_in<B: Backend>(
         }
     } else {
         // The same gathers as rank 0's optimizer file, in the same order.
-        for group in opt.groups() {
-            for (i, s) in model.layout.specs.iter().enumerate() {
-                opt.gather_state(b, comm, group, i, s.numel())?;
-            }
+        for (group, i, s) in state_tensors(opt, &model.layout) {
+            opt.gather_state(b, comm, group, i, s.numel())?;
         }
     }
     // Every rank leaves once rank 0 has written (an abort above reaches the others here).
@@ -442,6 +440,17 @@ pub fn load_with<B: Backend>(
     Ok((model, opt, state))
 }
 
+/// The optimizer tensors of a checkpoint in file order: (group, layout index, spec). Rank 0's
+/// writer and the other ranks' gathers walk this one order.
+fn state_tensors<'a, B: Backend>(
+    opt: &AdamW<B>,
+    layout: &'a ParamLayout,
+) -> impl Iterator<Item = (&'static str, usize, &'a crate::model::ParamSpec)> {
+    opt.groups()
+        .into_iter()
+        .flat_map(move |g| layout.specs.iter().enumerate().map(move |(i, s)| (g, i, s)))
+}
+
 /// Stream the optimizer tensors into a safetensors file (f32), one tensor in host memory at a
 /// time.
 fn save_optimizer<B: Backend>(
@@ -451,18 +460,15 @@ fn save_optimizer<B: Backend>(
     opt: &AdamW<B>,
     comm: Option<&dyn Collective<B>>,
 ) -> Result<()> {
-    let groups = opt.groups();
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for prefix in &groups {
-        for s in &layout.specs {
-            let n = s.numel() * 4;
-            header.insert(
-                format!("{prefix}.{}", s.name),
-                serde_json::json!({"dtype": "F32", "shape": s.shape, "data_offsets": [offset, offset + n]}),
-            );
-            offset += n;
-        }
+    for (prefix, _, s) in state_tensors(opt, layout) {
+        let n = s.numel() * 4;
+        header.insert(
+            format!("{prefix}.{}", s.name),
+            serde_json::json!({"dtype": "F32", "shape": s.shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
     }
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "tooln1-adamw".into());
@@ -478,24 +484,22 @@ fn save_optimizer<B: Backend>(
     w.write_all(&(hbytes.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&hbytes).map_err(io)?;
-    for prefix in &groups {
-        for (i, s) in layout.specs.iter().enumerate() {
-            let host = opt.gather_state(b, comm, prefix, i, s.numel())?;
-            if let Some(j) = host.iter().position(|x| !x.is_finite()) {
-                drop(w);
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::Tensor {
-                    file: path.display().to_string(),
-                    tensor: format!("{prefix}.{}", s.name),
-                    msg: format!(
-                        "element {j} of the optimizer state is {}; refusing to save a diverged \
-                         run (lower optim.lr, raise optim.eps, or check the data)",
-                        host[j]
-                    ),
-                });
-            }
-            w.write_all(bytemuck::cast_slice(&host)).map_err(io)?;
+    for (prefix, i, s) in state_tensors(opt, layout) {
+        let host = opt.gather_state(b, comm, prefix, i, s.numel())?;
+        if let Some(j) = host.iter().position(|x| !x.is_finite()) {
+            drop(w);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::Tensor {
+                file: path.display().to_string(),
+                tensor: format!("{prefix}.{}", s.name),
+                msg: format!(
+                    "element {j} of the optimizer state is {}; refusing to save a diverged \
+                     run (lower optim.lr, raise optim.eps, or check the data)",
+                    host[j]
+                ),
+            });
         }
+        w.write_all(bytemuck::cast_slice(&host)).map_err(io)?;
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
