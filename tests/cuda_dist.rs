@@ -305,6 +305,9 @@ fn trainer_on_several_devices_matches_one() {
         c.grpo.mini_batch_prompts = 4;
         c.grpo.micro_batch_tokens = 64;
         c.grpo.kl_coef = 0.05;
+        // The entropy term gives a gradient even when every group's rewards are equal (which
+        // a random model's short responses can all score).
+        c.grpo.entropy_coef = 0.01;
         c.optim.lr = 1e-3;
         c
     };
