@@ -16,6 +16,10 @@ use tooln1::backend::Backend;
 use tooln1::model::weights::load_model;
 use tooln1::model::PackedBatch;
 
+/// As in the `tooln1` binary.
+#[global_allocator]
+static ALLOC: cpu::ReuseAlloc = cpu::ReuseAlloc;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

@@ -13,8 +13,10 @@
 
 pub mod fast;
 pub mod math;
+pub mod reuse_alloc;
 
 pub use fast::{default_num_threads, num_threads, set_num_threads};
+pub use reuse_alloc::ReuseAlloc;
 
 use crate::backend::check;
 use crate::backend::host_adamw;
