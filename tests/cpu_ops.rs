@@ -19,7 +19,8 @@ use tooln1::backend::{
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{
-    KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, RopeRows, VocabDims,
+    KeptLogits, KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, RopeRows,
+    VocabDims,
 };
 
 /// The test's random stream from [`common::seed`] (printed; `TOOLN1_TEST_SEED` replays it).
@@ -879,6 +880,125 @@ fn logprobs_chunked_large_vocab() {
             assert!((dh[t * dim + j] as f64 - e).abs() < 1e-4, "dh[{t},{j}]");
         }
     }
+}
+
+/// The kept-logits pair (`logprobs_keep` + `logprobs_bwd_kept`) gives the same bits as
+/// `logprobs` + `logprobs_bwd`, which recompute the logits: odd sizes, several vocabulary tiles
+/// (vocab over 512) and row blocks (over 1024 rows), a temperature, entropy, dw accumulated
+/// and skipped; a `kept` buffer shorter than n_tok * vocab is an error.
+#[test]
+fn logprobs_kept_logits_match_recompute() {
+    let mut r = rng("logprobs_kept_logits_match_recompute");
+    let b = Cpu;
+    assert!(b.keeps_logits());
+    for &(n, dim, vocab, inv_t, with_dw) in &[
+        (1, 3, 7, 1.0f32, true),
+        (37, 19, 1_337, 1.0 / 0.7, true),
+        (1_029, 9, 613, 1.0, false),
+    ] {
+        let h: Vec<f32> = (0..n * dim).map(|_| r.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..vocab * dim)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        let tg: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+        let c: Vec<f32> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
+        let dw0: Vec<f32> = (0..vocab * dim)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        let head = LmHead {
+            h: &h,
+            w: &w,
+            targets: &tg,
+        };
+        let d = VocabDims {
+            n_tok: n,
+            dim,
+            vocab,
+        };
+        // (logp, lse, entropy, dh, dw) with and without kept logits.
+        let run = |keep: bool| {
+            let (mut lp, mut lse, mut ent) = (poisoned(n), poisoned(n), poisoned(n));
+            let out = LogprobsOut {
+                logp: &mut lp,
+                lse: &mut lse,
+                entropy: Some(&mut ent),
+            };
+            let mut kept = vec![f32::NAN; n * vocab];
+            if keep {
+                b.logprobs_keep(head, out, d, inv_t, &mut kept).unwrap();
+                assert!(kept.iter().all(|x| x.is_finite()), "every logit kept");
+            } else {
+                b.logprobs(head, out, d, inv_t).unwrap();
+            }
+            let (mut dh, mut dw) = (poisoned(n * dim), dw0.clone());
+            let grads = LogprobsGrads {
+                dh: &mut dh,
+                dw: with_dw.then_some(&mut dw),
+            };
+            if keep {
+                let saved = KeptLogits {
+                    lse: &lse,
+                    logits: &kept,
+                };
+                b.logprobs_bwd_kept(&c, head, saved, grads, d, inv_t)
+                    .unwrap();
+            } else {
+                b.logprobs_bwd(&c, head, &lse, grads, d, inv_t).unwrap();
+            }
+            for (name, v, len) in [("logp", &lp, n), ("lse", &lse, n), ("dh", &dh, n * dim)] {
+                untouched(name, v, len);
+            }
+            (lp, lse, ent, dh, dw)
+        };
+        let (a, k) = (run(false), run(true));
+        let tag = format!("n {n}, dim {dim}, vocab {vocab}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a.0), bits(&k.0), "logp, {tag}");
+        assert_eq!(bits(&a.1), bits(&k.1), "lse, {tag}");
+        assert_eq!(bits(&a.2), bits(&k.2), "entropy, {tag}");
+        assert_eq!(bits(&a.3), bits(&k.3), "dh, {tag}");
+        assert_eq!(bits(&a.4), bits(&k.4), "dw, {tag}");
+        assert_eq!(with_dw, a.4 != dw0, "dw accumulated only when asked, {tag}");
+    }
+    // A short kept buffer is an argument error naming it, in both directions.
+    let (n, dim, vocab) = (4, 3, 5);
+    let (h, w, tg) = (vec![0.5; n * dim], vec![0.25; vocab * dim], vec![1u32; n]);
+    let head = LmHead {
+        h: &h,
+        w: &w,
+        targets: &tg,
+    };
+    let d = VocabDims {
+        n_tok: n,
+        dim,
+        vocab,
+    };
+    let (mut lp, mut lse) = (vec![0.0; n], vec![0.0; n]);
+    let mut short = vec![0.0; n * vocab - 1];
+    let out = LogprobsOut {
+        logp: &mut lp,
+        lse: &mut lse,
+        entropy: None,
+    };
+    let e = b
+        .logprobs_keep(head, out, d, 1.0, &mut short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("logprobs_keep") && e.contains("kept"), "{e}");
+    let mut dh = vec![0.0; n * dim];
+    let saved = KeptLogits {
+        lse: &lse,
+        logits: &short,
+    };
+    let grads = LogprobsGrads {
+        dh: &mut dh,
+        dw: None,
+    };
+    let e = b
+        .logprobs_bwd_kept(&lp, head, saved, grads, d, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("logprobs_bwd_kept") && e.contains("kept"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------ GRPO loss

@@ -326,6 +326,21 @@ pub struct LogprobsGrads<'a, T: ?Sized, F: ?Sized> {
     pub dw: Option<&'a mut F>,
 }
 
+/// What [`Backend::logprobs_bwd_kept`] reads from its forward: `lse` and the `logits` that
+/// [`Backend::logprobs_keep`] kept.
+#[derive(Debug)]
+pub struct KeptLogits<'a, F: ?Sized> {
+    pub lse: &'a F,
+    pub logits: &'a F,
+}
+
+impl<F: ?Sized> Clone for KeptLogits<'_, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<F: ?Sized> Copy for KeptLogits<'_, F> {}
+
 /// The per-token inputs of [`Backend::grpo_loss`]: `n_tok` tokens of `n_seq` sequences.
 #[derive(Debug)]
 pub struct GrpoTokens<'a, F: ?Sized, I: ?Sized> {
@@ -803,6 +818,41 @@ pub trait Backend {
         d: VocabDims,
         inv_t: f32,
     ) -> Result<()>;
+    /// Whether [`Backend::logprobs_keep`] keeps the logits (else it is [`Backend::logprobs`] and
+    /// [`Backend::logprobs_bwd_kept`] recomputes them). False by default.
+    fn keeps_logits(&self) -> bool {
+        false
+    }
+    /// [`Backend::logprobs`], also writing the scaled logits z·inv_t of every row into `kept`
+    /// (n_tok * vocab f32 entries, in an order of the backend's choosing) for
+    /// [`Backend::logprobs_bwd_kept`], which then skips recomputing them: trades that buffer for
+    /// a quarter of the lm_head's training FLOPs. The default ignores `kept`.
+    fn logprobs_keep(
+        &self,
+        head: LmHead<'_, Self::T, Self::I>,
+        out: LogprobsOut<'_, Self::F>,
+        d: VocabDims,
+        inv_t: f32,
+        kept: &mut Self::F,
+    ) -> Result<()> {
+        let _ = kept;
+        self.logprobs(head, out, d, inv_t)
+    }
+    /// [`Backend::logprobs_bwd`] reading the logits [`Backend::logprobs_keep`] wrote into
+    /// `saved.logits` (same `head`, `d` and `inv_t`; `saved.lse` from the same call) instead of
+    /// recomputing them; the same result bit
+    /// for bit. The default recomputes.
+    fn logprobs_bwd_kept(
+        &self,
+        dlogp: &Self::F,
+        head: LmHead<'_, Self::T, Self::I>,
+        saved: KeptLogits<'_, Self::F>,
+        grads: LogprobsGrads<'_, Self::T, Self::F>,
+        d: VocabDims,
+        inv_t: f32,
+    ) -> Result<()> {
+        self.logprobs_bwd(dlogp, head, saved.lse, grads, d, inv_t)
+    }
     /// Full f32 logits for a few rows (sampling at decode time): out[r,v] = h[r,:]·w[v,:] for
     /// r < d.n_tok.
     fn logits(&self, h: &Self::T, w: &Self::T, out: &mut Self::F, d: VocabDims) -> Result<()>;

@@ -5,8 +5,9 @@
 //! lm_head + log-softmax + gather.
 
 use crate::backend::{
-    AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KvRows, LinearGrads, LmHead,
-    LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy, VocabDims,
+    AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KeptLogits, KvRows, LinearGrads,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy,
+    VocabDims,
 };
 use crate::model::grad_sink::GradSink;
 use crate::model::stream::HostLayers;
@@ -278,6 +279,8 @@ pub struct Tape<B: Backend> {
     recompute: bool,
     /// Inverse temperature the logprobs were taken at (the backward uses the same).
     inv_t: f32,
+    /// The lm_head logits the forward kept for the backward ([`KEEP_LOGITS_MAX_BYTES`]).
+    kept_logits: Option<B::F>,
 }
 
 /// Activations of one decoder layer: what its backward reads. `q` and `k` are stored after
@@ -319,6 +322,11 @@ type HeadLogprobs<B> = (
     <B as Backend>::F,
     Option<<B as Backend>::F>,
 );
+
+/// The most bytes of lm_head logits a training forward keeps for its backward (on a backend
+/// that [keeps logits](Backend::keeps_logits)); above it the backward recomputes them. Keeping
+/// them saves a quarter of the lm_head's training FLOPs (the backward's recomputed product).
+pub const KEEP_LOGITS_MAX_BYTES: usize = 1 << 30;
 
 /// Sizes of one pass over `n` token rows.
 #[derive(Clone, Copy, Debug)]
@@ -981,15 +989,16 @@ impl<B: Backend> Model<B> {
     }
 
     /// The lm_head log-probabilities of the batch's targets from the normed logit rows `xf`:
-    /// (logp, lse, entropy when asked), on the backend.
+    /// (logp, lse, entropy when asked), on the backend; `opts` = (entropy, inv_t). With `kept`,
+    /// the logits are also kept there for the backward ([`Backend::logprobs_keep`]).
     fn head_logprobs(
         &self,
         b: &B,
         xf: &B::T,
         batch: &DeviceBatch<B>,
         d: &Dims,
-        entropy: bool,
-        inv_t: f32,
+        (entropy, inv_t): (bool, f32),
+        kept: Option<&mut B::F>,
     ) -> Result<HeadLogprobs<B>> {
         let m = batch.n_logits;
         let mut logp = b.zeros_f32(m)?;
@@ -1005,7 +1014,10 @@ impl<B: Backend> Model<B> {
             lse: &mut lse,
             entropy: ent.as_mut(),
         };
-        b.logprobs(head, out, d.vocab(m), inv_t)?;
+        match kept {
+            Some(k) => b.logprobs_keep(head, out, d.vocab(m), inv_t, k)?,
+            None => b.logprobs(head, out, d.vocab(m), inv_t)?,
+        }
         Ok((logp, lse, ent))
     }
 
@@ -1044,7 +1056,7 @@ impl<B: Backend> Model<B> {
         let m = batch.n_logits;
         let xh = self.gather_head(b, &x, batch, &d)?;
         let (xf, _) = self.final_norm(b, xh.as_ref().unwrap_or(&x), m, &d)?;
-        let (logp, _, ent) = self.head_logprobs(b, &xf, batch, &d, entropy, inv_t)?;
+        let (logp, _, ent) = self.head_logprobs(b, &xf, batch, &d, (entropy, inv_t), None)?;
         let ent = match ent {
             Some(e) => Some(b.download_f32(&e, m)?),
             None => None,
@@ -1161,7 +1173,18 @@ impl<B: Backend> Model<B> {
         let x_head = self.gather_head(b, &inputs[n_layers], batch, &d)?;
         let (x_final, rstd_final) =
             self.final_norm(b, x_head.as_ref().unwrap_or(&inputs[n_layers]), m, &d)?;
-        let (logp, lse, ent) = self.head_logprobs(b, &x_final, batch, &d, entropy, inv_t)?;
+        let keep = b.keeps_logits()
+            && m.checked_mul(d.vocab)
+                .and_then(|n| n.checked_mul(4))
+                .is_some_and(|bytes| bytes <= KEEP_LOGITS_MAX_BYTES);
+        let mut kept_logits = if keep {
+            Some(b.zeros_f32(m * d.vocab)?)
+        } else {
+            None
+        };
+        let opts = (entropy, inv_t);
+        let (logp, lse, ent) =
+            self.head_logprobs(b, &x_final, batch, &d, opts, kept_logits.as_mut())?;
         Ok(Tape {
             logp,
             entropy: ent,
@@ -1175,6 +1198,7 @@ impl<B: Backend> Model<B> {
             lse,
             recompute,
             inv_t,
+            kept_logits,
         })
     }
 
@@ -1236,7 +1260,16 @@ impl<B: Backend> Model<B> {
             dh: &mut dxf,
             dw: Some(&mut g[w_at]),
         };
-        b.logprobs_bwd(dlogp, head, &tape.lse, head_grads, d.vocab(m), tape.inv_t)?;
+        match &tape.kept_logits {
+            Some(logits) => {
+                let saved = KeptLogits {
+                    lse: &tape.lse,
+                    logits,
+                };
+                b.logprobs_bwd_kept(dlogp, head, saved, head_grads, d.vocab(m), tape.inv_t)?
+            }
+            None => b.logprobs_bwd(dlogp, head, &tape.lse, head_grads, d.vocab(m), tape.inv_t)?,
+        }
         let mut dxh = b.zeros(m * d.h)?;
         let g = if tied {
             grads.open(b, norm, 1)?

@@ -694,11 +694,16 @@ fn tile_logits(h: &[f32], w: &[f32], (z, wt): (&mut [f32], &mut [f32]), t: Vocab
 
 /// Fused lm_head + log-softmax + gather at inverse temperature `inv_t` (see
 /// [`math::logprobs`]).
+///
+/// With `kept` ([n_tok * vocab]), each tile's scaled logits are written there instead of
+/// scratch, for [`logprobs_bwd`]: row block b (rows t0..t0+rows) holds its tiles one after the
+/// other from t0 * vocab, tile i ([rows, vn], row-major) from t0 * vocab + i * LP_VT * rows.
 pub fn logprobs(
     head: LmHead<'_, [f32], [u32]>,
     out: LogprobsOut<'_, [f32]>,
     d: VocabDims,
     inv_t: f32,
+    mut kept: Option<&mut [f32]>,
 ) {
     let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
     let LogprobsOut {
@@ -715,14 +720,31 @@ pub fn logprobs(
         let rows = LP_ROWS.min(n_tok - t0);
         let hb = &h[t0 * dim..(t0 + rows) * dim];
         let tg = &targets[t0..t0 + rows];
+        let kept_b = kept
+            .as_deref_mut()
+            .map(|k| Ptr(k[t0 * vocab..(t0 + rows) * vocab].as_mut_ptr()));
         stats[..n_tiles * LP_ROWS * 4]
             .par_chunks_mut(LP_ROWS * 4)
             .enumerate()
             .for_each(|(tile, st)| {
                 let v0 = tile * LP_VT;
                 let vn = LP_VT.min(vocab - v0);
-                with_scratch(rows * vn + dim * vn, |buf| {
-                    let (z, wt) = buf.split_at_mut(rows * vn);
+                let keep = kept_b.map(|k| {
+                    // SAFETY: tile `tile` of this row block owns rows * vn entries from
+                    // v0 * rows, inside the block's rows * vocab (asserted by the caller's
+                    // slice above); tiles never overlap.
+                    unsafe { std::slice::from_raw_parts_mut(k.get().add(v0 * rows), rows * vn) }
+                });
+                let scratch = if keep.is_some() {
+                    dim * vn
+                } else {
+                    rows * vn + dim * vn
+                };
+                with_scratch(scratch, |buf| {
+                    let (z, wt) = match keep {
+                        Some(k) => (k, buf),
+                        None => buf.split_at_mut(rows * vn),
+                    };
                     tile_logits(hb, w, (&mut *z, wt), VocabTile { rows, dim, v0, vn }, inv_t);
                     for r in 0..rows {
                         let zr = &z[r * vn..(r + 1) * vn];
@@ -776,14 +798,17 @@ pub fn logprobs(
 }
 
 /// Backward of [`logprobs`] (see [`math::logprobs_bwd`]): dh overwritten, dw accumulated.
+/// With `kept` (the logits [`logprobs`] kept for the same inputs), each tile's logits are
+/// copied from there instead of recomputed: the same values, so the same result bit for bit.
 pub fn logprobs_bwd(
     dlogp: &[f32],
     head: LmHead<'_, [f32], [u32]>,
-    lse: &[f32],
+    saved: (&[f32], Option<&[f32]>),
     grads: LogprobsGrads<'_, [f32], [f32]>,
     d: VocabDims,
     inv_t: f32,
 ) {
+    let (lse, kept) = saved;
     let (LmHead { h, w, targets }, VocabDims { n_tok, dim, vocab }) = (head, d);
     let LogprobsGrads { dh, dw } = grads;
     let n_tiles = vocab.div_ceil(LP_VT);
@@ -807,9 +832,23 @@ pub fn logprobs_bwd(
                 for tile in tiles {
                     let v0 = tile * LP_VT;
                     let vn = LP_VT.min(vocab - v0);
-                    with_scratch(rows * vn + dim * vn, |buf| {
+                    let scratch = if kept.is_some() {
+                        rows * vn
+                    } else {
+                        rows * vn + dim * vn
+                    };
+                    with_scratch(scratch, |buf| {
                         let (z, wt) = buf.split_at_mut(rows * vn);
-                        tile_logits(hb, w, (&mut *z, wt), VocabTile { rows, dim, v0, vn }, inv_t);
+                        match kept {
+                            Some(k) => {
+                                let at = t0 * vocab + v0 * rows;
+                                z.copy_from_slice(&k[at..at + rows * vn]);
+                            }
+                            None => {
+                                let t = VocabTile { rows, dim, v0, vn };
+                                tile_logits(hb, w, (&mut *z, wt), t, inv_t)
+                            }
+                        }
                         for r in 0..rows {
                             let t = t0 + r;
                             // The chain rule through z·inv_t (exact at inv_t = 1).

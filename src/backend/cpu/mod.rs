@@ -22,9 +22,9 @@ use crate::backend::check;
 use crate::backend::host_adamw;
 use crate::backend::{
     AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
-    GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
-    NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
-    VocabDims,
+    GrpoLossOut, GrpoTokens, Heads, KeptLogits, KvRows, LinearGrads, LmHead, LogprobsGrads,
+    LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams,
+    SampleRows, VocabDims,
 };
 use crate::Result;
 
@@ -409,7 +409,7 @@ impl Backend for Cpu {
             lse: out.lse.as_mut_slice(),
             entropy: out.entropy.map(|e| e.as_mut_slice()),
         };
-        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t));
+        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t, None));
         Ok(())
     }
 
@@ -435,7 +435,61 @@ impl Backend for Cpu {
             dh: grads.dh.as_mut_slice(),
             dw: grads.dw.map(|d| d.as_mut_slice()),
         };
-        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), lse, grads, d, inv_t));
+        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), (lse, None), grads, d, inv_t));
+        Ok(())
+    }
+
+    fn keeps_logits(&self) -> bool {
+        true
+    }
+
+    fn logprobs_keep(
+        &self,
+        head: LmHead<'_, Vec<f32>, Vec<u32>>,
+        out: LogprobsOut<'_, Vec<f32>>,
+        d: VocabDims,
+        inv_t: f32,
+        kept: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = "logprobs_keep";
+        check::logprobs(head, &out, d, inv_t)?;
+        check::holds(op, "kept", kept, &[d.n_tok, d.vocab], "n_tok * vocab")?;
+        check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
+        let out = LogprobsOut {
+            logp: out.logp.as_mut_slice(),
+            lse: out.lse.as_mut_slice(),
+            entropy: out.entropy.map(|e| e.as_mut_slice()),
+        };
+        let kept = Some(kept.as_mut_slice());
+        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t, kept));
+        Ok(())
+    }
+
+    fn logprobs_bwd_kept(
+        &self,
+        dlogp: &Vec<f32>,
+        head: LmHead<'_, Vec<f32>, Vec<u32>>,
+        saved: KeptLogits<'_, Vec<f32>>,
+        grads: LogprobsGrads<'_, Vec<f32>, Vec<f32>>,
+        d: VocabDims,
+        inv_t: f32,
+    ) -> Result<()> {
+        let op = "logprobs_bwd_kept";
+        check::logprobs_bwd(dlogp, head, saved.lse, &grads, d, inv_t)?;
+        check::holds(
+            op,
+            "kept",
+            saved.logits,
+            &[d.n_tok, d.vocab],
+            "n_tok * vocab",
+        )?;
+        check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
+        let grads = LogprobsGrads {
+            dh: grads.dh.as_mut_slice(),
+            dw: grads.dw.map(|d| d.as_mut_slice()),
+        };
+        let saved = (saved.lse.as_slice(), Some(saved.logits.as_slice()));
+        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), saved, grads, d, inv_t));
         Ok(())
     }
 
