@@ -458,19 +458,28 @@ const PAR_GEMM_MIN: usize = 1 << 18;
 const GEMM_BLOCK: usize = 256;
 
 /// Multi-threaded [`math::Real::gemm_raw`] for f32: C split into blocks of [`GEMM_BLOCK`] rows
-/// (or columns, whichever dimension is larger), the blocks in parallel.
+/// (or columns, whichever dimension is larger; two halves when that dimension is at most
+/// [`GEMM_BLOCK`]), the blocks in parallel.
 pub fn gemm(g: Gemm, alpha: f32, a: &[f32], b: &[f32], beta: f32, c: &mut [f32]) {
     g.check(a, b, c);
     let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), Ptr(c.as_mut_ptr()));
     let split_m = g.m >= g.n;
     let len = if split_m { g.m } else { g.n };
-    if g.m * g.n * g.k < PAR_GEMM_MIN || len <= GEMM_BLOCK {
+    let work = g.m * g.n * g.k;
+    // Up to GEMM_BLOCK, a GEMM with work for two threads (a 256 x 256 weight gradient over
+    // 1,024 tokens) is split in two halves; a smaller one runs on the calling thread.
+    let halves = len > GEMM_BLOCK / 2 && work >= 2 * PAR_GEMM_MIN;
+    if work < PAR_GEMM_MIN || (len <= GEMM_BLOCK && !halves) {
         // SAFETY: `check` proved every reached element in bounds; c is a distinct &mut.
         unsafe { sgemm(g, alpha, ap, bp, beta, cp.get()) };
         return;
     }
-    let parts = len.div_ceil(GEMM_BLOCK);
-    let block = GEMM_BLOCK;
+    let block = if len <= GEMM_BLOCK {
+        len.div_ceil(2).next_multiple_of(16)
+    } else {
+        GEMM_BLOCK
+    };
+    let parts = len.div_ceil(block);
     let (ap, bp) = (ap as usize, bp as usize);
     (0..parts).into_par_iter().for_each(move |p| {
         let lo = p * block;
