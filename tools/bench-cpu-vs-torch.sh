@@ -3,7 +3,7 @@
 # forward + backward at three shapes, 1 thread and all cores, PyTorch eager and sdpa; checks
 # that the outputs agree and writes the table into docs/performance.md.
 #
-#   tools/bench-cpu-vs-torch.sh [--runs N]
+#   tools/bench-cpu-vs-torch.sh [--runs N] [--rounds R]
 #
 # PyTorch and transformers come from .venv-fixtures (git-ignored), created or updated by
 # tools/setup-fixtures-env.sh when it lacks them. Models and results go to target/bench-cpu.

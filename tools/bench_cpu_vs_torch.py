@@ -7,8 +7,8 @@ folder (config.json + safetensors), draw a batch of token sequences, then time
 - forward + backward: the same, then the gradient of sum(log p) with respect to every weight;
 
 with tooln1 (examples/bench_cpu.rs, which loads the same folder) and with PyTorch (eager and
-sdpa attention), at 1 thread and at all cores. Times are medians of --runs runs after one
-warm-up. The outputs are checked to agree (log p and the norm of every weight's gradient), and
+sdpa attention), at 1 thread and at all cores. Times are medians over --rounds rounds of
+--runs runs (each after one warm-up), the three interleaved round by round. The outputs are checked to agree (log p and the norm of every weight's gradient), and
 the table is written between the markers of docs/performance.md.
 
 Run through tools/bench-cpu-vs-torch.sh, which creates the Python environment and builds the
@@ -101,12 +101,13 @@ def torch_run(model, seqs, runs):
         if i:
             fwd_bwd.append((time.perf_counter() - t) * 1e3)
     norms = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
-    return statistics.median(fwd), statistics.median(fwd_bwd), out.reshape(-1), norms
+    return fwd, fwd_bwd, out.reshape(-1), norms
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="target/bench-cpu")
     ap.add_argument("--bin", default="target/release/examples/bench_cpu")
     ap.add_argument("--doc", default="docs/performance.md")
@@ -123,23 +124,39 @@ def main():
         label = f"hidden {hidden}, inter {inter}, {layers} layers, vocab {vocab}, {b} x {seq}"
         for t in threads:
             res = os.path.join(a.work, f"tooln1-{name}-{b}x{seq}-t{t}.json")
-            subprocess.run([a.bin, folder, batch, str(t), str(a.runs), res], check=True)
-            with open(res) as f:
-                ours = json.load(f)
             torch.set_num_threads(t)
-            theirs = {}
-            for impl in ("eager", "sdpa"):
-                fwd, fb, lp, norms = torch_run(load(folder, impl), seqs, a.runs)
-                lp_err = (torch.tensor(ours["logp"]) - lp).abs().max().item()
-                g_err = max(
-                    abs(ours["grad_norms"][n] - v) / max(v, 1e-30)
-                    for n, v in norms.items()
-                    if n in ours["grad_norms"]
-                )
-                theirs[impl] = (fwd, fb, lp_err, g_err)
-                print(f"{label}, {t} thr, torch {impl}: fwd {fwd:.1f} ms, fwd+bwd {fb:.1f} ms;"
-                      f" max |dlogp| {lp_err:.2e}, max grad-norm rel diff {g_err:.2e}", flush=True)
-            rows.append((label, t, ours["fwd_ms_median"], ours["fwd_bwd_ms_median"], theirs))
+            # Rounds of tooln1, eager, sdpa one after the other, so that a machine whose speed
+            # drifts (a shared host) weighs on all three alike; medians over every round's runs.
+            ours_f, ours_fb = [], []
+            times = {impl: ([], []) for impl in ("eager", "sdpa")}
+            errs = {}
+            for _ in range(a.rounds):
+                subprocess.run([a.bin, folder, batch, str(t), str(a.runs), res], check=True)
+                with open(res) as f:
+                    ours = json.load(f)
+                ours_f += ours["fwd_ms"]
+                ours_fb += ours["fwd_bwd_ms"]
+                for impl in ("eager", "sdpa"):
+                    fwd, fb, lp, norms = torch_run(load(folder, impl), seqs, a.runs)
+                    times[impl][0].extend(fwd)
+                    times[impl][1].extend(fb)
+                    lp_err = (torch.tensor(ours["logp"]) - lp).abs().max().item()
+                    g_err = max(
+                        abs(ours["grad_norms"][n] - v) / max(v, 1e-30)
+                        for n, v in norms.items()
+                        if n in ours["grad_norms"]
+                    )
+                    prev = errs.get(impl, (0.0, 0.0))
+                    errs[impl] = (max(prev[0], lp_err), max(prev[1], g_err))
+                    print(f"{label}, {t} thr, torch {impl}: fwd {statistics.median(fwd):.1f} ms,"
+                          f" fwd+bwd {statistics.median(fb):.1f} ms; max |dlogp| {lp_err:.2e},"
+                          f" max grad-norm rel diff {g_err:.2e}", flush=True)
+            med = statistics.median
+            theirs = {
+                impl: (med(times[impl][0]), med(times[impl][1])) + errs[impl]
+                for impl in ("eager", "sdpa")
+            }
+            rows.append((label, t, med(ours_f), med(ours_fb), theirs))
     load_after = os.getloadavg()
     write_doc(a, rows, load_before, load_after)
 
@@ -163,7 +180,8 @@ def write_doc(a, rows, load_before, load_after):
         f" {load_before[0]:.2f}, after {load_after[0]:.2f} (the benchmark's own processes"
         " included; above the core count, times carry noise). Versions: " + rustc + f", torch {torch.__version__},"
         f" transformers {transformers.__version__}. Command: `{a.command}` (medians of"
-        f" {a.runs} runs after a warm-up).",
+        f" {a.rounds} rounds x {a.runs} runs, each after a warm-up; in each round tooln1, torch"
+        " eager and torch sdpa run one after the other).",
         "",
         "Same random Qwen2 weights (f32, 64-dim heads, 2 KV heads, untied lm_head), same"
         " tokens. fwd: the log-probabilities of every target, without gradient; fwd + bwd:"
