@@ -292,22 +292,31 @@ fn embedding_fwd_bwd() {
 fn prefixed_attention_matches_cpu_math() {
     // The shared-prompt layout: per group a prompt segment, then its responses, each reading
     // the prompt in full (prefix) and itself causally; odd lengths across the 32-row key tiles
-    // and 64-row query blocks (prompts up to 100 rows: up to four key tiles and two query
-    // blocks; responses up to 79), empty response segments, groups of 1..6 responses; GQA
-    // ratios 7 and 1.
+    // and 64-row query blocks (the first group's prompt of 65..100 rows: three or four key
+    // tiles and two query blocks, and its first response of 65..74 rows: two query blocks;
+    // the other prompts 1..50, responses 0..39), empty response segments, groups of 1..5
+    // responses; GQA ratios 7 and 1.
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("prefixed_attention");
     for (hd, nh, nkv) in [(64, 14, 2), (128, 2, 2)] {
         let (mut cu, mut prefix) = (vec![0u32], Vec::new());
         let mut at = 0u32;
-        for _ in 0..3 {
+        for grp in 0..3 {
             let p0 = at;
-            at += 1 + r.below(100) as u32;
+            at += if grp == 0 {
+                65 + r.below(36)
+            } else {
+                1 + r.below(50)
+            } as u32;
             let p1 = at;
             cu.push(at);
             prefix.extend([p0, p0]);
-            for _ in 0..1 + r.below(6) {
-                at += r.below(80) as u32;
+            for resp in 0..1 + r.below(5) {
+                at += if grp == 0 && resp == 0 {
+                    65 + r.below(10)
+                } else {
+                    r.below(40)
+                } as u32;
                 cu.push(at);
                 prefix.extend([p0, p1]);
             }
