@@ -46,7 +46,7 @@
 //   16 query rows), key tiles of 32 rows. The Q tile is staged once in the K/V buffers and
 //   kept in registers as A fragments (FA2's Share_Q_K_smem), so static shared memory is
 //   4 * 32 * (D + 8) * 2 bytes (34816 at D = 128).
-// flash_bwd_dot: dot[h, t] = sum_d dout[t,h,d] * out[t,h,d] (FA2's D_i, flash_bwd_preprocess
+// flash_bwd_dot: dot[h, t] = sum_d dout[t,h,d] * out[t,h,d] (FA2's D_i, compute_dot_do_o
 //   in flash_bwd_preprocess_kernel.h). Launch: grid (ceil(n_tok*n_heads/8)), block 256 (one
 //   warp per (token, head)).
 // flash_bwd_dq_d{64,128}: p = exp(scale q.k - lse), dp = dout.v, ds = p (dp - dot),
