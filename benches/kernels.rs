@@ -1,8 +1,9 @@
-//! Criterion benches of every CUDA kernel, forward and backward, at Qwen2.5-1.5B and 7B shapes,
-//! timed with CUDA events (`iter_custom`). Each bench also prints its achieved GB/s (memory-bound
-//! kernels, counting each input read once and each output written once) or TFLOP/s (GEMM-bound
-//! ones). Without a GPU the CUDA groups print "skipped: no CUDA device"; the CPU-backend groups
-//! (small shapes, wall-clock timing) run everywhere.
+//! Criterion benches of every CUDA kernel, forward and backward, at Qwen2.5-1.5B and 7B shapes
+//! (attention also at 0.5B's heads: head_dim 64, GQA 7:1), timed with CUDA events
+//! (`iter_custom`). Each bench also prints its achieved GB/s (memory-bound kernels, counting
+//! each input read once and each output written once) or TFLOP/s (GEMM-bound ones). Without a
+//! GPU the CUDA groups print "skipped: no CUDA device"; the CPU-backend groups (small shapes,
+//! wall-clock timing) run everywhere.
 
 use std::time::Duration;
 
@@ -266,88 +267,17 @@ fn cuda_benches(c: &mut Criterion) {
             cuda.rope_bwd(&mut kr, &posd, TOK, nkv, hd, 1e6).unwrap();
         });
 
-        // Attention: 8192 tokens per batch, sequences of 1k and 4k.
-        for seq in [1024usize, 4096] {
-            let n = 8192usize;
-            let batch = n / seq;
-            let cu: Vec<u32> = (0..=batch).map(|i| (i * seq) as u32).collect();
-            let cud = cuda.upload_u32(&cu).unwrap();
-            let q = cuda.upload(&rnd(n * nh * hd, 1.0)).unwrap();
-            let k = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
-            let v = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
-            let mut o = cuda.zeros(n * nh * hd).unwrap();
-            let mut lse = cuda.zeros_f32(nh * n).unwrap();
-            let afl = batch as f64 * 4.0 * (seq * seq * hd * nh) as f64 / 2.0;
-            let shp = format!(
-                "model={md},batch={batch},seq={seq},heads={nh},kv_heads={nkv},head_dim={hd}"
-            );
-            timed(c, &cuda, &grp, "attention_fwd", &shp, 0.0, afl, || {
-                cuda.attention(
-                    Qkv {
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                    },
-                    &mut o,
-                    &mut lse,
-                    &Packed {
-                        cu_seqlens: &cud,
-                        cu_host: &cu,
-                        max_len: seq,
-                    },
-                    Heads {
-                        n_heads: nh,
-                        n_kv: nkv,
-                        head_dim: hd,
-                    },
-                )
-                .unwrap()
-            });
-            let (mut dq, mut dk, mut dv) = (
-                cuda.zeros(n * nh * hd).unwrap(),
-                cuda.zeros(n * nkv * hd).unwrap(),
-                cuda.zeros(n * nkv * hd).unwrap(),
-            );
-            timed(
-                c,
-                &cuda,
-                &grp,
-                "attention_bwd",
-                &shp,
-                0.0,
-                2.5 * afl,
-                || {
-                    cuda.attention_bwd(
-                        Qkv {
-                            q: &q,
-                            k: &k,
-                            v: &v,
-                        },
-                        AttnSaved {
-                            dout: &o,
-                            out: &o,
-                            lse: &lse,
-                        },
-                        AttnGrads {
-                            dq: &mut dq,
-                            dk: &mut dk,
-                            dv: &mut dv,
-                        },
-                        &Packed {
-                            cu_seqlens: &cud,
-                            cu_host: &cu,
-                            max_len: seq,
-                        },
-                        Heads {
-                            n_heads: nh,
-                            n_kv: nkv,
-                            head_dim: hd,
-                        },
-                    )
-                    .unwrap()
-                },
-            );
-        }
+        attention_benches(
+            c,
+            &cuda,
+            &grp,
+            &md,
+            Heads {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+            },
+        );
 
         let (slots, clen) = (64usize, 2048usize);
         let kc = cuda.upload(&rnd(slots * clen * nkv * hd, 1.0)).unwrap();
@@ -475,6 +405,18 @@ fn cuda_benches(c: &mut Criterion) {
             || cuda.sample(&lg, &mut smp, &rows, &sp).unwrap(),
         );
     }
+    // Qwen2.5-0.5B's heads: head_dim 64, GQA 7:1 (the shapes above are head_dim 128)
+    attention_benches(
+        c,
+        &cuda,
+        "cuda-0.5b",
+        "0.5b",
+        Heads {
+            n_heads: 14,
+            n_kv: 2,
+            head_dim: 64,
+        },
+    );
 
     // Shape-independent ops, once.
     let grp = "cuda";
@@ -563,6 +505,88 @@ fn cuda_benches(c: &mut Criterion) {
 }
 
 /// The CPU reference backend at small shapes (runs on every machine).
+/// Causal attention forward and backward, 8192 tokens per batch in sequences of 1k, 4k and 8k,
+/// at the heads of one model (`md`): the rows tools/torch_baselines.py times with PyTorch SDPA
+/// (flash and cuDNN backends) at the same shapes.
+fn attention_benches(c: &mut Criterion, cuda: &Cuda, grp: &str, md: &str, heads: Heads) {
+    let Heads {
+        n_heads: nh,
+        n_kv: nkv,
+        head_dim: hd,
+    } = heads;
+    for seq in [1024usize, 4096, 8192] {
+        let n = 8192usize;
+        let batch = n / seq;
+        let cu: Vec<u32> = (0..=batch).map(|i| (i * seq) as u32).collect();
+        let cud = cuda.upload_u32(&cu).unwrap();
+        let q = cuda.upload(&rnd(n * nh * hd, 1.0)).unwrap();
+        let k = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
+        let v = cuda.upload(&rnd(n * nkv * hd, 1.0)).unwrap();
+        let mut o = cuda.zeros(n * nh * hd).unwrap();
+        let mut lse = cuda.zeros_f32(nh * n).unwrap();
+        let afl = batch as f64 * 4.0 * (seq * seq * hd * nh) as f64 / 2.0;
+        let shp =
+            format!("model={md},batch={batch},seq={seq},heads={nh},kv_heads={nkv},head_dim={hd}");
+        timed(c, cuda, grp, "attention_fwd", &shp, 0.0, afl, || {
+            cuda.attention(
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                &mut o,
+                &mut lse,
+                &Packed {
+                    cu_seqlens: &cud,
+                    cu_host: &cu,
+                    max_len: seq,
+                },
+                Heads {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+            )
+            .unwrap()
+        });
+        let (mut dq, mut dk, mut dv) = (
+            cuda.zeros(n * nh * hd).unwrap(),
+            cuda.zeros(n * nkv * hd).unwrap(),
+            cuda.zeros(n * nkv * hd).unwrap(),
+        );
+        timed(c, cuda, grp, "attention_bwd", &shp, 0.0, 2.5 * afl, || {
+            cuda.attention_bwd(
+                Qkv {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                },
+                AttnSaved {
+                    dout: &o,
+                    out: &o,
+                    lse: &lse,
+                },
+                AttnGrads {
+                    dq: &mut dq,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                },
+                &Packed {
+                    cu_seqlens: &cud,
+                    cu_host: &cu,
+                    max_len: seq,
+                },
+                Heads {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                },
+            )
+            .unwrap()
+        });
+    }
+}
+
 fn cpu_benches(c: &mut Criterion) {
     let b = Cpu;
     let mut g = c.benchmark_group("cpu-small");

@@ -292,20 +292,31 @@ fn embedding_fwd_bwd() {
 fn prefixed_attention_matches_cpu_math() {
     // The shared-prompt layout: per group a prompt segment, then its responses, each reading
     // the prompt in full (prefix) and itself causally; odd lengths across the 32-row key tiles
-    // and 8/16-row query blocks, empty response segments, groups of 1..6 responses.
+    // and 64-row query blocks (the first group's prompt of 65..100 rows: three or four key
+    // tiles and two query blocks, and its first response of 65..74 rows: two query blocks;
+    // the other prompts 1..50, responses 0..39), empty response segments, groups of 1..5
+    // responses; GQA ratios 7 and 1.
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("prefixed_attention");
-    for (hd, nh, nkv) in [(64, 4, 2), (128, 2, 1)] {
+    for (hd, nh, nkv) in [(64, 14, 2), (128, 2, 2)] {
         let (mut cu, mut prefix) = (vec![0u32], Vec::new());
         let mut at = 0u32;
-        for _ in 0..3 {
+        for grp in 0..3 {
             let p0 = at;
-            at += 1 + r.below(70) as u32;
+            at += if grp == 0 {
+                65 + r.below(36)
+            } else {
+                1 + r.below(50)
+            } as u32;
             let p1 = at;
             cu.push(at);
             prefix.extend([p0, p0]);
-            for _ in 0..1 + r.below(6) {
-                at += r.below(40) as u32;
+            for resp in 0..1 + r.below(5) {
+                at += if grp == 0 && resp == 0 {
+                    65 + r.below(10)
+                } else {
+                    r.below(40)
+                } as u32;
                 cu.push(at);
                 prefix.extend([p0, p1]);
             }
@@ -599,7 +610,10 @@ fn attention_inputs(
 }
 
 /// Attention forward and backward over packed sequences of `lens` (random q, k, v, dout;
-/// poisoned outputs) against the f64 reference: out and dv 1e-2, lse 1e-5, dq and dk 2e-2.
+/// poisoned outputs) against the f64 reference: out and dv 1e-2, lse 1e-5, dq and dk 2e-2 (the
+/// bounds of the f32 kernels before the tensor-core ones: P and dS rounded to bf16 for the
+/// mma, a relative 2^-9 per element, stay well inside them). The backward runs twice and must
+/// repeat bit for bit (no float atomics).
 #[allow(clippy::too_many_arguments)]
 fn attention_case(
     c: &Cuda,
@@ -689,6 +703,48 @@ fn attention_case(
         },
     )
     .unwrap();
+    let (mut dq2, mut dk2, mut dv2) = (
+        poison(c, n * nh * d),
+        poison(c, n * nkv * d),
+        poison(c, n * nkv * d),
+    );
+    c.attention_bwd(
+        Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        },
+        AttnSaved {
+            dout: &g,
+            out: &out,
+            lse: &lse,
+        },
+        AttnGrads {
+            dq: &mut dq2,
+            dk: &mut dk2,
+            dv: &mut dv2,
+        },
+        &Packed {
+            cu_seqlens: &cud,
+            cu_host: &cu,
+            max_len,
+        },
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
+    )
+    .unwrap();
+    for (what, a, b, len) in [
+        ("dq", &dq, &dq2, n * nh * d),
+        ("dk", &dk, &dk2, n * nkv * d),
+        ("dv", &dv, &dv2, n * nkv * d),
+    ] {
+        let (x, y) = (c.download(a, len).unwrap(), c.download(b, len).unwrap());
+        let same = x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "attention {what} {tag}: a second backward differs");
+    }
     for (what, got, want, bound) in [
         ("dq", c.download(&dq, n * nh * d).unwrap(), &dqr, 2e-2),
         ("dk", c.download(&dk, n * nkv * d).unwrap(), &dkr, 2e-2),
@@ -698,15 +754,18 @@ fn attention_case(
     }
 }
 
-/// The head shapes the attention tests run: head_dim 64 and 128, GQA, MHA and MQA.
-const ATTN_SHAPES: [(usize, usize, usize); 3] = [(64, 6, 2), (128, 4, 4), (128, 7, 1)];
+/// The head shapes the attention tests run: head_dim 64 and 128, GQA ratios 7 (14 heads over
+/// 2 kv heads, 7 over 1) and 2, and MHA.
+const ATTN_SHAPES: [(usize, usize, usize); 4] = [(64, 14, 2), (64, 4, 2), (128, 4, 4), (128, 7, 1)];
 
+/// Several packed sequences of odd lengths: one over two 64-row query blocks (131: three query
+/// blocks, five 32-row key tiles), a single-token one, partial tiles.
 #[test]
 fn attention_fwd_bwd() {
     let Some(c) = gpu() else { return };
     let mut r = Rng::new("attention");
     for (d, nh, nkv) in ATTN_SHAPES {
-        let lens = [37u32, 5, 70, 1];
+        let lens = [37u32, 5, 131, 1];
         let max_len = *lens.iter().max().unwrap() as usize;
         let tag = format!("d{d} h{nh} kv{nkv}");
         attention_case(&c, &mut r, d, nh, nkv, &lens, max_len, &tag);
@@ -1265,8 +1324,8 @@ fn nvrtc_compiles_every_kernel() {
     }
 }
 
-/// With nvcc at build time, the ptxas report shows no register spills in the attention,
-/// logprobs and RMSNorm kernels.
+/// With nvcc at build time, the ptxas report shows no register spills in the attention
+/// (decode and flash), logprobs and RMSNorm kernels.
 #[test]
 fn ptxas_report_has_no_spills_in_hot_kernels() {
     let rep = tooln1::backend::cuda::PTXAS_REPORT;
@@ -1276,7 +1335,10 @@ fn ptxas_report_has_no_spills_in_hot_kernels() {
     }
     let mut seen = 0;
     for line in rep.lines().filter(|l| {
-        l.starts_with("| attention") || l.starts_with("| logprobs") || l.starts_with("| rmsnorm")
+        l.starts_with("| attention")
+            || l.starts_with("| flash_attn")
+            || l.starts_with("| logprobs")
+            || l.starts_with("| rmsnorm")
     }) {
         let cols: Vec<&str> = line.split('|').map(|c| c.trim()).collect();
         assert_eq!(cols[7], "0", "spill stores in {line}");
@@ -1285,7 +1347,7 @@ fn ptxas_report_has_no_spills_in_hot_kernels() {
     }
     assert!(
         seen >= 20,
-        "expected every attention/logprobs/rmsnorm kernel in the report, saw {seen}"
+        "expected every attention/flash_attn/logprobs/rmsnorm kernel in the report, saw {seen}"
     );
 }
 

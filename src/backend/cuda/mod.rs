@@ -305,7 +305,7 @@ impl Backend for Cuda {
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::forward(self, qkv, out, lse, seqs, heads)
+        ops::flash_attn::forward(self, qkv, out, lse, seqs, heads)
     }
     fn attention_bwd(
         &self,
@@ -315,7 +315,7 @@ impl Backend for Cuda {
         seqs: &Packed<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::backward(self, qkv, saved, grads, seqs, heads)
+        ops::flash_attn::backward(self, qkv, saved, grads, seqs, heads)
     }
     fn attention_prefixed(
         &self,
@@ -326,7 +326,7 @@ impl Backend for Cuda {
         prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::forward_prefixed(self, qkv, out, lse, seqs, prefix, heads)
+        ops::flash_attn::forward_prefixed(self, qkv, out, lse, seqs, prefix, heads)
     }
     fn attention_prefixed_bwd(
         &self,
@@ -337,7 +337,7 @@ impl Backend for Cuda {
         prefix: &Prefix<'_, Self::I>,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::backward_prefixed(self, qkv, saved, grads, seqs, prefix, heads)
+        ops::flash_attn::backward_prefixed(self, qkv, saved, grads, seqs, prefix, heads)
     }
     fn kv_store(
         &self,

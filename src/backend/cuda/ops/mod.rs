@@ -7,6 +7,7 @@
 pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod embedding;
+pub(crate) mod flash_attn;
 pub(crate) mod grpo_loss;
 pub(crate) mod linear;
 pub(crate) mod logprobs;
