@@ -6,6 +6,7 @@
 
 pub(crate) mod adamw;
 pub(crate) mod attention;
+pub(crate) mod decode;
 pub(crate) mod embedding;
 pub(crate) mod grpo_loss;
 pub(crate) mod linear;
