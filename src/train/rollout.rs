@@ -1,35 +1,53 @@
-//! Rollouts: `n` sampled responses per prompt, with a KV cache of `max_slots` slots, each prompt
-//! prefilled once and its sequences continuously batched.
+//! Rollouts: `n` sampled responses per prompt over a paged KV cache
+//! ([`crate::model::kv_cache`]; PagedAttention, Kwon et al., SOSP 2023, arXiv 2309.06180), at
+//! most `max_slots` sequences at a time, each prompt prefilled once and its sequences
+//! continuously batched.
 //!
 //! Keying. Sequence `i` (prompt-major order: prompt `i / n`, sample `i % n`) draws its response
 //! token `s` from the backend's counter-based stream `(seed, offset + s * total + i)`, where
 //! `total` is the number of sequences of the call (of the whole batch, and `i` the index in it,
 //! when the call runs one rank's part: [`Stream::within`]). A token therefore depends only on
 //! `(seed, offset, i, s)` and the sequence's own logits: not on the slot it ran in, the slot
-//! count, the order sequences were admitted in, or which other sequences have stopped. A run is
-//! reproducible, and a resumed run (which restores `offset`; one call consumes
-//! [`stream_len`]) draws exactly the numbers an uninterrupted one would.
+//! count, the order sequences were admitted in, which other sequences have stopped, or whether
+//! it was preempted and recomputed. A run is reproducible, and a resumed run (which restores
+//! `offset`; one call consumes [`stream_len`]) draws exactly the numbers an uninterrupted one
+//! would.
 //!
-//! Schedule. The sequences wait in a queue (prompt-major, or [`Schedule::order`]). Whenever a
-//! slot is free, the next sequence takes it at once: its prompt's cached keys/values come from
-//! the slot it frees when it held the same prompt (nothing to do), else from any other slot
-//! holding that prompt (a device row copy, [`KvCache::copy_slot`]), else the prompt is
-//! prefilled into it (the prompts of one admission round in one packed pass, between two decode
-//! steps). The first response token of each of a prompt's `n` samples is drawn from the
-//! prompt's last-token logits of that one prefill, so a sample whose first token ends it
-//! never takes a slot. Admitting a prompt's samples one after another keeps its rows in some
-//! slot until the last one is admitted, so each prompt is prefilled once in prompt-major order.
-//! Decode steps run the occupied slots only: they are kept as the leading slots (when the queue
-//! is empty, a stopped slot is filled by moving the last occupied one into it), so a stopped
-//! sequence costs nothing and a long response holds one slot, never a batch. Prefill is not
-//! fused into the decode step's pass (each is its own forward).
+//! Memory. The cache is a pool of `kv_blocks` blocks of `kv_block_size` rows ([`Schedule`];
+//! by default room for `min(max_slots, sequences) + 1` sequences at their longest, which never
+//! runs dry) and a block table per slot: slots `0..cap` decode, slot `cap + p` holds prompt
+//! `p`'s prefilled rows while samples of `p` wait. A sample admitted shares its prompt's blocks
+//! (reference counts, no copy); its first token written into the partially filled last prompt
+//! block copies that block first (copy-on-write; the last sample, once the holder is released,
+//! writes in place). A sequence takes a new block each `kv_block_size` tokens and returns its
+//! blocks when it stops; the holder is released when the prompt's last sample is admitted.
+//!
+//! Schedule. The sequences wait in a queue (prompt-major, or [`Schedule::order`]). Between two
+//! decode steps, the next queued sequence takes a free slot when the pool has, beyond the
+//! blocks the running sequences need for their next step, its prompt's blocks (unless they are
+//! resident or prefilled in this round) plus one for its first token; admission stops at the
+//! first sequence that does not fit (first come, first served; the holders of other waiting
+//! prompts are released first to make room). The prompts of a round are prefilled in one packed
+//! pass. The first response token of each of a prompt's `n` samples is drawn from the prompt's
+//! last-token logits of that one prefill, so a sample whose first token ends it never takes a
+//! slot. Before a decode step whose new blocks the pool lacks, the holders of waiting prompts
+//! are released (prefilled again when needed), then the newest running sequence is preempted:
+//! its blocks are freed and it goes back to the front of the queue, to be recomputed from its
+//! first token (vLLM's recompute preemption, by decoding again rather than by one prefill of
+//! prompt + generated tokens). The oldest sequence is never preempted while others run, and
+//! the pool holds one sequence at its longest (checked), so the rollout always ends. Decode
+//! steps run the occupied slots only: they are kept leading (a stopped slot takes the last
+//! occupied slot's block table; nothing is copied), so a stopped sequence costs nothing and a
+//! long response holds its own blocks, never a batch's. Prefill is not fused into the decode
+//! step's pass (each is its own forward).
 //!
 //! With the same logits, the tokens are the same whatever the schedule. A row's logits can
 //! still differ in the last bits with the shape of the pass it ran in (a GEMM kernel's reduction
 //! order may depend on the row count; see `backend/cpu/fast.rs`), which can flip a draw that
 //! sits on a boundary. At the tests' sizes the rows do not depend on the pass, and the
-//! generations are bit-identical for every `max_slots`, admission order and
-//! [`Schedule::prefill_each`] (`tests/rollout.rs`, `tests/cuda_model.rs`).
+//! generations are bit-identical for every `max_slots`, admission order, pool size (with or
+//! without preemption) and [`Schedule::prefill_each`] (`tests/rollout.rs`,
+//! `tests/cuda_model.rs`).
 
 use std::collections::VecDeque;
 
@@ -49,7 +67,7 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Generation stops after any of these (the stop token is kept in the response).
     pub stop: Vec<u32>,
-    /// Slots of the KV cache: at most this many sequences decode at a time.
+    /// At most this many sequences decode at a time (slots of the paged KV cache).
     pub max_slots: usize,
 }
 
