@@ -544,15 +544,16 @@ impl<B: Backend> Rollout<'_, B> {
             while take.len() < free.len() {
                 let Some(&i) = st.queue.front() else { break };
                 let p = i / n;
-                // A sequence whose first token is known and ends it needs nothing.
-                if let (Some(t), true) = (st.first[i], self.out[i].tokens.is_empty()) {
-                    if self.push(i, t) {
+                // A sequence whose first token is known and ends it needs nothing (queued
+                // sequences hold no tokens: a preempted one restarts).
+                if let Some(t) = st.first[i] {
+                    if self.sp.stop.contains(&t) || self.sp.max_new_tokens <= 1 {
                         st.queue.pop_front();
+                        self.push(i, t);
                         self.settle(st, p)?;
                         ended = true;
                         continue;
                     }
-                    self.out[i].tokens.clear();
                 }
                 let own = st.cache.blocks_for(self.prompts[p].len()) as i64;
                 let cost = 1
