@@ -283,6 +283,11 @@ fn cuda_benches(c: &mut Criterion) {
         let kc = cuda.upload(&rnd(slots * clen * nkv * hd, 1.0)).unwrap();
         let vc = cuda.upload(&rnd(slots * clen * nkv * hd, 1.0)).unwrap();
         let lens = cuda.upload_u32(&vec![clen as u32; slots]).unwrap();
+        // A paged cache of 16-row blocks, sequence b's blocks in order.
+        let (bsz, mb) = (16usize, clen / 16);
+        let table = cuda
+            .upload_u32(&(0..(slots * mb) as u32).collect::<Vec<_>>())
+            .unwrap();
         let qd = cuda.upload(&rnd(slots * nh * hd, 1.0)).unwrap();
         let mut od = cuda.zeros(slots * nh * hd).unwrap();
         let shp =
@@ -303,8 +308,10 @@ fn cuda_benches(c: &mut Criterion) {
                     &vc,
                     &Cached {
                         lens: &lens,
+                        table: &table,
                         n_seq: slots,
-                        max_len: clen,
+                        max_blocks: mb,
+                        block_size: bsz,
                     },
                     &mut od,
                     Heads {

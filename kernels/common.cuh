@@ -28,6 +28,7 @@ typedef unsigned long long u64;
 #define ERR_SAMPLE_LOGIT 16u
 #define ERR_GRPO_SEQ 32u
 #define ERR_GRPO_MASK 64u
+#define ERR_DECODE_BLOCK 128u
 
 __device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 

@@ -352,6 +352,31 @@ fn rollout_schedules_agree_on_device() {
     common::check_rollout_schedules(&cuda, &m, &prompts, 2, &sp, stream, 5);
 }
 
+/// The paged KV cache on the device: more sequences at once than the slot cache in the same
+/// memory, the smallest pool (preempting), the same generations (`common::check_paged_rollout`).
+#[test]
+fn paged_rollout_on_device() {
+    let Some(cuda) = gpu() else { return };
+    let s = seed("paged_rollout");
+    let mut r = Lcg(s);
+    let c = cfg(128, 256, 1, 2, 1, 64, 211, true);
+    let m = Model::random(&cuda, c.clone(), s).unwrap();
+    let prompts: Vec<Vec<u32>> = [5usize, 9, 2]
+        .iter()
+        .map(|&l| (0..l).map(|_| (r.next() % 211) as u32).collect())
+        .collect();
+    let sp = tooln1::train::rollout::SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        max_new_tokens: 6,
+        stop: (0..20).collect(),
+        max_slots: 4,
+    };
+    let stream = tooln1::train::rollout::Stream::new(s, 11);
+    common::check_paged_rollout(&cuda, &m, &prompts, 4, &sp, stream);
+}
+
 mod trainer {
     use super::common::{gpu, seed};
     use std::path::Path;

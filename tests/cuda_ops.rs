@@ -826,8 +826,12 @@ fn kv_store_and_attention_decode() {
             &vc,
             &Cached {
                 lens: &lensd,
+                table: &c
+                    .upload_u32(&(0..n_seq as u32).collect::<Vec<_>>())
+                    .unwrap(),
                 n_seq,
-                max_len: cache_len,
+                max_blocks: 1,
+                block_size: cache_len,
             },
             &mut od,
             Heads {
@@ -846,6 +850,48 @@ fn kv_store_and_attention_decode() {
             &c.download(&od, n_seq * nh * d).unwrap(),
             &odr,
             1e-2,
+        );
+    }
+}
+
+/// Paged decode (flash-decoding through the block table: shuffled blocks, odd block sizes,
+/// lengths giving 1 to 3 splits) gives the contiguous cache's bits, for GQA ratios 1, 2 and 7
+/// and head dims 64 and 128; a sequence decoded alone gives its bits in the batch; and the
+/// output is within bf16 bounds of the CPU backend.
+#[test]
+fn paged_attention_decode_matches_contiguous() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("paged_attention_decode");
+    let lens = [1u32, 37, 16, 300, 5, 129];
+    for (hd, nh, nkv) in [(64, 4, 4), (128, 4, 2), (64, 7, 1), (128, 7, 1)] {
+        let heads = Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        };
+        let tag = format!("d{hd} h{nh} kv{nkv}");
+        let case = common::paged::DecodeCase::random(&mut r, heads, &lens);
+        let want = case.contiguous(&c);
+        let cpu = case.contiguous(&tooln1::backend::cpu::Cpu);
+        common::check32(&format!("paged decode {tag} vs CPU"), &want, &cpu, 1e-2);
+        for bs in [16usize, 5, 33] {
+            let got = case.paged(&c, &mut r, bs);
+            common::paged::same_bits(&format!("paged decode {tag} block {bs}"), &got, &want);
+        }
+        // Sequence 3 (300 positions, 3 splits) alone.
+        let row = nh * hd;
+        let alone = common::paged::DecodeCase {
+            heads,
+            lens: vec![lens[3]],
+            q: case.q[3 * row..4 * row].to_vec(),
+            k: vec![case.k[3].clone()],
+            v: vec![case.v[3].clone()],
+        };
+        let got = alone.paged(&c, &mut r, 7);
+        common::paged::same_bits(
+            &format!("decode {tag}: a sequence alone"),
+            &got,
+            &want[3 * row..4 * row],
         );
     }
 }
@@ -1816,6 +1862,8 @@ fn both_backends_reject_bad_decode_lengths() {
     let (cg, qdg) = (c.upload(&cache).unwrap(), c.upload(&qd).unwrap());
     let mut odg = poison(&c, n_seq * nh * d);
     let mut odc = vec![0f32; n_seq * nh * d];
+    let ident: Vec<u32> = (0..n_seq as u32).collect();
+    let identd = c.upload_u32(&ident).unwrap();
     for lens in [[3u32, 0], [6, 2]] {
         let lg_ = c.upload_u32(&lens).unwrap();
         let cr = cpu.attention_decode(
@@ -1824,8 +1872,10 @@ fn both_backends_reject_bad_decode_lengths() {
             &cache,
             &Cached {
                 lens: &lens.to_vec(),
+                table: &ident,
                 n_seq,
-                max_len,
+                max_blocks: 1,
+                block_size: max_len,
             },
             &mut odc,
             Heads {
@@ -1840,8 +1890,10 @@ fn both_backends_reject_bad_decode_lengths() {
             &cg,
             &Cached {
                 lens: &lg_,
+                table: &identd,
                 n_seq,
-                max_len,
+                max_blocks: 1,
+                block_size: max_len,
             },
             &mut odg,
             Heads {
@@ -1863,6 +1915,49 @@ fn both_backends_reject_bad_decode_lengths() {
             .all(|x| x.is_nan()));
         calls.both(&format!("attention_decode: lens {lens:?}"), cr, rej);
     }
+    // A block id outside the cache's 2 blocks in a row the sequence reads.
+    let lens = [2u32, 5];
+    let bad_table = [0u32, 7];
+    let cr = cpu.attention_decode(
+        &qd,
+        &cache,
+        &cache,
+        &Cached {
+            lens: &lens.to_vec(),
+            table: &bad_table.to_vec(),
+            n_seq,
+            max_blocks: 1,
+            block_size: max_len,
+        },
+        &mut odc,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
+    );
+    let gr = c.attention_decode(
+        &qdg,
+        &cg,
+        &cg,
+        &Cached {
+            lens: &c.upload_u32(&lens).unwrap(),
+            table: &c.upload_u32(&bad_table).unwrap(),
+            n_seq,
+            max_blocks: 1,
+            block_size: max_len,
+        },
+        &mut odg,
+        Heads {
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        },
+    );
+    let rej = cuda_rejects(&c, gr);
+    let row = c.download(&odg, n_seq * nh * d).unwrap();
+    assert!(row[nh * d..].iter().all(|x| x.is_nan()));
+    calls.both("attention_decode: table block 7 of 2", cr, rej);
     let ok = [1u32, 5];
     let okd = c.upload_u32(&ok).unwrap();
     cpu.attention_decode(
@@ -1871,8 +1966,10 @@ fn both_backends_reject_bad_decode_lengths() {
         &cache,
         &Cached {
             lens: &ok.to_vec(),
+            table: &ident,
             n_seq,
-            max_len,
+            max_blocks: 1,
+            block_size: max_len,
         },
         &mut odc,
         Heads {
@@ -1888,8 +1985,10 @@ fn both_backends_reject_bad_decode_lengths() {
         &cg,
         &Cached {
             lens: &okd,
+            table: &identd,
             n_seq,
-            max_len,
+            max_blocks: 1,
+            block_size: max_len,
         },
         &mut odg,
         Heads {

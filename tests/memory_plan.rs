@@ -356,3 +356,62 @@ fn shard_lengths_match_the_shard_plan() {
         }
     }
 }
+
+/// The rollout's paged KV cache gets the device memory left beside the resident state and the
+/// rollout's other working sets: more blocks on a larger GPU, never more than `slots + 1`
+/// sequences at their longest, never fewer than one sequence and its prompt's last block; the
+/// config's KV knobs are checked naming their fields.
+#[test]
+fn kv_block_pool_is_sized_from_free_memory() {
+    let cfg = builtin_config("qwen2.5-7b").unwrap();
+    let mut tc = tool_n1();
+    tc.rollout.max_prompt_tokens = 2048;
+    tc.rollout.max_new_tokens = 2048;
+    tc.rollout.max_slots = 64;
+    let shape = tc.run_shape();
+    let per_seq = (4096u64).div_ceil(shape.kv_block_size);
+    assert_eq!(shape.kv_block_size, 16);
+    // bf16 k and v of 28 layers x 4 kv heads x 128 per token.
+    let block = shape.kv_block_size * 28 * 2 * 4 * 128 * 2;
+    let mut last = 0;
+    for gb in [80u64, 141, 2000] {
+        let p = plan(
+            &cfg,
+            &shape,
+            &budget(gb),
+            &Placement::default(),
+            &Caps::ENGINE,
+        )
+        .unwrap();
+        assert!(p.refusal.is_none(), "{p}");
+        assert!(p.kv_blocks > per_seq, "{p}");
+        assert!(p.kv_blocks <= (p.slots + 1) * per_seq, "{p}");
+        assert!(p.kv_blocks >= last, "{gb} GB: {p}");
+        assert!(p.rollout_peak <= gb * GB - DEVICE_RESERVE, "{p}");
+        let row = p
+            .rows
+            .iter()
+            .find(|r| r.item.starts_with("KV cache"))
+            .unwrap();
+        assert_eq!(row.bytes, p.kv_blocks * block, "{p}");
+        assert!(p
+            .to_string()
+            .contains(&format!("KV-cache blocks {}", p.kv_blocks)));
+        last = p.kv_blocks;
+        if gb == 2000 {
+            // Memory to spare: the pool the rollout takes unconstrained.
+            assert_eq!(p.kv_blocks, (p.slots + 1) * per_seq, "{p}");
+        }
+    }
+    let mut bad = tc.clone();
+    bad.rollout.kv_block_size = 0;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("rollout.kv_block_size"), "{e}");
+    let mut bad = tc.clone();
+    bad.rollout.kv_blocks = per_seq as usize;
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("rollout.kv_blocks"), "{e}");
+    let mut ok = tc;
+    ok.rollout.kv_blocks = per_seq as usize + 1;
+    ok.validate().unwrap();
+}

@@ -189,7 +189,26 @@ fn continuous_batching_is_schedule_independent() {
     // A bad admission order is an error.
     let bad = Schedule {
         order: Some(vec![0; ps.len() * 3]),
-        prefill_each: false,
+        ..Schedule::default()
     };
     assert!(generate_with(&Cpu, &m, &ps, 3, &sp, stream, &bad).is_err());
+}
+
+/// The paged KV cache: more sequences at once than the slot cache in the same memory, the
+/// smallest pool (preempting), and a pool too small for one sequence refused; the same
+/// generations throughout (see `common::check_paged_rollout`).
+#[test]
+fn paged_cache_runs_more_sequences_in_the_same_memory() {
+    let s = seed();
+    let m = model(s, 61);
+    let ps = prompts(s, 61);
+    let sp = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        max_new_tokens: 9,
+        stop: vec![5],
+        max_slots: 256,
+    };
+    common::check_paged_rollout(&Cpu, &m, &ps, 4, &sp, Stream::new(s, 3));
 }

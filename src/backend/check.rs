@@ -551,8 +551,9 @@ pub fn kv_store(
     Ok(k_cache.len() / kv_dim)
 }
 
-/// `attention_decode`: q, out [n_seq, n_heads * head_dim], lens [n_seq], caches
-/// [n_seq * max_len, n_kv * head_dim].
+/// `attention_decode`: q, out [n_seq, n_heads * head_dim], lens [n_seq], table [n_seq *
+/// max_blocks], block_size and max_blocks positive, caches of equal length, a positive
+/// multiple of block_size * n_kv * head_dim. Returns the pool's block count.
 pub fn attention_decode<I: Buf>(
     q: &impl Buf,
     k_cache: &impl Buf,
@@ -560,18 +561,62 @@ pub fn attention_decode<I: Buf>(
     cached: &Cached<'_, I>,
     out: &impl Buf,
     h: Heads,
-) -> Result<()> {
+) -> Result<usize> {
     let op = "attention_decode";
-    let (lens, n_seq, max_len) = (cached.lens, cached.n_seq, cached.max_len);
+    let Cached {
+        lens,
+        table,
+        n_seq,
+        max_blocks,
+        block_size,
+    } = *cached;
     heads(op, h)?;
+    positive(op, "block_size", block_size)?;
+    positive(op, "max_blocks", max_blocks)?;
     let qs = [n_seq, h.n_heads, h.head_dim];
-    let cs = [n_seq, max_len, h.n_kv, h.head_dim];
     holds(op, "q", q, &qs, "n_seq * n_heads * head_dim")?;
     holds(op, "out", out, &qs, "n_seq * n_heads * head_dim")?;
     holds(op, "lens", lens, &[n_seq], "n_seq")?;
-    let cd = "n_seq * max_len * n_kv * head_dim";
-    holds(op, "k_cache", k_cache, &cs, cd)?;
-    holds(op, "v_cache", v_cache, &cs, cd)
+    holds(
+        op,
+        "table",
+        table,
+        &[n_seq, max_blocks],
+        "n_seq * max_blocks",
+    )?;
+    let block = block_size
+        .checked_mul(h.n_kv)
+        .and_then(|x| x.checked_mul(h.head_dim))
+        .ok_or_else(|| {
+            arg_error(
+                op,
+                "block_size",
+                "block_size * n_kv * head_dim below 2^64",
+                block_size,
+            )
+        })?;
+    for (arg, c) in [("k_cache", k_cache.len()), ("v_cache", v_cache.len())] {
+        if c == 0 || c % block != 0 {
+            return Err(arg_error(
+                op,
+                arg,
+                format!(
+                    "a positive multiple of block_size * n_kv * head_dim = {block} elements \
+                     (whole blocks)"
+                ),
+                format!("{c} elements"),
+            ));
+        }
+    }
+    if k_cache.len() != v_cache.len() {
+        return Err(arg_error(
+            op,
+            "v_cache",
+            format!("as many elements as k_cache ({})", k_cache.len()),
+            format!("{} elements", v_cache.len()),
+        ));
+    }
+    Ok(k_cache.len() / block)
 }
 
 // ---------------------------------------------------------------------------------- vocabulary
@@ -812,19 +857,35 @@ pub fn same_prefix(op: &'static str, dev: &[u32], host: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Decode lengths: each of the first `n_seq` in 1..=max_len.
-pub fn decode_lens(lens: &[u32], n_seq: usize, max_len: usize) -> Result<()> {
-    if let Some((b, &l)) = lens[..n_seq]
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l == 0 || l as usize > max_len)
-    {
-        return Err(arg_error(
-            "attention_decode",
-            "lens",
-            format!("lengths in 1..={max_len} (max_len)"),
-            format!("lens[{b}] = {l}"),
-        ));
+/// Decode lengths and block tables (host copies): every lens[b] in 1..=max_blocks *
+/// block_size, and every block id a sequence reads (the first ceil(lens[b] / block_size) of
+/// its row) below `n_blocks`.
+pub fn decode_table(cached: &Cached<'_, [u32]>, n_blocks: usize) -> Result<()> {
+    let op = "attention_decode";
+    let max_len = cached.max_len();
+    let (bs, mb) = (cached.block_size, cached.max_blocks);
+    for (b, &l) in cached.lens[..cached.n_seq].iter().enumerate() {
+        if l == 0 || l as usize > max_len {
+            return Err(arg_error(
+                op,
+                "lens",
+                format!("lengths in 1..={max_len} (max_blocks * block_size)"),
+                format!("lens[{b}] = {l}"),
+            ));
+        }
+        let row = &cached.table[b * mb..b * mb + (l as usize).div_ceil(bs)];
+        if let Some((j, &id)) = row
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= n_blocks)
+        {
+            return Err(arg_error(
+                op,
+                "table",
+                format!("block ids below {n_blocks} (the caches' blocks)"),
+                format!("table[{b} * {mb} + {j}] = {id}"),
+            ));
+        }
     }
     Ok(())
 }

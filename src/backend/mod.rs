@@ -171,13 +171,28 @@ impl<I> Clone for Prefix<'_, I> {
 }
 impl<I> Copy for Prefix<'_, I> {}
 
-/// Decode lengths: slot b < n_seq of a KV cache of `max_len` positions per slot holds `lens[b]`
-/// cached positions (the new token's key and value already stored).
+/// A paged KV cache for decode (PagedAttention, Kwon et al., SOSP 2023, arXiv 2309.06180):
+/// the caches hold `n_blocks` blocks of `block_size` rows ([n_blocks * block_size, kv_dim]);
+/// sequence b < n_seq has `lens[b]` cached positions (the new token's key and value already
+/// stored), and its position j lives in cache row `table[b * max_blocks + j / block_size] *
+/// block_size + j % block_size`. Only the first ceil(lens[b] / block_size) entries of a
+/// sequence's table row are read. A contiguous cache of `max_len` rows per slot is the table
+/// `[0, 1, .., n_seq - 1]` with `block_size = max_len`, `max_blocks = 1`.
 #[derive(Debug)]
 pub struct Cached<'a, I: ?Sized> {
     pub lens: &'a I,
+    /// Block ids, `max_blocks` per sequence (row-major).
+    pub table: &'a I,
     pub n_seq: usize,
-    pub max_len: usize,
+    pub max_blocks: usize,
+    pub block_size: usize,
+}
+
+impl<I: ?Sized> Cached<'_, I> {
+    /// The most positions one sequence can hold (max_blocks * block_size, saturating).
+    pub fn max_len(&self) -> usize {
+        self.max_blocks.saturating_mul(self.block_size)
+    }
 }
 
 impl<I: ?Sized> Clone for Cached<'_, I> {
@@ -752,7 +767,9 @@ pub trait Backend {
 
     /// Write new keys/values into the KV cache: row t < rows.n_tok of k/v
     /// ([n_tok, kv_dim], kv_dim = n_kv*head_dim) goes to cache row dst[t] of k_cache/v_cache
-    /// ([slots*max_len, kv_dim]), dst[t] = slot * max_len + position.
+    /// ([cache rows, kv_dim]); for a paged cache (see [`Cached`]) the caller computes dst[t] =
+    /// table[position / block_size] * block_size + position % block_size. A dst row outside
+    /// the cache is an error (on the device, reported at the next synchronisation).
     fn kv_store(
         &self,
         k: &Self::T,
@@ -762,11 +779,15 @@ pub trait Backend {
         v_cache: &mut Self::T,
         rows: KvRows,
     ) -> Result<()>;
-    /// Decode attention: one query token per slot b < n_seq against the first lens[b] cached
-    /// positions of slot b (the new token's k/v already stored), `cached` = (lens, n_seq,
-    /// max_len). q/out: [n_seq, n_heads*head_dim]; caches: [n_seq*max_len, n_kv*head_dim].
-    /// Every lens[b] must be in 1..=max_len (an error; where `lens` lives on the device it is
-    /// reported at the next synchronisation).
+    /// Decode attention: one query token per sequence b < n_seq against its first lens[b]
+    /// cached positions, read through the block table of `cached` (see [`Cached`]; the new
+    /// token's k/v already stored). q/out: [n_seq, n_heads*head_dim]; caches: [n_blocks *
+    /// block_size, n_kv*head_dim] (their length a positive multiple of block_size * kv_dim).
+    /// Every lens[b] must be in 1..=max_blocks * block_size and every block id read below
+    /// n_blocks (errors; where `lens`/`table` live on the device they are reported at the
+    /// next synchronisation and the sequence's output row is NaN). A sequence's output depends
+    /// only on its own query, length and cached rows: not on the block layout, the batch or
+    /// the other sequences (the CUDA backend's split count is a function of lens[b] alone).
     fn attention_decode(
         &self,
         q: &Self::T,

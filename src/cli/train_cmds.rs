@@ -12,7 +12,8 @@ use crate::safefs::host_available;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::train::checkpoint;
 use crate::train::config::{
-    load_config, parse_config, DeviceKind, RunConfig, RunKind, SftConfig, TrainConfig,
+    load_config, parse_config, DeviceKind, RolloutConfig, RunConfig, RunKind, SftConfig,
+    TrainConfig,
 };
 use crate::train::metrics::summarize;
 use crate::train::runner::{prepare_prompts, Trainer};
@@ -231,7 +232,7 @@ fn check_memory(
 fn apply_plan(
     p: &Plan,
     memory: &mut Placement,
-    slots: Option<&mut usize>,
+    rollout: Option<&mut RolloutConfig>,
     micro_batch_tokens: &mut usize,
 ) {
     let place = |w: Where| match w {
@@ -241,11 +242,20 @@ fn apply_plan(
     memory.optimizer = place(p.optimizer);
     memory.grads = place(p.grads);
     memory.reference = place(p.reference);
-    if let Some(slots) = slots {
+    if let Some(r) = rollout {
         let s = usize::try_from(p.slots).unwrap_or(usize::MAX);
-        if s < *slots {
-            eprintln!("memory plan: rollout.max_slots {} -> {s}", *slots);
-            *slots = s;
+        if s < r.max_slots {
+            eprintln!("memory plan: rollout.max_slots {} -> {s}", r.max_slots);
+            r.max_slots = s;
+        }
+        // The paged KV cache: sized from the free memory when not set, lowered to fit.
+        let b = usize::try_from(p.kv_blocks).unwrap_or(usize::MAX);
+        if r.kv_blocks == 0 || b < r.kv_blocks {
+            eprintln!(
+                "memory plan: rollout.kv_blocks {} -> {b} (blocks of {} tokens)",
+                r.kv_blocks, r.kv_block_size
+            );
+            r.kv_blocks = b;
         }
     }
     let t = usize::try_from(p.micro_batch_tokens).unwrap_or(usize::MAX);
@@ -399,7 +409,7 @@ fn check_train_memory(cfg: &mut TrainConfig, model_dir: &Path, world: usize) -> 
         apply_plan(
             &p,
             &mut cfg.memory,
-            Some(&mut cfg.rollout.max_slots),
+            Some(&mut cfg.rollout),
             &mut cfg.grpo.micro_batch_tokens,
         );
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod flops;
 pub mod grad_sink;
 pub mod init;
+pub mod kv_cache;
 pub mod layout;
 pub mod memory;
 pub mod plan;
@@ -14,5 +15,6 @@ pub mod weights;
 
 pub use config::Qwen2Config;
 pub use grad_sink::GradSink;
+pub use kv_cache::{BlockPool, KvCache, KvShape};
 pub use layout::{LayerParams, ParamLayout, ParamSpec};
-pub use qwen2::{DeviceBatch, Group, KvCache, Model, PackedBatch, Tape};
+pub use qwen2::{DeviceBatch, Group, Model, PackedBatch, Tape};

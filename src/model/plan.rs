@@ -2,7 +2,8 @@
 //! AdamW moments), the f32 gradients and the frozen reference model live (device or host
 //! memory; the optimizer state and gradients are ordinary pageable memory, the streamed
 //! reference's layers page-locked on CUDA),
-//! and how many rollout slots and tokens per micro-batch fit beside them.
+//! and how many rollout slots, paged KV-cache blocks and tokens per micro-batch fit beside
+//! them.
 //!
 //! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
 //! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
@@ -11,7 +12,9 @@
 //! keeps the explicit choices of the config, and takes the first placement whose device and
 //! host totals fit with at least one rollout slot and the smallest micro-batch the run can form
 //! (one whole GRPO group, or one SFT sequence). It then lowers the rollout slots and the
-//! micro-batch token budget, never raising them, until the rollout and training peaks fit.
+//! micro-batch token budget, never raising them, until the rollout and training peaks fit,
+//! and gives the rollout's paged KV cache the device memory left at those slots (at most what
+//! the slots can use).
 //! Every size is a saturating product or sum: a size that does not fit in 64 bits reads as
 //! "too large" and fails every fit check instead of wrapping to a small number.
 
@@ -171,6 +174,8 @@ pub struct RunShape {
     pub max_prompt: u64,
     /// Longest prompt + response a KV-cache slot holds (SFT: the longest sequence).
     pub max_len: u64,
+    /// Rows per block of the paged KV cache (`rollout.kv_block_size`).
+    pub kv_block_size: u64,
     /// Configured token budget of one micro-batch.
     pub micro_batch_tokens: u64,
     /// The smallest micro-batch the run can form: one whole GRPO group (micro-batches never
@@ -217,6 +222,11 @@ pub struct Plan {
     pub reference: Where,
     /// Rollout slots (sequences decoded at once).
     pub slots: u64,
+    /// Blocks of the rollout's paged KV-cache pool: what is left of the device beside the
+    /// resident state and the rollout's other working sets at `slots`, at most the room for
+    /// `slots + 1` sequences at their longest (what the rollout takes unconstrained), at
+    /// least one sequence and its prompt's last block. 0 for SFT.
+    pub kv_blocks: u64,
     /// Token budget of one micro-batch.
     pub micro_batch_tokens: u64,
     /// Items held all run, then the rollout and training working sets at the chosen sizes.
@@ -364,17 +374,40 @@ pub fn shard_len(numel: u64, ranks: u64) -> u64 {
     per.checked_next_multiple_of(16).unwrap_or(u64::MAX)
 }
 
-/// The device working set of rollout at `slots` sequences: the KV cache, the f32 logits of one
-/// decode step, and the prefill of every slot's prompt at once (one layer's working set, as in
-/// a training forward without a tape).
+/// Blocks of the paged KV cache one sequence of `max_len` tokens takes.
+fn blocks_per_seq(shape: &RunShape) -> u64 {
+    shape.max_len.div_ceil(shape.kv_block_size.max(1))
+}
+
+/// bf16 bytes of one KV-cache block, all layers.
+fn block_bytes(m: &ModelSizes, shape: &RunShape) -> u64 {
+    mul(&[shape.kv_block_size.max(1), m.kv_per_token])
+}
+
+/// The device working set of rollout at `slots` sequences: the smallest paged KV cache that
+/// runs (one sequence at its longest and its prompt's last block; the pool is then given what
+/// is left, [`kv_pool`]), the f32 logits of one decode step, and the prefill of every slot's
+/// prompt at once (one layer's working set, as in a training forward without a tape).
 fn rollout_work(cfg: &Qwen2Config, m: &ModelSizes, shape: &RunShape, slots: u64) -> [u64; 3] {
     if !shape.grpo || slots == 0 {
         return [0, 0, 0];
     }
-    let kv = mul(&[slots, shape.max_len, m.kv_per_token]);
+    let kv = mul(&[add(&[blocks_per_seq(shape), 1]), block_bytes(m, shape)]);
     let logits = mul(&[slots, m.vocab, 4]);
     let prefill = mul(&[slots, shape.max_prompt, layer_work_per_token(cfg)]);
     [kv, logits, prefill]
+}
+
+/// Blocks of the paged KV-cache pool at `slots` sequences beside `other` device bytes: what
+/// `usable` leaves, at most the rollout's unconstrained pool ((slots + 1) sequences at their
+/// longest), at least the smallest that runs.
+fn kv_pool(m: &ModelSizes, shape: &RunShape, slots: u64, usable: u64, other: u64) -> u64 {
+    if !shape.grpo || slots == 0 {
+        return 0;
+    }
+    let per = blocks_per_seq(shape);
+    let fit = usable.saturating_sub(other) / block_bytes(m, shape).max(1);
+    fit.min(mul(&[add(&[slots, 1]), per])).max(add(&[per, 1]))
 }
 
 fn estimate(cfg: &Qwen2Config, tokens: u64) -> MemoryEstimate {
@@ -639,12 +672,26 @@ fn build(
     }
     let slots = slots.unwrap_or(min_slots);
     let tokens = tokens.unwrap_or(min_tokens);
+    let [_, logits, prefill] = rollout_work(cfg, m, shape, slots);
+    let kv_blocks = kv_pool(
+        m,
+        shape,
+        slots,
+        usable,
+        add(&[device_resident, logits, prefill]),
+    );
+    let kv_bytes = mul(&[kv_blocks, block_bytes(m, shape)]);
     if shape.grpo {
-        let [kv, logits, prefill] = rollout_work(cfg, m, shape, slots);
         row_push(
             &mut rows,
-            &format!("KV cache ({slots} slots x {} tokens, bf16)", shape.max_len),
-            kv,
+            &format!(
+                "KV cache ({kv_blocks} blocks x {} tokens, bf16; {slots} sequences of {} \
+                 tokens take at most {})",
+                shape.kv_block_size,
+                shape.max_len,
+                mul(&[slots, blocks_per_seq(shape)])
+            ),
+            kv_bytes,
         );
         row_push(&mut rows, "decode logits (f32)", logits);
         row_push(
@@ -670,10 +717,11 @@ fn build(
         grads,
         reference,
         slots,
+        kv_blocks,
         micro_batch_tokens: tokens,
         rows,
         device_resident,
-        rollout_peak: rollout_at(slots),
+        rollout_peak: add(&[device_resident, kv_bytes, logits, prefill]),
         train_peak: train_at(tokens),
         host_total,
         budget: *budget,
@@ -740,8 +788,8 @@ impl fmt::Display for Plan {
         )?;
         writeln!(
             f,
-            "  rollout slots {}, micro-batch tokens {}",
-            self.slots, self.micro_batch_tokens
+            "  rollout slots {}, KV-cache blocks {}, micro-batch tokens {}",
+            self.slots, self.kv_blocks, self.micro_batch_tokens
         )?;
         match &self.refusal {
             None => writeln!(

@@ -6,10 +6,10 @@
 
 use crate::backend::{
     AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KeptLogits, KvRows, LinearGrads,
-    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RowCopy,
-    VocabDims,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, VocabDims,
 };
 use crate::model::grad_sink::GradSink;
+use crate::model::kv_cache::{KvCache, KvShape, DEFAULT_BLOCK_SIZE};
 use crate::model::stream::HostLayers;
 use crate::model::{ParamLayout, Qwen2Config};
 use crate::{Error, Result};
@@ -448,47 +448,6 @@ fn two_mut<T>(s: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
     } else {
         let (a, b) = s.split_at_mut(i);
         (&mut b[0], &mut a[j])
-    }
-}
-
-/// Per-layer key/value cache for `slots` sequences of at most `max_len` tokens.
-pub struct KvCache<B: Backend> {
-    pub k: Vec<B::T>,
-    pub v: Vec<B::T>,
-    /// Tokens cached so far per slot.
-    pub lens: Vec<u32>,
-    pub slots: usize,
-    pub max_len: usize,
-    /// Elements per cached position (n_kv * head_dim).
-    pub kv_width: usize,
-}
-
-impl<B: Backend> KvCache<B> {
-    /// Slot `dst` takes the first `len` cached positions of slot `src` (every layer's keys and
-    /// values, with [`Backend::copy_rows`]) and `lens[dst] = len`: a prompt prefilled once
-    /// serves its other samples, and a slot can move. `len` must not exceed `lens[src]`.
-    pub fn copy_slot(&mut self, b: &B, src: usize, dst: usize, len: usize) -> Result<()> {
-        if src >= self.slots || dst >= self.slots || src == dst || len > self.lens[src] as usize {
-            return Err(Error::Invalid(format!(
-                "copy_slot: slot {src} -> {dst}, {len} positions, in a cache of {} slots \
-                 (expected two distinct slots and len <= lens[src] = {})",
-                self.slots,
-                self.lens.get(src).copied().unwrap_or(0)
-            )));
-        }
-        let width = self.kv_width;
-        let c = RowCopy {
-            src: src * self.max_len,
-            dst: dst * self.max_len,
-            n: len,
-            width,
-        };
-        for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
-            b.copy_rows(k, c)?;
-            b.copy_rows(v, c)?;
-        }
-        self.lens[dst] = len as u32;
-        Ok(())
     }
 }
 
@@ -1352,49 +1311,26 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// A paged KV cache with room for `slots` sequences of `max_len` positions at once
+    /// (blocks of [`DEFAULT_BLOCK_SIZE`] rows, `slots * ceil(max_len / block_size)` of them).
     pub fn new_cache(&self, b: &B, slots: usize, max_len: usize) -> Result<KvCache<B>> {
-        if slots == 0 || max_len == 0 {
-            return Err(Error::Invalid(format!(
-                "new_cache: slots = {slots} and max_len = {max_len} must both be positive"
-            )));
-        }
+        let block_size = DEFAULT_BLOCK_SIZE;
+        let n_blocks = slots.saturating_mul(max_len.div_ceil(block_size));
+        self.new_paged_cache(
+            b,
+            KvShape {
+                slots,
+                max_len,
+                block_size,
+                n_blocks,
+            },
+        )
+    }
+
+    /// A paged KV cache of the given shape, for this model's layers and key/value width.
+    pub fn new_paged_cache(&self, b: &B, shape: KvShape) -> Result<KvCache<B>> {
         let kvd = self.cfg.num_key_value_heads * self.cfg.head_dim;
-        let n = slots
-            .checked_mul(max_len)
-            .and_then(|x| x.checked_mul(kvd))
-            .filter(|&n| n <= isize::MAX as usize / 4);
-        // Backends without a master copy keep f32 tensors in host memory (the CPU backend):
-        // check that the cache fits before allocating it, since a failed host allocation
-        // aborts the process.
-        let bytes = n.and_then(|n| {
-            (n as u64)
-                .checked_mul(8)
-                .and_then(|x| x.checked_mul(self.layout.layers.len() as u64))
-        });
-        if !b.needs_master() || bytes.is_none() {
-            crate::safefs::check_host_memory(
-                bytes,
-                &format!(
-                    "KV cache of {slots} sequences x {max_len} tokens x {} layers",
-                    self.layout.layers.len()
-                ),
-            )?;
-        }
-        let n = n.unwrap_or(0);
-        let mut k = Vec::with_capacity(self.layout.layers.len());
-        let mut v = Vec::with_capacity(self.layout.layers.len());
-        for _ in &self.layout.layers {
-            k.push(b.zeros(n)?);
-            v.push(b.zeros(n)?);
-        }
-        Ok(KvCache {
-            k,
-            v,
-            lens: vec![0; slots],
-            slots,
-            max_len,
-            kv_width: kvd,
-        })
+        KvCache::new(b, shape, self.layout.layers.len(), kvd)
     }
 
     /// Prefill slot i with `prompts[i]` (`prompts.len() <= cache.slots`); returns f32
@@ -1448,10 +1384,30 @@ impl<B: Backend> Model<B> {
                 )));
             }
             self.check_ids(&format!("prefill: prompt {i}"), p)?;
+        }
+        let need: usize = prompts.iter().map(|p| cache.blocks_for(p.len())).sum();
+        let held: usize = slots
+            .iter()
+            .map(|&s| {
+                let t = &cache.tables[s];
+                t.iter().filter(|&&id| cache.pool.refs(id) == 1).count()
+            })
+            .sum();
+        if need > cache.pool.free() + held {
+            return Err(Error::Invalid(format!(
+                "prefill: {need} blocks of {} rows for {} prompts, {} of {} blocks free",
+                cache.block_size,
+                prompts.len(),
+                cache.pool.free() + held,
+                cache.pool.n_blocks()
+            )));
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            cache.alloc_slot(slots[i], p.len())?;
             tokens.extend_from_slice(p);
             for t in 0..p.len() {
                 positions.push(t as u32);
-                dst.push((slots[i] * cache.max_len + t) as u32);
+                dst.push(cache.row(slots[i], t));
             }
             cu_host.push(tokens.len() as u32);
             last.push(tokens.len() as u32 - 1);
@@ -1485,9 +1441,6 @@ impl<B: Backend> Model<B> {
         let (xf, _) = self.final_norm(b, &xl, np, &d)?;
         let mut out = b.zeros_f32(np * d.vocab)?;
         b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(np))?;
-        for (i, p) in prompts.iter().enumerate() {
-            cache.lens[slots[i]] = p.len() as u32;
-        }
         Ok(out)
     }
 
@@ -1505,14 +1458,24 @@ impl<B: Backend> Model<B> {
         self.check_ids("decode: tokens", tokens)?;
         let mut dst = Vec::with_capacity(n);
         let mut after = Vec::with_capacity(n);
-        for (i, &l) in cache.lens[..n].iter().enumerate() {
-            if l as usize >= cache.max_len {
-                return Err(Error::Invalid(format!(
-                    "decode: slot {i} is full ({l} of max_len = {} tokens)",
-                    cache.max_len
-                )));
-            }
-            dst.push((i * cache.max_len) as u32 + l);
+        if let Some(i) = (0..n).find(|&i| cache.lens[i] as usize >= cache.max_len) {
+            return Err(Error::Invalid(format!(
+                "decode: slot {i} is full ({} of max_len = {} tokens)",
+                cache.lens[i], cache.max_len
+            )));
+        }
+        let need = cache.step_needs(n);
+        if need > cache.pool.free() {
+            return Err(Error::Invalid(format!(
+                "decode: {n} slots need {need} new KV-cache blocks, {} of {} are free",
+                cache.pool.free(),
+                cache.pool.n_blocks()
+            )));
+        }
+        for i in 0..n {
+            cache.prepare_append(b, i)?;
+            let l = cache.lens[i];
+            dst.push(cache.row(i, l as usize));
             after.push(l + 1);
         }
         let d = self.dims(n)?;
@@ -1520,6 +1483,8 @@ impl<B: Backend> Model<B> {
         let pos_d = b.upload_u32(&cache.lens[..n])?;
         let dst_d = b.upload_u32(&dst)?;
         let lens_d = b.upload_u32(&after)?;
+        let table_d = b.upload_u32(&cache.flat_tables(n))?;
+        let (max_blocks, block_size) = (cache.max_blocks(), cache.block_size);
         let mut x = b.zeros(n * d.h)?;
         b.embedding(&tok_d, self.p(self.layout.embed), &mut x, n, d.h)?;
         let mut y = b.zeros(n * d.h)?;
@@ -1529,8 +1494,10 @@ impl<B: Backend> Model<B> {
                 dst: &dst_d,
                 cached: Cached {
                     lens: &lens_d,
+                    table: &table_d,
                     n_seq: n,
-                    max_len: cache.max_len,
+                    max_blocks,
+                    block_size,
                 },
                 k_cache: &mut cache.k[l],
                 v_cache: &mut cache.v[l],

@@ -51,9 +51,16 @@ pub struct RolloutConfig {
     /// Prompts longer than this are left out of the data (counted and reported).
     pub max_prompt_tokens: usize,
     pub max_new_tokens: usize,
-    /// Slots of the rollout's KV cache: at most this many sequences decode at a time, a stopped
-    /// sequence's slot taking the next one at once (bounds rollout memory).
+    /// At most this many sequences decode at a time, a stopped sequence's slot taking the next
+    /// one at once (the rollout's memory is the paged KV cache's `kv_blocks`).
     pub max_slots: usize,
+    /// Rows per block of the paged KV cache.
+    pub kv_block_size: usize,
+    /// Blocks of the paged KV cache's pool; 0 = sized by the memory planner on CUDA (from
+    /// the free memory), else room for `max_slots` sequences of the longest length and one
+    /// prompt. Fewer blocks admit fewer sequences at once and may preempt; the generations
+    /// stay the same.
+    pub kv_blocks: usize,
 }
 
 impl Default for RolloutConfig {
@@ -66,6 +73,8 @@ impl Default for RolloutConfig {
             max_prompt_tokens: 4096,
             max_new_tokens: 8192,
             max_slots: 256,
+            kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK_SIZE,
+            kv_blocks: 0,
         }
     }
 }
@@ -500,6 +509,7 @@ impl TrainConfig {
             max_slots: (r.max_slots as u64).min((g.prompts_per_step as u64).saturating_mul(n)),
             max_prompt: prompt,
             max_len: prompt.saturating_add(new),
+            kv_block_size: r.kv_block_size as u64,
             micro_batch_tokens: g.micro_batch_tokens as u64,
             min_micro_batch_tokens: group,
             recompute: g.recompute,
@@ -545,6 +555,22 @@ impl TrainConfig {
         }
         if self.rollout.max_slots == 0 {
             return Err(bad("rollout.max_slots", "must be at least 1".into()));
+        }
+        if self.rollout.kv_block_size == 0 {
+            return Err(bad("rollout.kv_block_size", "must be at least 1".into()));
+        }
+        let per_seq = (self.rollout.max_prompt_tokens as u64)
+            .saturating_add(self.rollout.max_new_tokens as u64)
+            .div_ceil(self.rollout.kv_block_size as u64);
+        if self.rollout.kv_blocks != 0 && (self.rollout.kv_blocks as u64) <= per_seq {
+            return Err(bad(
+                "rollout.kv_blocks",
+                format!(
+                    "must be 0 (sized from memory) or above {per_seq}: one sequence of \
+                     max_prompt_tokens + max_new_tokens tokens in blocks of kv_block_size, and \
+                     its prompt's last block"
+                ),
+            ));
         }
         if self.grpo.prompts_per_step == 0 {
             return Err(bad("grpo.prompts_per_step", "must be at least 1".into()));
@@ -708,6 +734,7 @@ impl SftConfig {
             max_slots: 0,
             max_prompt: 0,
             max_len: self.max_seq_tokens as u64,
+            kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK_SIZE as u64,
             micro_batch_tokens: self.micro_batch_tokens as u64,
             min_micro_batch_tokens: self.max_seq_tokens as u64,
             recompute: self.recompute,

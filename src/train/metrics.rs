@@ -77,6 +77,15 @@ pub struct StepMetrics {
     /// Prompt prefills of the rollout.
     #[serde(default)]
     pub rollout_prefills: usize,
+    /// The paged KV cache during the rollout: the most blocks held at once and the most
+    /// sequences decoded at once (the largest of any rank), and the sequences preempted for
+    /// lack of blocks (summed over the ranks).
+    #[serde(default)]
+    pub rollout_kv_peak_blocks: usize,
+    #[serde(default)]
+    pub rollout_peak_concurrent: usize,
+    #[serde(default)]
+    pub rollout_preemptions: usize,
     /// Model FLOPs per phase, counted from the config (`model::flops`): forward for the
     /// rollout and the old and reference passes, 3x forward per PPO epoch for the update
     /// (recomputation not counted).

@@ -657,7 +657,11 @@ impl<B: Backend> Trainer<B> {
             self.cfg.rollout.n,
             &self.sampling(),
             stream,
-            &rollout::Schedule::default(),
+            &rollout::Schedule {
+                kv_block_size: Some(self.cfg.rollout.kv_block_size),
+                kv_blocks: (self.cfg.rollout.kv_blocks > 0).then_some(self.cfg.rollout.kv_blocks),
+                ..rollout::Schedule::default()
+            },
         )
     }
 
@@ -908,9 +912,10 @@ impl<B: Backend> Trainer<B> {
             rows_naive as f64,
             logit_rows_naive as f64,
             ro.prefills as f64,
+            ro.preemptions as f64,
         ];
         sum(&mut c)?;
-        let [k, reward_sum, format_ok, exact, zero_groups, groups_skipped, truncated, resp_tokens, prompt_tokens, rows, logit_rows, rows_naive, logit_rows_naive, prefills] =
+        let [k, reward_sum, format_ok, exact, zero_groups, groups_skipped, truncated, resp_tokens, prompt_tokens, rows, logit_rows, rows_naive, logit_rows_naive, prefills, preemptions] =
             c;
         let k = k.max(1.0);
         let mean = reward_sum / k;
@@ -954,11 +959,14 @@ impl<B: Backend> Trainer<B> {
             times.reference,
             times.update,
             times.step,
+            ro.peak_blocks as f64,
+            ro.peak_concurrent as f64,
         ];
         if let Some(c) = comm {
             c.all_max_host(&mut mx)?;
         }
-        let [len_max, t_rollout, t_reward, t_old, t_ref, t_update, t_step] = mx;
+        let [len_max, t_rollout, t_reward, t_old, t_ref, t_update, t_step, peak_blocks, peak_concurrent] =
+            mx;
         let tok = sums.tokens.max(1.0);
         let updates = upd.updates.max(1) as f64;
         // FLOPs per phase (model::flops): forward for the rollout and the old and reference
@@ -1020,6 +1028,9 @@ impl<B: Backend> Trainer<B> {
             tokens_rollout_decode: decode.rows,
             tokens_rollout_naive: ro_naive.rows,
             rollout_prefills: prefills as usize,
+            rollout_kv_peak_blocks: peak_blocks as usize,
+            rollout_peak_concurrent: peak_concurrent as usize,
+            rollout_preemptions: preemptions as usize,
             flops_rollout,
             flops_old_logprobs: flops_pass,
             flops_reference: flops_pass,

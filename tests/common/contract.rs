@@ -512,39 +512,60 @@ pub fn bad_calls<B: Backend>(b: &B) -> Vec<Case> {
             },
         ),
     ));
-    let (slots, max_len) = (2usize, 5usize);
-    let cache = slots * max_len * nkv * hd;
+    // A paged cache of 4 blocks of 3 rows; two sequences of 2 table entries each.
+    let (slots, bs, mb) = (2usize, 3usize, 2usize);
+    let cache = 4 * bs * nkv * hd;
+    let table = u(&[0, 1, 2, 3]);
+    let decode =
+        |q: usize, kc: usize, vc: usize, table: &B::I, cached: (usize, usize), h: Heads| {
+            b.attention_decode(
+                &t(slots * q),
+                &t(kc),
+                &t(vc),
+                &Cached {
+                    lens: &u(&[1, 2]),
+                    table,
+                    n_seq: slots,
+                    max_blocks: cached.0,
+                    block_size: cached.1,
+                },
+                &mut t(slots * q),
+                h,
+            )
+        };
+    let h = Heads {
+        n_heads: nh,
+        n_kv: nkv,
+        head_dim: hd,
+    };
     out.push((
-        "attention_decode: k_cache shorter than n_seq * max_len * n_kv * head_dim",
-        b.attention_decode(
-            &t(slots * nh * hd),
-            &t(cache - 1),
-            &t(cache),
-            &Cached {
-                lens: &u(&[1, 2]),
-                n_seq: slots,
-                max_len,
-            },
-            &mut t(slots * nh * hd),
-            Heads {
-                n_heads: nh,
-                n_kv: nkv,
-                head_dim: hd,
-            },
-        ),
+        "attention_decode: k_cache not a whole number of blocks",
+        decode(nh * hd, cache - 1, cache, &table, (mb, bs), h),
+    ));
+    out.push((
+        "attention_decode: v_cache of another size than k_cache",
+        decode(nh * hd, cache, cache + bs * nkv * hd, &table, (mb, bs), h),
+    ));
+    out.push((
+        "attention_decode: table shorter than n_seq * max_blocks",
+        decode(nh * hd, cache, cache, &u(&[0, 1, 2]), (mb, bs), h),
+    ));
+    out.push((
+        "attention_decode: block_size 0",
+        decode(nh * hd, cache, cache, &table, (mb, 0), h),
+    ));
+    out.push((
+        "attention_decode: max_blocks 0",
+        decode(nh * hd, cache, cache, &table, (0, bs), h),
     ));
     out.push((
         "attention_decode: n_heads 3 with n_kv 2",
-        b.attention_decode(
-            &t(slots * 3 * hd),
-            &t(cache * 2),
-            &t(cache * 2),
-            &Cached {
-                lens: &u(&[1, 2]),
-                n_seq: slots,
-                max_len,
-            },
-            &mut t(slots * 3 * hd),
+        decode(
+            3 * hd,
+            cache * 2,
+            cache * 2,
+            &table,
+            (mb, bs),
             Heads {
                 n_heads: 3,
                 n_kv: 2,

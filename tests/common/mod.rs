@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod contract;
+pub mod paged;
 pub mod placement;
 pub mod train;
 
@@ -267,6 +268,7 @@ pub fn check_rollout_schedules<B: Backend>(
         let sched = Schedule {
             order: order.clone(),
             prefill_each,
+            ..Schedule::default()
         };
         let (got, st) = generate_with(b, model, prompts, n, &s, stream, &sched).expect("rollout");
         assert_eq!(
@@ -284,4 +286,91 @@ pub fn check_rollout_schedules<B: Backend>(
     }
     println!("rollout: {runs} schedules gave the same {total} generations");
     want
+}
+
+/// The paged KV cache against the memory of the slot cache it replaces: a pool of the rows
+/// `old_slots` slots of `max_len` rows held (`block_size`-row blocks) runs more sequences at
+/// once than `old_slots` (the prompt stored once per group, blocks taken as sequences grow),
+/// with the generations of an unconstrained rollout; then the smallest pool that can run a
+/// sequence (preempting and recomputing), prompt-major and shuffled, gives them again. The
+/// prompt-major order must reach more than `old_slots` concurrent sequences. Returns the
+/// stats of the same-memory run.
+pub fn check_paged_rollout<B: Backend>(
+    b: &B,
+    model: &tooln1::model::Model<B>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    sp: &tooln1::train::rollout::SamplingParams,
+    stream: tooln1::train::rollout::Stream,
+) -> tooln1::train::rollout::RolloutStats {
+    use tooln1::train::rollout::{generate_with, Schedule};
+    let (total, old_slots, block_size) = (prompts.len() * n, 2usize, 4usize);
+    let max_len = prompts.iter().map(|p| p.len()).max().unwrap() + sp.max_new_tokens;
+    let mut wide = sp.clone();
+    wide.max_slots = total;
+    let (want, st_want) = generate_with(b, model, prompts, n, &wide, stream, &Schedule::default())
+        .expect("reference rollout");
+    assert_eq!(st_want.preemptions, 0, "the default pool never preempts");
+    let old_rows = old_slots * max_len;
+    let same_memory = Schedule {
+        kv_block_size: Some(block_size),
+        kv_blocks: Some(old_rows / block_size),
+        ..Schedule::default()
+    };
+    let (got, st) = generate_with(b, model, prompts, n, &wide, stream, &same_memory)
+        .expect("same-memory rollout");
+    assert_eq!(
+        got, want,
+        "the paged pool of {old_rows} rows changed the generations"
+    );
+    println!(
+        "paged rollout: {} blocks of {block_size} rows ({old_rows} rows, {old_slots} slots of \
+         {max_len} before): peak {} blocks, {} concurrent sequences, {} preemptions, {} \
+         copy-on-write block copies",
+        st.kv_blocks, st.peak_blocks, st.peak_concurrent, st.preemptions, st.block_copies
+    );
+    assert!(st.peak_blocks <= st.kv_blocks);
+    assert!(
+        st.peak_concurrent > old_slots,
+        "the paged pool ran at most {} sequences at once, the slot cache {old_slots}",
+        st.peak_concurrent
+    );
+    let per_seq = max_len.div_ceil(block_size);
+    let mut rng = Rng::from_seed(stream.seed ^ 0x9e37);
+    let mut shuffled: Vec<usize> = (0..total).collect();
+    for i in (1..total).rev() {
+        shuffled.swap(i, rng.below(i + 1));
+    }
+    for order in [None, Some(shuffled)] {
+        let tight = Schedule {
+            order: order.clone(),
+            kv_block_size: Some(block_size),
+            kv_blocks: Some(per_seq + 1),
+            ..Schedule::default()
+        };
+        let (got, st) =
+            generate_with(b, model, prompts, n, &wide, stream, &tight).expect("tight rollout");
+        assert_eq!(
+            got,
+            want,
+            "a pool of {} blocks, order {order:?}",
+            per_seq + 1
+        );
+        println!(
+            "paged rollout, {} blocks, order {order:?}: {} preemptions, {} prompt evictions, \
+             {} prefills",
+            per_seq + 1,
+            st.preemptions,
+            st.prompt_evictions,
+            st.prefills
+        );
+    }
+    let small = tooln1::train::rollout::Schedule {
+        kv_block_size: Some(block_size),
+        kv_blocks: Some(per_seq),
+        ..Schedule::default()
+    };
+    let e = generate_with(b, model, prompts, n, &wide, stream, &small).unwrap_err();
+    assert!(e.to_string().contains("cannot hold one sequence"), "{e}");
+    st
 }

@@ -1429,7 +1429,7 @@ pub fn attention_prefixed_bwd(
     });
 }
 
-/// Decode attention (see [`math::attention_decode`]), one slot per task.
+/// Decode attention (see [`math::attention_decode`]), one sequence per task.
 pub fn attention_decode(
     q: &[f32],
     k_cache: &[f32],
@@ -1440,23 +1440,26 @@ pub fn attention_decode(
 ) {
     let Cached {
         lens,
+        table,
         n_seq,
-        max_len,
+        max_blocks,
+        block_size,
     } = *cached;
-    let (qs, ks) = (heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim);
-    let slot = max_len * ks;
+    let qs = heads.n_heads * heads.head_dim;
     out[..n_seq * qs]
         .par_chunks_mut(qs)
         .enumerate()
         .for_each(|(b, o)| {
             math::attention_decode(
                 &q[b * qs..(b + 1) * qs],
-                &k_cache[b * slot..(b + 1) * slot],
-                &v_cache[b * slot..(b + 1) * slot],
+                k_cache,
+                v_cache,
                 &Cached {
                     lens: &lens[b..b + 1],
+                    table: &table[b * max_blocks..(b + 1) * max_blocks],
                     n_seq: 1,
-                    max_len,
+                    max_blocks,
+                    block_size,
                 },
                 o,
                 heads,

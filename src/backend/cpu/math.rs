@@ -615,9 +615,15 @@ pub fn attention_decode<R: Real>(
 ) {
     let Cached {
         lens,
+        table,
         n_seq,
-        max_len,
+        max_blocks,
+        block_size,
     } = *cached;
+    // The cache row of sequence b's position j, through its block table.
+    let row_of = |b: usize, j: usize| {
+        table[b * max_blocks + j / block_size] as usize * block_size + j % block_size
+    };
     let Heads {
         n_heads,
         n_kv,
@@ -635,7 +641,7 @@ pub fn attention_decode<R: Real>(
             s.clear();
             let mut mx = R::neg_infinity();
             for j in 0..len {
-                let row = (b * max_len + j) * ks + kh * head_dim;
+                let row = row_of(b, j) * ks + kh * head_dim;
                 let sc = dot(qb, &k_cache[row..row + head_dim]) * scale;
                 mx = mx.max(sc);
                 s.push(sc);
@@ -649,7 +655,7 @@ pub fn attention_decode<R: Real>(
             o.fill(R::zero());
             for (j, &sc) in s.iter().enumerate() {
                 let p = (sc - l).exp();
-                let row = (b * max_len + j) * ks + kh * head_dim;
+                let row = row_of(b, j) * ks + kh * head_dim;
                 for d in 0..head_dim {
                     o[d] += p * v_cache[row + d];
                 }

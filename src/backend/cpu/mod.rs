@@ -352,18 +352,15 @@ impl Backend for Cpu {
         out: &mut Vec<f32>,
         heads: Heads,
     ) -> Result<()> {
-        check::attention_decode(q, k_cache, v_cache, cached, out, heads)?;
-        let Cached {
-            lens,
-            n_seq,
-            max_len,
-        } = *cached;
-        check::decode_lens(lens, n_seq, max_len)?;
+        let n_blocks = check::attention_decode(q, k_cache, v_cache, cached, out, heads)?;
         let cached = Cached {
-            lens: lens.as_slice(),
-            n_seq,
-            max_len,
+            lens: cached.lens.as_slice(),
+            table: cached.table.as_slice(),
+            n_seq: cached.n_seq,
+            max_blocks: cached.max_blocks,
+            block_size: cached.block_size,
         };
+        check::decode_table(&cached, n_blocks)?;
         fast::run(|| fast::attention_decode(q, k_cache, v_cache, &cached, out, heads));
         Ok(())
     }

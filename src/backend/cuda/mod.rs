@@ -348,7 +348,7 @@ impl Backend for Cuda {
         v_cache: &mut Self::T,
         rows: KvRows,
     ) -> Result<()> {
-        ops::attention::kv_store(self, k, v, dst, k_cache, v_cache, rows)
+        ops::decode::kv_store(self, k, v, dst, k_cache, v_cache, rows)
     }
     fn attention_decode(
         &self,
@@ -359,7 +359,7 @@ impl Backend for Cuda {
         out: &mut Self::T,
         heads: Heads,
     ) -> Result<()> {
-        ops::attention::decode(self, q, k_cache, v_cache, cached, out, heads)
+        ops::decode::attention(self, q, k_cache, v_cache, cached, out, heads)
     }
 
     fn swiglu(&self, gate: &Self::T, up: &Self::T, out: &mut Self::T, n: usize) -> Result<()> {

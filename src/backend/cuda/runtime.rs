@@ -36,6 +36,7 @@ pub(crate) const ERR_DECODE_LEN: u32 = 8;
 pub(crate) const ERR_SAMPLE_LOGIT: u32 = 16;
 pub(crate) const ERR_GRPO_SEQ: u32 = 32;
 pub(crate) const ERR_GRPO_MASK: u32 = 64;
+pub(crate) const ERR_DECODE_BLOCK: u32 = 128;
 
 pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
@@ -814,7 +815,14 @@ impl Gpu {
                 what.push("a kv_store destination row is outside the KV cache");
             }
             if flag[0] & ERR_DECODE_LEN != 0 {
-                what.push("attention_decode: a length in `lens` is 0 or above `max_len`");
+                what.push(
+                    "attention_decode: a length in `lens` is 0 or above max_blocks * block_size",
+                );
+            }
+            if flag[0] & ERR_DECODE_BLOCK != 0 {
+                what.push(
+                    "attention_decode: a block id in `table` is not below the cache's blocks",
+                );
             }
             if flag[0] & ERR_SAMPLE_LOGIT != 0 {
                 what.push(

@@ -5,7 +5,7 @@
 //! downloads, copies) are the two without a kernel file of their own.
 
 pub(crate) mod adamw;
-pub(crate) mod attention;
+pub(crate) mod decode;
 pub(crate) mod embedding;
 pub(crate) mod flash_attn;
 pub(crate) mod grpo_loss;
