@@ -598,6 +598,15 @@ pub trait Backend {
     }
     /// Wait for all queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// A phase of the step is over and the next one allocates buffers of other sizes: give
+    /// cached free device memory back (CUDA: waits for the queued work, then frees the caching
+    /// pool's unused blocks, as `torch.cuda.empty_cache()` between the rollout and training
+    /// phases of verl's `fsdp_workers.py`). The trainers call it where they wait for the
+    /// device anyway (after the rollout, and between a micro-batch's loss and its backward).
+    /// No-op on the CPU.
+    fn release_cached(&self) -> Result<()> {
+        Ok(())
+    }
 
     // ---------------------------------------------------------------- elementwise
     /// a[..n] += b[..n]

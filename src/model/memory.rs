@@ -4,6 +4,19 @@
 //! cache from layers × kv heads × head_dim, activations from the tensors one decoder layer keeps
 //! for its backward. Storage follows the CUDA backend's numerics: bf16 weights and activations,
 //! f32 gradients, AdamW moments, master weights and per-token statistics.
+//!
+//! These are the bytes the tensors need. On CUDA the caching pool takes more from the driver:
+//! each buffer is rounded up to its size class (`backend::cuda::size_class`: a power of two
+//! up to 1 MiB, then a multiple of 2 MiB), and a freed block stays cached for the next request
+//! of its class. The memory planner (`model::plan`) counts every parameter-shaped and
+//! activation buffer at its size class ([`layer_saved_buffers`] lists the activation buffers of
+//! a layer). Cached blocks of one phase that the next phase cannot reuse are released at the
+//! phase boundaries by the trainers (`Backend::release_cached`: after the rollout, between a
+//! micro-batch's loss and its backward, before the optimizer update), so the training peak is
+//! the live buffers plus what stays cached inside a phase: the backward's own vocabulary tile,
+//! which the estimate counts in its vocabulary buffers, and the blocks one layer frees for the
+//! next. `tests/cuda_memory_plan.rs` checks the planner's peak against the peak the virtual GPU
+//! measures, within 10% either way.
 
 use crate::model::{ParamLayout, Qwen2Config};
 use std::fmt;
@@ -81,18 +94,25 @@ pub(crate) fn to64(v: usize) -> u64 {
     u64::try_from(v).unwrap_or(u64::MAX)
 }
 
-/// bf16 elements one decoder layer saves per token for its backward, and f32 statistics.
-fn layer_saved_per_token(cfg: &Qwen2Config) -> (u64, u64) {
+/// The buffers one decoder layer saves for its backward, as elements per token: the bf16
+/// tensors (layer input, normed input, q, k, v, attention output, residual after attention,
+/// normed residual, gate, up, silu(gate)*up) and the f32 statistics (two RMSNorm rstd values
+/// and one attention logsumexp per head). Each is one device buffer of tokens x width.
+pub fn layer_saved_buffers(cfg: &Qwen2Config) -> ([u64; 11], [u64; 3]) {
     let h = to64(cfg.hidden_size);
     let q = mul(&[to64(cfg.num_attention_heads), to64(cfg.head_dim)]);
     let kv = mul(&[to64(cfg.num_key_value_heads), to64(cfg.head_dim)]);
     let i = to64(cfg.intermediate_size);
-    // layer input, normed input, q, k, v, attention output, residual after attention, normed
-    // residual, gate, up, silu(gate)*up.
-    let bf16_elems = add(&[h, h, q, mul(&[2, kv]), q, h, h, mul(&[3, i])]);
-    // two RMSNorm rstd values and one attention logsumexp per head.
-    let f32_elems = add(&[2, to64(cfg.num_attention_heads)]);
-    (bf16_elems, f32_elems)
+    (
+        [h, h, q, kv, kv, q, h, h, i, i, i],
+        [1, 1, to64(cfg.num_attention_heads)],
+    )
+}
+
+/// bf16 elements one decoder layer saves per token for its backward, and f32 statistics.
+fn layer_saved_per_token(cfg: &Qwen2Config) -> (u64, u64) {
+    let (bf16, f32s) = layer_saved_buffers(cfg);
+    (add(&bf16), add(&f32s))
 }
 
 /// Device bytes per token of one decoder layer's working set in a forward without a tape

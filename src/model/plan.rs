@@ -5,7 +5,7 @@
 //! and how many rollout slots, paged KV-cache blocks and tokens per micro-batch fit beside
 //! them.
 //!
-//! The figures come from [`MemoryEstimate`] (bf16 weights and activations, f32 gradients and
+//! The figures come from [`MemoryEstimate`](crate::model::memory::MemoryEstimate) (bf16 weights and activations, f32 gradients and
 //! optimizer state: the CUDA backend's numerics). The planner tries the placements in order of
 //! their cost to the step (everything on the device; the optimizer on the host; the reference
 //! on the host, streamed layer by layer; the gradients on the host; and their combinations),
@@ -20,7 +20,7 @@
 
 use crate::backend::cuda::size_class;
 use crate::model::memory::{
-    add, human_bytes, layer_work_per_token, mul, to64, MemoryEstimate, MemoryInputs,
+    add, human_bytes, layer_saved_buffers, layer_work_per_token, mul, to64, MemoryInputs,
 };
 use crate::model::{ParamLayout, Qwen2Config};
 use serde::{Deserialize, Serialize};
@@ -410,27 +410,45 @@ fn kv_pool(m: &ModelSizes, shape: &RunShape, slots: u64, usable: u64, other: u64
     fit.min(mul(&[add(&[slots, 1]), per])).max(add(&[per, 1]))
 }
 
-fn estimate(cfg: &Qwen2Config, tokens: u64) -> MemoryEstimate {
-    MemoryEstimate::new(
-        cfg,
-        MemoryInputs {
-            micro_batch_tokens: tokens,
-            rollout_seqs: 0,
-            ..MemoryInputs::default()
-        },
-    )
+/// Device bytes the caching pool takes for one buffer of `bytes` ([`size_class`]); saturating.
+fn pooled(bytes: u64) -> u64 {
+    usize::try_from(bytes)
+        .ok()
+        .filter(|&b| b <= usize::MAX / 2)
+        .map_or(u64::MAX, |b| to64(size_class(b)))
 }
 
-/// Activations and fused vocabulary buffers of a micro-batch of `tokens` tokens.
+/// Activations and fused vocabulary buffers of a micro-batch of `tokens` tokens: the terms of
+/// [`MemoryEstimate`](crate::model::memory::MemoryEstimate)'s activations and vocabulary buffers, each buffer (tokens x its width)
+/// counted at the pool's size class, as the device holds it.
 fn train_work(cfg: &Qwen2Config, shape: &RunShape, tokens: u64) -> [u64; 2] {
     let t = tokens.max(shape.min_micro_batch_tokens);
-    let e = estimate(cfg, t);
+    let buf = |width: u64, elem: u64| pooled(mul(&[t, width, elem]));
+    let h = to64(cfg.hidden_size);
+    let (bf16s, f32s) = layer_saved_buffers(cfg);
+    let per_layer = add(&bf16s
+        .iter()
+        .map(|&w| buf(w, 2))
+        .chain(f32s.iter().map(|&w| buf(w, 4)))
+        .collect::<Vec<_>>());
+    // Gradient buffers of the residual stream and of one layer's intermediates while its
+    // backward runs.
+    let backward_work = add(&[per_layer, mul(&[2, buf(h, 2)])]);
+    let layers = to64(cfg.num_hidden_layers);
     let act = if shape.recompute {
-        e.activations_recompute
+        add(&[mul(&[layers, buf(h, 2)]), per_layer, backward_work])
     } else {
-        e.activations_full
+        add(&[mul(&[layers, per_layer]), backward_work])
     };
-    [act, e.vocab_buffers]
+    // One f32 logits tile, per-token logp, lse, entropy and dlogp, and the final hidden
+    // states in and out of the final norm.
+    let tile = MemoryInputs::default().vocab_tile_rows.min(t.max(1));
+    let vocab = add(&[
+        pooled(mul(&[tile, to64(cfg.vocab_size), 4])),
+        mul(&[4, buf(1, 4)]),
+        mul(&[2, buf(h, 2)]),
+    ]);
+    [act, vocab]
 }
 
 /// Largest x in [lo, hi] with fits(x), given fits is monotone (true then false); None when
@@ -600,8 +618,8 @@ fn build(
         row(&label, on(reference, b16, mul(&[p, 2])), reference);
         if reference == Where::Host {
             row(
-                "reference stream buffers (2 layers + embeddings, bf16)",
-                mul(&[add(&[mul(&[2, m.layer_params]), m.outer_params]), 2]),
+                "streamed reference's embeddings, final norm, lm_head (bf16)",
+                mul(&[m.outer_params, 2]),
                 Where::Device,
             );
         }
@@ -618,7 +636,28 @@ fn build(
     let host_total = add(&[mul(&[sum(&rows, Where::Host), ranks]), shape.host_extra]);
     let usable = budget.device_free.saturating_sub(DEVICE_RESERVE);
     let rollout_at = |s: u64| add(&[device_resident, add(&rollout_work(cfg, m, shape, s))]);
-    let train_at = |t: u64| add(&[device_resident, add(&train_work(cfg, shape, t))]);
+    // A streamed reference holds two decoder layers on the device only during its forward
+    // pass, which keeps no tape: one layer's working set instead of the activations.
+    let stream = if shape.grpo && reference == Where::Host {
+        mul(&[2, m.layer_params, 2])
+    } else {
+        0
+    };
+    let train_at = |t: u64| {
+        let [act, vocab] = train_work(cfg, shape, t);
+        let ref_pass = if stream > 0 {
+            add(&[
+                stream,
+                mul(&[
+                    t.max(shape.min_micro_batch_tokens),
+                    layer_work_per_token(cfg),
+                ]),
+            ])
+        } else {
+            0
+        };
+        add(&[device_resident, act.max(ref_pass), vocab])
+    };
     let min_slots = u64::from(shape.grpo);
     let max_slots = if shape.grpo {
         shape.max_slots.max(1)
@@ -710,6 +749,13 @@ fn build(
     } else {
         format!("activations ({eff} tokens, all layers saved)")
     };
+    if stream > 0 {
+        row_push(
+            &mut rows,
+            "reference stream buffers (2 layers, bf16, during its pass)",
+            stream,
+        );
+    }
     row_push(&mut rows, &act_label, act);
     row_push(&mut rows, "fused vocab logprob buffers", vocab);
     Plan {

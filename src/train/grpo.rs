@@ -597,6 +597,9 @@ fn accumulate_impl<B: Backend, G: GradSink<B> + ?Sized>(
                 dlogp = b.upload_f32(&d)?;
             }
         }
+        // The loss sums came to the host after the forward: its vocabulary tile and scratch
+        // blocks are released rather than kept cached beside the backward's (see `memory.rs`).
+        b.release_cached()?;
         model.backward(b, &db, tape, &dlogp, grads)?;
         let k = out.n_tokens as f64;
         sums.add(&UpdateSums {

@@ -392,6 +392,10 @@ impl<B: Backend> AdamW<B> {
                 "AdamW: a sharded optimizer steps with its rank group (AdamW::step_shards)".into(),
             ));
         }
+        // The backward's activation blocks are free now: released before the update allocates
+        // buffers of other sizes (host gradients uploaded for the norm, new weights from the
+        // host update), which the norm's host readback waits for anyway.
+        b.release_cached()?;
         let h = match grads {
             Grads::Device(g) => return self.step(b, model, g, total_updates),
             Grads::Host(h) => h,

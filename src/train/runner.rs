@@ -528,6 +528,9 @@ impl<B: Backend> Trainer<B> {
         let share = self.share(&batch);
         let local = &share.local;
         let ((gens, rollout), time_rollout) = timed(|| self.rollouts(&share, batch.tokens.len()))?;
+        // The KV cache and the decode buffers are gone: their blocks are not kept cached
+        // through the training passes (see `model::memory`).
+        self.b.release_cached()?;
         let (scores, time_reward) = timed(|| self.rewards(local, &gens))?;
         let n = self.cfg.rollout.n;
         let zero = grpo::zero_signal_groups(&scores.rewards, n);

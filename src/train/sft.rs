@@ -153,6 +153,9 @@ pub fn accumulate_ce_part<B: Backend, G: GradSink<B> + ?Sized>(
             .map(|(l, w)| (*l as f64) * (*w as f64))
             .sum::<f64>();
         let dlogp = b.upload_f32(&d)?;
+        // The loss download waited for the forward: its vocabulary tile and scratch blocks
+        // are released rather than kept cached beside the backward's (see `memory.rs`).
+        b.release_cached()?;
         model.backward(b, &db, tape, &dlogp, grads)?;
     }
     Ok(loss)

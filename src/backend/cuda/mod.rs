@@ -94,6 +94,11 @@ impl Cuda {
         self.gpu.pool.stats()
     }
 
+    /// Starts a new peak of the allocator's counters ([`PoolStats::peak_held`]).
+    pub fn reset_pool_peak(&self) {
+        self.gpu.pool.reset_peak()
+    }
+
     /// Whether the allocator hands out exact-size, uncached buffers (`TOOLN1_CUDA_POOL=exact`,
     /// for memory checkers) instead of cached size classes.
     pub fn pool_is_exact(&self) -> bool {
@@ -178,6 +183,11 @@ impl Backend for Cuda {
     }
     fn synchronize(&self) -> Result<()> {
         self.gpu.bind().and_then(|_| self.gpu.sync())
+    }
+
+    fn release_cached(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.trim()
     }
 
     fn add_inplace(&self, a: &mut Self::T, b: &Self::T, n: usize) -> Result<()> {

@@ -97,6 +97,36 @@ pub struct PoolStats {
     pub reuses: u64,
     /// Bytes currently held from the driver (in use or cached).
     pub bytes_held: u64,
+    /// Bytes of the blocks handed out and not yet returned (at their size classes).
+    pub bytes_in_use: u64,
+    /// Bytes the live buffers asked for (before rounding to a size class).
+    pub bytes_requested: u64,
+    /// The largest `bytes_held` since the last [`Pool::reset_peak`], and `bytes_in_use` and
+    /// `bytes_requested` at that moment.
+    pub peak_held: u64,
+    pub in_use_at_peak: u64,
+    pub requested_at_peak: u64,
+    /// The largest `bytes_in_use` since the last [`Pool::reset_peak`].
+    pub peak_in_use: u64,
+}
+
+impl PoolStats {
+    fn took(&mut self, class: u64, bytes: u64, from_driver: bool) {
+        if from_driver {
+            self.driver_allocs += 1;
+            self.bytes_held += class;
+        } else {
+            self.reuses += 1;
+        }
+        self.bytes_in_use += class;
+        self.bytes_requested += bytes;
+        self.peak_in_use = self.peak_in_use.max(self.bytes_in_use);
+        if self.bytes_held > self.peak_held {
+            self.peak_held = self.bytes_held;
+            self.in_use_at_peak = self.bytes_in_use;
+            self.requested_at_peak = self.bytes_requested;
+        }
+    }
 }
 
 // SAFETY: the raw context handle is only used to make it current before freeing; the free
@@ -122,6 +152,11 @@ impl Pool {
         } else {
             size_class(bytes)
         };
+        let took = |class: usize, driver: bool| {
+            if let Ok(mut s) = self.stats.lock() {
+                s.took(class as u64, bytes as u64, driver);
+            }
+        };
         if self.exact {
             // Nothing cached to trim: the driver's answer is final.
             let p = unsafe { dr::malloc_sync(class) }.map_err(|e| {
@@ -129,10 +164,7 @@ impl Pool {
                     "cuMemAlloc of {class} bytes failed: {e} (device memory exhausted?)"
                 ))
             })?;
-            if let Ok(mut s) = self.stats.lock() {
-                s.driver_allocs += 1;
-                s.bytes_held += class as u64;
-            }
+            took(class, true);
             return Ok((p, class));
         }
         if let Some(p) = self
@@ -142,9 +174,7 @@ impl Pool {
             .get_mut(&class)
             .and_then(|v| v.pop())
         {
-            if let Ok(mut s) = self.stats.lock() {
-                s.reuses += 1;
-            }
+            took(class, false);
             return Ok((p, class));
         }
         // SAFETY: the pool's context is current on this thread (set by the caller's bind()).
@@ -161,14 +191,15 @@ impl Pool {
                 })?
             }
         };
-        if let Ok(mut s) = self.stats.lock() {
-            s.driver_allocs += 1;
-            s.bytes_held += class as u64;
-        }
+        took(class, true);
         Ok((p, class))
     }
 
-    fn release(&self, ptr: sys::CUdeviceptr, class: usize) {
+    fn release(&self, ptr: sys::CUdeviceptr, class: usize, bytes: usize) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.bytes_in_use -= class as u64;
+            s.bytes_requested -= bytes as u64;
+        }
         if self.exact {
             // cuMemFree waits for the work that may still use the buffer.
             unsafe {
@@ -182,6 +213,16 @@ impl Pool {
         }
         if let Ok(mut f) = self.free.lock() {
             f.entry(class).or_default().push(ptr);
+        }
+    }
+
+    /// Starts a new peak of [`PoolStats::peak_held`] from the bytes held now.
+    pub fn reset_peak(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.peak_held = s.bytes_held;
+            s.in_use_at_peak = s.bytes_in_use;
+            s.requested_at_peak = s.bytes_requested;
+            s.peak_in_use = s.bytes_in_use;
         }
     }
 
@@ -293,7 +334,8 @@ impl<E: Elem> std::fmt::Debug for CudaBuf<E> {
 
 impl<E: Elem> Drop for CudaBuf<E> {
     fn drop(&mut self) {
-        self.pool.release(self.ptr, self.class);
+        self.pool
+            .release(self.ptr, self.class, self.len.max(1) * E::SIZE);
     }
 }
 
