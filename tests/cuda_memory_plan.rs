@@ -5,7 +5,9 @@
 //! gradients on the host and, for GRPO, the reference streamed from the host (alone and with
 //! the optimizer on the host). Each case prints the estimate, the measured peak, their ratio
 //! and the pool's own figures at its peak; the test checks the estimate is within 10% of the
-//! measured peak either way. On a real GPU (no `vgpuMemStats`) the test says so and checks
+//! measured peak either way with the default caching pool, and with exact-size buffers
+//! (`TOOLN1_CUDA_POOL=exact`, which the size classes overcount) that it falls short by at most
+//! 10%. On a real GPU (no `vgpuMemStats`) the test says so and checks
 //! nothing. `TOOLN1_TEST_SEED` replays the data.
 
 mod common;
@@ -218,10 +220,17 @@ fn planner_estimate_against_the_measured_peak() {
     for (ratio, l) in &report {
         println!("estimate / measured {ratio:.3}: {l}");
     }
+    // The planner models the default caching pool (its size classes). With exact-size
+    // buffers (TOOLN1_CUDA_POOL=exact, the memory checkers' mode) the device holds less than
+    // the size classes would, so there the estimate is only checked never to fall short by
+    // more than 10% (and not to overshoot wildly).
+    let exact = std::env::var("TOOLN1_CUDA_POOL").is_ok_and(|v| v == "exact");
+    let bounds = if exact { 0.9..=1.6 } else { 0.9..=1.1 };
     for (ratio, l) in &report {
         assert!(
-            (0.9..=1.1).contains(ratio),
-            "estimate not within 10% ({ratio:.3}): {l}"
+            bounds.contains(ratio),
+            "estimate / measured {ratio:.3} outside {bounds:?} ({} pool): {l}",
+            if exact { "exact-size" } else { "caching" }
         );
     }
 }
