@@ -392,22 +392,7 @@ impl Backend for Cpu {
         d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        check::logprobs(head, &out, d, inv_t)?;
-        check::ids_below(
-            "logprobs",
-            "targets",
-            head.targets,
-            d.n_tok,
-            d.vocab,
-            "vocab",
-        )?;
-        let out = LogprobsOut {
-            logp: out.logp.as_mut_slice(),
-            lse: out.lse.as_mut_slice(),
-            entropy: out.entropy.map(|e| e.as_mut_slice()),
-        };
-        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t, None));
-        Ok(())
+        logprobs_cpu("logprobs", head, out, d, inv_t, None)
     }
 
     fn logprobs_bwd(
@@ -419,21 +404,7 @@ impl Backend for Cpu {
         d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        check::logprobs_bwd(dlogp, head, lse, &grads, d, inv_t)?;
-        check::ids_below(
-            "logprobs_bwd",
-            "targets",
-            head.targets,
-            d.n_tok,
-            d.vocab,
-            "vocab",
-        )?;
-        let grads = LogprobsGrads {
-            dh: grads.dh.as_mut_slice(),
-            dw: grads.dw.map(|d| d.as_mut_slice()),
-        };
-        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), (lse, None), grads, d, inv_t));
-        Ok(())
+        logprobs_bwd_cpu("logprobs_bwd", (dlogp, lse, None), head, grads, (d, inv_t))
     }
 
     fn keeps_logits(&self) -> bool {
@@ -448,18 +419,7 @@ impl Backend for Cpu {
         inv_t: f32,
         kept: &mut Vec<f32>,
     ) -> Result<()> {
-        let op = "logprobs_keep";
-        check::logprobs(head, &out, d, inv_t)?;
-        check::holds(op, "kept", kept, &[d.n_tok, d.vocab], "n_tok * vocab")?;
-        check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
-        let out = LogprobsOut {
-            logp: out.logp.as_mut_slice(),
-            lse: out.lse.as_mut_slice(),
-            entropy: out.entropy.map(|e| e.as_mut_slice()),
-        };
-        let kept = Some(kept.as_mut_slice());
-        fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t, kept));
-        Ok(())
+        logprobs_cpu("logprobs_keep", head, out, d, inv_t, Some(kept))
     }
 
     fn logprobs_bwd_kept(
@@ -471,23 +431,8 @@ impl Backend for Cpu {
         d: VocabDims,
         inv_t: f32,
     ) -> Result<()> {
-        let op = "logprobs_bwd_kept";
-        check::logprobs_bwd(dlogp, head, saved.lse, &grads, d, inv_t)?;
-        check::holds(
-            op,
-            "kept",
-            saved.logits,
-            &[d.n_tok, d.vocab],
-            "n_tok * vocab",
-        )?;
-        check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
-        let grads = LogprobsGrads {
-            dh: grads.dh.as_mut_slice(),
-            dw: grads.dw.map(|d| d.as_mut_slice()),
-        };
-        let saved = (saved.lse.as_slice(), Some(saved.logits.as_slice()));
-        fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), saved, grads, d, inv_t));
-        Ok(())
+        let ins = (dlogp, saved.lse, Some(saved.logits));
+        logprobs_bwd_cpu("logprobs_bwd_kept", ins, head, grads, (d, inv_t))
     }
 
     fn logits(&self, h: &Vec<f32>, w: &Vec<f32>, out: &mut Vec<f32>, d: VocabDims) -> Result<()> {
@@ -600,6 +545,55 @@ fn grad_slices<'a>(g: AttnGrads<'a, Vec<f32>>) -> AttnGrads<'a, [f32]> {
         dk: g.dk,
         dv: g.dv,
     }
+}
+
+/// [`Backend::logprobs`] and [`Backend::logprobs_keep`] (`kept`): the contract and data checks
+/// under `op`'s name, then the fast path.
+fn logprobs_cpu(
+    op: &'static str,
+    head: LmHead<'_, Vec<f32>, Vec<u32>>,
+    out: LogprobsOut<'_, Vec<f32>>,
+    d: VocabDims,
+    inv_t: f32,
+    kept: Option<&mut Vec<f32>>,
+) -> Result<()> {
+    check::logprobs(head, &out, d, inv_t)?;
+    if let Some(k) = &kept {
+        check::holds(op, "kept", *k, &[d.n_tok, d.vocab], "n_tok * vocab")?;
+    }
+    check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
+    let out = LogprobsOut {
+        logp: out.logp.as_mut_slice(),
+        lse: out.lse.as_mut_slice(),
+        entropy: out.entropy.map(|e| e.as_mut_slice()),
+    };
+    let kept = kept.map(|k| k.as_mut_slice());
+    fast::run(|| fast::logprobs(head_slices(head), out, d, inv_t, kept));
+    Ok(())
+}
+
+/// [`Backend::logprobs_bwd`] and [`Backend::logprobs_bwd_kept`] (`ins` = (dlogp, lse, the kept
+/// logits)), as [`logprobs_cpu`]; `dims` = (d, inv_t).
+fn logprobs_bwd_cpu(
+    op: &'static str,
+    ins: (&Vec<f32>, &Vec<f32>, Option<&Vec<f32>>),
+    head: LmHead<'_, Vec<f32>, Vec<u32>>,
+    grads: LogprobsGrads<'_, Vec<f32>, Vec<f32>>,
+    (d, inv_t): (VocabDims, f32),
+) -> Result<()> {
+    let (dlogp, lse, kept) = ins;
+    check::logprobs_bwd(dlogp, head, lse, &grads, d, inv_t)?;
+    if let Some(k) = kept {
+        check::holds(op, "kept", k, &[d.n_tok, d.vocab], "n_tok * vocab")?;
+    }
+    check::ids_below(op, "targets", head.targets, d.n_tok, d.vocab, "vocab")?;
+    let grads = LogprobsGrads {
+        dh: grads.dh.as_mut_slice(),
+        dw: grads.dw.map(|d| d.as_mut_slice()),
+    };
+    let saved = (lse.as_slice(), kept.map(|k| k.as_slice()));
+    fast::run(|| fast::logprobs_bwd(dlogp, head_slices(head), saved, grads, d, inv_t));
+    Ok(())
 }
 
 fn head_slices<'a>(h: LmHead<'a, Vec<f32>, Vec<u32>>) -> LmHead<'a, [f32], [u32]> {

@@ -7,7 +7,7 @@
 //! threshold (at most 32 MiB, adjusted at run time) with `mmap` and returns them with `munmap`,
 //! and trims the top of its heap past a threshold, so the next step faults every page in again
 //! and the kernel zeroes it first. Measured at hidden 896, 1,024 tokens: 24k page faults per
-//! forward + backward pair before, none after; the kernel's page clearing had been 13% of a
+//! forward + backward pair before, about 240 after; the kernel's page clearing had been 13% of a
 //! profile's samples
 //! (docs/performance.md). PyTorch's CPU tensors go through the same malloc.
 //!
