@@ -19,7 +19,7 @@ use tooln1::backend::{
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
 use tooln1::backend::{
-    KeptLogits, KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, RopeRows,
+    KeptLogits, KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, NormOut, RopeRows,
     VocabDims,
 };
 
@@ -1895,6 +1895,61 @@ fn rmsnorm_backend_matches_f64_math() {
     );
     close("rmsnorm_bwd dx", &dxr, &dx64, 1e-5);
     close("rmsnorm_bwd dw", &dwr, &dw64, 1e-5);
+}
+
+/// The CPU backend's fused residual add + RMSNorm gives the bits of add_inplace then rmsnorm
+/// (rows over several parallel row chunks, odd and Qwen2.5 hidden sizes, outputs poisoned and
+/// longer than the shape, left untouched past it); the f64 math likewise.
+#[test]
+fn add_rmsnorm_matches_add_then_rmsnorm() {
+    let mut r = rng("add_rmsnorm_matches_add_then_rmsnorm");
+    let b = Cpu;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (rows, dim) in [(70, 200), (33, 896), (3, 3584), (2, 1)] {
+        let (n, d, eps) = (rows * dim, NormDims { rows, dim }, 1e-6);
+        let x = to32(&randv(&mut r, n + PAD, 2.0));
+        let delta = to32(&randv(&mut r, n + PAD, 2.0));
+        let w = to32(&randv(&mut r, dim, 1.0));
+        let mut xs = x.clone();
+        b.add_inplace(&mut xs, &delta, n).unwrap();
+        let (mut os, mut ss) = (poisoned(n), poisoned(rows));
+        b.rmsnorm(&xs, &w, &mut os, &mut ss, d, eps).unwrap();
+        let mut xf = x.clone();
+        let (mut of, mut sf) = (poisoned(n), poisoned(rows));
+        let y = NormOut {
+            out: &mut of,
+            rstd: &mut sf,
+        };
+        b.add_rmsnorm(&mut xf, &delta, &w, y, d, eps).unwrap();
+        let at = format!("add_rmsnorm rows {rows} dim {dim}");
+        assert_eq!(bits(&xf), bits(&xs), "{at}: residual");
+        assert_eq!(bits(&of[..n]), bits(&os[..n]), "{at}: out");
+        assert_eq!(bits(&sf[..rows]), bits(&ss[..rows]), "{at}: rstd");
+        untouched(&format!("{at} out"), &of, n);
+        untouched(&format!("{at} rstd"), &sf, rows);
+    }
+    let (rows, dim) = (5, 7);
+    let d = NormDims { rows, dim };
+    let (x, delta, w) = (
+        randv(&mut r, rows * dim, 2.0),
+        randv(&mut r, rows * dim, 2.0),
+        randv(&mut r, dim, 1.0),
+    );
+    let xs: Vec<f64> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    let (mut os, mut ss) = (nan(rows * dim), nan(rows));
+    math::rmsnorm(&xs, &w, &mut os, &mut ss, d, 1e-6);
+    let mut xf = x.clone();
+    let (mut of, mut sf) = (nan(rows * dim), nan(rows));
+    let y = NormOut {
+        out: &mut of[..],
+        rstd: &mut sf[..],
+    };
+    math::add_rmsnorm(&mut xf, &delta, &w, y, d, 1e-6);
+    assert_eq!(
+        (xf, of, sf),
+        (xs, os, ss),
+        "f64 add_rmsnorm vs add then rmsnorm"
+    );
 }
 
 /// The f32 backend's swiglu and swiglu_bwd (outputs poisoned with NaN, buffers longer than needed) agree

@@ -19,7 +19,9 @@ use tooln1::backend::{
     LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
-use tooln1::backend::{KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
+use tooln1::backend::{
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, NormOut, VocabDims,
+};
 use tooln1::tooln1_skip;
 
 #[test]
@@ -157,6 +159,99 @@ fn rmsnorm_fwd_bwd() {
         1e-2,
     );
     check("rmsnorm dw", &c.download_f32(&dw, dim).unwrap(), &dwr, 1e-4);
+}
+
+/// The fused residual add + RMSNorm against the two ops it replaces (add_inplace then rmsnorm:
+/// the same bits for the new residual, the normed rows and rstd) and against the CPU backend
+/// (the sum rounded to bf16, then the f32 norm), at Qwen2.5 hidden sizes and odd ones, outputs
+/// poisoned.
+#[test]
+fn add_rmsnorm_fused() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("add_rmsnorm");
+    let eps = 1e-6f32;
+    for (rows, dim) in [(5, 896), (3, 3584), (17, 200), (2, 1), (1, 333)] {
+        let at = format!("add_rmsnorm rows {rows} dim {dim}");
+        let d = NormDims { rows, dim };
+        let (mut xs, xh) = up(&c, &r.vec(rows * dim, 2.0));
+        let (delta, dh) = up(&c, &r.vec(rows * dim, 2.0));
+        let (w, wh) = up(&c, &r.vec(dim, 1.0));
+        // Separate: add_inplace, then rmsnorm.
+        c.add_inplace(&mut xs, &delta, rows * dim).unwrap();
+        let (mut outs, mut rstds) = (poison(&c, rows * dim), poison_f32(&c, rows));
+        c.rmsnorm(&xs, &w, &mut outs, &mut rstds, d, eps).unwrap();
+        // Fused.
+        let mut xf = c.upload(&xh).unwrap();
+        let (mut outf, mut rstdf) = (poison(&c, rows * dim), poison_f32(&c, rows));
+        let y = NormOut {
+            out: &mut outf,
+            rstd: &mut rstdf,
+        };
+        c.add_rmsnorm(&mut xf, &delta, &w, y, d, eps).unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let n = rows * dim;
+        let (x_f, out_f) = (c.download(&xf, n).unwrap(), c.download(&outf, n).unwrap());
+        let rstd_f = c.download_f32(&rstdf, rows).unwrap();
+        assert_eq!(
+            bits(x_f.clone()),
+            bits(c.download(&xs, n).unwrap()),
+            "{at}: residual differs from add_inplace"
+        );
+        assert_eq!(
+            bits(out_f.clone()),
+            bits(c.download(&outs, n).unwrap()),
+            "{at}: out differs from rmsnorm"
+        );
+        assert_eq!(
+            bits(rstd_f.clone()),
+            bits(c.download_f32(&rstds, rows).unwrap()),
+            "{at}: rstd differs from rmsnorm"
+        );
+        // The CPU backend: the f32 sum rounded to bf16 is the device's residual exactly; the
+        // norm of that residual within the bf16 bound.
+        let cpu = Cpu;
+        let mut xc = xh.clone();
+        cpu.add_inplace(&mut xc, &dh, n).unwrap();
+        let xc = bf16_round(&xc);
+        assert_eq!(bits(x_f), bits(xc.clone()), "{at}: residual vs the CPU sum");
+        let (mut outc, mut rstdc) = (vec![f32::NAN; n], vec![f32::NAN; rows]);
+        cpu.rmsnorm(&xc, &wh, &mut outc, &mut rstdc, d, eps)
+            .unwrap();
+        let want = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        check(&format!("{at} out"), &out_f, &want(&outc), 1e-2);
+        check(&format!("{at} rstd"), &rstd_f, &want(&rstdc), 1e-5);
+    }
+}
+
+/// Bad fused add + RMSNorm sizes: each call rejected by both backends (see [`BadCalls`]).
+#[test]
+fn both_backends_reject_bad_add_rmsnorm() {
+    let Some((c, cpu, mut r, mut calls)) = bad_calls("add + RMSNorm sizes") else {
+        return;
+    };
+    for (what, dim, delta_len) in [("dim 0", 0usize, 2 * 64), ("short delta", 64, 64)] {
+        let xr = r.vec(2 * 64, 1.0);
+        let mut xc = xr.clone();
+        let mut xg = c.upload(&xr).unwrap();
+        let dr = r.vec(delta_len, 1.0);
+        let dg = c.upload(&dr).unwrap();
+        let (mut oo, mut rs) = (vec![0f32; 2 * 64], vec![0f32; 2]);
+        let (mut oog, mut rsg) = (poison(&c, 2 * 64), poison_f32(&c, 2));
+        let d = NormDims { rows: 2, dim };
+        let w = xr[..64].to_vec();
+        let wg = c.upload(&w).unwrap();
+        let y = NormOut {
+            out: &mut oo,
+            rstd: &mut rs,
+        };
+        let cr = cpu.add_rmsnorm(&mut xc, &dr, &w, y, d, 1e-6);
+        let y = NormOut {
+            out: &mut oog,
+            rstd: &mut rsg,
+        };
+        let gr = c.add_rmsnorm(&mut xg, &dg, &wg, y, d, 1e-6);
+        calls.both(&format!("add_rmsnorm: {what}"), cr, cuda_rejects(&c, gr));
+    }
 }
 
 fn rope_ref(x: &[f32], pos: &[u32], nh: usize, hd: usize, theta: f32, sign: f64) -> Vec<f64> {

@@ -16,8 +16,8 @@
 
 use super::{
     AdamWState, AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
-    KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, Packed, Prefix, Qkv,
-    RopeRows, RowCopy, SampleParams, SampleRows, VocabDims,
+    KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, NormOut, Packed,
+    Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -253,6 +253,24 @@ pub fn rmsnorm(
     holds(op, "w", w, &[dim], "dim")?;
     holds(op, "out", out, &[rows, dim], "rows * dim")?;
     holds(op, "rstd", rstd, &[rows], "rows")?;
+    positive(op, "dim", dim)
+}
+
+/// `add_rmsnorm`: x, delta, out [rows, dim], w [dim], rstd [rows], dim > 0.
+pub fn add_rmsnorm(
+    x: &impl Buf,
+    delta: &impl Buf,
+    w: &impl Buf,
+    y: &NormOut<'_, impl Buf, impl Buf>,
+    d: NormDims,
+) -> Result<()> {
+    let op = "add_rmsnorm";
+    let NormDims { rows, dim } = d;
+    holds(op, "x", x, &[rows, dim], "rows * dim")?;
+    holds(op, "delta", delta, &[rows, dim], "rows * dim")?;
+    holds(op, "w", w, &[dim], "dim")?;
+    holds(op, "out", &*y.out, &[rows, dim], "rows * dim")?;
+    holds(op, "rstd", &*y.rstd, &[rows], "rows")?;
     positive(op, "dim", dim)
 }
 

@@ -284,6 +284,14 @@ pub struct NormDims {
     pub dim: usize,
 }
 
+/// The outputs of [`Backend::add_rmsnorm`]: the normed rows `out` [rows, dim] and `rstd`
+/// [rows] (f32, saved for [`Backend::rmsnorm_bwd`]), as [`Backend::rmsnorm`] writes them.
+#[derive(Debug)]
+pub struct NormOut<'a, T: ?Sized, F: ?Sized> {
+    pub out: &'a mut T,
+    pub rstd: &'a mut F,
+}
+
 /// The gradients [`Backend::rmsnorm_bwd`] writes: `dx` (accumulated into the residual stream's
 /// gradient) and `dw` (accumulated; `None` skips it).
 #[derive(Debug)]
@@ -680,6 +688,21 @@ pub trait Backend {
         w: &Self::T,
         out: &mut Self::T,
         rstd: &mut Self::F,
+        d: NormDims,
+        eps: f32,
+    ) -> Result<()>;
+    /// The residual add fused into the norm that reads it: x[r,:] += delta[r,:] in place (the
+    /// bits of [`Backend::add_inplace`]: an f32 sum, rounded to bf16 on CUDA), then
+    /// [`Backend::rmsnorm`] of the new x into `y.out` and `y.rstd` (the same bits as that op on
+    /// the updated x). One pass over the rows instead of two; the backward is
+    /// [`Backend::rmsnorm_bwd`] with the updated x (the add's gradient is the identity, which
+    /// `rmsnorm_bwd`'s accumulating dx already is). `x` and `delta` are [rows, dim].
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::T,
+        delta: &Self::T,
+        w: &Self::T,
+        y: NormOut<'_, Self::T, Self::F>,
         d: NormDims,
         eps: f32,
     ) -> Result<()>;

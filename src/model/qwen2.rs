@@ -6,7 +6,8 @@
 
 use crate::backend::{
     AttnGrads, AttnSaved, Backend, Cached, GemmDims, Heads, KeptLogits, KvRows, LinearGrads,
-    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, VocabDims,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, NormOut, Packed, Prefix, Qkv,
+    VocabDims,
 };
 use crate::model::grad_sink::GradSink;
 use crate::model::kv_cache::{KvCache, KvShape, DEFAULT_BLOCK_SIZE};
@@ -745,8 +746,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// One decoder layer, the single place the layer schedule is written:
-    /// RMSNorm -> q/k/v (+bias) -> RoPE -> attention -> o_proj -> +residual -> RMSNorm ->
-    /// SwiGLU MLP -> +residual. Reads `x`, fills `a`, writes the layer output to `out`.
+    /// RMSNorm -> q/k/v (+bias) -> RoPE -> attention -> o_proj -> +residual and RMSNorm (one
+    /// fused op) -> SwiGLU MLP -> +residual. Reads `x`, fills `a`, writes the layer output to `out`.
     /// `ws` holds the layer's twelve tensors in layout order.
     fn layer_forward(
         &self,
@@ -804,15 +805,13 @@ impl<B: Backend> Model<B> {
             }
         }
         b.linear(&a.attn, w(p.wo), None, &mut a.h1, d.gemm(h, d.qd))?;
-        b.add_inplace(&mut a.h1, x, n * h)?;
-        b.rmsnorm(
-            &a.h1,
-            w(p.post_norm),
-            &mut a.xn2,
-            &mut a.rstd2,
-            d.norm(n),
-            eps,
-        )?;
+        // h1 = o_proj(attn) + x and xn2 = norm(h1) in one pass (the residual add fused into
+        // the post-attention norm; the bits of add_inplace then rmsnorm).
+        let post = NormOut {
+            out: &mut a.xn2,
+            rstd: &mut a.rstd2,
+        };
+        b.add_rmsnorm(&mut a.h1, x, w(p.post_norm), post, d.norm(n), eps)?;
         b.linear(&a.xn2, w(p.w_gate), None, &mut a.gate, d.gemm(d.inter, h))?;
         b.linear(&a.xn2, w(p.w_up), None, &mut a.up, d.gemm(d.inter, h))?;
         b.swiglu(&a.gate, &a.up, &mut a.act, n * d.inter)?;

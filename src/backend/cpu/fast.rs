@@ -34,7 +34,7 @@ use rayon::prelude::*;
 use super::math::{self, Gemm};
 use crate::backend::{
     AttnGrads, AttnSaved, Cached, GemmDims, Heads, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
-    NormDims, NormGrads, Qkv, RopeRows, VocabDims,
+    NormDims, NormGrads, NormOut, Qkv, RopeRows, VocabDims,
 };
 
 // ------------------------------------------------------------------------------------ threads
@@ -1491,6 +1491,30 @@ pub fn rmsnorm(x: &[f32], w: &[f32], out: &mut [f32], rstd: &mut [f32], d: NormD
                 NormDims { rows: n, dim },
                 eps,
             );
+        });
+}
+
+/// [`math::add_rmsnorm`] on chunks of rows in parallel (bit-identical to it, and so to
+/// [`add_inplace`] followed by [`rmsnorm`]).
+pub fn add_rmsnorm(
+    x: &mut [f32],
+    delta: &[f32],
+    w: &[f32],
+    y: NormOut<'_, [f32], [f32]>,
+    d: NormDims,
+    eps: f32,
+) {
+    let (NormOut { out, rstd }, NormDims { rows, dim }) = (y, d);
+    x[..rows * dim]
+        .par_chunks_mut(ROWS * dim)
+        .zip(out[..rows * dim].par_chunks_mut(ROWS * dim))
+        .zip(rstd[..rows].par_chunks_mut(ROWS))
+        .enumerate()
+        .for_each(|(c, ((xc, o), s))| {
+            let n = s.len();
+            let y = NormOut { out: o, rstd: s };
+            let d = NormDims { rows: n, dim };
+            math::add_rmsnorm(xc, &delta[c * ROWS * dim..], w, y, d, eps);
         });
 }
 

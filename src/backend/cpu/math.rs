@@ -15,7 +15,7 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 use crate::backend::loss::Aggregation;
 use crate::backend::{
     AttnGrads, AttnSaved, Cached, GemmDims, GrpoLossCfg, GrpoTokens, Heads, KlKind, LinearGrads,
-    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, Qkv, RopeRows, VocabDims,
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, NormOut, Qkv, RopeRows, VocabDims,
 };
 
 /// The float operations the CPU math needs (implemented for f32 and f64).
@@ -343,6 +343,28 @@ pub fn rmsnorm<R: Real>(x: &[R], w: &[R], out: &mut [R], rstd: &mut [R], d: Norm
         {
             *o = xv * s * wv;
         }
+    }
+}
+
+/// x += delta, then [`rmsnorm`] of the new x, one row at a time (the row is normed while it is
+/// still in cache): the same bits as the add over all rows followed by [`rmsnorm`].
+pub fn add_rmsnorm<R: Real>(
+    x: &mut [R],
+    delta: &[R],
+    w: &[R],
+    y: NormOut<'_, [R], [R]>,
+    d: NormDims,
+    eps: R,
+) {
+    let (NormOut { out, rstd }, NormDims { rows, dim }) = (y, d);
+    for r in 0..rows {
+        let row = r * dim..(r + 1) * dim;
+        let xr = &mut x[row.clone()];
+        for (a, &b) in xr.iter_mut().zip(&delta[row.clone()]) {
+            *a += b;
+        }
+        let one = NormDims { rows: 1, dim };
+        rmsnorm(xr, w, &mut out[row], &mut rstd[r..r + 1], one, eps);
     }
 }
 

@@ -23,8 +23,8 @@ use crate::backend::host_adamw;
 use crate::backend::{
     AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
     GrpoLossOut, GrpoTokens, Heads, KeptLogits, KvRows, LinearGrads, LmHead, LogprobsGrads,
-    LogprobsOut, NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams,
-    SampleRows, VocabDims,
+    LogprobsOut, NormDims, NormGrads, NormOut, Packed, Prefix, Qkv, RopeRows, RowCopy,
+    SampleParams, SampleRows, VocabDims,
 };
 use crate::Result;
 
@@ -199,6 +199,24 @@ impl Backend for Cpu {
     ) -> Result<()> {
         check::rmsnorm(x, w, out, rstd, d)?;
         fast::run(|| fast::rmsnorm(x, w, out, rstd, d, eps));
+        Ok(())
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        w: &Vec<f32>,
+        y: NormOut<'_, Vec<f32>, Vec<f32>>,
+        d: NormDims,
+        eps: f32,
+    ) -> Result<()> {
+        check::add_rmsnorm(x, delta, w, &y, d)?;
+        let y = NormOut {
+            out: y.out.as_mut_slice(),
+            rstd: y.rstd.as_mut_slice(),
+        };
+        fast::run(|| fast::add_rmsnorm(x, delta, w, y, d, eps));
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use runtime::Gpu;
 use super::{
     AdamWState, AdamWStep, AttnGrads, AttnSaved, Backend, Cached, DType, GemmDims, GrpoLossCfg,
     GrpoLossOut, GrpoTokens, Heads, KvRows, LinearGrads, LmHead, LogprobsGrads, LogprobsOut,
-    NormDims, NormGrads, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
+    NormDims, NormGrads, NormOut, Packed, Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows,
     VocabDims,
 };
 use crate::Result;
@@ -261,6 +261,17 @@ impl Backend for Cuda {
         eps: f32,
     ) -> Result<()> {
         ops::rmsnorm::forward(self, x, w, out, rstd, d, eps)
+    }
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::T,
+        delta: &Self::T,
+        w: &Self::T,
+        y: NormOut<'_, Self::T, Self::F>,
+        d: NormDims,
+        eps: f32,
+    ) -> Result<()> {
+        ops::rmsnorm::add_forward(self, x, delta, w, y, d, eps)
     }
     fn rmsnorm_bwd(
         &self,

@@ -1,11 +1,11 @@
-//! Launchers of kernels/rmsnorm.cu: one block of 256 threads per row (forward, dx); dw in blocks
-//! of 256 columns by 64 rows.
+//! Launchers of kernels/rmsnorm.cu: one block of 256 threads per row (forward, the fused
+//! residual add + forward, dx); dw in blocks of 256 columns by 64 rows.
 
 use super::super::runtime::gen::launch::rmsnorm as k;
 use super::super::runtime::{Bf16, CudaBuf, Launch};
 use super::super::Cuda;
 use super::{blocks, i32_of};
-use crate::backend::{check, NormDims, NormGrads};
+use crate::backend::{check, NormDims, NormGrads, NormOut};
 use crate::Result;
 
 /// out = x * rstd * w per row, rstd saved.
@@ -30,6 +30,35 @@ pub(crate) fn forward(
             rstd,
             rows: i32_of("rmsnorm", "rows", rows)?,
             dim: i32_of("rmsnorm", "dim", dim)?,
+            eps,
+        },
+    )
+}
+
+/// x += delta (bf16 of the f32 sum, as add_bf16), then out = x * rstd * w per row, rstd saved:
+/// one kernel, the bits of `add_inplace` followed by [`forward`].
+pub(crate) fn add_forward(
+    c: &Cuda,
+    x: &mut CudaBuf<Bf16>,
+    delta: &CudaBuf<Bf16>,
+    w: &CudaBuf<Bf16>,
+    y: NormOut<'_, CudaBuf<Bf16>, CudaBuf<f32>>,
+    d: NormDims,
+    eps: f32,
+) -> Result<()> {
+    check::add_rmsnorm(x, delta, w, &y, d)?;
+    let (NormOut { out, rstd }, NormDims { rows, dim }) = (y, d);
+    k::add_rmsnorm_fwd(
+        &c.gpu,
+        blocks(rows, 256),
+        k::AddRmsnormFwd {
+            x,
+            delta,
+            w,
+            out,
+            rstd,
+            rows: i32_of("add_rmsnorm", "rows", rows)?,
+            dim: i32_of("add_rmsnorm", "dim", dim)?,
             eps,
         },
     )
