@@ -15,7 +15,9 @@ use tooln1::backend::{
     LinearGrads, LossAgg, Packed,
 };
 use tooln1::backend::{AttnGrads, AttnSaved, Qkv};
-use tooln1::backend::{LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, VocabDims};
+use tooln1::backend::{
+    LmHead, LogprobsGrads, LogprobsOut, NormDims, NormGrads, NormOut, VocabDims,
+};
 
 struct Shape {
     name: &'static str,
@@ -196,6 +198,41 @@ fn cuda_benches(c: &mut Criterion) {
             )
             .unwrap()
         });
+        // The residual add into the post-attention norm: fused (reads x and delta, writes x and
+        // out) against the two kernels it replaces (add: 3 passes, rmsnorm: 2).
+        let delta = cuda.upload(&rnd(TOK * h, 1e-3)).unwrap();
+        let mut res = cuda.upload(&rnd(TOK * h, 1.0)).unwrap();
+        let nd = NormDims { rows: TOK, dim: h };
+        timed(
+            c,
+            &cuda,
+            &grp,
+            "add_rmsnorm_fwd",
+            &shp,
+            4.0 * bx,
+            0.0,
+            || {
+                let y = NormOut {
+                    out: &mut out,
+                    rstd: &mut rstd,
+                };
+                cuda.add_rmsnorm(&mut res, &delta, &w, y, nd, 1e-6).unwrap()
+            },
+        );
+        timed(
+            c,
+            &cuda,
+            &grp,
+            "add_then_rmsnorm_fwd",
+            &shp,
+            5.0 * bx,
+            0.0,
+            || {
+                cuda.add_inplace(&mut res, &delta, TOK * h).unwrap();
+                cuda.rmsnorm(&res, &w, &mut out, &mut rstd, nd, 1e-6)
+                    .unwrap()
+            },
+        );
 
         let g = cuda.upload(&rnd(TOK * it, 2.0)).unwrap();
         let u = cuda.upload(&rnd(TOK * it, 2.0)).unwrap();
@@ -618,6 +655,24 @@ fn cpu_benches(c: &mut Criterion) {
                 1e-6,
             )
             .unwrap()
+        })
+    });
+    let delta = b.upload(&rnd(tok * h, 1e-3)).unwrap();
+    let mut res = b.upload(&rnd(tok * h, 1.0)).unwrap();
+    let nd = NormDims { rows: tok, dim: h };
+    g.bench_function("add_rmsnorm_fwd", |z| {
+        z.iter(|| {
+            let y = NormOut {
+                out: &mut out,
+                rstd: &mut rstd,
+            };
+            b.add_rmsnorm(&mut res, &delta, &w, y, nd, 1e-6).unwrap()
+        })
+    });
+    g.bench_function("add_then_rmsnorm_fwd", |z| {
+        z.iter(|| {
+            b.add_inplace(&mut res, &delta, tok * h).unwrap();
+            b.rmsnorm(&res, &w, &mut out, &mut rstd, nd, 1e-6).unwrap()
         })
     });
     let gt = b.upload(&rnd(tok * it, 2.0)).unwrap();
