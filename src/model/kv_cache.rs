@@ -110,7 +110,9 @@ pub struct KvShape {
 
 /// Per-layer keys and values in a [`BlockPool`], and a block table per sequence slot.
 pub struct KvCache<B: Backend> {
-    /// Per layer, [n_blocks * block_size, kv_width].
+    /// Per layer, [(n_blocks + 1) * block_size, kv_width]: the pool's blocks and, last, a
+    /// scratch block no sequence ever holds ([`KvCache::scratch_block`]), where the padding rows
+    /// of a graph-replayed decode step write and read.
     pub k: Vec<B::T>,
     pub v: Vec<B::T>,
     /// Positions cached so far per slot.
@@ -148,7 +150,7 @@ impl<B: Backend> KvCache<B> {
                 "KV cache: {n_blocks} blocks and max_len = {max_len} must be below 2^32"
             )));
         }
-        let n = n_blocks
+        let n = (n_blocks + 1)
             .checked_mul(block_size)
             .filter(|&r| r <= u32::MAX as usize)
             .and_then(|r| r.checked_mul(kv_width))
@@ -182,6 +184,12 @@ impl<B: Backend> KvCache<B> {
             kv_width,
             cow_copies: 0,
         })
+    }
+
+    /// The block after the pool's, never allocated to a sequence: padding rows of a decode step
+    /// padded to a batch-size bucket store and attend to its first row only.
+    pub fn scratch_block(&self) -> u32 {
+        self.pool.n_blocks() as u32
     }
 
     /// Block-table entries per sequence: ceil(max_len / block_size).
