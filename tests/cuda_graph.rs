@@ -107,7 +107,10 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
                 .zip(&b)
                 .filter(|(x, y)| x.to_bits() != y.to_bits())
                 .count();
-            assert_eq!(diff, 0, "{tag}: layer {l} {what} cache: {diff} elements differ");
+            assert_eq!(
+                diff, 0,
+                "{tag}: layer {l} {what} cache: {diff} elements differ"
+            );
         }
     }
     println!(
@@ -120,16 +123,33 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
 #[test]
 fn graph_decode_gqa7_head_dim_64_matches_plain() {
     // 14 query heads over 2 kv heads of 64; 7 sequences (bucket 8), shrinking to 1.
-    graph_vs_plain("graph_gqa7_d64", init::tiny_config(896, 2, 14, 2, 160, 151, true), 7, 9);
+    graph_vs_plain(
+        "graph_gqa7_d64",
+        init::tiny_config(896, 2, 14, 2, 160, 151, true),
+        7,
+        9,
+    );
 }
 
 #[test]
 fn graph_decode_gqa2_head_dim_128_matches_plain() {
     // 2 query heads over 1 kv head of 128, untied lm_head; 5 sequences (bucket 8).
-    graph_vs_plain("graph_gqa2_d128", init::tiny_config(256, 1, 2, 1, 96, 97, false), 5, 7);
+    graph_vs_plain(
+        "graph_gqa2_d128",
+        init::tiny_config(256, 1, 2, 1, 96, 97, false),
+        5,
+        7,
+    );
 }
 
-fn rollout_setup(tag: &str) -> (u64, Vec<Vec<u32>>, SamplingParams, tooln1::model::Qwen2Config) {
+fn rollout_setup(
+    tag: &str,
+) -> (
+    u64,
+    Vec<Vec<u32>>,
+    SamplingParams,
+    tooln1::model::Qwen2Config,
+) {
     let s = seed(tag);
     let mut r = Rng::from_seed(s);
     let prompts: Vec<Vec<u32>> = [5usize, 9, 2]
@@ -144,7 +164,12 @@ fn rollout_setup(tag: &str) -> (u64, Vec<Vec<u32>>, SamplingParams, tooln1::mode
         stop: (0..20).collect(),
         max_slots: 5,
     };
-    (s, prompts, sp, init::tiny_config(128, 1, 2, 1, 256, 211, true))
+    (
+        s,
+        prompts,
+        sp,
+        init::tiny_config(128, 1, 2, 1, 256, 211, true),
+    )
 }
 
 /// A rollout decoding through graphs gives the generations of one with plain launches.
@@ -159,12 +184,15 @@ fn rollout_with_graphs_equals_plain() {
         ..Schedule::default()
     };
     let (want, st_plain) = generate_with(&cuda, &m, &prompts, 3, &sp, stream, &plain).unwrap();
-    let (got, st) = generate_with(&cuda, &m, &prompts, 3, &sp, stream, &Schedule::default())
-        .unwrap();
+    let (got, st) =
+        generate_with(&cuda, &m, &prompts, 3, &sp, stream, &Schedule::default()).unwrap();
     assert_eq!(got, want, "seed {s}: graphs changed the generations");
     assert_eq!(st_plain.graph_replays, 0);
     assert!(st_plain.plain_decode_steps > 0);
-    assert_eq!(st.plain_decode_steps, 0, "a step fell back to plain launches");
+    assert_eq!(
+        st.plain_decode_steps, 0,
+        "a step fell back to plain launches"
+    );
     assert_eq!(st.graph_replays, st_plain.plain_decode_steps);
     assert!(st.graph_captures >= 1);
     println!(
@@ -183,8 +211,16 @@ fn graphs_unavailable_fall_back() {
     let (s, prompts, sp, cfg) = rollout_setup("graph_fallback");
     let stream = Stream::new(s, 5);
     let cpu_model = Model::random(&Cpu, cfg.clone(), s).unwrap();
-    let (_, st) =
-        generate_with(&Cpu, &cpu_model, &prompts, 2, &sp, stream, &Schedule::default()).unwrap();
+    let (_, st) = generate_with(
+        &Cpu,
+        &cpu_model,
+        &prompts,
+        2,
+        &sp,
+        stream,
+        &Schedule::default(),
+    )
+    .unwrap();
     assert_eq!(st.graph_replays, 0);
     assert!(st.plain_decode_steps > 0);
     let mut cache = cpu_model
@@ -210,13 +246,32 @@ fn graphs_unavailable_fall_back() {
     );
     let Some(cuda) = gpu() else { return };
     let resident = Model::random(&cuda, cfg, s).unwrap();
-    let (want, _) = generate_with(&cuda, &resident, &prompts, 2, &sp, stream, &Schedule::default())
-        .unwrap();
+    let (want, _) = generate_with(
+        &cuda,
+        &resident,
+        &prompts,
+        2,
+        &sp,
+        stream,
+        &Schedule::default(),
+    )
+    .unwrap();
     let streamed = resident.into_streamed(&cuda).unwrap();
-    let (got, st) =
-        generate_with(&cuda, &streamed, &prompts, 2, &sp, stream, &Schedule::default()).unwrap();
+    let (got, st) = generate_with(
+        &cuda,
+        &streamed,
+        &prompts,
+        2,
+        &sp,
+        stream,
+        &Schedule::default(),
+    )
+    .unwrap();
     assert_eq!(got, want, "seed {s}: the streamed model's plain decode");
-    assert_eq!(st.graph_replays, 0, "a streamed model never replays a graph");
+    assert_eq!(
+        st.graph_replays, 0,
+        "a streamed model never replays a graph"
+    );
     assert!(st.plain_decode_steps > 0);
 }
 
@@ -229,7 +284,11 @@ fn illegal_call_during_capture_errors() {
     assert!(cuda.capture_begin().unwrap());
     let e = cuda.download_u32(&x, 3).unwrap_err().to_string();
     assert!(e.contains("CAPTURE"), "{e}");
-    let e = cuda.capture_end().err().expect("an invalidated capture").to_string();
+    let e = cuda
+        .capture_end()
+        .err()
+        .expect("an invalidated capture")
+        .to_string();
     assert!(e.contains("INVALIDATED"), "{e}");
     assert_eq!(cuda.download_u32(&x, 3).unwrap(), vec![1, 2, 3]);
     // A capture without illegal calls replays its work at each launch, not before.

@@ -871,6 +871,20 @@ mod tests {
     }
 
     #[test]
+    fn cuda_graphs_setting() {
+        let c: TrainConfig = parse_config("", "t", &[]).unwrap();
+        assert!(c.rollout.cuda_graphs, "graphs are on by default");
+        let c: TrainConfig =
+            parse_config("", "t", &["rollout.cuda_graphs=false".into()]).unwrap();
+        assert!(!c.rollout.cuda_graphs);
+        c.validate().unwrap();
+        let e = parse_config::<TrainConfig>("[rollout]\ncuda_graphs = 1\n", "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda_graphs"), "{e}");
+    }
+
+    #[test]
     fn logprob_temperature_follows_rollout() {
         let t = |sets: &[&str]| {
             let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

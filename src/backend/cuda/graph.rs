@@ -71,7 +71,11 @@ impl Pool {
                         "cuMemAlloc of {class} bytes during graph capture failed: {e}"
                     ))
                 })?;
-                arena.blocks.lock().map_err(|_| poisoned())?.push((p, class));
+                arena
+                    .blocks
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .push((p, class));
                 st.owner.insert(p, arena.clone());
                 self.count_took(class, bytes, true);
                 p
@@ -112,11 +116,10 @@ impl Pool {
         unsafe { dr::ctx::set_current(self.ctx()) }.map_err(|e| drv("cuCtxSetCurrent", e))?;
         unsafe { dr::stream::synchronize(self.stream()) }
             .map_err(|e| drv("cuStreamSynchronize (before releasing a graph's memory)", e))?;
-        let free: Vec<(usize, Vec<sys::CUdeviceptr>)> = std::mem::take(
-            &mut *arena.free.lock().map_err(|_| poisoned())?,
-        )
-        .into_iter()
-        .collect();
+        let free: Vec<(usize, Vec<sys::CUdeviceptr>)> =
+            std::mem::take(&mut *arena.free.lock().map_err(|_| poisoned())?)
+                .into_iter()
+                .collect();
         {
             let mut st = self.arenas.lock().map_err(|_| poisoned())?;
             for (p, _) in arena.blocks.lock().map_err(|_| poisoned())?.drain(..) {
@@ -150,7 +153,9 @@ impl Gpu {
         {
             let mut st = self.pool.arenas.lock().map_err(|_| poisoned())?;
             if st.capturing.is_some() {
-                return Err(Error::Cuda("begin_capture: a capture is already running".into()));
+                return Err(Error::Cuda(
+                    "begin_capture: a capture is already running".into(),
+                ));
             }
             st.capturing = Some(Arc::new(Arena::default()));
         }
@@ -176,7 +181,11 @@ impl Gpu {
     }
 
     fn take_capture_arena(&self) -> Option<Arc<Arena>> {
-        self.pool.arenas.lock().ok().and_then(|mut s| s.capturing.take())
+        self.pool
+            .arenas
+            .lock()
+            .ok()
+            .and_then(|mut s| s.capturing.take())
     }
 
     /// Ends the capture begun by [`Gpu::begin_capture`] and instantiates its graph. Always
@@ -200,9 +209,8 @@ impl Gpu {
                 return Err(drv("stream capture (cuStreamEndCapture)", e));
             }
         };
-        let exec = match unsafe {
-            dr::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0))
-        } {
+        let exec = match unsafe { dr::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+        {
             Ok(x) => x,
             Err(e) => {
                 unsafe {
