@@ -183,25 +183,37 @@ fn rollout_with_graphs_equals_plain() {
         plain_decode: true,
         ..Schedule::default()
     };
-    let (want, st_plain) = generate_with(&cuda, &m, &prompts, 3, &sp, stream, &plain).unwrap();
-    let (got, st) =
-        generate_with(&cuda, &m, &prompts, 3, &sp, stream, &Schedule::default()).unwrap();
-    assert_eq!(got, want, "seed {s}: graphs changed the generations");
-    assert_eq!(st_plain.graph_replays, 0);
-    assert!(st_plain.plain_decode_steps > 0);
-    assert_eq!(
-        st.plain_decode_steps, 0,
-        "a step fell back to plain launches"
-    );
-    assert_eq!(st.graph_replays, st_plain.plain_decode_steps);
-    assert!(st.graph_captures >= 1);
-    println!(
-        "rollout: {} decode steps, {} graphs captured, {} padding rows, the same {} generations",
-        st.graph_replays,
-        st.graph_captures,
-        st.graph_padded_rows,
-        got.len()
-    );
+    // With stop tokens (sequences end at different steps, batches shrink), then without: the
+    // 9 sequences all run 6 tokens over 6 slots, so the last 3 decode padded to a bucket of 4.
+    for (stop, slots) in [((0..20).collect::<Vec<u32>>(), 5usize), (Vec::new(), 6)] {
+        let sp = SamplingParams {
+            stop: stop.clone(),
+            max_slots: slots,
+            ..sp.clone()
+        };
+        let (want, st_plain) = generate_with(&cuda, &m, &prompts, 3, &sp, stream, &plain).unwrap();
+        let (got, st) =
+            generate_with(&cuda, &m, &prompts, 3, &sp, stream, &Schedule::default()).unwrap();
+        assert_eq!(got, want, "seed {s}: graphs changed the generations");
+        assert_eq!(st_plain.graph_replays, 0);
+        assert!(st_plain.plain_decode_steps > 0);
+        assert_eq!(
+            st.plain_decode_steps, 0,
+            "a step fell back to plain launches"
+        );
+        assert_eq!(st.graph_replays, st_plain.plain_decode_steps);
+        assert!(st.graph_captures >= 1);
+        println!(
+            "rollout: {} decode steps, {} graphs captured, {} padding rows, the same {} generations",
+            st.graph_replays,
+            st.graph_captures,
+            st.graph_padded_rows,
+            got.len()
+        );
+        if stop.is_empty() {
+            assert!(st.graph_padded_rows > 0, "no padded step");
+        }
+    }
 }
 
 /// Where graphs are unavailable the steps run plainly, with the reason kept: the CPU backend,

@@ -137,7 +137,7 @@ impl<B: Backend> Model<B> {
                 cache.lens[..n].copy_from_slice(&after);
                 graphs.stats.replays += 1;
                 graphs.stats.padded_rows += bk.rows - n;
-                let bk = idx.and_then(|i| graphs.graphs[i].as_ref()).expect("bucket");
+                let bk: &'g Bucket<B> = bk;
                 return Ok((&bk.logits, bk.rows));
             }
         }

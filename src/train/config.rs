@@ -874,8 +874,7 @@ mod tests {
     fn cuda_graphs_setting() {
         let c: TrainConfig = parse_config("", "t", &[]).unwrap();
         assert!(c.rollout.cuda_graphs, "graphs are on by default");
-        let c: TrainConfig =
-            parse_config("", "t", &["rollout.cuda_graphs=false".into()]).unwrap();
+        let c: TrainConfig = parse_config("", "t", &["rollout.cuda_graphs=false".into()]).unwrap();
         assert!(!c.rollout.cuda_graphs);
         c.validate().unwrap();
         let e = parse_config::<TrainConfig>("[rollout]\ncuda_graphs = 1\n", "t", &[])
