@@ -16,10 +16,13 @@ use tooln1::backend::Backend;
 use tooln1::model::{init, DecodeGraphs, KvShape, Model};
 use tooln1::train::rollout::{generate_with, SamplingParams, Schedule, Stream};
 
-/// Prefills `prompts` into two caches, then decodes `steps` steps plainly on one and through
-/// graphs on the other, the batch shrinking by one slot every `shrink` steps; compares the
-/// logits of every step and, at the end, every cache row outside the scratch block.
-fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: usize) {
+/// Prefills `n0` random prompts into two caches, then decodes a step per entry of `sizes` (the
+/// leading slots that decode: sequences finishing, then slots decoding again, so the buckets'
+/// graphs, which share one arena, replay in turn) plainly on one and through graphs on the
+/// other; compares the logits of every step and, at the end, every cache row outside the
+/// scratch block.
+fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, sizes: &[usize]) {
+    let steps = sizes.len();
     let Some(cuda) = gpu() else { return };
     let s = seed(tag);
     let mut r = Rng::from_seed(s);
@@ -50,14 +53,7 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
     };
     let mut feed: Vec<u32> = first.chunks(vocab).map(argmax).collect();
     let mut graphs = DecodeGraphs::new(true, n0.next_power_of_two());
-    let mut n = n0;
-    let mut sizes = Vec::new();
-    for step in 0..steps {
-        // A sequence finishes every other step (the last slot), down to one.
-        if step > 0 && step % 2 == 0 && n > 1 {
-            n -= if n > 2 { 2 } else { 1 };
-        }
-        sizes.push(n);
+    for (step, &n) in sizes.iter().enumerate() {
         let want = m.decode(&cuda, &mut plain, &feed[..n]).unwrap();
         let want = cuda.download_f32(&want, n * vocab).unwrap();
         let (got, rows) = m
@@ -79,7 +75,8 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
             n * vocab
         );
         assert_eq!(plain.lens, graphed.lens);
-        feed = want.chunks(vocab).map(argmax).collect();
+        let next: Vec<u32> = want.chunks(vocab).map(argmax).collect();
+        feed[..n].copy_from_slice(&next);
     }
     let st = graphs.stats.clone();
     assert_eq!(st.fallback, None, "{tag}: graphs refused");
@@ -89,6 +86,7 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
         .iter()
         .map(|&k| *graphs.buckets().iter().find(|&&b| b >= k).unwrap())
         .collect();
+    buckets.sort_unstable();
     buckets.dedup();
     assert_eq!(st.captures, buckets.len(), "one capture per bucket used");
     assert!(st.padded_rows > 0, "{tag}: no step was padded ({sizes:?})");
@@ -122,24 +120,17 @@ fn graph_vs_plain(tag: &str, cfg: tooln1::model::Qwen2Config, n0: usize, steps: 
 
 #[test]
 fn graph_decode_gqa7_head_dim_64_matches_plain() {
-    // 14 query heads over 2 kv heads of 64; 7 sequences (bucket 8), shrinking to 1.
-    graph_vs_plain(
-        "graph_gqa7_d64",
-        init::tiny_config(896, 2, 14, 2, 160, 151, true),
-        7,
-        9,
-    );
+    // 14 query heads over 2 kv heads of 64; 7 sequences (bucket 8), shrinking to 1, then the
+    // paused slots decoding again (fed their last token).
+    let cfg = init::tiny_config(896, 2, 14, 2, 160, 151, true);
+    graph_vs_plain("graph_gqa7_d64", cfg, 7, &[7, 7, 5, 5, 3, 3, 1, 1, 3, 7, 2]);
 }
 
 #[test]
 fn graph_decode_gqa2_head_dim_128_matches_plain() {
     // 2 query heads over 1 kv head of 128, untied lm_head; 5 sequences (bucket 8).
-    graph_vs_plain(
-        "graph_gqa2_d128",
-        init::tiny_config(256, 1, 2, 1, 96, 97, false),
-        5,
-        7,
-    );
+    let cfg = init::tiny_config(256, 1, 2, 1, 96, 97, false);
+    graph_vs_plain("graph_gqa2_d128", cfg, 5, &[5, 5, 3, 3, 1, 5, 2, 1]);
 }
 
 fn rollout_setup(
@@ -293,7 +284,7 @@ fn graphs_unavailable_fall_back() {
 fn illegal_call_during_capture_errors() {
     let Some(cuda) = gpu() else { return };
     let x = cuda.upload_u32(&[1, 2, 3]).unwrap();
-    assert!(cuda.capture_begin().unwrap());
+    assert!(cuda.capture_begin(None).unwrap());
     let e = cuda.download_u32(&x, 3).unwrap_err().to_string();
     assert!(e.contains("CAPTURE"), "{e}");
     let e = cuda
@@ -305,7 +296,7 @@ fn illegal_call_during_capture_errors() {
     assert_eq!(cuda.download_u32(&x, 3).unwrap(), vec![1, 2, 3]);
     // A capture without illegal calls replays its work at each launch, not before.
     let mut y = cuda.upload_u32(&[0, 0, 0]).unwrap();
-    assert!(cuda.capture_begin().unwrap());
+    assert!(cuda.capture_begin(None).unwrap());
     cuda.copy_u32_at(&x, 1, &mut y, 2).unwrap();
     let g = cuda.capture_end().unwrap();
     assert_eq!(cuda.download_u32(&y, 3).unwrap(), vec![0, 0, 0]);

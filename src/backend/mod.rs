@@ -547,6 +547,8 @@ pub struct GrpoLossOut {
 /// with (it keeps those it allocated alive; the caller keeps the others alive and in place).
 pub trait ReplayGraph {
     fn launch(&self) -> Result<()>;
+    /// The graph as its backend's type (for [`Backend::capture_begin`]'s `share`).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 pub trait Backend {
@@ -634,7 +636,12 @@ pub trait Backend {
     /// Between this and [`Backend::capture_end`] the work is recorded, not run: nothing may be
     /// downloaded or waited for, and host data may reach the device only through buffers
     /// written before the capture (or before each replay, with [`Backend::write_u32`]).
-    fn capture_begin(&self) -> Result<bool> {
+    /// `share`: allocate the captured work's buffers from the memory of that live graph (CUDA:
+    /// its private arena, as PyTorch's shared graph pools), reusing what its capture freed; the
+    /// two graphs' replays must then not overlap, and a buffer allocated inside one may be
+    /// overwritten by a replay of the other (read a replay's outputs before the next replay).
+    fn capture_begin(&self, share: Option<&dyn ReplayGraph>) -> Result<bool> {
+        let _ = share;
         Ok(false)
     }
     /// Ends the capture begun by [`Backend::capture_begin`] (always: also when it fails) and

@@ -8,7 +8,9 @@
 //! positions, destination rows, lengths and the block tables of the bucket's rows, padded),
 //! split by the graph's first nodes into the five inputs of [`Model::decode_run`]; the
 //! weights and the KV cache, which stay in place for the graphs' lifetime (one rollout); and
-//! the buffers allocated while it was captured (the backend's private arena). Rows n..bucket
+//! the buffers allocated while it was captured (the backend's private arena, one shared by the
+//! buckets' graphs, as vLLM captures its batch sizes into one memory pool: the steps replay
+//! one at a time and each step's logits are sampled before the next replay). Rows n..bucket
 //! are padding: token 0 at position 0, stored to and attending to row 0 of the cache's scratch
 //! block ([`KvCache::scratch_block`]), which no sequence holds; their logits are ignored. The
 //! decode attention's grid depends only on the cache's max_len (its split kernel launches the
@@ -119,7 +121,10 @@ impl<B: Backend> Model<B> {
         let idx = graphs.buckets.iter().position(|&r| r >= n);
         if let (true, Some(idx)) = (graphs.enabled, idx) {
             if graphs.graphs[idx].is_none() {
-                match self.capture_bucket(b, cache, graphs.buckets[idx]) {
+                // The buckets share one arena (the steps replay one at a time, and each step's
+                // logits are sampled before the next replay).
+                let share = graphs.graphs.iter().flatten().next().map(|g| &*g.graph);
+                match self.capture_bucket(b, cache, graphs.buckets[idx], share) {
                     Ok(Some(bk)) => {
                         graphs.graphs[idx] = Some(bk);
                         graphs.stats.captures += 1;
@@ -169,6 +174,7 @@ impl<B: Backend> Model<B> {
         b: &B,
         cache: &mut KvCache<B>,
         rows: usize,
+        share: Option<&dyn ReplayGraph>,
     ) -> Result<Option<Bucket<B>>> {
         let mb = cache.max_blocks();
         let table_len = rows
@@ -181,7 +187,7 @@ impl<B: Backend> Model<B> {
         let mut dst = b.upload_u32(&zeros[..rows])?;
         let mut lens = b.upload_u32(&zeros[..rows])?;
         let mut table = b.upload_u32(&zeros[..table_len])?;
-        if !b.capture_begin()? {
+        if !b.capture_begin(share)? {
             return Ok(None);
         }
         let body = (|| {

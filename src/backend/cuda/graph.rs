@@ -12,6 +12,13 @@
 //! later allocations of the capture may reuse them (the captured work runs in stream order, as
 //! it did live). One difference: a block allocated before the capture and released during it
 //! joins the arena too (its last readers are in the graph, so it must outlive the graph).
+//!
+//! Graphs may share one arena (PyTorch's `pool=` argument, a `graph_pool_handle()` passed to
+//! several captures; vLLM captures its decode batch sizes into one pool): a capture given a
+//! live graph allocates from that graph's arena, reusing the blocks the earlier capture freed.
+//! Then the graphs' replays must not overlap (one stream orders them) and a buffer allocated
+//! inside one may be overwritten by another's replay: read a graph's outputs before replaying
+//! another. The arena is released with the last graph using it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -27,6 +34,8 @@ use crate::{Error, Result};
 pub(crate) struct Arena {
     blocks: Mutex<Vec<(sys::CUdeviceptr, usize)>>,
     free: Mutex<BTreeMap<usize, Vec<sys::CUdeviceptr>>>,
+    /// Live graphs using the arena.
+    graphs: std::sync::atomic::AtomicUsize,
 }
 
 /// The arena state of a [`Pool`]: the arena being filled by a capture, and the owner of every
@@ -147,8 +156,9 @@ pub struct CudaGraph {
 
 impl Gpu {
     /// Starts capturing the compute stream: until [`Gpu::end_capture`], kernels, GEMMs, memsets
-    /// and device copies queued on it are recorded, not run, and buffers come from a new arena.
-    pub fn begin_capture(&self) -> Result<()> {
+    /// and device copies queued on it are recorded, not run, and buffers come from a new arena,
+    /// or from `share`'s (see the module doc for what sharing requires).
+    pub fn begin_capture(&self, share: Option<&CudaGraph>) -> Result<()> {
         self.bind()?;
         {
             let mut st = self.pool.arenas.lock().map_err(|_| poisoned())?;
@@ -157,7 +167,7 @@ impl Gpu {
                     "begin_capture: a capture is already running".into(),
                 ));
             }
-            st.capturing = Some(Arc::new(Arena::default()));
+            st.capturing = Some(share.map_or_else(Default::default, |g| g.arena.clone()));
         }
         let r = unsafe {
             dr::stream::begin_capture(
@@ -171,13 +181,20 @@ impl Gpu {
                 Ok(())
             }
             Err(e) => {
-                let arena = self.take_capture_arena();
-                if let Some(a) = arena {
-                    let _ = self.pool.arena_drop(&a);
+                if let Some(a) = self.take_capture_arena() {
+                    let _ = self.release_unused(&a);
                 }
                 Err(drv("cuStreamBeginCapture", e))
             }
         }
+    }
+
+    /// Releases an arena no graph uses (after a failed capture into it).
+    fn release_unused(&self, arena: &Arc<Arena>) -> Result<()> {
+        if arena.graphs.load(Ordering::SeqCst) == 0 {
+            self.pool.arena_drop(arena)?;
+        }
+        Ok(())
     }
 
     fn take_capture_arena(&self) -> Option<Arc<Arena>> {
@@ -201,11 +218,11 @@ impl Gpu {
         let graph = match ended {
             Ok(g) if !g.is_null() => g,
             Ok(_) => {
-                self.pool.arena_drop(&arena)?;
+                self.release_unused(&arena)?;
                 return Err(Error::Cuda("cuStreamEndCapture returned no graph".into()));
             }
             Err(e) => {
-                self.pool.arena_drop(&arena)?;
+                self.release_unused(&arena)?;
                 return Err(drv("stream capture (cuStreamEndCapture)", e));
             }
         };
@@ -216,10 +233,11 @@ impl Gpu {
                 unsafe {
                     let _ = dr::graph::destroy(graph);
                 }
-                self.pool.arena_drop(&arena)?;
+                self.release_unused(&arena)?;
                 return Err(drv("cuGraphInstantiateWithFlags", e));
             }
         };
+        arena.graphs.fetch_add(1, Ordering::SeqCst);
         Ok(CudaGraph {
             graph,
             exec,
@@ -254,6 +272,9 @@ impl crate::backend::ReplayGraph for CudaGraph {
     fn launch(&self) -> Result<()> {
         CudaGraph::launch(self)
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 impl Drop for CudaGraph {
@@ -265,6 +286,8 @@ impl Drop for CudaGraph {
                 let _ = dr::graph::destroy(self.graph);
             }
         }
-        let _ = self.pool.arena_drop(&self.arena);
+        if self.arena.graphs.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = self.pool.arena_drop(&self.arena);
+        }
     }
 }

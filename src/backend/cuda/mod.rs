@@ -198,8 +198,14 @@ impl Backend for Cuda {
     fn copy_u32_at(&self, src: &Self::I, off: usize, dst: &mut Self::I, n: usize) -> Result<()> {
         ops::memory::copy_at(self, src, off, dst, n, "copy_u32_at")
     }
-    fn capture_begin(&self) -> Result<bool> {
-        self.gpu.begin_capture().map(|_| true)
+    fn capture_begin(&self, share: Option<&dyn crate::backend::ReplayGraph>) -> Result<bool> {
+        let share = match share {
+            None => None,
+            Some(g) => Some(g.as_any().downcast_ref::<CudaGraph>().ok_or_else(|| {
+                crate::Error::Invalid("capture_begin: `share` is not a CUDA graph".into())
+            })?),
+        };
+        self.gpu.begin_capture(share).map(|_| true)
     }
     fn capture_end(&self) -> Result<Box<dyn crate::backend::ReplayGraph>> {
         Ok(Box::new(self.gpu.end_capture()?))
