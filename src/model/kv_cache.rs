@@ -1,8 +1,9 @@
 //! The paged KV cache of decoding (PagedAttention, Kwon et al., SOSP 2023, arXiv 2309.06180;
 //! vLLM's `BlockSpaceManager`): every layer's keys and values live in one pool of fixed-size
-//! blocks ([n_blocks * block_size, kv_dim] per layer, k and v), each sequence slot has a block
-//! table, blocks are allocated as a sequence grows and returned when it is released, and a
-//! block can be shared by several sequences (reference counts): the `n` samples of a prompt
+//! blocks ([(n_blocks + 1) * block_size, kv_dim] per layer, k and v: the pool's blocks and a
+//! scratch block for the padding rows of graph-replayed decode steps), each sequence slot has
+//! a block table, blocks are allocated as a sequence grows and returned when it is released,
+//! and a block can be shared by several sequences (reference counts): the `n` samples of a prompt
 //! read that prompt's blocks, stored once. A shared block is copied before it is written
 //! (copy-on-write, [`Backend::copy_rows`]): only the partially filled last prompt block is ever
 //! written by a sharer, when its sequence appends its first token there.
