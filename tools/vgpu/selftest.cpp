@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/wait.h>
@@ -418,6 +419,50 @@ int main() {
         det += "; RELAXED cuMemFree -> " + std::to_string((int)relaxed_free) + ", end " + std::to_string((int)relaxed_end);
         ok &= relaxed_free == CUDA_SUCCESS && relaxed_end == CUDA_SUCCESS;
         result("illegal calls during capture are refused and invalidate it", ok, det);
+        cuMemFree(d);
+    }
+    {
+        // An event recorded in the capture may not be queried (907); the legacy stream may not
+        // run while a blocking stream of its device captures (906); a THREAD_LOCAL capture
+        // ends only on the thread that began it (908). Each invalidates the capture.
+        CUdeviceptr d = alloc_floats(64, 0.f);
+        int n = 64;
+        void* args[] = {&d, &n};
+        CUstream s;
+        cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+        CUevent ev;
+        cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+        cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        cuEventRecord(ev, s);
+        const CUresult query = cuEventQuery(ev);
+        CUgraph g = nullptr;
+        const CUresult end1 = cuStreamEndCapture(s, &g);
+        CUstream blocking;
+        cuStreamCreate(&blocking, 0);
+        cuStreamBeginCapture_v2(blocking, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        const CUresult legacy = cuLaunchKernel(fn("st_fill"), 1, 1, 1, 64, 1, 1, 0, nullptr, args, nullptr);
+        const CUresult end2 = cuStreamEndCapture(blocking, &g);
+        cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        CUresult other = CUDA_SUCCESS;
+        std::thread t([&] {
+            cuCtxSetCurrent(ctx);
+            CUgraph g2 = nullptr;
+            other = cuStreamEndCapture(s, &g2);
+        });
+        t.join();
+        const CUresult end3 = cuStreamEndCapture(s, &g);
+        cuGraphDestroy(g);
+        cuCtxSynchronize();
+        char det[256];
+        snprintf(det, sizeof det,
+                 "event query %d (end %d), legacy-stream launch %d (end %d), end from another thread %d (own "
+                 "thread %d)",
+                 (int)query, (int)end1, (int)legacy, (int)end2, (int)other, (int)end3);
+        result("captured events, the legacy stream and other threads are refused as the driver does",
+               query == CUDA_ERROR_CAPTURED_EVENT && end1 == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED &&
+                   legacy == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT && end2 == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED &&
+                   other == CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD && end3 == CUDA_SUCCESS,
+               det);
         cuMemFree(d);
     }
     {
