@@ -461,34 +461,45 @@ fn model_benches<B: Backend + Clone>(
             max_slots: bs,
         };
         let mut offset = 0u64;
-        let row = Row {
-            name: "decode",
-            shape: serde_json::json!({"model": md, "batch": bs, "prompt": z.prompt,
+        // "decode": each step replayed as the CUDA graph of its batch-size bucket (the
+        // default); "decode_plain": the same rollout with plain launches
+        // (`rollout.cuda_graphs = false`). On the CPU both run plainly.
+        for (name, plain_decode) in [("decode", false), ("decode_plain", true)] {
+            let row = Row {
+                name,
+                shape: serde_json::json!({"model": md, "batch": bs, "prompt": z.prompt,
                                       "new_tokens": z.new_tokens}),
-            flops: fwd_flops(&cfg, bs * (z.prompt + z.new_tokens), z.prompt),
-            bytes: z.new_tokens as f64 * wbytes,
-            tokens: bs * z.new_tokens,
-            note: "tokens = new tokens; time includes the prompt's prefill".into(),
-        };
-        timed(
-            c,
-            clock,
-            device,
-            group,
-            &format!("decode_b{bs}"),
-            row,
-            || {
-                let gens = rollout::generate(b, &model, &prompts, 1, &sp, 11, offset)?;
-                offset += rollout::stream_len(bs, 1, z.new_tokens);
-                let got: usize = gens.iter().map(|g| g.tokens.len()).sum();
-                tooln1::ensure!(
-                    got == bs * z.new_tokens,
-                    "decode generated {got} tokens, expected {}",
-                    bs * z.new_tokens
-                );
-                Ok(())
-            },
-        );
+                flops: fwd_flops(&cfg, bs * (z.prompt + z.new_tokens), z.prompt),
+                bytes: z.new_tokens as f64 * wbytes,
+                tokens: bs * z.new_tokens,
+                note: "tokens = new tokens; time includes the prompt's prefill".into(),
+            };
+            let sched = rollout::Schedule {
+                plain_decode,
+                ..rollout::Schedule::default()
+            };
+            timed(
+                c,
+                clock,
+                device,
+                group,
+                &format!("{name}_b{bs}"),
+                row,
+                || {
+                    let stream = rollout::Stream::new(11, offset);
+                    let gens =
+                        rollout::generate_with(b, &model, &prompts, 1, &sp, stream, &sched)?.0;
+                    offset += rollout::stream_len(bs, 1, z.new_tokens);
+                    let got: usize = gens.iter().map(|g| g.tokens.len()).sum();
+                    tooln1::ensure!(
+                        got == bs * z.new_tokens,
+                        "decode generated {got} tokens, expected {}",
+                        bs * z.new_tokens
+                    );
+                    Ok(())
+                },
+            );
+        }
         trim();
     }
 

@@ -550,6 +550,15 @@ pub struct GrpoLossOut {
 /// The op set. `T` holds weights and activations (f32 on the CPU, bf16 on CUDA); `F` is always
 /// f32 (parameter gradients, optimizer moments, logprobs, normalisation statistics); `I` holds
 /// u32 indices (token ids, positions, sequence offsets).
+/// Work captured by [`Backend::capture_begin`] .. [`Backend::capture_end`], replayed in the
+/// order it was captured by each `launch`, reading and writing the buffers it was captured
+/// with (it keeps those it allocated alive; the caller keeps the others alive and in place).
+pub trait ReplayGraph {
+    fn launch(&self) -> Result<()>;
+    /// The graph as its backend's type (for [`Backend::capture_begin`]'s `share`).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 pub trait Backend {
     type T;
     type F;
@@ -614,6 +623,42 @@ pub trait Backend {
     /// No-op on the CPU.
     fn release_cached(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// dst[..data.len()] = data, keeping dst's storage where the backend captures graphs (the
+    /// inputs of a replayed graph are read at their captured addresses). The default replaces
+    /// `*dst` with a new buffer holding `data`, enough for a backend that never captures.
+    fn write_u32(&self, dst: &mut Self::I, data: &[u32]) -> Result<()> {
+        *dst = self.upload_u32(data)?;
+        Ok(())
+    }
+    /// dst[..n] = src[off..off + n] (u32 buffers). The default goes through the host and
+    /// replaces `*dst` (see [`Backend::write_u32`]).
+    fn copy_u32_at(&self, src: &Self::I, off: usize, dst: &mut Self::I, n: usize) -> Result<()> {
+        let all = self.download_u32(src, off.saturating_add(n))?;
+        self.write_u32(dst, &all[off..])
+    }
+    /// Starts capturing the work queued on this backend into a graph, replayed later by
+    /// [`ReplayGraph::launch`] (CUDA: stream capture into a CUDA graph). `Ok(false)`: the
+    /// backend has no graphs (the CPU) and nothing changed; the caller runs its work plainly.
+    /// Between this and [`Backend::capture_end`] the work is recorded, not run: nothing may be
+    /// downloaded or waited for, and host data may reach the device only through buffers
+    /// written before the capture (or before each replay, with [`Backend::write_u32`]).
+    /// `share`: allocate the captured work's buffers from the memory of that live graph (CUDA:
+    /// its private arena, as PyTorch's shared graph pools), reusing what its capture freed; the
+    /// two graphs' replays must then not overlap, and a buffer allocated inside one may be
+    /// overwritten by a replay of the other (read a replay's outputs before the next replay).
+    fn capture_begin(&self, share: Option<&dyn ReplayGraph>) -> Result<bool> {
+        let _ = share;
+        Ok(false)
+    }
+    /// Ends the capture begun by [`Backend::capture_begin`] (always: also when it fails) and
+    /// returns the graph; an error when the capture was refused or invalidated.
+    fn capture_end(&self) -> Result<Box<dyn ReplayGraph>> {
+        Err(crate::Error::Invalid(format!(
+            "capture_end: the {} backend has no graphs",
+            self.name()
+        )))
     }
 
     // ---------------------------------------------------------------- elementwise

@@ -1,8 +1,9 @@
 //! The paged KV cache of decoding (PagedAttention, Kwon et al., SOSP 2023, arXiv 2309.06180;
 //! vLLM's `BlockSpaceManager`): every layer's keys and values live in one pool of fixed-size
-//! blocks ([n_blocks * block_size, kv_dim] per layer, k and v), each sequence slot has a block
-//! table, blocks are allocated as a sequence grows and returned when it is released, and a
-//! block can be shared by several sequences (reference counts): the `n` samples of a prompt
+//! blocks ([(n_blocks + 1) * block_size, kv_dim] per layer, k and v: the pool's blocks and a
+//! scratch block for the padding rows of graph-replayed decode steps), each sequence slot has
+//! a block table, blocks are allocated as a sequence grows and returned when it is released,
+//! and a block can be shared by several sequences (reference counts): the `n` samples of a prompt
 //! read that prompt's blocks, stored once. A shared block is copied before it is written
 //! (copy-on-write, [`Backend::copy_rows`]): only the partially filled last prompt block is ever
 //! written by a sharer, when its sequence appends its first token there.
@@ -110,7 +111,9 @@ pub struct KvShape {
 
 /// Per-layer keys and values in a [`BlockPool`], and a block table per sequence slot.
 pub struct KvCache<B: Backend> {
-    /// Per layer, [n_blocks * block_size, kv_width].
+    /// Per layer, [(n_blocks + 1) * block_size, kv_width]: the pool's blocks and, last, a
+    /// scratch block no sequence ever holds ([`KvCache::scratch_block`]), where the padding rows
+    /// of a graph-replayed decode step write and read.
     pub k: Vec<B::T>,
     pub v: Vec<B::T>,
     /// Positions cached so far per slot.
@@ -148,7 +151,7 @@ impl<B: Backend> KvCache<B> {
                 "KV cache: {n_blocks} blocks and max_len = {max_len} must be below 2^32"
             )));
         }
-        let n = n_blocks
+        let n = (n_blocks + 1)
             .checked_mul(block_size)
             .filter(|&r| r <= u32::MAX as usize)
             .and_then(|r| r.checked_mul(kv_width))
@@ -182,6 +185,12 @@ impl<B: Backend> KvCache<B> {
             kv_width,
             cow_copies: 0,
         })
+    }
+
+    /// The block after the pool's, never allocated to a sequence: padding rows of a decode step
+    /// padded to a batch-size bucket store and attend to its first row only.
+    pub fn scratch_block(&self) -> u32 {
+        self.pool.n_blocks() as u32
     }
 
     /// Block-table entries per sequence: ceil(max_len / block_size).

@@ -2,6 +2,7 @@
 //! written once over [`crate::backend::Backend`], and tiny random models for tests and demos.
 
 pub mod config;
+pub mod decode_graph;
 pub mod flops;
 pub mod grad_sink;
 pub mod init;
@@ -14,6 +15,7 @@ pub mod stream;
 pub mod weights;
 
 pub use config::Qwen2Config;
+pub use decode_graph::{DecodeGraphs, GraphStats};
 pub use grad_sink::GradSink;
 pub use kv_cache::{BlockPool, KvCache, KvShape};
 pub use layout::{LayerParams, ParamLayout, ParamSpec};

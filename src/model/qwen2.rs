@@ -222,6 +222,17 @@ struct LayerIn<'a, B: Backend> {
     pos: &'a B::I,
 }
 
+/// The device inputs of a decode step of `n` rows: token ids, positions, the cache row each
+/// new token is stored in, the lengths after the step, and the block tables ([n, max_blocks]).
+pub(crate) struct DecodeIn<'a, B: Backend> {
+    pub tokens: &'a B::I,
+    pub pos: &'a B::I,
+    pub dst: &'a B::I,
+    pub lens: &'a B::I,
+    pub table: &'a B::I,
+    pub n: usize,
+}
+
 /// What one decoder layer's backward reads: the layer's index, its input, the activations
 /// its forward saved and the gradient of its output.
 struct LayerBwdIn<'a, B: Backend> {
@@ -1448,6 +1459,38 @@ impl<B: Backend> Model<B> {
     /// [slots, vocab]. Fewer tokens than slots decode only the leading slots.
     pub fn decode(&self, b: &B, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<B::F> {
         let n = tokens.len();
+        let (dst, after) = self.decode_rows(b, cache, tokens)?;
+        let tok_d = b.upload_u32(tokens)?;
+        let pos_d = b.upload_u32(&cache.lens[..n])?;
+        let dst_d = b.upload_u32(&dst)?;
+        let lens_d = b.upload_u32(&after)?;
+        let table_d = b.upload_u32(&cache.flat_tables(n))?;
+        let out = self.decode_run(
+            b,
+            cache,
+            &DecodeIn {
+                tokens: &tok_d,
+                pos: &pos_d,
+                dst: &dst_d,
+                lens: &lens_d,
+                table: &table_d,
+                n,
+            },
+        )?;
+        cache.lens[..n].copy_from_slice(&after);
+        Ok(out)
+    }
+
+    /// The host side of a decode step of the leading `tokens.len()` slots: the checks, each
+    /// slot's next block allocated (or its shared last block copied), and per slot the cache
+    /// row its new token goes to and its length after the step. `cache.lens` is unchanged.
+    pub(crate) fn decode_rows(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let n = tokens.len();
         if n == 0 || n > cache.slots {
             return Err(Error::Invalid(format!(
                 "decode: {n} tokens for a cache of {} slots (expected 1..={})",
@@ -1477,23 +1520,32 @@ impl<B: Backend> Model<B> {
             dst.push(cache.row(i, l as usize));
             after.push(l + 1);
         }
+        Ok((dst, after))
+    }
+
+    /// The device side of a decode step over `inp.n` rows: embedding, every layer (kv_store +
+    /// decode attention through the block tables), final norm, logits [n, vocab]. Reads only
+    /// `inp`, the weights and the cache (so it can be captured as a graph); changes no host
+    /// state.
+    pub(crate) fn decode_run(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        inp: &DecodeIn<'_, B>,
+    ) -> Result<B::F> {
+        let n = inp.n;
         let d = self.dims(n)?;
-        let tok_d = b.upload_u32(tokens)?;
-        let pos_d = b.upload_u32(&cache.lens[..n])?;
-        let dst_d = b.upload_u32(&dst)?;
-        let lens_d = b.upload_u32(&after)?;
-        let table_d = b.upload_u32(&cache.flat_tables(n))?;
         let (max_blocks, block_size) = (cache.max_blocks(), cache.block_size);
         let mut x = b.zeros(n * d.h)?;
-        b.embedding(&tok_d, self.p(self.layout.embed), &mut x, n, d.h)?;
+        b.embedding(inp.tokens, self.p(self.layout.embed), &mut x, n, d.h)?;
         let mut y = b.zeros(n * d.h)?;
         let mut acts = LayerActs::new(b, &d)?;
         self.each_layer(b, |l, ws| {
             let attn = Attn::Decode {
-                dst: &dst_d,
+                dst: inp.dst,
                 cached: Cached {
-                    lens: &lens_d,
-                    table: &table_d,
+                    lens: inp.lens,
+                    table: inp.table,
                     n_seq: n,
                     max_blocks,
                     block_size,
@@ -1508,7 +1560,7 @@ impl<B: Backend> Model<B> {
                     l,
                     ws,
                     x: &x,
-                    pos: &pos_d,
+                    pos: inp.pos,
                 },
                 attn,
                 &mut acts,
@@ -1520,7 +1572,11 @@ impl<B: Backend> Model<B> {
         let (xf, _) = self.final_norm(b, &x, n, &d)?;
         let mut out = b.zeros_f32(n * d.vocab)?;
         b.logits(&xf, self.p(self.layout.lm_head), &mut out, d.vocab(n))?;
-        cache.lens[..n].copy_from_slice(&after);
         Ok(out)
+    }
+
+    /// Whether the decoder layers are streamed from host memory ([`Model::into_streamed`]).
+    pub fn is_streamed(&self) -> bool {
+        self.host_layers.is_some()
     }
 }

@@ -61,6 +61,11 @@ pub struct RolloutConfig {
     /// prompt. Fewer blocks admit fewer sequences at once and may preempt; the generations
     /// stay the same.
     pub kv_blocks: usize,
+    /// Decode each step as the replay of a CUDA graph captured per batch-size bucket (1, 2,
+    /// 4, ..., max_slots; `model::decode_graph`) instead of launching its kernels one by one.
+    /// Only the CUDA backend with resident layers has graphs; elsewhere, or when a capture
+    /// fails, steps run with plain launches. The generations are the same either way.
+    pub cuda_graphs: bool,
 }
 
 impl Default for RolloutConfig {
@@ -75,6 +80,7 @@ impl Default for RolloutConfig {
             max_slots: 256,
             kv_block_size: crate::model::kv_cache::DEFAULT_BLOCK_SIZE,
             kv_blocks: 0,
+            cuda_graphs: true,
         }
     }
 }
@@ -862,6 +868,19 @@ mod tests {
             parse_config("", "t", &["grpo.mini_batch_prompts=2000".into()]).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("grpo.mini_batch_prompts"), "{e}");
+    }
+
+    #[test]
+    fn cuda_graphs_setting() {
+        let c: TrainConfig = parse_config("", "t", &[]).unwrap();
+        assert!(c.rollout.cuda_graphs, "graphs are on by default");
+        let c: TrainConfig = parse_config("", "t", &["rollout.cuda_graphs=false".into()]).unwrap();
+        assert!(!c.rollout.cuda_graphs);
+        c.validate().unwrap();
+        let e = parse_config::<TrainConfig>("[rollout]\ncuda_graphs = 1\n", "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda_graphs"), "{e}");
     }
 
     #[test]

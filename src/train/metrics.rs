@@ -86,6 +86,12 @@ pub struct StepMetrics {
     pub rollout_peak_concurrent: usize,
     #[serde(default)]
     pub rollout_preemptions: usize,
+    /// Decode steps replayed as a CUDA graph and steps run with plain launches (summed over
+    /// the ranks; `rollout.cuda_graphs`).
+    #[serde(default)]
+    pub rollout_graph_replays: usize,
+    #[serde(default)]
+    pub rollout_plain_decode_steps: usize,
     /// Model FLOPs per phase, counted from the config (`model::flops`): forward for the
     /// rollout and the old and reference passes, 3x forward per PPO epoch for the update
     /// (recomputation not counted).

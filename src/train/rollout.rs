@@ -131,6 +131,9 @@ pub struct Schedule {
     /// of the longest length (never short). A smaller pool admits fewer sequences at a time
     /// and may preempt (see the module header); the generations are the same.
     pub kv_blocks: Option<usize>,
+    /// Decode every step with plain launches, never as a replayed graph
+    /// (`rollout.cuda_graphs = false`); graphs give the same generations.
+    pub plain_decode: bool,
 }
 
 /// One generated response.
@@ -183,6 +186,14 @@ pub struct RolloutStats {
     /// rows released for room (prefilled again when needed).
     pub preemptions: usize,
     pub prompt_evictions: usize,
+    /// Decode steps replayed as a graph of their batch-size bucket
+    /// ([`crate::model::DecodeGraphs`]), graphs captured, steps run with plain launches (no
+    /// graphs on this backend, streamed layers, `rollout.cuda_graphs = false`, or a refused
+    /// capture), and the padding rows the replays ran.
+    pub graph_replays: usize,
+    pub graph_captures: usize,
+    pub plain_decode_steps: usize,
+    pub graph_padded_rows: usize,
 }
 
 impl RolloutStats {
@@ -442,6 +453,7 @@ impl<B: Backend> Rollout<'_, B> {
         self.stats.kv_blocks = n_blocks;
         self.stats.kv_block_size = block_size;
         let vocab = model.cfg.vocab_size;
+        let mut graphs = crate::model::DecodeGraphs::new(!sched.plain_decode, cap);
         let result = loop {
             self.admit(&mut st)?;
             self.compact(&mut st)?;
@@ -478,7 +490,7 @@ impl<B: Backend> Rollout<'_, B> {
                 .sum::<u64>();
             self.stats.decode.rows += m as u64;
             self.stats.decode.logit_rows += m as u64;
-            let logits = model.decode(b, &mut st.cache, &feed)?;
+            let (logits, rows) = model.decode_graphed(b, &mut st.cache, &feed, &mut graphs)?;
             let offsets: Vec<u64> = st.slots[..m]
                 .iter()
                 .map(|s| {
@@ -487,10 +499,14 @@ impl<B: Backend> Rollout<'_, B> {
                 })
                 .collect();
             let p = self.params();
+            // Rows past m are a replayed bucket's padding.
             b.sample(
-                &logits,
+                logits,
                 &mut st.sampled,
-                &SampleRows::each(&offsets, vocab),
+                &SampleRows {
+                    n_rows: rows,
+                    ..SampleRows::each(&offsets, vocab)
+                },
                 &p,
             )?;
             let toks = b.download_u32(&st.sampled, m)?;
@@ -504,6 +520,12 @@ impl<B: Backend> Rollout<'_, B> {
                 }
             }
         };
+        let g = &graphs.stats;
+        self.stats.graph_replays = g.replays;
+        self.stats.graph_captures = g.captures;
+        self.stats.plain_decode_steps = g.plain_steps;
+        self.stats.graph_padded_rows = g.padded_rows;
+        drop(graphs);
         self.stats.peak_blocks = st.cache.pool.peak_used();
         self.stats.block_copies = st.cache.cow_copies;
         result

@@ -663,6 +663,7 @@ impl<B: Backend> Trainer<B> {
             &rollout::Schedule {
                 kv_block_size: Some(self.cfg.rollout.kv_block_size),
                 kv_blocks: (self.cfg.rollout.kv_blocks > 0).then_some(self.cfg.rollout.kv_blocks),
+                plain_decode: !self.cfg.rollout.cuda_graphs,
                 ..rollout::Schedule::default()
             },
         )
@@ -916,9 +917,11 @@ impl<B: Backend> Trainer<B> {
             logit_rows_naive as f64,
             ro.prefills as f64,
             ro.preemptions as f64,
+            ro.graph_replays as f64,
+            ro.plain_decode_steps as f64,
         ];
         sum(&mut c)?;
-        let [k, reward_sum, format_ok, exact, zero_groups, groups_skipped, truncated, resp_tokens, prompt_tokens, rows, logit_rows, rows_naive, logit_rows_naive, prefills, preemptions] =
+        let [k, reward_sum, format_ok, exact, zero_groups, groups_skipped, truncated, resp_tokens, prompt_tokens, rows, logit_rows, rows_naive, logit_rows_naive, prefills, preemptions, graph_replays, plain_decode_steps] =
             c;
         let k = k.max(1.0);
         let mean = reward_sum / k;
@@ -1034,6 +1037,8 @@ impl<B: Backend> Trainer<B> {
             rollout_kv_peak_blocks: peak_blocks as usize,
             rollout_peak_concurrent: peak_concurrent as usize,
             rollout_preemptions: preemptions as usize,
+            rollout_graph_replays: graph_replays as usize,
+            rollout_plain_decode_steps: plain_decode_steps as usize,
             flops_rollout,
             flops_old_logprobs: flops_pass,
             flops_reference: flops_pass,

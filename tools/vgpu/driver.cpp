@@ -21,6 +21,13 @@
 //   (cuMemHostAlloc / cuMemHostRegister, or every host buffer with TOOLN1_VGPU_ASYNC=strict)
 //   touch the host buffer only when the stream runs, so a buffer freed or changed too early is
 //   caught. Freed page-locked memory is made inaccessible too.
+// - stream capture and graphs (cuStreamBeginCapture .. cuStreamEndCapture, cuGraphInstantiate,
+//   cuGraphLaunch): while a stream captures, its launches (parameters copied at the call),
+//   async memsets, device-to-device and page-locked copies, event records and cuBLAS calls are
+//   recorded instead of queued; what the real driver refuses during capture is refused with its
+//   error code and invalidates the capture (see "capture" below); cuGraphLaunch checks every
+//   recorded pointer against the live allocations, as a launch does, then queues the recorded
+//   operations in order on its stream.
 // Extensions for tests: vgpuMemStats(current, peak), vgpuResetPeak(), vgpuIsVirtual().
 #include <cuda.h>
 // Both the unversioned and the _v2 entry points of these are exported.
@@ -70,13 +77,35 @@ struct Alloc {
 struct Op {
     std::function<void()> fn;
     const char* what;
+    // Device ranges the operation reads or writes ((p, 0): a kernel's pointer parameter, which
+    // must point into or just past a live allocation), checked again when a graph replays it.
+    std::vector<std::pair<uint64_t, std::size_t>> uses;
 };
+
+struct Capture;
 
 struct Stream {
     std::deque<Op> q;
     bool nonblocking;
     int device;
     bool draining = false;  // one thread at a time runs a stream's work, in order
+    Capture* cap = nullptr;  // the capture sequence recording this stream's work, if any
+};
+
+// A stream capture sequence (cuStreamBeginCapture .. cuStreamEndCapture).
+struct Capture {
+    std::vector<Op> ops;
+    bool invalid = false;
+    const char* why = nullptr;  // the call that invalidated it
+    CUstreamCaptureMode mode;
+    uint64_t id;
+    std::thread::id thread;
+    Stream* stream;
+};
+
+// A captured graph and its executable instantiation: the recorded operations, in order.
+struct Graph {
+    std::vector<Op> ops;
 };
 
 struct Event {
@@ -85,6 +114,7 @@ struct Event {
     double t_ms = 0;
     Stream* stream = nullptr;
     bool timing = true;
+    bool captured = false;  // last recorded inside a capture sequence
 };
 
 struct Ctx {
@@ -117,6 +147,9 @@ static std::set<Module*> modules;
 static std::set<Func*> funcs;
 static std::vector<Ctx*> primary;
 static thread_local Ctx* current = nullptr;
+static std::set<Capture*> captures;  // every active capture sequence
+static std::set<Graph*> graphs, execs;
+static uint64_t next_capture_id = 1;
 
 static int device_count() {
     const char* s = getenv("TOOLN1_VGPU_DEVICES");
@@ -220,11 +253,83 @@ int stream_device(void* s) {
     return s ? ((Stream*)s)->device : -1;
 }
 
-void enqueue(void* s, std::function<void()> op, const char* what) {
+// Queues an operation, or records it when the stream captures (an invalidated capture drops it:
+// its cuStreamEndCapture fails anyway).
+static void enqueue_op(Stream* st, Op op) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (st->cap) {
+        if (options().trace) report("record %s in the capture of stream %p", op.what, (void*)st);
+        if (!st->cap->invalid) st->cap->ops.push_back(std::move(op));
+        return;
+    }
+    if (options().trace) report("queue %s on stream %p", op.what, (void*)st);
+    st->q.push_back(std::move(op));
+}
+
+void enqueue(void* s, std::function<void()> op, const char* what) { enqueue_op(to_stream(s), Op{std::move(op), what, {}}); }
+
+// ---- capture rules ----------------------------------------------------------------------------------
+// As the CUDA driver API documents them (cuStreamBeginCapture, cuThreadExchangeStreamCaptureMode,
+// and the programming guide's "Prohibited and Unhandled Operations" of stream capture).
+static void invalidate(Capture* c, const char* api) {
+    if (!c->invalid) {
+        c->invalid = true;
+        c->why = api;
+        report("%s during stream capture (stream %p): the capture is invalidated", api, (void*)c->stream);
+    }
+}
+
+// A potentially unsafe call (one that synchronises or is not stream-ordered: cuMemFree,
+// synchronous copies and memsets, cuCtxSynchronize, cuMemFreeHost) is refused with
+// CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED while this thread has a capture that is not RELAXED, or
+// another thread has a GLOBAL one; the captures that forbid it are invalidated.
+static CUresult unsafe_call(const char* api) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    const auto me = std::this_thread::get_id();
+    bool refused = false;
+    for (Capture* c : captures) {
+        const bool forbids = c->mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
+                             (c->mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && c->thread == me);
+        if (forbids) {
+            invalidate(c, api);
+            refused = true;
+        }
+    }
+    return refused ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
+
+// The capture state an operation on stream `s` meets: on a capturing stream, an invalidated
+// capture refuses it (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED) and an `illegal` one (a
+// synchronisation or query of the stream, a copy between it and pageable host memory) is
+// refused with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates it; the legacy stream while
+// a blocking stream of its device captures is CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (its implicit
+// synchronisation would join the capture), which invalidates that capture.
+static CUresult capture_gate(void* s, const char* api, bool illegal) {
     Stream* st = to_stream(s);
     std::lock_guard<std::recursive_mutex> g(mu);
-    if (options().trace) report("queue %s on stream %p", what, (void*)st);
-    st->q.push_back(Op{std::move(op), what});
+    if (st->cap) {
+        if (st->cap->invalid) return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+        if (illegal) {
+            invalidate(st->cap, api);
+            return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+        }
+        return CUDA_SUCCESS;
+    }
+    bool legacy = false;
+    for (Stream* n : null_streams) legacy |= n == st;
+    if (legacy)
+        for (Capture* c : captures)
+            if (!c->stream->nonblocking && c->stream->device == st->device) {
+                invalidate(c, api);
+                return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+            }
+    return CUDA_SUCCESS;
+}
+
+static bool capturing(void* s) {
+    Stream* st = to_stream(s);
+    std::lock_guard<std::recursive_mutex> g(mu);
+    return st->cap != nullptr;
 }
 
 // Runs a stream's queued work in order until the queue is empty or `stop()` (checked before each
@@ -349,6 +454,17 @@ static const ErrName kErrors[] = {
     {CUDA_ERROR_ILLEGAL_ADDRESS, "CUDA_ERROR_ILLEGAL_ADDRESS", "an illegal memory access was encountered"},
     {CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
     {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {CUDA_ERROR_ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE", "the operation cannot be performed in the present state"},
+    {CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+     "operation not permitted when stream is capturing"},
+    {CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+     "operation failed due to a previous error during capture"},
+    {CUDA_ERROR_STREAM_CAPTURE_IMPLICIT, "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT",
+     "operation would make the legacy stream depend on a capturing blocking stream"},
+    {CUDA_ERROR_CAPTURED_EVENT, "CUDA_ERROR_CAPTURED_EVENT",
+     "operation not permitted on an event last recorded in a capturing stream"},
+    {CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD, "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
+     "attempt to terminate a thread-local capture sequence from another thread"},
     {CUDA_ERROR_UNKNOWN, "CUDA_ERROR_UNKNOWN", "unknown error"},
 };
 
@@ -552,6 +668,18 @@ EXPORT CUresult cuCtxGetDevice(CUdevice* dev) {
 
 EXPORT CUresult cuCtxSynchronize() {
     NEED_CTX();
+    if (CUresult r = unsafe_call("cuCtxSynchronize")) return r;
+    {
+        // Synchronising a context with a capturing stream is invalid whatever the mode.
+        std::lock_guard<std::recursive_mutex> g(mu);
+        bool refused = false;
+        for (Capture* c : captures)
+            if (c->stream->device == current->device) {
+                invalidate(c, "cuCtxSynchronize");
+                refused = true;
+            }
+        if (refused) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    }
     flush_all();
     return CUDA_SUCCESS;
 }
@@ -639,6 +767,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr* dptr, size_t bytes) {
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     NEED_CTX();
     if (dptr == 0) return CUDA_SUCCESS;
+    if (CUresult r = unsafe_call("cuMemFree")) return r;
     flush_all();  // the real cuMemFree waits for work that may still use the memory
     std::lock_guard<std::recursive_mutex> g(mu);
     auto it = live.find((uint64_t)dptr);
@@ -699,6 +828,7 @@ EXPORT CUresult cuMemAllocHost_v2(void** pp, size_t bytes) {
 
 EXPORT CUresult cuMemFreeHost(void* p) {
     NEED_CTX();
+    if (CUresult r = unsafe_call("cuMemFreeHost")) return r;
     std::lock_guard<std::recursive_mutex> g(mu);
     auto it = pinned.find((uint64_t)(uintptr_t)p);
     if (it == pinned.end() || (it->second.map_len == 0 && !VGPU_ASAN))
@@ -740,8 +870,12 @@ static CUresult htod(uint64_t dst, const void* src, std::size_t n, CUstream s, b
     if (!src) return bad(CUDA_ERROR_INVALID_VALUE, "%s: null host pointer", api);
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "%s: invalid stream %p", api, (void*)s);
     if (!range_ok_or_report(api, "destination", dst, n)) return CUDA_ERROR_INVALID_VALUE;
+    if (sync)
+        if (CUresult r = unsafe_call(api)) return r;
+    if (CUresult r = capture_gate(s, api, !sync && !is_pinned(src, n))) return r;
     if (!sync && is_pinned(src, n)) {
-        enqueue(s, [dst, src, n] { memcpy((void*)(uintptr_t)dst, src, n); }, "memcpy HtoD (page-locked, deferred read)");
+        enqueue_op(to_stream(s), Op{[dst, src, n] { memcpy((void*)(uintptr_t)dst, src, n); },
+                                    "memcpy HtoD (page-locked, deferred read)", {{dst, n}}});
     } else {
         auto staged = std::make_shared<std::vector<unsigned char>>((const unsigned char*)src,
                                                                    (const unsigned char*)src + n);
@@ -757,7 +891,10 @@ static CUresult dtoh(void* dst, uint64_t src, std::size_t n, CUstream s, bool sy
     if (!dst) return bad(CUDA_ERROR_INVALID_VALUE, "%s: null host pointer", api);
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "%s: invalid stream %p", api, (void*)s);
     if (!range_ok_or_report(api, "source", src, n)) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [dst, src, n] { memcpy(dst, (const void*)(uintptr_t)src, n); }, "memcpy DtoH");
+    if (sync)
+        if (CUresult r = unsafe_call(api)) return r;
+    if (CUresult r = capture_gate(s, api, !sync && !is_pinned(dst, n))) return r;
+    enqueue_op(to_stream(s), Op{[dst, src, n] { memcpy(dst, (const void*)(uintptr_t)src, n); }, "memcpy DtoH", {{src, n}}});
     if (sync) flush_blocking();
     else if (!is_pinned(dst, n)) flush(to_stream(s));
     return CUDA_SUCCESS;
@@ -769,7 +906,11 @@ static CUresult dtod(uint64_t dst, uint64_t src, std::size_t n, CUstream s, bool
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "%s: invalid stream %p", api, (void*)s);
     if (!range_ok_or_report(api, "source", src, n) || !range_ok_or_report(api, "destination", dst, n))
         return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [dst, src, n] { memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n); }, "memcpy DtoD");
+    if (sync)
+        if (CUresult r = unsafe_call(api)) return r;
+    if (CUresult r = capture_gate(s, api, false)) return r;
+    enqueue_op(to_stream(s), Op{[dst, src, n] { memmove((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n); },
+                                "memcpy DtoD", {{src, n}, {dst, n}}});
     if (sync) flush_blocking();
     return CUDA_SUCCESS;
 }
@@ -801,12 +942,14 @@ static CUresult memset_t(uint64_t dst, T v, std::size_t count, CUstream s, bool 
                                          (unsigned long long)dst, sizeof(T));
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "%s: invalid stream %p", api, (void*)s);
     if (!range_ok_or_report(api, "destination", dst, count * sizeof(T))) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s,
-            [dst, v, count] {
-                T* p = (T*)(uintptr_t)dst;
-                for (std::size_t i = 0; i < count; ++i) p[i] = v;
-            },
-            "memset");
+    if (sync)
+        if (CUresult r = unsafe_call(api)) return r;
+    if (CUresult r = capture_gate(s, api, false)) return r;
+    enqueue_op(to_stream(s), Op{[dst, v, count] {
+                                    T* p = (T*)(uintptr_t)dst;
+                                    for (std::size_t i = 0; i < count; ++i) p[i] = v;
+                                },
+                                "memset", {{dst, count * sizeof(T)}}});
     if (sync) flush_blocking();
     return CUDA_SUCCESS;
 }
@@ -848,6 +991,7 @@ EXPORT CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
 EXPORT CUresult cuStreamSynchronize(CUstream s) {
     NEED_CTX();
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuStreamSynchronize: invalid stream %p", (void*)s);
+    if (CUresult r = capture_gate(s, "cuStreamSynchronize", true)) return r;
     if (!s || s == CU_STREAM_LEGACY) flush_blocking();
     else flush(to_stream(s));
     return CUDA_SUCCESS;
@@ -856,6 +1000,7 @@ EXPORT CUresult cuStreamSynchronize(CUstream s) {
 EXPORT CUresult cuStreamQuery(CUstream s) {
     NEED_CTX();
     if (!stream_valid(s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (CUresult r = capture_gate(s, "cuStreamQuery", true)) return r;
     std::lock_guard<std::recursive_mutex> g(mu);
     return to_stream(s)->q.empty() ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
@@ -888,10 +1033,12 @@ EXPORT CUresult cuEventRecord(CUevent ev, CUstream s) {
     std::lock_guard<std::recursive_mutex> g(mu);
     if (!events.count((Event*)ev)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuEventRecord: invalid event %p", (void*)ev);
     if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuEventRecord: invalid stream %p", (void*)s);
+    if (CUresult r = capture_gate(s, "cuEventRecord", false)) return r;
     Event* e = (Event*)ev;
     e->recorded = true;
     e->completed = false;
     e->stream = to_stream(s);
+    e->captured = e->stream->cap != nullptr;
     enqueue(s,
             [e] {
                 e->t_ms = now_ms();
@@ -909,6 +1056,10 @@ EXPORT CUresult cuEventSynchronize(CUevent ev) {
         std::lock_guard<std::recursive_mutex> g(mu);
         if (!events.count((Event*)ev)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuEventSynchronize: invalid event");
         st = ((Event*)ev)->stream;
+        if (((Event*)ev)->captured && st && st->cap) {
+            invalidate(st->cap, "cuEventSynchronize of an event recorded in the capture");
+            return CUDA_ERROR_CAPTURED_EVENT;
+        }
     }
     if (st) flush(st);
     return CUDA_SUCCESS;
@@ -919,6 +1070,10 @@ EXPORT CUresult cuEventQuery(CUevent ev) {
     std::lock_guard<std::recursive_mutex> g(mu);
     if (!events.count((Event*)ev)) return CUDA_ERROR_INVALID_HANDLE;
     Event* e = (Event*)ev;
+    if (e->captured && e->stream && e->stream->cap) {
+        invalidate(e->stream->cap, "cuEventQuery of an event recorded in the capture");
+        return CUDA_ERROR_CAPTURED_EVENT;
+    }
     return (!e->recorded || e->completed) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 
@@ -1137,7 +1292,9 @@ EXPORT CUresult cuLaunchKernel(CUfunction hfunc, unsigned gx, unsigned gy, unsig
                    k->name, smem, f->max_dyn_smem);
     if (k->nparams > 0 && !params)
         return bad(CUDA_ERROR_INVALID_VALUE, "launch of `%s`: kernelParams is NULL for %d parameters", k->name, k->nparams);
+    if (CUresult r = capture_gate(s, k->name, false)) return r;
     Launch l;
+    std::vector<std::pair<uint64_t, std::size_t>> uses;
     l.k = k;
     l.grid = {gx, gy, gz};
     l.block = {bx, by, bz};
@@ -1156,13 +1313,157 @@ EXPORT CUresult cuLaunchKernel(CUfunction hfunc, unsigned gx, unsigned gy, unsig
                 return bad(CUDA_ERROR_INVALID_VALUE,
                            "launch of `%s` (%s): pointer parameter %d = 0x%llx is not device memory: %s", k->name,
                            k->file, i, (unsigned long long)p, describe_address(p).c_str());
+            if (p != 0) uses.emplace_back(p, 0);
         }
         off += k->sizes[i];
     }
     if (options().trace)
         report("launch %s grid (%u,%u,%u) block (%u,%u,%u) smem %u", k->name, gx, gy, gz, bx, by, bz, smem);
     auto lp = std::make_shared<Launch>(std::move(l));
-    enqueue(s, [lp] { run_launch(*lp); }, k->name);
+    enqueue_op(to_stream(s), Op{[lp] { run_launch(*lp); }, k->name, std::move(uses)});
+    return CUDA_SUCCESS;
+}
+
+// ---- stream capture and graphs ---------------------------------------------------------------------
+EXPORT CUresult cuStreamBeginCapture_v2(CUstream s, CUstreamCaptureMode mode) {
+    NEED_CTX();
+    if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuStreamBeginCapture: invalid stream %p", (void*)s);
+    if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+        mode != CU_STREAM_CAPTURE_MODE_RELAXED)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (!s || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD)
+        return bad(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy stream cannot be captured");
+    std::lock_guard<std::recursive_mutex> g(mu);
+    Stream* st = to_stream(s);
+    if (st->cap) return bad(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: stream %p is already capturing", (void*)s);
+    Capture* c = new Capture();
+    c->mode = mode;
+    c->id = next_capture_id++;
+    c->thread = std::this_thread::get_id();
+    c->stream = st;
+    st->cap = c;
+    captures.insert(c);
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuStreamEndCapture(CUstream s, CUgraph* pg) {
+    NEED_CTX();
+    if (!pg) return CUDA_ERROR_INVALID_VALUE;
+    if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuStreamEndCapture: invalid stream %p", (void*)s);
+    std::lock_guard<std::recursive_mutex> g(mu);
+    Stream* st = to_stream(s);
+    Capture* c = st->cap;
+    if (!c) return bad(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture: stream %p is not capturing", (void*)s);
+    if (c->mode != CU_STREAM_CAPTURE_MODE_RELAXED && c->thread != std::this_thread::get_id())
+        return bad(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+                   "cuStreamEndCapture: the capture of stream %p was begun by another thread", (void*)s);
+    st->cap = nullptr;
+    captures.erase(c);
+    std::unique_ptr<Capture> done(c);
+    *pg = nullptr;
+    if (c->invalid) {
+        report("cuStreamEndCapture: the capture was invalidated by %s; no graph", c->why ? c->why : "an earlier error");
+        return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+    }
+    Graph* gr = new Graph{std::move(c->ops)};
+    graphs.insert(gr);
+    *pg = (CUgraph)gr;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* status) {
+    NEED_CTX();
+    if (!status) return CUDA_ERROR_INVALID_VALUE;
+    if (!stream_valid(s)) return CUDA_ERROR_INVALID_HANDLE;
+    std::lock_guard<std::recursive_mutex> g(mu);
+    Stream* st = to_stream(s);
+    if (!st->cap) {
+        bool legacy = false;
+        for (Stream* n : null_streams) legacy |= n == st;
+        if (legacy)
+            for (Capture* c : captures)
+                if (!c->stream->nonblocking && c->stream->device == st->device) return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+        *status = CU_STREAM_CAPTURE_STATUS_NONE;
+    } else {
+        *status = st->cap->invalid ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    }
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuStreamGetCaptureInfo(CUstream s, CUstreamCaptureStatus* status, cuuint64_t* id, CUgraph* graph,
+                                       const CUgraphNode** deps, const CUgraphEdgeData** edges, size_t* ndeps) {
+    CUresult r = cuStreamIsCapturing(s, status);
+    if (r != CUDA_SUCCESS) return r;
+    std::lock_guard<std::recursive_mutex> g(mu);
+    Stream* st = to_stream(s);
+    if (id) *id = st->cap ? st->cap->id : 0;
+    if (graph) *graph = nullptr;  // the graph under construction is not exposed
+    if (deps) *deps = nullptr;
+    if (edges) *edges = nullptr;
+    if (ndeps) *ndeps = 0;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec* pe, CUgraph graph, unsigned long long flags) {
+    NEED_CTX();
+    if (!pe) return CUDA_ERROR_INVALID_VALUE;
+    (void)flags;  // auto-free, upload, device launch and priority change nothing here
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (!graphs.count((Graph*)graph)) return bad(CUDA_ERROR_INVALID_VALUE, "cuGraphInstantiate: invalid graph %p", (void*)graph);
+    Graph* e = new Graph{((Graph*)graph)->ops};
+    execs.insert(e);
+    *pe = (CUgraphExec)e;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuGraphUpload(CUgraphExec exec, CUstream s) {
+    NEED_CTX();
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (!execs.count((Graph*)exec)) return CUDA_ERROR_INVALID_HANDLE;
+    return stream_valid(s) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+// Queues the graph's operations in order on `s` (recorded into a capture when `s` captures),
+// after checking that every range they use lies in a live allocation, as a launch checks its
+// pointers: a graph replayed after one of its buffers was freed is refused with the buffer named.
+EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    NEED_CTX();
+    std::vector<Op> ops;
+    {
+        std::lock_guard<std::recursive_mutex> g(mu);
+        if (!execs.count((Graph*)exec)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuGraphLaunch: invalid graph exec %p", (void*)exec);
+        ops = ((Graph*)exec)->ops;
+    }
+    if (!stream_valid(s)) return bad(CUDA_ERROR_INVALID_HANDLE, "cuGraphLaunch: invalid stream %p", (void*)s);
+    if (CUresult r = capture_gate(s, "cuGraphLaunch", false)) return r;
+    for (std::size_t i = 0; i < ops.size(); ++i)
+        for (auto [p, n] : ops[i].uses) {
+            const bool ok = n == 0 ? device_range_ok(p, 0) || device_range_ok(p - 1, 1) : device_range_ok(p, n);
+            if (!ok)
+                return bad(CUDA_ERROR_INVALID_VALUE,
+                           "cuGraphLaunch: node %zu (%s) uses [0x%llx, +%zu), which is not inside one live device "
+                           "allocation: %s",
+                           i, ops[i].what, (unsigned long long)p, n, describe_address(p).c_str());
+        }
+    Stream* st = to_stream(s);
+    for (Op& op : ops) enqueue_op(st, std::move(op));
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    NEED_CTX();
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (!execs.erase((Graph*)exec)) return CUDA_ERROR_INVALID_HANDLE;
+    // Launches already queued hold copies of the operations.
+    delete (Graph*)exec;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuGraphDestroy(CUgraph graph) {
+    NEED_CTX();
+    std::lock_guard<std::recursive_mutex> g(mu);
+    if (!graphs.erase((Graph*)graph)) return CUDA_ERROR_INVALID_HANDLE;
+    delete (Graph*)graph;
     return CUDA_SUCCESS;
 }
 

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/wait.h>
@@ -314,6 +315,176 @@ int main() {
             execl("/proc/self/exe", "/proc/self/exe", "--oom-child", (char*)nullptr);
         });
         result("allocation fails at the memory limit", !ab && has(text, "out of device memory"),
+               text.substr(0, text.find('\n')));
+    }
+    {
+        // Stream capture: the captured work runs only when the graph is launched, each time.
+        CUstream s;
+        cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+        CUdeviceptr d = alloc_floats(64, 0.f);
+        int n = 64;
+        void* args[] = {&d, &n};
+        const CUresult begin = cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        CUstreamCaptureStatus during = CU_STREAM_CAPTURE_STATUS_NONE;
+        cuStreamIsCapturing(s, &during);
+        const CUresult launch = cuLaunchKernel(fn("st_fill"), 1, 1, 1, 64, 1, 1, 0, s, args, nullptr);
+        CUgraph g = nullptr;
+        const CUresult end = cuStreamEndCapture(s, &g);
+        cuStreamSynchronize(s);
+        float before = -1, after = -1;
+        cuMemcpyDtoH(&before, d, 4);
+        CUgraphExec e = nullptr;
+        const CUresult inst = cuGraphInstantiateWithFlags(&e, g, 0);
+        cuMemsetD32Async(d, 0, 64, s);
+        const CUresult l1 = cuGraphLaunch(e, s);
+        cuStreamSynchronize(s);
+        cuMemcpyDtoH(&after, d, 4);
+        cuMemsetD32Async(d, 0, 64, s);
+        cuGraphLaunch(e, s);
+        cuStreamSynchronize(s);
+        float again = -1;
+        cuMemcpyDtoH(&again, d, 4);
+        char det[256];
+        snprintf(det, sizeof det, "begin %d, status %d, launch %d, end %d, instantiate %d, graph launch %d; "
+                 "value before the replay %g, after %g, after a second replay %g",
+                 (int)begin, (int)during, (int)launch, (int)end, (int)inst, (int)l1, before, after, again);
+        result("captured work runs only at each graph launch",
+               begin == 0 && during == CU_STREAM_CAPTURE_STATUS_ACTIVE && launch == 0 && end == 0 && g && inst == 0 &&
+                   l1 == 0 && before == 0.f && after == 3.f && again == 3.f,
+               det);
+        cuGraphExecDestroy(e);
+        cuGraphDestroy(g);
+        cuMemFree(d);
+    }
+    {
+        // Calls a capturing thread may not make: refused with the driver's code, the capture
+        // invalidated (later work on the stream is refused, cuStreamEndCapture gives no graph).
+        CUstream s;
+        cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+        CUdeviceptr d = alloc_floats(64, 0.f);
+        std::vector<float> host(64, 1.f);
+        int n = 64;
+        void* args[] = {&d, &n};
+        std::string det;
+        bool ok = true;
+        struct Case {
+            const char* name;
+            CUresult want;
+        };
+        const Case cases[] = {{"cuStreamSynchronize", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuStreamQuery", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuCtxSynchronize", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuMemcpyHtoDAsync (pageable)", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuMemcpyDtoHAsync (pageable)", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuMemcpyHtoD", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED},
+                              {"cuMemFree", CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED}};
+        for (int c = 0; c < (int)(sizeof cases / sizeof cases[0]); ++c) {
+            CUdeviceptr spare;
+            cuMemAlloc(&spare, 256);
+            cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+            cuLaunchKernel(fn("st_fill"), 1, 1, 1, 64, 1, 1, 0, s, args, nullptr);
+            CUresult r = CUDA_SUCCESS;
+            switch (c) {
+                case 0: r = cuStreamSynchronize(s); break;
+                case 1: r = cuStreamQuery(s); break;
+                case 2: r = cuCtxSynchronize(); break;
+                case 3: r = cuMemcpyHtoDAsync(d, host.data(), 256, s); break;
+                case 4: r = cuMemcpyDtoHAsync(host.data(), d, 256, s); break;
+                case 5: r = cuMemcpyHtoD(d, host.data(), 256); break;
+                case 6: r = cuMemFree(spare); break;
+            }
+            const CUresult later = cuLaunchKernel(fn("st_fill"), 1, 1, 1, 64, 1, 1, 0, s, args, nullptr);
+            CUstreamCaptureStatus st = CU_STREAM_CAPTURE_STATUS_NONE;
+            cuStreamIsCapturing(s, &st);
+            CUgraph g = (CUgraph)1;
+            const CUresult end = cuStreamEndCapture(s, &g);
+            const bool good = r == cases[c].want && later == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED &&
+                              st == CU_STREAM_CAPTURE_STATUS_INVALIDATED &&
+                              end == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED && g == nullptr;
+            ok &= good;
+            char b[200];
+            snprintf(b, sizeof b, "%s%s -> %d (later launch %d, end %d)", det.empty() ? "" : "; ", cases[c].name,
+                     (int)r, (int)later, (int)end);
+            det += b;
+            cuMemFree(spare);
+        }
+        // RELAXED mode permits the unsafe calls; other threads' thread-local captures do not matter.
+        CUdeviceptr spare;
+        cuMemAlloc(&spare, 256);
+        cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_RELAXED);
+        const CUresult relaxed_free = cuMemFree(spare);
+        CUgraph g = nullptr;
+        const CUresult relaxed_end = cuStreamEndCapture(s, &g);
+        cuGraphDestroy(g);
+        det += "; RELAXED cuMemFree -> " + std::to_string((int)relaxed_free) + ", end " + std::to_string((int)relaxed_end);
+        ok &= relaxed_free == CUDA_SUCCESS && relaxed_end == CUDA_SUCCESS;
+        result("illegal calls during capture are refused and invalidate it", ok, det);
+        cuMemFree(d);
+    }
+    {
+        // An event recorded in the capture may not be queried (907); the legacy stream may not
+        // run while a blocking stream of its device captures (906); a THREAD_LOCAL capture
+        // ends only on the thread that began it (908). Each invalidates the capture.
+        CUdeviceptr d = alloc_floats(64, 0.f);
+        int n = 64;
+        void* args[] = {&d, &n};
+        CUstream s;
+        cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+        CUevent ev;
+        cuEventCreate(&ev, CU_EVENT_DISABLE_TIMING);
+        cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        cuEventRecord(ev, s);
+        const CUresult query = cuEventQuery(ev);
+        CUgraph g = nullptr;
+        const CUresult end1 = cuStreamEndCapture(s, &g);
+        CUstream blocking;
+        cuStreamCreate(&blocking, 0);
+        cuStreamBeginCapture_v2(blocking, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        const CUresult legacy = cuLaunchKernel(fn("st_fill"), 1, 1, 1, 64, 1, 1, 0, nullptr, args, nullptr);
+        const CUresult end2 = cuStreamEndCapture(blocking, &g);
+        cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        CUresult other = CUDA_SUCCESS;
+        std::thread t([&] {
+            cuCtxSetCurrent(ctx);
+            CUgraph g2 = nullptr;
+            other = cuStreamEndCapture(s, &g2);
+        });
+        t.join();
+        const CUresult end3 = cuStreamEndCapture(s, &g);
+        cuGraphDestroy(g);
+        cuCtxSynchronize();
+        char det[256];
+        snprintf(det, sizeof det,
+                 "event query %d (end %d), legacy-stream launch %d (end %d), end from another thread %d (own "
+                 "thread %d)",
+                 (int)query, (int)end1, (int)legacy, (int)end2, (int)other, (int)end3);
+        result("captured events, the legacy stream and other threads are refused as the driver does",
+               query == CUDA_ERROR_CAPTURED_EVENT && end1 == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED &&
+                   legacy == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT && end2 == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED &&
+                   other == CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD && end3 == CUDA_SUCCESS,
+               det);
+        cuMemFree(d);
+    }
+    {
+        // A graph whose buffer was freed is refused at launch, naming the freed allocation.
+        auto [ab, text] = in_child([] {
+            CUstream s;
+            cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+            CUdeviceptr d = alloc_floats(16, 0.f);
+            int n = 16;
+            void* args[] = {&d, &n};
+            cuStreamBeginCapture_v2(s, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+            cuLaunchKernel(fn("st_fill"), 1, 1, 1, 16, 1, 1, 0, s, args, nullptr);
+            CUgraph g = nullptr;
+            cuStreamEndCapture(s, &g);
+            CUgraphExec e = nullptr;
+            cuGraphInstantiateWithFlags(&e, g, 0);
+            cuMemFree(d);
+            const CUresult r = cuGraphLaunch(e, s);
+            fprintf(stderr, "graph launch %d\n", (int)r);
+            _exit(r == CUDA_ERROR_INVALID_VALUE ? 3 : 0);
+        });
+        result("a graph launch using freed memory is refused", ab && has(text, "FREED") && has(text, "graph launch 1"),
                text.substr(0, text.find('\n')));
     }
     printf("%d passed, %d failed\n", passed, failed);

@@ -11,10 +11,12 @@
 //! Each method below is one call into `ops::<op>`, the launchers of `kernels/<op>.cu`.
 
 mod comm;
+mod graph;
 mod ops;
 mod runtime;
 
 pub use comm::{nccl_available, nccl_group, NcclRank};
+pub use graph::CudaGraph;
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::size_class;
 pub use runtime::{
@@ -188,6 +190,25 @@ impl Backend for Cuda {
     fn release_cached(&self) -> Result<()> {
         self.gpu.bind()?;
         self.trim()
+    }
+
+    fn write_u32(&self, dst: &mut Self::I, data: &[u32]) -> Result<()> {
+        ops::memory::write(self, dst, data, "write_u32")
+    }
+    fn copy_u32_at(&self, src: &Self::I, off: usize, dst: &mut Self::I, n: usize) -> Result<()> {
+        ops::memory::copy_at(self, src, off, dst, n, "copy_u32_at")
+    }
+    fn capture_begin(&self, share: Option<&dyn crate::backend::ReplayGraph>) -> Result<bool> {
+        let share = match share {
+            None => None,
+            Some(g) => Some(g.as_any().downcast_ref::<CudaGraph>().ok_or_else(|| {
+                crate::Error::Invalid("capture_begin: `share` is not a CUDA graph".into())
+            })?),
+        };
+        self.gpu.begin_capture(share).map(|_| true)
+    }
+    fn capture_end(&self) -> Result<Box<dyn crate::backend::ReplayGraph>> {
+        Ok(Box::new(self.gpu.end_capture()?))
     }
 
     fn add_inplace(&self, a: &mut Self::T, b: &Self::T, n: usize) -> Result<()> {

@@ -86,6 +86,8 @@ pub struct Pool {
     /// a buffer's end reaches the end of its allocation, where a memory checker (the virtual
     /// GPU's guard pages or AddressSanitizer build, compute-sanitizer on a GPU) reports it.
     exact: bool,
+    /// CUDA graphs' private arenas (`graph.rs`).
+    pub(super) arenas: Mutex<super::graph::ArenaState>,
 }
 
 /// Counters of the caching allocator.
@@ -147,6 +149,9 @@ pub fn size_class(bytes: usize) -> usize {
 
 impl Pool {
     fn alloc_bytes(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
+        if let Some(got) = self.arena_alloc(bytes)? {
+            return Ok(got);
+        }
         let class = if self.exact {
             bytes.max(1)
         } else {
@@ -200,6 +205,29 @@ impl Pool {
             s.bytes_in_use -= class as u64;
             s.bytes_requested -= bytes as u64;
         }
+        if self.arena_release(ptr, class) {
+            return;
+        }
+        self.give_back(ptr, class);
+    }
+
+    /// The context and compute stream the pool's buffers are ordered by.
+    pub(super) fn ctx(&self) -> sys::CUcontext {
+        self.ctx
+    }
+    pub(super) fn stream(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    /// Counts a block handed out (`from_driver`: a new driver allocation).
+    pub(super) fn count_took(&self, class: usize, bytes: usize, from_driver: bool) {
+        if let Ok(mut s) = self.stats.lock() {
+            s.took(class as u64, bytes as u64, from_driver);
+        }
+    }
+
+    /// An unused block back to its free list (exact mode: to the driver).
+    pub(super) fn give_back(&self, ptr: sys::CUdeviceptr, class: usize) {
         if self.exact {
             // cuMemFree waits for the work that may still use the buffer.
             unsafe {
@@ -508,6 +536,9 @@ pub struct Gpu {
     pub(crate) pool: Arc<Pool>,
     pub(crate) err_flag: CudaBuf<u32>,
     pub(crate) sync_each: bool,
+    /// The compute stream is being captured into a graph (`graph.rs`): no synchronisation
+    /// after each op then (the driver forbids it during capture).
+    pub(crate) capturing: std::sync::atomic::AtomicBool,
     pub name: String,
     pub cc: (i32, i32),
     /// The device's index among the visible devices.
@@ -640,6 +671,7 @@ impl Gpu {
             free: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(PoolStats::default()),
             exact: std::env::var("TOOLN1_CUDA_POOL").is_ok_and(|v| v == "exact"),
+            arenas: Default::default(),
         });
         let handle =
             cudarc::cublas::result::create_handle().map_err(|e| blas("cublasCreate", e))?;
@@ -701,6 +733,7 @@ impl Gpu {
             pool,
             err_flag,
             sync_each,
+            capturing: Default::default(),
             name,
             cc,
             ordinal,
@@ -916,7 +949,7 @@ impl Gpu {
                 e,
             )
         })?;
-        if self.sync_each {
+        if self.sync_each && !self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
             self.sync()
                 .map_err(|e| Error::Cuda(format!("after `{name}`: {e}")))?;
         }
@@ -994,7 +1027,7 @@ impl Gpu {
         }
         .map_err(|e| blas("cublasGemmEx", e))?;
         drop(h);
-        if self.sync_each {
+        if self.sync_each && !self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
             self.sync()
                 .map_err(|e| Error::Cuda(format!("after cublasGemmEx: {e}")))?;
         }

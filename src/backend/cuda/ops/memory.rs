@@ -105,3 +105,59 @@ pub(crate) fn copy_rows<E: Elem>(c: &Cuda, t: &mut CudaBuf<E>, rc: RowCopy) -> R
         rc.n * rc.width * E::SIZE,
     )
 }
+
+/// dst[..data.len()] = data in place (the buffer keeps its address: a graph's input).
+pub(crate) fn write<E: Elem, H: Copy>(
+    c: &Cuda,
+    dst: &mut CudaBuf<E>,
+    data: &[H],
+    op: &'static str,
+) -> Result<()> {
+    debug_assert_eq!(std::mem::size_of::<H>(), E::SIZE);
+    if data.len() > dst.len() {
+        return Err(check::arg_error(
+            op,
+            "data",
+            format!("at most dst's {} elements", dst.len()),
+            data.len(),
+        ));
+    }
+    if data.is_empty() {
+        return Ok(());
+    }
+    c.gpu.bind()?;
+    unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr(), data, c.gpu.stream) }
+        .map_err(|e| super::super::runtime::drv("cuMemcpyHtoDAsync", e))
+}
+
+/// dst[..n] = src[off..off + n] (one device-to-device copy).
+pub(crate) fn copy_at<E: Elem>(
+    c: &Cuda,
+    src: &CudaBuf<E>,
+    off: usize,
+    dst: &mut CudaBuf<E>,
+    n: usize,
+    op: &'static str,
+) -> Result<()> {
+    if off.checked_add(n).is_none_or(|e| e > src.len()) {
+        return Err(check::arg_error(
+            op,
+            "off + n",
+            format!("at most src's {} elements", src.len()),
+            format!("{off} + {n}"),
+        ));
+    }
+    if n > dst.len() {
+        return Err(check::arg_error(
+            op,
+            "n",
+            format!("at most dst's {} elements", dst.len()),
+            n,
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    c.gpu.bind()?;
+    c.gpu.dtod(src.at(off), dst.ptr(), n * E::SIZE)
+}
