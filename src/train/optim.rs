@@ -58,8 +58,9 @@ pub struct HostState {
     /// (true), or waits for each group's download and upload before going on (false: the
     /// synchronous schedule, same values).
     pub pipelined: bool,
-    /// Free staging buffers, each of the largest group's values.
+    /// Free staging buffers, each of `stage_len` values (the largest group's).
     stages: Vec<HostF32>,
+    stage_len: usize,
     /// The last update's uploads, ordered before later compute-stream work; waited for before
     /// their staging buffers are used again.
     inflight: Vec<HostCopy>,
@@ -81,16 +82,14 @@ impl HostState {
     }
 
     /// A free staging buffer: the oldest in-flight upload's, after waiting for it, when none is
-    /// free.
-    fn stage(&mut self, uploads: &mut VecDeque<HostCopy>) -> Result<HostF32> {
+    /// free (a new one only if an earlier update stopped on an error with buffers in flight).
+    fn stage<B: Backend>(&mut self, b: &B, uploads: &mut VecDeque<HostCopy>) -> Result<HostF32> {
         if let Some(s) = self.stages.pop() {
             return Ok(s);
         }
         match uploads.pop_front() {
             Some(u) => u.wait(),
-            None => Err(Error::Invalid(
-                "host optimizer: no staging buffer free and no upload in flight".into(),
-            )),
+            None => b.host_f32(self.stage_len),
         }
     }
 }
@@ -180,6 +179,7 @@ impl<B: Backend> AdamW<B> {
                     groups,
                     pipelined: true,
                     stages,
+                    stage_len: largest,
                     inflight: Vec::new(),
                 }),
                 shards: None,
@@ -635,7 +635,7 @@ where
         host.is_empty(),
         "host optimizer: a group mixes device and host gradients"
     );
-    let stage = h.stage(uploads)?;
+    let stage = h.stage(b, uploads)?;
     Ok(GroupGrads::Download(b.download_f32_async(&dev, stage)?))
 }
 
@@ -699,7 +699,7 @@ where
             h.stages.push(s);
         }
         let stage = match has_master {
-            true => Some(h.stage(&mut uploads)?),
+            true => Some(h.stage(b, &mut uploads)?),
             false => None,
         };
         let mut up = None;
