@@ -914,18 +914,26 @@ impl Gpu {
             }
         };
         if !full.is_empty() {
-            unsafe { dr::stream::synchronize(self.stream) }
-                .map_err(|e| drv("cuStreamSynchronize", e))?;
-            drop(full);
+            let r = unsafe { dr::stream::synchronize(self.stream) };
+            if r.is_err() {
+                // As in `sync`: leaked rather than freed under copies that may not have run.
+                std::mem::forget(full);
+            }
+            r.map_err(|e| drv("cuStreamSynchronize", e))?;
         }
         Ok(b)
     }
 
-    /// Drops the kept upload sources (the compute stream has run past their copies).
-    fn release_kept(&self) {
-        if let Ok(mut k) = self.kept.lock() {
-            k.0.clear();
-            k.1 = 0;
+    /// The kept upload sources, taken out before a stream synchronisation (their copies were
+    /// queued before this call, so the synchronisation covers them; a source kept by another
+    /// thread meanwhile stays) and dropped after it.
+    fn take_kept(&self) -> Vec<Box<dyn std::any::Any + Send>> {
+        match self.kept.lock() {
+            Ok(mut k) => {
+                k.1 = 0;
+                std::mem::take(&mut k.0)
+            }
+            Err(_) => Vec::new(),
         }
     }
 
@@ -1009,9 +1017,16 @@ impl Gpu {
 
     /// Waits for the stream, then reports any device-side error flag (and clears it).
     pub fn sync(&self) -> Result<()> {
-        unsafe { dr::stream::synchronize(self.stream) }
-            .map_err(|e| drv("kernel execution (cuStreamSynchronize)", e))?;
-        self.release_kept();
+        let kept = self.take_kept();
+        let r = unsafe { dr::stream::synchronize(self.stream) };
+        if r.is_ok() {
+            drop(kept);
+        } else {
+            // The copies are not known to have run (the context is unusable after a failed
+            // synchronisation): their sources are leaked rather than freed under them.
+            std::mem::forget(kept);
+        }
+        r.map_err(|e| drv("kernel execution (cuStreamSynchronize)", e))?;
         let mut flag = [0u32; 1];
         unsafe { dr::memcpy_dtoh_async(&mut flag[..], self.err_flag.ptr, self.stream) }
             .map_err(|e| drv("cuMemcpyDtoHAsync", e))?;
