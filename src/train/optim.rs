@@ -6,9 +6,10 @@
 //! device kernel's math) as a pipeline over the backward's parameter groups (the decoder
 //! layers, the embedding, the head: `model::grad_sink::close_order`). With the clip scale known
 //! from the global norm, group i + 1's f32 gradients download into a page-locked staging buffer
-//! on the copy stream (after the compute stream's work, by an event) while the host updates
-//! group i, and group i - 1's new weights (rounded to bf16 on CUDA, to nearest even as the
-//! kernel does) upload from another staging buffer on the copy stream; a staging buffer is
+//! on the device-to-host copy stream (after the compute stream's work, by an event) while the
+//! host updates group i, and group i - 1's new weights (rounded to bf16 on CUDA, to nearest
+//! even as the kernel does) upload from another staging buffer on the host-to-device copy
+//! stream (one update takes at most [`HOST_STAGES`] buffers of the largest group); a staging buffer is
 //! reused only after its copy completed (`Backend::download_f32_async`,
 //! `Backend::upload_async`, [`crate::backend::HostCopy`]). The last uploads are ordered before
 //! the next step's work on the compute stream by their events. The CPU backend runs the same
