@@ -567,6 +567,50 @@ fn model_benches<B: Backend + Clone>(
         trim();
     }
 
+    // host_optimizer_step: the same update with `memory.optimizer = "host"` (state in
+    // Backend::host_f32 memory), pipelined over the parameter groups and synchronous, timed
+    // by the wall clock (the update runs on the host).
+    if fits("host_optimizer_step", fit.optimizer) {
+        let mut run = || -> tooln1::Result<()> {
+            let grads = model
+                .layout
+                .specs
+                .iter()
+                .map(|s| b.upload_f32(&rng.floats(s.numel(), 1e-3)))
+                .collect::<tooln1::Result<Vec<_>>>()?;
+            let n = n_params;
+            for (schedule, pipelined) in [("pipelined", true), ("synchronous", false)] {
+                let mut opt = AdamW::placed(b, &model, OptimConfig::default(), true)?;
+                if let Some(h) = opt.host.as_mut() {
+                    h.pipelined = pipelined;
+                }
+                let pinned = opt.host.as_ref().is_some_and(|h| h.m[0].pinned());
+                let row = Row {
+                    name: "host_optimizer_step",
+                    shape: serde_json::json!({"model": md, "schedule": schedule}),
+                    flops: 16.0 * n as f64,
+                    // gradient download (f32) and weight upload (bf16 or f32) over the link,
+                    // host m, v, master r/w.
+                    bytes: n as f64 * (4.0 + wbytes / n as f64 + 24.0),
+                    tokens: 0,
+                    note: format!(
+                        "{n} parameters, {schedule}, {} host memory",
+                        if pinned { "page-locked" } else { "pageable" }
+                    ),
+                };
+                let id = format!("host_optimizer_step_{schedule}");
+                timed(c, Clock::Wall, device, group, &id, row, || {
+                    opt.step(b, &mut model, &grads, 1_000_000).map(|_| ())
+                });
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            println!("{group}/host_optimizer_step: failed to set up: {e}");
+        }
+        trim();
+    }
+
     // grpo_step: one Trainer::step on random prompts with a random reward.
     if fits("grpo_step", fit.grpo_step) {
         let mut run = || -> tooln1::Result<()> {

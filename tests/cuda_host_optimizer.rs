@@ -2,7 +2,8 @@
 //! the op on random inputs (bf16 parameters, f32 master, odd sizes; `TOOLN1_TEST_SEED`
 //! replays), SFT training and GRPO training (3 steps straight against 2 steps, a checkpoint
 //! and a resume with the host state) with `memory.optimizer = "host"` against `"device"`,
-//! weights and state compared bit for bit.
+//! weights and state compared bit for bit (the pipelined host update and the synchronous one);
+//! the asynchronous copies through page-locked buffers against the synchronous ones.
 //!
 //! The virtual GPU builds the kernel without fused multiply-adds, like the host code, so there
 //! the two agree bit for bit. On a real GPU nvcc contracts multiply-adds (see
@@ -135,7 +136,7 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
             prompt_len: 2 + i,
         })
         .collect();
-    let run = |place: Place| {
+    let run = |place: Place, pipelined: bool| {
         let c = gpu().unwrap();
         let mut sc = SftConfig {
             batch_size: 2,
@@ -149,6 +150,11 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
         let model = Model::from_host(&c, cfg.clone(), &host).unwrap();
         let mut t = SftTrainer::new(c, model, items.clone(), sc).unwrap();
         t.quiet = true;
+        if let Some(h) = t.opt.host.as_mut() {
+            // Page-locked state and staging on the virtual GPU, so the copies are asynchronous.
+            assert!(h.m[0].pinned() && h.master.as_ref().unwrap()[0].pinned());
+            h.pipelined = pipelined;
+        }
         t.run(None).unwrap();
         let w = t.model.to_host(&t.b).unwrap();
         let specs = t.model.layout.specs.clone();
@@ -160,16 +166,110 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
         }
         (w, state)
     };
-    let (wd, sd) = run(Place::Device);
-    let (wh, sh) = run(Place::Host);
+    let (wd, sd) = run(Place::Device, true);
     assert_ne!(wd, host);
     let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
         x.iter()
             .map(|t| t.iter().map(|v| v.to_bits()).collect())
             .collect()
     };
-    assert_eq!(bits(&wd), bits(&wh), "bf16 weights");
-    assert_eq!(bits(&sd), bits(&sh), "optimizer state");
+    for pipelined in [true, false] {
+        let (wh, sh) = run(Place::Host, pipelined);
+        assert_eq!(bits(&wd), bits(&wh), "bf16 weights, pipelined {pipelined}");
+        assert_eq!(
+            bits(&sd),
+            bits(&sh),
+            "optimizer state, pipelined {pipelined}"
+        );
+    }
+}
+
+/// `download_f32_async` and `upload_async` through page-locked buffers against the synchronous
+/// copies: odd sizes, several tensors per copy, destinations poisoned with NaN, a device write
+/// queued just before the download (which must see it), a staging buffer reused after its copy,
+/// and too-small host buffers as errors.
+#[test]
+fn async_copies_through_page_locked_buffers_match_the_synchronous_ones() {
+    let Some(c) = gpu() else { return };
+    let mut r = seed("cuda_host_optimizer async copies");
+    let sizes = [1usize, 257, 4099, 3];
+    let total: usize = sizes.iter().sum();
+    let vals: Vec<Vec<f32>> = sizes.iter().map(|&n| randv(&mut r, n, 3.0)).collect();
+    let mut dev: Vec<_> = vals.iter().map(|v| c.upload_f32(v).unwrap()).collect();
+    // Queued on the compute stream just before the download: the download sees it.
+    c.fill_f32(&mut dev[1], sizes[1], 0.75).unwrap();
+    let mut dst = c.host_f32(total + 5).unwrap();
+    if virtual_gpu(&c) {
+        assert!(dst.pinned(), "page-locked host buffer");
+    }
+    dst.iter_mut().for_each(|x| *x = f32::NAN);
+    let src: Vec<_> = dev.iter().zip(&sizes).map(|(t, &n)| (t, n)).collect();
+    let got = c.download_f32_async(&src, dst).unwrap().wait().unwrap();
+    let mut at = 0;
+    for (t, &n) in dev.iter().zip(&sizes) {
+        let want = c.download_f32(t, n).unwrap();
+        assert_eq!(
+            got[at..at + n]
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "download of {n} values at {at}"
+        );
+        at += n;
+    }
+    assert!(
+        got[total..].iter().all(|x| x.is_nan()),
+        "past the copied values"
+    );
+    assert!(c
+        .download_f32_async(&src, c.host_f32(total - 1).unwrap())
+        .is_err());
+
+    let mut stage = c.host_f32(total).unwrap();
+    stage.iter_mut().for_each(|x| *x = f32::NAN);
+    let slices: Vec<&[f32]> = vals.iter().map(|v| &v[..]).collect();
+    let (ts, mut copy) = c.upload_async(&slices, stage).unwrap();
+    copy.order().unwrap();
+    let want: Vec<Vec<u32>> = vals
+        .iter()
+        .map(|v| {
+            let t = c.upload(v).unwrap();
+            c.download(&t, v.len())
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        })
+        .collect();
+    let down = |ts: &[<Cuda as Backend>::T]| -> Vec<Vec<u32>> {
+        ts.iter()
+            .zip(&sizes)
+            .map(|(t, &n)| {
+                c.download(t, n)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(down(&ts), want, "bf16 uploads");
+    // The staging buffer back after its copy, reused: the first tensors keep their values.
+    let stage = copy.wait().unwrap();
+    let other: Vec<Vec<f32>> = sizes.iter().map(|&n| randv(&mut r, n, 1.0)).collect();
+    let slices2: Vec<&[f32]> = other.iter().map(|v| &v[..]).collect();
+    let (ts2, copy2) = c.upload_async(&slices2, stage).unwrap();
+    drop(copy2.wait().unwrap());
+    assert_eq!(
+        down(&ts),
+        want,
+        "bf16 uploads after the staging buffer was reused"
+    );
+    assert_ne!(down(&ts2), want);
+    assert!(c
+        .upload_async(&slices, c.host_f32(total - 1).unwrap())
+        .is_err());
 }
 
 #[test]

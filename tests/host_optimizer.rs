@@ -274,7 +274,7 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
             }
         })
         .collect();
-    let run = |place: Place| {
+    let run = |place: Place, pipelined: bool| {
         let mut c = SftConfig {
             batch_size: 2,
             micro_batch_tokens: 16,
@@ -286,11 +286,25 @@ fn sft_with_the_optimizer_on_the_host_matches_the_device_optimizer() {
         let model = Model::from_host(&Cpu, cfg.clone(), &host).unwrap();
         let mut t = SftTrainer::new(Cpu, model, items.clone(), c).unwrap();
         t.quiet = true;
+        if let Some(h) = t.opt.host.as_mut() {
+            // Plain memory on the CPU backend.
+            assert!(!h.m[0].pinned());
+            h.pipelined = pipelined;
+        }
         t.run(None).unwrap();
         assert_eq!(t.opt.on_host(), place == Place::Host);
         t.model.to_host(&Cpu).unwrap()
     };
-    let d = run(Place::Device);
+    let d = run(Place::Device, true);
     assert_ne!(d, host);
-    same(&d, &run(Place::Host), "SFT weights");
+    same(
+        &d,
+        &run(Place::Host, true),
+        "SFT weights, pipelined host update",
+    );
+    same(
+        &d,
+        &run(Place::Host, false),
+        "SFT weights, synchronous host update",
+    );
 }

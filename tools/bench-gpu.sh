@@ -2,6 +2,9 @@
 # Runs the whole performance comparison on a GPU machine, from the repository root:
 #   1. every tooln1 bench binary in .gpu/bin/bench-* (criterion, with --bench); they append one
 #      JSON line per measurement to $TOOLN1_BENCH_JSONL (contract: tools/bench_report.py);
+#      bench-step's host_optimizer_step rows time the host-offloaded optimizer's update
+#      (`memory.optimizer = "host"`) pipelined over the parameter groups against the
+#      synchronous schedule, per model size;
 #   2. tools/torch_baselines.py on the same GPU, with whatever time is left of the budget;
 #   3. tools/bench_report.py, writing performance.md from both.
 #

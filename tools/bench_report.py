@@ -46,6 +46,7 @@ appears several times the last line wins. The names and shape keys:
     policy_fwd_bwd                     model, batch, seq
     logprob_loss                       model, tokens, hidden, vocab  (lm_head+logprobs+loss fwd+bwd)
     optimizer_step                     model
+    host_optimizer_step                model, schedule   (pipelined | synchronous; host state)
     grpo_step                          model, prompts, group, prompt_len, response_len
                                        (tokens = prompts * group * (prompt_len + response_len))
 
@@ -75,7 +76,8 @@ import shlex
 import sys
 import tempfile
 
-WHOLE_STEP = ["decode", "policy_fwd_bwd", "logprob_loss", "optimizer_step", "grpo_step"]
+WHOLE_STEP = ["decode", "policy_fwd_bwd", "logprob_loss", "optimizer_step",
+              "host_optimizer_step", "grpo_step"]
 KERNEL_ORDER = ["rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "swiglu_fwd",
                 "swiglu_bwd", "linear_fwd", "linear_bwd", "attention_fwd", "attention_bwd",
                 "attention_decode", "logprobs_fwd", "logprobs_bwd", "grpo_loss", "grpo_loss_fwd",

@@ -45,8 +45,6 @@ impl DType {
     }
 }
 
-/// Little-endian tensor bytes of `dtype` as f32 values (the one decoding of checkpoint bytes:
-/// safetensors reading and both backends' `upload_raw`).
 /// Host bytes kept for repeated uploads (a streamed model's layers), page-locked where the
 /// backend can ([`Backend::host_buffer`]) so that a copy from them runs beside queued work.
 pub trait HostMem: Send + Sync {
@@ -93,6 +91,135 @@ impl Drop for PendingUpload {
     }
 }
 
+/// Host f32 storage ([`Backend::host_f32`]): page-locked where the backend can, so that
+/// [`Backend::download_f32_async`] and [`Backend::upload_async`] copies to and from it run on a
+/// copy stream beside queued work; plain memory otherwise.
+pub trait HostF32Mem: Send + Sync {
+    fn as_slice(&self) -> &[f32];
+    fn as_mut_slice(&mut self) -> &mut [f32];
+    /// Whether the memory is page-locked (pinned) for the backend's copies.
+    fn pinned(&self) -> bool;
+}
+
+impl HostF32Mem for Vec<f32> {
+    fn as_slice(&self) -> &[f32] {
+        self
+    }
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        self
+    }
+    fn pinned(&self) -> bool {
+        false
+    }
+}
+
+/// A buffer of host f32 values from [`Backend::host_f32`] (zeros when made).
+pub struct HostF32(Box<dyn HostF32Mem>);
+
+impl HostF32 {
+    pub fn new(mem: Box<dyn HostF32Mem>) -> Self {
+        HostF32(mem)
+    }
+    /// Plain (pageable) memory holding `data`.
+    pub fn pageable(data: Vec<f32>) -> Self {
+        HostF32(Box::new(data))
+    }
+    pub fn pinned(&self) -> bool {
+        self.0.pinned()
+    }
+}
+
+impl std::ops::Deref for HostF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        self.0.as_slice()
+    }
+}
+
+impl std::ops::DerefMut for HostF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        self.0.as_mut_slice()
+    }
+}
+
+/// The completion of a queued copy ([`HostCopy`]).
+pub trait CopyDone: Send {
+    /// Work queued on the backend's compute stream from now on runs after the copy (the host
+    /// does not wait).
+    fn order(&mut self) -> Result<()>;
+    /// Blocks the host until the copy has completed.
+    fn wait(self: Box<Self>) -> Result<()>;
+}
+
+/// A copy started by [`Backend::download_f32_async`] or [`Backend::upload_async`]; it owns the
+/// host buffer the copy reads or writes, and gives it back only once the copy has completed
+/// ([`HostCopy::wait`]), so the buffer is never read, reused or freed while the copy is queued.
+/// Dropping it waits too.
+pub struct HostCopy {
+    host: Option<HostF32>,
+    done: Option<Box<dyn CopyDone>>,
+}
+
+impl HostCopy {
+    /// A copy that has completed already.
+    pub fn done(host: HostF32) -> Self {
+        HostCopy {
+            host: Some(host),
+            done: None,
+        }
+    }
+    /// A queued copy of `host` whose completion is `done`.
+    pub fn queued(host: HostF32, done: Box<dyn CopyDone>) -> Self {
+        HostCopy {
+            host: Some(host),
+            done: Some(done),
+        }
+    }
+    /// Orders the copy before work queued on the compute stream from now on, without waiting.
+    pub fn order(&mut self) -> Result<()> {
+        match &mut self.done {
+            Some(d) => d.order(),
+            None => Ok(()),
+        }
+    }
+    /// Waits for the copy, then gives the host buffer back (a download's values are in it).
+    pub fn wait(mut self) -> Result<HostF32> {
+        if let Some(d) = self.done.take() {
+            d.wait()?;
+        }
+        self.host
+            .take()
+            .ok_or_else(|| crate::Error::Invalid("HostCopy: buffer already taken".into()))
+    }
+}
+
+impl Drop for HostCopy {
+    fn drop(&mut self) {
+        // The copy completes before its buffer is freed (fields drop after this).
+        if let Some(d) = self.done.take() {
+            let _ = d.wait();
+        }
+    }
+}
+
+/// The sum of `lens`, checked against a host buffer of `have` values (`op` names the op).
+pub fn host_copy_len(
+    op: &str,
+    mut lens: impl Iterator<Item = usize>,
+    have: usize,
+) -> Result<usize> {
+    let total = lens
+        .try_fold(0usize, |a, n| a.checked_add(n))
+        .ok_or_else(|| crate::Error::Invalid(format!("{op}: the total length overflows")))?;
+    crate::ensure!(
+        total <= have,
+        "{op}: {total} values for a host buffer of {have}"
+    );
+    Ok(total)
+}
+
+/// Little-endian tensor bytes of `dtype` as f32 values (the one decoding of checkpoint bytes:
+/// safetensors reading and both backends' `upload_raw`).
 pub fn bytes_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     match dtype {
         DType::F32 => bytes
@@ -659,6 +786,41 @@ pub trait Backend {
             "capture_end: the {} backend has no graphs",
             self.name()
         )))
+    }
+    // ------------------------------------------ asynchronous copies through host f32 buffers
+    /// `n` zeros in host f32 memory: page-locked where the backend can (CUDA, when the driver
+    /// grants it; else, said once on stderr, pageable memory with synchronous copies), plain
+    /// memory on the CPU backend.
+    fn host_f32(&self, n: usize) -> Result<HostF32> {
+        Ok(HostF32::pageable(vec![0.0; n]))
+    }
+    /// The first `n` values of each `(tensor, n)` of `src`, one after another from `dst[0]`,
+    /// possibly asynchronous: the copies run after the work queued so far (CUDA: into
+    /// page-locked `dst`, on a copy stream that first waits for an event of the compute stream)
+    /// and the values are in the buffer [`HostCopy::wait`] returns. Errors when `dst` holds
+    /// fewer values than the sum of the `n`s or a tensor fewer than its `n`. Synchronous by
+    /// default.
+    fn download_f32_async(&self, src: &[(&Self::F, usize)], mut dst: HostF32) -> Result<HostCopy> {
+        let total = host_copy_len("download_f32_async", src.iter().map(|s| s.1), dst.len())?;
+        let mut at = 0;
+        for &(t, n) in src {
+            let v = self.download_f32(t, n)?;
+            dst[at..at + n].copy_from_slice(&v);
+            at += n;
+        }
+        debug_assert_eq!(at, total);
+        Ok(HostCopy::done(dst))
+    }
+    /// [`Backend::upload`] of each slice of `src` through the host buffer `stage` (at least the
+    /// sum of their lengths in values; the backend writes its device format of `src` into it:
+    /// bf16 bits on CUDA), possibly asynchronous: the copies run after the work queued so far
+    /// (CUDA: from page-locked `stage`, on the copy stream) and the tensors may be used only by
+    /// work queued after the returned copy's [`HostCopy::order`] or [`HostCopy::wait`]; `wait`
+    /// gives `stage` back. Synchronous by default.
+    fn upload_async(&self, src: &[&[f32]], stage: HostF32) -> Result<(Vec<Self::T>, HostCopy)> {
+        host_copy_len("upload_async", src.iter().map(|s| s.len()), stage.len())?;
+        let ts = src.iter().map(|s| self.upload(s)).collect::<Result<_>>()?;
+        Ok((ts, HostCopy::done(stage)))
     }
 
     // ---------------------------------------------------------------- elementwise

@@ -1,6 +1,7 @@
 //! Memory planner of a training run on one GPU: where the f32 optimizer state (master copy and
 //! AdamW moments), the f32 gradients and the frozen reference model live (device or host
-//! memory; the optimizer state and gradients are ordinary pageable memory, the streamed
+//! memory; a host optimizer state and its staging buffers page-locked on CUDA
+//! (`train::optim::HostState`), host gradients ordinary pageable memory, the streamed
 //! reference's layers page-locked on CUDA),
 //! and how many rollout slots, paged KV-cache blocks and tokens per micro-batch fit beside
 //! them.
@@ -260,6 +261,11 @@ struct ModelSizes {
     /// pool's size classes: the largest group of the backward (`model::grad_sink`), plus the
     /// embedding, which stays open through the layers when it is tied to the lm_head.
     grad_groups: u64,
+    /// Elements of the largest group of the backward (`model::grad_sink::close_order`), the
+    /// unit of the host optimizer's pipeline.
+    largest_group: u64,
+    /// Device bytes of the largest group's bf16 weights at the pool's size classes.
+    group_bf16: u64,
     /// bf16 KV-cache bytes of one token, all layers.
     kv_per_token: u64,
     vocab: u64,
@@ -306,8 +312,32 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             })
             .collect::<Vec<_>>())
     };
+    let groups = crate::model::grad_sink::close_order(&layout);
+    let group_sum = |elem: u64, pooled: bool| {
+        groups
+            .iter()
+            .map(|g| {
+                add(&g
+                    .clone()
+                    .map(|i| {
+                        let bytes = mul(&[numel(i), elem]);
+                        if !pooled {
+                            return bytes;
+                        }
+                        usize::try_from(bytes)
+                            .ok()
+                            .filter(|&b| b <= usize::MAX / 2)
+                            .map_or(u64::MAX, |b| to64(size_class(b)))
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .max()
+            .unwrap_or(0)
+    };
     ModelSizes {
         params,
+        largest_group: group_sum(1, false),
+        group_bf16: group_sum(2, true),
         pooled_bf16: pooled(2),
         pooled_f32: pooled(4),
         layer_params,
@@ -594,12 +624,21 @@ fn build(
         );
     }
     if opt == Where::Host {
-        // The host update uploads each tensor's new bf16 weights into a fresh buffer before the
-        // old one is freed: one tensor's bf16 bytes on top.
+        // The host update uploads a group's new bf16 weights into fresh buffers before the
+        // group's old ones are freed: the largest group's bf16 bytes on top.
         row(
-            "optimizer upload staging (largest tensor, bf16)",
-            mul(&[m.largest, 2]),
+            "optimizer upload buffers (largest group, bf16)",
+            m.group_bf16,
             Where::Device,
+        );
+        // Its pipeline's staging: two gradient downloads and two weight uploads in flight.
+        row(
+            &format!(
+                "optimizer staging ({} x largest group, f32, page-locked)",
+                crate::train::optim::HOST_STAGES
+            ),
+            mul(&[m.largest_group, 4, to64(crate::train::optim::HOST_STAGES)]),
+            Where::Host,
         );
     }
     if grads == Where::Host {

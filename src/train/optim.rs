@@ -1,17 +1,27 @@
 //! AdamW over a model's parameters: f32 moments, an f32 master copy where the backend stores
 //! parameters narrower than f32 (`Backend::needs_master`), the global gradient norm
 //! (`sum_squares_f32`) and its clip. The state lives on the backend (the `adamw` op) or, with
-//! `memory.optimizer = "host"`, in host memory: then each parameter's f32 gradient is
-//! downloaded, the update runs on the host ([`crate::backend::host_adamw`], the device
-//! kernel's math) and the new weights are uploaded (rounded to bf16 on CUDA, to nearest even as
-//! the kernel does). The host buffers are ordinary (pageable) allocations and the copies are
-//! synchronous, one tensor at a time: no pinned memory and no copy-stream overlap yet. In a
-//! data-parallel run the state is sharded over the ranks ([`ShardedAdamW`], ZeRO stage 2) and
-//! every update is [`AdamW::step_shards`] after the backward summed into [`ShardedAdamW::sink`].
+//! `memory.optimizer = "host"`, in host memory ([`HostState`]: page-locked on CUDA,
+//! `Backend::host_f32`): then the update runs on the host ([`crate::backend::host_adamw`], the
+//! device kernel's math) as a pipeline over the backward's parameter groups (the decoder
+//! layers, the embedding, the head: `model::grad_sink::close_order`). With the clip scale known
+//! from the global norm, group i + 1's f32 gradients download into a page-locked staging buffer
+//! on the device-to-host copy stream (after the compute stream's work, by an event) while the
+//! host updates group i, and group i - 1's new weights (rounded to bf16 on CUDA, to nearest
+//! even as the kernel does) upload from another staging buffer on the host-to-device copy
+//! stream (one update takes at most [`HOST_STAGES`] buffers of the largest group); a staging buffer is
+//! reused only after its copy completed (`Backend::download_f32_async`,
+//! `Backend::upload_async`, [`crate::backend::HostCopy`]). The last uploads are ordered before
+//! the next step's work on the compute stream by their events. The CPU backend runs the same
+//! code with synchronous copies. In a data-parallel run the state is sharded over the ranks
+//! ([`ShardedAdamW`], ZeRO stage 2) and every update is [`AdamW::step_shards`] after the
+//! backward summed into [`ShardedAdamW::sink`].
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::ops::Range;
 
-use crate::backend::{host_adamw, AdamWStep, Backend};
+use crate::backend::{host_adamw, AdamWStep, Backend, HostCopy, HostF32};
 use crate::dist::{Collective, ShardPlan};
 use crate::model::Model;
 use crate::train::config::OptimConfig;
@@ -35,13 +45,75 @@ pub struct AdamW<B: Backend> {
     pub cfg: OptimConfig,
 }
 
-/// Host-resident optimizer state, one entry per parameter tensor in layout order.
+/// Host-resident optimizer state, one entry per parameter tensor in layout order, in
+/// `Backend::host_f32` memory (page-locked on CUDA), with the update's staging buffers.
 pub struct HostState {
-    pub m: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub m: Vec<HostF32>,
+    pub v: Vec<HostF32>,
     /// f32 master copies where the backend needs them (else the parameters are f32 and the
     /// update downloads them).
-    pub master: Option<Vec<Vec<f32>>>,
+    pub master: Option<Vec<HostF32>>,
+    /// The pipeline's parameter groups, in update order (every tensor in exactly one).
+    pub groups: Vec<Range<usize>>,
+    /// Whether the update overlaps the copies of neighbouring groups with the host update
+    /// (true), or waits for each group's download and upload before going on (false: the
+    /// synchronous schedule, same values).
+    pub pipelined: bool,
+    /// Free staging buffers, each of `stage_len` values (the largest group's).
+    stages: Vec<HostF32>,
+    stage_len: usize,
+    /// The last update's uploads, ordered before later compute-stream work; waited for before
+    /// their staging buffers are used again.
+    inflight: Vec<HostCopy>,
+}
+
+/// Staging buffers of the host update: two for gradient downloads (group i + 1 arriving while
+/// group i is updated), two for weight uploads (group i's leaving while group i - 1's may still
+/// be queued).
+pub const HOST_STAGES: usize = 4;
+
+impl HostState {
+    /// Host bytes of the state of `numel` parameters (`master`: with f32 master copies) and its
+    /// staging buffers for groups of at most `largest_group` values.
+    pub fn bytes(numel: u64, master: bool, largest_group: u64) -> Option<u64> {
+        let per = if master { 12 } else { 8 };
+        numel
+            .checked_mul(per)?
+            .checked_add(largest_group.checked_mul(4 * HOST_STAGES as u64)?)
+    }
+
+    /// A free staging buffer: the oldest in-flight upload's, after waiting for it, when none is
+    /// free (a new one only if an earlier update stopped on an error with buffers in flight).
+    fn stage<B: Backend>(&mut self, b: &B, uploads: &mut VecDeque<HostCopy>) -> Result<HostF32> {
+        if let Some(s) = self.stages.pop() {
+            return Ok(s);
+        }
+        match uploads.pop_front() {
+            Some(u) => u.wait(),
+            None => b.host_f32(self.stage_len),
+        }
+    }
+}
+
+/// The groups of the host update: the backward's groups (`model::grad_sink::close_order`) in
+/// layout order (embedding first), or one per tensor if they do not cover every tensor once.
+fn host_groups(layout: &crate::model::ParamLayout) -> Vec<Range<usize>> {
+    let n = layout.specs.len();
+    let mut groups = crate::model::grad_sink::close_order(layout);
+    groups.reverse();
+    let mut seen = vec![0u8; n];
+    for g in &groups {
+        for i in g.clone() {
+            if let Some(s) = seen.get_mut(i) {
+                *s += 1;
+            }
+        }
+    }
+    if groups.iter().all(|g| g.end <= n) && seen.iter().all(|&s| s == 1) {
+        groups
+    } else {
+        (0..n).map(|i| i..i + 1).collect()
+    }
 }
 
 /// The optimizer tensor groups of a checkpoint, in file order.
@@ -68,29 +140,48 @@ impl<B: Backend> AdamW<B> {
     pub fn placed(b: &B, model: &Model<B>, cfg: OptimConfig, host: bool) -> Result<Self> {
         let specs = &model.layout.specs;
         if host {
-            let total: Option<u64> = specs.iter().try_fold(0u64, |a, s| {
-                let per = if b.needs_master() { 12 } else { 8 };
-                a.checked_add((s.numel() as u64).checked_mul(per)?)
-            });
+            let groups = host_groups(&model.layout);
+            let largest = groups
+                .iter()
+                .map(|g| specs[g.clone()].iter().map(|s| s.numel()).sum::<usize>())
+                .max()
+                .unwrap_or(0);
+            let numel = specs.iter().map(|s| s.numel() as u64).sum::<u64>();
+            let total = HostState::bytes(numel, b.needs_master(), largest as u64);
             crate::safefs::check_host_memory(total, "the host-resident optimizer state")?;
-            let zeros = || specs.iter().map(|s| vec![0.0f32; s.numel()]).collect();
+            let zeros = || {
+                specs
+                    .iter()
+                    .map(|s| b.host_f32(s.numel()))
+                    .collect::<Result<Vec<_>>>()
+            };
             let master = if b.needs_master() {
                 let mut ms = Vec::with_capacity(specs.len());
                 for (s, p) in specs.iter().zip(&model.params) {
-                    ms.push(b.download(p, s.numel())?);
+                    let mut h = b.host_f32(s.numel())?;
+                    h.copy_from_slice(&b.download(p, s.numel())?);
+                    ms.push(h);
                 }
                 Some(ms)
             } else {
                 None
             };
+            let stages = (0..HOST_STAGES)
+                .map(|_| b.host_f32(largest))
+                .collect::<Result<_>>()?;
             return Ok(AdamW {
                 m: Vec::new(),
                 v: Vec::new(),
                 master: None,
                 host: Some(HostState {
-                    m: zeros(),
-                    v: zeros(),
+                    m: zeros()?,
+                    v: zeros()?,
                     master,
+                    groups,
+                    pipelined: true,
+                    stages,
+                    stage_len: largest,
+                    inflight: Vec::new(),
                 }),
                 shards: None,
                 updates: 0,
@@ -300,7 +391,13 @@ impl<B: Backend> AdamW<B> {
                     _ => None,
                 }
                 .ok_or_else(missing)?;
-                *t = data;
+                crate::ensure!(
+                    data.len() == t.len(),
+                    "optimizer tensor `{group}` {i}: {} values for a tensor of {}",
+                    data.len(),
+                    t.len()
+                );
+                t.copy_from_slice(&data);
             }
             None => {
                 let t = match group {
@@ -434,23 +531,7 @@ impl<B: Backend> AdamW<B> {
         let hp = step_hparams(&self.cfg, self.updates, total_updates, grad_norm);
         let (lr, grad_scale) = (hp.lr, hp.grad_scale);
         if let Some(h) = &mut self.host {
-            for i in 0..model.params.len() {
-                let n = model.layout.specs[i].numel();
-                let g = match grad(i)? {
-                    Grad::Device(d) => Cow::Owned(b.download_f32(d, n)?),
-                    Grad::Host(h) => h,
-                };
-                let mut downloaded;
-                let p: &mut Vec<f32> = match &mut h.master {
-                    Some(ms) => &mut ms[i],
-                    None => {
-                        downloaded = b.download(&model.params[i], n)?;
-                        &mut downloaded
-                    }
-                };
-                host_adamw::adamw(p, &g, &mut h.m[i], &mut h.v[i], n, &hp);
-                model.params[i] = b.upload(p)?;
-            }
+            host_update(b, h, model, &hp, &grad)?;
         }
         for i in 0..self.m.len().min(model.params.len()) {
             let n = model.layout.specs[i].numel();
@@ -518,6 +599,141 @@ where
 {
     Device(&'a B::F),
     Host(Cow<'a, [f32]>),
+}
+
+/// A group's gradients as the host update reads them: downloading into a staging buffer, or
+/// in host memory already.
+enum GroupGrads<'a> {
+    Download(HostCopy),
+    Host(Vec<Cow<'a, [f32]>>),
+}
+
+/// Queues (or takes) the gradients of `group`.
+fn fetch_group<'g, B: Backend>(
+    b: &B,
+    h: &mut HostState,
+    uploads: &mut VecDeque<HostCopy>,
+    model: &Model<B>,
+    group: Range<usize>,
+    grad: &impl Fn(usize) -> Result<Grad<'g, B>>,
+) -> Result<GroupGrads<'g>>
+where
+    B::F: 'g,
+{
+    let mut dev = Vec::new();
+    let mut host = Vec::new();
+    for i in group {
+        let n = model.layout.specs[i].numel();
+        match grad(i)? {
+            Grad::Device(d) => dev.push((d, n)),
+            Grad::Host(c) => host.push(c),
+        }
+    }
+    if dev.is_empty() {
+        return Ok(GroupGrads::Host(host));
+    }
+    crate::ensure!(
+        host.is_empty(),
+        "host optimizer: a group mixes device and host gradients"
+    );
+    let stage = h.stage(b, uploads)?;
+    Ok(GroupGrads::Download(b.download_f32_async(&dev, stage)?))
+}
+
+/// The host AdamW update of every group of `h` (see the module docs for the pipeline).
+fn host_update<'g, B: Backend>(
+    b: &B,
+    h: &mut HostState,
+    model: &mut Model<B>,
+    hp: &AdamWStep,
+    grad: &impl Fn(usize) -> Result<Grad<'g, B>>,
+) -> Result<()>
+where
+    B::F: 'g,
+{
+    // The previous update's uploads completed before their staging buffers are reused.
+    for u in std::mem::take(&mut h.inflight) {
+        h.stages.push(u.wait()?);
+    }
+    let groups = h.groups.clone();
+    let mut uploads: VecDeque<HostCopy> = VecDeque::new();
+    let mut next = match groups.first() {
+        Some(g) => Some(fetch_group(b, h, &mut uploads, model, g.clone(), grad)?),
+        None => None,
+    };
+    for (gi, group) in groups.iter().enumerate() {
+        let this = next.take();
+        if h.pipelined {
+            if let Some(g) = groups.get(gi + 1) {
+                next = Some(fetch_group(b, h, &mut uploads, model, g.clone(), grad)?);
+            }
+        }
+        let (staged, host) = match this {
+            Some(GroupGrads::Download(c)) => (Some(c.wait()?), Vec::new()),
+            Some(GroupGrads::Host(v)) => (None, v),
+            None => (None, Vec::new()),
+        };
+        let has_master = h.master.is_some();
+        let mut at = 0;
+        let mut news = Vec::with_capacity(group.len());
+        for (k, i) in group.clone().enumerate() {
+            let n = model.layout.specs[i].numel();
+            let g: &[f32] = match &staged {
+                Some(s) => &s[at..at + n],
+                None => &host[k],
+            };
+            at += n;
+            let mut downloaded;
+            let p: &mut [f32] = match &mut h.master {
+                Some(ms) => &mut ms[i],
+                None => {
+                    downloaded = b.download(&model.params[i], n)?;
+                    &mut downloaded
+                }
+            };
+            host_adamw::adamw(p, g, &mut h.m[i], &mut h.v[i], n, hp);
+            if !has_master {
+                news.push(b.upload(p)?);
+            }
+        }
+        if let Some(s) = staged {
+            h.stages.push(s);
+        }
+        let stage = match has_master {
+            true => Some(h.stage(b, &mut uploads)?),
+            false => None,
+        };
+        let mut up = None;
+        if let (Some(ms), Some(stage)) = (&h.master, stage) {
+            let src: Vec<&[f32]> = group.clone().map(|i| &ms[i][..]).collect();
+            let (ts, copy) = b.upload_async(&src, stage)?;
+            news = ts;
+            up = Some(copy);
+        }
+        if let Some(up) = up {
+            if h.pipelined {
+                uploads.push_back(up);
+            } else {
+                h.stages.push(up.wait()?);
+            }
+        }
+        for (i, t) in group.clone().zip(news) {
+            model.params[i] = t;
+        }
+        if !h.pipelined {
+            if let Some(g) = groups.get(gi + 1) {
+                next = Some(fetch_group(b, h, &mut uploads, model, g.clone(), grad)?);
+            }
+        }
+    }
+    // Nothing on the compute stream reads the new weights during the update. The next step's
+    // work runs after the uploads still in flight (events on the compute stream); the host
+    // waits for them only before their staging buffers are used again.
+    for u in uploads.iter_mut() {
+        u.order()?;
+    }
+    h.inflight = uploads.into_iter().collect();
+    Ok(())
 }
 
 /// Zero every gradient buffer.

@@ -6,7 +6,8 @@
 #      reverse with exact-size uncached buffers (TOOLN1_CUDA_POOL=exact, so a read or write past
 #      a buffer's end reaches the guard page after its allocation), with TOOLN1_REQUIRE_CUDA=1 so
 #      that no test can skip (cuda_nccl and cuda_dist on 4 virtual devices); the allocator's out-of-memory
-#      path on a 256 MiB device; cuda_ops in random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
+#      path on a 256 MiB device; cuda_host_optimizer and cuda_host_placement with every host buffer
+#      treated as page-locked (TOOLN1_VGPU_ASYNC=strict); cuda_ops in random thread order; cuda_ops on the AddressSanitizer build (exact buffers: any
 #      out-of-bounds or use-after-free access is reported with its kernels/*.cu line);
 #   3. a short GRPO run of the command line on --device cuda (tiny head_dim-64 model), which must
 #      finish its steps and write finite losses; then the same data parallel with --gpus 4 on 4
@@ -72,6 +73,16 @@ exe=$(awk -F'\t' '$1 == "cuda_ops" {print $2}' target/vgpu-tests.tsv)
 # The allocator's out-of-memory -> trim -> retry path, on a device of 256 MiB.
 echo "vgpu-test: cuda_ops allocator out-of-memory path (TOOLN1_VGPU_MEM_BYTES=268435456)"
 TOOLN1_VGPU_MEM_BYTES=268435456 run_bin "cuda_ops out-of-memory" "$exe" --exact allocator_out_of_memory_trims_and_retries
+# Every host buffer treated as page-locked (read or written only when its stream runs, so a
+# source freed or reused before its copy ran is caught): the host optimizer's pipelined copies,
+# the streamed reference's uploads and the source of every upload.
+for name in cuda_host_optimizer cuda_host_placement; do
+    t=$(date +%s)
+    sexe=$(awk -F'\t' -v n="$name" '$1 == n {print $2}' target/vgpu-tests.tsv)
+    echo "vgpu-test: $name with TOOLN1_VGPU_ASYNC=strict"
+    TOOLN1_VGPU_ASYNC=strict run_bin "$name (strict async)" "$sexe" --test-threads 2
+    echo "vgpu-test: $name (strict async) passed in $(( $(date +%s) - t )) s"
+done
 if [ "$QUICK" = 0 ]; then
     seed=$(( $(date +%s) % 100000 ))
     echo "vgpu-test: cuda_ops, thread order random (TOOLN1_VGPU_SEED=$seed)"

@@ -210,6 +210,23 @@ impl Backend for Cuda {
     fn capture_end(&self) -> Result<Box<dyn crate::backend::ReplayGraph>> {
         Ok(Box::new(self.gpu.end_capture()?))
     }
+    fn host_f32(&self, n: usize) -> Result<crate::backend::HostF32> {
+        ops::memory::host_f32(self, n)
+    }
+    fn download_f32_async(
+        &self,
+        src: &[(&Self::F, usize)],
+        dst: crate::backend::HostF32,
+    ) -> Result<crate::backend::HostCopy> {
+        ops::memory::download_f32_async(self, src, dst)
+    }
+    fn upload_async(
+        &self,
+        src: &[&[f32]],
+        stage: crate::backend::HostF32,
+    ) -> Result<(Vec<Self::T>, crate::backend::HostCopy)> {
+        ops::memory::upload_async(self, src, stage)
+    }
 
     fn add_inplace(&self, a: &mut Self::T, b: &Self::T, n: usize) -> Result<()> {
         ops::util::add_inplace(self, a, b, n)

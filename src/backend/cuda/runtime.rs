@@ -1,5 +1,5 @@
 //! The CUDA runtime under the backend: driver detection without panics, one context and compute
-//! stream (plus a copy stream for uploads from page-locked memory), module loading (embedded
+//! stream (plus a copy stream for copies to and from page-locked memory), module loading (embedded
 //! fatbins or NVRTC), a caching device allocator, kernel launches with error checks, cuBLAS
 //! handles and CUDA events.
 //!
@@ -490,7 +490,7 @@ pub struct Operand {
     pub ld: usize,
 }
 
-/// Page-locked host memory (cuMemHostAlloc); freed after the copy stream is idle.
+/// Page-locked host memory (cuMemHostAlloc); freed after the copy streams are idle.
 pub struct PinnedMem {
     ptr: *mut u8,
     len: usize,
@@ -516,7 +516,89 @@ impl Drop for PinnedMem {
         unsafe {
             let _ = dr::ctx::set_current(self.gpu.ctx);
             let _ = dr::stream::synchronize(self.gpu.copy_stream);
+            let _ = dr::stream::synchronize(self.gpu.down_stream);
             let _ = dr::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
+/// Page-locked host f32 values (cuMemHostAlloc, zeroed); freed after the copy streams are idle,
+/// so a queued copy never reaches freed memory.
+pub struct PinnedF32 {
+    ptr: *mut f32,
+    len: usize,
+    gpu: Arc<Gpu>,
+}
+
+// SAFETY: plain host memory owned by this value (`&mut` access through `as_mut_slice` only).
+unsafe impl Send for PinnedF32 {}
+unsafe impl Sync for PinnedF32 {}
+
+impl crate::backend::HostF32Mem for PinnedF32 {
+    fn as_slice(&self) -> &[f32] {
+        // SAFETY: `ptr` holds `len` initialised f32 for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as above, borrowed mutably through self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    fn pinned(&self) -> bool {
+        true
+    }
+}
+
+impl Drop for PinnedF32 {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::ctx::set_current(self.gpu.ctx);
+            let _ = dr::stream::synchronize(self.gpu.copy_stream);
+            let _ = dr::stream::synchronize(self.gpu.down_stream);
+            let _ = dr::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
+/// Most bytes of upload sources [`Gpu::htod_owned`] keeps before it waits for the stream.
+pub const KEPT_MAX_BYTES: usize = 256 << 20;
+
+/// The direction of a [`Gpu::copy_async`] copy, which picks its copy stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyDir {
+    ToDevice,
+    ToHost,
+}
+
+/// The completion event of a copy queued on a copy stream ([`Gpu::copy_async`]).
+pub struct CopyEvent {
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    event: sys::CUevent,
+}
+
+// SAFETY: driver handles; every use binds the context first.
+unsafe impl Send for CopyEvent {}
+
+impl crate::backend::CopyDone for CopyEvent {
+    fn order(&mut self) -> Result<()> {
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        unsafe {
+            dr::ctx::set_current(self.ctx)
+                .and_then(|_| dr::stream::wait_event(self.stream, self.event, wait))
+        }
+        .map_err(|e| drv("cuStreamWaitEvent", e))
+    }
+    fn wait(self: Box<Self>) -> Result<()> {
+        unsafe { dr::ctx::set_current(self.ctx).and_then(|_| dr::event::synchronize(self.event)) }
+            .map_err(|e| drv("asynchronous copy (cuEventSynchronize)", e))
+    }
+}
+
+impl Drop for CopyEvent {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = dr::ctx::set_current(self.ctx);
+            let _ = dr::event::destroy(self.event);
         }
     }
 }
@@ -525,10 +607,18 @@ impl Drop for PinnedMem {
 pub struct Gpu {
     pub(crate) ctx: sys::CUcontext,
     pub(crate) stream: sys::CUstream,
-    /// The stream of asynchronous host-to-device copies (streamed layers): each copy waits for
+    /// The stream of asynchronous copies to and from page-locked memory (streamed layers, the
+    /// host optimizer; `Gpu::copy_async`): each copy waits for
     /// an event of `stream` recorded when it is issued, and `stream` waits for the copy's event
     /// before using its buffer, so pool blocks are never shared unordered between the two.
     copy_stream: sys::CUstream,
+    /// The stream of asynchronous device-to-host copies into page-locked memory (the host
+    /// optimizer's gradient downloads), ordered like `copy_stream`, so that downloads and
+    /// uploads can run at once (on separate copy engines).
+    down_stream: sys::CUstream,
+    /// Host sources of uploads queued on `stream` ([`Gpu::htod_owned`]), kept until the stream
+    /// is known to have run past them, and their bytes.
+    kept: Mutex<(Vec<Box<dyn std::any::Any + Send>>, usize)>,
     pub(crate) blas: Mutex<cublas_sys::cublasHandle_t>,
     modules: Vec<sys::CUmodule>,
     /// The function handle of every kernel, by its index in `gen::KERNELS` (resolved at load).
@@ -723,10 +813,21 @@ impl Gpu {
             cfg!(debug_assertions) || std::env::var("TOOLN1_CUDA_SYNC").is_ok_and(|v| v == "1");
         let copy_stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
             .map_err(|e| drv("cuStreamCreate", e))?;
+        let down_stream = match dr::stream::create(dr::stream::StreamKind::NonBlocking) {
+            Ok(s) => s,
+            Err(e) => {
+                unsafe {
+                    let _ = dr::stream::destroy(copy_stream);
+                }
+                return Err(drv("cuStreamCreate", e));
+            }
+        };
         Ok(Gpu {
             ctx,
             stream,
             copy_stream,
+            down_stream,
+            kept: Mutex::new((Vec::new(), 0)),
             blas: Mutex::new(handle),
             modules,
             funcs,
@@ -779,14 +880,9 @@ impl Gpu {
             .map_err(|e| drv("cuMemsetD8Async", e))
     }
 
-    pub fn htod<E: Elem, H: Copy>(&self, data: &[H]) -> Result<CudaBuf<E>> {
-        debug_assert_eq!(std::mem::size_of::<H>(), E::SIZE);
-        let b = self.alloc::<E>(data.len())?;
-        if !data.is_empty() {
-            unsafe { dr::memcpy_htod_async(b.ptr, data, self.stream) }
-                .map_err(|e| drv("cuMemcpyHtoDAsync", e))?;
-        }
-        Ok(b)
+    /// A device buffer holding a copy of `data` ([`Gpu::htod_owned`] of a copy of it).
+    pub fn htod<E: Elem, H: Copy + Send + 'static>(&self, data: &[H]) -> Result<CudaBuf<E>> {
+        self.htod_owned(data.to_vec())
     }
 
     /// Copies `n` elements from device address `src` to the host (waits for the stream).
@@ -816,10 +912,93 @@ impl Gpu {
         })
     }
 
-    /// Queue a copy of `bytes` bytes from page-locked `src` to device address `dst` on the copy
-    /// stream, after the work queued on the compute stream so far; the returned wait makes the
-    /// compute stream wait for the copy.
-    pub fn htod_pinned(&self, dst: u64, src: &[u8]) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+    // ---- copies beside queued work: owned upload sources, page-locked memory, the copy stream
+
+    /// A device buffer holding `data`, copied on the compute stream. `data` is kept alive until
+    /// the stream is known to have run past the copy (the next [`Gpu::sync`], or a stream
+    /// synchronisation once more than [`KEPT_MAX_BYTES`] are kept): a driver that reads the host
+    /// memory only when the copy runs (page-locked memory; every host buffer under the virtual
+    /// GPU's `TOOLN1_VGPU_ASYNC=strict`) never reads freed memory. (The real driver stages
+    /// pageable memory at the call, CUDA Runtime API, "API synchronization behavior".)
+    pub fn htod_owned<E: Elem, H: Copy + Send + 'static>(
+        &self,
+        data: Vec<H>,
+    ) -> Result<CudaBuf<E>> {
+        debug_assert_eq!(std::mem::size_of::<H>(), E::SIZE);
+        let b = self.alloc::<E>(data.len())?;
+        if data.is_empty() {
+            return Ok(b);
+        }
+        unsafe { dr::memcpy_htod_async(b.ptr, &data[..], self.stream) }
+            .map_err(|e| drv("cuMemcpyHtoDAsync", e))?;
+        let bytes = std::mem::size_of_val(&data[..]);
+        let full = {
+            let mut k = self
+                .kept
+                .lock()
+                .map_err(|_| Error::Cuda("the kept upload sources: a poisoned lock".into()))?;
+            k.0.push(Box::new(data));
+            k.1 += bytes;
+            if k.1 > KEPT_MAX_BYTES {
+                k.1 = 0;
+                std::mem::take(&mut k.0)
+            } else {
+                Vec::new()
+            }
+        };
+        if !full.is_empty() {
+            let r = unsafe { dr::stream::synchronize(self.stream) };
+            if r.is_err() {
+                // As in `sync`: leaked rather than freed under copies that may not have run.
+                std::mem::forget(full);
+            }
+            r.map_err(|e| drv("cuStreamSynchronize", e))?;
+        }
+        Ok(b)
+    }
+
+    /// The kept upload sources, taken out before a stream synchronisation (their copies were
+    /// queued before this call, so the synchronisation covers them; a source kept by another
+    /// thread meanwhile stays) and dropped after it.
+    fn take_kept(&self) -> Vec<Box<dyn std::any::Any + Send>> {
+        match self.kept.lock() {
+            Ok(mut k) => {
+                k.1 = 0;
+                std::mem::take(&mut k.0)
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// `n` f32 zeros in page-locked host memory (cuMemHostAlloc, portable to every context).
+    pub fn pinned_f32(self: &Arc<Self>, n: usize) -> Result<PinnedF32> {
+        self.bind()?;
+        let bytes = n
+            .checked_mul(4)
+            .ok_or_else(|| Error::Invalid(format!("page-locked buffer of {n} f32 values")))?;
+        let ptr = unsafe { dr::malloc_host(bytes.max(4), sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| drv("cuMemHostAlloc", e))? as *mut f32;
+        // SAFETY: `ptr` holds at least `n` f32 (page-aligned) just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0, n) };
+        Ok(PinnedF32 {
+            ptr,
+            len: n,
+            gpu: self.clone(),
+        })
+    }
+
+    /// Queues `copy` on the copy stream of direction `dir` after the work queued on the compute
+    /// stream so far (an event of the compute stream that the copy stream waits for), and
+    /// returns the copy's completion event.
+    pub fn copy_async(
+        &self,
+        dir: CopyDir,
+        copy: impl FnOnce(sys::CUstream) -> std::result::Result<(), dr::DriverError>,
+    ) -> Result<CopyEvent> {
+        let cs = match dir {
+            CopyDir::ToDevice => self.copy_stream,
+            CopyDir::ToHost => self.down_stream,
+        };
         self.bind()?;
         let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
         let issued = dr::event::create(flags).map_err(|e| drv("cuEventCreate", e))?;
@@ -835,29 +1014,30 @@ impl Gpu {
         let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
         let queued = unsafe {
             dr::event::record(issued, self.stream)
-                .and_then(|_| dr::stream::wait_event(self.copy_stream, issued, wait))
-                .and_then(|_| dr::memcpy_htod_async(dst, src, self.copy_stream))
-                .and_then(|_| dr::event::record(copied, self.copy_stream))
+                .and_then(|_| dr::stream::wait_event(cs, issued, wait))
+                .and_then(|_| copy(cs))
+                .and_then(|_| dr::event::record(copied, cs))
         };
         unsafe {
             let _ = dr::event::destroy(issued);
         }
-        if let Err(e) = queued {
-            unsafe {
-                let _ = dr::event::destroy(copied);
-            }
-            return Err(drv("asynchronous host-to-device copy", e));
-        }
-        let (ctx, stream) = (self.ctx, self.stream);
-        Ok(Box::new(move || {
-            let r = unsafe {
-                dr::ctx::set_current(ctx).and_then(|_| dr::stream::wait_event(stream, copied, wait))
-            };
-            unsafe {
-                let _ = dr::event::destroy(copied);
-            }
-            r.map_err(|e| drv("cuStreamWaitEvent", e))
-        }))
+        let ev = CopyEvent {
+            ctx: self.ctx,
+            stream: self.stream,
+            event: copied,
+        };
+        queued.map_err(|e| drv("asynchronous copy on the copy stream", e))?;
+        Ok(ev)
+    }
+
+    /// Queue a copy of `bytes` bytes from page-locked `src` to device address `dst` on the copy
+    /// stream, after the work queued on the compute stream so far; the returned wait makes the
+    /// compute stream wait for the copy.
+    pub fn htod_pinned(&self, dst: u64, src: &[u8]) -> Result<Box<dyn FnOnce() -> Result<()>>> {
+        let mut ev = self.copy_async(CopyDir::ToDevice, |s| unsafe {
+            dr::memcpy_htod_async(dst, src, s)
+        })?;
+        Ok(Box::new(move || crate::backend::CopyDone::order(&mut ev)))
     }
 
     pub fn dtod(&self, src: u64, dst: u64, bytes: usize) -> Result<()> {
@@ -870,8 +1050,16 @@ impl Gpu {
 
     /// Waits for the stream, then reports any device-side error flag (and clears it).
     pub fn sync(&self) -> Result<()> {
-        unsafe { dr::stream::synchronize(self.stream) }
-            .map_err(|e| drv("kernel execution (cuStreamSynchronize)", e))?;
+        let kept = self.take_kept();
+        let r = unsafe { dr::stream::synchronize(self.stream) };
+        if r.is_ok() {
+            drop(kept);
+        } else {
+            // The copies are not known to have run (the context is unusable after a failed
+            // synchronisation): their sources are leaked rather than freed under them.
+            std::mem::forget(kept);
+        }
+        r.map_err(|e| drv("kernel execution (cuStreamSynchronize)", e))?;
         let mut flag = [0u32; 1];
         unsafe { dr::memcpy_dtoh_async(&mut flag[..], self.err_flag.ptr, self.stream) }
             .map_err(|e| drv("cuMemcpyDtoHAsync", e))?;
@@ -1041,6 +1229,8 @@ impl Drop for Gpu {
             let _ = dr::ctx::set_current(self.ctx);
             let _ = dr::stream::synchronize(self.copy_stream);
             let _ = dr::stream::destroy(self.copy_stream);
+            let _ = dr::stream::synchronize(self.down_stream);
+            let _ = dr::stream::destroy(self.down_stream);
             let _ = dr::stream::synchronize(self.stream);
             if let Ok(h) = self.blas.lock() {
                 let _ = cudarc::cublas::result::destroy_handle(*h);

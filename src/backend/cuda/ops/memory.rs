@@ -1,9 +1,13 @@
-//! Uploads, downloads and device copies (no kernels: driver copies on the backend's stream).
+//! Uploads, downloads and device copies (no kernels: driver copies on the backend's stream),
+//! and the copies beside queued work: from and to page-locked host memory on the copy stream.
 
-use super::super::runtime::{Bf16, CudaBuf, Elem};
+use super::super::runtime::{Bf16, CopyDir, CudaBuf, Elem};
 use super::super::Cuda;
-use crate::backend::{bytes_to_f32, check, DType, HostMem, PendingUpload, RowCopy};
+use crate::backend::{
+    bytes_to_f32, check, host_copy_len, DType, HostCopy, HostF32, HostMem, PendingUpload, RowCopy,
+};
 use crate::Result;
+use cudarc::driver::result as dr;
 
 /// f32 host values rounded to a bf16 device buffer.
 pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
@@ -11,7 +15,7 @@ pub(crate) fn upload_bf16(c: &Cuda, data: &[f32]) -> Result<CudaBuf<Bf16>> {
         .iter()
         .map(|&x| half::bf16::from_f32(x).to_bits())
         .collect();
-    c.gpu.htod::<Bf16, u16>(&h)
+    c.gpu.htod_owned::<Bf16, u16>(h)
 }
 
 /// A bf16 device tensor from checkpoint bytes (`n` elements of `dtype`, little endian).
@@ -28,7 +32,7 @@ pub(crate) fn upload_raw(c: &Cuda, dtype: DType, bytes: &[u8], n: usize) -> Resu
             .map(|x| half::bf16::from_f32(x).to_bits())
             .collect(),
     };
-    c.gpu.htod::<Bf16, u16>(&h)
+    c.gpu.htod_owned::<Bf16, u16>(h)
 }
 
 /// [`upload_raw`] of `src.bytes()[range]`; bf16 bytes from page-locked memory go on the copy
@@ -160,4 +164,122 @@ pub(crate) fn copy_at<E: Elem>(
     }
     c.gpu.bind()?;
     c.gpu.dtod(src.at(off), dst.ptr(), n * E::SIZE)
+}
+
+/// `n` f32 zeros in page-locked host memory; pageable memory (and synchronous copies) when the
+/// driver refuses to lock it, said once per process on stderr.
+pub(crate) fn host_f32(c: &Cuda, n: usize) -> Result<HostF32> {
+    static REFUSED: std::sync::Once = std::sync::Once::new();
+    match c.gpu.pinned_f32(n) {
+        Ok(p) => Ok(HostF32::new(Box::new(p))),
+        Err(e) => {
+            REFUSED.call_once(|| {
+                eprintln!(
+                    "note: page-locked host memory was refused ({e}); host buffers (the host \
+                     optimizer's state and staging) use pageable memory, with synchronous copies"
+                )
+            });
+            Ok(HostF32::pageable(vec![0.0; n]))
+        }
+    }
+}
+
+/// The first `n` values of each `(t, n)` of `src` into `dst`, one after another: on the copy
+/// stream after the work queued so far when `dst` is page-locked, else synchronously.
+pub(crate) fn download_f32_async(
+    c: &Cuda,
+    src: &[(&CudaBuf<f32>, usize)],
+    mut dst: HostF32,
+) -> Result<HostCopy> {
+    for &(t, n) in src {
+        check::first_n("download_f32_async", t, n)?;
+    }
+    let total = host_copy_len("download_f32_async", src.iter().map(|s| s.1), dst.len())?;
+    if total == 0 {
+        return Ok(HostCopy::done(dst));
+    }
+    if !dst.pinned() {
+        let mut at = 0;
+        for &(t, n) in src {
+            let v: Vec<f32> = c.gpu.dtoh(t.ptr(), n)?;
+            dst[at..at + n].copy_from_slice(&v);
+            at += n;
+        }
+        return Ok(HostCopy::done(dst));
+    }
+    let mut out = &mut dst[..total];
+    // SAFETY: `out` is page-locked memory owned by `dst`, which the returned copy owns until
+    // the copies have completed (`HostCopy` waits before giving it back or freeing it).
+    let ev = c.gpu.copy_async(CopyDir::ToHost, |s| {
+        for &(t, n) in src {
+            let (head, rest) = std::mem::take(&mut out).split_at_mut(n);
+            if n > 0 {
+                unsafe { dr::memcpy_dtoh_async(head, t.ptr(), s)? };
+            }
+            out = rest;
+        }
+        Ok(())
+    })?;
+    Ok(HostCopy::queued(dst, Box::new(ev)))
+}
+
+/// Each slice of `src` rounded to bf16 (to nearest even, as [`upload_bf16`]) in a new device
+/// buffer, through `stage`: the bf16 bits are written one slice after another into its bytes
+/// and copied on the copy stream after the work queued so far when it is page-locked, else
+/// uploaded as [`upload_bf16`] does.
+pub(crate) fn upload_async(
+    c: &Cuda,
+    src: &[&[f32]],
+    mut stage: HostF32,
+) -> Result<(Vec<CudaBuf<Bf16>>, HostCopy)> {
+    let total = host_copy_len("upload_async", src.iter().map(|s| s.len()), stage.len())?;
+    if !stage.pinned() || total == 0 {
+        let ts = src
+            .iter()
+            .map(|s| upload_bf16(c, s))
+            .collect::<Result<_>>()?;
+        return Ok((ts, HostCopy::done(stage)));
+    }
+    let words = &mut stage[..total.div_ceil(2)];
+    // SAFETY: the f32 storage holds at least 2 * ceil(total / 2) >= total u16, suitably aligned.
+    let bits: &mut [u16] =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), total) };
+    let mut at = 0;
+    for s in src {
+        round_bf16(s, &mut bits[at..at + s.len()]);
+        at += s.len();
+    }
+    let bufs = src
+        .iter()
+        .map(|s| c.gpu.alloc::<Bf16>(s.len()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut from = &bits[..];
+    // SAFETY: `bits` lies in page-locked memory owned by `stage`, which the returned copy owns
+    // until the copies have completed.
+    let ev = c.gpu.copy_async(CopyDir::ToDevice, |st| {
+        for (s, buf) in src.iter().zip(&bufs) {
+            let (head, rest) = from.split_at(s.len());
+            if !head.is_empty() {
+                unsafe { dr::memcpy_htod_async(buf.ptr(), head, st)? };
+            }
+            from = rest;
+        }
+        Ok(())
+    })?;
+    Ok((bufs, HostCopy::queued(stage, Box::new(ev))))
+}
+
+/// bf16 bits of `src` (to nearest even) into `out`, in fixed chunks on the CPU backend's pool.
+fn round_bf16(src: &[f32], out: &mut [u16]) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    crate::backend::cpu::fast::run(|| {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, s)| {
+                for (o, &x) in o.iter_mut().zip(s) {
+                    *o = half::bf16::from_f32(x).to_bits();
+                }
+            });
+    });
 }
