@@ -14,7 +14,7 @@ mod comm;
 mod ops;
 mod runtime;
 
-pub use comm::{nccl_available, nccl_group, NcclRank};
+pub use comm::{nccl_available, nccl_group, nccl_group_on, NcclRank, NcclStream, PENDING_GROUPS};
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::size_class;
 pub use runtime::{
