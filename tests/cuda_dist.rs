@@ -1,9 +1,11 @@
 //! Data-parallel building blocks on several CUDA devices over NCCL (`backend::cuda::NcclRank`),
 //! one worker thread per device: the reduce-scatter into accumulating shards and the bf16
-//! all-gather against host references on random inputs, argument errors that stop every rank
-//! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
-//! AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices against one
-//! device for the same global batch, a 2-device resume, and SFT on 2 devices against one.
+//! all-gather against host references on random inputs, gradient groups reduced on NCCL's own
+//! stream against host sums and bit for bit against the compute stream, argument errors that
+//! stop every rank instead of hanging one, and sharded AdamW over 2..=4 devices against the
+//! single-device AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices
+//! against one device for the same global batch, a 2-device resume, SFT on 2 devices against
+//! one, and GRPO and SFT with the reductions overlapped against on the compute stream.
 //! Seeds are printed; TOOLN1_TEST_SEED replays.
 //!
 //! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
