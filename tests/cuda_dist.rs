@@ -1,9 +1,11 @@
 //! Data-parallel building blocks on several CUDA devices over NCCL (`backend::cuda::NcclRank`),
 //! one worker thread per device: the reduce-scatter into accumulating shards and the bf16
-//! all-gather against host references on random inputs, argument errors that stop every rank
-//! instead of hanging one, and sharded AdamW over 2..=4 devices against the single-device
-//! AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices against one
-//! device for the same global batch, a 2-device resume, and SFT on 2 devices against one.
+//! all-gather against host references on random inputs, gradient groups reduced on NCCL's own
+//! stream against host sums and bit for bit against the compute stream, argument errors that
+//! stop every rank instead of hanging one, and sharded AdamW over 2..=4 devices against the
+//! single-device AdamW given the summed gradients; whole GRPO trainer runs on 2 and 4 devices
+//! against one device for the same global batch, a 2-device resume, SFT on 2 devices against
+//! one, and GRPO and SFT with the reductions overlapped against on the compute stream.
 //! Seeds are printed; TOOLN1_TEST_SEED replays.
 //!
 //! Float sums are compared with bounds: NCCL's reduction order (rings, trees) is not rank
@@ -13,7 +15,9 @@
 mod common;
 
 use common::Rng;
-use tooln1::backend::cuda::{nccl_available, nccl_group, Cuda, NcclRank};
+use tooln1::backend::cuda::{
+    nccl_available, nccl_group, nccl_group_on, Cuda, NcclRank, NcclStream,
+};
 use tooln1::backend::Backend;
 use tooln1::dist::{Collective, ShardPlan};
 use tooln1::model::layout::ParamLayout;
@@ -23,8 +27,16 @@ use tooln1::train::optim::AdamW;
 use tooln1::train::zero::ShardedAdamW;
 use tooln1::Error;
 
-/// Backends on the first 2..=4 devices, or `None` after the skip line.
-fn devices() -> Option<Vec<Cuda>> {
+/// Held by every test while it uses the devices. The virtual GPU runs a stream's work on the
+/// host thread that synchronises it, and a `cuMemFree` (every drop with
+/// `TOOLN1_CUDA_POOL=exact`, the pool's trims) runs every stream of its device, also another
+/// test's NCCL stream: two tests' ranks could then each wait in the other's collective. On a GPU
+/// the streams run by themselves.
+static DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Backends on the first 2..=4 devices (and the devices' lock), or `None` after the skip line.
+fn devices() -> Option<(std::sync::MutexGuard<'static, ()>, Vec<Cuda>)> {
+    let lock = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
     let first = common::gpu()?;
     let mut devs = vec![first];
     while devs.len() < 4 {
@@ -44,12 +56,21 @@ fn devices() -> Option<Vec<Cuda>> {
         common::skip("no NCCL library (libnccl.so.2)");
         return None;
     }
-    Some(devs)
+    Some((lock, devs))
 }
 
 /// Runs `f(backend, rank)` on one thread per device; results by rank.
 fn on_devices<R: Send>(devs: &[Cuda], f: impl Fn(&Cuda, NcclRank) -> R + Sync) -> Vec<R> {
-    let ranks = nccl_group(devs).unwrap();
+    on_devices_on(devs, NcclStream::from_env().unwrap(), f)
+}
+
+/// [`on_devices`] with the reductions on `stream`.
+fn on_devices_on<R: Send>(
+    devs: &[Cuda],
+    stream: NcclStream,
+    f: impl Fn(&Cuda, NcclRank) -> R + Sync,
+) -> Vec<R> {
+    let ranks = nccl_group_on(devs, stream).unwrap();
     std::thread::scope(|s| {
         let hs: Vec<_> = devs
             .iter()
@@ -65,7 +86,9 @@ fn on_devices<R: Send>(devs: &[Cuda], f: impl Fn(&Cuda, NcclRank) -> R + Sync) -
 
 #[test]
 fn reduce_scatter_and_all_gather_match_host_sums() {
-    let Some(devs) = devices() else { return };
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
     let seed = common::seed("cuda_dist_collectives");
     let mut rng = Rng::from_seed(seed);
     for world in 2..=devs.len() {
@@ -118,9 +141,107 @@ fn reduce_scatter_and_all_gather_match_host_sums() {
     }
 }
 
+/// Gradient groups reduced on NCCL's own stream (`reduce_scatter_add_group`, returning before
+/// the sums are done) over several micro-batches: the uploads of each group's gradients are
+/// still queued on the compute stream when the group is handed over, and fresh buffers of the
+/// same sizes are filled with garbage right after (the caching pool hands out any block freed
+/// too early). The sums after `wait_reduced` against host sums, and bit for bit against the
+/// same calls with the reductions on the compute stream.
+#[test]
+fn group_reductions_on_their_own_stream_match_the_compute_stream() {
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
+    let seed = common::seed("cuda_dist_group_reductions");
+    let mut rng = Rng::from_seed(seed);
+    for world in 2..=devs.len() {
+        let devs = &devs[..world];
+        let (groups, rounds) = (2 + rng.below(3), 3);
+        // ns[g][t]: per-rank elements of tensor t of group g.
+        let ns: Vec<Vec<usize>> = (0..groups)
+            .map(|_| (0..1 + rng.below(4)).map(|_| 1 + rng.below(200)).collect())
+            .collect();
+        // sends[round][g][t][rank]
+        let sends: Vec<Vec<Vec<Vec<Vec<f32>>>>> = (0..rounds)
+            .map(|_| {
+                ns.iter()
+                    .map(|g| {
+                        g.iter()
+                            .map(|&n| (0..world).map(|_| rng.vec(world * n, 1.0)).collect())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let run = |stream: NcclStream| {
+            on_devices_on(devs, stream, |c, h| {
+                let r = h.rank();
+                let mut accs: Vec<Vec<_>> = ns
+                    .iter()
+                    .map(|g| g.iter().map(|&n| c.zeros_f32(n).unwrap()).collect())
+                    .collect();
+                let mut garbage = Vec::new();
+                for round in &sends {
+                    for (g, acc) in accs.iter_mut().enumerate() {
+                        let bufs: Vec<_> = round[g]
+                            .iter()
+                            .map(|t| c.upload_f32(&t[r]).unwrap())
+                            .collect();
+                        h.reduce_scatter_add_group(c, bufs, acc, &ns[g]).unwrap();
+                        for t in &round[g] {
+                            garbage.push(c.upload_f32(&vec![f32::NAN; t[r].len()]).unwrap());
+                        }
+                    }
+                    garbage.clear();
+                }
+                h.wait_reduced(c).unwrap();
+                accs.iter()
+                    .zip(&ns)
+                    .map(|(g, gn)| {
+                        g.iter()
+                            .zip(gn)
+                            .map(|(a, &n)| c.download_f32(a, n).unwrap())
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let own = run(NcclStream::Own);
+        let serial = run(NcclStream::Compute);
+        for (r, got) in own.iter().enumerate() {
+            for (g, gn) in ns.iter().enumerate() {
+                for (t, &n) in gn.iter().enumerate() {
+                    let want: Vec<f64> = (0..n)
+                        .map(|i| {
+                            sends
+                                .iter()
+                                .map(|round| {
+                                    round[g][t].iter().map(|x| x[r * n + i] as f64).sum::<f64>()
+                                })
+                                .sum()
+                        })
+                        .collect();
+                    common::check(
+                        &format!("seed {seed} world {world} rank {r} group {g} tensor {t}"),
+                        &got[g][t],
+                        &want,
+                        1e-5,
+                    );
+                }
+            }
+            assert_eq!(
+                got, &serial[r],
+                "seed {seed} world {world} rank {r}: own stream vs compute stream"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_bad_argument_stops_every_rank() {
-    let Some(devs) = devices() else { return };
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
     let devs = &devs[..2];
     let n = 64;
     let out = on_devices(devs, |c, h| {
@@ -144,7 +265,9 @@ fn a_bad_argument_stops_every_rank() {
 
 #[test]
 fn sharded_adamw_matches_single_device_adamw() {
-    let Some(devs) = devices() else { return };
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
     let seed = common::seed("cuda_dist_sharded_adamw");
     for world in 2..=devs.len() {
         let devs = &devs[..world];
@@ -273,7 +396,9 @@ fn trainer_on_several_devices_matches_one() {
     use tooln1::train::parallel::on_ranks;
     use tooln1::train::sft::SftItem;
     use tooln1::train::{checkpoint, RankComm, SftTrainer, TrainConfig, TrainData, Trainer};
-    let Some(devs) = devices() else { return };
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
     let s = common::seed("cuda_dist_trainer");
     let tok = common::train::golden_tokenizer();
     let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
@@ -445,4 +570,136 @@ fn trainer_on_several_devices_matches_one() {
         assert!((a.loss - b.loss).abs() < 2e-3 * (1.0 + b.loss.abs()));
     }
     close_weights(&two[0].1, &w1, "SFT 2 devices vs 1");
+}
+
+/// GRPO and SFT trainer steps on 2 devices with the gradient reductions on NCCL's own stream
+/// (overlapping the backward) against the same steps with them on the compute stream
+/// (`NcclStream::Compute`, `TOOLN1_NCCL_STREAM=compute`): the same operations in another
+/// order of streams, so the same losses, gradient norms and weights, bit for bit. Three decoder
+/// layers, so that several groups are in flight; SFT's 5 sequences split unevenly, so one rank
+/// pads its passes (one tensor at a time) while the other reduces whole groups.
+#[test]
+fn overlapped_reductions_give_the_serial_bits() {
+    use common::train::LikesE;
+    use tooln1::train::config::{RunConfig, SftConfig};
+    use tooln1::train::parallel::on_ranks;
+    use tooln1::train::sft::SftItem;
+    use tooln1::train::{RankComm, SftTrainer, TrainConfig, TrainData, Trainer};
+    let Some((_lock, devs)) = devices() else {
+        return;
+    };
+    let devs = &devs[..2];
+    let s = common::seed("cuda_dist_overlap_bits");
+    let tok = common::train::golden_tokenizer();
+    let vocab = tok.inner.get_vocab_size(true).div_ceil(64) * 64;
+    let mut cfg = init::tiny_config(128, 3, 2, 1, 96, vocab, false);
+    cfg.eos_token_id = vec![tok.token_id("<|im_end|>").unwrap()];
+    let host: Vec<Vec<f32>> = init::random_params(&cfg, s)
+        .iter()
+        .map(|t| common::bf16_round(t))
+        .collect();
+    let prompts = common::train::chat_prompts(&tok, &["the tree", "set a timer"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let group = |stream: NcclStream| -> Vec<(Cuda, RankComm<Cuda>)> {
+        let ranks = nccl_group_on(devs, stream).unwrap();
+        devs.iter()
+            .cloned()
+            .zip(ranks)
+            .map(|(c, r)| (c, Box::new(r) as RankComm<Cuda>))
+            .collect()
+    };
+    let grpo = |c: &Cuda, comm: RankComm<Cuda>, out: &str| {
+        let mut tc = TrainConfig {
+            run: RunConfig {
+                out: tmp.path().join(out),
+                steps: 2,
+                seed: s,
+                ..RunConfig::default()
+            },
+            save_every: 0,
+            ..TrainConfig::default()
+        };
+        tc.rollout.n = 2;
+        tc.rollout.max_new_tokens = 4;
+        tc.rollout.temperature = 1.0;
+        tc.grpo.prompts_per_step = 2;
+        tc.grpo.mini_batch_prompts = 2;
+        tc.grpo.micro_batch_tokens = 32;
+        tc.grpo.entropy_coef = 0.01;
+        tc.optim.lr = 1e-3;
+        let data = TrainData {
+            tokenizer: common::train::golden_tokenizer(),
+            prompts: prompts.clone(),
+            reward: Box::new(LikesE),
+        };
+        let policy = Model::from_host(c, cfg.clone(), &host)?;
+        let reference = Model::from_host(c, cfg.clone(), &host)?;
+        let mut t = Trainer::new_in(c.clone(), policy, reference, data, tc, Some(comm))?;
+        t.quiet = true;
+        let m = t.run()?;
+        let sums: Vec<(f64, f64)> = m.iter().map(|m| (m.loss, m.grad_norm)).collect();
+        Ok((sums, t.policy.to_host(c)?))
+    };
+    let mut rng = Rng::from_seed(s ^ 0x0e1);
+    let items: Vec<SftItem> = (0..5)
+        .map(|_| {
+            let len = 4 + rng.below(9);
+            SftItem {
+                tokens: (0..len).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
+                prompt_len: 1 + rng.below(len - 1),
+            }
+        })
+        .collect();
+    let sft = |c: &Cuda, comm: RankComm<Cuda>| {
+        let mut sc = SftConfig {
+            batch_size: 5,
+            micro_batch_tokens: 12,
+            ..SftConfig::default()
+        };
+        sc.run.steps = 2;
+        sc.run.out = tmp.path().join("sft");
+        sc.optim.lr = 1e-3;
+        let model = Model::from_host(c, cfg.clone(), &host)?;
+        let mut t = SftTrainer::new_in(c.clone(), model, items.clone(), sc, Some(comm))?;
+        t.quiet = true;
+        let m = t.run(None)?;
+        let sums: Vec<(f64, f64)> = m.iter().map(|m| (m.loss, m.grad_norm)).collect();
+        Ok((sums, t.model.to_host(c)?))
+    };
+    let own = on_ranks(group(NcclStream::Own), |_, (c, r)| grpo(&c, r, "own")).unwrap();
+    let serial = on_ranks(group(NcclStream::Compute), |_, (c, r)| {
+        grpo(&c, r, "serial")
+    })
+    .unwrap();
+    println!(
+        "seed {s}: GRPO own stream {:?}, compute stream {:?}",
+        own[0].0, serial[0].0
+    );
+    assert!(own[0].0.iter().all(|&(_, g)| g > 0.0), "GRPO: no gradient");
+    for r in 0..2 {
+        assert_eq!(
+            own[r].0, serial[r].0,
+            "seed {s} GRPO rank {r}: losses / grad norms"
+        );
+        assert!(
+            own[r].1 == serial[r].1,
+            "seed {s} GRPO rank {r}: weights differ"
+        );
+    }
+    let own = on_ranks(group(NcclStream::Own), |_, (c, r)| sft(&c, r)).unwrap();
+    let serial = on_ranks(group(NcclStream::Compute), |_, (c, r)| sft(&c, r)).unwrap();
+    println!(
+        "seed {s}: SFT own stream {:?}, compute stream {:?}",
+        own[0].0, serial[0].0
+    );
+    for r in 0..2 {
+        assert_eq!(
+            own[r].0, serial[r].0,
+            "seed {s} SFT rank {r}: losses / grad norms"
+        );
+        assert!(
+            own[r].1 == serial[r].1,
+            "seed {s} SFT rank {r}: weights differ"
+        );
+    }
 }

@@ -5,6 +5,8 @@
 #      bench-step's host_optimizer_step rows time the host-offloaded optimizer's update
 #      (`memory.optimizer = "host"`) pipelined over the parameter groups against the
 #      synchronous schedule, per model size;
+#      bench-dp_overlap (no criterion) writes its step times, reductions overlapped with the
+#      backward or not, on every GPU count up to the visible ones, to $OUT/dp-overlap.jsonl;
 #   2. tools/torch_baselines.py on the same GPU, with whatever time is left of the budget;
 #   3. tools/bench_report.py, writing performance.md from both.
 #
@@ -21,7 +23,7 @@
 # When one call cannot hold everything, run ours, torch-kernels and torch-model as three calls
 # on the same machine and write the report from their files (docs/performance.md shows how).
 # Output folder: $OUT, or .gpu/out when OUT is unset. It receives bench-gpu-MODE.log,
-# tooln1-bench.jsonl, torch-*.json, performance.md and criterion.tar.gz; copy performance.md
+# tooln1-bench.jsonl, dp-overlap.jsonl, torch-*.json, performance.md and criterion.tar.gz; copy performance.md
 # to docs/performance.md (or re-run bench_report.py on the JSON files).
 # Environment: BENCH_BUDGET_S   seconds for the whole run (default 540)
 #              TORCH_SHAPES     Qwen2.5 sizes for the PyTorch side (default 0.5b,1.5b,7b)
@@ -47,6 +49,9 @@ START=$(date +%s)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export TOOLN1_BENCH_JSONL="$OUT/tooln1-bench.jsonl"
+# benches/dp_overlap.rs: data-parallel GRPO step time, reduce-scatters on NCCL's own stream
+# (overlapped with the backward) against on the compute stream, on 1, 2, 4, 8 GPUs.
+export TOOLN1_DP_BENCH_JSONL="$OUT/dp-overlap.jsonl"
 export CRITERION_HOME="$ROOT/.gpu/criterion"
 CRITERION_ARGS=${CRITERION_ARGS:---warm-up-time 0.5 --measurement-time 1}
 TORCH_SHAPES=${TORCH_SHAPES:-0.5b,1.5b,7b}

@@ -20,7 +20,39 @@ pub trait Collective<B: Backend> {
     fn all_reduce_host(&self, v: &mut [f64]) -> Result<()>;
     /// acc[..n] += Σ_ranks send[rank*n .. (rank+1)*n]: this rank's shard of the summed
     /// `send` (world * n elements on every rank) added into its accumulator.
+    /// Work queued on `b` after the call sees the sum, and `send` may be reused or dropped.
     fn reduce_scatter_add(&self, b: &B, send: &B::F, acc: &mut B::F, n: usize) -> Result<()>;
+    /// [`Collective::reduce_scatter_add`] of `sends[i]` into `accs[i]` with `ns[i]` elements
+    /// per rank, for every tensor of one gradient group, taking the `send` buffers. It may
+    /// return before the sums are done (NCCL on a stream of its own, beside the compute work
+    /// that follows): it then keeps the buffers until they are, and nothing else may read or
+    /// write the `accs` before [`Collective::wait_reduced`]. The default runs
+    /// [`Collective::reduce_scatter_add`] on each in order.
+    fn reduce_scatter_add_group(
+        &self,
+        b: &B,
+        sends: Vec<B::F>,
+        accs: &mut [B::F],
+        ns: &[usize],
+    ) -> Result<()> {
+        crate::ensure!(
+            sends.len() == accs.len() && accs.len() == ns.len(),
+            "reduce_scatter_add_group: {} send buffers, {} accumulators, {} lengths",
+            sends.len(),
+            accs.len(),
+            ns.len()
+        );
+        for ((send, acc), &n) in sends.iter().zip(accs.iter_mut()).zip(ns) {
+            self.reduce_scatter_add(b, send, acc, n)?;
+        }
+        Ok(())
+    }
+    /// Work queued on `b` from now on runs after every reduction queued so far (call it before
+    /// anything reads or writes the accumulators of [`Collective::reduce_scatter_add_group`]).
+    /// The default has nothing to wait for.
+    fn wait_reduced(&self, _b: &B) -> Result<()> {
+        Ok(())
+    }
     /// out[r*n .. (r+1)*n] = the n-element `shard` of rank r, for every rank r.
     fn all_gather(&self, b: &B, shard: &B::T, out: &mut B::T, n: usize) -> Result<()>;
     /// The concatenation of every rank's `v` in rank order, on every rank (host values; every

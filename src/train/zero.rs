@@ -4,10 +4,12 @@
 //! replicated on every rank.
 //!
 //! One optimizer update on every rank:
-//! 1. after each micro-batch's backward, [`ShardedAdamW::reduce_bucket`] sums a bucket's
-//!    gradients over the ranks into the shards (a reduce-scatter added into the accumulators)
-//!    and zeroes the full gradients, which are then free for the next micro-batch;
-//! 2. [`ShardedAdamW::step`] takes the global gradient norm from the shards (one host sum over
+//! 1. during each micro-batch's backward, [`ShardSink`] sums each closed group's gradients
+//!    over the ranks into the shards (a reduce-scatter added into the accumulators, which may
+//!    run beside the rest of the backward); [`ShardedAdamW::reduce_bucket`] does the same for
+//!    a bucket of whole-model gradient buffers and zeroes them;
+//! 2. [`ShardedAdamW::step`] waits for the queued reductions
+//!    ([`Collective::wait_reduced`]), takes the global gradient norm from the shards (one host sum over
 //!    the ranks), clips as [`crate::train::optim::AdamW`] does, runs the backend's AdamW on each
 //!    shard, all-gathers the new weights into every rank's full tensors and zeroes the shards.
 //!
@@ -193,6 +195,8 @@ impl<B: Backend> ShardedAdamW<B> {
         model: &mut Model<B>,
         total_updates: u64,
     ) -> Result<UpdateStats> {
+        // The shards' reductions may still be running beside the compute work.
+        comm.wait_reduced(b)?;
         let mut sq = [0.0f64];
         for (t, g) in self.plan.tensors.iter().zip(&self.grad) {
             sq[0] += b.sum_squares_f32(g, t.shard)?;
@@ -238,11 +242,14 @@ impl<B: Backend> ShardedAdamW<B> {
 }
 
 /// The gradient sink of a data-parallel rank's backward (ZeRO stage 2): each group the backward
-/// opens gets zeroed full-size buffers (padded to whole shards); when it closes, its tensors
-/// are reduce-scattered and added into this rank's gradient shards and the buffers dropped. A
-/// rank thus holds the full-size gradients of the groups open at once (the head or one decoder
-/// layer, plus a tied embedding), not the whole model's, and a layer's reduction is queued as
-/// soon as its backward is done.
+/// opens gets zeroed full-size buffers (padded to whole shards); when it closes, its buffers
+/// go to [`Collective::reduce_scatter_add_group`], which reduce-scatters them into this rank's
+/// gradient shards (on NCCL's own stream, beside the backward of the next groups) and drops
+/// them once that is done. A rank thus holds the full-size gradients of the groups open at
+/// once (the head or one decoder layer, plus a tied embedding) and of the groups still being
+/// reduced (at most `backend::cuda::PENDING_GROUPS` on CUDA), not the whole model's, and a
+/// layer's reduction is queued as soon as its backward is done. [`ShardedAdamW::step`] waits
+/// for the reductions before it reads the shards.
 ///
 /// Every rank must close the same groups in the same order, so every rank runs the same
 /// number of backward passes per update: a rank with fewer micro-batches than another calls
@@ -287,42 +294,40 @@ impl<'a, B: Backend> ShardSink<'a, B> {
         if self.passes >= passes {
             return Ok(());
         }
-        let world = self.opt.plan.world;
-        let widest = self
-            .opt
-            .plan
-            .tensors
-            .iter()
-            .map(|t| t.padded(world))
-            .max()
-            .unwrap_or(0);
-        let zeros = b.zeros_f32(widest)?;
         let order = crate::model::grad_sink::close_order(layout);
         while self.passes < passes {
             for g in &order {
-                for i in g.clone() {
-                    self.reduce(b, &zeros, i)?;
+                // Whole groups, as the backward closes them: every rank makes the same calls
+                // in the same grouping (a collective may block the host until the other ranks
+                // have queued the whole group).
+                let bufs = self.opt.plan.tensors[g.clone()]
+                    .iter()
+                    .map(|t| b.zeros_f32(t.padded(self.opt.plan.world)))
+                    .collect::<Result<Vec<_>>>();
+                let r = bufs.and_then(|bufs| self.reduce_group(b, bufs, g.start));
+                if let Err(e) = &r {
+                    self.comm.abort(&e.to_string());
                 }
+                r?;
             }
             self.passes += 1;
         }
         Ok(())
     }
 
-    /// Adds tensor `i`'s full gradient `send` (padded) summed over the ranks into this rank's
-    /// shard; stops the group on an error.
-    fn reduce(&mut self, b: &B, send: &B::F, i: usize) -> Result<()> {
-        let t = self.opt.plan.tensors[i];
-        let r = self
-            .comm
-            .reduce_scatter_add(b, send, &mut self.opt.grad[i], t.shard);
-        if let Err(e) = &r {
-            self.comm.abort(&e.to_string());
-        }
-        r
+    /// Hands group `first..first + bufs.len()`'s full gradients (padded) to
+    /// [`Collective::reduce_scatter_add_group`], summing them over the ranks into this rank's
+    /// shards.
+    fn reduce_group(&mut self, b: &B, bufs: Vec<B::F>, first: usize) -> Result<()> {
+        let end = first + bufs.len();
+        let ns: Vec<usize> = self.opt.plan.tensors[first..end]
+            .iter()
+            .map(|t| t.shard)
+            .collect();
+        self.comm
+            .reduce_scatter_add_group(b, bufs, &mut self.opt.grad[first..end], &ns)
     }
 }
-
 impl<B: Backend> GradSink<B> for ShardSink<'_, B> {
     fn tensors(&self) -> usize {
         self.opt.plan.tensors.len()
@@ -340,9 +345,11 @@ impl<B: Backend> GradSink<B> for ShardSink<'_, B> {
 
     fn close(&mut self, b: &B, first: usize, n: usize) -> Result<()> {
         let bufs = self.open.close(first, n)?;
-        for (i, buf) in (first..first + n).zip(&bufs) {
-            self.reduce(b, buf, i)?;
+        let r = self.reduce_group(b, bufs, first);
+        if let Err(e) = &r {
+            self.comm.abort(&e.to_string());
         }
+        r?;
         if first == self.embed {
             self.passes += 1;
         }

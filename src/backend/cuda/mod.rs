@@ -15,7 +15,7 @@ mod graph;
 mod ops;
 mod runtime;
 
-pub use comm::{nccl_available, nccl_group, NcclRank};
+pub use comm::{nccl_available, nccl_group, nccl_group_on, NcclRank, NcclStream, PENDING_GROUPS};
 pub use graph::CudaGraph;
 pub use ops::mma_check::TensorCoreCheck;
 pub use runtime::size_class;

@@ -1,7 +1,7 @@
 //! The CUDA runtime under the backend: driver detection without panics, one context and compute
-//! stream (plus a copy stream for copies to and from page-locked memory), module loading (embedded
-//! fatbins or NVRTC), a caching device allocator, kernel launches with error checks, cuBLAS
-//! handles and CUDA events.
+//! stream (plus copy streams for copies to and from page-locked memory, and side streams for
+//! NCCL, [`SideStream`]), module loading (embedded fatbins or NVRTC), a caching device
+//! allocator, kernel launches with error checks, cuBLAS handles and CUDA events.
 //!
 //! Everything here talks to the driver API through cudarc's raw `result`/`sys` layers, so the
 //! backend controls every allocation (the caching pool) and every launch (one stream).
@@ -72,7 +72,8 @@ impl Elem for f64 {
 /// from the driver. Reuse is safe because every kernel runs on the pool's single stream: work
 /// queued after the reuse runs after the work queued before it (a copy on the copy stream,
 /// `Gpu::htod_pinned`, first waits for the work queued so far, and the compute stream waits for
-/// the copy before reading its buffer, so it keeps that order). Freeing a block back to the
+/// the copy before reading its buffer, so it keeps that order; a buffer a [`SideStream`] uses is
+/// dropped only after the compute stream has waited for that work). Freeing a block back to the
 /// driver is not ordered by the stream, so [`Pool::trim`] waits for the stream first (work
 /// still queued may read or write a cached block). The pool owns the stream and destroys it
 /// last, after every buffer (each holds the pool) is gone.
@@ -1116,28 +1117,24 @@ impl Gpu {
         }
         let name = gen::KERNELS[id].1;
         self.bind()?;
+        let (stream, side) = match side_launch_stream(self) {
+            Some(s) => (s, true),
+            None => (self.stream, false),
+        };
         let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_KERNEL_PARAMS];
         for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()) {
             *p = s as *mut u64 as *mut c_void;
         }
         let n = slots.len();
-        unsafe {
-            dr::launch_kernel(
-                self.funcs[id],
-                grid,
-                block,
-                smem,
-                self.stream,
-                &mut ptrs[..n],
-            )
-        }
-        .map_err(|e| {
-            drv(
-                &format!("launch of `{name}` (grid {grid:?}, block {block:?})"),
-                e,
-            )
-        })?;
-        if self.sync_each && !self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+        unsafe { dr::launch_kernel(self.funcs[id], grid, block, smem, stream, &mut ptrs[..n]) }
+            .map_err(|e| {
+                drv(
+                    &format!("launch of `{name}` (grid {grid:?}, block {block:?})"),
+                    e,
+                )
+            })?;
+        // A side stream's work is checked where the compute stream joins it (SideStream).
+        if self.sync_each && !side && !self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
             self.sync()
                 .map_err(|e| Error::Cuda(format!("after `{name}`: {e}")))?;
         }
@@ -1240,6 +1237,166 @@ impl Drop for Gpu {
             }
             // The stream is destroyed by the pool, after the last buffer is gone.
         }
+    }
+}
+
+// ---- Side streams: work queued beside the compute stream (NCCL collectives) -----------------
+
+thread_local! {
+    /// The (device, stream) this thread's kernel launches go to instead of that device's
+    /// compute stream, while a [`SideStream::launches`] closure runs.
+    static SIDE_LAUNCH: std::cell::Cell<Option<(usize, sys::CUstream)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+fn side_launch_stream(gpu: &Gpu) -> Option<sys::CUstream> {
+    SIDE_LAUNCH
+        .with(|c| c.get())
+        .and_then(|(g, s)| (g == gpu as *const Gpu as usize).then_some(s))
+}
+
+fn new_event() -> Result<sys::CUevent> {
+    dr::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        .map_err(|e| drv("cuEventCreate", e))
+}
+
+/// `waiter` waits (on the device, not the host) for the work queued on `recorded` so far.
+fn stream_waits(waiter: sys::CUstream, recorded: sys::CUstream) -> Result<()> {
+    let ev = new_event()?;
+    let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+    let r = unsafe {
+        dr::event::record(ev, recorded)
+            .map_err(|e| drv("cuEventRecord", e))
+            .and_then(|_| {
+                dr::stream::wait_event(waiter, ev, wait).map_err(|e| drv("cuStreamWaitEvent", e))
+            })
+    };
+    // The wait keeps the recorded point: the event may go at once (CUDA frees it when done).
+    let _ = unsafe { dr::event::destroy(ev) };
+    r
+}
+
+/// A stream of its own on a device, beside the compute stream (the rank's NCCL stream). Work
+/// on it is ordered against the compute stream only by events: [`SideStream::wait_compute`]
+/// before it reads what compute work wrote, [`SideStream::join_compute`] before compute work
+/// reads what it wrote. The caching pool knows only the compute stream, so a pool buffer that
+/// work on this stream uses must stay alive until the compute stream has waited for that work
+/// (or a [`StreamMark`] after it is done); only then may it be dropped.
+pub struct SideStream {
+    gpu: Arc<Gpu>,
+    stream: sys::CUstream,
+}
+
+// SAFETY: a stream handle may be used from any thread with its context current; every call
+// binds the device first.
+unsafe impl Send for SideStream {}
+unsafe impl Sync for SideStream {}
+
+impl SideStream {
+    /// A new non-blocking stream in `gpu`'s context.
+    pub fn new(gpu: &Arc<Gpu>) -> Result<SideStream> {
+        gpu.bind()?;
+        let stream = dr::stream::create(dr::stream::StreamKind::NonBlocking)
+            .map_err(|e| drv("cuStreamCreate", e))?;
+        Ok(SideStream {
+            gpu: gpu.clone(),
+            stream,
+        })
+    }
+
+    pub fn raw(&self) -> sys::CUstream {
+        self.stream
+    }
+
+    /// Work queued here from now on runs after the work queued on the compute stream so far.
+    pub fn wait_compute(&self) -> Result<()> {
+        self.gpu.bind()?;
+        stream_waits(self.stream, self.gpu.stream)
+    }
+
+    /// Work queued on the compute stream from now on runs after the work queued here so far.
+    pub fn join_compute(&self) -> Result<()> {
+        self.gpu.bind()?;
+        stream_waits(self.gpu.stream, self.stream)
+    }
+
+    /// An event after the work queued here so far.
+    pub fn mark(&self) -> Result<StreamMark> {
+        self.gpu.bind()?;
+        let ev = new_event()?;
+        if let Err(e) = unsafe { dr::event::record(ev, self.stream) } {
+            let _ = unsafe { dr::event::destroy(ev) };
+            return Err(drv("cuEventRecord", e));
+        }
+        Ok(StreamMark {
+            ev,
+            gpu: self.gpu.clone(),
+        })
+    }
+
+    /// Runs `f` with this thread's kernel launches on this stream's device queued here instead
+    /// of on the compute stream (without the debug build's wait after each launch).
+    pub fn launches<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Restore(Option<(usize, sys::CUstream)>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                SIDE_LAUNCH.with(|c| c.set(self.0));
+            }
+        }
+        let me = (Arc::as_ptr(&self.gpu) as usize, self.stream);
+        let _restore = Restore(SIDE_LAUNCH.with(|c| c.replace(Some(me))));
+        f()
+    }
+
+    /// Waits on the host for the work queued here.
+    pub fn sync(&self) -> Result<()> {
+        self.gpu.bind()?;
+        unsafe { dr::stream::synchronize(self.stream) }
+            .map_err(|e| drv("cuStreamSynchronize (side stream)", e))
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        let _ = self.sync();
+        let _ = unsafe { dr::stream::destroy(self.stream) };
+    }
+}
+
+/// An event recorded on a [`SideStream`]: whether the work before it is done, without waiting.
+pub struct StreamMark {
+    ev: sys::CUevent,
+    gpu: Arc<Gpu>,
+}
+
+// SAFETY: as for SideStream.
+unsafe impl Send for StreamMark {}
+unsafe impl Sync for StreamMark {}
+
+impl StreamMark {
+    /// Whether the work before the mark has completed (cuEventQuery; never waits).
+    pub fn done(&self) -> Result<bool> {
+        self.gpu.bind()?;
+        match unsafe { dr::event::query(self.ev) } {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(drv("cuEventQuery", e)),
+        }
+    }
+
+    /// Work queued on the compute stream from now on runs after the work before the mark.
+    pub fn wait_on_compute(&self) -> Result<()> {
+        self.gpu.bind()?;
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        unsafe { dr::stream::wait_event(self.gpu.stream, self.ev, wait) }
+            .map_err(|e| drv("cuStreamWaitEvent", e))
+    }
+}
+
+impl Drop for StreamMark {
+    fn drop(&mut self) {
+        let _ = self.gpu.bind();
+        let _ = unsafe { dr::event::destroy(self.ev) };
     }
 }
 
