@@ -23,6 +23,12 @@ pub mod host;
 pub mod shard;
 pub mod split;
 
+/// Backward groups whose gradient reductions may still be in flight (queued on a rank's
+/// communication stream, their full-size gradient buffers alive) while the next group's
+/// backward runs; the CUDA ranks wait on the device for the oldest beyond this, and the memory
+/// planner counts them.
+pub const REDUCE_GROUPS_IN_FLIGHT: usize = 1;
+
 pub use collective::Collective;
 pub use host::{host_group, HostRank};
 pub use shard::{ShardPlan, TensorShards};

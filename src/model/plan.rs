@@ -261,6 +261,9 @@ struct ModelSizes {
     /// pool's size classes: the largest group of the backward (`model::grad_sink`), plus the
     /// embedding, which stays open through the layers when it is tied to the lm_head.
     grad_groups: u64,
+    /// Device bytes of the largest single group's f32 gradients at the pool's size classes:
+    /// what one data-parallel group still being reduced holds beside the open ones.
+    group_f32: u64,
     /// Elements of the largest group of the backward (`model::grad_sink::close_order`), the
     /// unit of the host optimizer's pipeline.
     largest_group: u64,
@@ -334,6 +337,24 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             .max()
             .unwrap_or(0)
     };
+    // The backward's groups (model::grad_sink): each decoder layer, the final norm (with the
+    // lm_head when it is not tied) and the embedding, f32 at the pool's size classes. A tied
+    // embedding stays open through the layers, so it is held beside the largest other group.
+    let f32_of = |ix: &[usize]| {
+        add(&ix
+            .iter()
+            .map(|&i| self::pooled(mul(&[numel(i), 4])))
+            .collect::<Vec<_>>())
+    };
+    let layer = layout.layers.first().map_or(0, |l| f32_of(&l.all()));
+    let embed = f32_of(&[layout.embed]);
+    let (grad_groups, group_f32) = if layout.lm_head == layout.embed {
+        let other = layer.max(f32_of(&[layout.norm]));
+        (add(&[embed, other]), other.max(embed))
+    } else {
+        let g = f32_of(&[layout.norm, layout.lm_head]).max(layer).max(embed);
+        (g, g)
+    };
     ModelSizes {
         params,
         largest_group: group_sum(1, false),
@@ -348,26 +369,8 @@ fn model_sizes(cfg: &Qwen2Config) -> ModelSizes {
             .map(|s| to64(s.numel()))
             .max()
             .unwrap_or(0),
-        grad_groups: {
-            let f32_of = |ix: &[usize]| {
-                add(&ix
-                    .iter()
-                    .map(|&i| {
-                        usize::try_from(mul(&[numel(i), 4]))
-                            .ok()
-                            .filter(|&b| b <= usize::MAX / 2)
-                            .map_or(u64::MAX, |b| to64(size_class(b)))
-                    })
-                    .collect::<Vec<_>>())
-            };
-            let layer = layout.layers.first().map_or(0, |l| f32_of(&l.all()));
-            let (embed, norm) = (f32_of(&[layout.embed]), f32_of(&[layout.norm]));
-            if layout.lm_head == layout.embed {
-                add(&[embed, layer.max(norm)])
-            } else {
-                f32_of(&[layout.norm, layout.lm_head]).max(layer).max(embed)
-            }
-        },
+        grad_groups,
+        group_f32,
         kv_per_token: mul(&[layers, 2, kv, 2]),
         vocab: to64(cfg.vocab_size),
         numels: layout.specs.iter().map(|s| to64(s.numel())).collect(),
@@ -596,6 +599,18 @@ fn build(
         row(
             "gradients of the open backward group (f32, full size)",
             m.grad_groups,
+            Where::Device,
+        );
+        // A closed group's buffers live on until its reduce-scatter, queued on the
+        // communication stream beside the next group's backward, has run. Counted at the
+        // largest group (an upper bound: the groups next to each other in the close order are
+        // usually a layer and a smaller neighbour).
+        row(
+            &format!(
+                "gradients still being reduced (at most {} closed group, f32, full size)",
+                crate::dist::REDUCE_GROUPS_IN_FLIGHT
+            ),
+            mul(&[m.group_f32, to64(crate::dist::REDUCE_GROUPS_IN_FLIGHT)]),
             Where::Device,
         );
         row(&format!("master weights (f32, 1/{w})"), sh32, Where::Device);

@@ -52,7 +52,7 @@ use crate::{Error, Result};
 /// Groups whose reductions may be in flight on the communication stream before the compute
 /// stream waits for the oldest: one, so that a layer's reduce-scatter runs beside the next
 /// layer's backward while at most one reduced group's full-size gradients wait to be freed.
-pub const PENDING_GROUPS: usize = 1;
+pub const PENDING_GROUPS: usize = crate::dist::REDUCE_GROUPS_IN_FLIGHT;
 
 /// Which stream an [`NcclRank`]'s gradient reductions are queued on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
