@@ -418,14 +418,15 @@ fn block_bytes(m: &ModelSizes, shape: &RunShape) -> u64 {
 }
 
 /// The device working set of rollout at `slots` sequences: the smallest paged KV cache that
-/// runs (one sequence at its longest and its prompt's last block; the pool is then given what
-/// is left, [`kv_pool`]), the f32 logits of one decode step, and the prefill of every slot's
+/// runs (one sequence at its longest and its prompt's last block, plus the cache's scratch
+/// block for the padding rows of graph-replayed decode steps; the pool is then given what is
+/// left, [`kv_pool`]), the f32 logits of one decode step, and the prefill of every slot's
 /// prompt at once (one layer's working set, as in a training forward without a tape).
 fn rollout_work(cfg: &Qwen2Config, m: &ModelSizes, shape: &RunShape, slots: u64) -> [u64; 3] {
     if !shape.grpo || slots == 0 {
         return [0, 0, 0];
     }
-    let kv = mul(&[add(&[blocks_per_seq(shape), 1]), block_bytes(m, shape)]);
+    let kv = mul(&[add(&[blocks_per_seq(shape), 2]), block_bytes(m, shape)]);
     let logits = mul(&[slots, m.vocab, 4]);
     let prefill = mul(&[slots, shape.max_prompt, layer_work_per_token(cfg)]);
     [kv, logits, prefill]
@@ -433,13 +434,15 @@ fn rollout_work(cfg: &Qwen2Config, m: &ModelSizes, shape: &RunShape, slots: u64)
 
 /// Blocks of the paged KV-cache pool at `slots` sequences beside `other` device bytes: what
 /// `usable` leaves, at most the rollout's unconstrained pool ((slots + 1) sequences at their
-/// longest), at least the smallest that runs.
+/// longest), at least the smallest that runs. The cache holds one scratch block beyond these
+/// (`model::kv_cache`), which `usable` must leave room for too.
 fn kv_pool(m: &ModelSizes, shape: &RunShape, slots: u64, usable: u64, other: u64) -> u64 {
     if !shape.grpo || slots == 0 {
         return 0;
     }
     let per = blocks_per_seq(shape);
-    let fit = usable.saturating_sub(other) / block_bytes(m, shape).max(1);
+    let block = block_bytes(m, shape).max(1);
+    let fit = usable.saturating_sub(other).saturating_sub(block) / block;
     fit.min(mul(&[add(&[slots, 1]), per])).max(add(&[per, 1]))
 }
 
@@ -773,13 +776,18 @@ fn build(
         usable,
         add(&[device_resident, logits, prefill]),
     );
-    let kv_bytes = mul(&[kv_blocks, block_bytes(m, shape)]);
+    // The pool's blocks and the cache's scratch block.
+    let kv_bytes = if kv_blocks == 0 {
+        0
+    } else {
+        mul(&[add(&[kv_blocks, 1]), block_bytes(m, shape)])
+    };
     if shape.grpo {
         row_push(
             &mut rows,
             &format!(
-                "KV cache ({kv_blocks} blocks x {} tokens, bf16; {slots} sequences of {} \
-                 tokens take at most {})",
+                "KV cache ({kv_blocks} blocks + 1 scratch x {} tokens, bf16; {slots} sequences \
+                 of {} tokens take at most {})",
                 shape.kv_block_size,
                 shape.max_len,
                 mul(&[slots, blocks_per_seq(shape)])
