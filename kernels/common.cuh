@@ -29,6 +29,7 @@ typedef unsigned long long u64;
 #define ERR_GRPO_SEQ 32u
 #define ERR_GRPO_MASK 64u
 #define ERR_DECODE_BLOCK 128u
+#define ERR_SAMPLE_ROW 256u
 
 __device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 

@@ -1,8 +1,9 @@
 // sampling.cu: one token per draw from f32 logits [n_rows, vocab], seeded and reproducible.
 //
 // sample_rows: one block (SMP_THREADS threads) per draw r < rows, which reads logits row
-//   table[3r] (checked below n_rows on the host) with the stream offset
-//   table[3r+1] | table[3r+2] << 32 and writes out[r]; "row" below is that logits row.
+//   table[3r] with the stream offset table[3r+1] | table[3r+2] << 32 and writes out[r]; "row"
+//   below is that logits row. A row id not below n_rows sets ERR_SAMPLE_ROW and leaves out[r]
+//   unwritten (the table may be written on the device, e.g. inside a replayed graph).
 //   Rejected like the CPU backend rejects them: a row holding NaN or +inf, or (temperature > 0)
 //   a row that is all -inf, sets ERR_SAMPLE_LOGIT and leaves out[r] unwritten.
 //   temperature == 0: greedy, argmax with the lowest index on ties.
@@ -204,12 +205,16 @@ __device__ __forceinline__ u64 smp_mass(const float* row, int vocab, float inv_t
 
 extern "C" __global__ void __launch_bounds__(SMP_THREADS)
 sample_rows(const float* __restrict__ logits, u32* __restrict__ out, const u32* __restrict__ table, int rows,
-            int vocab, float temperature, float top_p, int top_k, u64 seed, u32* __restrict__ err) {
+            int n_rows, int vocab, float temperature, float top_p, int top_k, u64 seed, u32* __restrict__ err) {
     __shared__ SmpSmem sm;
     __shared__ float bvs[32];
     __shared__ int bis[32];
     const int r = blockIdx.x;
     if (r >= rows) return;
+    if (table[3 * r] >= (u32)n_rows) {  // uniform over the block
+        if (threadIdx.x == 0) atomicOr(err, ERR_SAMPLE_ROW);
+        return;
+    }
     const float* row = logits + (size_t)table[3 * r] * vocab;
     const u64 offset = (u64)table[3 * r + 1] | ((u64)table[3 * r + 2] << 32);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;

@@ -1404,6 +1404,89 @@ fn sampling_row_map_matches_cpu() {
     }
 }
 
+/// sample_table (the draws' table in a device buffer, as a replayed graph writes it): the same
+/// tokens as `sample` with those rows and offsets, on both backends (the CPU through the
+/// trait's default); a row id not below n_rows is an error on both, and out stays unwritten.
+#[test]
+fn sample_table_matches_sample() {
+    let Some(c) = gpu() else { return };
+    let mut r = Rng::new("sample_table");
+    let (n_rows, vocab, draws) = (5, 777, 13);
+    let lg = r.vec(n_rows * vocab, 4.0);
+    let ld = c.upload_f32(&lg).unwrap();
+    let src: Vec<u32> = (0..draws).map(|_| r.below(n_rows) as u32).collect();
+    let offsets: Vec<u64> = (0..draws).map(|_| r.next()).collect();
+    let mut table = Vec::new();
+    for (s, o) in src.iter().zip(&offsets) {
+        table.extend_from_slice(&[*s, *o as u32, (*o >> 32) as u32]);
+    }
+    let rows = tooln1::backend::SampleRows {
+        offsets: &offsets,
+        src: Some(&src),
+        n_rows,
+        vocab,
+    };
+    let d = tooln1::backend::SampleDims {
+        draws,
+        n_rows,
+        vocab,
+    };
+    for temperature in [0.0f32, 0.7] {
+        let p = tooln1::backend::SampleParams {
+            temperature,
+            top_p: 0.9,
+            top_k: 50,
+            seed: r.next(),
+        };
+        let td = c.upload_u32(&table).unwrap();
+        let mut a = c.upload_u32(&vec![u32::MAX; draws]).unwrap();
+        let mut b = c.upload_u32(&vec![u32::MAX; draws]).unwrap();
+        c.sample(&ld, &mut a, &rows, &p).unwrap();
+        c.sample_table(&ld, &mut b, &td, d, &p).unwrap();
+        let (a, b) = (
+            c.download_u32(&a, draws).unwrap(),
+            c.download_u32(&b, draws).unwrap(),
+        );
+        assert_eq!(a, b, "T={temperature}");
+        let mut want = vec![u32::MAX; draws];
+        let mut got = vec![u32::MAX; draws];
+        Cpu.sample(&lg, &mut want, &rows, &p).unwrap();
+        Cpu.sample_table(&lg, &mut got, &table, d, &p).unwrap();
+        assert_eq!(got, want, "CPU T={temperature}");
+    }
+    // A row id out of range: the CUDA kernel's flag, the CPU default's check.
+    let mut bad = table.clone();
+    bad[3 * (draws - 1)] = n_rows as u32;
+    let p = tooln1::backend::SampleParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 1,
+    };
+    let td = c.upload_u32(&bad).unwrap();
+    let mut out = c.upload_u32(&vec![u32::MAX; draws]).unwrap();
+    let e = c
+        .sample_table(&ld, &mut out, &td, d, &p)
+        .and_then(|_| c.download_u32(&out, draws))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sample_table") && e.contains("n_rows"), "{e}");
+    let mut out = vec![u32::MAX; draws];
+    let e = Cpu
+        .sample_table(&lg, &mut out, &bad, d, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("n_rows"), "{e}");
+    // A table shorter than 3 * draws.
+    let short = c.upload_u32(&table[..3 * draws - 1]).unwrap();
+    let mut out = c.upload_u32(&vec![u32::MAX; draws]).unwrap();
+    let e = c
+        .sample_table(&ld, &mut out, &short, d, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("table"), "{e}");
+}
+
 /// copy_rows on the device: the rows moved, everything else untouched.
 #[test]
 fn copy_rows_matches_cpu() {

@@ -17,7 +17,7 @@
 use super::{
     AdamWState, AttnGrads, AttnSaved, Cached, DType, GemmDims, GrpoLossCfg, GrpoTokens, Heads,
     KvRows, LmHead, LogprobsGrads, LogprobsOut, LossAgg, NormDims, NormGrads, NormOut, Packed,
-    Prefix, Qkv, RopeRows, RowCopy, SampleParams, SampleRows, VocabDims,
+    Prefix, Qkv, RopeRows, RowCopy, SampleDims, SampleParams, SampleRows, VocabDims,
 };
 use crate::{Error, Result};
 
@@ -745,6 +745,27 @@ pub fn sample(
             }
         }
     }
+    sample_params(op, p)
+}
+
+/// `sample_table`: logits [n_rows, vocab], out [draws], table [3 * draws] u32; the settings
+/// as [`sample`] checks them (the row ids are checked where the table is read).
+pub fn sample_table(
+    logits: &impl Buf,
+    out: &impl Buf,
+    table: &impl Buf,
+    d: SampleDims,
+    p: &SampleParams,
+) -> Result<()> {
+    let op = "sample_table";
+    positive(op, "vocab", d.vocab)?;
+    holds(op, "logits", logits, &[d.n_rows, d.vocab], "n_rows * vocab")?;
+    holds(op, "out", out, &[d.draws], "draws")?;
+    holds(op, "table", table, &[d.draws, 3], "3 * draws")?;
+    sample_params(op, p)
+}
+
+fn sample_params(op: &'static str, p: &SampleParams) -> Result<()> {
     if !(p.temperature.is_finite() && p.temperature >= 0.0) {
         return Err(arg_error(
             op,

@@ -557,6 +557,14 @@ impl<'a> SampleRows<'a> {
     }
 }
 
+/// The shape of a [`Backend::sample_table`] call: `draws` draws from logits [n_rows, vocab].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleDims {
+    pub draws: usize,
+    pub n_rows: usize,
+    pub vocab: usize,
+}
+
 /// The sampling settings of a [`Backend::sample`] call.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleParams {
@@ -1132,6 +1140,43 @@ pub trait Backend {
         rows: &SampleRows<'_>,
         p: &SampleParams,
     ) -> Result<()>;
+    /// [`Backend::sample`] with the draws' table in a backend buffer, for work that writes the
+    /// table without the host (the inputs of a replayed graph): `table` [3 * draws] u32, per
+    /// draw its logits row, then the low and the high word of its stream offset. A row id not
+    /// below `d.n_rows` is an error (checked where the table is read: on the host by this
+    /// default, on the device by CUDA's kernel, whose flag is checked at the next download).
+    /// Same draws as `sample` with those rows (`SampleRows::src`) and offsets. The default
+    /// downloads the table and calls `sample`.
+    fn sample_table(
+        &self,
+        logits: &Self::F,
+        out: &mut Self::I,
+        table: &Self::I,
+        d: SampleDims,
+        p: &SampleParams,
+    ) -> Result<()> {
+        let n = d.draws.checked_mul(3).ok_or_else(|| {
+            check::arg_error(
+                "sample_table",
+                "draws",
+                "3 * draws to fit in usize",
+                d.draws,
+            )
+        })?;
+        let t = self.download_u32(table, n)?;
+        let src: Vec<u32> = t.chunks_exact(3).map(|e| e[0]).collect();
+        let offsets: Vec<u64> = t
+            .chunks_exact(3)
+            .map(|e| e[1] as u64 | (e[2] as u64) << 32)
+            .collect();
+        let rows = SampleRows {
+            offsets: &offsets,
+            src: Some(&src),
+            n_rows: d.n_rows,
+            vocab: d.vocab,
+        };
+        self.sample(logits, out, &rows, p)
+    }
 
     // ---------------------------------------------------------------- RL loss and optimiser
     /// GRPO clipped surrogate + KL per token and its reduction (verl's `compute_policy_loss`,

@@ -19,16 +19,19 @@
 //! the other rows: the graph gives plain decode's logits bit for bit on the virtual GPU (on a
 //! GPU, cuBLAS may pick other kernels for the padded row count, so only up to rounding).
 //!
-//! Sampling stays outside the graph: `Backend::sample` takes each draw's offset and row as
-//! host slices and uploads its table per call, so a captured sampler would replay the first
-//! step's offsets; it runs on the bucket's logits right after the replay.
+//! With [`DecodeGraphs::with_sampling`] (the rollout) the graph also samples: the staging
+//! buffer carries the step's draw table (each row's logits row and stream offset; padding rows
+//! draw from their own row at offset 0) and the captured [`Backend::sample_table`] writes the
+//! bucket's tokens, so a step is one upload, one replay and one download of n tokens
+//! ([`Model::decode_sampled`]); the sampling settings are fixed at capture, as they are for a
+//! rollout. Without it the caller samples the returned logits itself.
 //!
 //! Plain launches (today's path) are taken when the backend has no graphs (the CPU), the
 //! model's layers are streamed from host memory (their uploads wait on events), graphs are
 //! switched off (`rollout.cuda_graphs = false`), or a capture fails (the reason is kept in
 //! [`DecodeGraphs::fallback`] and the rest of the rollout runs plainly).
 
-use crate::backend::{Backend, ReplayGraph};
+use crate::backend::{Backend, ReplayGraph, SampleDims, SampleParams, SampleRows};
 use crate::model::qwen2::DecodeIn;
 use crate::model::{KvCache, Model};
 use crate::Result;
@@ -54,7 +57,17 @@ struct Bucket<B: Backend> {
     /// Tokens, positions, destination rows, lengths and tables: the graph reads them.
     _inputs: [B::I; 5],
     logits: B::F,
+    /// The draw table (read by the captured sampler) and its tokens, with sampling.
+    sample: Option<(B::I, B::I)>,
     graph: Box<dyn ReplayGraph>,
+}
+
+/// One decode step's outputs: the logits (`rows` rows; past the step's sequences, a replayed
+/// bucket's padding) and, when the graph sampled, its tokens (`rows` of them).
+struct Step<'g, B: Backend> {
+    logits: &'g B::F,
+    rows: usize,
+    sampled: Option<&'g B::I>,
 }
 
 /// The decode graphs of one KV cache (one rollout): one per bucket, captured on first use.
@@ -63,6 +76,8 @@ pub struct DecodeGraphs<B: Backend> {
     buckets: Vec<usize>,
     graphs: Vec<Option<Bucket<B>>>,
     plain: Option<B::F>,
+    /// The settings the graphs sample with (None: they only decode).
+    sampling: Option<SampleParams>,
     pub stats: GraphStats,
 }
 
@@ -82,8 +97,15 @@ impl<B: Backend> DecodeGraphs<B> {
             buckets,
             graphs,
             plain: None,
+            sampling: None,
             stats: GraphStats::default(),
         }
+    }
+
+    /// Captures the sampling with `p` into each bucket's graph ([`Model::decode_sampled`]).
+    pub fn with_sampling(mut self, p: SampleParams) -> Self {
+        self.sampling = Some(p);
+        self
     }
 
     /// The bucket sizes (ascending).
@@ -113,6 +135,57 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         graphs: &'g mut DecodeGraphs<B>,
     ) -> Result<(&'g B::F, usize)> {
+        let s = self.decode_step(b, cache, tokens, None, graphs)?;
+        Ok((s.logits, s.rows))
+    }
+
+    /// [`Model::decode_graphed`], then one token per sequence drawn with stream offset
+    /// `offsets[i]` from its logits row with the settings of [`DecodeGraphs::with_sampling`]
+    /// (an error without them): inside the replayed graph, or, when the step runs plainly, by
+    /// [`Backend::sample`] into `out` (at least `tokens.len()` entries). Returns the tokens.
+    pub fn decode_sampled(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        offsets: &[u64],
+        out: &mut B::I,
+        graphs: &mut DecodeGraphs<B>,
+    ) -> Result<Vec<u32>> {
+        let n = tokens.len();
+        if offsets.len() != n {
+            return Err(crate::Error::Invalid(format!(
+                "decode_sampled: {} offsets for {n} tokens (expected one per token)",
+                offsets.len()
+            )));
+        }
+        let Some(p) = graphs.sampling else {
+            return Err(crate::Error::Invalid(
+                "decode_sampled: the graphs have no sampling settings (DecodeGraphs::with_sampling)"
+                    .into(),
+            ));
+        };
+        let vocab = self.cfg.vocab_size;
+        let s = self.decode_step(b, cache, tokens, Some(offsets), graphs)?;
+        if let Some(sampled) = s.sampled {
+            return b.download_u32(sampled, n);
+        }
+        let rows = SampleRows {
+            n_rows: s.rows,
+            ..SampleRows::each(offsets, vocab)
+        };
+        b.sample(s.logits, out, &rows, &p)?;
+        b.download_u32(out, n)
+    }
+
+    fn decode_step<'g>(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        offsets: Option<&[u64]>,
+        graphs: &'g mut DecodeGraphs<B>,
+    ) -> Result<Step<'g, B>> {
         let n = tokens.len();
         if graphs.enabled && self.is_streamed() {
             graphs.refuse("the model's layers are streamed from host memory".into());
@@ -124,7 +197,8 @@ impl<B: Backend> Model<B> {
                 // The buckets share one arena (the steps replay one at a time, and each step's
                 // logits are sampled before the next replay).
                 let share = graphs.graphs.iter().flatten().next().map(|g| &*g.graph);
-                match self.capture_bucket(b, cache, graphs.buckets[idx], share) {
+                let sampling = graphs.sampling;
+                match self.capture_bucket(b, cache, graphs.buckets[idx], sampling, share) {
                     Ok(Some(bk)) => {
                         graphs.graphs[idx] = Some(bk);
                         graphs.stats.captures += 1;
@@ -136,14 +210,21 @@ impl<B: Backend> Model<B> {
         }
         if graphs.enabled {
             if let Some(bk) = idx.and_then(|i| graphs.graphs[i].as_mut()) {
-                let host = step_inputs(cache, tokens, &dst, &after, bk.rows);
+                let mut host = step_inputs(cache, tokens, &dst, &after, bk.rows);
+                if bk.sample.is_some() {
+                    host.extend(draw_table(offsets.unwrap_or(&[]), bk.rows));
+                }
                 b.write_u32(&mut bk.staging, &host)?;
                 bk.graph.launch()?;
                 cache.lens[..n].copy_from_slice(&after);
                 graphs.stats.replays += 1;
                 graphs.stats.padded_rows += bk.rows - n;
                 let bk: &'g Bucket<B> = bk;
-                return Ok((&bk.logits, bk.rows));
+                return Ok(Step {
+                    logits: &bk.logits,
+                    rows: bk.rows,
+                    sampled: bk.sample.as_ref().map(|s| &s.1),
+                });
             }
         }
         let tok_d = b.upload_u32(tokens)?;
@@ -165,7 +246,11 @@ impl<B: Backend> Model<B> {
         )?;
         cache.lens[..n].copy_from_slice(&after);
         graphs.stats.plain_steps += 1;
-        Ok((graphs.plain.insert(out), n))
+        Ok(Step {
+            logits: graphs.plain.insert(out),
+            rows: n,
+            sampled: None,
+        })
     }
 
     /// Captures the decode step of `rows` rows; None when the backend has no graphs.
@@ -174,14 +259,24 @@ impl<B: Backend> Model<B> {
         b: &B,
         cache: &mut KvCache<B>,
         rows: usize,
+        sampling: Option<SampleParams>,
         share: Option<&dyn ReplayGraph>,
     ) -> Result<Option<Bucket<B>>> {
         let mb = cache.max_blocks();
         let table_len = rows
             .checked_mul(mb)
             .ok_or_else(|| crate::Error::Invalid("decode graph: table size overflows".into()))?;
-        let staging = b.upload_u32(&vec![0; 4 * rows + table_len])?;
-        let zeros = vec![0u32; rows.max(table_len)];
+        let inputs = 4 * rows + table_len;
+        let draws = if sampling.is_some() { 3 * rows } else { 0 };
+        let staging = b.upload_u32(&vec![0; inputs + draws])?;
+        let zeros = vec![0u32; rows.max(table_len).max(draws)];
+        let mut sample = match sampling {
+            Some(_) => Some((
+                b.upload_u32(&zeros[..draws])?,
+                b.upload_u32(&zeros[..rows])?,
+            )),
+            None => None,
+        };
         let mut tokens = b.upload_u32(&zeros[..rows])?;
         let mut pos = b.upload_u32(&zeros[..rows])?;
         let mut dst = b.upload_u32(&zeros[..rows])?;
@@ -196,7 +291,7 @@ impl<B: Backend> Model<B> {
             b.copy_u32_at(&staging, 2 * rows, &mut dst, rows)?;
             b.copy_u32_at(&staging, 3 * rows, &mut lens, rows)?;
             b.copy_u32_at(&staging, 4 * rows, &mut table, table_len)?;
-            self.decode_run(
+            let logits = self.decode_run(
                 b,
                 cache,
                 &DecodeIn {
@@ -207,7 +302,17 @@ impl<B: Backend> Model<B> {
                     table: &table,
                     n: rows,
                 },
-            )
+            )?;
+            if let (Some(p), Some((draw, out))) = (&sampling, sample.as_mut()) {
+                b.copy_u32_at(&staging, inputs, draw, draws)?;
+                let d = SampleDims {
+                    draws: rows,
+                    n_rows: rows,
+                    vocab: self.cfg.vocab_size,
+                };
+                b.sample_table(&logits, out, draw, d, p)?;
+            }
+            Ok(logits)
         })();
         let graph = b.capture_end();
         let logits = body?;
@@ -217,9 +322,22 @@ impl<B: Backend> Model<B> {
             staging,
             _inputs: [tokens, pos, dst, lens, table],
             logits,
+            sample,
             graph,
         }))
     }
+}
+
+/// The draw table of a sampled step padded to `rows`: row r draws from logits row r at stream
+/// offset `offsets[r]` (low word, high word); padding rows at offset 0 (their tokens are
+/// ignored).
+fn draw_table(offsets: &[u64], rows: usize) -> Vec<u32> {
+    let mut v = Vec::with_capacity(3 * rows);
+    for r in 0..rows {
+        let off = offsets.get(r).copied().unwrap_or(0);
+        v.extend_from_slice(&[r as u32, off as u32, (off >> 32) as u32]);
+    }
+    v
 }
 
 /// The staging contents of a step of `tokens.len()` rows padded to `rows`: tokens, positions,

@@ -452,8 +452,8 @@ impl<B: Backend> Rollout<'_, B> {
         };
         self.stats.kv_blocks = n_blocks;
         self.stats.kv_block_size = block_size;
-        let vocab = model.cfg.vocab_size;
-        let mut graphs = crate::model::DecodeGraphs::new(!sched.plain_decode, cap);
+        let mut graphs =
+            crate::model::DecodeGraphs::new(!sched.plain_decode, cap).with_sampling(self.params());
         let result = loop {
             self.admit(&mut st)?;
             self.compact(&mut st)?;
@@ -490,7 +490,6 @@ impl<B: Backend> Rollout<'_, B> {
                 .sum::<u64>();
             self.stats.decode.rows += m as u64;
             self.stats.decode.logit_rows += m as u64;
-            let (logits, rows) = model.decode_graphed(b, &mut st.cache, &feed, &mut graphs)?;
             let offsets: Vec<u64> = st.slots[..m]
                 .iter()
                 .map(|s| {
@@ -498,18 +497,15 @@ impl<B: Backend> Rollout<'_, B> {
                     self.key(i, self.out[i].tokens.len())
                 })
                 .collect();
-            let p = self.params();
-            // Rows past m are a replayed bucket's padding.
-            b.sample(
-                logits,
+            // Decode and draw in one replayed graph (or plainly, then `sample`).
+            let toks = model.decode_sampled(
+                b,
+                &mut st.cache,
+                &feed,
+                &offsets,
                 &mut st.sampled,
-                &SampleRows {
-                    n_rows: rows,
-                    ..SampleRows::each(&offsets, vocab)
-                },
-                &p,
+                &mut graphs,
             )?;
-            let toks = b.download_u32(&st.sampled, m)?;
             for (s, &t) in toks.iter().enumerate() {
                 let i = st.slots[s].seq.unwrap_or(0);
                 if self.push(i, t) {

@@ -468,6 +468,16 @@ impl Backend for Cuda {
     ) -> Result<()> {
         ops::sampling::sample(self, logits, out, rows, p)
     }
+    fn sample_table(
+        &self,
+        logits: &Self::F,
+        out: &mut Self::I,
+        table: &Self::I,
+        d: crate::backend::SampleDims,
+        p: &SampleParams,
+    ) -> Result<()> {
+        ops::sampling::sample_table(self, logits, out, table, d, p)
+    }
 
     fn grpo_loss(
         &self,

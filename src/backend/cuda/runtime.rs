@@ -37,6 +37,7 @@ pub(crate) const ERR_SAMPLE_LOGIT: u32 = 16;
 pub(crate) const ERR_GRPO_SEQ: u32 = 32;
 pub(crate) const ERR_GRPO_MASK: u32 = 64;
 pub(crate) const ERR_DECODE_BLOCK: u32 = 128;
+pub(crate) const ERR_SAMPLE_ROW: u32 = 256;
 
 pub(crate) fn drv(what: &str, e: dr::DriverError) -> Error {
     Error::Cuda(format!("{what}: {e}"))
@@ -1093,6 +1094,9 @@ impl Gpu {
                     "sample: a row of `logits` holds NaN or +inf, or is all -inf with \
                      temperature > 0",
                 );
+            }
+            if flag[0] & ERR_SAMPLE_ROW != 0 {
+                what.push("sample_table: a row id in `table` is not below n_rows");
             }
             if flag[0] & ERR_GRPO_SEQ != 0 {
                 what.push("grpo_loss: an entry of `seq_id` is not below n_seq");
