@@ -1458,12 +1458,26 @@ impl<B: Backend> Model<B> {
     /// may be fed any token; its output is ignored by the caller); returns f32 logits
     /// [slots, vocab]. Fewer tokens than slots decode only the leading slots.
     pub fn decode(&self, b: &B, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<B::F> {
-        let n = tokens.len();
         let (dst, after) = self.decode_rows(b, cache, tokens)?;
+        self.decode_plain(b, cache, tokens, &dst, &after)
+    }
+
+    /// The device part of [`Model::decode`] with plain launches, after
+    /// [`Model::decode_rows`] gave the step's destination rows and lengths: uploads the
+    /// step's inputs, runs it and advances the slots' lengths.
+    pub(crate) fn decode_plain(
+        &self,
+        b: &B,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        dst: &[u32],
+        after: &[u32],
+    ) -> Result<B::F> {
+        let n = tokens.len();
         let tok_d = b.upload_u32(tokens)?;
         let pos_d = b.upload_u32(&cache.lens[..n])?;
-        let dst_d = b.upload_u32(&dst)?;
-        let lens_d = b.upload_u32(&after)?;
+        let dst_d = b.upload_u32(dst)?;
+        let lens_d = b.upload_u32(after)?;
         let table_d = b.upload_u32(&cache.flat_tables(n))?;
         let out = self.decode_run(
             b,
@@ -1477,7 +1491,7 @@ impl<B: Backend> Model<B> {
                 n,
             },
         )?;
-        cache.lens[..n].copy_from_slice(&after);
+        cache.lens[..n].copy_from_slice(after);
         Ok(out)
     }
 

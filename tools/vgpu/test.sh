@@ -75,8 +75,8 @@ echo "vgpu-test: cuda_ops allocator out-of-memory path (TOOLN1_VGPU_MEM_BYTES=26
 TOOLN1_VGPU_MEM_BYTES=268435456 run_bin "cuda_ops out-of-memory" "$exe" --exact allocator_out_of_memory_trims_and_retries
 # Every host buffer treated as page-locked (read or written only when its stream runs, so a
 # source freed or reused before its copy ran is caught): the host optimizer's pipelined copies,
-# the streamed reference's uploads and the source of every upload.
-for name in cuda_host_optimizer cuda_host_placement; do
+# the streamed reference's uploads, the decode graphs' staging writes and the source of every upload.
+for name in cuda_host_optimizer cuda_host_placement cuda_graph; do
     t=$(date +%s)
     sexe=$(awk -F'\t' -v n="$name" '$1 == n {print $2}' target/vgpu-tests.tsv)
     echo "vgpu-test: $name with TOOLN1_VGPU_ASYNC=strict"

@@ -928,10 +928,17 @@ impl Gpu {
     ) -> Result<CudaBuf<E>> {
         debug_assert_eq!(std::mem::size_of::<H>(), E::SIZE);
         let b = self.alloc::<E>(data.len())?;
+        self.htod_into_owned(b.ptr, data)?;
+        Ok(b)
+    }
+
+    /// `data` copied to device address `dst` (which must hold it) on the compute stream, `data`
+    /// kept alive as [`Gpu::htod_owned`] keeps it.
+    pub fn htod_into_owned<H: Copy + Send + 'static>(&self, dst: u64, data: Vec<H>) -> Result<()> {
         if data.is_empty() {
-            return Ok(b);
+            return Ok(());
         }
-        unsafe { dr::memcpy_htod_async(b.ptr, &data[..], self.stream) }
+        unsafe { dr::memcpy_htod_async(dst, &data[..], self.stream) }
             .map_err(|e| drv("cuMemcpyHtoDAsync", e))?;
         let bytes = std::mem::size_of_val(&data[..]);
         let full = {
@@ -956,7 +963,7 @@ impl Gpu {
             }
             r.map_err(|e| drv("cuStreamSynchronize", e))?;
         }
-        Ok(b)
+        Ok(())
     }
 
     /// The kept upload sources, taken out before a stream synchronisation (their copies were

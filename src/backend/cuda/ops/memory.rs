@@ -111,7 +111,7 @@ pub(crate) fn copy_rows<E: Elem>(c: &Cuda, t: &mut CudaBuf<E>, rc: RowCopy) -> R
 }
 
 /// dst[..data.len()] = data in place (the buffer keeps its address: a graph's input).
-pub(crate) fn write<E: Elem, H: Copy>(
+pub(crate) fn write<E: Elem, H: Copy + Send + 'static>(
     c: &Cuda,
     dst: &mut CudaBuf<E>,
     data: &[H],
@@ -130,8 +130,9 @@ pub(crate) fn write<E: Elem, H: Copy>(
         return Ok(());
     }
     c.gpu.bind()?;
-    unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr(), data, c.gpu.stream) }
-        .map_err(|e| super::super::runtime::drv("cuMemcpyHtoDAsync", e))
+    // A copy of `data`, kept until the stream has run past the copy (the driver may read it
+    // only then: page-locked memory, or the virtual GPU's TOOLN1_VGPU_ASYNC=strict).
+    c.gpu.htod_into_owned(dst.ptr(), data.to_vec())
 }
 
 /// dst[..n] = src[off..off + n] (one device-to-device copy).
