@@ -187,13 +187,15 @@ fn rollout_with_graphs_equals_plain() {
             generate_with(&cuda, &m, &prompts, 3, &sp, stream, &Schedule::default()).unwrap();
         assert_eq!(got, want, "seed {s}: graphs changed the generations");
         assert_eq!(st_plain.graph_replays, 0);
-        assert!(st_plain.plain_decode_steps > 0);
+        // With stop tokens every sequence may end at its first token (drawn from the prefill's
+        // logits), leaving no decode step; without them each runs 6 tokens.
+        assert!(!stop.is_empty() || st_plain.plain_decode_steps > 0);
         assert_eq!(
             st.plain_decode_steps, 0,
             "a step fell back to plain launches"
         );
         assert_eq!(st.graph_replays, st_plain.plain_decode_steps);
-        assert!(st.graph_captures >= 1);
+        assert!(st.graph_replays == 0 || st.graph_captures >= 1);
         println!(
             "rollout: {} decode steps, {} graphs captured, {} padding rows, the same {} generations",
             st.graph_replays,
