@@ -492,57 +492,44 @@ pub struct Operand {
     pub ld: usize,
 }
 
-/// Page-locked host memory (cuMemHostAlloc); freed after the copy streams are idle.
-pub struct PinnedMem {
-    ptr: *mut u8,
+/// Page-locked host memory of `len` values of `E` (cuMemHostAlloc), freed after the copy streams are idle, so a queued copy never reaches freed memory.
+pub struct Pinned<E> {
+    ptr: *mut E,
     len: usize,
     gpu: Arc<Gpu>,
 }
 
-// SAFETY: plain host memory owned by this value; only read through `bytes` after creation.
-unsafe impl Send for PinnedMem {}
-unsafe impl Sync for PinnedMem {}
+/// Page-locked bytes (the streamed reference's layers).
+pub type PinnedMem = Pinned<u8>;
+/// Page-locked f32 values (the host optimizer's state and staging).
+pub type PinnedF32 = Pinned<f32>;
 
-impl crate::backend::HostMem for PinnedMem {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` holds `len` initialised bytes for the life of self.
+// SAFETY: plain host memory owned by this value (`&mut` access only through `&mut self`).
+unsafe impl<E: Send> Send for Pinned<E> {}
+unsafe impl<E: Sync> Sync for Pinned<E> {}
+
+impl<E> Pinned<E> {
+    fn slice(&self) -> &[E] {
+        // SAFETY: `ptr` holds `len` initialised values for the life of self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl crate::backend::HostMem for Pinned<u8> {
+    fn bytes(&self) -> &[u8] {
+        self.slice()
     }
     fn pinned(&self) -> bool {
         true
     }
 }
 
-impl Drop for PinnedMem {
-    fn drop(&mut self) {
-        unsafe {
-            let _ = dr::ctx::set_current(self.gpu.ctx);
-            let _ = dr::stream::synchronize(self.gpu.copy_stream);
-            let _ = dr::stream::synchronize(self.gpu.down_stream);
-            let _ = dr::free_host(self.ptr as *mut c_void);
-        }
-    }
-}
-
-/// Page-locked host f32 values (cuMemHostAlloc, zeroed); freed after the copy streams are idle,
-/// so a queued copy never reaches freed memory.
-pub struct PinnedF32 {
-    ptr: *mut f32,
-    len: usize,
-    gpu: Arc<Gpu>,
-}
-
-// SAFETY: plain host memory owned by this value (`&mut` access through `as_mut_slice` only).
-unsafe impl Send for PinnedF32 {}
-unsafe impl Sync for PinnedF32 {}
-
-impl crate::backend::HostF32Mem for PinnedF32 {
+impl crate::backend::HostF32Mem for Pinned<f32> {
     fn as_slice(&self) -> &[f32] {
-        // SAFETY: `ptr` holds `len` initialised f32 for the life of self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        self.slice()
     }
     fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: as above, borrowed mutably through self.
+        // SAFETY: as in `slice`, borrowed mutably through self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
     fn pinned(&self) -> bool {
@@ -550,7 +537,7 @@ impl crate::backend::HostF32Mem for PinnedF32 {
     }
 }
 
-impl Drop for PinnedF32 {
+impl<E> Drop for Pinned<E> {
     fn drop(&mut self) {
         unsafe {
             let _ = dr::ctx::set_current(self.gpu.ctx);
@@ -901,15 +888,25 @@ impl Gpu {
 
     /// `data` in page-locked host memory (cuMemHostAlloc, portable to every context).
     pub fn pinned(self: &Arc<Self>, data: &[u8]) -> Result<PinnedMem> {
+        let p = self.pinned_alloc::<u8>(data.len())?;
+        // SAFETY: `p` holds data.len() writable bytes just allocated.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.ptr, data.len()) };
+        Ok(p)
+    }
+
+    /// Room for `n` values of `E` in page-locked host memory (portable to every context),
+    /// not yet initialised: the caller writes all of it before anything reads it.
+    fn pinned_alloc<E: Copy>(self: &Arc<Self>, n: usize) -> Result<Pinned<E>> {
         self.bind()?;
-        let len = data.len().max(1);
-        let ptr = unsafe { dr::malloc_host(len, sys::CU_MEMHOSTALLOC_PORTABLE) }
-            .map_err(|e| drv("cuMemHostAlloc", e))? as *mut u8;
-        // SAFETY: `ptr` holds `len` >= data.len() writable bytes just allocated.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
-        Ok(PinnedMem {
+        let size = std::mem::size_of::<E>();
+        let bytes = n
+            .checked_mul(size)
+            .ok_or_else(|| Error::Invalid(format!("page-locked buffer of {n} x {size} bytes")))?;
+        let ptr = unsafe { dr::malloc_host(bytes.max(size), sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| drv("cuMemHostAlloc", e))? as *mut E;
+        Ok(Pinned {
             ptr,
-            len: data.len(),
+            len: n,
             gpu: self.clone(),
         })
     }
@@ -981,19 +978,10 @@ impl Gpu {
 
     /// `n` f32 zeros in page-locked host memory (cuMemHostAlloc, portable to every context).
     pub fn pinned_f32(self: &Arc<Self>, n: usize) -> Result<PinnedF32> {
-        self.bind()?;
-        let bytes = n
-            .checked_mul(4)
-            .ok_or_else(|| Error::Invalid(format!("page-locked buffer of {n} f32 values")))?;
-        let ptr = unsafe { dr::malloc_host(bytes.max(4), sys::CU_MEMHOSTALLOC_PORTABLE) }
-            .map_err(|e| drv("cuMemHostAlloc", e))? as *mut f32;
-        // SAFETY: `ptr` holds at least `n` f32 (page-aligned) just allocated.
-        unsafe { std::ptr::write_bytes(ptr, 0, n) };
-        Ok(PinnedF32 {
-            ptr,
-            len: n,
-            gpu: self.clone(),
-        })
+        let p = self.pinned_alloc::<f32>(n)?;
+        // SAFETY: `p` holds `n` f32 (page-aligned) just allocated.
+        unsafe { std::ptr::write_bytes(p.ptr, 0, n) };
+        Ok(p)
     }
 
     /// Queues `copy` on the copy stream of direction `dir` after the work queued on the compute
